@@ -1,0 +1,2871 @@
+#!/usr/bin/env python3
+"""pulumi-backend: a self-hosted Pulumi Cloud state backend in one stdlib module.
+
+The real ``pulumi`` CLI logs in to this server (``pulumi login http://HOST:PORT``)
+and keeps its stacks, state, history and secrets here, exactly as it would with
+Pulumi Cloud.
+
+Run::
+
+    python pulumi_backend.py --db state.db            # serve on 127.0.0.1:8080
+    python pulumi_backend.py --help                   # every flag
+    python pulumi_backend.py rotate-master-key --db state.db --new-key-file NEW
+
+Every flag can also be given as an environment variable: ``--db`` is
+``PULUMI_BACKEND_DB``, ``--auth-token`` is ``PULUMI_BACKEND_AUTH_TOKEN`` and so on
+(upper case, dashes become underscores). A flag wins over its variable.
+``PULUMI_BACKEND_MASTER_KEY`` (base64, 32 bytes) may hold the master key
+instead of ``--master-key-file``; ``PULUMI_BACKEND_LIBCRYPTO`` names the
+libcrypto to load.
+
+Security notes: with no ``--auth-token`` configured any token is accepted, which
+is only allowed while bound to a loopback address. Secrets are AES-256-GCM with
+a data key per stack, wrapped by a master key kept outside the database. Tokens,
+secrets and plaintexts are never logged.
+
+Sections:
+  1. Constants and limits
+  2. Configuration
+  3. Errors
+  4. Small utilities
+  5. Storage (Store interface, SQLite implementation)
+  6. Engine (stacks, update leases, checkpoints, journal replay, events)
+  7. Crypto (OpenSSL binding, pure-Python fallback, key management)
+  8. Request, response and router
+  9. Handlers, by API area
+ 10. Server lifecycle and main()
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import ctypes
+import ctypes.util
+import dataclasses
+import datetime
+import gzip
+import hashlib
+import hmac
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+import zlib
+from typing import Any, Callable, Iterable, Optional
+
+__all__ = [
+    "Config",
+    "HTTPError",
+    "Store",
+    "SQLiteStore",
+    "Engine",
+    "Crypto",
+    "KeyManager",
+    "App",
+    "Server",
+    "apply_delta",
+    "replay_journal",
+    "main",
+]
+
+__version__ = "0.1.0"
+
+# ==== 1. Constants and limits ===============================================
+
+#: Default SQLite database path.
+DEFAULT_DB = "pulumi-backend.db"
+#: Default bind address; loopback so that a fresh server is not exposed.
+DEFAULT_HOST = "127.0.0.1"
+#: Default TCP port.
+DEFAULT_PORT = 8080
+#: Name of the single organization this server hosts.
+DEFAULT_ORG = "organization"
+#: Login name of the single user.
+DEFAULT_USER = "admin"
+#: Largest request body accepted on the wire (bytes).
+DEFAULT_MAX_BODY = 256 * 1024 * 1024
+#: Largest body after gzip decompression (bytes); stops gzip bombs.
+DEFAULT_MAX_DECOMPRESSED = 1024 * 1024 * 1024
+#: How long a lease token lives without renewal (seconds); the CLI assumes 300.
+DEFAULT_LEASE_SECONDS = 300
+#: Versions of a stack kept for history and export/{version}.
+DEFAULT_HISTORY_LIMIT = 50
+#: States at least this large (bytes) are uploaded as deltas by the CLI.
+DEFAULT_CHECKPOINT_CUTOFF = 1024 * 1024
+#: Bytes of working checkpoints kept in memory for delta application.
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+#: Idle or slow clients are disconnected after this many seconds.
+DEFAULT_SOCKET_TIMEOUT = 120.0
+#: Concurrent connections served at once; more are refused with 503.
+DEFAULT_MAX_CONNECTIONS = 256
+#: Longest request line or header line accepted (bytes).
+MAX_LINE = 16 * 1024
+#: Most header lines accepted in one request.
+MAX_HEADERS = 100
+#: Stacks per page of GET /api/user/stacks.
+STACK_PAGE_SIZE = 100
+#: Events per page of GET .../events.
+EVENT_PAGE_SIZE = 1000
+#: Responses smaller than this are never gzip-compressed.
+GZIP_MIN_RESPONSE = 1024
+#: Items per batch-encrypt/decrypt request (the CLI sends at most 1000).
+MAX_BATCH_ITEMS = 10000
+#: SQLite busy timeout (milliseconds).
+BUSY_TIMEOUT_MS = 30000
+#: Deployment schema versions this server stores and serves.
+MAX_DEPLOYMENT_VERSION = 4
+#: Features a version-4 deployment may declare (the CLI refuses others).
+KNOWN_FEATURES = frozenset({
+    "refreshBeforeUpdate", "views", "hooks", "taint", "replaceWith",
+    "snippets-prototype", "extensionParameterization", "byteString",
+})
+#: Message the Automation API matches to detect concurrent updates.
+MSG_UPDATE_CONFLICT = "Conflict: Another update is currently in progress."
+#: Message the CLI matches to suggest --force on stack rm.
+MSG_STACK_HAS_RESOURCES = "Bad Request: Stack still contains resources."
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_ORG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,38}[A-Za-z0-9]$|^[A-Za-z0-9]$")
+_TAG_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
+_UPDATE_KINDS = ("update", "preview", "refresh", "destroy")
+_STACK_TYPE = "pulumi:pulumi:Stack"
+
+
+# ==== 2. Configuration ======================================================
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the server can be told. Defaults < PULUMI_BACKEND_* < flags."""
+
+    db: str = DEFAULT_DB
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    log_level: str = "info"
+    org: str = DEFAULT_ORG
+    user: str = DEFAULT_USER
+    auth_tokens: tuple = ()
+    allow_any_token: bool = False
+    master_key_file: str = ""
+    master_key: bytes = b""
+    crypto: str = "auto"
+    journaling: bool = True
+    checkpoint_cutoff: int = DEFAULT_CHECKPOINT_CUTOFF
+    history_limit: int = DEFAULT_HISTORY_LIMIT
+    lease_seconds: int = DEFAULT_LEASE_SECONDS
+    max_body: int = DEFAULT_MAX_BODY
+    max_decompressed: int = DEFAULT_MAX_DECOMPRESSED
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    socket_timeout: float = DEFAULT_SOCKET_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    tls_cert: str = ""
+    tls_key: str = ""
+    public_url: str = ""
+
+    def key_file(self) -> str:
+        """Return the master key path: the flag, or ``<db>.key`` beside the database."""
+        return self.master_key_file or (os.path.abspath(self.db) + ".key")
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, help_text: str, **kw: Any) -> None:
+    """Add ``--name`` whose default comes from ``PULUMI_BACKEND_NAME`` when set."""
+    env = "PULUMI_BACKEND_" + name.upper().replace("-", "_")
+    parser.add_argument("--" + name, help=f"{help_text} [env {env}]", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser (flags only; environment is merged in parse_config)."""
+    p = argparse.ArgumentParser(
+        prog="pulumi_backend.py",
+        description="Self-hosted Pulumi Cloud state backend. `pulumi login http://HOST:PORT`.")
+    p.add_argument("command", nargs="?", default="serve", choices=("serve", "rotate-master-key"),
+                   help="serve (default) or rotate-master-key")
+    _flag(p, "db", f"SQLite database path (default {DEFAULT_DB})")
+    _flag(p, "host", f"address to bind (default {DEFAULT_HOST})")
+    _flag(p, "port", f"TCP port, 0 picks a free one (default {DEFAULT_PORT})", type=int)
+    _flag(p, "log-level", "debug, info, warning or error (default info)")
+    _flag(p, "org", f"name of the single organization (default {DEFAULT_ORG})")
+    _flag(p, "user", f"login name reported for the user (default {DEFAULT_USER})")
+    _flag(p, "auth-token", "accepted API token; repeat or comma-separate for several",
+          action="append")
+    _flag(p, "auth-token-file", "file with one accepted API token per line")
+    _flag(p, "allow-any-token", "accept any token on a non-loopback address (unsafe)",
+          action="store_const", const="1")
+    _flag(p, "master-key-file", "32-byte master key file, created 0600 if absent "
+          "(default: <db>.key)")
+    _flag(p, "new-key-file", "rotate-master-key: the new master key file (created if absent)")
+    _flag(p, "crypto", "AES-GCM implementation: auto, openssl or python (default auto)")
+    _flag(p, "journaling", "accept journaled updates from new CLIs: on or off (default on)")
+    _flag(p, "checkpoint-cutoff", "states this large (bytes) go as deltas "
+          f"(default {DEFAULT_CHECKPOINT_CUTOFF})", type=int)
+    _flag(p, "history-limit", f"versions kept per stack (default {DEFAULT_HISTORY_LIMIT})",
+          type=int)
+    _flag(p, "lease-seconds", f"update lease lifetime (default {DEFAULT_LEASE_SECONDS})",
+          type=int)
+    _flag(p, "max-body", f"largest request body in bytes (default {DEFAULT_MAX_BODY})", type=int)
+    _flag(p, "max-decompressed", "largest gzip-decompressed body in bytes "
+          f"(default {DEFAULT_MAX_DECOMPRESSED})", type=int)
+    _flag(p, "socket-timeout", f"seconds before an idle client is dropped "
+          f"(default {DEFAULT_SOCKET_TIMEOUT:g})", type=float)
+    _flag(p, "max-connections", f"concurrent connections (default {DEFAULT_MAX_CONNECTIONS})",
+          type=int)
+    _flag(p, "tls-cert", "PEM certificate: serve https")
+    _flag(p, "tls-key", "PEM private key for --tls-cert")
+    _flag(p, "public-url", "URL users log in with, if not http(s)://HOST:PORT")
+    return p
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("1", "true", "on", "yes"):
+        return True
+    if low in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"--{name} expects on or off, got {value!r}")
+
+
+def parse_config(argv: list, environ: dict) -> tuple:
+    """Return ``(command, Config, extras)`` from flags over environment over defaults.
+
+    Raises ValueError with a one-line message for a bad value.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values: dict = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        flag_value = getattr(args, action.dest)
+        if flag_value is None:
+            env = environ.get("PULUMI_BACKEND_" + action.dest.upper())
+            if env is None or env == "":
+                continue
+            flag_value = [env] if action.dest == "auth_token" else env
+            if action.type is not None:
+                try:
+                    flag_value = action.type(env)
+                except ValueError:
+                    raise ValueError(f"PULUMI_BACKEND_{action.dest.upper()}: "
+                                     f"not a valid number: {env!r}") from None
+        values[action.dest] = flag_value
+
+    tokens: list = []
+    for item in values.pop("auth_token", None) or []:
+        tokens += [t.strip() for t in item.split(",") if t.strip()]
+    token_file = values.pop("auth_token_file", None)
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                tokens += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise ValueError(f"cannot read --auth-token-file {token_file}: {e.strerror}") from None
+    new_key_file = values.pop("new_key_file", None)
+    kw: dict = {"auth_tokens": tuple(tokens)}
+    for key, value in values.items():
+        if key in ("allow_any_token", "journaling"):
+            value = _parse_bool(key.replace("_", "-"), str(value))
+        kw[key] = value
+    if environ.get("PULUMI_BACKEND_MASTER_KEY"):
+        try:
+            kw["master_key"] = base64.b64decode(environ["PULUMI_BACKEND_MASTER_KEY"], validate=True)
+        except ValueError:
+            raise ValueError("PULUMI_BACKEND_MASTER_KEY is not valid base64") from None
+        if len(kw["master_key"]) != 32:
+            raise ValueError("PULUMI_BACKEND_MASTER_KEY must hold exactly 32 bytes")
+    cfg = Config(**kw)
+    _validate_config(cfg)
+    return args.command, cfg, {"new_key_file": new_key_file}
+
+
+def _validate_config(cfg: Config) -> None:
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"--log-level must be debug, info, warning or error, not {cfg.log_level!r}")
+    if cfg.crypto not in ("auto", "openssl", "python"):
+        raise ValueError(f"--crypto must be auto, openssl or python, not {cfg.crypto!r}")
+    if not 0 <= cfg.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, not {cfg.port}")
+    if not _ORG_RE.match(cfg.org):
+        raise ValueError(f"--org {cfg.org!r} is not a valid organization name")
+    for name in ("checkpoint_cutoff", "history_limit", "lease_seconds", "max_body",
+                 "max_decompressed", "max_connections"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if not cfg.auth_tokens and not cfg.allow_any_token and not _is_loopback(cfg.host):
+        raise ValueError(f"refusing to bind {cfg.host} without --auth-token: anyone could "
+                         "read and change state (give --allow-any-token to insist)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ==== 3. Errors =============================================================
+
+class HTTPError(Exception):
+    """An error answered to the client as ``{"code": status, "message": ...}``."""
+
+    status = 500
+    reason = "Internal Server Error"
+
+    def __init__(self, message: str = "", headers: Optional[dict] = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        text = self.message
+        if not text.startswith(self.reason):
+            text = f"{self.reason}: {text}" if text else self.reason
+        return {"code": self.status, "message": text}
+
+
+class BadRequest(HTTPError):
+    status, reason = 400, "Bad Request"
+
+
+class Unauthorized(HTTPError):
+    status, reason = 401, "Unauthorized"
+
+
+class Forbidden(HTTPError):
+    status, reason = 403, "Forbidden"
+
+
+class NotFound(HTTPError):
+    status, reason = 404, "Not Found"
+
+
+class MethodNotAllowed(HTTPError):
+    status, reason = 405, "Method Not Allowed"
+
+
+class Conflict(HTTPError):
+    status, reason = 409, "Conflict"
+
+
+class LengthRequired(HTTPError):
+    status, reason = 411, "Length Required"
+
+
+class PayloadTooLarge(HTTPError):
+    status, reason = 413, "Payload Too Large"
+
+
+class Unavailable(HTTPError):
+    status, reason = 503, "Service Unavailable"
+
+
+def storage_error(exc: sqlite3.Error) -> HTTPError:
+    """Map a storage failure to the HTTP error the client should see."""
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.IntegrityError):
+        return Conflict("the request conflicts with stored data")
+    if "locked" in text or "busy" in text:
+        return Unavailable("the database is busy, retry")
+    if "readonly" in text or "read-only" in text or "full" in text or "disk i/o" in text:
+        return Unavailable("the database cannot be written right now")
+    return HTTPError("")
+
+
+# ==== 4. Small utilities ====================================================
+
+log = logging.getLogger("pulumi_backend")
+
+
+def now() -> int:
+    """Return the current Unix time in whole seconds."""
+    return int(time.time())
+
+
+def rfc3339_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_id() -> str:
+    """Return a fresh URL-safe identifier."""
+    return uuid.uuid4().hex
+
+
+def dumps(value: Any) -> bytes:
+    """Serialize to compact JSON bytes (UTF-8, non-ASCII kept as is)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def loads(data: bytes, what: str = "request body") -> Any:
+    """Parse JSON bytes; raise BadRequest with a clear message on malformed input."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadRequest(f"{what} is not valid JSON: {e}") from None
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Decompress gzip ``data`` without ever producing more than ``limit`` bytes.
+
+    Raises PayloadTooLarge past the limit and BadRequest for corrupt input.
+    """
+    out = bytearray()
+    try:
+        while data:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            chunk = data
+            while chunk:
+                out += d.decompress(chunk, limit + 1 - len(out))
+                if len(out) > limit:
+                    raise PayloadTooLarge(f"decompressed body exceeds {limit} bytes")
+                chunk = d.unconsumed_tail
+            if not d.eof:
+                raise BadRequest("truncated gzip body")
+            data = d.unused_data  # a concatenated gzip member may follow
+    except zlib.error as e:
+        raise BadRequest(f"invalid gzip body: {e}") from None
+    return bytes(out)
+
+
+def gzip_bytes(data: bytes, level: int = 6) -> bytes:
+    """Gzip-compress with a fixed header time, so equal inputs give equal outputs."""
+    return gzip.compress(data, compresslevel=level, mtime=0)
+
+
+def b64decode_strict(value: Any, what: str) -> bytes:
+    """Decode standard padded base64 or raise BadRequest."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise BadRequest(f"{what} is not valid base64") from None
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def require_dict(value: Any, what: str = "request body") -> dict:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    return value
+
+
+def int_field(obj: dict, key: str, default: Optional[int] = None) -> int:
+    """Return ``obj[key]`` as a bounded int, or default; BadRequest for a wrong type."""
+    value = obj.get(key, default)
+    if value is None and default is None:
+        raise BadRequest(f"field {key!r} is required")
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 2**62:
+        raise BadRequest(f"field {key!r} must be an integer")
+    return value
+
+
+def escape_log(text: str) -> str:
+    """Escape control characters so a request cannot forge log lines."""
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def parse_cli_version(user_agent: str) -> str:
+    """Return the CLI version from ``pulumi-cli/1 (v3.259.0; linux)``, or ''."""
+    m = re.match(r"pulumi-cli/\d+ \((v?[0-9][^;)]*)", user_agent or "")
+    return m.group(1) if m else ""
+
+
+# ==== 5. Storage ============================================================
+
+class Store:
+    """What the engine needs from persistent storage.
+
+    The engine opens a transaction with ``write()`` (exclusive, committed
+    durably when the block exits without error) or ``read()`` (a consistent
+    snapshot), and passes the handle it gets to the record methods below. So a
+    read-check-write sequence such as "is the stack locked? then lock it" is one
+    atomic transaction, and no SQL leaves this section.
+    """
+
+    def write(self):  # pragma: no cover - interface
+        """Return a context manager yielding a handle for one exclusive transaction."""
+        raise NotImplementedError
+
+    def read(self):  # pragma: no cover - interface
+        """Return a context manager yielding a handle for reads."""
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # Record methods, implemented by SQLiteStore (handle first, then arguments):
+    # meta: get_meta, set_meta
+    # stacks: get_stack, get_stack_by_id, list_stacks, insert_stack, update_stack,
+    #   delete_stack, project_exists, all_data_keys
+    # deployments: get_deployment, put_deployment, prune_versions
+    # updates: get_update, insert_update, update_update, list_history, latest_history
+    # checkpoints: put_checkpoint, checkpoint_rows, clear_checkpoints
+    # journal: append_journal, journal_entries
+    # events: append_events, list_events
+
+
+_SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+    CREATE TABLE stacks (
+        id TEXT PRIMARY KEY,
+        org TEXT NOT NULL, project TEXT NOT NULL, name TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        tags TEXT NOT NULL DEFAULT '{}',
+        version INTEGER NOT NULL DEFAULT 0,
+        active_update TEXT NOT NULL DEFAULT '',
+        resource_count INTEGER NOT NULL DEFAULT 0,
+        last_update INTEGER,
+        data_key BLOB NOT NULL,
+        UNIQUE (org, project, name));
+    CREATE TABLE deployments (
+        stack_id TEXT NOT NULL REFERENCES stacks(id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        resource_count INTEGER NOT NULL,
+        PRIMARY KEY (stack_id, version));
+    CREATE TABLE updates (
+        id TEXT PRIMARY KEY,
+        stack_id TEXT NOT NULL REFERENCES stacks(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        dry_run INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        started INTEGER,
+        ended INTEGER,
+        version INTEGER NOT NULL DEFAULT 0,
+        base_version INTEGER NOT NULL DEFAULT 0,
+        program TEXT NOT NULL DEFAULT '{}',
+        journal INTEGER NOT NULL DEFAULT 0,
+        lease_token TEXT NOT NULL DEFAULT '',
+        lease_expires INTEGER NOT NULL DEFAULT 0,
+        cli_version TEXT NOT NULL DEFAULT '',
+        resource_changes TEXT,
+        resource_count INTEGER);
+    CREATE INDEX updates_by_stack ON updates (stack_id, created);
+    CREATE TABLE checkpoints (
+        update_id TEXT NOT NULL REFERENCES updates(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        data BLOB NOT NULL,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (update_id, seq));
+    CREATE TABLE journal (
+        update_id TEXT NOT NULL REFERENCES updates(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (update_id, seq));
+    CREATE TABLE events (
+        update_id TEXT NOT NULL REFERENCES updates(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (update_id, seq));
+    """,
+]
+
+
+class SQLiteStore(Store):
+    """SQLite in WAL mode: one writer connection behind a lock, pooled readers.
+
+    Why one writer: SQLite allows a single writer at a time anyway, and keeping
+    every write on one connection under our own lock turns "database is locked"
+    into ordinary queueing. Readers use their own connections (WAL lets them run
+    beside the writer) and are returned to a small pool, because the threading
+    server starts a thread per connection and per-thread connections would leak.
+    """
+
+    POOL_SIZE = 8
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.RLock()
+        self._pool: list = []
+        self._pool_lock = threading.Lock()
+        self._writer = self._connect()
+        self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk before we answer, even across a power loss.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _migrate(self) -> None:
+        with self.write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            current = row[0] if row else 0
+            if current > len(_SCHEMA):
+                raise RuntimeError(f"database schema {current} is newer than this server "
+                                   f"({len(_SCHEMA)}); upgrade pulumi_backend.py")
+            for version in range(current, len(_SCHEMA)):
+                for stmt in _SCHEMA[version].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
+
+    class _Txn:
+        def __init__(self, store: "SQLiteStore"):
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            try:
+                self.store._writer.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
+            return self.store._writer
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            try:
+                if exc_type is None:
+                    self.store._writer.execute("COMMIT")
+                else:
+                    self.store._writer.execute("ROLLBACK")
+            finally:
+                self.store._lock.release()
+
+    def write(self) -> "_Txn":
+        """Return a context manager for one exclusive transaction on the writer."""
+        return SQLiteStore._Txn(self)
+
+    class _Reader:
+        def __init__(self, store: "SQLiteStore"):
+            self.store = store
+            self.conn: Optional[sqlite3.Connection] = None
+
+        def __enter__(self) -> sqlite3.Connection:
+            with self.store._pool_lock:
+                self.conn = self.store._pool.pop() if self.store._pool else None
+            if self.conn is None:
+                self.conn = self.store._connect()
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            conn, self.conn = self.conn, None
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            with self.store._pool_lock:
+                if len(self.store._pool) < SQLiteStore.POOL_SIZE:
+                    self.store._pool.append(conn)
+                    return
+            conn.close()
+
+    def read(self) -> "_Reader":
+        """Return a context manager lending a pooled reader connection."""
+        return SQLiteStore._Reader(self)
+
+    def close(self) -> None:
+        with self._lock:
+            self._writer.close()
+        with self._pool_lock:
+            for conn in self._pool:
+                conn.close()
+            self._pool.clear()
+
+    # -- meta ---------------------------------------------------------------
+
+    def get_meta(self, db, key: str) -> Optional[bytes]:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, db, key: str, value: bytes) -> None:
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # -- stacks -------------------------------------------------------------
+
+    def get_stack(self, db, org: str, project: str, name: str) -> Optional[dict]:
+        row = db.execute("SELECT * FROM stacks WHERE org = ? AND project = ? AND name = ?",
+                         (org, project, name)).fetchone()
+        return dict(row) if row else None
+
+    def get_stack_by_id(self, db, stack_id: str) -> Optional[dict]:
+        row = db.execute("SELECT * FROM stacks WHERE id = ?", (stack_id,)).fetchone()
+        return dict(row) if row else None
+
+    def list_stacks(self, db, org: Optional[str], project: Optional[str], after: tuple,
+                    limit: int) -> list:
+        """Return stacks ordered by (org, project, name) strictly after ``after``."""
+        sql = "SELECT * FROM stacks WHERE (org, project, name) > (?, ?, ?)"
+        args: list = list(after)
+        if org is not None:
+            sql += " AND org = ?"
+            args.append(org)
+        if project is not None:
+            sql += " AND project = ?"
+            args.append(project)
+        sql += " ORDER BY org, project, name LIMIT ?"
+        args.append(limit)
+        return [dict(r) for r in db.execute(sql, args)]
+
+    def insert_stack(self, db, stack: dict) -> None:
+        cols = ",".join(stack)
+        db.execute(f"INSERT INTO stacks ({cols}) VALUES ({','.join('?' * len(stack))})",
+                   tuple(stack.values()))
+
+    def update_stack(self, db, stack_id: str, **fields: Any) -> None:
+        _check_columns(fields, _STACK_COLUMNS)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE stacks SET {sets} WHERE id = ?", (*fields.values(), stack_id))
+
+    def delete_stack(self, db, stack_id: str) -> None:
+        db.execute("DELETE FROM stacks WHERE id = ?", (stack_id,))
+
+    def project_exists(self, db, org: str, project: str) -> bool:
+        return db.execute("SELECT 1 FROM stacks WHERE org = ? AND project = ? LIMIT 1",
+                          (org, project)).fetchone() is not None
+
+    def all_data_keys(self, db) -> list:
+        return [(r[0], r[1]) for r in db.execute("SELECT id, data_key FROM stacks")]
+
+    # -- deployments --------------------------------------------------------
+
+    def get_deployment(self, db, stack_id: str, version: Optional[int] = None) -> Optional[dict]:
+        """Return the row of ``version`` (or the newest) with its gzip ``data``."""
+        if version is None:
+            row = db.execute("SELECT * FROM deployments WHERE stack_id = ? "
+                             "ORDER BY version DESC LIMIT 1", (stack_id,)).fetchone()
+        else:
+            row = db.execute("SELECT * FROM deployments WHERE stack_id = ? AND version = ?",
+                             (stack_id, version)).fetchone()
+        return dict(row) if row else None
+
+    def put_deployment(self, db, stack_id: str, version: int, data_gz: bytes, size: int,
+                       resource_count: int) -> None:
+        db.execute("INSERT OR REPLACE INTO deployments "
+                   "(stack_id, version, data, size, resource_count) VALUES (?, ?, ?, ?, ?)",
+                   (stack_id, version, data_gz, size, resource_count))
+
+    def prune_versions(self, db, stack_id: str, keep_from: int, keep_previews: int) -> None:
+        """Forget deployments and finished updates older than version ``keep_from``.
+
+        The newest deployment is always kept, whatever its number; of finished
+        previews (which have no version) the newest ``keep_previews`` are kept.
+        """
+        db.execute("DELETE FROM deployments WHERE stack_id = ? AND version < ? AND version < "
+                   "(SELECT MAX(version) FROM deployments WHERE stack_id = ?)",
+                   (stack_id, keep_from, stack_id))
+        db.execute("DELETE FROM updates WHERE stack_id = ? AND dry_run = 0 AND version < ? "
+                   "AND status NOT IN ('not started', 'running')", (stack_id, keep_from))
+        db.execute("DELETE FROM updates WHERE stack_id = ? AND dry_run = 1 "
+                   "AND status NOT IN ('not started', 'running') AND id NOT IN ("
+                   "SELECT id FROM updates WHERE stack_id = ? AND dry_run = 1 "
+                   "ORDER BY created DESC LIMIT ?)",
+                   (stack_id, stack_id, keep_previews))
+
+    # -- updates ------------------------------------------------------------
+
+    def get_update(self, db, update_id: str) -> Optional[dict]:
+        row = db.execute("SELECT * FROM updates WHERE id = ?", (update_id,)).fetchone()
+        return dict(row) if row else None
+
+    def insert_update(self, db, update: dict) -> None:
+        cols = ",".join(update)
+        db.execute(f"INSERT INTO updates ({cols}) VALUES ({','.join('?' * len(update))})",
+                   tuple(update.values()))
+
+    def update_update(self, db, update_id: str, **fields: Any) -> None:
+        _check_columns(fields, _UPDATE_COLUMNS)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE updates SET {sets} WHERE id = ?", (*fields.values(), update_id))
+
+    def list_history(self, db, stack_id: str, limit: int, offset: int) -> list:
+        """Return finished non-preview updates, newest version first."""
+        return [dict(r) for r in db.execute(
+            "SELECT * FROM updates WHERE stack_id = ? AND dry_run = 0 AND started IS NOT NULL "
+            "ORDER BY version DESC, created DESC LIMIT ? OFFSET ?", (stack_id, limit, offset))]
+
+    # -- checkpoints (working state of a running update) ---------------------
+
+    def put_checkpoint(self, db, update_id: str, seq: int, kind: str, data: bytes,
+                       digest: str) -> None:
+        if kind == "full":
+            # A full document replaces everything before it: nothing older is needed.
+            db.execute("DELETE FROM checkpoints WHERE update_id = ?", (update_id,))
+        db.execute("INSERT OR REPLACE INTO checkpoints (update_id, seq, kind, data, hash) "
+                   "VALUES (?, ?, ?, ?, ?)", (update_id, seq, kind, data, digest))
+
+    def checkpoint_rows(self, db, update_id: str) -> list:
+        return [dict(r) for r in db.execute(
+            "SELECT seq, kind, data, hash FROM checkpoints WHERE update_id = ? ORDER BY seq",
+            (update_id,))]
+
+    def clear_checkpoints(self, db, update_id: str) -> None:
+        db.execute("DELETE FROM checkpoints WHERE update_id = ?", (update_id,))
+
+    # -- journal ------------------------------------------------------------
+
+    def append_journal(self, db, update_id: str, entries: Iterable) -> None:
+        """Store ``(sequenceID, json bytes)`` pairs; a repeated sequenceID keeps the first."""
+        db.executemany("INSERT OR IGNORE INTO journal (update_id, seq, data) VALUES (?, ?, ?)",
+                       ((update_id, seq, data) for seq, data in entries))
+
+    def journal_entries(self, db, update_id: str) -> list:
+        return [r[0] for r in db.execute(
+            "SELECT data FROM journal WHERE update_id = ? ORDER BY seq", (update_id,))]
+
+    def clear_journal(self, db, update_id: str) -> None:
+        db.execute("DELETE FROM journal WHERE update_id = ?", (update_id,))
+
+    # -- events -------------------------------------------------------------
+
+    def append_events(self, db, update_id: str, events: Iterable) -> None:
+        db.executemany("INSERT OR IGNORE INTO events (update_id, seq, data) VALUES (?, ?, ?)",
+                       ((update_id, seq, data) for seq, data in events))
+
+    def list_events(self, db, update_id: str, after: int, limit: int) -> list:
+        return [(r[0], r[1]) for r in db.execute(
+            "SELECT seq, data FROM events WHERE update_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (update_id, after, limit))]
+
+
+_STACK_COLUMNS = frozenset({"org", "project", "name", "tags", "version", "active_update",
+                            "resource_count", "last_update", "data_key"})
+_UPDATE_COLUMNS = frozenset({"status", "started", "ended", "version", "base_version", "journal",
+                             "lease_token", "lease_expires", "cli_version", "resource_changes",
+                             "resource_count", "program"})
+
+
+def _check_columns(fields: dict, allowed: frozenset) -> None:
+    """Guard the only place column names reach SQL text: they come from our code only."""
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"unknown columns {sorted(unknown)}")
+
+
+# ==== 6. Engine =============================================================
+# Stacks, update leases, working checkpoints (full, verbatim, delta), journal
+# replay, events and history. Every method that acknowledges a write commits it
+# through the Store before returning, so "200" always means "durable".
+
+def apply_delta(prev: bytes, edits: Any) -> bytes:
+    """Apply the CLI's text edits (byte spans of ``prev``) and return the new bytes.
+
+    Edits from CLIs before v3.68 carry line/column points with offset -1; their
+    offsets are recomputed from the lines of ``prev``. Raises BadRequest for
+    malformed, unordered or out-of-range edits.
+    """
+    if not isinstance(edits, list):
+        raise BadRequest("deploymentDelta must be a list of edits")
+    line_starts: Optional[list] = None
+    spans = []
+    for edit in edits:
+        if not isinstance(edit, dict) or not isinstance(edit.get("Span"), dict):
+            raise BadRequest("each delta edit needs a Span")
+        text = edit.get("NewText", "")
+        if not isinstance(text, str):
+            raise BadRequest("NewText must be a string")
+        start, end = edit["Span"].get("start"), edit["Span"].get("end")
+        if not isinstance(start, dict) or not isinstance(end, dict):
+            raise BadRequest("a delta Span needs start and end points")
+        if _legacy_point(start) or _legacy_point(end):
+            if line_starts is None:
+                line_starts = [0] + [i + 1 for i, b in enumerate(prev) if b == 0x0A]
+            s, t = _line_offset(line_starts, len(prev), start), _line_offset(line_starts, len(prev), end)
+        else:
+            s, t = int_field(start, "offset"), int_field(end, "offset")
+        spans.append((s, t, text.encode("utf-8")))
+    out = bytearray()
+    pos = 0
+    for s, t, text in spans:
+        if not pos <= s <= t <= len(prev):
+            raise BadRequest(f"delta edit [{s}, {t}) is out of order or out of range")
+        out += prev[pos:s]
+        out += text
+        pos = t
+    out += prev[pos:]
+    return bytes(out)
+
+
+def _legacy_point(point: dict) -> bool:
+    offset = point.get("offset", -1)
+    return not isinstance(offset, int) or offset < 0 or (offset == 0 and point.get("line", 1) > 1)
+
+
+def _line_offset(line_starts: list, size: int, point: dict) -> int:
+    line, column = int_field(point, "line"), int_field(point, "column", 1)
+    if line == len(line_starts) + 1 and column <= 1:
+        return size
+    if not 1 <= line <= len(line_starts) or column < 1:
+        raise BadRequest(f"delta point line {line} column {column} is outside the document")
+    return line_starts[line - 1] + column - 1
+
+
+class _JournalReplayer:
+    """Rebuild a deployment from a base and journal entries, as the CLI's replayer does.
+
+    ``*Old`` fields index the base's resources; ``*New`` fields name operation
+    IDs of entries earlier in this update. New resources (in completion order)
+    come first, then the surviving base resources.
+    """
+
+    def __init__(self, base: dict):
+        self.base = base
+        self.has_refresh = False
+        self.needs_byte_string = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.new_res: list = []
+        self.op_index: dict = {}
+        self.remove_new: set = set()
+        self.del_base: set = set()
+        self.replace_base: dict = {}
+        self.mark_delete: set = set()
+        self.mark_pending: set = set()
+        self.incomplete: dict = {}
+        self.extensions: dict = {}
+
+    def _new(self, op_id: Any) -> Optional[int]:
+        index = self.op_index.get(op_id)
+        if index is None:
+            log.warning("journal refers to unknown operation %s; entry part skipped", op_id)
+        return index
+
+    def add(self, e: dict) -> None:
+        if e.get("requiresByteString"):
+            self.needs_byte_string = True
+        kind, op = e.get("kind"), e.get("operationID")
+        state = e.get("state")
+        if kind == 0:  # begin
+            self.incomplete[op] = e
+        elif kind == 1:  # success
+            self.incomplete.pop(op, None)
+            if state is not None:
+                self.new_res.append(state)
+                self.op_index[op] = len(self.new_res) - 1
+            if e.get("removeOld") is not None:
+                self.del_base.add(e["removeOld"])
+            if e.get("removeNew") is not None:
+                self.remove_new.add(e["removeNew"])
+            if e.get("deleteOld") is not None:
+                self.mark_delete.add(e["deleteOld"])
+            for field, flag in (("deleteNew", "delete"), ("pendingReplacementNew",
+                                                          "pendingReplacement")):
+                if e.get(field) is not None:
+                    index = self._new(e[field])
+                    if index is not None:
+                        self.new_res[index][flag] = True
+            if e.get("pendingReplacementOld") is not None:
+                self.mark_pending.add(e["pendingReplacementOld"])
+            if e.get("isRefresh"):
+                self.has_refresh = True
+        elif kind == 3:  # refresh-success
+            self.incomplete.pop(op, None)
+            self.has_refresh = True
+            if e.get("removeOld") is not None:
+                if state is None:
+                    self.del_base.add(e["removeOld"])
+                else:
+                    self.replace_base[e["removeOld"]] = state
+            if e.get("removeNew") is not None:
+                if state is None:
+                    self.remove_new.add(e["removeNew"])
+                else:
+                    index = self._new(e["removeNew"])
+                    if index is not None:
+                        self.new_res[index] = state
+        elif kind == 2:  # failure
+            self.incomplete.pop(op, None)
+        elif kind == 4:  # outputs
+            if state is not None and e.get("removeOld") is not None:
+                self.replace_base[e["removeOld"]] = state
+            if state is not None and e.get("removeNew") is not None:
+                index = self._new(e["removeNew"])
+                if index is not None:
+                    self.new_res[index] = state
+        elif kind == 5:  # write: a new base, before anything else changes
+            self.base = e.get("newSnapshot") or {}
+        elif kind == 6:  # secrets-manager
+            provider = e.get("secretsProvider")
+            if self.base.get("secrets_providers") != provider:
+                self.base["secrets_providers"] = provider
+        elif kind == 9:  # snippets
+            self.base["snippets"] = e.get("snippets")
+        elif kind == 7:  # rebuilt-base-state: fold everything so far into a new base
+            self.base = self.generate()["deployment"]
+            self._reset()
+        elif kind == 8:  # extension-parameterize
+            if e.get("extensionRef") is not None:
+                self.extensions[e["extensionRef"]] = e.get("extension")
+
+    def generate(self, cli_version: str = "") -> dict:
+        """Return the untyped deployment ``{"version", ["features"], "deployment"}``."""
+        features: set = set()
+        dropped = {self.op_index[o] for o in self.remove_new if o in self.op_index}
+        resources = [r for i, r in enumerate(self.new_res) if i not in dropped]
+        for i, res in enumerate(self.base.get("resources") or []):
+            if i in self.del_base:
+                continue
+            if i in self.replace_base:
+                resources.append(self.replace_base[i])
+                continue
+            res = dict(res)
+            if i in self.mark_pending:
+                res["pendingReplacement"] = True
+            if i in self.mark_delete:
+                res["delete"] = True
+            resources.append(res)
+        operations = [e["operation"] for e in self.incomplete.values() if e.get("operation")]
+        operations += [op for op in self.base.get("pending_operations") or []
+                       if op.get("type") == "creating"]
+        if self.has_refresh:
+            resources = _rebuild_dependencies(resources)
+        for res in resources + [op.get("resource") or {} for op in operations]:
+            _resource_features(res, features)
+        if self.needs_byte_string:
+            features.add("byteString")
+        deployment: dict = {"manifest": {
+            "time": rfc3339_now(),
+            "magic": hashlib.sha256(cli_version.encode()).hexdigest() if cli_version else "",
+            "version": cli_version}}
+        if self.base.get("secrets_providers"):
+            deployment["secrets_providers"] = self.base["secrets_providers"]
+        if resources:
+            deployment["resources"] = resources
+        if operations:
+            deployment["pending_operations"] = operations
+        deployment["metadata"] = self.base.get("metadata") or {}
+        if self.base.get("snippets"):
+            deployment["snippets"] = self.base["snippets"]
+            features.add("snippets-prototype")
+        extensions = dict(self.extensions)
+        extensions.update(self.base.get("extensions") or {})
+        if extensions:
+            deployment["extensions"] = extensions
+        _normalize_urn_references(deployment)
+        out: dict = {"version": 4 if features else 3}
+        if features:
+            out["features"] = sorted(features)
+        out["deployment"] = deployment
+        return out
+
+
+def replay_journal(base: dict, entries: Iterable, cli_version: str = "") -> dict:
+    """Replay journal ``entries`` (sorted by sequenceID) over the ``base`` deployment.
+
+    ``base`` is a DeploymentV3 object and is not modified. Returns the untyped
+    deployment the update produced.
+    """
+    replayer = _JournalReplayer(json.loads(json.dumps(base)))
+    for entry in entries:
+        replayer.add(entry)
+    return replayer.generate(cli_version)
+
+
+def _resource_features(res: dict, features: set) -> None:
+    """Add the deployment features that resource ``res`` needs."""
+    for field, feature in (("refreshBeforeUpdate", "refreshBeforeUpdate"), ("viewOf", "views"),
+                           ("resourceHooks", "hooks"), ("taint", "taint"),
+                           ("replaceWith", "replaceWith"),
+                           ("extensionRef", "extensionParameterization"),
+                           ("snippetID", "snippets-prototype")):
+        if res.get(field):
+            features.add(feature)
+
+
+def _rebuild_dependencies(resources: list) -> list:
+    """Drop references to resources that a refresh deleted (resources in dependency order)."""
+    seen: set = set()
+    out = []
+    for res in resources:
+        res = dict(res)
+        if res.get("dependencies"):
+            res["dependencies"] = [d for d in res["dependencies"] if d in seen]
+        if res.get("propertyDependencies"):
+            res["propertyDependencies"] = {
+                k: [d for d in v if d in seen] for k, v in res["propertyDependencies"].items()
+                if any(d in seen for d in v or [])}
+        if res.get("replaceWith"):
+            res["replaceWith"] = [d for d in res["replaceWith"] if d in seen]
+        if res.get("deletedWith") not in seen:
+            res.pop("deletedWith", None)
+        for key in ("dependencies", "propertyDependencies", "replaceWith"):
+            if key in res and not res[key]:
+                del res[key]
+        seen.add(res.get("urn"))
+        out.append(res)
+    # A resource whose parent is gone moves up to its grandparent.
+    parent_of: dict = {}
+    for res in out:
+        parent = res.get("parent", "")
+        if parent and parent not in seen:
+            res["parent"] = parent_of.get(parent, "")
+            if not res["parent"]:
+                del res["parent"]
+        parent_of[res.get("urn")] = res.get("parent", "")
+    return out
+
+
+def _urn_qualified_type(urn: str) -> str:
+    parts = urn.split("::")
+    return parts[2] if len(parts) >= 4 else ""
+
+
+def _normalize_urn_references(deployment: dict) -> None:
+    """Rewrite aliased URNs to the current ones and drop ``aliases``, as the CLI does."""
+    resources = deployment.get("resources") or []
+    aliased: dict = {}
+    for res in resources:
+        for alias in res.get("aliases") or []:
+            if aliased.get(alias, res["urn"]) != res["urn"]:
+                raise BadRequest(f"two resources have the same alias {alias!r}")
+            aliased[alias] = res["urn"]
+        parent = aliased.get(res.get("parent", ""))
+        if parent and _urn_qualified_type(parent) != _STACK_TYPE:
+            parts = res["urn"].split("::")
+            if len(parts) >= 4:
+                own_type = parts[2].rsplit("$", 1)[-1]
+                aliased[res["urn"]] = "::".join(
+                    parts[:2] + [f"{_urn_qualified_type(parent)}${own_type}"] + parts[3:])
+    if not aliased:
+        for res in resources:
+            res.pop("aliases", None)
+        return
+
+    def fix(urn: Any) -> Any:
+        return aliased.get(urn, urn)
+
+    for res in resources:
+        res["urn"] = fix(res["urn"])
+        for key in ("parent", "deletedWith", "viewOf"):
+            if res.get(key):
+                res[key] = fix(res[key])
+        if res.get("provider"):
+            urn, sep, ident = res["provider"].rpartition("::")
+            if sep:
+                res["provider"] = f"{fix(urn)}::{ident}"
+        if res.get("dependencies"):
+            res["dependencies"] = [fix(d) for d in res["dependencies"]]
+        if res.get("propertyDependencies"):
+            res["propertyDependencies"] = {k: [fix(d) for d in v or []]
+                                           for k, v in res["propertyDependencies"].items()}
+        res.pop("aliases", None)
+    for snippet in deployment.get("snippets") or []:
+        if isinstance(snippet.get("references"), dict):
+            snippet["references"] = {k: fix(v) for k, v in snippet["references"].items()}
+
+
+def empty_deployment() -> bytes:
+    """Return the state of a stack that was never updated."""
+    return dumps({"version": 3, "deployment": {
+        "manifest": {"time": rfc3339_now(), "magic": "", "version": ""}}})
+
+
+def check_untyped_deployment(doc: Any) -> dict:
+    """Validate an UntypedDeployment; return it or raise BadRequest."""
+    doc = require_dict(doc, "deployment")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not \
+            1 <= version <= MAX_DEPLOYMENT_VERSION:
+        raise BadRequest(f"deployment version must be between 1 and {MAX_DEPLOYMENT_VERSION}")
+    if not isinstance(doc.get("deployment"), dict):
+        raise BadRequest("deployment must be a JSON object")
+    features = doc.get("features") or []
+    if not isinstance(features, list) or any(f not in KNOWN_FEATURES for f in features):
+        raise BadRequest(f"unknown deployment features {features!r}")
+    resources = doc["deployment"].get("resources") or []
+    if not isinstance(resources, list) or any(not isinstance(r, dict) for r in resources):
+        raise BadRequest("deployment resources must be a list of objects")
+    return doc
+
+
+def count_resources(doc: dict) -> int:
+    return len(doc.get("deployment", {}).get("resources") or [])
+
+
+def rename_in_deployment(doc: Any, old: tuple, new: tuple) -> Any:
+    """Rewrite stack and project names in every URN of ``doc`` and in its service
+    secrets provider; ``old``/``new`` are ``(project, stack)``.
+    """
+    old_prefix = f"urn:pulumi:{old[1]}::{old[0]}::"
+    new_prefix = f"urn:pulumi:{new[1]}::{new[0]}::"
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return new_prefix + value[len(old_prefix):] if value.startswith(old_prefix) else value
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        return value
+
+    doc = walk(doc)
+    provider = doc.get("deployment", {}).get("secrets_providers") or {}
+    if provider.get("type") == "service" and isinstance(provider.get("state"), dict):
+        provider["state"]["project"], provider["state"]["stack"] = new
+    return doc
+
+
+class _WorkingCache:
+    """The latest checkpoint bytes of running updates, bounded LRU by size.
+
+    Deltas apply to these bytes instead of rebuilding them from SQLite, so the
+    work per delta is proportional to the change plus one hash. A miss (after a
+    restart or an eviction) rebuilds from the stored rows.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, update_id: str) -> Optional[tuple]:
+        with self._lock:
+            item = self._items.get(update_id)
+            if item is not None:
+                self._items.move_to_end(update_id)
+            return item
+
+    def put(self, update_id: str, seq: int, data: bytes, digest: str) -> None:
+        with self._lock:
+            self._drop(update_id)
+            if len(data) > self.max_bytes:
+                return
+            self._items[update_id] = (seq, data, digest)
+            self._size += len(data)
+            while self._size > self.max_bytes:
+                self._drop(next(iter(self._items)))
+
+    def discard(self, update_id: str) -> None:
+        with self._lock:
+            self._drop(update_id)
+
+    def _drop(self, update_id: str) -> None:
+        item = self._items.pop(update_id, None)
+        if item is not None:
+            self._size -= len(item[1])
+
+
+_VERBATIM_RE = re.compile(rb'^\s*\{"version":\s*\d+,\s*"untypedDeployment":')
+_VERBATIM_TAIL_RE = re.compile(rb',\s*"sequenceNumber":\s*(-?\d+)\s*\}\s*$')
+
+
+def split_verbatim(body: bytes) -> tuple:
+    """Return ``(sequenceNumber, exact bytes of untypedDeployment)`` of a verbatim upload."""
+    head, tail = _VERBATIM_RE.match(body), _VERBATIM_TAIL_RE.search(body)
+    if head and tail and head.end() < tail.start():
+        return int(tail.group(1)), body[head.end():tail.start()].strip()
+    req = require_dict(loads(body))  # unusual field order: find the value's bytes
+    if "untypedDeployment" not in req:
+        raise BadRequest("untypedDeployment is required")
+    text = body.decode("utf-8")
+    key = text.index('"untypedDeployment"')
+    start = text.index(":", key) + 1
+    while text[start] in " \t\r\n":
+        start += 1
+    _, end = json.JSONDecoder().raw_decode(text, start)
+    return int_field(req, "sequenceNumber"), text[start:end].encode("utf-8")
+
+
+class Engine:
+    """Operations of the API on stacks, state, updates and secrets."""
+
+    def __init__(self, cfg: Config, store: SQLiteStore, keys: "KeyManager"):
+        self.cfg = cfg
+        self.store = store
+        self.keys = keys
+        self.working = _WorkingCache(cfg.cache_bytes)
+        self._data_keys: dict = {}
+        self._data_keys_lock = threading.Lock()
+
+    # -- stacks -------------------------------------------------------------
+
+    def _check_names(self, org: str, project: str, stack: Optional[str] = None) -> None:
+        if org != self.cfg.org:
+            raise NotFound(f"organization '{org}' not found")
+        if not _NAME_RE.match(project):
+            raise BadRequest(f"invalid project name {project!r}")
+        if stack is not None and not _NAME_RE.match(stack):
+            raise BadRequest(f"invalid stack name {stack!r}")
+
+    def stack(self, db, org: str, project: str, name: str) -> dict:
+        """Return the stack row or raise NotFound."""
+        self._check_names(org, project, name)
+        row = self.store.get_stack(db, org, project, name)
+        if row is None:
+            raise NotFound(f"stack '{org}/{project}/{name}' not found")
+        return row
+
+    def create_stack(self, org: str, project: str, body: dict) -> dict:
+        name = body.get("stackName")
+        if not isinstance(name, str):
+            raise BadRequest("stackName is required")
+        self._check_names(org, project, name)
+        tags = _check_tags(body.get("tags") or {})
+        if body.get("config") is not None:
+            raise BadRequest("remote (ESC) stack configuration is not supported by this server")
+        initial = empty_deployment()
+        if body.get("state") is not None:
+            initial = dumps(check_untyped_deployment(body["state"]))
+        stack_id = new_id()
+        data_key = self.keys.wrap_data_key(stack_id, secrets.token_bytes(32))
+        with self.store.write() as db:
+            if self.store.get_stack(db, org, project, name) is not None:
+                raise Conflict(f"stack '{org}/{project}/{name}' already exists")
+            self.store.insert_stack(db, {
+                "id": stack_id, "org": org, "project": project, "name": name,
+                "created": now(), "tags": json.dumps(tags), "data_key": data_key})
+            self.store.put_deployment(db, stack_id, 0, gzip_bytes(initial), len(initial),
+                                      count_resources(loads(initial)))
+        log.info("created stack %s/%s/%s", org, project, name)
+        return {}
+
+    def stack_json(self, db, row: dict) -> dict:
+        update = self._running_update(db, row)
+        out = {"id": row["id"], "orgName": row["org"], "projectName": row["project"],
+               "stackName": row["name"], "activeUpdate": row["active_update"],
+               "tags": json.loads(row["tags"]), "version": row["version"]}
+        if update is not None:
+            out["currentOperation"] = {"kind": update["kind"], "author": self.cfg.user,
+                                       "started": update["started"] or update["created"]}
+        return out
+
+    def stack_summary(self, db, row: dict) -> dict:
+        out = {"id": row["id"], "orgName": row["org"], "projectName": row["project"],
+               "stackName": row["name"], "resourceCount": row["resource_count"]}
+        if self._running_update(db, row) is not None:
+            out["lastUpdate"] = 0  # the CLI shows "in progress"
+        elif row["last_update"] is not None:
+            out["lastUpdate"] = row["last_update"]
+        return out
+
+    def list_stacks(self, query: dict) -> dict:
+        org = query.get("organization")
+        if org is not None and org != self.cfg.org:
+            return {"stacks": [], "continuationToken": None}
+        project, tag_name, tag_value = (query.get("project"), query.get("tagName"),
+                                        query.get("tagValue"))
+        after = _decode_page_token(query.get("continuationToken"))
+        stacks: list = []
+        with self.store.read() as db:
+            while len(stacks) < STACK_PAGE_SIZE:
+                rows = self.store.list_stacks(db, org, project, after, STACK_PAGE_SIZE)
+                for row in rows:
+                    after = (row["org"], row["project"], row["name"])
+                    tags = json.loads(row["tags"])
+                    if tag_name is not None and (tag_name not in tags or (
+                            tag_value is not None and tags[tag_name] != tag_value)):
+                        continue
+                    stacks.append(self.stack_summary(db, row))
+                    if len(stacks) == STACK_PAGE_SIZE:
+                        break
+                if len(rows) < STACK_PAGE_SIZE:
+                    return {"stacks": stacks, "continuationToken": None}
+        more = bool(self.store.list_stacks(db, org, project, after, 1)) if stacks else False
+        return {"stacks": stacks,
+                "continuationToken": _encode_page_token(after) if more else None}
+
+    def delete_stack(self, org: str, project: str, name: str, force: bool) -> None:
+        with self.store.write() as db:
+            row = self.stack(db, org, project, name)
+            if self._running_update(db, row) is not None:
+                raise Conflict("an update is running on this stack; cancel it first")
+            if row["resource_count"] > 0 and not force:
+                raise BadRequest(MSG_STACK_HAS_RESOURCES)
+            self.store.delete_stack(db, row["id"])
+        log.info("deleted stack %s/%s/%s", org, project, name)
+
+    def rename_stack(self, org: str, project: str, name: str, body: dict) -> None:
+        new_name = body.get("newName") or name
+        new_project = body.get("newProject") or project
+        if not isinstance(new_name, str) or not isinstance(new_project, str):
+            raise BadRequest("newName and newProject must be strings")
+        self._check_names(org, new_project, new_name)
+        with self.store.write() as db:
+            row = self.stack(db, org, project, name)
+            if (new_project, new_name) == (project, name):
+                return
+            if self._running_update(db, row) is not None:
+                raise Conflict(MSG_UPDATE_CONFLICT)
+            if self.store.get_stack(db, org, new_project, new_name) is not None:
+                raise Conflict(f"stack '{org}/{new_project}/{new_name}' already exists")
+            self.store.update_stack(db, row["id"], project=new_project, name=new_name)
+            # The latest state names the stack in URNs and in its secrets provider;
+            # rewrite it so the next update neither replaces everything nor asks
+            # the old name to decrypt.
+            dep = self.store.get_deployment(db, row["id"])
+            doc = rename_in_deployment(loads(gzip.decompress(dep["data"]), "stored state"),
+                                       (project, name), (new_project, new_name))
+            data = dumps(doc)
+            self.store.put_deployment(db, row["id"], dep["version"], gzip_bytes(data),
+                                      len(data), dep["resource_count"])
+        log.info("renamed stack %s/%s/%s to %s/%s", org, project, name, new_project, new_name)
+
+    def set_tags(self, org: str, project: str, name: str, tags: Any) -> None:
+        tags = _check_tags(tags)
+        with self.store.write() as db:
+            row = self.stack(db, org, project, name)
+            self.store.update_stack(db, row["id"], tags=json.dumps(tags))
+
+    # -- state --------------------------------------------------------------
+
+    def export(self, org: str, project: str, name: str, version: Optional[int]) -> bytes:
+        """Return the gzip bytes of the stack's latest (or given) deployment."""
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            if version is not None and version < 1:
+                raise BadRequest("version must be a positive integer")
+            dep = self.store.get_deployment(db, row["id"], version)
+        if dep is None:
+            raise NotFound(f"version {version} of stack '{org}/{project}/{name}' not found")
+        return dep["data"]
+
+    def import_deployment(self, org: str, project: str, name: str, body: bytes,
+                          cli_version: str) -> str:
+        doc = check_untyped_deployment(loads(body))
+        data = body.strip()
+        with self.store.write() as db:
+            row = self.stack(db, org, project, name)
+            self._lock_stack(db, row)
+            update_id, version = new_id(), row["version"] + 1
+            t = now()
+            self.store.insert_update(db, {
+                "id": update_id, "stack_id": row["id"], "kind": "import", "dry_run": 0,
+                "status": "succeeded", "created": t, "started": t, "ended": t,
+                "version": version, "base_version": row["version"], "cli_version": cli_version,
+                "resource_count": count_resources(doc)})
+            self._save_version(db, row, version, data, count_resources(doc))
+        log.info("imported state into %s/%s/%s as version %d", org, project, name, version)
+        return update_id
+
+    def _save_version(self, db, row: dict, version: int, data: bytes, resources: int) -> None:
+        """Store ``data`` as ``version`` of the stack and make it the latest."""
+        self.store.put_deployment(db, row["id"], version, gzip_bytes(data), len(data), resources)
+        self.store.update_stack(db, row["id"], version=version, resource_count=resources,
+                                last_update=now())
+        self.store.prune_versions(db, row["id"], version - self.cfg.history_limit + 1,
+                                  self.cfg.history_limit)
+
+    # -- secrets ------------------------------------------------------------
+
+    def _data_key(self, row: dict) -> bytes:
+        with self._data_keys_lock:
+            key = self._data_keys.get(row["id"])
+            if key is None:
+                key = self.keys.unwrap_data_key(row["id"], row["data_key"])
+                self._data_keys[row["id"]] = key
+            return key
+
+    def _stack_key(self, org: str, project: str, name: str) -> bytes:
+        with self.store.read() as db:
+            return self._data_key(self.stack(db, org, project, name))
+
+    def encrypt(self, org: str, project: str, name: str, plaintexts: list) -> list:
+        key = self._stack_key(org, project, name)
+        return [self.keys.crypto.seal(key, p) for p in plaintexts]
+
+    def decrypt(self, org: str, project: str, name: str, ciphertexts: list) -> list:
+        key = self._stack_key(org, project, name)
+        out = []
+        for c in ciphertexts:
+            try:
+                out.append(self.keys.crypto.open(key, c))
+            except ValueError:
+                raise BadRequest("a ciphertext could not be decrypted with this stack's key") \
+                    from None
+        return out
+
+    # -- updates: create, start, lease ---------------------------------------
+
+    def _running_update(self, db, row: dict) -> Optional[dict]:
+        """Return the stack's running update, or None (also when its lease lapsed)."""
+        if not row["active_update"]:
+            return None
+        update = self.store.get_update(db, row["active_update"])
+        if update is None or update["status"] != "running":
+            return None
+        if update["lease_expires"] < now():
+            return None
+        return update
+
+    def _lock_stack(self, db, row: dict) -> None:
+        """Raise Conflict while another update holds the stack; finish an abandoned one."""
+        if not row["active_update"]:
+            return
+        update = self.store.get_update(db, row["active_update"])
+        if update is None or update["status"] != "running":
+            return
+        if update["lease_expires"] >= now():
+            raise Conflict(MSG_UPDATE_CONFLICT)
+        log.warning("update %s abandoned (lease expired); finishing it as failed", update["id"])
+        self._finish(db, row, update, "failed")
+        row.update(self.store.get_stack_by_id(db, row["id"]))
+
+    def create_update(self, org: str, project: str, name: str, kind: str, body: dict) -> dict:
+        if kind not in _UPDATE_KINDS:
+            raise NotFound(f"unknown update kind {kind!r}")
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise BadRequest("options must be an object")
+        dry_run = kind == "preview" or bool(options.get("dryRun"))
+        program = {k: body.get(k) for k in ("name", "runtime", "main", "description", "config",
+                                             "metadata")}
+        with self.store.write() as db:
+            row = self.stack(db, org, project, name)
+            update_id = new_id()
+            self.store.insert_update(db, {
+                "id": update_id, "stack_id": row["id"], "kind": kind, "dry_run": int(dry_run),
+                "status": "not started", "created": now(), "program": json.dumps(program)})
+        return {"updateID": update_id}
+
+    def start_update(self, org: str, project: str, name: str, update_id: str, body: dict,
+                     cli_version: str) -> dict:
+        tags = body.get("tags")
+        if tags is not None:
+            tags = _check_tags(tags)
+        wants_journal = body.get("journalVersion") or 0
+        with self.store.write() as db:
+            row = self.stack(db, org, project, name)
+            update = self._update_of(db, row, update_id)
+            if update["status"] != "not started":
+                raise Conflict("the update has already been started")
+            t = now()
+            fields: dict = {"status": "running", "started": t, "cli_version": cli_version,
+                            "lease_token": secrets.token_urlsafe(32),
+                            "lease_expires": t + self.cfg.lease_seconds,
+                            "base_version": row["version"], "version": row["version"]}
+            if not update["dry_run"]:
+                self._lock_stack(db, row)
+                fields["version"] = row["version"] + 1
+                fields["journal"] = int(self.cfg.journaling and isinstance(wants_journal, int)
+                                        and wants_journal >= 1)
+                self.store.update_stack(db, row["id"], active_update=update_id)
+            if tags is not None:
+                self.store.update_stack(db, row["id"], tags=json.dumps(tags))
+            self.store.update_update(db, update_id, **fields)
+        log.info("started %s %s on %s/%s/%s (version %d, %s)", update["kind"], update_id, org,
+                 project, name, fields["version"],
+                 "dry run" if update["dry_run"] else
+                 ("journal" if fields.get("journal") else "checkpoints"))
+        return {"version": fields["version"], "token": fields["lease_token"],
+                "tokenExpiration": fields["lease_expires"],
+                "journalVersion": fields.get("journal", 0)}
+
+    def _update_of(self, db, row: dict, update_id: str) -> dict:
+        update = self.store.get_update(db, update_id)
+        if update is None or update["stack_id"] != row["id"]:
+            raise NotFound(f"update '{update_id}' not found")
+        return update
+
+    def _leased_update(self, db, org: str, project: str, name: str, update_id: str,
+                       token: str) -> tuple:
+        """Return ``(stack, update)`` if ``token`` is the live lease of that update; else 403."""
+        row = self.stack(db, org, project, name)
+        update = self.store.get_update(db, update_id)
+        if update is None or update["stack_id"] != row["id"]:
+            raise NotFound(f"update '{update_id}' not found")
+        if not update["lease_token"] or not hmac.compare_digest(
+                update["lease_token"].encode(), token.encode()):
+            raise Forbidden("the update token is not valid for this update")
+        if update["status"] != "running":
+            raise Forbidden("the update is no longer running")
+        if update["lease_expires"] < now():
+            raise Forbidden("the update lease has expired")
+        return row, update
+
+    def renew_lease(self, org, project, name, update_id, token, body: dict) -> dict:
+        duration = int_field(body, "duration", self.cfg.lease_seconds)
+        duration = max(1, min(duration, self.cfg.lease_seconds))
+        with self.store.write() as db:
+            _, update = self._leased_update(db, org, project, name, update_id, token)
+            expires = now() + duration
+            self.store.update_update(db, update_id, lease_expires=expires)
+        return {"token": update["lease_token"], "tokenExpiration": expires}
+
+    # -- updates: state uploads -------------------------------------------
+
+    def _checkpointed_update(self, db, org, project, name, update_id, token) -> tuple:
+        row, update = self._leased_update(db, org, project, name, update_id, token)
+        if update["dry_run"]:
+            raise BadRequest("previews do not save state")
+        return row, update
+
+    def _working(self, db, update_id: str) -> Optional[tuple]:
+        """Return ``(seq, bytes, sha256)`` of the update's latest checkpoint, or None."""
+        item = self.working.get(update_id)
+        if item is not None:
+            return item
+        rows = self.store.checkpoint_rows(db, update_id)
+        if not rows:
+            return None
+        data = b""
+        for r in rows:
+            data = r["data"] if r["kind"] == "full" else apply_delta(data, loads(r["data"]))
+        item = (rows[-1]["seq"], data, rows[-1]["hash"])
+        self.working.put(update_id, *item)
+        return item
+
+    def checkpoint_full(self, org, project, name, update_id, token, body: bytes) -> None:
+        req = require_dict(loads(body))
+        if req.get("isInvalid"):
+            return  # legacy "invalidate": keep the last good checkpoint
+        doc = {"version": req.get("version")}
+        if req.get("features"):
+            doc["features"] = req["features"]
+        doc["deployment"] = req.get("deployment")
+        data = dumps(check_untyped_deployment(doc))
+        with self.store.write() as db:
+            self._checkpointed_update(db, org, project, name, update_id, token)
+            current = self._working(db, update_id)
+            seq = current[0] + 1 if current else 1
+            self._store_full(db, update_id, seq, data)
+
+    def checkpoint_verbatim(self, org, project, name, update_id, token, body: bytes) -> None:
+        seq, data = split_verbatim(body)
+        check_untyped_deployment(loads(data, "untypedDeployment"))
+        with self.store.write() as db:
+            self._checkpointed_update(db, org, project, name, update_id, token)
+            current = self._working(db, update_id)
+            if current is not None and seq < current[0]:
+                raise Conflict(f"sequence number {seq} is older than the last saved "
+                               f"{current[0]}")
+            self._store_full(db, update_id, seq, data)
+
+    def _store_full(self, db, update_id: str, seq: int, data: bytes) -> None:
+        digest = hashlib.sha256(data).hexdigest()
+        self.store.put_checkpoint(db, update_id, seq, "full", data, digest)
+        self.working.put(update_id, seq, data, digest)
+
+    def checkpoint_delta(self, org, project, name, update_id, token, body: bytes) -> None:
+        req = require_dict(loads(body))
+        seq = int_field(req, "sequenceNumber")
+        expected = req.get("checkpointHash")
+        if not isinstance(expected, str):
+            raise BadRequest("checkpointHash is required")
+        with self.store.write() as db:
+            self._checkpointed_update(db, org, project, name, update_id, token)
+            current = self._working(db, update_id)
+            if current is None:
+                raise Conflict("no checkpoint to apply a delta to; send it verbatim")
+            last_seq, prev, last_hash = current
+            if seq == last_seq:
+                if hmac.compare_digest(expected.lower(), last_hash):
+                    return  # a retry of the delta we already applied
+                raise Conflict(f"sequence number {seq} was already saved with another hash")
+            if seq != last_seq + 1:
+                raise Conflict(f"sequence number {seq} does not follow {last_seq}")
+            edits = req.get("deploymentDelta")
+            data = apply_delta(prev, edits)
+            digest = hashlib.sha256(data).hexdigest()
+            if not hmac.compare_digest(digest, expected.lower()):
+                raise Conflict("checkpointHash does not match the state after applying the delta")
+            self.store.put_checkpoint(db, update_id, seq, "delta", dumps(edits), digest)
+            self.working.put(update_id, seq, data, digest)
+
+    def journal_append(self, org, project, name, update_id, token, body: bytes) -> int:
+        req = require_dict(loads(body))
+        entries = req.get("entries")
+        if not isinstance(entries, list):
+            raise BadRequest("entries must be a list")
+        rows = []
+        for entry in entries:
+            entry = require_dict(entry, "journal entry")
+            seq = int_field(entry, "sequenceID")
+            kind = int_field(entry, "kind")
+            if seq < 1 or not 0 <= kind <= 9:
+                raise BadRequest(f"journal entry {seq} has an invalid sequenceID or kind")
+            rows.append((seq, dumps(entry)))
+        with self.store.write() as db:
+            _, update = self._checkpointed_update(db, org, project, name, update_id, token)
+            if not update["journal"]:
+                raise BadRequest("this update was not started with journaling")
+            self.store.append_journal(db, update_id, rows)
+        return len(rows)
+
+    # -- updates: events ----------------------------------------------------
+
+    def events_append(self, org, project, name, update_id, token, body: bytes) -> None:
+        req = require_dict(loads(body))
+        events = req.get("events")
+        if not isinstance(events, list):
+            raise BadRequest("events must be a list")
+        rows, changes = [], None
+        for event in events:
+            event = require_dict(event, "engine event")
+            seq = int_field(event, "sequence")
+            if seq < 0:
+                raise BadRequest("event sequence must not be negative")
+            summary = event.get("summaryEvent")
+            if isinstance(summary, dict) and isinstance(summary.get("resourceChanges"), dict):
+                changes = summary["resourceChanges"]
+            rows.append((seq, dumps(event)))
+        with self.store.write() as db:
+            self._leased_update(db, org, project, name, update_id, token)
+            self.store.append_events(db, update_id, rows)
+            if changes is not None:
+                self.store.update_update(db, update_id, resource_changes=json.dumps(changes))
+
+    def list_events(self, org, project, name, update_id, token: Optional[str]) -> dict:
+        after = -1
+        if token:
+            if not token.isdigit():
+                raise BadRequest("invalid continuationToken")
+            after = int(token)
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            update = self._update_of(db, row, update_id)
+            page = self.store.list_events(db, update_id, after, EVENT_PAGE_SIZE)
+        events = [loads(data, "stored event") for _, data in page]
+        last = page[-1][0] if page else after
+        running = update["status"] in ("not started", "running")
+        more = running or len(page) == EVENT_PAGE_SIZE
+        return {"events": events, "continuationToken": str(last) if more else None}
+
+    # -- updates: completion ------------------------------------------------
+
+    def complete(self, org, project, name, update_id, token, body: dict) -> None:
+        status = body.get("status")
+        if status not in ("succeeded", "failed", "cancelled"):
+            raise BadRequest("status must be succeeded, failed or cancelled")
+        with self.store.write() as db:
+            row = self.stack(db, org, project, name)
+            update = self._update_of(db, row, update_id)
+            if update["status"] != "running" and update["lease_token"] and hmac.compare_digest(
+                    update["lease_token"].encode(), token.encode()):
+                if update["status"] == status:
+                    return  # a retried complete
+                raise Conflict("The Update has already completed")
+            row, update = self._leased_update(db, org, project, name, update_id, token)
+            self._finish(db, row, update, status)
+
+    def cancel(self, org, project, name, update_id) -> None:
+        with self.store.write() as db:
+            row = self.stack(db, org, project, name)
+            update = self._update_of(db, row, update_id)
+            if update["status"] not in ("not started", "running"):
+                raise Conflict("The Update has already completed")
+            self._finish(db, row, update, "cancelled")
+        log.info("cancelled update %s of %s/%s/%s", update_id, org, project, name)
+
+    def _finish(self, db, row: dict, update: dict, status: str) -> None:
+        """End ``update`` with ``status``; for a real update, store its final state."""
+        fields: dict = {"status": status, "ended": now()}
+        if not update["dry_run"] and update["status"] == "running":
+            data = self._final_state(db, update)
+            doc = loads(data, "final state")
+            count = count_resources(doc)
+            fields["resource_count"] = count
+            self._save_version(db, row, update["version"], data, count)
+            self.store.clear_checkpoints(db, update["id"])
+            self.store.clear_journal(db, update["id"])
+            self.working.discard(update["id"])
+        self.store.update_update(db, update["id"], **fields)
+
+    def _final_state(self, db, update: dict) -> bytes:
+        """Return the bytes of the state an update produced (its base if it saved none)."""
+        base = self.store.get_deployment(db, update["stack_id"], update["base_version"])
+        base_bytes = gzip.decompress(base["data"]) if base else empty_deployment()
+        if update["journal"]:
+            entries = [json.loads(e) for e in self.store.journal_entries(db, update["id"])]
+            if not entries:
+                return base_bytes
+            base_doc = json.loads(base_bytes)
+            return dumps(replay_journal(base_doc.get("deployment") or {}, entries,
+                                        update["cli_version"]))
+        working = self._working(db, update["id"])
+        if working is None:
+            return base_bytes
+        try:
+            check_untyped_deployment(json.loads(working[1]))
+        except (ValueError, BadRequest):
+            log.error("update %s left a checkpoint that is not a valid deployment; "
+                      "keeping the previous state", update["id"])
+            return base_bytes
+        return working[1]
+
+    # -- updates: reading ---------------------------------------------------
+
+    def update_results(self, org, project, name, update_id) -> dict:
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            update = self._update_of(db, row, update_id)
+        status = {"cancelled": "failed"}.get(update["status"], update["status"])
+        out: dict = {"status": status, "events": []}
+        if update["status"] in ("not started", "running"):
+            out["continuationToken"] = update_id
+        return out
+
+    def history(self, org, project, name, page_size: int, page: int) -> dict:
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            if page_size > 0:
+                updates = self.store.list_history(db, row["id"], page_size,
+                                                  (max(page, 1) - 1) * page_size)
+            else:
+                updates = self.store.list_history(db, row["id"], -1, 0)
+        return {"updates": [self._update_info(u) for u in updates]}
+
+    def latest_update(self, org, project, name) -> dict:
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            updates = self.store.list_history(db, row["id"], 1, 0)
+        if not updates:
+            raise NotFound(f"stack '{org}/{project}/{name}' has no updates")
+        return {"info": self._update_info(updates[0])}
+
+    @staticmethod
+    def _update_info(update: dict) -> dict:
+        program = json.loads(update["program"] or "{}")
+        metadata = program.get("metadata") or {}
+        result = {"running": "in-progress", "not started": "not-started",
+                  "cancelled": "failed"}.get(update["status"], update["status"])
+        info = {"kind": update["kind"], "startTime": update["started"] or update["created"],
+                "message": metadata.get("message") or "",
+                "environment": metadata.get("environment") or {},
+                "config": program.get("config") or {}, "result": result,
+                "endTime": update["ended"] or 0, "version": update["version"],
+                "updateID": update["id"]}
+        if update["resource_changes"]:
+            info["resourceChanges"] = json.loads(update["resource_changes"])
+        if update["resource_count"]:
+            info["resourceCount"] = update["resource_count"]
+        return info
+
+
+def _check_tags(tags: Any) -> dict:
+    tags = require_dict(tags, "tags")
+    for k, v in tags.items():
+        if not _TAG_NAME_RE.match(k):
+            raise BadRequest(f"invalid tag name {k!r}")
+        if not isinstance(v, str) or len(v) > 256:
+            raise BadRequest(f"tag {k!r} must have a string value of at most 256 characters")
+    return tags
+
+
+def _encode_page_token(key: tuple) -> str:
+    return base64.urlsafe_b64encode(dumps(list(key))).decode("ascii").rstrip("=")
+
+
+def _decode_page_token(token: Optional[str]) -> tuple:
+    if not token:
+        return ("", "", "")
+    try:
+        key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, TypeError):
+        raise BadRequest("invalid continuationToken") from None
+    if not (isinstance(key, list) and len(key) == 3 and all(isinstance(k, str) for k in key)):
+        raise BadRequest("invalid continuationToken")
+    return tuple(key)
+
+
+# ==== 7. Crypto =============================================================
+# AES-256-GCM through the system's libcrypto (ctypes), or a pure-Python
+# implementation giving identical bytes. Ciphertexts are
+#   version (1 byte, 0x01) || nonce (12) || ciphertext || tag (16)
+# Per-stack data keys are wrapped by the master key with the stack id as
+# associated data, so a wrapped key cannot be moved to another stack.
+
+_CIPHERTEXT_VERSION = 1
+_NONCE_LEN, _TAG_LEN, _KEY_LEN = 12, 16, 32
+_EVP_CTRL_GCM_SET_IVLEN, _EVP_CTRL_GCM_GET_TAG, _EVP_CTRL_GCM_SET_TAG = 0x9, 0x10, 0x11
+
+
+class _OpenSSLGCM:
+    """AES-256-GCM through libcrypto's EVP interface (OpenSSL 1.1 and 3.x)."""
+
+    name = "openssl"
+
+    def __init__(self, lib: ctypes.CDLL):
+        c_p, c_i, c_cp = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
+        self.lib = lib
+        for fn, args, res in (
+                ("EVP_CIPHER_CTX_new", [], c_p),
+                ("EVP_CIPHER_CTX_free", [c_p], None),
+                ("EVP_aes_256_gcm", [], c_p),
+                ("EVP_EncryptInit_ex", [c_p, c_p, c_p, c_cp, c_cp], c_i),
+                ("EVP_DecryptInit_ex", [c_p, c_p, c_p, c_cp, c_cp], c_i),
+                ("EVP_EncryptUpdate", [c_p, c_p, ctypes.POINTER(c_i), c_cp, c_i], c_i),
+                ("EVP_DecryptUpdate", [c_p, c_p, ctypes.POINTER(c_i), c_cp, c_i], c_i),
+                ("EVP_EncryptFinal_ex", [c_p, c_p, ctypes.POINTER(c_i)], c_i),
+                ("EVP_DecryptFinal_ex", [c_p, c_p, ctypes.POINTER(c_i)], c_i),
+                ("EVP_CIPHER_CTX_ctrl", [c_p, c_i, c_i, c_p], c_i),
+                ("ERR_clear_error", [], None)):
+            f = getattr(lib, fn)
+            f.argtypes, f.restype = args, res
+
+    def _run(self, encrypt: bool, key: bytes, nonce: bytes, data: bytes, aad: bytes,
+             tag: bytes = b"") -> tuple:
+        lib = self.lib
+        ctx = lib.EVP_CIPHER_CTX_new()
+        if not ctx:
+            raise MemoryError("EVP_CIPHER_CTX_new failed")
+        try:
+            init = lib.EVP_EncryptInit_ex if encrypt else lib.EVP_DecryptInit_ex
+            update = lib.EVP_EncryptUpdate if encrypt else lib.EVP_DecryptUpdate
+            final = lib.EVP_EncryptFinal_ex if encrypt else lib.EVP_DecryptFinal_ex
+            n = ctypes.c_int(0)
+            ok = (init(ctx, lib.EVP_aes_256_gcm(), None, None, None) == 1
+                  and lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_IVLEN, len(nonce), None) == 1
+                  and init(ctx, None, None, key, nonce) == 1)
+            if ok and aad:
+                ok = update(ctx, None, ctypes.byref(n), aad, len(aad)) == 1
+            out = ctypes.create_string_buffer(len(data) + 16)
+            ok = ok and update(ctx, out, ctypes.byref(n), data, len(data)) == 1
+            size = n.value
+            if ok and not encrypt:
+                tag_buf = ctypes.create_string_buffer(tag, len(tag))
+                ok = lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_SET_TAG, len(tag), tag_buf) == 1
+            ok = ok and final(ctx, ctypes.cast(ctypes.byref(out, size), ctypes.c_void_p),
+                              ctypes.byref(n)) == 1
+            if not ok:
+                raise ValueError("AES-GCM operation failed (wrong key or tampered data)")
+            size += n.value
+            tag_out = b""
+            if encrypt:
+                tag_buf = ctypes.create_string_buffer(_TAG_LEN)
+                if lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_GET_TAG, _TAG_LEN, tag_buf) != 1:
+                    raise ValueError("could not read the GCM tag")
+                tag_out = tag_buf.raw
+            return out.raw[:size], tag_out
+        except ValueError:
+            lib.ERR_clear_error()
+            raise
+        finally:
+            lib.EVP_CIPHER_CTX_free(ctx)
+
+    def encrypt(self, key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> tuple:
+        return self._run(True, key, nonce, plaintext, aad)
+
+    def decrypt(self, key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes,
+                aad: bytes) -> bytes:
+        return self._run(False, key, nonce, ciphertext, aad, tag)[0]
+
+
+def _load_libcrypto(explicit: str = "") -> Optional[ctypes.CDLL]:
+    """Find a usable libcrypto: explicit path, the one _hashlib loaded, then by name."""
+    candidates = [explicit] if explicit else []
+    try:
+        import _hashlib  # noqa: F401  (loads libcrypto into this process)
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            for line in maps:
+                path = line.split()[-1] if line.split() else ""
+                if "libcrypto" in os.path.basename(path) and path not in candidates:
+                    candidates.append(path)
+    except (ImportError, OSError):
+        pass
+    for name in ("libcrypto.so.3", "libcrypto.so.1.1", ctypes.util.find_library("crypto"),
+                 "libcrypto.dylib"):
+        if name and name not in candidates:
+            candidates.append(name)
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+            getattr(lib, "EVP_aes_256_gcm")  # sentinel: the EVP API is there
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+# -- pure-Python AES-256-GCM (the fallback) ---------------------------------
+
+def _aes_tables() -> tuple:
+    sbox = [0] * 256
+    p = q = 1
+    while True:  # walk the multiplicative group of GF(2^8) to build the S-box
+        p = p ^ ((p << 1) & 0xFF) ^ (0x1B if p & 0x80 else 0)
+        q ^= q << 1
+        q ^= q << 2
+        q ^= q << 4
+        q &= 0xFF
+        if q & 0x80:
+            q ^= 0x09
+        x = q ^ ((q << 1) | (q >> 7)) ^ ((q << 2) | (q >> 6)) ^ ((q << 3) | (q >> 5)) \
+            ^ ((q << 4) | (q >> 4))
+        sbox[p] = (x ^ 0x63) & 0xFF
+        if p == 1:
+            break
+    sbox[0] = 0x63
+
+    def xtime(a: int) -> int:
+        return ((a << 1) ^ 0x1B) & 0xFF if a & 0x80 else a << 1
+
+    # T-table: one 32-bit word per S-box output combining SubBytes and MixColumns.
+    t0 = []
+    for a in sbox:
+        a2 = xtime(a)
+        t0.append((a2 << 24) | (a << 16) | (a << 8) | (a2 ^ a))
+    rot = [t0]
+    for _ in range(3):
+        rot.append([((w >> 8) | (w << 24)) & 0xFFFFFFFF for w in rot[-1]])
+    return sbox, rot
+
+
+class _PythonGCM:
+    """AES-256-GCM in pure Python; identical bytes to OpenSSL, much slower."""
+
+    name = "python"
+
+    def __init__(self):
+        self.sbox, self.t = _aes_tables()
+
+    def _round_keys(self, key: bytes) -> list:
+        sbox, words = self.sbox, [int.from_bytes(key[i:i + 4], "big") for i in range(0, 32, 4)]
+        rcon = 1
+        for i in range(8, 60):
+            w = words[i - 1]
+            if i % 8 == 0:
+                w = ((w << 8) | (w >> 24)) & 0xFFFFFFFF
+                w = (sbox[w >> 24] << 24) | (sbox[(w >> 16) & 255] << 16) | \
+                    (sbox[(w >> 8) & 255] << 8) | sbox[w & 255]
+                w ^= rcon << 24
+                rcon = ((rcon << 1) ^ 0x1B) & 0xFF if rcon & 0x80 else rcon << 1
+            elif i % 8 == 4:
+                w = (sbox[w >> 24] << 24) | (sbox[(w >> 16) & 255] << 16) | \
+                    (sbox[(w >> 8) & 255] << 8) | sbox[w & 255]
+            words.append(words[i - 8] ^ w)
+        return words
+
+    def _encrypt_block(self, rk: list, block: int) -> int:
+        t0, t1, t2, t3 = self.t
+        sbox = self.sbox
+        s = [((block >> (96 - 32 * i)) & 0xFFFFFFFF) ^ rk[i] for i in range(4)]
+        for r in range(1, 14):
+            s = [t0[s[i] >> 24] ^ t1[(s[(i + 1) % 4] >> 16) & 255] ^
+                 t2[(s[(i + 2) % 4] >> 8) & 255] ^ t3[s[(i + 3) % 4] & 255] ^ rk[4 * r + i]
+                 for i in range(4)]
+        out = 0
+        for i in range(4):
+            w = (sbox[s[i] >> 24] << 24) | (sbox[(s[(i + 1) % 4] >> 16) & 255] << 16) | \
+                (sbox[(s[(i + 2) % 4] >> 8) & 255] << 8) | sbox[s[(i + 3) % 4] & 255]
+            out = (out << 32) | (w ^ rk[56 + i])
+        return out
+
+    @staticmethod
+    def _gmul(x: int, h: int) -> int:
+        z, r = 0, 0xE1 << 120
+        for i in range(127, -1, -1):
+            if (x >> i) & 1:
+                z ^= h
+            h = (h >> 1) ^ r if h & 1 else h >> 1
+        return z
+
+    def _ghash(self, h: int, aad: bytes, data: bytes) -> int:
+        y = 0
+        for chunk in (aad, data):
+            for i in range(0, len(chunk), 16):
+                block = chunk[i:i + 16].ljust(16, b"\0")
+                y = self._gmul(y ^ int.from_bytes(block, "big"), h)
+        return self._gmul(y ^ ((len(aad) * 8) << 64 | len(data) * 8), h)
+
+    def _ctr(self, rk: list, j0: int, data: bytes) -> bytes:
+        out = bytearray()
+        counter = j0
+        for i in range(0, len(data), 16):
+            counter = (counter & ~0xFFFFFFFF) | ((counter + 1) & 0xFFFFFFFF)
+            stream = self._encrypt_block(rk, counter).to_bytes(16, "big")
+            out += bytes(a ^ b for a, b in zip(data[i:i + 16], stream))
+        return bytes(out)
+
+    def _setup(self, key: bytes, nonce: bytes) -> tuple:
+        rk = self._round_keys(key)
+        h = self._encrypt_block(rk, 0)
+        if len(nonce) == 12:
+            j0 = int.from_bytes(nonce + b"\0\0\0\1", "big")
+        else:
+            j0 = self._ghash(h, b"", nonce)
+        return rk, h, j0
+
+    def encrypt(self, key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> tuple:
+        rk, h, j0 = self._setup(key, nonce)
+        ct = self._ctr(rk, j0, plaintext)
+        tag = self._encrypt_block(rk, j0) ^ self._ghash(h, aad, ct)
+        return ct, tag.to_bytes(16, "big")
+
+    def decrypt(self, key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes,
+                aad: bytes) -> bytes:
+        rk, h, j0 = self._setup(key, nonce)
+        expected = (self._encrypt_block(rk, j0) ^ self._ghash(h, aad, ciphertext)).to_bytes(16, "big")
+        if not hmac.compare_digest(expected, tag):
+            raise ValueError("AES-GCM authentication failed (wrong key or tampered data)")
+        return self._ctr(rk, j0, ciphertext)
+
+
+class Crypto:
+    """Versioned AES-256-GCM sealing over one implementation (OpenSSL or Python)."""
+
+    def __init__(self, mode: str = "auto", libcrypto: str = ""):
+        self.impl: Any = None
+        if mode in ("auto", "openssl"):
+            lib = _load_libcrypto(libcrypto)
+            if lib is not None:
+                try:
+                    self.impl = _OpenSSLGCM(lib)
+                except AttributeError:
+                    self.impl = None
+            if self.impl is None and mode == "openssl":
+                raise RuntimeError("--crypto openssl: no usable libcrypto found "
+                                   "(set PULUMI_BACKEND_LIBCRYPTO to its path)")
+        if self.impl is None:
+            self.impl = _PythonGCM()
+        self.name = self.impl.name
+
+    def seal(self, key: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:
+        """Encrypt with a fresh random nonce; return version || nonce || ct || tag."""
+        if len(key) != _KEY_LEN:
+            raise ValueError("AES-256 needs a 32-byte key")
+        nonce = secrets.token_bytes(_NONCE_LEN)
+        ct, tag = self.impl.encrypt(key, nonce, plaintext, aad)
+        return bytes([_CIPHERTEXT_VERSION]) + nonce + ct + tag
+
+    def open(self, key: bytes, blob: bytes, aad: bytes = b"") -> bytes:
+        """Decrypt ``seal`` output; raise ValueError if it is malformed or was altered."""
+        if len(key) != _KEY_LEN:
+            raise ValueError("AES-256 needs a 32-byte key")
+        if len(blob) < 1 + _NONCE_LEN + _TAG_LEN or blob[0] != _CIPHERTEXT_VERSION:
+            raise ValueError("not a ciphertext of this server")
+        nonce, body = blob[1:1 + _NONCE_LEN], blob[1 + _NONCE_LEN:]
+        ct, tag = body[:-_TAG_LEN], body[-_TAG_LEN:]
+        if len(tag) != _TAG_LEN:  # OpenSSL would accept a truncated tag: we do not
+            raise ValueError("truncated tag")
+        return self.impl.decrypt(key, nonce, ct, tag, aad)
+
+
+_CANARY = b"pulumi-backend master key canary"
+
+
+class KeyManager:
+    """The master key and the per-stack data keys it wraps."""
+
+    def __init__(self, crypto: Crypto, master_key: bytes):
+        if len(master_key) != _KEY_LEN:
+            raise ValueError("the master key must be exactly 32 bytes")
+        self.crypto = crypto
+        self._master = master_key
+
+    @staticmethod
+    def load_or_create(path: str) -> bytes:
+        """Read the 32-byte key at ``path``, creating it (mode 0600) when absent."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            with open(path, "rb") as f:
+                key = f.read()
+            if len(key) != _KEY_LEN:
+                raise ValueError(f"master key file {path} must hold exactly 32 bytes") from None
+            return key
+        key = secrets.token_bytes(_KEY_LEN)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        return key
+
+    def wrap_data_key(self, stack_id: str, data_key: bytes) -> bytes:
+        return self.crypto.seal(self._master, data_key, b"stack:" + stack_id.encode())
+
+    def unwrap_data_key(self, stack_id: str, wrapped: bytes) -> bytes:
+        return self.crypto.open(self._master, wrapped, b"stack:" + stack_id.encode())
+
+    def check_canary(self, store: SQLiteStore) -> None:
+        """Create the canary on first start; refuse a master key that cannot open it."""
+        with store.write() as db:
+            canary = store.get_meta(db, "canary")
+            if canary is None:
+                store.set_meta(db, "canary", self.crypto.seal(self._master, _CANARY))
+                return
+        try:
+            ok = self.crypto.open(self._master, canary) == _CANARY
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("the master key does not match this database "
+                             "(wrong --master-key-file or PULUMI_BACKEND_MASTER_KEY)")
+
+    def rotate(self, store: SQLiteStore, new_master: bytes) -> int:
+        """Rewrap every data key and the canary under ``new_master`` in one transaction."""
+        self.check_canary(store)
+        new = KeyManager(self.crypto, new_master)
+        with store.write() as db:
+            rows = store.all_data_keys(db)
+            for stack_id, wrapped in rows:
+                store.update_stack(db, stack_id, data_key=new.wrap_data_key(
+                    stack_id, self.unwrap_data_key(stack_id, wrapped)))
+            store.set_meta(db, "canary", self.crypto.seal(new_master, _CANARY))
+        return len(rows)
+
+
+# ==== 8. Request, response and router =======================================
+
+@dataclasses.dataclass
+class Request:
+    """One parsed HTTP request, as handlers see it."""
+
+    method: str
+    path: str
+    query: dict
+    headers: Any
+    body: bytes = b""
+    params: dict = dataclasses.field(default_factory=dict)
+    auth_kind: str = ""
+    token: str = ""
+
+    @property
+    def accepts_gzip(self) -> bool:
+        return any(part.split(";")[0].strip().lower() in ("gzip", "x-gzip")
+                   for part in (self.headers.get("Accept-Encoding") or "").split(","))
+
+    @property
+    def cli_version(self) -> str:
+        return parse_cli_version(self.headers.get("User-Agent", ""))
+
+    def json(self) -> dict:
+        """Return the body as a JSON object ({} when empty)."""
+        if not self.body.strip():
+            return {}
+        return require_dict(loads(self.body))
+
+    def q(self, key: str) -> Optional[str]:
+        values = self.query.get(key)
+        return values[-1] if values else None
+
+
+@dataclasses.dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    gzipped: bool = False
+    headers: dict = dataclasses.field(default_factory=dict)
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(status, dumps(value))
+
+
+class Router:
+    """A small explicit route table.
+
+    Routes are segment patterns such as ``/api/stacks/{org}/{project}``. A path
+    is matched against every route of its length; routes with a literal
+    segment where another has a parameter win (so ``updates/latest`` is never
+    taken for ``{kind}/{updateID}``). A path that matches only with another
+    method gives 405 with ``Allow``; HEAD falls back to GET.
+    """
+
+    def __init__(self):
+        self._routes: list = []
+
+    def add(self, method: str, pattern: str, handler: Callable, auth: str = "token") -> None:
+        segments = tuple(pattern.strip("/").split("/"))
+        specificity = tuple(0 if s.startswith("{") else 1 for s in segments)
+        self._routes.append((specificity, segments, method, handler, auth))
+        self._routes.sort(key=lambda r: r[0], reverse=True)
+
+    def match(self, method: str, path: str) -> tuple:
+        """Return ``(handler, auth, params)``; raise NotFound or MethodNotAllowed."""
+        parts = tuple(urllib.parse.unquote(p) for p in path.strip("/").split("/"))
+        allowed: set = set()
+        for _, segments, route_method, handler, auth in self._routes:
+            params = _match_segments(segments, parts)
+            if params is None:
+                continue
+            if route_method == method or (method == "HEAD" and route_method == "GET"):
+                return handler, auth, params
+            allowed.add(route_method)
+        if allowed:
+            allow = ", ".join(sorted(allowed | ({"HEAD"} if "GET" in allowed else set())))
+            raise MethodNotAllowed(f"{method} is not allowed here", {"Allow": allow})
+        raise NotFound(f"no route for {path}")
+
+
+def _match_segments(segments: tuple, parts: tuple) -> Optional[dict]:
+    if len(segments) != len(parts):
+        return None
+    params = {}
+    for seg, part in zip(segments, parts):
+        if seg.startswith("{"):
+            if not part:
+                return None
+            params[seg[1:-1]] = part
+        elif seg != part:
+            return None
+    return params
+
+
+# ==== 9. Handlers, by API area ==============================================
+
+class App:
+    """Routes API requests to the engine and turns results into responses."""
+
+    def __init__(self, cfg: Config, engine: Engine):
+        self.cfg = cfg
+        self.engine = engine
+        self.router = Router()
+        self._tokens = [t.encode() for t in cfg.auth_tokens]
+        self._add_routes()
+
+    def _add_routes(self) -> None:
+        r = self.router.add
+        SP = "/api/stacks/{org}/{project}/{stack}"
+        UP = SP + "/{kind}/{update}"
+        r("GET", "/api/capabilities", self.capabilities, auth="none")
+        r("GET", "/api/user", self.user)
+        r("GET", "/api/user/organizations/default", self.default_org)
+        r("GET", "/api/user/stacks", self.list_stacks)
+        r("HEAD", "/api/stacks/{org}/{project}", self.project_exists)
+        r("POST", "/api/stacks/{org}/{project}", self.create_stack)
+        r("GET", SP, self.get_stack)
+        r("DELETE", SP, self.delete_stack)
+        r("POST", SP + "/rename", self.rename_stack)
+        r("PATCH", SP + "/tags", self.set_tags)
+        r("GET", SP + "/export", self.export)
+        r("GET", SP + "/export/{version}", self.export)
+        r("POST", SP + "/import", self.import_state)
+        r("POST", SP + "/encrypt", self.encrypt)
+        r("POST", SP + "/decrypt", self.decrypt)
+        r("POST", SP + "/batch-encrypt", self.batch_encrypt)
+        r("POST", SP + "/batch-decrypt", self.batch_decrypt)
+        r("POST", SP + "/decrypt/log-decryption", self.log_decryption)
+        r("POST", SP + "/decrypt/log-batch-decryption", self.log_decryption)
+        r("GET", SP + "/updates", self.history)
+        r("GET", SP + "/updates/latest", self.latest_update)
+        r("POST", SP + "/{kind}", self.create_update)
+        r("POST", UP, self.start_update)
+        r("GET", UP, self.update_status)
+        r("GET", UP + "/events", self.list_events)
+        r("POST", UP + "/cancel", self.cancel_update)
+        r("POST", UP + "/renew_lease", self.renew_lease, auth="update")
+        r("PATCH", UP + "/checkpoint", self.checkpoint, auth="update")
+        r("PATCH", UP + "/checkpointverbatim", self.checkpoint_verbatim, auth="update")
+        r("PATCH", UP + "/checkpointdelta", self.checkpoint_delta, auth="update")
+        r("PATCH", UP + "/journalentries", self.journal_entries, auth="update")
+        r("POST", UP + "/events/batch", self.events_batch, auth="update")
+        r("POST", UP + "/complete", self.complete, auth="update")
+
+    # -- dispatch -----------------------------------------------------------
+
+    def dispatch(self, req: Request) -> Response:
+        """Route and run ``req``; every failure becomes an error response."""
+        try:
+            handler, auth, req.params = self.router.match(req.method, req.path)
+            self._authenticate(req, auth)
+            result = handler(req)
+            return result if isinstance(result, Response) else json_response(
+                {} if result is None else result)
+        except HTTPError as e:
+            return Response(e.status, dumps(e.body()), headers=e.headers)
+        except sqlite3.Error as e:
+            err = storage_error(e)
+            if err.status == 500:
+                log.exception("storage error on %s %s", req.method, escape_log(req.path))
+                return Response(500, b"Internal Server Error", "text/plain")
+            log.warning("storage error on %s %s: %s", req.method, escape_log(req.path), e)
+            return Response(err.status, dumps(err.body()))
+        except Exception:  # noqa: BLE001 - the one place that catches everything
+            log.exception("unexpected error on %s %s", req.method, escape_log(req.path))
+            return Response(500, b"Internal Server Error", "text/plain")
+
+    def _authenticate(self, req: Request, auth: str) -> None:
+        """Check the Authorization header against what the route needs.
+
+        API routes take ``token <t>``; the update routes take only
+        ``update-token <t>`` (checked against the lease by the engine), and a
+        bad lease is 403, never 401, which would send the user to log in.
+        """
+        if auth == "none":
+            return
+        scheme, _, token = (req.headers.get("Authorization") or "").strip().partition(" ")
+        token = token.strip()
+        if auth == "update":
+            if scheme != "update-token" or not token:
+                raise Forbidden("this call needs the update's lease token")
+        else:
+            if scheme != "token" or not token:
+                raise Unauthorized("No credentials provided or are invalid.")
+            if self._tokens and not self._known_token(token.encode()):
+                raise Unauthorized("No credentials provided or are invalid.")
+        req.auth_kind, req.token = scheme, token
+
+    def _known_token(self, token: bytes) -> bool:
+        match = False
+        for known in self._tokens:  # compare with every token: no early exit
+            match |= hmac.compare_digest(known, token)
+        return match
+
+    # -- identity -----------------------------------------------------------
+
+    def capabilities(self, req: Request) -> dict:
+        caps = [
+            {"capability": "delta-checkpoint-uploads-v2", "version": 2,
+             "configuration": {"checkpointCutoffSizeBytes": self.cfg.checkpoint_cutoff}},
+            {"capability": "batch-encrypt"},
+            {"capability": "deployment-schema-version", "version": 1,
+             "configuration": {"version": MAX_DEPLOYMENT_VERSION}},
+        ]
+        return {"capabilities": caps}
+
+    def user(self, req: Request) -> dict:
+        return {"id": self.cfg.user, "githubLogin": self.cfg.user, "name": self.cfg.user,
+                "email": "", "avatarUrl": "",
+                "organizations": [{"githubLogin": self.cfg.org, "name": self.cfg.org,
+                                   "avatarUrl": ""}],
+                "identities": [], "siteAdmin": False}
+
+    def default_org(self, req: Request) -> dict:
+        return {"GitHubLogin": self.cfg.org, "Messages": []}
+
+    # -- stacks -------------------------------------------------------------
+
+    def _sp(self, req: Request) -> tuple:
+        p = req.params
+        return p["org"], p["project"], p["stack"]
+
+    def list_stacks(self, req: Request) -> dict:
+        return self.engine.list_stacks({k: req.q(k) for k in (
+            "organization", "project", "tagName", "tagValue", "continuationToken")})
+
+    def project_exists(self, req: Request) -> Response:
+        org, project = req.params["org"], req.params["project"]
+        self.engine._check_names(org, project)
+        with self.engine.store.read() as db:
+            if not self.engine.store.project_exists(db, org, project):
+                raise NotFound(f"project '{org}/{project}' not found")
+        return Response(200, b"")
+
+    def create_stack(self, req: Request) -> dict:
+        return self.engine.create_stack(req.params["org"], req.params["project"], req.json())
+
+    def get_stack(self, req: Request) -> dict:
+        with self.engine.store.read() as db:
+            return self.engine.stack_json(db, self.engine.stack(db, *self._sp(req)))
+
+    def delete_stack(self, req: Request) -> None:
+        force = (req.q("force") or "false").lower() == "true"
+        self.engine.delete_stack(*self._sp(req), force)
+
+    def rename_stack(self, req: Request) -> None:
+        self.engine.rename_stack(*self._sp(req), req.json())
+
+    def set_tags(self, req: Request) -> None:
+        self.engine.set_tags(*self._sp(req), loads(req.body or b"{}"))
+
+    # -- state --------------------------------------------------------------
+
+    def export(self, req: Request) -> Response:
+        version = req.params.get("version")
+        if version is not None:
+            if not version.isdigit() or len(version) > 18:
+                raise BadRequest("version must be a positive integer")
+            version = int(version)
+        data = self.engine.export(*self._sp(req), version)
+        if req.accepts_gzip:
+            return Response(200, data, gzipped=True)  # stored bytes, as they are
+        return Response(200, gzip.decompress(data))
+
+    def import_state(self, req: Request) -> dict:
+        return {"updateId": self.engine.import_deployment(*self._sp(req), req.body,
+                                                          req.cli_version)}
+
+    # -- secrets ------------------------------------------------------------
+
+    def encrypt(self, req: Request) -> dict:
+        plaintext = b64decode_strict(req.json().get("plaintext"), "plaintext")
+        return {"ciphertext": b64encode(self.engine.encrypt(*self._sp(req), [plaintext])[0])}
+
+    def decrypt(self, req: Request) -> dict:
+        ciphertext = b64decode_strict(req.json().get("ciphertext"), "ciphertext")
+        return {"plaintext": b64encode(self.engine.decrypt(*self._sp(req), [ciphertext])[0])}
+
+    def batch_encrypt(self, req: Request) -> dict:
+        items = _batch(req.json(), "plaintexts")
+        plain = [b64decode_strict(p, "plaintext") for p in items]
+        return {"ciphertexts": [b64encode(c) for c in self.engine.encrypt(*self._sp(req), plain)]}
+
+    def batch_decrypt(self, req: Request) -> dict:
+        items = _batch(req.json(), "ciphertexts")
+        unique = list(dict.fromkeys(items))  # the CLI may repeat a ciphertext
+        blobs = [b64decode_strict(c, "ciphertext") for c in unique]
+        plain = self.engine.decrypt(*self._sp(req), blobs)
+        # Keyed by the strings exactly as sent: the CLI looks each one up.
+        return {"plaintexts": {c: b64encode(p) for c, p in zip(unique, plain)}}
+
+    def log_decryption(self, req: Request) -> None:
+        with self.engine.store.read() as db:
+            self.engine.stack(db, *self._sp(req))
+        log.info("secrets of %s were shown in plaintext", "/".join(self._sp(req)))
+
+    # -- updates ------------------------------------------------------------
+
+    def _up(self, req: Request) -> tuple:
+        if req.params["kind"] != "update":
+            raise NotFound(f"no route for {req.path}")
+        return (*self._sp(req), req.params["update"])
+
+    def create_update(self, req: Request) -> dict:
+        return self.engine.create_update(*self._sp(req), req.params["kind"], req.json())
+
+    def start_update(self, req: Request) -> dict:
+        return self.engine.start_update(*self._up(req), req.json(), req.cli_version)
+
+    def update_status(self, req: Request) -> dict:
+        return self.engine.update_results(*self._up(req))
+
+    def list_events(self, req: Request) -> dict:
+        return self.engine.list_events(*self._up(req), req.q("continuationToken"))
+
+    def cancel_update(self, req: Request) -> None:
+        self.engine.cancel(*self._up(req))
+
+    def renew_lease(self, req: Request) -> dict:
+        return self.engine.renew_lease(*self._up(req), req.token, req.json())
+
+    def checkpoint(self, req: Request) -> None:
+        self.engine.checkpoint_full(*self._up(req), req.token, req.body)
+
+    def checkpoint_verbatim(self, req: Request) -> None:
+        self.engine.checkpoint_verbatim(*self._up(req), req.token, req.body)
+        log.debug("verbatim checkpoint (%d bytes) for %s", len(req.body), req.params["update"])
+
+    def checkpoint_delta(self, req: Request) -> None:
+        self.engine.checkpoint_delta(*self._up(req), req.token, req.body)
+        log.debug("delta checkpoint (%d bytes) for %s", len(req.body), req.params["update"])
+
+    def journal_entries(self, req: Request) -> None:
+        self.engine.journal_append(*self._up(req), req.token, req.body)
+
+    def events_batch(self, req: Request) -> None:
+        self.engine.events_append(*self._up(req), req.token, req.body)
+
+    def complete(self, req: Request) -> None:
+        self.engine.complete(*self._up(req), req.token, req.json())
+
+    def history(self, req: Request) -> dict:
+        try:
+            page_size, page = int(req.q("pageSize") or 0), int(req.q("page") or 1)
+        except ValueError:
+            raise BadRequest("page and pageSize must be integers") from None
+        if not (0 <= page_size <= 10000 and 1 <= page <= 10**9):
+            raise BadRequest("page or pageSize out of range")
+        return self.engine.history(*self._sp(req), page_size, page)
+
+    def latest_update(self, req: Request) -> dict:
+        return self.engine.latest_update(*self._sp(req))
+
+
+def _batch(body: dict, key: str) -> list:
+    items = body.get(key)
+    if not isinstance(items, list):
+        raise BadRequest(f"{key} must be a list")
+    if len(items) > MAX_BATCH_ITEMS:
+        raise PayloadTooLarge(f"at most {MAX_BATCH_ITEMS} {key} per request")
+    return items
+
+
+# ==== 10. Server lifecycle and main() =======================================
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive; every request goes through ``App.dispatch``."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "pulumi-backend/" + __version__
+    sys_version = ""
+    server: "Server"
+
+    def setup(self) -> None:
+        self.request.settimeout(self.server.cfg.socket_timeout)
+        if hasattr(self.request, "do_handshake"):
+            self.request.do_handshake()  # TLS: in this thread, not in accept()
+        super().setup()
+
+    def handle(self) -> None:
+        try:
+            self.close_connection = True
+            if self._wait_for_request():
+                self.handle_one_request()
+            while not self.close_connection and self._wait_for_request():
+                self.handle_one_request()
+        except (ConnectionError, socket.timeout, OSError) as e:
+            log.debug("connection ended: %s", e)
+
+    def _wait_for_request(self) -> bool:
+        """Wait until the client sends a request; False when the server stops or it idles."""
+        deadline = time.monotonic() + self.server.cfg.socket_timeout
+        while not self.server.stopping.is_set():
+            if getattr(self.request, "pending", lambda: 0)():
+                return True
+            try:
+                ready = select_readable(self.request, 0.25)
+            except (OSError, ValueError):
+                return False
+            if ready:
+                return True
+            if time.monotonic() > deadline:
+                return False
+        return False
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    do_HEAD = do_POST = do_PATCH = do_PUT = do_DELETE = do_OPTIONS = do_GET
+
+    def _read_body(self) -> bytes:
+        cfg = self.server.cfg
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            raise LengthRequired("chunked request bodies are not supported; send Content-Length")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise BadRequest("invalid Content-Length") from None
+        if length < 0:
+            self.close_connection = True
+            raise BadRequest("invalid Content-Length")
+        if length > cfg.max_body:
+            self.close_connection = True  # the unread body makes the connection unusable
+            raise PayloadTooLarge(f"request body exceeds {cfg.max_body} bytes")
+        body = self.rfile.read(length) if length else b""
+        if len(body) != length:
+            self.close_connection = True
+            raise BadRequest("request body shorter than Content-Length")
+        encoding = (self.headers.get("Content-Encoding") or "").strip().lower()
+        if encoding in ("gzip", "x-gzip"):
+            body = gunzip_bounded(body, cfg.max_decompressed)
+        elif encoding not in ("", "identity"):
+            raise BadRequest(f"unsupported Content-Encoding {encoding!r}")
+        return body
+
+    def _serve(self) -> None:
+        started = time.monotonic()
+        url = urllib.parse.urlsplit(self.path)
+        req = Request(self.command, url.path, urllib.parse.parse_qs(url.query), self.headers)
+        try:
+            req.body = self._read_body()
+            resp = self.server.app.dispatch(req)
+        except HTTPError as e:
+            resp = Response(e.status, dumps(e.body()), headers=e.headers)
+        self._send(req, resp)
+        log.info("%s %s %d %d %.1fms", self.command, escape_log(url.path), resp.status,
+                 len(resp.body), (time.monotonic() - started) * 1000)
+        if self.server.stopping.is_set():
+            self.close_connection = True
+
+    def _send(self, req: Request, resp: Response) -> None:
+        body, gzipped = resp.body, resp.gzipped
+        if not gzipped and req.accepts_gzip and len(body) >= GZIP_MIN_RESPONSE:
+            body, gzipped = gzip_bytes(body, 5), True
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.content_type)
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
+        for key, value in resp.headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """Errors found while parsing the request line/headers, in the CLI's JSON shape."""
+        self.close_connection = True
+        body = dumps({"code": code, "message": message or http.HTTPStatus(code).phrase})
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(body)
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http: " + format, *args)
+
+
+def select_readable(sock: socket.socket, timeout: float) -> bool:
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """The threading server, with a connection cap and a draining shutdown."""
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+
+    def __init__(self, cfg: Config, app: App):
+        self.cfg = cfg
+        self.app = app
+        self.stopping = threading.Event()
+        self._active = 0
+        self._active_lock = threading.Lock()
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        self.address_family = family
+        super().__init__((cfg.host, cfg.port), _Handler)
+        if cfg.tls_cert:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            self.socket = ctx.wrap_socket(self.socket, server_side=True,
+                                          do_handshake_on_connect=False)
+
+    @property
+    def url(self) -> str:
+        if self.cfg.public_url:
+            return self.cfg.public_url.rstrip("/")
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.cfg.tls_cert else 'http'}://{host}:{port}"
+
+    def process_request(self, request, client_address) -> None:
+        with self._active_lock:
+            full = self._active >= self.cfg.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            self._refuse(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _refuse(self, request) -> None:
+        body = dumps({"code": 503, "message": "Service Unavailable: too many connections"})
+        try:
+            request.settimeout(1)
+            if hasattr(request, "do_handshake"):
+                request.do_handshake()
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Connection: close\r\nRetry-After: 1\r\nContent-Length: "
+                            + str(len(body)).encode() + b"\r\n\r\n" + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        log.warning("refused a connection: %d already open", self.cfg.max_connections)
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("error while serving a connection")
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, close idle connections."""
+        self.stopping.set()
+        self.shutdown()
+
+
+def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
+    """Open the store and keys and return ``(store, app)``; raise ValueError on bad setup."""
+    environ = os.environ if environ is None else environ
+    db_dir = os.path.dirname(os.path.abspath(cfg.db))
+    if not os.path.isdir(db_dir):
+        raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")
+    try:
+        store = SQLiteStore(cfg.db)
+    except sqlite3.Error as e:
+        raise ValueError(f"cannot open database {cfg.db}: {e}") from None
+    try:
+        crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
+        master = cfg.master_key or KeyManager.load_or_create(cfg.key_file())
+        keys = KeyManager(crypto, master)
+        keys.check_canary(store)
+    except (OSError, RuntimeError) as e:
+        store.close()
+        raise ValueError(f"cannot set up secrets: {e}") from None
+    except ValueError:
+        store.close()
+        raise
+    return store, App(cfg, Engine(cfg, store, keys))
+
+
+def rotate_master_key(cfg: Config, new_key_file: Optional[str], environ: dict) -> int:
+    """Rewrap every data key under the key in ``new_key_file``; return an exit code."""
+    if not new_key_file:
+        print("pulumi_backend.py: error: rotate-master-key needs --new-key-file", file=sys.stderr)
+        return 2
+    store, app = build_app(cfg, environ)
+    try:
+        new_key = KeyManager.load_or_create(new_key_file)
+        count = app.engine.keys.rotate(store, new_key)
+    finally:
+        store.close()
+    print(f"rewrapped {count} stack keys; start the server with --master-key-file {new_key_file}")
+    return 0
+
+
+def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
+    """Run the command line; return the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = dict(os.environ) if environ is None else environ
+    try:
+        command, cfg, extras = parse_config(argv, environ)
+    except ValueError as e:
+        print(f"pulumi_backend.py: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        if command == "rotate-master-key":
+            return rotate_master_key(cfg, extras["new_key_file"], environ)
+        store, app = build_app(cfg, environ)
+    except ValueError as e:
+        print(f"pulumi_backend.py: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        server = Server(cfg, app)
+    except OSError as e:
+        store.close()
+        print(f"pulumi_backend.py: error: cannot listen on {cfg.host}:{cfg.port}: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - e.g. a bad TLS certificate
+        store.close()
+        print(f"pulumi_backend.py: error: cannot start the server: {e}", file=sys.stderr)
+        return 1
+
+    def on_signal(signum, frame) -> None:
+        log.info("signal %d: draining and stopping", signum)
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("secrets: AES-256-GCM via %s", app.engine.keys.crypto.name)
+    print(f"pulumi-backend listening on {server.url}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.25)
+    finally:
+        server.server_close()  # joins handler threads: in-flight requests finish
+        store.close()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
