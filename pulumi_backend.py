@@ -68,18 +68,14 @@ import zlib
 from typing import Any, Callable, Iterable, Optional
 
 __all__ = [
-    "Config",
-    "HTTPError",
-    "Store",
-    "SQLiteStore",
-    "Engine",
-    "Crypto",
-    "KeyManager",
-    "App",
-    "Server",
-    "apply_delta",
-    "replay_journal",
-    "main",
+    "Config", "build_parser", "parse_config",
+    "HTTPError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "MethodNotAllowed",
+    "Conflict", "LengthRequired", "PayloadTooLarge", "Unavailable",
+    "Store", "SQLiteStore",
+    "Engine", "apply_delta", "replay_journal",
+    "Crypto", "KeyManager",
+    "Request", "Response", "Router", "App",
+    "Server", "build_app", "rotate_master_key", "main",
 ]
 
 __version__ = "0.1.0"
@@ -112,10 +108,6 @@ DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 DEFAULT_SOCKET_TIMEOUT = 120.0
 #: Concurrent connections served at once; more are refused with 503.
 DEFAULT_MAX_CONNECTIONS = 256
-#: Longest request line or header line accepted (bytes).
-MAX_LINE = 16 * 1024
-#: Most header lines accepted in one request.
-MAX_HEADERS = 100
 #: Stacks per page of GET /api/user/stacks.
 STACK_PAGE_SIZE = 100
 #: Events per page of GET .../events.
@@ -186,9 +178,16 @@ def _flag(parser: argparse.ArgumentParser, name: str, help_text: str, **kw: Any)
     parser.add_argument("--" + name, help=f"{help_text} [env {env}]", **kw)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ValueError, so main() prints one line instead of usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser (flags only; environment is merged in parse_config)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pulumi_backend.py",
         description="Self-hosted Pulumi Cloud state backend. `pulumi login http://HOST:PORT`.")
     p.add_argument("command", nargs="?", default="serve", choices=("serve", "rotate-master-key"),
@@ -375,7 +374,7 @@ class Unavailable(HTTPError):
     status, reason = 503, "Service Unavailable"
 
 
-def storage_error(exc: sqlite3.Error) -> HTTPError:
+def _storage_error(exc: sqlite3.Error) -> HTTPError:
     """Map a storage failure to the HTTP error the client should see."""
     text = str(exc).lower()
     if isinstance(exc, sqlite3.IntegrityError):
@@ -392,26 +391,26 @@ def storage_error(exc: sqlite3.Error) -> HTTPError:
 log = logging.getLogger("pulumi_backend")
 
 
-def now() -> int:
+def _now() -> int:
     """Return the current Unix time in whole seconds."""
     return int(time.time())
 
 
-def rfc3339_now() -> str:
+def _rfc3339_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def new_id() -> str:
+def _new_id() -> str:
     """Return a fresh URL-safe identifier."""
     return uuid.uuid4().hex
 
 
-def dumps(value: Any) -> bytes:
+def _dumps(value: Any) -> bytes:
     """Serialize to compact JSON bytes (UTF-8, non-ASCII kept as is)."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def loads(data: bytes, what: str = "request body") -> Any:
+def _loads(data: bytes, what: str = "request body") -> Any:
     """Parse JSON bytes; raise BadRequest with a clear message on malformed input."""
     try:
         return json.loads(data)
@@ -419,7 +418,7 @@ def loads(data: bytes, what: str = "request body") -> Any:
         raise BadRequest(f"{what} is not valid JSON: {e}") from None
 
 
-def gunzip_bounded(data: bytes, limit: int) -> bytes:
+def _gunzip_bounded(data: bytes, limit: int) -> bytes:
     """Decompress gzip ``data`` without ever producing more than ``limit`` bytes.
 
     Raises PayloadTooLarge past the limit and BadRequest for corrupt input.
@@ -442,12 +441,12 @@ def gunzip_bounded(data: bytes, limit: int) -> bytes:
     return bytes(out)
 
 
-def gzip_bytes(data: bytes, level: int = 6) -> bytes:
+def _gzip_bytes(data: bytes, level: int = 6) -> bytes:
     """Gzip-compress with a fixed header time, so equal inputs give equal outputs."""
     return gzip.compress(data, compresslevel=level, mtime=0)
 
 
-def b64decode_strict(value: Any, what: str) -> bytes:
+def _b64decode_strict(value: Any, what: str) -> bytes:
     """Decode standard padded base64 or raise BadRequest."""
     if not isinstance(value, str):
         raise BadRequest(f"{what} must be a base64 string")
@@ -457,17 +456,17 @@ def b64decode_strict(value: Any, what: str) -> bytes:
         raise BadRequest(f"{what} is not valid base64") from None
 
 
-def b64encode(data: bytes) -> str:
+def _b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def require_dict(value: Any, what: str = "request body") -> dict:
+def _require_dict(value: Any, what: str = "request body") -> dict:
     if not isinstance(value, dict):
         raise BadRequest(f"{what} must be a JSON object")
     return value
 
 
-def int_field(obj: dict, key: str, default: Optional[int] = None) -> int:
+def _int_field(obj: dict, key: str, default: Optional[int] = None) -> int:
     """Return ``obj[key]`` as a bounded int, or default; BadRequest for a wrong type."""
     value = obj.get(key, default)
     if value is None and default is None:
@@ -477,12 +476,12 @@ def int_field(obj: dict, key: str, default: Optional[int] = None) -> int:
     return value
 
 
-def escape_log(text: str) -> str:
+def _escape_log(text: str) -> str:
     """Escape control characters so a request cannot forge log lines."""
     return text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
-def parse_cli_version(user_agent: str) -> str:
+def _parse_cli_version(user_agent: str) -> str:
     """Return the CLI version from ``pulumi-cli/1 (v3.259.0; linux)``, or ''."""
     m = re.match(r"pulumi-cli/\d+ \((v?[0-9][^;)]*)", user_agent or "")
     return m.group(1) if m else ""
@@ -506,6 +505,10 @@ class Store:
 
     def read(self):  # pragma: no cover - interface
         """Return a context manager yielding a handle for reads."""
+        raise NotImplementedError
+
+    def after_commit(self, fn: Callable) -> None:  # pragma: no cover - interface
+        """Run ``fn`` after the current write transaction commits, before other writers."""
         raise NotImplementedError
 
     def close(self) -> None:  # pragma: no cover - interface
@@ -599,6 +602,7 @@ class SQLiteStore(Store):
     def __init__(self, path: str):
         self.path = path
         self._lock = threading.RLock()
+        self._on_commit: list = []
         self._pool: list = []
         self._pool_lock = threading.Lock()
         self._writer = self._connect()
@@ -644,17 +648,30 @@ class SQLiteStore(Store):
             return self.store._writer
 
         def __exit__(self, exc_type, exc, tb) -> None:
+            callbacks, self.store._on_commit = self.store._on_commit, []
+            writer = self.store._writer
             try:
                 if exc_type is None:
-                    self.store._writer.execute("COMMIT")
-                else:
-                    self.store._writer.execute("ROLLBACK")
+                    try:
+                        writer.execute("COMMIT")
+                    except sqlite3.Error:
+                        if writer.in_transaction:  # e.g. disk full at commit time
+                            writer.execute("ROLLBACK")
+                        raise
+                    for fn in callbacks:  # still under the lock: no writer can interleave
+                        fn()
+                elif writer.in_transaction:
+                    writer.execute("ROLLBACK")
             finally:
                 self.store._lock.release()
 
     def write(self) -> "_Txn":
         """Return a context manager for one exclusive transaction on the writer."""
         return SQLiteStore._Txn(self)
+
+    def after_commit(self, fn: Callable) -> None:
+        """Run ``fn`` once the current write transaction has committed (never on rollback)."""
+        self._on_commit.append(fn)
 
     class _Reader:
         def __init__(self, store: "SQLiteStore"):
@@ -890,7 +907,7 @@ def apply_delta(prev: bytes, edits: Any) -> bytes:
                 line_starts = [0] + [i + 1 for i, b in enumerate(prev) if b == 0x0A]
             s, t = _line_offset(line_starts, len(prev), start), _line_offset(line_starts, len(prev), end)
         else:
-            s, t = int_field(start, "offset"), int_field(end, "offset")
+            s, t = _int_field(start, "offset"), _int_field(end, "offset")
         spans.append((s, t, text.encode("utf-8")))
     out = bytearray()
     pos = 0
@@ -910,7 +927,7 @@ def _legacy_point(point: dict) -> bool:
 
 
 def _line_offset(line_starts: list, size: int, point: dict) -> int:
-    line, column = int_field(point, "line"), int_field(point, "column", 1)
+    line, column = _int_field(point, "line"), _int_field(point, "column", 1)
     if line == len(line_starts) + 1 and column <= 1:
         return size
     if not 1 <= line <= len(line_starts) or column < 1:
@@ -1043,7 +1060,7 @@ class _JournalReplayer:
         if self.needs_byte_string:
             features.add("byteString")
         deployment: dict = {"manifest": {
-            "time": rfc3339_now(),
+            "time": _rfc3339_now(),
             "magic": hashlib.sha256(cli_version.encode()).hexdigest() if cli_version else "",
             "version": cli_version}}
         if self.base.get("secrets_providers"):
@@ -1112,15 +1129,9 @@ def _rebuild_dependencies(resources: list) -> list:
                 del res[key]
         seen.add(res.get("urn"))
         out.append(res)
-    # A resource whose parent is gone moves up to its grandparent.
-    parent_of: dict = {}
-    for res in out:
-        parent = res.get("parent", "")
-        if parent and parent not in seen:
-            res["parent"] = parent_of.get(parent, "")
-            if not res["parent"]:
-                del res["parent"]
-        parent_of[res.get("urn")] = res.get("parent", "")
+    for res in out:  # a resource whose parent is gone loses it, as in the CLI
+        if res.get("parent") and res["parent"] not in seen:
+            del res["parent"]
     return out
 
 
@@ -1173,15 +1184,15 @@ def _normalize_urn_references(deployment: dict) -> None:
             snippet["references"] = {k: fix(v) for k, v in snippet["references"].items()}
 
 
-def empty_deployment() -> bytes:
+def _empty_deployment() -> bytes:
     """Return the state of a stack that was never updated."""
-    return dumps({"version": 3, "deployment": {
-        "manifest": {"time": rfc3339_now(), "magic": "", "version": ""}}})
+    return _dumps({"version": 3, "deployment": {
+        "manifest": {"time": _rfc3339_now(), "magic": "", "version": ""}}})
 
 
-def check_untyped_deployment(doc: Any) -> dict:
+def _check_untyped_deployment(doc: Any) -> dict:
     """Validate an UntypedDeployment; return it or raise BadRequest."""
-    doc = require_dict(doc, "deployment")
+    doc = _require_dict(doc, "deployment")
     version = doc.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or not \
             1 <= version <= MAX_DEPLOYMENT_VERSION:
@@ -1197,11 +1208,11 @@ def check_untyped_deployment(doc: Any) -> dict:
     return doc
 
 
-def count_resources(doc: dict) -> int:
+def _count_resources(doc: dict) -> int:
     return len(doc.get("deployment", {}).get("resources") or [])
 
 
-def rename_in_deployment(doc: Any, old: tuple, new: tuple) -> Any:
+def _rename_in_deployment(doc: Any, old: tuple, new: tuple) -> Any:
     """Rewrite stack and project names in every URN of ``doc`` and in its service
     secrets provider; ``old``/``new`` are ``(project, stack)``.
     """
@@ -1269,12 +1280,12 @@ _VERBATIM_RE = re.compile(rb'^\s*\{"version":\s*\d+,\s*"untypedDeployment":')
 _VERBATIM_TAIL_RE = re.compile(rb',\s*"sequenceNumber":\s*(-?\d+)\s*\}\s*$')
 
 
-def split_verbatim(body: bytes) -> tuple:
+def _split_verbatim(body: bytes) -> tuple:
     """Return ``(sequenceNumber, exact bytes of untypedDeployment)`` of a verbatim upload."""
     head, tail = _VERBATIM_RE.match(body), _VERBATIM_TAIL_RE.search(body)
     if head and tail and head.end() < tail.start():
         return int(tail.group(1)), body[head.end():tail.start()].strip()
-    req = require_dict(loads(body))  # unusual field order: find the value's bytes
+    req = _require_dict(_loads(body))  # unusual field order: find the value's bytes
     if "untypedDeployment" not in req:
         raise BadRequest("untypedDeployment is required")
     text = body.decode("utf-8")
@@ -1283,7 +1294,7 @@ def split_verbatim(body: bytes) -> tuple:
     while text[start] in " \t\r\n":
         start += 1
     _, end = json.JSONDecoder().raw_decode(text, start)
-    return int_field(req, "sequenceNumber"), text[start:end].encode("utf-8")
+    return _int_field(req, "sequenceNumber"), text[start:end].encode("utf-8")
 
 
 class Engine:
@@ -1323,19 +1334,19 @@ class Engine:
         tags = _check_tags(body.get("tags") or {})
         if body.get("config") is not None:
             raise BadRequest("remote (ESC) stack configuration is not supported by this server")
-        initial = empty_deployment()
+        initial = _empty_deployment()
         if body.get("state") is not None:
-            initial = dumps(check_untyped_deployment(body["state"]))
-        stack_id = new_id()
+            initial = _dumps(_check_untyped_deployment(body["state"]))
+        stack_id = _new_id()
         data_key = self.keys.wrap_data_key(stack_id, secrets.token_bytes(32))
         with self.store.write() as db:
             if self.store.get_stack(db, org, project, name) is not None:
                 raise Conflict(f"stack '{org}/{project}/{name}' already exists")
             self.store.insert_stack(db, {
                 "id": stack_id, "org": org, "project": project, "name": name,
-                "created": now(), "tags": json.dumps(tags), "data_key": data_key})
-            self.store.put_deployment(db, stack_id, 0, gzip_bytes(initial), len(initial),
-                                      count_resources(loads(initial)))
+                "created": _now(), "tags": json.dumps(tags), "data_key": data_key})
+            self.store.put_deployment(db, stack_id, 0, _gzip_bytes(initial), len(initial),
+                                      _count_resources(_loads(initial)))
         log.info("created stack %s/%s/%s", org, project, name)
         return {}
 
@@ -1380,9 +1391,19 @@ class Engine:
                         break
                 if len(rows) < STACK_PAGE_SIZE:
                     return {"stacks": stacks, "continuationToken": None}
-        more = bool(self.store.list_stacks(db, org, project, after, 1)) if stacks else False
+            more = bool(self.store.list_stacks(db, org, project, after, 1))
+        # Null (never "") when done: the CLI loops while a token comes back.
         return {"stacks": stacks,
                 "continuationToken": _encode_page_token(after) if more else None}
+
+    def get_stack(self, org: str, project: str, name: str) -> dict:
+        with self.store.read() as db:
+            return self.stack_json(db, self.stack(db, org, project, name))
+
+    def project_exists(self, org: str, project: str) -> bool:
+        self._check_names(org, project)
+        with self.store.read() as db:
+            return self.store.project_exists(db, org, project)
 
     def delete_stack(self, org: str, project: str, name: str, force: bool) -> None:
         with self.store.write() as db:
@@ -1413,10 +1434,10 @@ class Engine:
             # rewrite it so the next update neither replaces everything nor asks
             # the old name to decrypt.
             dep = self.store.get_deployment(db, row["id"])
-            doc = rename_in_deployment(loads(gzip.decompress(dep["data"]), "stored state"),
+            doc = _rename_in_deployment(_loads(gzip.decompress(dep["data"]), "stored state"),
                                        (project, name), (new_project, new_name))
-            data = dumps(doc)
-            self.store.put_deployment(db, row["id"], dep["version"], gzip_bytes(data),
+            data = _dumps(doc)
+            self.store.put_deployment(db, row["id"], dep["version"], _gzip_bytes(data),
                                       len(data), dep["resource_count"])
         log.info("renamed stack %s/%s/%s to %s/%s", org, project, name, new_project, new_name)
 
@@ -1441,27 +1462,27 @@ class Engine:
 
     def import_deployment(self, org: str, project: str, name: str, body: bytes,
                           cli_version: str) -> str:
-        doc = check_untyped_deployment(loads(body))
+        doc = _check_untyped_deployment(_loads(body))
         data = body.strip()
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
             self._lock_stack(db, row)
-            update_id, version = new_id(), row["version"] + 1
-            t = now()
+            update_id, version = _new_id(), row["version"] + 1
+            t = _now()
             self.store.insert_update(db, {
                 "id": update_id, "stack_id": row["id"], "kind": "import", "dry_run": 0,
                 "status": "succeeded", "created": t, "started": t, "ended": t,
                 "version": version, "base_version": row["version"], "cli_version": cli_version,
-                "resource_count": count_resources(doc)})
-            self._save_version(db, row, version, data, count_resources(doc))
+                "resource_count": _count_resources(doc)})
+            self._save_version(db, row, version, data, _count_resources(doc))
         log.info("imported state into %s/%s/%s as version %d", org, project, name, version)
         return update_id
 
     def _save_version(self, db, row: dict, version: int, data: bytes, resources: int) -> None:
         """Store ``data`` as ``version`` of the stack and make it the latest."""
-        self.store.put_deployment(db, row["id"], version, gzip_bytes(data), len(data), resources)
+        self.store.put_deployment(db, row["id"], version, _gzip_bytes(data), len(data), resources)
         self.store.update_stack(db, row["id"], version=version, resource_count=resources,
-                                last_update=now())
+                                last_update=_now())
         self.store.prune_versions(db, row["id"], version - self.cfg.history_limit + 1,
                                   self.cfg.history_limit)
 
@@ -1503,7 +1524,7 @@ class Engine:
         update = self.store.get_update(db, row["active_update"])
         if update is None or update["status"] != "running":
             return None
-        if update["lease_expires"] < now():
+        if update["lease_expires"] < _now():
             return None
         return update
 
@@ -1514,7 +1535,7 @@ class Engine:
         update = self.store.get_update(db, row["active_update"])
         if update is None or update["status"] != "running":
             return
-        if update["lease_expires"] >= now():
+        if update["lease_expires"] >= _now():
             raise Conflict(MSG_UPDATE_CONFLICT)
         log.warning("update %s abandoned (lease expired); finishing it as failed", update["id"])
         self._finish(db, row, update, "failed")
@@ -1531,10 +1552,10 @@ class Engine:
                                              "metadata")}
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
-            update_id = new_id()
+            update_id = _new_id()
             self.store.insert_update(db, {
                 "id": update_id, "stack_id": row["id"], "kind": kind, "dry_run": int(dry_run),
-                "status": "not started", "created": now(), "program": json.dumps(program)})
+                "status": "not started", "created": _now(), "program": json.dumps(program)})
         return {"updateID": update_id}
 
     def start_update(self, org: str, project: str, name: str, update_id: str, body: dict,
@@ -1548,13 +1569,14 @@ class Engine:
             update = self._update_of(db, row, update_id)
             if update["status"] != "not started":
                 raise Conflict("the update has already been started")
-            t = now()
+            if not update["dry_run"]:
+                self._lock_stack(db, row)  # may finish an abandoned update: a new version
+            t = _now()
             fields: dict = {"status": "running", "started": t, "cli_version": cli_version,
                             "lease_token": secrets.token_urlsafe(32),
                             "lease_expires": t + self.cfg.lease_seconds,
                             "base_version": row["version"], "version": row["version"]}
             if not update["dry_run"]:
-                self._lock_stack(db, row)
                 fields["version"] = row["version"] + 1
                 fields["journal"] = int(self.cfg.journaling and isinstance(wants_journal, int)
                                         and wants_journal >= 1)
@@ -1588,16 +1610,16 @@ class Engine:
             raise Forbidden("the update token is not valid for this update")
         if update["status"] != "running":
             raise Forbidden("the update is no longer running")
-        if update["lease_expires"] < now():
+        if update["lease_expires"] < _now():
             raise Forbidden("the update lease has expired")
         return row, update
 
     def renew_lease(self, org, project, name, update_id, token, body: dict) -> dict:
-        duration = int_field(body, "duration", self.cfg.lease_seconds)
+        duration = _int_field(body, "duration", self.cfg.lease_seconds)
         duration = max(1, min(duration, self.cfg.lease_seconds))
         with self.store.write() as db:
             _, update = self._leased_update(db, org, project, name, update_id, token)
-            expires = now() + duration
+            expires = _now() + duration
             self.store.update_update(db, update_id, lease_expires=expires)
         return {"token": update["lease_token"], "tokenExpiration": expires}
 
@@ -1619,45 +1641,44 @@ class Engine:
             return None
         data = b""
         for r in rows:
-            data = r["data"] if r["kind"] == "full" else apply_delta(data, loads(r["data"]))
+            data = r["data"] if r["kind"] == "full" else apply_delta(data, _loads(r["data"]))
         item = (rows[-1]["seq"], data, rows[-1]["hash"])
         self.working.put(update_id, *item)
         return item
 
     def checkpoint_full(self, org, project, name, update_id, token, body: bytes) -> None:
-        req = require_dict(loads(body))
+        req = _require_dict(_loads(body))
         if req.get("isInvalid"):
             return  # legacy "invalidate": keep the last good checkpoint
         doc = {"version": req.get("version")}
         if req.get("features"):
             doc["features"] = req["features"]
         doc["deployment"] = req.get("deployment")
-        data = dumps(check_untyped_deployment(doc))
+        data = _dumps(_check_untyped_deployment(doc))
+        digest = hashlib.sha256(data).hexdigest()
         with self.store.write() as db:
             self._checkpointed_update(db, org, project, name, update_id, token)
             current = self._working(db, update_id)
             seq = current[0] + 1 if current else 1
-            self._store_full(db, update_id, seq, data)
+            self.store.put_checkpoint(db, update_id, seq, "full", data, digest)
+            self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
 
     def checkpoint_verbatim(self, org, project, name, update_id, token, body: bytes) -> None:
-        seq, data = split_verbatim(body)
-        check_untyped_deployment(loads(data, "untypedDeployment"))
+        seq, data = _split_verbatim(body)
+        _check_untyped_deployment(_loads(data, "untypedDeployment"))
+        digest = hashlib.sha256(data).hexdigest()
         with self.store.write() as db:
             self._checkpointed_update(db, org, project, name, update_id, token)
             current = self._working(db, update_id)
             if current is not None and seq < current[0]:
                 raise Conflict(f"sequence number {seq} is older than the last saved "
                                f"{current[0]}")
-            self._store_full(db, update_id, seq, data)
-
-    def _store_full(self, db, update_id: str, seq: int, data: bytes) -> None:
-        digest = hashlib.sha256(data).hexdigest()
-        self.store.put_checkpoint(db, update_id, seq, "full", data, digest)
-        self.working.put(update_id, seq, data, digest)
+            self.store.put_checkpoint(db, update_id, seq, "full", data, digest)
+            self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
 
     def checkpoint_delta(self, org, project, name, update_id, token, body: bytes) -> None:
-        req = require_dict(loads(body))
-        seq = int_field(req, "sequenceNumber")
+        req = _require_dict(_loads(body))
+        seq = _int_field(req, "sequenceNumber")
         expected = req.get("checkpointHash")
         if not isinstance(expected, str):
             raise BadRequest("checkpointHash is required")
@@ -1678,22 +1699,15 @@ class Engine:
             digest = hashlib.sha256(data).hexdigest()
             if not hmac.compare_digest(digest, expected.lower()):
                 raise Conflict("checkpointHash does not match the state after applying the delta")
-            self.store.put_checkpoint(db, update_id, seq, "delta", dumps(edits), digest)
-            self.working.put(update_id, seq, data, digest)
+            self.store.put_checkpoint(db, update_id, seq, "delta", _dumps(edits), digest)
+            self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
 
     def journal_append(self, org, project, name, update_id, token, body: bytes) -> int:
-        req = require_dict(loads(body))
+        req = _require_dict(_loads(body))
         entries = req.get("entries")
         if not isinstance(entries, list):
             raise BadRequest("entries must be a list")
-        rows = []
-        for entry in entries:
-            entry = require_dict(entry, "journal entry")
-            seq = int_field(entry, "sequenceID")
-            kind = int_field(entry, "kind")
-            if seq < 1 or not 0 <= kind <= 9:
-                raise BadRequest(f"journal entry {seq} has an invalid sequenceID or kind")
-            rows.append((seq, dumps(entry)))
+        rows = [(entry["sequenceID"], _dumps(entry)) for entry in map(_check_journal_entry, entries)]
         with self.store.write() as db:
             _, update = self._checkpointed_update(db, org, project, name, update_id, token)
             if not update["journal"]:
@@ -1704,20 +1718,20 @@ class Engine:
     # -- updates: events ----------------------------------------------------
 
     def events_append(self, org, project, name, update_id, token, body: bytes) -> None:
-        req = require_dict(loads(body))
+        req = _require_dict(_loads(body))
         events = req.get("events")
         if not isinstance(events, list):
             raise BadRequest("events must be a list")
         rows, changes = [], None
         for event in events:
-            event = require_dict(event, "engine event")
-            seq = int_field(event, "sequence")
+            event = _require_dict(event, "engine event")
+            seq = _int_field(event, "sequence")
             if seq < 0:
                 raise BadRequest("event sequence must not be negative")
             summary = event.get("summaryEvent")
             if isinstance(summary, dict) and isinstance(summary.get("resourceChanges"), dict):
                 changes = summary["resourceChanges"]
-            rows.append((seq, dumps(event)))
+            rows.append((seq, _dumps(event)))
         with self.store.write() as db:
             self._leased_update(db, org, project, name, update_id, token)
             self.store.append_events(db, update_id, rows)
@@ -1734,7 +1748,7 @@ class Engine:
             row = self.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
             page = self.store.list_events(db, update_id, after, EVENT_PAGE_SIZE)
-        events = [loads(data, "stored event") for _, data in page]
+        events = [_loads(data, "stored event") for _, data in page]
         last = page[-1][0] if page else after
         running = update["status"] in ("not started", "running")
         more = running or len(page) == EVENT_PAGE_SIZE
@@ -1764,15 +1778,16 @@ class Engine:
             if update["status"] not in ("not started", "running"):
                 raise Conflict("The Update has already completed")
             self._finish(db, row, update, "cancelled")
+            self.store.update_update(db, update_id, lease_token="")  # revoked: later calls 403
         log.info("cancelled update %s of %s/%s/%s", update_id, org, project, name)
 
     def _finish(self, db, row: dict, update: dict, status: str) -> None:
         """End ``update`` with ``status``; for a real update, store its final state."""
-        fields: dict = {"status": status, "ended": now()}
+        fields: dict = {"status": status, "ended": _now()}
         if not update["dry_run"] and update["status"] == "running":
             data = self._final_state(db, update)
-            doc = loads(data, "final state")
-            count = count_resources(doc)
+            doc = _loads(data, "final state")
+            count = _count_resources(doc)
             fields["resource_count"] = count
             self._save_version(db, row, update["version"], data, count)
             self.store.clear_checkpoints(db, update["id"])
@@ -1783,19 +1798,24 @@ class Engine:
     def _final_state(self, db, update: dict) -> bytes:
         """Return the bytes of the state an update produced (its base if it saved none)."""
         base = self.store.get_deployment(db, update["stack_id"], update["base_version"])
-        base_bytes = gzip.decompress(base["data"]) if base else empty_deployment()
+        base_bytes = gzip.decompress(base["data"]) if base else _empty_deployment()
         if update["journal"]:
             entries = [json.loads(e) for e in self.store.journal_entries(db, update["id"])]
             if not entries:
                 return base_bytes
             base_doc = json.loads(base_bytes)
-            return dumps(replay_journal(base_doc.get("deployment") or {}, entries,
-                                        update["cli_version"]))
+            try:
+                return _dumps(replay_journal(base_doc.get("deployment") or {}, entries,
+                                            update["cli_version"]))
+            except (HTTPError, ValueError, KeyError, TypeError, IndexError) as e:
+                log.error("journal of update %s cannot be replayed (%s); "
+                          "keeping the previous state", update["id"], e)
+                return base_bytes
         working = self._working(db, update["id"])
         if working is None:
             return base_bytes
         try:
-            check_untyped_deployment(json.loads(working[1]))
+            _check_untyped_deployment(json.loads(working[1]))
         except (ValueError, BadRequest):
             log.error("update %s left a checkpoint that is not a valid deployment; "
                       "keeping the previous state", update["id"])
@@ -1851,8 +1871,46 @@ class Engine:
         return info
 
 
+def _check_resource(value: Any, what: str) -> None:
+    if not isinstance(value, dict) or not isinstance(value.get("urn"), str) \
+            or not isinstance(value.get("type", ""), str):
+        raise BadRequest(f"{what} must be a resource object with a string urn")
+
+
+def _check_journal_entry(entry: Any) -> dict:
+    """Validate one journal entry's shape, so that replay can never fail on it later."""
+    entry = _require_dict(entry, "journal entry")
+    seq, kind = _int_field(entry, "sequenceID"), _int_field(entry, "kind")
+    if seq < 1 or not 0 <= kind <= 9:
+        raise BadRequest(f"journal entry {seq} has an invalid sequenceID or kind")
+    _int_field(entry, "operationID", 0)
+    for key in ("removeOld", "removeNew", "deleteOld", "deleteNew", "pendingReplacementOld",
+                "pendingReplacementNew"):
+        if entry.get(key) is not None:
+            _int_field(entry, key)
+    if entry.get("state") is not None:
+        _check_resource(entry["state"], f"journal entry {seq} state")
+    if entry.get("operation") is not None:
+        op = _require_dict(entry["operation"], f"journal entry {seq} operation")
+        _check_resource(op.get("resource"), f"journal entry {seq} operation resource")
+    if kind == 5:
+        snapshot = _require_dict(entry.get("newSnapshot"), f"journal entry {seq} newSnapshot")
+        resources = snapshot.get("resources") or []
+        if not isinstance(resources, list):
+            raise BadRequest(f"journal entry {seq} newSnapshot resources must be a list")
+        for res in resources:
+            _check_resource(res, f"journal entry {seq} newSnapshot resource")
+    if entry.get("secretsProvider") is not None:
+        _require_dict(entry["secretsProvider"], f"journal entry {seq} secretsProvider")
+    if entry.get("snippets") is not None and not isinstance(entry["snippets"], list):
+        raise BadRequest(f"journal entry {seq} snippets must be a list")
+    if kind == 8 and not isinstance(entry.get("extensionRef"), str):
+        raise BadRequest(f"journal entry {seq} needs a string extensionRef")
+    return entry
+
+
 def _check_tags(tags: Any) -> dict:
-    tags = require_dict(tags, "tags")
+    tags = _require_dict(tags, "tags")
     for k, v in tags.items():
         if not _TAG_NAME_RE.match(k):
             raise BadRequest(f"invalid tag name {k!r}")
@@ -1862,7 +1920,7 @@ def _check_tags(tags: Any) -> dict:
 
 
 def _encode_page_token(key: tuple) -> str:
-    return base64.urlsafe_b64encode(dumps(list(key))).decode("ascii").rstrip("=")
+    return base64.urlsafe_b64encode(_dumps(list(key))).decode("ascii").rstrip("=")
 
 
 def _decode_page_token(token: Optional[str]) -> tuple:
@@ -2231,18 +2289,22 @@ class Request:
 
     @property
     def accepts_gzip(self) -> bool:
-        return any(part.split(";")[0].strip().lower() in ("gzip", "x-gzip")
-                   for part in (self.headers.get("Accept-Encoding") or "").split(","))
+        for part in (self.headers.get("Accept-Encoding") or "").split(","):
+            coding, _, params = part.partition(";")
+            if coding.strip().lower() in ("gzip", "x-gzip"):
+                q = params.strip().lower()
+                return not (q.startswith("q=") and q[2:].strip() in ("0", "0.0", "0.00", "0.000"))
+        return False
 
     @property
     def cli_version(self) -> str:
-        return parse_cli_version(self.headers.get("User-Agent", ""))
+        return _parse_cli_version(self.headers.get("User-Agent", ""))
 
     def json(self) -> dict:
         """Return the body as a JSON object ({} when empty)."""
         if not self.body.strip():
             return {}
-        return require_dict(loads(self.body))
+        return _require_dict(_loads(self.body))
 
     def q(self, key: str) -> Optional[str]:
         values = self.query.get(key)
@@ -2258,8 +2320,8 @@ class Response:
     headers: dict = dataclasses.field(default_factory=dict)
 
 
-def json_response(value: Any, status: int = 200) -> Response:
-    return Response(status, dumps(value))
+def _json_response(value: Any, status: int = 200) -> Response:
+    return Response(status, _dumps(value))
 
 
 class Router:
@@ -2370,19 +2432,19 @@ class App:
             handler, auth, req.params = self.router.match(req.method, req.path)
             self._authenticate(req, auth)
             result = handler(req)
-            return result if isinstance(result, Response) else json_response(
+            return result if isinstance(result, Response) else _json_response(
                 {} if result is None else result)
         except HTTPError as e:
-            return Response(e.status, dumps(e.body()), headers=e.headers)
+            return Response(e.status, _dumps(e.body()), headers=e.headers)
         except sqlite3.Error as e:
-            err = storage_error(e)
+            err = _storage_error(e)
             if err.status == 500:
-                log.exception("storage error on %s %s", req.method, escape_log(req.path))
+                log.exception("storage error on %s %s", req.method, _escape_log(req.path))
                 return Response(500, b"Internal Server Error", "text/plain")
-            log.warning("storage error on %s %s: %s", req.method, escape_log(req.path), e)
-            return Response(err.status, dumps(err.body()))
+            log.warning("storage error on %s %s: %s", req.method, _escape_log(req.path), e)
+            return Response(err.status, _dumps(err.body()))
         except Exception:  # noqa: BLE001 - the one place that catches everything
-            log.exception("unexpected error on %s %s", req.method, escape_log(req.path))
+            log.exception("unexpected error on %s %s", req.method, _escape_log(req.path))
             return Response(500, b"Internal Server Error", "text/plain")
 
     def _authenticate(self, req: Request, auth: str) -> None:
@@ -2446,18 +2508,15 @@ class App:
 
     def project_exists(self, req: Request) -> Response:
         org, project = req.params["org"], req.params["project"]
-        self.engine._check_names(org, project)
-        with self.engine.store.read() as db:
-            if not self.engine.store.project_exists(db, org, project):
-                raise NotFound(f"project '{org}/{project}' not found")
+        if not self.engine.project_exists(org, project):
+            raise NotFound(f"project '{org}/{project}' not found")
         return Response(200, b"")
 
     def create_stack(self, req: Request) -> dict:
         return self.engine.create_stack(req.params["org"], req.params["project"], req.json())
 
     def get_stack(self, req: Request) -> dict:
-        with self.engine.store.read() as db:
-            return self.engine.stack_json(db, self.engine.stack(db, *self._sp(req)))
+        return self.engine.get_stack(*self._sp(req))
 
     def delete_stack(self, req: Request) -> None:
         force = (req.q("force") or "false").lower() == "true"
@@ -2467,7 +2526,7 @@ class App:
         self.engine.rename_stack(*self._sp(req), req.json())
 
     def set_tags(self, req: Request) -> None:
-        self.engine.set_tags(*self._sp(req), loads(req.body or b"{}"))
+        self.engine.set_tags(*self._sp(req), _loads(req.body or b"{}"))
 
     # -- state --------------------------------------------------------------
 
@@ -2489,35 +2548,36 @@ class App:
     # -- secrets ------------------------------------------------------------
 
     def encrypt(self, req: Request) -> dict:
-        plaintext = b64decode_strict(req.json().get("plaintext"), "plaintext")
-        return {"ciphertext": b64encode(self.engine.encrypt(*self._sp(req), [plaintext])[0])}
+        plaintext = _b64decode_strict(req.json().get("plaintext"), "plaintext")
+        return {"ciphertext": _b64encode(self.engine.encrypt(*self._sp(req), [plaintext])[0])}
 
     def decrypt(self, req: Request) -> dict:
-        ciphertext = b64decode_strict(req.json().get("ciphertext"), "ciphertext")
-        return {"plaintext": b64encode(self.engine.decrypt(*self._sp(req), [ciphertext])[0])}
+        ciphertext = _b64decode_strict(req.json().get("ciphertext"), "ciphertext")
+        return {"plaintext": _b64encode(self.engine.decrypt(*self._sp(req), [ciphertext])[0])}
 
     def batch_encrypt(self, req: Request) -> dict:
         items = _batch(req.json(), "plaintexts")
-        plain = [b64decode_strict(p, "plaintext") for p in items]
-        return {"ciphertexts": [b64encode(c) for c in self.engine.encrypt(*self._sp(req), plain)]}
+        plain = [_b64decode_strict(p, "plaintext") for p in items]
+        return {"ciphertexts": [_b64encode(c) for c in self.engine.encrypt(*self._sp(req), plain)]}
 
     def batch_decrypt(self, req: Request) -> dict:
         items = _batch(req.json(), "ciphertexts")
         unique = list(dict.fromkeys(items))  # the CLI may repeat a ciphertext
-        blobs = [b64decode_strict(c, "ciphertext") for c in unique]
+        blobs = [_b64decode_strict(c, "ciphertext") for c in unique]
         plain = self.engine.decrypt(*self._sp(req), blobs)
         # Keyed by the strings exactly as sent: the CLI looks each one up.
-        return {"plaintexts": {c: b64encode(p) for c, p in zip(unique, plain)}}
+        return {"plaintexts": {c: _b64encode(p) for c, p in zip(unique, plain)}}
 
     def log_decryption(self, req: Request) -> None:
-        with self.engine.store.read() as db:
-            self.engine.stack(db, *self._sp(req))
+        self.engine.get_stack(*self._sp(req))  # 404 for an unknown stack
         log.info("secrets of %s were shown in plaintext", "/".join(self._sp(req)))
 
     # -- updates ------------------------------------------------------------
 
     def _up(self, req: Request) -> tuple:
-        if req.params["kind"] != "update":
+        # The CLI always says "update" after creation; the published API also
+        # names the kind ("preview/{id}", ...). Both reach the same update.
+        if req.params["kind"] not in _UPDATE_KINDS:
             raise NotFound(f"no route for {req.path}")
         return (*self._sp(req), req.params["update"])
 
@@ -2593,6 +2653,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.request.settimeout(self.server.cfg.socket_timeout)
+        # Headers and body go out in two writes; without this, Nagle's algorithm
+        # and the client's delayed ACK add ~40 ms to every keep-alive response.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(self.request, "do_handshake"):
             self.request.do_handshake()  # TLS: in this thread, not in accept()
         super().setup()
@@ -2614,7 +2677,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if getattr(self.request, "pending", lambda: 0)():
                 return True
             try:
-                ready = select_readable(self.request, 0.25)
+                ready = _select_readable(self.request, 0.25)
             except (OSError, ValueError):
                 return False
             if ready:
@@ -2650,7 +2713,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("request body shorter than Content-Length")
         encoding = (self.headers.get("Content-Encoding") or "").strip().lower()
         if encoding in ("gzip", "x-gzip"):
-            body = gunzip_bounded(body, cfg.max_decompressed)
+            body = _gunzip_bounded(body, cfg.max_decompressed)
         elif encoding not in ("", "identity"):
             raise BadRequest(f"unsupported Content-Encoding {encoding!r}")
         return body
@@ -2663,9 +2726,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             req.body = self._read_body()
             resp = self.server.app.dispatch(req)
         except HTTPError as e:
-            resp = Response(e.status, dumps(e.body()), headers=e.headers)
+            resp = Response(e.status, _dumps(e.body()), headers=e.headers)
         self._send(req, resp)
-        log.info("%s %s %d %d %.1fms", self.command, escape_log(url.path), resp.status,
+        log.info("%s %s %d %d %.1fms", self.command, _escape_log(url.path), resp.status,
                  len(resp.body), (time.monotonic() - started) * 1000)
         if self.server.stopping.is_set():
             self.close_connection = True
@@ -2673,7 +2736,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _send(self, req: Request, resp: Response) -> None:
         body, gzipped = resp.body, resp.gzipped
         if not gzipped and req.accepts_gzip and len(body) >= GZIP_MIN_RESPONSE:
-            body, gzipped = gzip_bytes(body, 5), True
+            body, gzipped = _gzip_bytes(body, 5), True
         self.send_response(resp.status)
         self.send_header("Content-Type", resp.content_type)
         if gzipped:
@@ -2690,7 +2753,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """Errors found while parsing the request line/headers, in the CLI's JSON shape."""
         self.close_connection = True
-        body = dumps({"code": code, "message": message or http.HTTPStatus(code).phrase})
+        body = _dumps({"code": code, "message": message or http.HTTPStatus(code).phrase})
         try:
             self.send_response(code, message)
             self.send_header("Content-Type", "application/json")
@@ -2706,7 +2769,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.debug("http: " + format, *args)
 
 
-def select_readable(sock: socket.socket, timeout: float) -> bool:
+def _select_readable(sock: socket.socket, timeout: float) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
 
 
@@ -2759,7 +2822,7 @@ class Server(http.server.ThreadingHTTPServer):
                 self._active -= 1
 
     def _refuse(self, request) -> None:
-        body = dumps({"code": 503, "message": "Service Unavailable: too many connections"})
+        body = _dumps({"code": 503, "message": "Service Unavailable: too many connections"})
         try:
             request.settimeout(1)
             if hasattr(request, "do_handshake"):

@@ -1,0 +1,2594 @@
+"""Tests for pulumi_backend.py, grouped like the module's sections.
+
+Run: ``python3 -m pytest -q test_pulumi_backend.py``.
+
+Fixtures give every test its own SQLite database under ``tmp_path`` and a real
+server on ``127.0.0.1:0`` in a thread (stopped and closed at teardown). The
+end-to-end tests talk HTTP with ``http.client`` the way the ``pulumi`` CLI does;
+parsing and algorithm edge cases call the functions directly. A few tests run
+``python pulumi_backend.py`` as a subprocess for the command-line behaviour.
+
+Sections:
+  1-2. Constants and configuration
+  3.   Errors
+  4.   Small utilities
+  5.   Storage
+  6.   Engine: delta application and journal replay (unit tests)
+  7.   Crypto
+  8.   HTTP layer: request, response and router
+  9.   Handlers: identity, stacks, state, secrets, updates
+ 10.   Server lifecycle, durability and main()
+ 11.   Module hygiene
+"""
+
+import ast
+import base64
+import dataclasses
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import pulumi_backend as pb
+from pulumi_backend import Config
+
+SCRIPT = Path(pb.__file__).resolve()
+ORG = pb.DEFAULT_ORG
+USER_AGENT = "pulumi-cli/1 (v3.999.0; linux)"
+CLI_VERSION = "v3.999.0"
+
+
+# ==== Helpers ==================================================================
+
+def sp(project="proj", stack="dev", org=ORG):
+    """Path of a stack (the docs' SP)."""
+    return f"/api/stacks/{org}/{project}/{stack}"
+
+
+def compact(value):
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def urn(name, type_="random:index/randomPet:RandomPet", stack="dev", project="proj"):
+    return f"urn:pulumi:{stack}::{project}::{type_}::{name}"
+
+
+def res(name, type_="random:index/randomPet:RandomPet", stack="dev", project="proj", **fields):
+    """A ResourceV3 dict."""
+    out = {"urn": urn(name, type_, stack, project), "custom": True, "id": f"{name}-id",
+           "type": type_, "outputs": {"v": name}}
+    out.update(fields)
+    return out
+
+
+def stack_res(stack="dev", project="proj"):
+    return {"urn": urn(f"{project}-{stack}", "pulumi:pulumi:Stack", stack, project),
+            "custom": False, "type": "pulumi:pulumi:Stack"}
+
+
+def deployment(resources=(), **extra):
+    """A DeploymentV3 dict."""
+    out = {"manifest": {"time": "2026-01-01T00:00:00Z", "magic": "", "version": ""},
+           "metadata": {}}
+    if resources:
+        out["resources"] = list(resources)
+    out.update(extra)
+    return out
+
+
+def untyped(resources=(), **extra):
+    """An UntypedDeployment dict."""
+    return {"version": 3, "deployment": deployment(resources, **extra)}
+
+
+def entry(seq, kind, op=0, **fields):
+    """A journal entry the way the CLI serialises it."""
+    out = {"version": 1, "kind": kind, "sequenceID": seq, "operationID": op,
+           "removeOld": None, "removeNew": None}
+    out.update(fields)
+    return out
+
+
+def urns(doc):
+    """URNs of the resources of an UntypedDeployment or a DeploymentV3."""
+    dep = doc.get("deployment", doc)
+    return [r["urn"] for r in dep.get("resources") or []]
+
+
+def wait_past(expiration):
+    """Sleep until a lease with ``tokenExpiration`` is expired for the server."""
+    while int(time.time()) <= expiration:
+        time.sleep(0.05)
+
+
+class Srv:
+    """One in-process server on 127.0.0.1:0 with its store and app."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.store, self.app = pb.build_app(cfg, environ={})
+        self.server = pb.Server(cfg, self.app)
+        self.host, self.port = self.server.server_address[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05})
+        self.thread.start()
+        self.stopped = False
+
+    def stop(self):
+        if self.stopped:
+            return
+        self.stopped = True
+        self.server.stop()
+        self.server.server_close()
+        self.store.close()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+    def connection(self):
+        return http.client.HTTPConnection(self.host, self.port, timeout=30)
+
+    def request(self, method, path, body=None, gzip_body=False, token="token t",
+                accept_gzip=False, headers=None, raw=False, conn=None):
+        """Send one request; return ``(status, headers, json-or-bytes)``.
+
+        ``raw`` returns the body bytes exactly as received (no gunzip, no JSON).
+        """
+        if isinstance(body, (dict, list)):
+            data = json.dumps(body).encode()
+        elif isinstance(body, str):
+            data = body.encode()
+        else:
+            data = body
+        hdrs = {"Content-Type": "application/json", "Accept": "application/vnd.pulumi+9",
+                "User-Agent": USER_AGENT}
+        if token:
+            hdrs["Authorization"] = token
+        if accept_gzip:
+            hdrs["Accept-Encoding"] = "gzip"
+        if data is not None and gzip_body:
+            data = gzip.compress(data)
+            hdrs["Content-Encoding"] = "gzip"
+        hdrs.update(headers or {})
+        c = conn or self.connection()
+        try:
+            c.request(method, path, body=data, headers=hdrs)
+            resp = c.getresponse()
+            payload = resp.read()
+        finally:
+            if conn is None:
+                c.close()
+        if raw:
+            return resp.status, resp.headers, payload
+        if resp.headers.get("Content-Encoding") == "gzip":
+            payload = gzip.decompress(payload)
+        if payload and resp.headers.get("Content-Type", "").startswith("application/json"):
+            try:
+                payload = json.loads(payload)
+            except ValueError:
+                pass
+        return resp.status, resp.headers, payload
+
+    # -- stacks and state ---------------------------------------------------
+
+    def create_stack(self, project="proj", stack="dev", **body):
+        status, _, out = self.request("POST", f"/api/stacks/{ORG}/{project}",
+                                      {"stackName": stack, **body})
+        assert status == 200, out
+        return sp(project, stack)
+
+    def import_state(self, path, doc):
+        data = doc if isinstance(doc, bytes) else compact(doc)
+        status, _, out = self.request("POST", path + "/import", data, gzip_body=True)
+        assert status == 200, out
+        return out["updateId"]
+
+    def export(self, path, version=None):
+        suffix = "" if version is None else f"/{version}"
+        status, _, out = self.request("GET", f"{path}/export{suffix}")
+        assert status == 200, out
+        return out
+
+    def export_bytes(self, path, version=None):
+        suffix = "" if version is None else f"/{version}"
+        status, headers, out = self.request("GET", f"{path}/export{suffix}", raw=True)
+        assert status == 200, out
+        assert headers.get("Content-Encoding") is None
+        return out
+
+    def stack(self, path):
+        status, _, out = self.request("GET", path)
+        assert status == 200, out
+        return out
+
+    def history(self, path, query=""):
+        status, _, out = self.request("GET", f"{path}/updates{query}")
+        assert status == 200, out
+        return out["updates"]
+
+    # -- updates ------------------------------------------------------------
+
+    def begin(self, path, kind="update", journal=True, dry_run=None, tags=None, program=None):
+        """Create and start an update as the CLI does; return an ``Update``."""
+        if dry_run is None:
+            dry_run = kind == "preview"
+        body = {"name": "proj", "runtime": "python", "main": "", "description": "",
+                "options": {"dryRun": dry_run, "color": "raw"},
+                "config": {"aws:region": {"string": "us-west-2", "secret": False,
+                                          "object": False}},
+                "metadata": {"message": "a message", "environment": {"exec.kind": "cli"}}}
+        body.update(program or {})
+        status, _, out = self.request("POST", f"{path}/{kind}", body)
+        assert status == 200, out
+        start = {"tags": tags if tags is not None else {}}
+        if journal:
+            start["journalVersion"] = 1
+        status, _, started = self.request("POST", f"{path}/update/{out['updateID']}", start)
+        return Update(self, path, out["updateID"], status, started)
+
+
+class Update:
+    """A started (or refused) update and the update-token calls of the CLI."""
+
+    def __init__(self, srv, path, update_id, status, start):
+        self.srv, self.path, self.id = srv, path, update_id
+        self.status, self.start = status, start
+        self.token = start.get("token") if status == 200 else None
+
+    @property
+    def url(self):
+        return f"{self.path}/update/{self.id}"
+
+    def call(self, method, suffix, body=None, gzip_body=True, token=None):
+        """An update-token call; ``token`` overrides the Authorization ("" sends none)."""
+        return self.srv.request(method, self.url + suffix, body,
+                                gzip_body=gzip_body and body is not None,
+                                token=f"update-token {self.token}" if token is None else token)
+
+    def journal(self, *entries, token=None):
+        return self.call("PATCH", "/journalentries", {"entries": list(entries)}, token=token)
+
+    def events(self, *events, token=None):
+        return self.call("POST", "/events/batch", {"events": list(events)}, token=token)
+
+    def checkpoint(self, doc, token=None):
+        return self.call("PATCH", "/checkpoint", {"isInvalid": False, **doc}, token=token)
+
+    def verbatim(self, doc_bytes, seq, token=None):
+        body = b'{"version":3,"untypedDeployment":' + doc_bytes + \
+            b',"sequenceNumber":' + str(seq).encode() + b"}"
+        return self.call("PATCH", "/checkpointverbatim", body, token=token)
+
+    def delta(self, edits, digest, seq, token=None):
+        body = {"version": 3, "checkpointHash": digest, "sequenceNumber": seq,
+                "deploymentDelta": edits}
+        return self.call("PATCH", "/checkpointdelta", body, token=token)
+
+    def renew(self, duration=300, token=None):
+        return self.call("POST", "/renew_lease", {"token": "", "duration": duration},
+                         gzip_body=False, token=token)
+
+    def complete(self, status="succeeded", token=None):
+        return self.call("POST", "/complete", {"status": status}, gzip_body=False, token=token)
+
+    def cancel(self):
+        return self.srv.request("POST", self.url + "/cancel")
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return Config(db=str(tmp_path / "s.db"), port=0)
+
+
+@pytest.fixture
+def start(cfg):
+    """Start servers on the test's database: ``start(**Config overrides)``."""
+    servers = []
+
+    def _start(**overrides):
+        server = Srv(dataclasses.replace(cfg, **overrides))
+        servers.append(server)
+        return server
+
+    yield _start
+    for server in reversed(servers):
+        server.stop()
+
+
+@pytest.fixture
+def srv(start):
+    return start()
+
+
+class Clock:
+    """Stands in for ``pulumi_backend.now`` so leases can expire without sleeping."""
+
+    def __init__(self):
+        self.offset = 0
+
+    def __call__(self):
+        return int(time.time()) + self.offset
+
+    def advance(self, seconds):
+        self.offset += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = Clock()
+    monkeypatch.setattr(pb, "_now", fake)
+    return fake
+
+
+# The worked delta example of state-protocols.md §3.4.6.
+_PET = ('{"urn":"urn:pulumi:dev::web::random:index/randomPet:RandomPet::%s","custom":true,'
+        '"id":"%s-id","type":"random:index/randomPet:RandomPet","outputs":{"v":"%s"}}')
+_HEAD = ('{"version":3,"deployment":{"manifest":{"time":"2026-08-22T10:00:%sZ","magic":"",'
+         '"version":""},"metadata":{},"resources":[')
+PREV_DOC = (_HEAD % "00" + _PET % ("a", "a", "1") + "," + _PET % ("b", "b", "2") + ","
+            + _PET % ("c", "c", "3") + "]}}").encode()
+NEW_DOC = (_HEAD % "05" + _PET % ("a", "a", "1") + "," + _PET % ("b", "b", "22") + ","
+           + _PET % ("c", "c", "3") + "]}}").encode()
+NEW_HASH = "cf7b2c0e38ee8d09ab4e3db4405401afb4ba30a53c808b33ef4fbf48af6def73"
+DELTA_EDITS = [
+    {"Span": {"uri": "", "start": {"line": 1, "column": 1, "offset": 0},
+              "end": {"line": 1, "column": 1, "offset": 121}},
+     "NewText": _HEAD % "05"},
+    {"Span": {"uri": "", "start": {"line": 1, "column": 1, "offset": 276},
+              "end": {"line": 1, "column": 1, "offset": 431}},
+     "NewText": _PET % ("b", "b", "22") + ","},
+]
+
+
+def test_worked_example_constants():
+    assert len(PREV_DOC) == 588 and len(NEW_DOC) == 589
+    assert hashlib.sha256(NEW_DOC).hexdigest() == NEW_HASH
+
+
+# ==== 1-2. Constants and configuration =========================================
+
+def test_config_defaults():
+    command, cfg, extras = pb.parse_config([], {})
+    assert command == "serve"
+    assert cfg == Config()
+    assert (cfg.db, cfg.host, cfg.port, cfg.org, cfg.user) == (
+        pb.DEFAULT_DB, "127.0.0.1", 8080, "organization", "admin")
+    assert cfg.auth_tokens == () and cfg.allow_any_token is False
+    assert cfg.journaling is True and cfg.crypto == "auto"
+    assert (cfg.lease_seconds, cfg.history_limit, cfg.checkpoint_cutoff) == (
+        300, 50, 1024 * 1024)
+    assert extras == {"new_key_file": None}
+
+
+def test_config_key_file_defaults_beside_db(tmp_path):
+    db = str(tmp_path / "x.db")
+    assert Config(db=db).key_file() == db + ".key"
+    assert Config(db=db, master_key_file="/k").key_file() == "/k"
+
+
+def test_config_reads_environment(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t3\n\n  t4 \n")
+    key = secrets.token_bytes(32)
+    env = {"PULUMI_BACKEND_DB": "e.db", "PULUMI_BACKEND_PORT": "9000",
+           "PULUMI_BACKEND_LOG_LEVEL": "debug", "PULUMI_BACKEND_AUTH_TOKEN": "t1, t2",
+           "PULUMI_BACKEND_AUTH_TOKEN_FILE": str(tokens),
+           "PULUMI_BACKEND_JOURNALING": "off", "PULUMI_BACKEND_LEASE_SECONDS": "7",
+           "PULUMI_BACKEND_HISTORY_LIMIT": "3", "PULUMI_BACKEND_SOCKET_TIMEOUT": "2.5",
+           "PULUMI_BACKEND_ORG": "acme", "PULUMI_BACKEND_CRYPTO": "python",
+           "PULUMI_BACKEND_CHECKPOINT_CUTOFF": "1234",
+           "PULUMI_BACKEND_MASTER_KEY": b64(key), "PULUMI_BACKEND_NEW_KEY_FILE": "n.key"}
+    _, cfg, extras = pb.parse_config([], env)
+    assert cfg.db == "e.db" and cfg.port == 9000 and cfg.log_level == "debug"
+    assert cfg.auth_tokens == ("t1", "t2", "t3", "t4")
+    assert cfg.journaling is False and cfg.lease_seconds == 7 and cfg.history_limit == 3
+    assert cfg.socket_timeout == 2.5 and cfg.org == "acme" and cfg.crypto == "python"
+    assert cfg.checkpoint_cutoff == 1234 and cfg.master_key == key
+    assert extras == {"new_key_file": "n.key"}
+
+
+def test_config_ignores_process_environment(monkeypatch):
+    # The environment is read only through the mapping main() passes in.
+    monkeypatch.setenv("PULUMI_BACKEND_PORT", "1234")
+    assert pb.parse_config([], {})[1].port == 8080
+    assert Config().port == 8080
+
+
+def test_config_flag_wins_over_environment():
+    env = {"PULUMI_BACKEND_PORT": "9000", "PULUMI_BACKEND_JOURNALING": "off",
+           "PULUMI_BACKEND_AUTH_TOKEN": "envtok", "PULUMI_BACKEND_LOG_LEVEL": "bogus",
+           "PULUMI_BACKEND_HOST": "0.0.0.0"}
+    _, cfg, _ = pb.parse_config(["--port", "9001", "--journaling", "on", "--auth-token",
+                                 "a,b", "--auth-token", "c", "--log-level", "error",
+                                 "--host", "127.0.0.1"], env)
+    assert cfg.port == 9001 and cfg.journaling is True and cfg.log_level == "error"
+    assert cfg.auth_tokens == ("a", "b", "c") and cfg.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("argv, env, mentions", [
+    (["--port", "70000"], {}, "--port"),
+    (["--port", "abc"], {}, "--port"),
+    ([], {"PULUMI_BACKEND_PORT": "abc"}, "PULUMI_BACKEND_PORT"),
+    (["--journaling", "maybe"], {}, "--journaling"),
+    ([], {"PULUMI_BACKEND_ALLOW_ANY_TOKEN": "perhaps"}, "--allow-any-token"),
+    (["--crypto", "rot13"], {}, "--crypto"),
+    (["--log-level", "loud"], {}, "--log-level"),
+    (["--lease-seconds", "0"], {}, "--lease-seconds"),
+    (["--history-limit", "0"], {}, "--history-limit"),
+    (["--max-body", "-1"], {}, "--max-body"),
+    (["--org=bad_"], {}, "--org"),
+    (["--tls-cert", "c.pem"], {}, "--tls-key"),
+    (["--auth-token-file", "no-such-dir/tokens"], {}, "--auth-token-file"),
+    ([], {"PULUMI_BACKEND_MASTER_KEY": "not base64!"}, "PULUMI_BACKEND_MASTER_KEY"),
+    ([], {"PULUMI_BACKEND_MASTER_KEY": b64(bytes(16))}, "32 bytes"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_config_rejects_bad_values(argv, env, mentions, capsys):
+    try:
+        pb.parse_config(argv, env)
+    except ValueError as e:
+        message = str(e)
+    except SystemExit as e:
+        pytest.fail(f"parse_config exited ({e.code}) instead of raising ValueError; "
+                    f"stderr: {capsys.readouterr().err[-200:]!r}")
+    else:
+        pytest.fail("the bad value was accepted")
+    assert mentions in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "::", "example.com"])
+def test_config_refuses_public_host_without_tokens(host):
+    with pytest.raises(ValueError, match="--auth-token"):
+        pb.parse_config(["--host", host], {})
+
+
+@pytest.mark.parametrize("argv", [
+    ["--host", "0.0.0.0", "--auth-token", "t"],
+    ["--host", "0.0.0.0", "--allow-any-token"],
+    ["--host", "::1"], ["--host", "localhost"], ["--host", "127.0.0.2"],
+])
+def test_config_allows_loopback_or_tokens(argv):
+    assert pb.parse_config(argv, {})[1].host == argv[1]
+
+
+# ==== 3. Errors ================================================================
+
+def test_http_error_body_has_code_and_prefixed_message():
+    assert pb.NotFound("stack 'x' not found").body() == {
+        "code": 404, "message": "Not Found: stack 'x' not found"}
+    assert pb.BadRequest().body() == {"code": 400, "message": "Bad Request"}
+    # Messages that already start with the reason are not prefixed twice.
+    assert pb.Conflict(pb.MSG_UPDATE_CONFLICT).body()["message"] == pb.MSG_UPDATE_CONFLICT
+    assert pb.BadRequest(pb.MSG_STACK_HAS_RESOURCES).body()["message"] == \
+        pb.MSG_STACK_HAS_RESOURCES
+    for cls, status in ((pb.BadRequest, 400), (pb.Unauthorized, 401), (pb.Forbidden, 403),
+                        (pb.NotFound, 404), (pb.MethodNotAllowed, 405), (pb.Conflict, 409),
+                        (pb.PayloadTooLarge, 413), (pb.Unavailable, 503)):
+        assert issubclass(cls, pb.HTTPError) and cls("m").body()["code"] == status
+
+
+@pytest.mark.parametrize("exc, status", [
+    (sqlite3.IntegrityError("UNIQUE constraint failed"), 409),
+    (sqlite3.OperationalError("database is locked"), 503),
+    (sqlite3.OperationalError("attempt to write a readonly database"), 503),
+    (sqlite3.OperationalError("no such table: x"), 500),
+])
+def test_storage_error_mapping(exc, status):
+    assert pb._storage_error(exc).status == status
+
+
+# ==== 4. Small utilities =======================================================
+
+def test_gunzip_bounded_limits_and_members():
+    data = b"x" * 1000
+    assert pb._gunzip_bounded(gzip.compress(data), 1000) == data
+    with pytest.raises(pb.PayloadTooLarge):
+        pb._gunzip_bounded(gzip.compress(data), 999)
+    # Concatenated gzip members are one stream; the limit covers them all.
+    two = gzip.compress(b"ab") + gzip.compress(b"cd")
+    assert pb._gunzip_bounded(two, 4) == b"abcd"
+    with pytest.raises(pb.PayloadTooLarge):
+        pb._gunzip_bounded(two, 3)
+
+
+@pytest.mark.parametrize("data", [gzip.compress(b"hello world")[:-6], b"not gzip at all"])
+def test_gunzip_bounded_rejects_corrupt_input(data):
+    with pytest.raises(pb.BadRequest):
+        pb._gunzip_bounded(data, 1000)
+
+
+def test_gzip_bytes_is_deterministic():
+    assert pb._gzip_bytes(b"abc") == pb._gzip_bytes(b"abc")
+    assert gzip.decompress(pb._gzip_bytes(b"abc")) == b"abc"
+
+
+def test_b64decode_strict():
+    assert pb._b64decode_strict("YWJj", "x") == b"abc"
+    for bad in ("YWJ", "YW Jj", "!!!!", 5, None):
+        with pytest.raises(pb.BadRequest):
+            pb._b64decode_strict(bad, "x")
+
+
+def test_int_field():
+    assert pb._int_field({"a": 5}, "a") == 5
+    assert pb._int_field({}, "a", 7) == 7
+    for obj in ({}, {"a": "5"}, {"a": True}, {"a": 1.5}, {"a": 2 ** 63}):
+        with pytest.raises(pb.BadRequest):
+            pb._int_field(obj, "a")
+
+
+def test_escape_log_and_cli_version():
+    assert not re.search(r"[\x00-\x1f\x7f]", pb._escape_log("a\nb\r\x1b[31m"))
+    assert pb._parse_cli_version("pulumi-cli/1 (v3.259.0; linux; cmd=up)") == "v3.259.0"
+    assert pb._parse_cli_version("curl/8") == ""
+
+
+# ==== 5. Storage ===============================================================
+
+def test_store_pragmas_and_schema(tmp_path):
+    store = pb.SQLiteStore(str(tmp_path / "x.db"))
+    try:
+        with store.read() as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+            assert db.execute("PRAGMA synchronous").fetchone()[0] in (1, 2)  # NORMAL/FULL
+            assert db.execute("SELECT version FROM schema_version").fetchone()[0] == \
+                len(pb._SCHEMA)
+    finally:
+        store.close()
+
+
+def test_store_write_rolls_back_on_error(tmp_path):
+    store = pb.SQLiteStore(str(tmp_path / "x.db"))
+    try:
+        with pytest.raises(RuntimeError):
+            with store.write() as db:
+                store.set_meta(db, "k", b"v")
+                raise RuntimeError("boom")
+        with store.read() as db:
+            assert store.get_meta(db, "k") is None
+        with store.write() as db:
+            store.set_meta(db, "k", b"v")
+        with store.read() as db:
+            assert store.get_meta(db, "k") == b"v"
+    finally:
+        store.close()
+
+
+def test_store_refuses_unknown_columns_and_newer_schema(tmp_path):
+    path = str(tmp_path / "x.db")
+    store = pb.SQLiteStore(path)
+    with pytest.raises(ValueError):
+        with store.write() as db:
+            store.update_stack(db, "id", **{"name = 'x'; --": 1})
+    store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        pb.SQLiteStore(path)
+
+
+# ==== 6. Engine: delta application =============================================
+
+def _edit(start, end, text, legacy=None):
+    if legacy:
+        (l1, c1), (l2, c2) = legacy
+        return {"Span": {"uri": "", "start": {"line": l1, "column": c1, "offset": -1},
+                         "end": {"line": l2, "column": c2, "offset": -1}}, "NewText": text}
+    return {"Span": {"uri": "", "start": {"line": 1, "column": 1, "offset": start},
+                     "end": {"line": 1, "column": 1, "offset": end}}, "NewText": text}
+
+
+def test_apply_delta_worked_example():
+    out = pb.apply_delta(PREV_DOC, DELTA_EDITS)
+    assert out == NEW_DOC and hashlib.sha256(out).hexdigest() == NEW_HASH
+
+
+def test_apply_delta_insert_delete_and_utf8():
+    prev = b"0123456789"
+    assert pb.apply_delta(prev, []) == prev
+    assert pb.apply_delta(prev, [_edit(3, 3, "ab")]) == b"012ab3456789"
+    assert pb.apply_delta(prev, [_edit(2, 5, "")]) == b"0156789"
+    assert pb.apply_delta(prev, [_edit(0, 1, "é"), _edit(10, 10, "€")]) == \
+        "é123456789€".encode()
+    assert pb.apply_delta(prev, [_edit(1, 2, "x"), _edit(2, 2, "y")]) == b"0xy23456789"
+
+
+def test_apply_delta_legacy_line_points():
+    prev = b'{\n  "a": 1,\n  "b": 2\n}'
+    # Replace line 2, then insert before the end of the document (line count + 1).
+    edits = [_edit(0, 0, '  "a": 10,\n', legacy=((2, 1), (3, 1))),
+             _edit(0, 0, "\n", legacy=((4, 2), (5, 1)))]
+    assert pb.apply_delta(prev, edits) == b'{\n  "a": 10,\n  "b": 2\n}\n'
+    # Offset 0 on a later line is legacy too.
+    edit = {"Span": {"start": {"line": 3, "column": 3, "offset": 0},
+                     "end": {"line": 3, "column": 6, "offset": 0}}, "NewText": '"c"'}
+    assert pb.apply_delta(prev, [edit]) == b'{\n  "a": 1,\n  "c": 2\n}'
+
+
+@pytest.mark.parametrize("edits", [
+    [_edit(5, 11, "x")],                            # end past the document
+    [{"Span": {"start": {"offset": -1}, "end": {"offset": 2}}, "NewText": "x"}],  # no line
+    [_edit(6, 4, "x")],                             # start after end
+    [_edit(4, 6, "x"), _edit(2, 3, "y")],           # unordered
+    [_edit(2, 6, "x"), _edit(4, 8, "y")],           # overlapping
+    [_edit(0, 0, "x", legacy=((9, 1), (9, 1)))],    # line outside the document
+    "not a list",
+    [{"NewText": "x"}],
+    [{"Span": {"start": {"offset": 0}}, "NewText": "x"}],
+    [{"Span": {"start": {"offset": 0}, "end": {"offset": 1}}, "NewText": 5}],
+    [{"Span": {"start": {"offset": "0"}, "end": {"offset": 1}}, "NewText": "x"}],
+])
+def test_apply_delta_rejects_bad_edits(edits):
+    with pytest.raises(pb.BadRequest):
+        pb.apply_delta(b"0123456789", edits)
+
+
+# ==== 6. Engine: journal replay ================================================
+
+S = stack_res()
+A = res("a")
+B = res("b")
+C = res("c")
+PROVIDER = {"type": "service", "state": {"url": "https://api.example", "owner": ORG,
+                                         "project": "proj", "stack": "dev"}}
+
+
+def replay(base_resources, entries, cli_version="", **base_extra):
+    base = deployment(base_resources, **base_extra)
+    return pb.replay_journal(base, entries, cli_version)
+
+
+def resources_of(doc):
+    return doc["deployment"].get("resources") or []
+
+
+def test_replay_empty_journal_keeps_base():
+    out = replay([S, A, B], [])
+    assert out["version"] == 3 and "features" not in out
+    assert resources_of(out) == [S, A, B]
+    assert "pending_operations" not in out["deployment"]
+    assert out["deployment"]["metadata"] == {}
+    assert re.match(r"\d{4}-\d\d-\d\dT", out["deployment"]["manifest"]["time"])
+
+
+def test_replay_does_not_modify_base():
+    base = deployment([S, A, B])
+    before = json.dumps(base, sort_keys=True)
+    pb.replay_journal(base, [entry(1, 1, 1, deleteOld=1, state=res("a", outputs={"v": 2})),
+                             entry(2, 1, 2, pendingReplacementOld=2)])
+    assert json.dumps(base, sort_keys=True) == before
+
+
+def test_replay_begin_records_pending_operation():
+    op = {"resource": C, "type": "creating"}
+    out = replay([S], [entry(1, 0, 1, operation=op), entry(2, 0, 2)])
+    assert out["deployment"]["pending_operations"] == [op]
+    assert resources_of(out) == [S]
+
+
+def test_replay_success_adds_new_resources_before_base():
+    out = replay([S, A], [entry(1, 0, 1, operation={"resource": C, "type": "creating"}),
+                          entry(2, 1, 1, state=C)])
+    assert resources_of(out) == [C, S, A]
+    assert "pending_operations" not in out["deployment"]
+
+
+def test_replay_success_remove_old_replaces_base_resource():
+    a2 = res("a", outputs={"v": "new"})
+    out = replay([S, A, B], [entry(1, 1, 1, state=a2, removeOld=1)])
+    assert resources_of(out) == [a2, S, B]
+
+
+def test_replay_success_delete_old_and_pending_replacement_old():
+    a2 = res("a", id="a2-id")
+    out = replay([S, A, B], [entry(1, 1, 1, state=a2, deleteOld=1),
+                             entry(2, 1, 2, pendingReplacementOld=2)])
+    assert resources_of(out) == [a2, S, {**A, "delete": True},
+                                 {**B, "pendingReplacement": True}]
+
+
+def test_replay_success_remove_new_delete_new_pending_replacement_new():
+    c2, d = res("c", outputs={"v": "2"}), res("d")
+    out = replay([S], [entry(1, 1, 1, state=C), entry(2, 1, 2, state=c2, removeNew=1),
+                       entry(3, 1, 3, state=d), entry(4, 1, 4, state=res("e"), deleteNew=3),
+                       entry(5, 1, 5, pendingReplacementNew=2)])
+    assert [r["urn"] for r in resources_of(out)] == [c2["urn"], d["urn"], urn("e"), S["urn"]]
+    new = {r["urn"]: r for r in resources_of(out)}
+    assert new[d["urn"]]["delete"] is True
+    assert new[c2["urn"]]["pendingReplacement"] is True
+    assert "delete" not in new[urn("e")]
+
+
+def test_replay_success_with_unknown_operation_is_skipped():
+    out = replay([S], [entry(1, 1, 1, state=C), entry(2, 1, 2, deleteNew=99)])
+    assert resources_of(out) == [C, S]
+
+
+def test_replay_failure_clears_pending_operation_and_ignores_state():
+    out = replay([S], [entry(1, 0, 1, operation={"resource": C, "type": "creating"}),
+                       entry(2, 2, 1, state=C)])
+    assert resources_of(out) == [S]
+    assert "pending_operations" not in out["deployment"]
+
+
+def test_replay_refresh_success():
+    a2, c2 = res("a", outputs={"v": "refreshed"}), res("c", outputs={"v": "refreshed"})
+    out = replay([S, A, B], [
+        entry(1, 3, 1, state=a2, removeOld=1, isRefresh=True),   # replaced in place
+        entry(2, 3, 2, removeOld=2, isRefresh=True),             # gone
+        entry(3, 1, 3, state=C), entry(4, 3, 4, state=c2, removeNew=3),
+        entry(5, 1, 5, state=res("d")), entry(6, 3, 6, removeNew=5)])
+    assert resources_of(out) == [c2, S, a2]
+
+
+def test_replay_outputs_entries_replace_resources():
+    s2, c2 = {**S, "outputs": {"x": 1}}, res("c", outputs={"v": "out"})
+    out = replay([S, A], [entry(1, 1, 1, state=C), entry(2, 4, 2, state=s2, removeOld=0),
+                          entry(3, 4, 3, state=c2, removeNew=1)])
+    assert resources_of(out) == [c2, s2, A]
+
+
+def test_replay_write_replaces_base():
+    x, y = res("x"), res("y")
+    out = replay([S, A], [entry(1, 5, newSnapshot=deployment([x, y])),
+                          entry(2, 1, 1, removeOld=0)])
+    assert resources_of(out) == [y]
+
+
+def test_replay_secrets_manager_entry():
+    other = {"type": "passphrase", "state": {"salt": "v1:abc"}}
+    same = replay([S], [entry(1, 6, secretsProvider=PROVIDER)], secrets_providers=PROVIDER)
+    assert same["deployment"]["secrets_providers"] == PROVIDER
+    changed = replay([S], [entry(1, 6, secretsProvider=other)], secrets_providers=PROVIDER)
+    assert changed["deployment"]["secrets_providers"] == other
+    new = replay([S], [entry(1, 6, secretsProvider=PROVIDER)])
+    assert new["deployment"]["secrets_providers"] == PROVIDER
+
+
+def test_replay_rebuilt_base_state_folds_and_reindexes():
+    b_dep = res("b", dependencies=[A["urn"]])
+    out = replay([S, A, b_dep], [
+        entry(1, 3, 1, removeOld=1, isRefresh=True),   # refresh deletes A
+        entry(2, 7),                                   # new base: [S, B]
+        entry(3, 1, 2, removeOld=1)])                  # index 1 of the new base: B
+    assert resources_of(out) == [S]
+    # Dependencies were rebuilt when the base was folded.
+    folded = replay([S, A, b_dep], [entry(1, 3, 1, removeOld=1, isRefresh=True), entry(2, 7)])
+    assert resources_of(folded) == [S, res("b")]
+
+
+def test_replay_extension_parameterize_and_base_precedence():
+    ext1 = {"name": "p", "version": "1.0.0", "value": "AQ=="}
+    ext2 = {"name": "q", "version": "2.0.0", "value": "Ag=="}
+    out = replay([S], [entry(1, 8, extensionRef="r1", extension=ext1),
+                       entry(2, 8, extensionRef="r2", extension=ext2)],
+                 extensions={"r2": {"name": "base", "version": "0", "value": ""}})
+    assert out["deployment"]["extensions"] == {
+        "r1": ext1, "r2": {"name": "base", "version": "0", "value": ""}}
+
+
+def test_replay_snippets_set_feature_and_version_4():
+    snippets = [{"uuid": "u1", "name": "s", "type": "t", "code": "c", "descriptor": {"name": "n"}}]
+    out = replay([S], [entry(1, 9, snippets=snippets)])
+    assert out["deployment"]["snippets"] == snippets
+    assert out["version"] == 4 and out["features"] == ["snippets-prototype"]
+
+
+def test_replay_byte_string_and_resource_features():
+    out = replay([S], [entry(1, 1, 1, state=res("c", taint=True), requiresByteString=True),
+                       entry(2, 1, 2, state=res("d", viewOf=S["urn"]))])
+    assert out["version"] == 4
+    assert out["features"] == ["byteString", "taint", "views"]
+
+
+def test_replay_base_pending_operations_keep_only_creating():
+    creating = {"resource": res("x"), "type": "creating"}
+    deleting = {"resource": res("y"), "type": "deleting"}
+    out = replay([S], [], pending_operations=[deleting, creating])
+    assert out["deployment"]["pending_operations"] == [creating]
+
+
+def test_replay_manifest_metadata_and_provider():
+    meta = {"integrity_error": {"version": "3", "command": "x", "error": "e", "env_vars": {}}}
+    out = replay([S], [], cli_version="v3.1.0", metadata=meta, secrets_providers=PROVIDER)
+    manifest = out["deployment"]["manifest"]
+    assert manifest["version"] == "v3.1.0"
+    assert manifest["magic"] == hashlib.sha256(b"v3.1.0").hexdigest()
+    assert "plugins" not in manifest
+    assert out["deployment"]["metadata"] == meta
+    assert out["deployment"]["secrets_providers"] == PROVIDER
+
+
+def test_replay_normalizes_aliases():
+    old = urn("old")
+    renamed = res("new", aliases=[old])
+    dependent = res("d", dependencies=[old], propertyDependencies={"p": [old]},
+                    parent=old)
+    out = replay([], [entry(1, 1, 1, state=renamed), entry(2, 1, 2, state=dependent)])
+    got = resources_of(out)
+    assert "aliases" not in got[0]
+    assert got[1]["dependencies"] == [renamed["urn"]]
+    assert got[1]["propertyDependencies"] == {"p": [renamed["urn"]]}
+    # A child of an aliased non-stack parent gets the parent's type in its URN.
+    assert got[1]["parent"] == renamed["urn"]
+
+
+def test_replay_worked_example_4_6():
+    """state-protocols.md §4.6: the CLI stops before the delete of B succeeds."""
+    s1, s2 = {**S, "outputs": {"n": 1}}, {**S, "outputs": {"n": 2}}
+    a2 = res("a", outputs={"v": "A''"})
+    entries = [
+        entry(1, 6, secretsProvider=PROVIDER),
+        entry(2, 0, 1),
+        entry(3, 1, 1, state=s1, removeOld=0),
+        entry(4, 0, 2, operation={"resource": a2, "type": "updating"}),
+        entry(5, 0, 3, operation={"resource": C, "type": "creating"}),
+        entry(6, 1, 3, state=C),
+        entry(7, 1, 2, state=a2, removeOld=1),
+        entry(8, 0, 4, operation={"resource": B, "type": "deleting"}),
+        entry(9, 4, 5, state=s2, removeNew=1),
+    ]
+    out = replay([S, A, B], entries, secrets_providers=PROVIDER)
+    assert resources_of(out) == [s2, C, a2, B]
+    assert out["deployment"]["pending_operations"] == [{"resource": B, "type": "deleting"}]
+    assert out["deployment"]["secrets_providers"] == PROVIDER
+    done = replay([S, A, B], entries + [entry(10, 1, 4, removeOld=2)],
+                  secrets_providers=PROVIDER)
+    assert resources_of(done) == [s2, C, a2]
+    assert "pending_operations" not in done["deployment"]
+
+
+def test_replay_refresh_rebuilds_dependencies():
+    comp = res("comp", "my:index:Component", custom=False)
+    a = res("a", parent=comp["urn"])
+    b = res("b", dependencies=[a["urn"], comp["urn"]],
+            propertyDependencies={"x": [a["urn"]], "y": [comp["urn"]]},
+            deletedWith=a["urn"], replaceWith=[a["urn"]])
+    child = res("child", parent=a["urn"], dependencies=[a["urn"]])
+    out = replay([S, comp, a, b, child], [entry(1, 3, 1, removeOld=2, isRefresh=True)])
+    got = {r["urn"]: r for r in resources_of(out)}
+    assert list(got) == [S["urn"], comp["urn"], b["urn"], child["urn"]]
+    assert got[b["urn"]]["dependencies"] == [comp["urn"]]
+    assert got[b["urn"]]["propertyDependencies"] == {"y": [comp["urn"]]}
+    assert "deletedWith" not in got[b["urn"]]
+    assert not got[b["urn"]].get("replaceWith")
+    assert "dependencies" not in got[child["urn"]]
+    # The deleted parent is gone from the list, so (exactly like the CLI's
+    # undangleParentResources) the child's parent is cleared.
+    assert not got[child["urn"]].get("parent")
+
+
+def test_replay_without_refresh_keeps_dependencies():
+    b = res("b", dependencies=[A["urn"]])
+    out = replay([S, A, b], [entry(1, 1, 1, removeOld=1)])
+    assert resources_of(out) == [S, b]
+
+
+# ==== 7. Crypto ================================================================
+
+_K15 = bytes.fromhex("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
+_IV15 = bytes.fromhex("cafebabefacedbaddecaf888")
+_P15 = bytes.fromhex(
+    "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72"
+    "1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b391aafd255")
+_C15 = bytes.fromhex(
+    "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa"
+    "8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662898015ad")
+_A16 = bytes.fromhex("feedfacedeadbeeffeedfacedeadbeefabaddad2")
+# McGrew & Viega, "The Galois/Counter Mode of Operation", test cases 13-16 (AES-256).
+GCM_VECTORS = [
+    (13, bytes(32), bytes(12), b"", b"", b"", "530f8afbc74536b9a963b4f1c4cb738b"),
+    (14, bytes(32), bytes(12), bytes(16), b"",
+     bytes.fromhex("cea7403d4d606b6e074ec5d3baf39d18"), "d0d1c8a799996bf0265b98b5d48ab919"),
+    (15, _K15, _IV15, _P15, b"", _C15, "b094dac5d93471bdec1a502270e3cc6c"),
+    (16, _K15, _IV15, _P15[:60], _A16, _C15[:60], "76fc6ece0f4e1768cddf8853bb2d551b"),
+]
+
+
+@pytest.fixture(params=["openssl", "python"])
+def crypto(request):
+    try:
+        c = pb.Crypto(request.param)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    assert c.name == request.param
+    return c
+
+
+@pytest.fixture
+def both_cryptos():
+    try:
+        return pb.Crypto("openssl"), pb.Crypto("python")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+def test_openssl_binding_is_used_when_available(crypto):
+    impl = {"openssl": pb._OpenSSLGCM, "python": pb._PythonGCM}[crypto.name]
+    assert isinstance(crypto.impl, impl)
+
+
+@pytest.mark.parametrize("case, key, iv, plain, aad, cipher, tag", GCM_VECTORS,
+                         ids=[f"case{v[0]}" for v in GCM_VECTORS])
+def test_gcm_published_vectors(crypto, case, key, iv, plain, aad, cipher, tag):
+    ct, got_tag = crypto.impl.encrypt(key, iv, plain, aad)
+    assert ct == cipher and got_tag.hex() == tag
+    assert crypto.impl.decrypt(key, iv, cipher, bytes.fromhex(tag), aad) == plain
+    bad_tag = bytearray.fromhex(tag)
+    bad_tag[0] ^= 1
+    with pytest.raises(ValueError):
+        crypto.impl.decrypt(key, iv, cipher, bytes(bad_tag), aad)
+    if aad:
+        with pytest.raises(ValueError):
+            crypto.impl.decrypt(key, iv, cipher, bytes.fromhex(tag), aad[:-1])
+
+
+def test_gcm_round_trips_across_implementations(both_cryptos):
+    ossl, py = both_cryptos
+    rng = __import__("random").Random(1234)
+    for n in list(range(0, 40)) + [63, 64, 65, 255, 1000]:
+        key, nonce = rng.randbytes(32), rng.randbytes(12)
+        plain, aad = rng.randbytes(n), rng.randbytes(rng.randrange(0, 40))
+        assert ossl.impl.encrypt(key, nonce, plain, aad) == py.impl.encrypt(key, nonce, plain, aad)
+        assert py.open(key, ossl.seal(key, plain, aad), aad) == plain
+        assert ossl.open(key, py.seal(key, plain, aad), aad) == plain
+
+
+def test_seal_format_and_tamper_detection(crypto):
+    key = secrets.token_bytes(32)
+    blob = crypto.seal(key, b"hunter2")
+    assert blob[0] == 1 and len(blob) == 1 + 12 + 7 + 16
+    assert crypto.seal(key, b"hunter2") != blob  # fresh nonce every time
+    assert crypto.open(key, blob) == b"hunter2"
+    for index in (0, 1, 13, len(blob) - 1):       # version, nonce, ciphertext, tag
+        bad = bytearray(blob)
+        bad[index] ^= 0x01
+        with pytest.raises(ValueError):
+            crypto.open(key, bytes(bad))
+    for bad in (blob[:-1], blob[:20], b"", blob + b"x"):
+        with pytest.raises(ValueError):
+            crypto.open(key, bad)
+    with pytest.raises(ValueError):
+        crypto.open(secrets.token_bytes(32), blob)
+    with pytest.raises(ValueError):
+        crypto.open(key, crypto.seal(key, b"x", b"aad1"), b"aad2")
+    with pytest.raises(ValueError):
+        crypto.seal(key[:16], b"x")
+
+
+def test_key_manager_files_and_binding(tmp_path):
+    path = str(tmp_path / "k")
+    key = pb.KeyManager.load_or_create(path)
+    assert len(key) == 32 and os.stat(path).st_mode & 0o777 == 0o600
+    assert pb.KeyManager.load_or_create(path) == key
+    (tmp_path / "short").write_bytes(b"x" * 31)
+    with pytest.raises(ValueError):
+        pb.KeyManager.load_or_create(str(tmp_path / "short"))
+    with pytest.raises(ValueError):
+        pb.KeyManager(pb.Crypto("auto"), b"x" * 31)
+    keys = pb.KeyManager(pb.Crypto("auto"), key)
+    wrapped = keys.wrap_data_key("stack-1", b"d" * 32)
+    assert keys.unwrap_data_key("stack-1", wrapped) == b"d" * 32
+    with pytest.raises(ValueError):  # a wrapped key cannot move to another stack
+        keys.unwrap_data_key("stack-2", wrapped)
+
+
+def test_wrong_master_key_refused_at_start(cfg):
+    store, _ = pb.build_app(cfg, environ={})
+    store.close()
+    assert len(Path(cfg.key_file()).read_bytes()) == 32
+    with pytest.raises(ValueError, match="master key"):
+        pb.build_app(dataclasses.replace(cfg, master_key=secrets.token_bytes(32)), environ={})
+    store, _ = pb.build_app(cfg, environ={})  # the right key still works
+    store.close()
+
+
+def test_rotate_keeps_every_secret_readable(start, cfg):
+    srv = start()
+    texts = {}
+    for name in ("one", "two", "three"):
+        path = srv.create_stack(stack=name)
+        status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(name.encode())})
+        assert status == 200
+        texts[path] = out["ciphertext"]
+    srv.stop()
+    old_key = Path(cfg.key_file()).read_bytes()
+    new_key = secrets.token_bytes(32)
+    store = pb.SQLiteStore(cfg.db)
+    try:
+        assert pb.KeyManager(pb.Crypto("auto"), old_key).rotate(store, new_key) == 3
+    finally:
+        store.close()
+    with pytest.raises(ValueError):
+        pb.build_app(cfg, environ={})  # the old key (the .key file) no longer opens it
+    srv2 = start(master_key=new_key)
+    for path, ciphertext in texts.items():
+        status, _, out = srv2.request("POST", path + "/decrypt", {"ciphertext": ciphertext})
+        assert status == 200, out
+        assert base64.b64decode(out["plaintext"]).decode() == path.rsplit("/", 1)[1]
+
+
+# ==== 8. HTTP layer: request, response and router ==============================
+
+def test_router_literal_segments_win_and_head_falls_back():
+    def h1(req):
+        return None
+
+    def h2(req):
+        return None
+
+    router = pb.Router()
+    router.add("GET", "/a/{x}/{y}", h1)
+    router.add("GET", "/a/updates/latest", h2, auth="none")
+    router.add("POST", "/a/{x}/{y}", h1)
+    assert router.match("GET", "/a/updates/latest")[:2] == (h2, "none")
+    handler, auth, params = router.match("HEAD", "/a/x%20y/z")
+    assert handler is h1 and auth == "token" and params == {"x": "x y", "y": "z"}
+    with pytest.raises(pb.MethodNotAllowed) as e:
+        router.match("DELETE", "/a/q/w")
+    assert e.value.headers["Allow"] == "GET, HEAD, POST"
+    with pytest.raises(pb.NotFound):
+        router.match("GET", "/b")
+    with pytest.raises(pb.NotFound):
+        router.match("GET", "/a//z")
+
+
+def test_unknown_path_is_404_with_code(srv):
+    status, headers, out = srv.request("GET", "/api/no/such/route")
+    assert status == 404
+    assert headers["Content-Type"].startswith("application/json")
+    assert out["code"] == 404 and out["message"].startswith("Not Found")
+
+
+def test_wrong_method_is_405_with_allow(srv):
+    status, headers, out = srv.request("DELETE", "/api/user")
+    assert status == 405 and out["code"] == 405
+    assert headers["Allow"] == "GET, HEAD"
+    status, headers, out = srv.request("PUT", sp())
+    assert status == 405 and out["code"] == 405
+    assert set(headers["Allow"].split(", ")) == {"DELETE", "GET", "HEAD"}
+
+
+def test_literal_routes_are_not_taken_for_update_routes(srv):
+    path = srv.create_stack()
+    for n in range(1, 4):
+        srv.import_state(path, untyped([res(f"r{n}")]))
+    status, _, out = srv.request("GET", path + "/updates/latest")
+    assert status == 200, out
+    assert out["info"]["kind"] == "import" and out["info"]["version"] == 3
+    assert urns(srv.export(path, 3)) == [urn("r3")]
+    assert urns(srv.export(path, 2)) == [urn("r2")]
+    for suffix, body in (("/decrypt/log-decryption", {"secretName": "k"}),
+                         ("/decrypt/log-batch-decryption", {"commandName": "pulumi config"})):
+        status, _, out = srv.request("POST", path + suffix, body)
+        assert (status, out) == (200, {})
+
+
+def test_head_falls_back_to_get(srv):
+    status, headers, out = srv.request("HEAD", "/api/user")
+    assert status == 200 and out == b""
+    assert int(headers["Content-Length"]) > 0
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(srv):
+    conn = srv.connection()
+    try:
+        assert srv.request("GET", "/api/user", conn=conn)[0] == 200
+        sock = conn.sock
+        assert sock is not None
+        assert srv.request("GET", "/api/capabilities", conn=conn)[0] == 200
+        assert conn.sock is sock
+        assert srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "ka"},
+                           conn=conn)[0] == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_keep_alive_responses_are_not_delayed(srv):
+    # A response written as two small TCP segments (headers, then body) waits
+    # for the client's delayed ACK (~40 ms on Linux) on a reused connection.
+    conn = srv.connection()
+    try:
+        times = []
+        for _ in range(6):
+            t0 = time.monotonic()
+            assert srv.request("GET", "/api/user", conn=conn)[0] == 200
+            times.append(time.monotonic() - t0)
+    finally:
+        conn.close()
+    assert min(times[1:]) < 0.02, [f"{t * 1000:.0f}ms" for t in times]
+
+
+@pytest.mark.parametrize("accept", ["application/vnd.pulumi+9", "application/vnd.pulumi+8",
+                                    "application/x-tar, application/vnd.pulumi+9"])
+def test_accept_api_versions(srv, accept):
+    status, _, out = srv.request("GET", "/api/user", headers={"Accept": accept})
+    assert status == 200 and out["githubLogin"] == "admin"
+
+
+def test_gzip_request_bodies(srv):
+    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "gz"},
+                                 gzip_body=True)
+    assert status == 200, out
+    assert srv.stack(sp(stack="gz"))["stackName"] == "gz"
+    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", b"\x1f\x8b garbage",
+                                 headers={"Content-Encoding": "gzip"})
+    assert status == 400 and out["code"] == 400
+    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", b"{}",
+                                 headers={"Content-Encoding": "br"})
+    assert status == 400 and out["code"] == 400
+
+
+def test_gzip_bomb_is_413(start):
+    srv = start(max_decompressed=1024 * 1024)
+    path = srv.create_stack()
+    bomb = gzip.compress(bytes(50 * 1024 * 1024), compresslevel=9)
+    assert len(bomb) < 100 * 1024
+    status, _, out = srv.request("POST", path + "/import", bomb,
+                                 headers={"Content-Encoding": "gzip"})
+    assert status == 413 and out["code"] == 413
+    assert srv.stack(path)["version"] == 0
+    # The connection pool is healthy afterwards.
+    assert srv.request("GET", "/api/user")[0] == 200
+
+
+def test_body_over_max_body_is_413(start):
+    srv = start(max_body=1000)
+    conn = srv.connection()
+    try:
+        conn.putrequest("POST", f"/api/stacks/{ORG}/proj")
+        conn.putheader("Authorization", "token t")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "5000000")
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 413 and body["code"] == 413
+    assert resp.headers["Connection"] == "close"
+    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "small"})
+    assert status == 200, out
+
+
+def test_chunked_request_body_is_411(srv):
+    conn = srv.connection()
+    try:
+        conn.request("POST", f"/api/stacks/{ORG}/proj", body=iter([b'{"stackName":"c"}']),
+                     headers={"Authorization": "token t", "Transfer-Encoding": "chunked"},
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 411 and body["code"] == 411
+
+
+def test_response_gzip_only_when_accepted(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([res(f"r{i}") for i in range(20)]))
+    status, headers, body = srv.request("GET", path + "/export", accept_gzip=True, raw=True)
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    plain = gzip.decompress(body)
+    for accept in (None, "identity", "br, deflate"):
+        extra = {"Accept-Encoding": accept} if accept else {}
+        status, headers, body = srv.request("GET", path + "/export", headers=extra, raw=True)
+        assert status == 200 and headers.get("Content-Encoding") is None, accept
+        assert body == plain
+    # JSON responses large enough to be worth it are gzipped too, and only as gzip.
+    for n in range(15):
+        srv.create_stack(stack=f"s{n:02}")
+    status, headers, body = srv.request("GET", "/api/user/stacks", accept_gzip=True, raw=True)
+    assert headers.get("Content-Encoding") in (None, "gzip")
+    if headers.get("Content-Encoding"):
+        body = gzip.decompress(body)
+    assert len(json.loads(body)["stacks"]) == 16
+
+
+def test_response_not_gzipped_when_gzip_refused(srv):
+    # RFC 9110 §12.5.3: "gzip;q=0" means gzip is not acceptable.
+    path = srv.create_stack()
+    srv.import_state(path, untyped([res(f"r{i}") for i in range(20)]))
+    status, headers, _ = srv.request("GET", path + "/export",
+                                     headers={"Accept-Encoding": "gzip;q=0, identity"}, raw=True)
+    assert status == 200 and headers.get("Content-Encoding") is None
+
+
+def test_unexpected_exception_is_plain_500(srv, monkeypatch, caplog):
+    def boom(query):
+        raise RuntimeError("sensitive internal detail")
+
+    monkeypatch.setattr(srv.app.engine, "list_stacks", boom)
+    status, headers, body = srv.request("GET", "/api/user/stacks", raw=True)
+    assert status == 500
+    assert b"Traceback" not in body and b"sensitive" not in body and b".py" not in body
+    assert srv.request("GET", "/api/user")[0] == 200
+
+
+def test_missing_authorization_is_401(srv):
+    for token in (None, "token", "Bearer t", "update-token x"):
+        status, _, out = srv.request("GET", "/api/user", token=token)
+        assert status == 401 and out["code"] == 401, token
+
+
+def test_configured_tokens(start):
+    srv = start(auth_tokens=("s3cret", "other"))
+    assert srv.request("GET", "/api/user", token="token wrong")[0] == 401
+    assert srv.request("GET", "/api/user", token="token s3cret2")[0] == 401
+    assert srv.request("GET", "/api/user", token="token s3cret")[0] == 200
+    assert srv.request("GET", "/api/user", token="token other")[0] == 200
+
+
+# ==== 9. Handlers: identity ====================================================
+
+def test_user(start):
+    srv = start(user="alice", org="acme")
+    status, _, out = srv.request("GET", "/api/user")
+    assert status == 200
+    assert out["githubLogin"] == "alice"
+    assert [o["githubLogin"] for o in out["organizations"]] == ["acme"]
+
+
+def test_default_organization(srv):
+    status, _, out = srv.request("GET", "/api/user/organizations/default")
+    assert status == 200 and out == {"GitHubLogin": ORG, "Messages": []}
+
+
+def test_capabilities_exact(start):
+    srv = start(checkpoint_cutoff=12345)
+    status, _, out = srv.request("GET", "/api/capabilities")
+    assert status == 200
+    caps = {c["capability"]: c for c in out["capabilities"]}
+    assert len(caps) == len(out["capabilities"]) == 3
+    assert caps == {
+        "delta-checkpoint-uploads-v2": {
+            "capability": "delta-checkpoint-uploads-v2", "version": 2,
+            "configuration": {"checkpointCutoffSizeBytes": 12345}},
+        "batch-encrypt": {"capability": "batch-encrypt"},
+        "deployment-schema-version": {
+            "capability": "deployment-schema-version", "version": 1,
+            "configuration": {"version": 4}},
+    }
+
+
+# ==== 9. Handlers: stacks ======================================================
+
+def test_create_and_get_stack(srv):
+    srv.create_stack(tags={"pulumi:project": "proj"})
+    out = srv.stack(sp())
+    assert out["orgName"] == ORG and out["projectName"] == "proj" and out["stackName"] == "dev"
+    assert out["version"] == 0 and out["activeUpdate"] == ""
+    assert out["tags"] == {"pulumi:project": "proj"}
+    assert "config" not in out and "currentOperation" not in out
+    status, _, err = srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "dev"})
+    assert status == 409 and err["code"] == 409 and "already exists" in err["message"]
+
+
+def test_create_stack_with_initial_state_and_config(srv):
+    state = untyped(secrets_providers={"type": "passphrase", "state": {"salt": "v1:x"}})
+    srv.create_stack(state=state)
+    assert srv.export(sp())["deployment"]["secrets_providers"]["type"] == "passphrase"
+    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj",
+                                 {"stackName": "remote", "config": {"environment": "proj/remote"}})
+    assert status == 400 and out["code"] == 400
+
+
+def test_project_exists_head(srv):
+    assert srv.request("HEAD", f"/api/stacks/{ORG}/proj")[0] == 404
+    srv.create_stack()
+    status, _, body = srv.request("HEAD", f"/api/stacks/{ORG}/proj")
+    assert status == 200 and body == b""
+    assert srv.request("HEAD", f"/api/stacks/{ORG}/other")[0] == 404
+
+
+def test_list_stacks_filters(srv):
+    srv.create_stack("p1", "a", tags={"env": "prod"})
+    srv.create_stack("p1", "b", tags={"env": "dev"})
+    srv.create_stack("p2", "c", tags={"env": "prod", "team": "x"})
+
+    def names(query=""):
+        status, _, out = srv.request("GET", "/api/user/stacks" + query)
+        assert status == 200, out
+        assert "continuationToken" in out and out["continuationToken"] is None
+        return [(s["projectName"], s["stackName"]) for s in out["stacks"]]
+
+    assert names() == [("p1", "a"), ("p1", "b"), ("p2", "c")]
+    assert names("?project=p1") == [("p1", "a"), ("p1", "b")]
+    assert names(f"?organization={ORG}&project=p2") == [("p2", "c")]
+    assert names("?organization=someone-else") == []
+    assert names("?tagName=env&tagValue=prod") == [("p1", "a"), ("p2", "c")]
+    assert names("?tagName=team") == [("p2", "c")]
+    assert names("?tagName=env&tagValue=qa") == []
+    assert names("?project=p1&tagName=env&tagValue=dev") == [("p1", "b")]
+    status, _, out = srv.request("GET", "/api/user/stacks?continuationToken=%25%25bad")
+    assert status == 400
+
+
+def test_list_stacks_pages_to_the_end(srv):
+    expected = []
+    for n in range(205):
+        srv.create_stack("many", f"s{n:03}")
+        expected.append(f"s{n:03}")
+    srv.create_stack("other", "x")
+    seen, token, pages = [], None, 0
+    while True:
+        query = "?project=many" + (f"&continuationToken={token}" if token is not None else "")
+        status, _, out = srv.request("GET", "/api/user/stacks" + query)
+        assert status == 200, out
+        assert "continuationToken" in out and out["continuationToken"] != ""
+        assert len(out["stacks"]) <= pb.STACK_PAGE_SIZE
+        seen += [s["stackName"] for s in out["stacks"]]
+        pages += 1
+        token = out["continuationToken"]
+        if token is None:
+            break
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", token)  # appended to URLs unescaped
+        assert pages < 10
+    assert seen == expected and pages == 3
+
+
+def test_delete_stack(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    status, _, out = srv.request("DELETE", path + "?force=false")
+    assert status == 400 and out == {"code": 400, "message": pb.MSG_STACK_HAS_RESOURCES}
+    assert srv.stack(path)["version"] == 1
+    assert srv.request("DELETE", path + "?force=true")[0] == 200
+    assert srv.request("GET", path)[0] == 404
+    assert srv.request("DELETE", path + "?force=true")[0] == 404
+    empty = srv.create_stack(stack="empty")
+    assert srv.request("DELETE", empty + "?force=false")[0] == 200
+    # The name can be reused and starts from scratch.
+    srv.create_stack()
+    assert srv.stack(path)["version"] == 0 and srv.history(path) == []
+
+
+def test_rename_stack(srv):
+    path = srv.create_stack()
+    status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"hunter2")})
+    ciphertext = out["ciphertext"]
+    provider = {"type": "service", "state": {"url": srv.url, "owner": ORG, "project": "proj",
+                                             "stack": "dev"}}
+    prov = urn("default", "pulumi:providers:random")
+    state = untyped([
+        S, {"urn": prov, "custom": True, "id": "p-id", "type": "pulumi:providers:random"},
+        res("a", parent=S["urn"], provider=f"{prov}::p-id",
+            outputs={"pw": {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270",
+                            "ciphertext": ciphertext}}),
+        res("b", dependencies=[urn("a")], propertyDependencies={"x": [urn("a")]})],
+        secrets_providers=provider)
+    srv.import_state(path, state)
+
+    assert srv.request("POST", path + "/rename", {"newName": "prod", "newProject": "proj"})[0] == 200
+    assert srv.request("GET", path)[0] == 404
+    new = sp(stack="prod")
+    assert srv.stack(new)["stackName"] == "prod" and srv.stack(new)["version"] == 1
+    assert [u["kind"] for u in srv.history(new)] == ["import"]
+    status, _, out = srv.request("POST", new + "/decrypt", {"ciphertext": ciphertext})
+    assert status == 200 and base64.b64decode(out["plaintext"]) == b"hunter2"
+    doc = srv.export(new)
+    text = json.dumps(doc)
+    assert "urn:pulumi:dev::" not in text
+    # Only the stack and project parts of a URN change, never the name part.
+    assert urns(doc) == [urn("proj-dev", "pulumi:pulumi:Stack", "prod"),
+                         urn("default", "pulumi:providers:random", "prod"),
+                         urn("a", stack="prod"), urn("b", stack="prod")]
+    a = doc["deployment"]["resources"][2]
+    assert a["parent"] == urn("proj-dev", "pulumi:pulumi:Stack", "prod")
+    assert a["provider"] == urn("default", "pulumi:providers:random", "prod") + "::p-id"
+    assert doc["deployment"]["resources"][3]["dependencies"] == [urn("a", stack="prod")]
+    assert doc["deployment"]["secrets_providers"]["state"] == {
+        "url": srv.url, "owner": ORG, "project": "proj", "stack": "prod"}
+
+    # A project rename rewrites the project part as well.
+    assert srv.request("POST", new + "/rename", {"newName": "prod", "newProject": "proj2"})[0] == 200
+    moved = sp("proj2", "prod")
+    doc = srv.export(moved)
+    assert all(u.startswith("urn:pulumi:prod::proj2::") for u in urns(doc))
+    assert doc["deployment"]["secrets_providers"]["state"]["project"] == "proj2"
+    status, _, out = srv.request("POST", moved + "/decrypt", {"ciphertext": ciphertext})
+    assert status == 200 and base64.b64decode(out["plaintext"]) == b"hunter2"
+
+    # The target exists: 409, nothing changes.
+    srv.create_stack("proj2", "taken")
+    status, _, out = srv.request("POST", moved + "/rename", {"newName": "taken",
+                                                             "newProject": "proj2"})
+    assert status == 409 and out["code"] == 409
+    assert srv.stack(moved)["version"] == 1 and srv.stack(sp("proj2", "taken"))["version"] == 0
+
+
+def test_set_tags_replaces_all(srv):
+    path = srv.create_stack(tags={"a": "1", "b": "2"})
+    status, _, _ = srv.request("PATCH", path + "/tags", {"c": "3", "pulumi:project": "proj"})
+    assert status == 200
+    assert srv.stack(path)["tags"] == {"c": "3", "pulumi:project": "proj"}
+    for bad in ({"bad name": "x"}, {"a": "x" * 257}, {"a": 5}, ["a"]):
+        status, _, out = srv.request("PATCH", path + "/tags", bad)
+        assert status == 400 and out["code"] == 400, bad
+    assert srv.stack(path)["tags"] == {"c": "3", "pulumi:project": "proj"}
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", f"/api/stacks/{ORG}/proj", {"stackName": "bad name"}),
+    ("POST", f"/api/stacks/{ORG}/proj", {"stackName": "x" * 101}),
+    ("POST", f"/api/stacks/{ORG}/proj", {}),
+    ("POST", f"/api/stacks/{ORG}/bad%20proj", {"stackName": "dev"}),
+    ("GET", f"/api/stacks/{ORG}/proj/bad%20name", None),
+    ("GET", f"/api/stacks/{ORG}/proj/a%2Fb", None),
+])
+def test_invalid_names_are_400(srv, method, path, body):
+    status, _, out = srv.request(method, path, body)
+    assert status == 400 and out["code"] == 400
+
+
+def test_other_organization_is_404(srv):
+    srv.create_stack()
+    for method, path, body in (("GET", "/api/stacks/someone/proj/dev", None),
+                               ("POST", "/api/stacks/someone/proj", {"stackName": "dev"}),
+                               ("GET", "/api/stacks/someone/proj/dev/export", None)):
+        status, _, out = srv.request(method, path, body)
+        assert status == 404 and out["code"] == 404, path
+    assert srv.request("HEAD", "/api/stacks/someone/proj")[0] == 404
+
+
+def test_stack_summary_fields(srv):
+    path = srv.create_stack()
+
+    def summary():
+        status, _, out = srv.request("GET", "/api/user/stacks")
+        (only,) = out["stacks"]
+        return only
+
+    first = summary()
+    assert "lastUpdate" not in first and first["resourceCount"] == 0
+    assert first["projectName"] == "proj" and first["stackName"] == "dev"
+    before = int(time.time())
+    srv.import_state(path, untyped([S, A, B]))
+    after_import = summary()
+    assert after_import["resourceCount"] == 3
+    assert before <= after_import["lastUpdate"] <= int(time.time())
+    update = srv.begin(path)
+    assert summary()["lastUpdate"] == 0  # "in progress"
+    stack = srv.stack(path)
+    assert stack["activeUpdate"] == update.id
+    assert stack["currentOperation"]["kind"] == "update"
+    assert update.complete()[0] == 200
+    assert summary()["lastUpdate"] > 0 and "currentOperation" not in srv.stack(path)
+
+
+# ==== 9. Handlers: state =======================================================
+
+def test_export_of_new_stack(srv):
+    path = srv.create_stack()
+    doc = srv.export(path)
+    assert doc["version"] == 3 and isinstance(doc["deployment"]["manifest"], dict)
+    assert set(doc["deployment"]["manifest"]) >= {"time", "magic", "version"}
+
+
+def test_import_creates_version_and_succeeded_update(srv):
+    path = srv.create_stack()
+    update_id = srv.import_state(path, untyped([S, A]))
+    assert srv.stack(path)["version"] == 1
+    status, _, out = srv.request("GET", f"{path}/update/{update_id}")
+    assert status == 200 and out["status"] == "succeeded"
+    assert out.get("continuationToken") is None
+    assert urns(srv.export(path)) == [S["urn"], A["urn"]]
+    (info,) = srv.history(path)
+    assert info["kind"] == "import" and info["result"] == "succeeded" and info["version"] == 1
+
+
+def test_export_import_byte_round_trip(srv):
+    path = srv.create_stack()
+    # Unusual spacing and key order survive: the stored bytes are served verbatim.
+    data = (b'{"deployment": {"resources": [' + compact(A) + b'],  "metadata":{},'
+            b'"manifest":{"version":"","magic":"","time":"2026-01-01T00:00:00Z"}},'
+            b' "version": 3}')
+    srv.import_state(path, data)
+    assert srv.export_bytes(path) == data
+    exported = srv.export_bytes(path)
+    srv.import_state(path, exported)
+    assert srv.export_bytes(path) == exported and srv.stack(path)["version"] == 2
+
+
+def test_export_older_version_and_missing_versions(start):
+    srv = start(history_limit=2)
+    path = srv.create_stack()
+    docs = [compact(untyped([res(f"r{n}")])) for n in range(1, 5)]
+    for doc in docs:
+        srv.import_state(path, doc)
+    assert srv.export_bytes(path, 4) == docs[3]
+    assert srv.export_bytes(path, 3) == docs[2]
+    for version in (1, 2, 99):  # pruned, pruned, unknown
+        status, _, out = srv.request("GET", f"{path}/export/{version}")
+        assert status == 404 and out["code"] == 404, version
+    for version in ("0", "abc", "-1"):
+        status, _, out = srv.request("GET", f"{path}/export/{version}")
+        assert status == 400 and out["code"] == 400, version
+
+
+def test_export_with_accept_gzip_returns_stored_bytes(srv):
+    path = srv.create_stack()
+    data = compact(untyped([S]))
+    srv.import_state(path, data)
+    status, headers, body = srv.request("GET", path + "/export", accept_gzip=True, raw=True)
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert body == pb._gzip_bytes(data)
+    assert gzip.decompress(body) == data
+
+
+@pytest.mark.parametrize("doc", [
+    {"version": 5, "deployment": {}},
+    {"version": 0, "deployment": {}},
+    {"version": "3", "deployment": {}},
+    {"version": 4, "features": ["teleport"], "deployment": {}},
+    {"version": 3},
+    {"version": 3, "deployment": {"resources": ["x"]}},
+    [1, 2],
+])
+def test_import_rejects_invalid_deployments(srv, doc):
+    path = srv.create_stack()
+    before = srv.export_bytes(path)
+    status, _, out = srv.request("POST", path + "/import", doc, gzip_body=True)
+    assert status == 400 and out["code"] == 400
+    assert srv.export_bytes(path) == before and srv.stack(path)["version"] == 0
+    status, _, out = srv.request("POST", path + "/import", b"{not json", gzip_body=True)
+    assert status == 400
+
+
+def test_import_accepts_version_4_features(srv):
+    path = srv.create_stack()
+    doc = {"version": 4, "features": ["taint"], "deployment": deployment([res("a", taint=True)])}
+    srv.import_state(path, doc)
+    assert srv.export(path)["features"] == ["taint"]
+
+
+# ==== 9. Handlers: secrets =====================================================
+
+def test_encrypt_decrypt_round_trip(srv):
+    path = srv.create_stack()
+    for plain in (b"", b"hunter2", secrets.token_bytes(32), "ünïcødé".encode()):
+        status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(plain)})
+        assert status == 200
+        status, _, back = srv.request("POST", path + "/decrypt",
+                                      {"ciphertext": out["ciphertext"]})
+        assert status == 200 and base64.b64decode(back["plaintext"]) == plain
+
+
+def test_batch_encrypt_decrypt_with_duplicates(srv):
+    path = srv.create_stack()
+    plains = [b"one", b"two", b"one", b""]
+    status, _, out = srv.request("POST", path + "/batch-encrypt",
+                                 {"plaintexts": [b64(p) for p in plains]}, gzip_body=True)
+    assert status == 200
+    cts = out["ciphertexts"]
+    assert len(cts) == 4 and len(set(cts)) == 4
+    asked = [cts[1], cts[0], cts[1], cts[3], cts[0]]
+    status, _, out = srv.request("POST", path + "/batch-decrypt", {"ciphertexts": asked},
+                                 gzip_body=True)
+    assert status == 200
+    assert set(out["plaintexts"]) == set(asked)
+    for ct, plain in zip(cts, plains):
+        if ct in asked:
+            assert base64.b64decode(out["plaintexts"][ct]) == plain
+    status, _, out = srv.request("POST", path + "/batch-decrypt", {"ciphertexts": []},
+                                 gzip_body=True)
+    assert status == 200 and out["plaintexts"] == {}
+
+
+def test_batch_too_large_is_413(srv, monkeypatch):
+    monkeypatch.setattr(pb, "MAX_BATCH_ITEMS", 3)
+    path = srv.create_stack()
+    status, _, out = srv.request("POST", path + "/batch-encrypt",
+                                 {"plaintexts": [b64(b"x")] * 4}, gzip_body=True)
+    assert status == 413 and out["code"] == 413
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/encrypt", {"plaintext": "not base64!"}),
+    ("/encrypt", {"plaintext": 5}),
+    ("/encrypt", {}),
+    ("/decrypt", {"ciphertext": "%%%"}),
+    ("/batch-encrypt", {"plaintexts": ["ok==", "!!"]}),
+    ("/batch-encrypt", {"plaintexts": "x"}),
+    ("/batch-decrypt", {"ciphertexts": ["@@@@"]}),
+])
+def test_bad_base64_is_400(srv, route, body):
+    path = srv.create_stack()
+    status, _, out = srv.request("POST", path + route, body)
+    assert status == 400 and out["code"] == 400
+
+
+def test_other_stack_cannot_decrypt(srv):
+    mine, theirs = srv.create_stack(stack="mine"), srv.create_stack(stack="theirs")
+    _, _, out = srv.request("POST", mine + "/encrypt", {"plaintext": b64(b"secret")})
+    status, _, err = srv.request("POST", theirs + "/decrypt", {"ciphertext": out["ciphertext"]})
+    assert status == 400 and err["code"] == 400
+    status, _, err = srv.request("POST", theirs + "/batch-decrypt",
+                                 {"ciphertexts": [out["ciphertext"]]}, gzip_body=True)
+    assert status == 400
+
+
+def test_tampered_ciphertexts_are_refused(srv):
+    path = srv.create_stack()
+    _, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"top secret")})
+    blob = base64.b64decode(out["ciphertext"])
+    for index in (0, 5, 13, len(blob) - 1):  # version, nonce, ciphertext, tag
+        bad = bytearray(blob)
+        bad[index] ^= 0x80
+        status, _, err = srv.request("POST", path + "/decrypt", {"ciphertext": b64(bytes(bad))})
+        assert status == 400 and err["code"] == 400, index
+    for bad in (blob[:-4], blob[:10], b""):
+        status, _, err = srv.request("POST", path + "/decrypt", {"ciphertext": b64(bad)})
+        assert status == 400, len(bad)
+
+
+def test_secrets_of_unknown_stack_are_404(srv):
+    status, _, out = srv.request("POST", sp(stack="nope") + "/encrypt", {"plaintext": "eA=="})
+    assert status == 404 and out["code"] == 404
+    status, _, out = srv.request("POST", sp(stack="nope") + "/decrypt/log-decryption", {})
+    assert status == 404
+
+
+# ==== 9. Handlers: updates — start, previews, leases ===========================
+
+def test_start_negotiates_journal_version_1(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=True)
+    assert update.status == 200, update.start
+    assert update.start["journalVersion"] == 1 and update.start["version"] == 1
+    assert isinstance(update.token, str) and update.token
+    assert update.start["tokenExpiration"] >= int(time.time()) + 200
+
+
+def test_start_without_journal_request_gets_0(srv):
+    update = srv.begin(srv.create_stack(), journal=False)
+    assert update.status == 200 and update.start["journalVersion"] == 0
+
+
+def test_journaling_off_gets_0(start):
+    srv = start(journaling=False)
+    update = srv.begin(srv.create_stack(), journal=True)
+    assert update.status == 200 and update.start["journalVersion"] == 0
+    status, _, _ = update.journal(entry(1, 6, secretsProvider=PROVIDER))
+    assert status == 400
+
+
+def test_start_replaces_tags_and_refuses_restart(srv):
+    path = srv.create_stack(tags={"old": "1"})
+    update = srv.begin(path, tags={"pulumi:project": "proj", "vcs:kind": "github.com"})
+    assert srv.stack(path)["tags"] == {"pulumi:project": "proj", "vcs:kind": "github.com"}
+    status, _, out = srv.request("POST", update.url, {"journalVersion": 1})
+    assert status == 409 and out["code"] == 409
+    status, _, out = srv.request("POST", f"{path}/update/no-such-update", {})
+    assert status == 404 and out["code"] == 404
+    status, _, out = srv.request("POST", f"{path}/upgrade", {})
+    assert status == 404
+
+
+@pytest.mark.parametrize("kind, dry_run", [("preview", True), ("update", True),
+                                           ("refresh", True), ("destroy", True)])
+def test_previews_never_change_state(srv, kind, dry_run):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    before = srv.export_bytes(path)
+    preview = srv.begin(path, kind=kind, dry_run=dry_run, journal=True)
+    assert preview.status == 200, preview.start
+    assert preview.token and preview.start["version"] == 1
+    assert preview.start.get("journalVersion", 0) == 0
+    assert preview.checkpoint(untyped([C]))[0] == 400
+    assert preview.journal(entry(1, 1, 1, state=C))[0] == 400
+    assert preview.events({"sequence": 0, "timestamp": 1, "stdoutEvent": {"message": "hi"}})[0] == 200
+    assert preview.renew()[0] == 200
+    assert preview.complete()[0] == 200
+    assert srv.export_bytes(path) == before
+    assert srv.stack(path)["version"] == 1
+    assert [u["kind"] for u in srv.history(path)] == ["import"]
+    assert srv.begin(path).status == 200
+
+
+def test_second_update_conflicts_with_exact_message(srv):
+    path = srv.create_stack()
+    first = srv.begin(path)
+    assert first.status == 200
+    for kind in ("update", "refresh", "destroy"):
+        second = srv.begin(path, kind=kind, dry_run=False)
+        assert second.status == 409
+        assert second.start == {"code": 409,
+                                "message": "Conflict: Another update is currently in progress."}
+    assert first.complete()[0] == 200
+    assert srv.begin(path).status == 200
+
+
+def test_preview_runs_beside_an_update(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    preview = srv.begin(path, kind="preview")
+    assert update.status == 200 and preview.status == 200
+    assert preview.complete()[0] == 200
+    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == [C["urn"]]
+
+
+def test_import_and_delete_refused_while_update_runs(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    status, _, out = srv.request("POST", path + "/import", compact(untyped([A])), gzip_body=True)
+    assert status == 409 and out["code"] == 409
+    assert srv.request("DELETE", path + "?force=true")[0] == 409
+    assert srv.request("POST", path + "/rename", {"newName": "x", "newProject": "proj"})[0] == 409
+    assert update.complete()[0] == 200
+    assert srv.request("DELETE", path + "?force=true")[0] == 200
+
+
+def test_token_of_another_update_is_403(srv):
+    one, two = srv.create_stack(stack="one"), srv.create_stack(stack="two")
+    u1, u2 = srv.begin(one), srv.begin(two)
+    preview = srv.begin(one, kind="preview")
+    for wrong in (u2.token, preview.token, "made-up"):
+        token = f"update-token {wrong}"
+        assert u1.renew(token=token)[0] == 403
+        assert u1.journal(entry(1, 1, 1, state=C), token=token)[0] == 403
+        assert u1.events({"sequence": 0}, token=token)[0] == 403
+        assert u1.complete(token=token)[0] == 403
+    assert u1.complete()[0] == 200 and u2.complete()[0] == 200
+
+
+def test_expired_lease_is_403(start):
+    srv = start(lease_seconds=1)
+    update = srv.begin(srv.create_stack())
+    assert update.renew()[0] == 200
+    wait_past(update.start["tokenExpiration"] + 1)
+    for status, _, out in (update.renew(), update.journal(entry(1, 1, 1, state=C)),
+                           update.events({"sequence": 0}), update.complete()):
+        assert status == 403 and out["code"] == 403
+
+
+def test_abandoned_update_without_saves_keeps_state(srv, clock):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    first = srv.begin(path)
+    clock.advance(srv.cfg.lease_seconds + 2)
+    assert "currentOperation" not in srv.stack(path)  # an expired lease holds nothing
+    second = srv.begin(path)
+    assert second.status == 200 and second.start["version"] == 3
+    assert second.complete()[0] == 200
+    assert urns(srv.export(path)) == [S["urn"], A["urn"]]
+    assert first.renew()[0] == 403
+
+
+def test_api_token_on_update_routes_is_403(srv):
+    update = srv.begin(srv.create_stack())
+    for token in ("token t", "", "update-token", f"token {update.token}"):
+        status, _, out = update.renew(token=token)
+        assert status == 403 and out["code"] == 403, token
+        status, _, out = update.journal(entry(1, 1, 1, state=C), token=token)
+        assert status == 403, token
+
+
+def test_lease_token_on_api_routes_is_401(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    lease = f"update-token {update.token}"
+    for method, route in (("GET", path), ("GET", path + "/export"),
+                          ("POST", update.url + "/cancel")):
+        status, _, out = srv.request(method, route, token=lease)
+        assert status == 401 and out["code"] == 401, route
+    assert update.complete()[0] == 200
+
+
+def test_renew_lease(start):
+    srv = start(lease_seconds=120)
+    update = srv.begin(srv.create_stack())
+    status, _, out = update.renew(300)
+    assert status == 200 and out["token"] == update.token
+    assert int(time.time()) + 100 <= out["tokenExpiration"] <= int(time.time()) + 121
+    status, _, out = update.renew(10)
+    assert status == 200 and out["tokenExpiration"] <= int(time.time()) + 11
+    status, _, out = update.call("POST", "/renew_lease", {"duration": "long"}, gzip_body=False)
+    assert status == 400
+
+
+def test_complete_is_idempotent_and_final(srv):
+    update = srv.begin(srv.create_stack())
+    assert update.complete()[0] == 200
+    assert update.complete()[0] == 200  # a retry with the retired lease
+    status, _, out = update.complete("failed")
+    assert status == 409 and out["code"] == 409
+    status, _, out = update.complete("exploded")
+    assert status == 400
+
+
+def test_update_status_while_running(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    status, _, out = srv.request("GET", update.url)
+    assert status == 200 and out["status"] == "running" and out["continuationToken"]
+    update.complete("failed")
+    status, _, out = srv.request("GET", update.url)
+    assert out["status"] == "failed" and out.get("continuationToken") is None
+
+
+# ==== 9. Handlers: updates — checkpoints =======================================
+
+def test_full_checkpoint_then_complete(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    first = untyped([S, A, B])
+    second = {"version": 4, "features": ["taint"], "deployment": deployment([S, res("a", taint=True)])}
+    assert update.checkpoint(first)[0] == 200
+    assert update.checkpoint(second)[0] == 200
+    assert update.checkpoint(second)[0] == 200  # retried: idempotent
+    assert update.complete()[0] == 200
+    assert srv.export(path) == second
+    assert srv.stack(path)["version"] == 1
+    status, _, out = srv.request("GET", "/api/user/stacks")
+    assert out["stacks"][0]["resourceCount"] == 2
+
+
+def test_invalid_checkpoint_is_400_and_is_invalid_keeps_previous(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.checkpoint(untyped([A]))[0] == 200
+    assert update.checkpoint({"version": 9, "deployment": {}})[0] == 400
+    assert update.checkpoint({"version": 3, "deployment": []})[0] == 400
+    assert update.call("PATCH", "/checkpoint", {"isInvalid": True})[0] == 200
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == [A["urn"]]
+
+
+def test_verbatim_then_delta_worked_example(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.start["journalVersion"] == 0
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 2)
+    assert status == 200, out
+    assert update.complete()[0] == 200
+    exported = srv.export_bytes(path)
+    assert exported == NEW_DOC
+    assert hashlib.sha256(exported).hexdigest() == NEW_HASH
+
+
+def test_delta_hash_mismatch_leaves_state_then_delta_applies(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    wrong = [DELTA_EDITS[0], {**DELTA_EDITS[1], "NewText": DELTA_EDITS[1]["NewText"] + " "}]
+    status, _, out = update.delta(wrong, NEW_HASH, 2)
+    assert 400 <= status < 500 and out["code"] == status
+    # Neither the baseline nor the sequence number moved.
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+
+
+def test_delta_hash_mismatch_then_verbatim_retry(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    status, _, out = update.delta(DELTA_EDITS, "0" * 64, 2)
+    assert 400 <= status < 500 and out["code"] == status
+    assert update.verbatim(NEW_DOC, 2)[0] == 200  # the CLI's fallback, same sequenceNumber
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+
+
+def test_delta_retries_and_sequence_rules(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 1)
+    assert 400 <= status < 500  # no baseline yet
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200          # retry: same hash
+    assert update.delta(DELTA_EDITS, NEW_HASH.upper(), 2)[0] == 200  # hex case ignored
+    assert update.delta(DELTA_EDITS, "1" * 64, 2)[0] == 409          # same seq, other hash
+    assert update.delta([], NEW_HASH, 4)[0] == 409                   # gap
+    assert update.verbatim(PREV_DOC, 1)[0] == 409                    # stale verbatim
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+
+
+def test_verbatim_with_other_field_order(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    body = b'{"sequenceNumber": 1, "untypedDeployment":  ' + PREV_DOC + b' , "version": 3}'
+    assert update.call("PATCH", "/checkpointverbatim", body)[0] == 200
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+
+
+def test_legacy_line_based_delta(srv):
+    path = srv.create_stack()
+    prev = ('{\n "version": 3,\n "deployment": {\n  "manifest": {"time": "t1", "magic": "", '
+            '"version": ""},\n  "resources": [\n   ' + json.dumps(A) + ',\n   '
+            + json.dumps(B) + '\n  ]\n }\n}').encode()
+    new = prev.replace(b'"t1"', b'"t2"').replace(b'"v": "b"', b'"v": "bb"')
+    lines = prev.split(b"\n")
+    line_b = 7  # 1-based line of resource b
+    assert b'"b-id"' in lines[line_b - 1]
+    edits = [
+        {"Span": {"uri": "", "start": {"line": 4, "column": 1, "offset": -1},
+                  "end": {"line": 5, "column": 1, "offset": -1}},
+         "NewText": lines[3].replace(b'"t1"', b'"t2"').decode() + "\n"},
+        {"Span": {"uri": "", "start": {"line": line_b, "column": 1, "offset": -1},
+                  "end": {"line": line_b + 1, "column": 1, "offset": -1}},
+         "NewText": lines[line_b - 1].replace(b'"v": "b"', b'"v": "bb"').decode() + "\n"},
+    ]
+    assert pb.apply_delta(prev, edits) == new
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(prev, 1)[0] == 200
+    status, _, out = update.delta(edits, hashlib.sha256(new).hexdigest(), 2)
+    assert status == 200, out
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == new
+
+
+def test_update_without_saves_keeps_base(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    base = srv.export_bytes(path)
+    for journal in (True, False):
+        update = srv.begin(path, journal=journal)
+        assert update.complete()[0] == 200
+        assert urns(json.loads(srv.export_bytes(path))) == urns(json.loads(base))
+    assert srv.stack(path)["version"] == 3
+
+
+# ==== 9. Handlers: updates — journal ===========================================
+
+def test_journal_entries_then_complete_exports_replay(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    update = srv.begin(path)
+    a2 = res("a", outputs={"v": "updated"})
+    assert update.journal(
+        entry(1, 6, secretsProvider=PROVIDER),
+        entry(2, 0, 1, operation={"resource": C, "type": "creating"}),
+        entry(3, 1, 1, state=C))[0] == 200
+    assert update.journal(
+        entry(4, 0, 2, operation={"resource": a2, "type": "updating"}),
+        entry(5, 1, 2, state=a2, removeOld=1))[0] == 200
+    assert update.complete()[0] == 200
+    doc = srv.export(path)
+    assert doc["version"] == 3
+    assert doc["deployment"]["resources"] == [C, a2, S]
+    assert doc["deployment"]["secrets_providers"] == PROVIDER
+    assert "pending_operations" not in doc["deployment"]
+    assert doc["deployment"]["manifest"]["version"] == CLI_VERSION
+    assert srv.stack(path)["version"] == 2
+    assert srv.history(path)[0]["resourceCount"] == 3
+
+
+def test_journal_replay_with_deletes_over_http(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A, B]))
+    update = srv.begin(path)
+    assert update.journal(entry(1, 0, 1, operation={"resource": B, "type": "deleting"}),
+                          entry(2, 1, 1, removeOld=2),
+                          entry(3, 0, 2, operation={"resource": A, "type": "deleting"}))[0] == 200
+    assert update.complete("failed")[0] == 200
+    doc = srv.export(path)
+    assert urns(doc) == [S["urn"], A["urn"]]
+    assert doc["deployment"]["pending_operations"] == [{"resource": A, "type": "deleting"}]
+
+
+def test_export_serves_base_while_update_runs(srv):
+    path = srv.create_stack()
+    srv.import_state(path, b'{"version":3,"deployment":{"manifest":{"time":"x","magic":"",'
+                           b'"version":""},"resources":[' + compact(S) + b']}}')
+    base = srv.export_bytes(path)
+    update = srv.begin(path)
+    assert srv.export_bytes(path) == base
+    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert srv.export_bytes(path) == base
+    assert update.complete()[0] == 200
+    assert urns(json.loads(srv.export_bytes(path))) == [C["urn"], S["urn"]]
+
+
+def test_journal_duplicate_sequence_ids_are_deduplicated(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    batch = [entry(1, 0, 1, operation={"resource": C, "type": "creating"}),
+             entry(2, 1, 1, state=C)]
+    assert update.journal(*batch)[0] == 200
+    assert update.journal(*batch)[0] == 200  # a retried batch
+    changed = res("c", outputs={"v": "second copy"})
+    assert update.journal(entry(2, 1, 1, state=changed), entry(2, 1, 1, state=changed),
+                          entry(3, 1, 2, state=res("d")))[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.export(path)["deployment"]["resources"] == [C, res("d")]
+
+
+def test_journal_entries_out_of_order_within_batch(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.journal(entry(3, 1, 1, state=C), entry(1, 6, secretsProvider=PROVIDER),
+                          entry(2, 0, 1, operation={"resource": C, "type": "creating"}))[0] == 200
+    assert update.complete()[0] == 200
+    doc = srv.export(path)
+    assert doc["deployment"]["resources"] == [C]
+    assert "pending_operations" not in doc["deployment"]
+
+
+@pytest.mark.parametrize("bad", [
+    entry(0, 1, 1, state=res("x")),
+    entry(-1, 1, 1, state=res("x")),
+    entry(2, 42, 1),
+    entry(2, -1, 1),
+    {**entry(2, 1, 1), "sequenceID": "2"},
+    {**entry(2, 1, 1), "kind": "1"},
+    {**entry(2, 1, 1), "sequenceID": True},
+    {"kind": 1, "operationID": 1},
+    "not an entry",
+], ids=["seq0", "seq-1", "kind42", "kind-1", "seq-str", "kind-str", "seq-bool", "no-seq", "str"])
+def test_journal_rejects_invalid_entries(srv, bad):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    status, _, out = update.journal(entry(1, 1, 1, state=C), bad)
+    assert status == 400 and out["code"] == 400
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == []  # the valid entry of the batch was not stored either
+
+
+@pytest.mark.parametrize("bad", [
+    entry(2, 1, 2, state="not a resource"),
+    entry(2, 0, 2, operation="not an operation"),
+    entry(2, 5, newSnapshot=["not", "a", "deployment"]),
+    entry(2, 1, 2, state={"no": "urn"}),
+], ids=["state-str", "operation-str", "snapshot-list", "state-no-urn"])
+def test_journal_rejects_wrongly_typed_fields(srv, bad):
+    """Payloads that replay cannot use must be refused when they arrive.
+
+    Accepted, the first three make every later complete, cancel and start of
+    the stack fail with 500; the last one stores a state the CLI cannot load.
+    """
+    path = srv.create_stack()
+    update = srv.begin(path)
+    status, _, out = update.journal(entry(1, 1, 1, state=C), bad)
+    assert status == 400, "accepted an entry that breaks replay"
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == []
+
+
+def test_journal_batch_shapes(srv):
+    update = srv.begin(srv.create_stack())
+    for body in ({"entries": "x"}, {}, [entry(1, 1, 1)]):
+        status, _, out = update.call("PATCH", "/journalentries", body)
+        assert status == 400, body
+    assert update.journal()[0] == 200  # an empty batch is fine
+    assert update.call("PATCH", "/journalentries", b"{broken", gzip_body=True)[0] == 400
+
+
+# ==== 9. Handlers: updates — failure, cancel, abandonment ======================
+
+def test_failed_update_keeps_saved_state_and_unlocks(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S]))
+    update = srv.begin(path)
+    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert update.complete("failed")[0] == 200
+    assert srv.stack(path)["version"] == 2
+    assert urns(srv.export(path)) == [C["urn"], S["urn"]]
+    assert [(u["version"], u["result"]) for u in srv.history(path)] == [
+        (2, "failed"), (1, "succeeded")]
+    nxt = srv.begin(path)
+    assert nxt.status == 200 and nxt.start["version"] == 3
+
+
+def test_cancel_unlocks_and_revokes_lease(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
+    status, _, out = update.cancel()
+    assert status == 200
+    assert "currentOperation" not in srv.stack(path)
+    assert urns(srv.export(path)) == [C["urn"]] and srv.stack(path)["version"] == 1
+    assert srv.history(path)[0]["result"] == "failed"
+    for status, _, out in (update.renew(), update.journal(entry(2, 1, 2, state=A)),
+                           update.events({"sequence": 0}), update.checkpoint(untyped([A]))):
+        assert status == 403 and out["code"] == 403
+    status, _, out = update.cancel()
+    assert status == 409
+    assert out == {"code": 409, "message": "Conflict: The Update has already completed"}
+    assert srv.begin(path).status == 200
+
+
+def test_complete_after_cancel_is_403(srv):
+    """After cancel the lease is revoked; the CLI's late complete must get 403."""
+    update = srv.begin(srv.create_stack())
+    assert update.cancel()[0] == 200
+    status, _, out = update.complete("failed")
+    assert status == 403 and out["code"] == 403
+
+
+def test_cancel_finished_or_unknown_update(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.complete()[0] == 200
+    assert update.cancel()[0] == 409
+    status, _, out = srv.request("POST", f"{path}/update/nope/cancel")
+    assert status == 404
+
+
+def test_abandoned_update_is_finished_by_next_start(srv, clock):
+    path = srv.create_stack()
+    first = srv.begin(path)
+    assert first.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert srv.begin(path).status == 409  # the lease is still alive
+    clock.advance(srv.cfg.lease_seconds + 2)
+    second = srv.begin(path)
+    assert second.status == 200, second.start
+    assert second.start["version"] == 2
+    status, _, out = srv.request("GET", first.url)
+    assert out["status"] == "failed"
+    assert urns(srv.export(path)) == [C["urn"]]        # the abandoned update's saved state
+    assert second.complete()[0] == 200
+    assert srv.stack(path)["version"] == 2
+    # The second update started from the state the first one left.
+    assert urns(srv.export(path)) == [C["urn"]]
+    assert [(u["version"], u["result"]) for u in srv.history(path)] == [
+        (2, "succeeded"), (1, "failed")]
+
+
+def test_abandoned_update_base_is_used_for_journal_indexes(srv, clock):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S]))
+    first = srv.begin(path)
+    assert first.journal(entry(1, 1, 1, state=C))[0] == 200
+    clock.advance(srv.cfg.lease_seconds + 2)
+    second = srv.begin(path)
+    base = srv.export(path)  # what the CLI exports right after start
+    assert urns(base) == [C["urn"], S["urn"]]
+    # Delete base index 0 (C) of that export.
+    assert second.journal(entry(1, 1, 1, removeOld=0))[0] == 200
+    assert second.complete()[0] == 200
+    assert urns(srv.export(path)) == [S["urn"]]
+
+
+# ==== 9. Handlers: updates — events ============================================
+
+def test_events_stored_deduplicated_and_paged(srv, monkeypatch):
+    monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 4)
+    path = srv.create_stack()
+    update = srv.begin(path)
+
+    def event(n):
+        return {"sequence": n, "timestamp": 1700000000 + n,
+                "stdoutEvent": {"message": f"line {n}", "color": "raw"}}
+
+    assert update.events(*[event(n) for n in range(5, 10)])[0] == 200
+    assert update.events(*[event(n) for n in range(0, 5)])[0] == 200
+    assert update.events(event(3), event(4), event(5))[0] == 200  # retried batch
+
+    def page(token=None):
+        query = f"?continuationToken={token}" if token is not None else ""
+        status, _, out = srv.request("GET", f"{update.url}/events{query}")
+        assert status == 200, out
+        assert "continuationToken" in out
+        return out["events"], out["continuationToken"]
+
+    got, token = [], None
+    for _ in range(3):
+        events, token = page(token)
+        got += events
+    assert got == [event(n) for n in range(10)]
+    events, token = page(token)
+    assert events == [] and token is not None  # running: keep polling
+    assert update.complete()[0] == 200
+    events, token = page(token)
+    assert events == [] and token is None
+    everything, token = [], None
+    while True:
+        events, token = page(token)
+        everything += events
+        if token is None:
+            break
+    assert everything == [event(n) for n in range(10)]
+    status, _, out = srv.request("GET", f"{update.url}/events?continuationToken=abc")
+    assert status == 400
+
+
+@pytest.mark.parametrize("body", [{"events": "x"}, {"events": [{"timestamp": 1}]},
+                                  {"events": [{"sequence": -1}]}, {"events": ["x"]}])
+def test_events_batch_rejects_bad_shapes(srv, body):
+    update = srv.begin(srv.create_stack())
+    status, _, out = update.call("POST", "/events/batch", body)
+    assert status == 400 and out["code"] == 400
+
+
+def test_summary_event_resource_changes_in_history(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.events(
+        {"sequence": 0, "timestamp": 1, "preludeEvent": {"config": {}}},
+        {"sequence": 1, "timestamp": 2, "summaryEvent": {
+            "maybeCorrupt": False, "durationSeconds": 1, "resourceChanges": {"create": 2, "same": 1},
+            "PolicyPacks": {}, "isPreview": False, "result": "succeeded"}})[0] == 200
+    assert update.journal(entry(1, 1, 1, state=C), entry(2, 1, 2, state=A))[0] == 200
+    assert update.complete()[0] == 200
+    (info,) = srv.history(path)
+    assert info["resourceChanges"] == {"create": 2, "same": 1}
+    assert info["resourceCount"] == 2
+
+
+# ==== 9. Handlers: updates — history ===========================================
+
+def test_history_pages_newest_first(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S]))
+    for n in range(2, 6):
+        update = srv.begin(path, kind="refresh" if n == 3 else "update", dry_run=False)
+        assert update.events({"sequence": 0, "timestamp": 1, "summaryEvent": {
+            "resourceChanges": {"same": n}, "result": "succeeded"}})[0] == 200
+        assert update.journal(entry(1, 1, 1, state=res(f"r{n}")))[0] == 200
+        assert update.complete()[0] == 200
+    preview = srv.begin(path, kind="preview")
+    assert preview.complete()[0] == 200
+    pages = [srv.history(path, f"?pageSize=2&page={n}") for n in (1, 2, 3, 4)]
+    assert [[u["version"] for u in p] for p in pages] == [[5, 4], [3, 2], [1], []]
+    assert [u["version"] for u in srv.history(path)] == [5, 4, 3, 2, 1]
+    newest = pages[0][0]
+    assert newest["kind"] == "update" and pages[1][0]["kind"] == "refresh"
+    assert pages[2][0]["kind"] == "import"
+    assert newest["result"] == "succeeded"
+    assert isinstance(newest["startTime"], int) and newest["startTime"] > 0
+    assert newest["endTime"] >= newest["startTime"]
+    assert newest["resourceChanges"] == {"same": 5}
+    assert newest["resourceCount"] == 5
+    assert newest["message"] == "a message" and newest["config"]["aws:region"]["string"] == \
+        "us-west-2"
+    for query in ("?pageSize=x", "?pageSize=2&page=0", "?pageSize=-1"):
+        assert srv.request("GET", f"{path}/updates{query}")[0] == 400, query
+
+
+def test_updates_latest(srv):
+    path = srv.create_stack()
+    status, _, out = srv.request("GET", path + "/updates/latest")
+    assert status == 404 and out["code"] == 404
+    preview = srv.begin(path, kind="preview")
+    preview.complete()
+    assert srv.request("GET", path + "/updates/latest")[0] == 404
+    update = srv.begin(path)
+    update.complete()
+    status, _, out = srv.request("GET", path + "/updates/latest")
+    assert status == 200
+    assert out["info"]["version"] == 1 and out["info"]["kind"] == "update"
+    assert out["info"]["config"] == {"aws:region": {"string": "us-west-2", "secret": False,
+                                                    "object": False}}
+    assert out["info"]["environment"] == {"exec.kind": "cli"}
+
+
+def test_history_pruning(start):
+    srv = start(history_limit=3)
+    path = srv.create_stack()
+    for n in range(1, 6):
+        srv.import_state(path, untyped([res(f"r{n}")]))
+    srv.begin(path, kind="preview").complete()
+    for version in (1, 2):
+        assert srv.request("GET", f"{path}/export/{version}")[0] == 404
+    for version in (3, 4, 5):
+        assert urns(srv.export(path, version)) == [urn(f"r{version}")]
+    history = srv.history(path)
+    assert [u["version"] for u in history] == [5, 4, 3]
+    # A later update keeps pruning.
+    update = srv.begin(path)
+    update.complete()
+    assert [u["version"] for u in srv.history(path)] == [6, 5, 4]
+    assert srv.request("GET", f"{path}/export/3")[0] == 404
+
+
+def test_concurrent_calls_of_one_update(srv):
+    """One `pulumi up` sends event batches from 3 workers beside journal batches."""
+    path = srv.create_stack()
+    update = srv.begin(path)
+    results, errors = [], []
+
+    def events(worker):
+        try:
+            for batch in range(5):
+                first = (worker * 5 + batch) * 10
+                results.append(update.events(*[{"sequence": n, "timestamp": 1}
+                                               for n in range(first, first + 10)])[0])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=events, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for n in range(1, 21):
+        assert update.journal(entry(n, 1, n, state=res(f"r{n}")))[0] == 200
+    for t in threads:
+        t.join(30)
+    assert not errors and results == [200] * 15
+    assert update.complete()[0] == 200
+    status, _, out = srv.request("GET", update.url + "/events")
+    assert [e["sequence"] for e in out["events"]] == list(range(150))
+    assert len(srv.export(path)["deployment"]["resources"]) == 20
+
+
+class _CommitFailsOnce:
+    """Wraps the writer connection: the next COMMIT fails as SQLite's busy COMMIT does
+    (the transaction stays open)."""
+
+    def __init__(self, conn):
+        self._conn, self.armed = conn, True
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise sqlite3.OperationalError("database is locked")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def test_failed_commit_is_not_acknowledged_and_retry_works(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    srv.store._writer = _CommitFailsOnce(srv.store._writer)
+    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 2)
+    assert status == 503 and out["code"] == 503  # retryable, not acknowledged
+    # The CLI retries; the store must be usable again and the delta applied for real.
+    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 2)
+    assert status == 200, out
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+    srv.stop()
+    store = pb.SQLiteStore(srv.cfg.db)  # and it is on disk
+    try:
+        with store.read() as db:
+            row = store.get_deployment(db, store.get_stack(db, ORG, "proj", "dev")["id"])
+        assert gzip.decompress(row["data"]) == NEW_DOC
+    finally:
+        store.close()
+
+
+# ==== 10. Server lifecycle, durability and main() ==============================
+
+def test_acknowledged_journal_survives_restart(start):
+    first = start()
+    path = first.create_stack()
+    update = first.begin(path)
+    assert update.journal(entry(1, 0, 1, operation={"resource": C, "type": "creating"}),
+                          entry(2, 1, 1, state=C),
+                          entry(3, 0, 2, operation={"resource": A, "type": "creating"}))[0] == 200
+    first.stop()
+    second = start()
+    assert second.stack(path)["activeUpdate"] == update.id
+    status, _, out = second.request("POST", update.url + "/cancel")
+    assert status == 200, out
+    doc = second.export(path)
+    assert urns(doc) == [C["urn"]]
+    assert doc["deployment"]["pending_operations"] == [{"resource": A, "type": "creating"}]
+    assert second.stack(path)["version"] == 1
+
+
+def test_acknowledged_checkpoints_survive_restart(start):
+    first = start()
+    path = first.create_stack()
+    update = first.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    first.stop()
+    second = start()
+    update.srv = second
+    # The working state is rebuilt from the stored verbatim and delta rows.
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert update.cancel()[0] == 200
+    assert second.export_bytes(path) == NEW_DOC
+
+
+def test_stop_lets_idle_connections_go(start):
+    srv = start()
+    conn = srv.connection()
+    assert srv.request("GET", "/api/user", conn=conn)[0] == 200
+    t0 = time.monotonic()
+    srv.stop()
+    conn.close()
+    assert time.monotonic() - t0 < 5
+
+
+def run_cli(args, cwd, env=None, timeout=30):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PULUMI_BACKEND_")}
+    environ.update(env or {})
+    environ["COLUMNS"] = "200"
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=environ,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pulumi_backend.py: error:")
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["--port", "abc"], ["--journaling", "maybe"],
+                                  ["--lease-seconds", "0"], ["frobnicate"]])
+def test_cli_bad_flag_is_a_one_line_error(tmp_path, args):
+    proc = run_cli(args, tmp_path)
+    assert_one_line_error(proc)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_port_in_use(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli(["--db", str(tmp_path / "x.db"), "--port", str(port)], tmp_path)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, str(port))
+
+
+def test_cli_db_folder_missing(tmp_path):
+    proc = run_cli(["--db", str(tmp_path / "missing" / "x.db"), "--port", "0"], tmp_path)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "missing")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cli_db_parent_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = run_cli(["--db", str(tmp_path / "file" / "x.db"), "--port", "0"], tmp_path)
+    assert proc.returncode == 1
+    assert_one_line_error(proc)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root ignores directory permissions")
+def test_cli_db_folder_unwritable(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        proc = run_cli(["--db", str(folder / "x.db"), "--port", "0"], tmp_path)
+    finally:
+        folder.chmod(0o700)
+    assert proc.returncode == 1
+    assert_one_line_error(proc)
+
+
+def test_cli_bad_environment_value(tmp_path):
+    proc = run_cli([], tmp_path, env={"PULUMI_BACKEND_LOG_LEVEL": "loud"})
+    assert_one_line_error(proc, "--log-level")
+
+
+def test_cli_serves_and_flag_beats_environment(tmp_path):
+    env = {"PULUMI_BACKEND_HOST": "0.0.0.0", "PULUMI_BACKEND_PORT": "not-a-port",
+           "PULUMI_BACKEND_DB": str(tmp_path / "env.db")}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PULUMI_BACKEND_")}
+    environ.update(env)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--host", "127.0.0.1", "--port", "0",
+         "--db", str(tmp_path / "flag.db"), "--log-level", "warning"],
+        cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(20, proc.kill)
+    watchdog.start()
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"listening on (http://127\.0\.0\.1:(\d+))", line)
+        assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+        req = urllib.request.Request(match.group(1) + "/api/user",
+                                     headers={"Authorization": "token t"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.loads(resp.read())["githubLogin"] == "admin"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert (tmp_path / "flag.db").exists() and not (tmp_path / "env.db").exists()
+
+
+def test_cli_help_mentions_every_flag(tmp_path):
+    proc = run_cli(["--help"], tmp_path)
+    assert proc.returncode == 0
+    for action in pb.build_parser()._actions:
+        for option in action.option_strings:
+            assert option in proc.stdout
+        if action.option_strings and action.dest != "help":
+            assert "PULUMI_BACKEND_" + action.dest.upper() in proc.stdout
+    assert "rotate-master-key" in proc.stdout
+
+
+def test_cli_rotate_master_key(tmp_path, start, cfg):
+    srv = start()
+    path = srv.create_stack()
+    _, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"kept")})
+    srv.stop()
+    new_key = tmp_path / "new.key"
+    proc = run_cli(["rotate-master-key", "--db", cfg.db, "--new-key-file", str(new_key)],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(new_key.read_bytes()) == 32
+    srv2 = start(master_key_file=str(new_key))
+    status, _, back = srv2.request("POST", path + "/decrypt", {"ciphertext": out["ciphertext"]})
+    assert status == 200 and base64.b64decode(back["plaintext"]) == b"kept"
+
+
+# ==== 11. Module hygiene =======================================================
+
+def _module_tree():
+    return ast.parse(SCRIPT.read_text(encoding="utf-8"))
+
+
+def test_module_imports_only_stdlib():
+    names = set()
+    for node in ast.walk(_module_tree()):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    assert names, "no imports found"
+    outside = sorted(n for n in names if n not in sys.stdlib_module_names and n != "__future__")
+    assert outside == []
+
+
+def test_all_names_exist_and_are_defined_here():
+    assert len(set(pb.__all__)) == len(pb.__all__)
+    for name in pb.__all__:
+        assert not name.startswith("_"), name
+        obj = getattr(pb, name)
+        assert getattr(obj, "__module__", "pulumi_backend") == "pulumi_backend", name
+
+
+def test_all_lists_the_entry_points_used_to_embed_the_server():
+    # What this test file (and anyone embedding the server) needs.
+    missing = [n for n in ("Config", "Server", "App", "build_app", "parse_config", "main",
+                           "Crypto", "KeyManager", "apply_delta", "replay_journal")
+               if n not in pb.__all__]
+    assert missing == []
+
+
+def test_public_top_level_names_are_in_all():
+    """House style: __all__ is the public API; every other name starts with ``_``."""
+    public = [node.name for node in _module_tree().body
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and
+              not node.name.startswith("_")]
+    assert sorted(set(public) - set(pb.__all__)) == []
+
+
+def test_sections_are_numbered_in_order_and_main_guard_is_last():
+    text = SCRIPT.read_text(encoding="utf-8")
+    banners = [int(n) for n in re.findall(r"^# ==== (\d+)\. ", text, re.M)]
+    assert banners == list(range(1, len(banners) + 1)) and len(banners) >= 10
+    toc_text = pb.__doc__.split("Sections:", 1)[1]
+    toc = [int(n) for n in re.findall(r"^\s*(\d+)\. ", toc_text, re.M)]
+    assert toc == banners
+    last = _module_tree().body[-1]
+    assert isinstance(last, ast.If) and "__name__" in ast.unparse(last.test)
