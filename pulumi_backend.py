@@ -2324,6 +2324,28 @@ def _json_response(value: Any, status: int = 200) -> Response:
     return Response(status, _dumps(value))
 
 
+def _obj(required: tuple = (), **props: Any) -> dict:
+    """A JSON schema for an object with ``props``, for the OpenAPI document."""
+    schema: dict = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+_STR, _INT, _BOOL, _ANY_OBJECT = ({"type": "string"}, {"type": "integer"}, {"type": "boolean"},
+                                  {"type": "object"})
+_STR_MAP = {"type": "object", "additionalProperties": _STR}
+
+
+def _list_of(item: dict) -> dict:
+    return {"type": "array", "items": item}
+
+
+_ERROR_SCHEMA = _obj(("code", "message"), code=_INT, message=_STR)
+_UNTYPED_DEPLOYMENT = _obj(("version", "deployment"), version=_INT, features=_list_of(_STR),
+                           deployment=_ANY_OBJECT)
+
+
 class Router:
     """A small explicit route table.
 
@@ -2336,12 +2358,46 @@ class Router:
 
     def __init__(self):
         self._routes: list = []
+        self._docs: list = []
 
-    def add(self, method: str, pattern: str, handler: Callable, auth: str = "token") -> None:
+    def add(self, method: str, pattern: str, handler: Callable, auth: str = "token",
+            body: Optional[dict] = None, query: tuple = ()) -> None:
+        """Route ``method pattern`` to ``handler``; ``body``/``query`` describe it for OpenAPI."""
         segments = tuple(pattern.strip("/").split("/"))
         specificity = tuple(0 if s.startswith("{") else 1 for s in segments)
         self._routes.append((specificity, segments, method, handler, auth))
         self._routes.sort(key=lambda r: r[0], reverse=True)
+        self._docs.append((method, pattern, handler.__name__, auth, body, query))
+
+    def openapi(self, title: str, version: str) -> dict:
+        """Return an OpenAPI 3.0 document describing every route."""
+        paths: dict = {}
+        seen: set = set()
+        for method, pattern, name, auth, body, query in self._docs:
+            op_id = name
+            while op_id in seen:
+                op_id += "_"
+            seen.add(op_id)
+            params = [{"name": p[1:-1], "in": "path", "required": True,
+                       "schema": {"type": "string"}}
+                      for p in pattern.split("/") if p.startswith("{")]
+            params += [{"name": q, "in": "query", "required": False,
+                        "schema": {"type": "string"}} for q in query]
+            op: dict = {"operationId": op_id, "parameters": params, "responses": {
+                "200": {"description": "success"},
+                "default": {"description": "error", "content": {
+                    "application/json": {"schema": _ERROR_SCHEMA}}}}}
+            if auth != "none":
+                op["security"] = [{auth + "Auth": []}]
+            if body is not None:
+                op["requestBody"] = {"required": True,
+                                     "content": {"application/json": {"schema": body}}}
+            paths.setdefault(pattern, {})[method.lower()] = op
+        auth_scheme = {"type": "apiKey", "in": "header", "name": "Authorization"}
+        return {"openapi": "3.0.3", "info": {"title": title, "version": version},
+                "paths": paths, "components": {"securitySchemes": {
+                    "tokenAuth": dict(auth_scheme, description="token <api token>"),
+                    "updateAuth": dict(auth_scheme, description="update-token <lease token>")}}}
 
     def match(self, method: str, path: str) -> tuple:
         """Return ``(handler, auth, params)``; raise NotFound or MethodNotAllowed."""
@@ -2391,38 +2447,58 @@ class App:
         SP = "/api/stacks/{org}/{project}/{stack}"
         UP = SP + "/{kind}/{update}"
         r("GET", "/api/capabilities", self.capabilities, auth="none")
+        r("GET", "/api/openapi/pulumi-spec.json", self.openapi, auth="none")
         r("GET", "/api/user", self.user)
         r("GET", "/api/user/organizations/default", self.default_org)
-        r("GET", "/api/user/stacks", self.list_stacks)
+        r("GET", "/api/user/stacks", self.list_stacks, query=(
+            "organization", "project", "tagName", "tagValue", "continuationToken"))
         r("HEAD", "/api/stacks/{org}/{project}", self.project_exists)
-        r("POST", "/api/stacks/{org}/{project}", self.create_stack)
+        r("POST", "/api/stacks/{org}/{project}", self.create_stack, body=_obj(
+            ("stackName",), stackName=_STR, tags=_STR_MAP, teams=_list_of(_STR),
+            state=_UNTYPED_DEPLOYMENT))
         r("GET", SP, self.get_stack)
-        r("DELETE", SP, self.delete_stack)
-        r("POST", SP + "/rename", self.rename_stack)
-        r("PATCH", SP + "/tags", self.set_tags)
+        r("DELETE", SP, self.delete_stack, query=("force",))
+        r("POST", SP + "/rename", self.rename_stack, body=_obj(newName=_STR, newProject=_STR))
+        r("PATCH", SP + "/tags", self.set_tags, body=_STR_MAP)
         r("GET", SP + "/export", self.export)
         r("GET", SP + "/export/{version}", self.export)
-        r("POST", SP + "/import", self.import_state)
-        r("POST", SP + "/encrypt", self.encrypt)
-        r("POST", SP + "/decrypt", self.decrypt)
-        r("POST", SP + "/batch-encrypt", self.batch_encrypt)
-        r("POST", SP + "/batch-decrypt", self.batch_decrypt)
-        r("POST", SP + "/decrypt/log-decryption", self.log_decryption)
-        r("POST", SP + "/decrypt/log-batch-decryption", self.log_decryption)
-        r("GET", SP + "/updates", self.history)
+        r("POST", SP + "/import", self.import_state, body=_UNTYPED_DEPLOYMENT)
+        r("POST", SP + "/encrypt", self.encrypt, body=_obj(("plaintext",), plaintext=_STR))
+        r("POST", SP + "/decrypt", self.decrypt, body=_obj(("ciphertext",), ciphertext=_STR))
+        r("POST", SP + "/batch-encrypt", self.batch_encrypt,
+          body=_obj(("plaintexts",), plaintexts=_list_of(_STR)))
+        r("POST", SP + "/batch-decrypt", self.batch_decrypt,
+          body=_obj(("ciphertexts",), ciphertexts=_list_of(_STR)))
+        r("POST", SP + "/decrypt/log-decryption", self.log_decryption,
+          body=_obj(secretName=_STR))
+        r("POST", SP + "/decrypt/log-batch-decryption", self.log_decryption,
+          body=_obj(commandName=_STR))
+        r("GET", SP + "/updates", self.history, query=("pageSize", "page"))
         r("GET", SP + "/updates/latest", self.latest_update)
-        r("POST", SP + "/{kind}", self.create_update)
-        r("POST", UP, self.start_update)
-        r("GET", UP, self.update_status)
-        r("GET", UP + "/events", self.list_events)
+        r("POST", SP + "/{kind}", self.create_update, body=_obj(
+            name=_STR, runtime=_STR, main=_STR, description=_STR,
+            options=_obj(dryRun=_BOOL), config=_ANY_OBJECT, metadata=_ANY_OBJECT))
+        r("POST", UP, self.start_update, body=_obj(tags=_STR_MAP, journalVersion=_INT))
+        r("GET", UP, self.update_status, query=("continuationToken",))
+        r("GET", UP + "/events", self.list_events, query=("continuationToken",))
         r("POST", UP + "/cancel", self.cancel_update)
-        r("POST", UP + "/renew_lease", self.renew_lease, auth="update")
-        r("PATCH", UP + "/checkpoint", self.checkpoint, auth="update")
-        r("PATCH", UP + "/checkpointverbatim", self.checkpoint_verbatim, auth="update")
-        r("PATCH", UP + "/checkpointdelta", self.checkpoint_delta, auth="update")
-        r("PATCH", UP + "/journalentries", self.journal_entries, auth="update")
-        r("POST", UP + "/events/batch", self.events_batch, auth="update")
-        r("POST", UP + "/complete", self.complete, auth="update")
+        r("POST", UP + "/renew_lease", self.renew_lease, auth="update",
+          body=_obj(token=_STR, duration=_INT))
+        r("PATCH", UP + "/checkpoint", self.checkpoint, auth="update", body=_obj(
+            ("version", "deployment"), isInvalid=_BOOL, version=_INT, features=_list_of(_STR),
+            deployment=_ANY_OBJECT))
+        r("PATCH", UP + "/checkpointverbatim", self.checkpoint_verbatim, auth="update",
+          body=_obj(("version", "untypedDeployment", "sequenceNumber"), version=_INT,
+                    untypedDeployment=_UNTYPED_DEPLOYMENT, sequenceNumber=_INT))
+        r("PATCH", UP + "/checkpointdelta", self.checkpoint_delta, auth="update", body=_obj(
+            ("version", "checkpointHash", "sequenceNumber", "deploymentDelta"), version=_INT,
+            checkpointHash=_STR, sequenceNumber=_INT, deploymentDelta=_list_of(_ANY_OBJECT)))
+        r("PATCH", UP + "/journalentries", self.journal_entries, auth="update",
+          body=_obj(("entries",), entries=_list_of(_ANY_OBJECT)))
+        r("POST", UP + "/events/batch", self.events_batch, auth="update",
+          body=_obj(("events",), events=_list_of(_ANY_OBJECT)))
+        r("POST", UP + "/complete", self.complete, auth="update", body=_obj(
+            ("status",), status={"type": "string", "enum": ["succeeded", "failed", "cancelled"]}))
 
     # -- dispatch -----------------------------------------------------------
 
@@ -2485,6 +2561,9 @@ class App:
              "configuration": {"version": MAX_DEPLOYMENT_VERSION}},
         ]
         return {"capabilities": caps}
+
+    def openapi(self, req: Request) -> dict:
+        return self.router.openapi("pulumi-backend", __version__)
 
     def user(self, req: Request) -> dict:
         return {"id": self.cfg.user, "githubLogin": self.cfg.user, "name": self.cfg.user,
@@ -2638,6 +2717,8 @@ def _batch(body: dict, key: str) -> list:
         raise BadRequest(f"{key} must be a list")
     if len(items) > MAX_BATCH_ITEMS:
         raise PayloadTooLarge(f"at most {MAX_BATCH_ITEMS} {key} per request")
+    if not all(isinstance(item, str) for item in items):
+        raise BadRequest(f"{key} must be base64 strings")
     return items
 
 
@@ -2689,7 +2770,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve()
 
-    do_HEAD = do_POST = do_PATCH = do_PUT = do_DELETE = do_OPTIONS = do_GET
+    def __getattr__(self, name: str) -> Any:
+        # Any other method (TRACE, PROPFIND, ...) goes to the router too: 405, not 501.
+        if name.startswith("do_") and name[3:].isalpha() and name[3:].isupper():
+            return self._serve
+        raise AttributeError(name)
 
     def _read_body(self) -> bytes:
         cfg = self.server.cfg
