@@ -102,6 +102,9 @@ DEFAULT_LEASE_SECONDS = 300
 DEFAULT_HISTORY_LIMIT = 50
 #: States at least this large (bytes) are uploaded as deltas by the CLI.
 DEFAULT_CHECKPOINT_CUTOFF = 1024 * 1024
+#: Every this many deltas the whole checkpoint is stored, so that rebuilding it
+#: from SQLite (after a restart) applies at most this many deltas.
+DELTA_CHAIN_LIMIT = 64
 #: Bytes of working checkpoints kept in memory for delta application.
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: Idle or slow clients are disconnected after this many seconds.
@@ -1218,10 +1221,15 @@ def _rename_in_deployment(doc: Any, old: tuple, new: tuple) -> Any:
     """
     old_prefix = f"urn:pulumi:{old[1]}::{old[0]}::"
     new_prefix = f"urn:pulumi:{new[1]}::{new[0]}::"
+    root = f"{_STACK_TYPE}::"  # the root resource is named <project>-<stack>: rename it too
+    new_root = f"{root}{new[0]}-{new[1]}"
 
     def walk(value: Any) -> Any:
         if isinstance(value, str):
-            return new_prefix + value[len(old_prefix):] if value.startswith(old_prefix) else value
+            if not value.startswith(old_prefix):
+                return value
+            rest = value[len(old_prefix):]
+            return new_prefix + (new_root if rest.startswith(root) else rest)
         if isinstance(value, list):
             return [walk(v) for v in value]
         if isinstance(value, dict):
@@ -1699,7 +1707,10 @@ class Engine:
             digest = hashlib.sha256(data).hexdigest()
             if not hmac.compare_digest(digest, expected.lower()):
                 raise Conflict("checkpointHash does not match the state after applying the delta")
-            self.store.put_checkpoint(db, update_id, seq, "delta", _dumps(edits), digest)
+            if seq % DELTA_CHAIN_LIMIT == 0:  # bound the rebuild work after a restart
+                self.store.put_checkpoint(db, update_id, seq, "full", data, digest)
+            else:
+                self.store.put_checkpoint(db, update_id, seq, "delta", _dumps(edits), digest)
             self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
 
     def journal_append(self, org, project, name, update_id, token, body: bytes) -> int:

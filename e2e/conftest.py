@@ -1,0 +1,306 @@
+"""Fixtures for the end-to-end tests that drive the real `pulumi` CLI.
+
+- ``cli``: the CLI binary of one version (tests marked ``core`` run on every
+  version in CLI_VERSIONS, the others on the newest only; ids say ``cli=vX``).
+- ``server``: pulumi_backend.py as a subprocess on a temporary database and a
+  free port, one per test module.
+- ``e2e``: a per-test sandbox (its own PULUMI_HOME, project folder and
+  environment) with helpers to run the CLI and Automation API programs.
+
+Missing CLI or pulumi SDK: the tests skip with a hint (``bash e2e/setup.sh``),
+or fail when PULUMI_BACKEND_E2E_REQUIRED=1.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+E2E_DIR = Path(__file__).resolve().parent
+SERVER_SCRIPT = E2E_DIR.parent / "pulumi_backend.py"
+CLI_VERSIONS = ("v3.274.1", "v3.224.0")  # newest first; the newest runs every scenario
+TOKEN = "e2e-token"
+ORG = "organization"
+TEST_TIMEOUT = 300  # seconds; CLI processes of a test still running then are killed
+# States over this many bytes go to the server as delta checkpoints (non-journal
+# CLIs), smaller ones verbatim: small enough that the tests exercise both paths.
+CHECKPOINT_CUTOFF = 4096
+
+sys.path.insert(0, str(E2E_DIR))  # e2e_programs, for tests and the provider's unpickling
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "core: scenario also runs on the older CLI versions")
+    config.addinivalue_line("markers", "timeout_seconds(n): the e2e watchdog's limit for a test")
+
+
+def pytest_generate_tests(metafunc):
+    if "cli" in metafunc.fixturenames:
+        core = metafunc.definition.get_closest_marker("core")
+        versions = CLI_VERSIONS if core else CLI_VERSIONS[:1]
+        metafunc.parametrize("cli", versions, ids=[f"cli={v}" for v in versions],
+                             indirect=True, scope="module")
+
+
+def unavailable(what):
+    """Skip (or fail under PULUMI_BACKEND_E2E_REQUIRED=1) for a missing prerequisite."""
+    message = f"{what}; run `bash e2e/setup.sh` and use its virtualenv's python"
+    if os.environ.get("PULUMI_BACKEND_E2E_REQUIRED") == "1":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def cli_binary(version):
+    cache = os.environ.get("PULUMI_BACKEND_CLI_CACHE") or Path.home() / ".cache/pulumi-backend-cli"
+    return Path(cache) / version / "pulumi"
+
+
+class Cli:
+    """One CLI version: the binary and the Automation API's PulumiCommand for it."""
+
+    def __init__(self, version, binary, root):
+        from pulumi import automation as auto
+
+        self.version, self.binary, self.root = version, binary, root
+        (root / "bin").mkdir(parents=True)
+        (root / "bin" / "pulumi").symlink_to(binary)  # PulumiCommand wants ROOT/bin/pulumi
+        self.command = auto.PulumiCommand(root=str(root))
+
+
+@pytest.fixture(scope="module")
+def cli(request, tmp_path_factory):
+    version = request.param
+    binary = cli_binary(version)
+    if not os.access(binary, os.X_OK):
+        unavailable(f"pulumi CLI {version} not built at {binary}")
+    try:
+        import pulumi.automation  # noqa: F401
+    except ImportError:
+        unavailable("the pulumi Python SDK is not installed")
+    return Cli(version, binary, tmp_path_factory.mktemp(f"cli-{version}"))
+
+
+class Server:
+    """pulumi_backend.py running as a subprocess; restart() keeps db and port."""
+
+    def __init__(self, directory):
+        self.db = directory / "backend.db"
+        self.log = directory / "server.log"
+        self.port = 0
+        self.proc = None
+        self.url = None
+
+    def start(self):
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SERVER_SCRIPT), "--db", str(self.db),
+                 "--host", "127.0.0.1", "--port", str(self.port),
+                 "--checkpoint-cutoff", str(CHECKPOINT_CUTOFF)],
+                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if not k.startswith("PULUMI_")})
+        timer = threading.Timer(30, self.proc.kill)
+        timer.start()
+        line = self.proc.stdout.readline().decode(errors="replace").strip()
+        timer.cancel()
+        match = re.fullmatch(r"pulumi-backend listening on (http://127\.0\.0\.1:(\d+))", line)
+        if not match:
+            self.kill()
+            raise RuntimeError(f"server did not start: first line {line!r}\n{self.log_tail()}")
+        self.url, self.port = match[1], int(match[2])
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self.proc.stdout.close()
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def request(self, method, path, body=None):
+        """Return (status, body bytes) of one API call made with the test token."""
+        req = urllib.request.Request(
+            self.url + path, method=method, data=body,
+            headers={"Authorization": f"token {TOKEN}",
+                     "Accept": "application/vnd.pulumi+8",
+                     "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def get(self, path):
+        """GET path and return the parsed JSON; an error status fails the test."""
+        status, body = self.request("GET", path)
+        assert status == 200, f"GET {path}: {status} {body[:500]!r}"
+        return json.loads(body)
+
+    def log_tail(self, lines=40):
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not SERVER_SCRIPT.exists():
+        unavailable(f"{SERVER_SCRIPT} does not exist")
+    srv = Server(tmp_path_factory.mktemp("server"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+class E2E:
+    """A test's sandbox: PULUMI_HOME, a project folder (``work``) and helpers."""
+
+    def __init__(self, cli, server, tmp, project):
+        self.cli, self.server, self.project = cli, server, project
+        self.timed_out = False  # set by the watchdog
+        self.work, self.files = tmp / "work", tmp / "files"
+        self.work.mkdir()
+        self.files.mkdir()
+        (self.work / "Pulumi.yaml").write_text(f"name: {project}\nruntime: python\n")
+        self.env = {
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), str(cli.binary.parent),
+                                     str(E2E_DIR / "bin"), "/usr/local/bin", "/usr/bin", "/bin"]),
+            "HOME": str(tmp),
+            "TMPDIR": tempfile.gettempdir(),
+            "PYTHONPATH": str(E2E_DIR),
+            "PULUMI_HOME": str(tmp / "pulumi-home"),
+            "PULUMI_SKIP_UPDATE_CHECK": "true",
+            "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+            "PULUMI_BACKEND_URL": server.url,
+            "PULUMI_ACCESS_TOKEN": TOKEN,
+            "E2E_SANDBOX": str(tmp),  # marks this test's processes for the watchdog
+        }
+
+    # -- the CLI -------------------------------------------------------------
+    def run(self, *args, check=True, timeout=180):
+        """Run `pulumi --non-interactive --cwd WORK ARGS`; return the CompletedProcess."""
+        cmd = [str(self.cli.binary), "--non-interactive", "--cwd", str(self.work), *args]
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            pytest.fail(self.explain(f"`pulumi {' '.join(args)}` exited {proc.returncode}",
+                                     proc.stdout, proc.stderr), pytrace=False)
+        return proc
+
+    def fails(self, *args, match):
+        """Run a command that must fail with `match` (a regex) in its output."""
+        proc = self.run(*args, check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, self.explain(f"`pulumi {' '.join(args)}` succeeded", out)
+        assert re.search(match, out), self.explain(f"no {match!r} in the output", out)
+        return out
+
+    def explain(self, what, *outputs):
+        text = "\n".join(o for o in outputs if o)
+        if self.timed_out:
+            what += " (killed by the watchdog: the test ran too long)"
+        return f"{what}\n--- CLI output ---\n{text}\n--- server log (tail) ---\n{self.server.log_tail()}"
+
+    # -- the Automation API --------------------------------------------------
+    def stack(self, name, spec=None, create=True):
+        """An Automation API stack in this project, created or selected."""
+        from pulumi import automation as auto
+        import e2e_programs
+
+        opts = auto.LocalWorkspaceOptions(
+            work_dir=str(self.work), pulumi_home=self.env["PULUMI_HOME"],
+            env_vars=self.env, pulumi_command=self.cli.command)
+        make = auto.create_stack if create else auto.select_stack
+        return make(name, self.project, e2e_programs.build(spec or {}), opts=opts)
+
+    def up(self, stack, spec, **kw):
+        """`up` with the program of spec; returns resource_changes (a dict)."""
+        import e2e_programs
+
+        return self.call(stack.up, program=e2e_programs.build(spec), **kw).summary.resource_changes
+
+    def call(self, fn, *args, **kw):
+        """fn(*args, **kw); a CommandError fails the test with the CLI's output."""
+        from pulumi import automation as auto
+
+        try:
+            return fn(*args, **kw)
+        except auto.errors.CommandError as e:
+            pytest.fail(self.explain(f"automation {fn.__name__} failed", str(e)), pytrace=False)
+
+    def spawn(self, op, stack, spec):
+        """Start `op` (up/refresh/destroy) on a stack in a child process; return the Popen."""
+        job = {"op": op, "stack": stack, "project": self.project, "work_dir": str(self.work),
+               "cli_root": str(self.cli.root),
+               "env": self.env, "spec": spec}
+        path = Path(self.env["HOME"]) / f"job-{stack}-{op}-{os.urandom(4).hex()}.json"
+        path.write_text(json.dumps(job))
+        return subprocess.Popen([sys.executable, str(E2E_DIR / "e2e_programs.py"), str(path)],
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, stdin=subprocess.DEVNULL)
+
+    # -- the server's view ---------------------------------------------------
+    def path(self, stack):
+        return f"/api/stacks/{ORG}/{self.project}/{stack}"
+
+    def export(self, stack, version=None):
+        """The server's deployment of a stack (GET .../export[/version])."""
+        return self.server.get(self.path(stack) + "/export" + (f"/{version}" if version else ""))
+
+    def resources(self, stack):
+        return self.export(stack)["deployment"].get("resources") or []
+
+
+def _timeout(sandbox, marker):
+    sandbox.timed_out = True
+    _kill_marked(marker)
+
+
+def _kill_marked(marker):
+    """Kill the processes whose environment carries E2E_SANDBOX=marker."""
+    needle = f"E2E_SANDBOX={marker}\0".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read() and int(pid) != os.getpid():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+@pytest.fixture
+def e2e(cli, server, tmp_path, request, monkeypatch):
+    # The Automation API starts the CLI with os.environ overlaid by our env:
+    # keep the outer PULUMI_* variables out of it.
+    for key in list(os.environ):
+        if key.startswith("PULUMI_"):
+            monkeypatch.delenv(key)
+    project = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")[:90]
+    sandbox = E2E(cli, server, tmp_path, project)
+    limit = getattr(request.node.get_closest_marker("timeout_seconds"), "args", [TEST_TIMEOUT])[0]
+    watchdog = threading.Timer(limit, _timeout, [sandbox, str(tmp_path)])
+    watchdog.start()
+    yield sandbox
+    watchdog.cancel()
+    _kill_marked(str(tmp_path))  # children left by a failed test (spawned ups)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Prepare the end-to-end tests of the real `pulumi` CLI; safe to run again.
+#
+#   bash e2e/setup.sh        prints the virtualenv's python on success
+#
+# - a virtualenv at ${PULUMI_BACKEND_VENV:-~/.cache/pulumi-backend-venv} with
+#   pytest and the pulumi Python SDK (Automation API, dynamic providers);
+# - the CLIs of CLI_VERSIONS (keep in step with e2e/conftest.py), built from
+#   the Go module proxy by e2e/build_cli.sh into ~/.cache/pulumi-backend-cli.
+# Needs python3 (with venv) and go. Output of failed steps goes to stderr.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="${PULUMI_BACKEND_VENV:-$HOME/.cache/pulumi-backend-venv}"
+python="${PYTHON:-python3}"
+PULUMI_SDK_VERSION=3.272.0
+PYTEST_VERSION=9.2.0
+CLI_VERSIONS="v3.274.1 v3.224.0"
+
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+quietly() {  # run a step, show its output only when it fails
+  if ! "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup.sh: failed: $*" >&2
+    exit 1
+  fi
+}
+
+if [ ! -x "$venv/bin/python" ]; then
+  quietly "$python" -m venv "$venv"
+fi
+if ! "$venv/bin/python" - "$PULUMI_SDK_VERSION" "$PYTEST_VERSION" >/dev/null 2>&1 <<'EOF'
+import sys
+from importlib.metadata import version
+sys.exit((version("pulumi"), version("pytest")) != tuple(sys.argv[1:3]))
+EOF
+then
+  quietly "$venv/bin/python" -m pip install --disable-pip-version-check \
+    "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION"
+fi
+
+for version in $CLI_VERSIONS; do
+  quietly bash "$here/build_cli.sh" "$version"
+done
+
+echo "$venv/bin/python"
