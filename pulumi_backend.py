@@ -1416,8 +1416,7 @@ class Engine:
     def delete_stack(self, org: str, project: str, name: str, force: bool) -> None:
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
-            if self._running_update(db, row) is not None:
-                raise Conflict("an update is running on this stack; cancel it first")
+            self._lock_stack(db, row)
             if row["resource_count"] > 0 and not force:
                 raise BadRequest(MSG_STACK_HAS_RESOURCES)
             self.store.delete_stack(db, row["id"])
@@ -1433,8 +1432,7 @@ class Engine:
             row = self.stack(db, org, project, name)
             if (new_project, new_name) == (project, name):
                 return
-            if self._running_update(db, row) is not None:
-                raise Conflict(MSG_UPDATE_CONFLICT)
+            self._lock_stack(db, row)
             if self.store.get_stack(db, org, new_project, new_name) is not None:
                 raise Conflict(f"stack '{org}/{new_project}/{new_name}' already exists")
             self.store.update_stack(db, row["id"], project=new_project, name=new_name)

@@ -346,9 +346,12 @@ def test_import_into_fresh_stack_then_up(e2e):
 
 def test_stack_rename_keeps_history_and_secrets(e2e):
     stack = e2e.stack("dev")
+    e2e.run("config", "set", "--secret", "pw", "config-" + SECRET, "--stack", "dev")
     e2e.up(stack, spec(e2e, ["a"], secret_outputs={"token": SECRET}))
     e2e.up(stack, spec(e2e, {"a": {"content": "v2"}}, secret_outputs={"token": SECRET}))
     e2e.run("stack", "rename", "renamed", "--stack", "dev")
+    # The CLI renames Pulumi.dev.yaml; its ciphertexts now go to the new name.
+    assert e2e.run("config", "get", "pw", "--stack", "renamed").stdout.strip() == "config-" + SECRET
     assert e2e.server.request("GET", e2e.path("dev"))[0] == 404
     urns = sorted(r["urn"] for r in e2e.resources("renamed") if "providers" not in r["urn"])
     assert urns == [f"urn:pulumi:renamed::{e2e.project}::pulumi-python:dynamic:Resource::a",
@@ -366,6 +369,35 @@ def test_stack_rename_keeps_history_and_secrets(e2e):
     assert changes == {"same": 2}, changes
     assert renamed.outputs()["token"].value == SECRET
 
+
+
+def test_secrets_move_between_servers(e2e, make_server):
+    """Export from one server, import into another: the CLI decrypts through the
+    first server (recorded in the state) and re-encrypts through the second."""
+    stack = e2e.stack("dev")
+    e2e.run("config", "set", "--secret", "pw", "config-" + SECRET, "--stack", "dev")
+    e2e.up(stack, spec(e2e, ["a"], secret_outputs={"token": SECRET}))
+    exported = e2e.work / "export.json"
+    e2e.run("stack", "export", "--file", str(exported), "--stack", "dev")
+    first = e2e.server
+    e2e.run("login", first.url)  # keep credentials for the first server's URL
+    second = make_server()
+    e2e.use_server(second)
+    e2e.run("login", second.url)
+    e2e.run("stack", "init", f"{ORG}/{e2e.project}/dev", "--no-select")
+    e2e.run("stack", "import", "--file", str(exported), "--stack", "dev")
+    stored = e2e.export("dev")["deployment"]
+    assert stored["secrets_providers"]["state"]["url"] == second.url
+    assert SECRET not in json.dumps(stored)
+    first.stop()  # from now on only the second server can decrypt
+    shown = json.loads(e2e.run("stack", "output", "--json", "--show-secrets",
+                               "--stack", "dev").stdout)
+    assert shown["token"] == SECRET
+    # Config secrets live in Pulumi.dev.yaml, encrypted with the first server's
+    # key: the second refuses them until they are set again (README).
+    e2e.fails("config", "get", "pw", "--stack", "dev", match="could not be decrypted")
+    e2e.run("config", "set", "--secret", "pw", "config-" + SECRET, "--stack", "dev")
+    assert e2e.run("config", "get", "pw", "--stack", "dev").stdout.strip() == "config-" + SECRET
 
 def test_rm_with_resources_needs_force(e2e):
     e2e.up(e2e.stack("dev"), spec(e2e, ["a"]))
