@@ -70,7 +70,7 @@ from typing import Any, Callable, Iterable, Optional
 __all__ = [
     "Config", "build_parser", "parse_config",
     "HTTPError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "MethodNotAllowed",
-    "Conflict", "LengthRequired", "PayloadTooLarge", "Unavailable",
+    "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "Unavailable",
     "Store", "SQLiteStore",
     "Engine", "apply_delta", "replay_journal",
     "Crypto", "KeyManager",
@@ -133,9 +133,10 @@ MSG_UPDATE_CONFLICT = "Conflict: Another update is currently in progress."
 #: Message the CLI matches to suggest --force on stack rm.
 MSG_STACK_HAS_RESOURCES = "Bad Request: Stack still contains resources."
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-_ORG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,38}[A-Za-z0-9]$|^[A-Za-z0-9]$")
-_TAG_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
+_NAME_RE = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9_.-]{1,100}\Z")
+_ORG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,38}[A-Za-z0-9]\Z|^[A-Za-z0-9]\Z")
+_TAG_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,40}\Z")
+_SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 _UPDATE_KINDS = ("update", "preview", "refresh", "destroy")
 _STACK_TYPE = "pulumi:pulumi:Stack"
 
@@ -369,6 +370,10 @@ class LengthRequired(HTTPError):
     status, reason = 411, "Length Required"
 
 
+class RequestTimeout(HTTPError):
+    status, reason = 408, "Request Timeout"
+
+
 class PayloadTooLarge(HTTPError):
     status, reason = 413, "Payload Too Large"
 
@@ -417,7 +422,7 @@ def _loads(data: bytes, what: str = "request body") -> Any:
     """Parse JSON bytes; raise BadRequest with a clear message on malformed input."""
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise BadRequest(f"{what} is not valid JSON: {e}") from None
 
 
@@ -1202,10 +1207,13 @@ def _check_untyped_deployment(doc: Any) -> dict:
         raise BadRequest(f"deployment version must be between 1 and {MAX_DEPLOYMENT_VERSION}")
     if not isinstance(doc.get("deployment"), dict):
         raise BadRequest("deployment must be a JSON object")
-    features = doc.get("features") or []
-    if not isinstance(features, list) or any(f not in KNOWN_FEATURES for f in features):
+    features = doc.get("features")
+    features = [] if features is None else features
+    if not isinstance(features, list) or any(
+            not isinstance(f, str) or f not in KNOWN_FEATURES for f in features):
         raise BadRequest(f"unknown deployment features {features!r}")
-    resources = doc["deployment"].get("resources") or []
+    resources = doc["deployment"].get("resources")
+    resources = [] if resources is None else resources
     if not isinstance(resources, list) or any(not isinstance(r, dict) for r in resources):
         raise BadRequest("deployment resources must be a list of objects")
     return doc
@@ -1292,7 +1300,10 @@ def _split_verbatim(body: bytes) -> tuple:
     """Return ``(sequenceNumber, exact bytes of untypedDeployment)`` of a verbatim upload."""
     head, tail = _VERBATIM_RE.match(body), _VERBATIM_TAIL_RE.search(body)
     if head and tail and head.end() < tail.start():
-        return int(tail.group(1)), body[head.end():tail.start()].strip()
+        seq = int(tail.group(1))
+        if abs(seq) > 2**62:
+            raise BadRequest("sequenceNumber is out of range")
+        return seq, body[head.end():tail.start()].strip()
     req = _require_dict(_loads(body))  # unusual field order: find the value's bytes
     if "untypedDeployment" not in req:
         raise BadRequest("untypedDeployment is required")
@@ -1423,8 +1434,9 @@ class Engine:
         log.info("deleted stack %s/%s/%s", org, project, name)
 
     def rename_stack(self, org: str, project: str, name: str, body: dict) -> None:
-        new_name = body.get("newName") or name
-        new_project = body.get("newProject") or project
+        new_name, new_project = body.get("newName"), body.get("newProject")
+        new_name = name if new_name in (None, "") else new_name
+        new_project = project if new_project in (None, "") else new_project
         if not isinstance(new_name, str) or not isinstance(new_project, str):
             raise BadRequest("newName and newProject must be strings")
         self._check_names(org, new_project, new_name)
@@ -1550,7 +1562,8 @@ class Engine:
     def create_update(self, org: str, project: str, name: str, kind: str, body: dict) -> dict:
         if kind not in _UPDATE_KINDS:
             raise NotFound(f"unknown update kind {kind!r}")
-        options = body.get("options") or {}
+        options = body.get("options")
+        options = {} if options is None else options
         if not isinstance(options, dict):
             raise BadRequest("options must be an object")
         dry_run = kind == "preview" or bool(options.get("dryRun"))
@@ -1622,6 +1635,8 @@ class Engine:
 
     def renew_lease(self, org, project, name, update_id, token, body: dict) -> dict:
         duration = _int_field(body, "duration", self.cfg.lease_seconds)
+        if duration < 1:
+            raise BadRequest("duration must be a positive number of seconds")
         duration = max(1, min(duration, self.cfg.lease_seconds))
         with self.store.write() as db:
             _, update = self._leased_update(db, org, project, name, update_id, token)
@@ -1686,8 +1701,8 @@ class Engine:
         req = _require_dict(_loads(body))
         seq = _int_field(req, "sequenceNumber")
         expected = req.get("checkpointHash")
-        if not isinstance(expected, str):
-            raise BadRequest("checkpointHash is required")
+        if not isinstance(expected, str) or not _SHA256_HEX_RE.fullmatch(expected):
+            raise BadRequest("checkpointHash must be a SHA-256 hex digest")
         with self.store.write() as db:
             self._checkpointed_update(db, org, project, name, update_id, token)
             current = self._working(db, update_id)
@@ -1750,7 +1765,7 @@ class Engine:
     def list_events(self, org, project, name, update_id, token: Optional[str]) -> dict:
         after = -1
         if token:
-            if not token.isdigit():
+            if not (token.isascii() and token.isdigit()) or len(token) > 18:
                 raise BadRequest("invalid continuationToken")
             after = int(token)
         with self.store.read() as db:
@@ -1937,7 +1952,7 @@ def _decode_page_token(token: Optional[str]) -> tuple:
         return ("", "", "")
     try:
         key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise BadRequest("invalid continuationToken") from None
     if not (isinstance(key, list) and len(key) == 3 and all(isinstance(k, str) for k in key)):
         raise BadRequest("invalid continuationToken")
@@ -2621,7 +2636,7 @@ class App:
     def export(self, req: Request) -> Response:
         version = req.params.get("version")
         if version is not None:
-            if not version.isdigit() or len(version) > 18:
+            if not (version.isascii() and version.isdigit()) or len(version) > 18:
                 raise BadRequest("version must be a positive integer")
             version = int(version)
         data = self.engine.export(*self._sp(req), version)
@@ -2754,11 +2769,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             self.close_connection = True
             if self._wait_for_request():
-                self.handle_one_request()
+                self._handle_one()
             while not self.close_connection and self._wait_for_request():
-                self.handle_one_request()
+                self._handle_one()
         except (ConnectionError, socket.timeout, OSError) as e:
             log.debug("connection ended: %s", e)
+
+    def _handle_one(self) -> None:
+        # The socket timeout bounds each read; this deadline bounds the whole
+        # request, so a client trickling a byte at a time cannot hold a thread.
+        self.server.watch(self.request)
+        try:
+            self.handle_one_request()
+        finally:
+            self.server.unwatch(self.request)
 
     def _wait_for_request(self) -> bool:
         """Wait until the client sends a request; False when the server stops or it idles."""
@@ -2790,6 +2814,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self.close_connection = True
             raise LengthRequired("chunked request bodies are not supported; send Content-Length")
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or ()}
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise BadRequest("conflicting Content-Length headers")
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -2801,7 +2829,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if length > cfg.max_body:
             self.close_connection = True  # the unread body makes the connection unusable
             raise PayloadTooLarge(f"request body exceeds {cfg.max_body} bytes")
-        body = self.rfile.read(length) if length else b""
+        try:
+            body = self.rfile.read(length) if length else b""
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestTimeout("the request body did not arrive in time") from None
         if len(body) != length:
             self.close_connection = True
             raise BadRequest("request body shorter than Content-Length")
@@ -2818,6 +2850,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req = Request(self.command, url.path, urllib.parse.parse_qs(url.query), self.headers)
         try:
             req.body = self._read_body()
+            self.server.unwatch(self.request)  # the request is in: handling may take long
             resp = self.server.app.dispatch(req)
         except HTTPError as e:
             resp = Response(e.status, _dumps(e.body()), headers=e.headers)
@@ -2872,6 +2905,7 @@ class Server(http.server.ThreadingHTTPServer):
 
     daemon_threads = False
     block_on_close = True
+    request_queue_size = 128  # listen backlog; socketserver's 5 resets bursts of clients
     allow_reuse_address = True
 
     def __init__(self, cfg: Config, app: App):
@@ -2880,9 +2914,12 @@ class Server(http.server.ThreadingHTTPServer):
         self.stopping = threading.Event()
         self._active = 0
         self._active_lock = threading.Lock()
+        self._deadlines: dict = {}
+        self._closed = threading.Event()
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self.address_family = family
         super().__init__((cfg.host, cfg.port), _Handler)
+        threading.Thread(target=self._reap_slow_requests, name="reaper", daemon=True).start()
         if cfg.tls_cert:
             import ssl
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -2897,6 +2934,34 @@ class Server(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         host = f"[{host}]" if ":" in host else host
         return f"{'https' if self.cfg.tls_cert else 'http'}://{host}:{port}"
+
+    def watch(self, sock: socket.socket) -> None:
+        """Start the clock on a request being read from ``sock``."""
+        with self._active_lock:
+            self._deadlines[sock] = time.monotonic() + self.cfg.socket_timeout
+
+    def unwatch(self, sock: socket.socket) -> None:
+        with self._active_lock:
+            self._deadlines.pop(sock, None)
+
+    def _reap_slow_requests(self) -> None:
+        """Disconnect clients whose request has not fully arrived by its deadline."""
+        while not self._closed.wait(1.0):
+            t = time.monotonic()
+            with self._active_lock:
+                late = [s for s, deadline in self._deadlines.items() if deadline < t]
+                for sock in late:
+                    del self._deadlines[sock]
+            for sock in late:
+                log.warning("dropping a client that sent its request too slowly")
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
 
     def process_request(self, request, client_address) -> None:
         with self._active_lock:

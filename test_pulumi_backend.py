@@ -18,6 +18,7 @@ Sections:
   8.   HTTP layer: request, response and router
   9.   Handlers: identity, stacks, state, secrets, updates
  10.   Server lifecycle, durability and main()
+ 10b.  Reliability: hostile input, storage faults, limits, concurrency
  11.   Module hygiene
 """
 
@@ -1391,12 +1392,13 @@ def test_rename_stack(srv):
     doc = srv.export(new)
     text = json.dumps(doc)
     assert "urn:pulumi:dev::" not in text
-    # Only the stack and project parts of a URN change, never the name part.
-    assert urns(doc) == [urn("proj-dev", "pulumi:pulumi:Stack", "prod"),
+    # The stack and project parts of every URN change; so does the root stack
+    # resource's name (<project>-<stack>), as the CLI's own rename does.
+    assert urns(doc) == [urn("proj-prod", "pulumi:pulumi:Stack", "prod"),
                          urn("default", "pulumi:providers:random", "prod"),
                          urn("a", stack="prod"), urn("b", stack="prod")]
     a = doc["deployment"]["resources"][2]
-    assert a["parent"] == urn("proj-dev", "pulumi:pulumi:Stack", "prod")
+    assert a["parent"] == urn("proj-prod", "pulumi:pulumi:Stack", "prod")
     assert a["provider"] == urn("default", "pulumi:providers:random", "prod") + "::p-id"
     assert doc["deployment"]["resources"][3]["dependencies"] == [urn("a", stack="prod")]
     assert doc["deployment"]["secrets_providers"]["state"] == {
@@ -2539,6 +2541,751 @@ def test_cli_rotate_master_key(tmp_path, start, cfg):
     srv2 = start(master_key_file=str(new_key))
     status, _, back = srv2.request("POST", path + "/decrypt", {"ciphertext": out["ciphertext"]})
     assert status == 200 and base64.b64decode(back["plaintext"]) == b"kept"
+
+
+# ==== 10b. Reliability: hostile input, storage faults, limits, concurrency ======
+
+_TABLES = ("meta", "stacks", "deployments", "updates", "checkpoints", "journal", "events")
+
+
+def db_rows(db):
+    """Every row of every table, read through a separate read-only connection."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall() for t in _TABLES}
+    finally:
+        conn.close()
+
+
+def wire(method, path, body=b"", headers=(), length=True, token="token t"):
+    """The bytes of one HTTP/1.1 request; ``headers`` is a list of pairs (repeats allowed)."""
+    target = path if isinstance(path, bytes) else path.encode()
+    lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1",
+             b"Content-Type: application/json", b"User-Agent: " + USER_AGENT.encode()]
+    if token:
+        lines.append(b"Authorization: " + token.encode())
+    if length:
+        lines.append(b"Content-Length: %d" % len(body))
+    lines += [f"{k}: {v}".encode("latin-1") for k, v in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def exchange(srv, data, timeout=5.0, half_close=False):
+    """Send raw bytes on a new connection and read one response.
+
+    Returns ``(status, headers, json-or-bytes)``, or None when the server closed the
+    connection without answering. A client-side timeout (a hung server) raises.
+    """
+    with socket.create_connection((srv.host, srv.port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may answer and close before reading everything
+        resp = http.client.HTTPResponse(sock)
+        try:
+            resp.begin()
+            body = resp.read()
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            return None
+        finally:
+            resp.close()
+    if resp.headers.get("Content-Type", "").startswith("application/json"):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            pass
+    return resp.status, resp.headers, body
+
+
+def assert_json_4xx(result, what=""):
+    assert result is not None, f"{what}: the server closed the connection without answering"
+    status, headers, out = result
+    assert 400 <= status < 500, (what, status, out)
+    assert headers.get("Content-Type", "").startswith("application/json"), (what, headers)
+    assert isinstance(out, dict) and out.get("code") == status, (what, status, out)
+    assert isinstance(out.get("message"), str) and out["message"], (what, out)
+
+
+class Victim:
+    """A server with state worth protecting, for the hostile-input cases.
+
+    * ``path`` (proj/dev): imported state (version 1) and a running journaled update
+      ``upd`` with journal entries 1 and 2 stored, plus ``pending``, an update created
+      but not started;
+    * ``ck`` (proj/ck): a running checkpoint (non-journal) update ``ckupd`` whose
+      verbatim checkpoint 1 is ``PREV_DOC``. Each update's token is "foreign" to the other.
+
+    The server's ``socket_timeout`` is 1 s, so a stalled request cannot hang a test.
+    """
+
+    def __init__(self, srv):
+        self.srv, self.db = srv, srv.cfg.db
+        self.path = srv.create_stack()
+        srv.import_state(self.path, untyped([S, A]))
+        self.upd = srv.begin(self.path)
+        assert self.upd.status == 200 and self.upd.start["journalVersion"] == 1
+        assert self.upd.journal(entry(1, 0, 1, operation={"resource": C, "type": "creating"}),
+                                entry(2, 1, 1, state=C))[0] == 200
+        status, _, out = srv.request("POST", self.path + "/update", {"name": "proj"})
+        assert status == 200
+        self.pending = out["updateID"]
+        self.ck = srv.create_stack(stack="ck")
+        self.ckupd = srv.begin(self.ck, journal=False)
+        assert self.ckupd.verbatim(PREV_DOC, 1)[0] == 200
+
+    def snapshot(self):
+        srv = self.srv
+        return (srv.export_bytes(self.path), srv.export_bytes(self.ck),
+                srv.stack(self.path)["version"], srv.stack(self.ck)["version"],
+                db_rows(self.db))
+
+    # -- request shorthands for the cases ------------------------------------
+
+    def req(self, method, suffix, body=None, **kw):
+        return self.srv.request(method, self.path + suffix, body, **kw)
+
+    def create(self, body, project="proj", **kw):
+        return self.srv.request("POST", f"/api/stacks/{ORG}/{project}", body, **kw)
+
+    def tags(self, body, **kw):
+        return self.req("PATCH", "/tags", body, **kw)
+
+    def start_pending(self, body):
+        return self.req("POST", f"/update/{self.pending}", body)
+
+    def journal_raw(self, body, token=None):
+        return self.upd.call("PATCH", "/journalentries", body, token=token)
+
+    def ck_call(self, suffix, body, token=None):
+        return self.ckupd.call("PATCH", suffix, body, token=token)
+
+    def ck_delta_raw(self, **fields):
+        body = {"version": 3, "checkpointHash": NEW_HASH, "sequenceNumber": 2,
+                "deploymentDelta": DELTA_EDITS}
+        body.update(fields)
+        return self.ck_call("/checkpointdelta", {k: v for k, v in body.items() if v is not ...})
+
+    def wire(self, data, **kw):
+        return exchange(self.srv, data, **kw)
+
+
+def _verbatim_body(seq):
+    return b'{"version":3,"untypedDeployment":' + PREV_DOC + b',"sequenceNumber":' + seq + b"}"
+
+
+def _gz(doc):
+    return gzip.compress(compact(doc))
+
+
+_X = "x" * 101
+_EVIL_TAGS = compact({"evil": "1"})
+_BAD_CRC = bytearray(gzip.compress(compact({"entries": []})))
+_BAD_CRC[-8] ^= 0xFF
+
+# (id, send(victim) -> (status, headers, out) or None, expected status: "4xx" or an int)
+HOSTILE = [
+    # -- malformed JSON
+    ("json-create-stack", lambda v: v.create(b'{"stackName": "x",'), "4xx"),
+    ("json-tags", lambda v: v.tags(b'{"a":'), "4xx"),
+    ("json-import", lambda v: v.req("POST", "/import", b'{"version":3,', gzip_body=True), "4xx"),
+    ("json-journal", lambda v: v.journal_raw(b'{"entries":['), "4xx"),
+    ("json-complete", lambda v: v.upd.call("POST", "/complete", b'{"status":"succeeded"',
+                                           gzip_body=False), "4xx"),
+    ("json-not-utf8", lambda v: v.create(b'\xff\xfe{"stackName":"x"}'), "4xx"),
+    ("json-trailing-garbage", lambda v: v.create(b'{"stackName":"x"} {}'), "4xx"),
+    ("json-deep-nesting", lambda v: v.journal_raw(b'{"entries":' + b"[" * 100000), "4xx"),
+    ("json-deep-nesting-create", lambda v: v.create(b"[" * 100000), "4xx"),
+    ("json-5000-digit-int", lambda v: v.ck_call(
+        "/checkpointdelta", b'{"version":3,"sequenceNumber":' + b"9" * 5000 + b"}"), "4xx"),
+    ("json-empty-complete", lambda v: v.upd.call("POST", "/complete", b"", gzip_body=False),
+     "4xx"),
+    # -- wrong JSON types
+    ("type-create-list", lambda v: v.create([]), "4xx"),
+    ("type-create-null", lambda v: v.create(b"null"), "4xx"),
+    ("type-stackname-int", lambda v: v.create({"stackName": 5}), "4xx"),
+    ("type-stackname-null", lambda v: v.create({"stackName": None}), "4xx"),
+    ("type-tags-list", lambda v: v.tags(["a"]), "4xx"),
+    ("type-tag-value-null", lambda v: v.tags({"a": None}), "4xx"),
+    ("type-tag-value-int", lambda v: v.tags({"a": 1}), "4xx"),
+    ("type-start-list", lambda v: v.start_pending([]), "4xx"),
+    ("type-start-tags-string", lambda v: v.start_pending({"tags": "x"}), "4xx"),
+    ("type-create-update-options-list", lambda v: v.req("POST", "/update", {"options": []}),
+     "4xx"),
+    ("type-journal-entries-object", lambda v: v.upd.call(
+        "PATCH", "/journalentries", {"entries": {"3": entry(3, 1, 1)}}), "4xx"),
+    ("type-journal-seq-string", lambda v: v.upd.journal({**entry(3, 1, 1), "sequenceID": "3"}),
+     "4xx"),
+    ("type-journal-body-list", lambda v: v.upd.call("PATCH", "/journalentries",
+                                                    [entry(3, 1, 1)]), "4xx"),
+    ("type-events-strings", lambda v: v.upd.events("x"), "4xx"),
+    ("type-complete-status-null", lambda v: v.upd.call(
+        "POST", "/complete", {"status": None}, gzip_body=False), "4xx"),
+    ("type-complete-status-list", lambda v: v.upd.call(
+        "POST", "/complete", {"status": ["succeeded"]}, gzip_body=False), "4xx"),
+    ("type-renew-duration-string", lambda v: v.upd.call(
+        "POST", "/renew_lease", {"duration": "300"}, gzip_body=False), "4xx"),
+    ("type-renew-duration-null", lambda v: v.upd.call(
+        "POST", "/renew_lease", {"duration": None}, gzip_body=False), "4xx"),
+    ("type-delta-hash-int", lambda v: v.ck_delta_raw(checkpointHash=5), "4xx"),
+    ("type-delta-edits-object", lambda v: v.ck_delta_raw(deploymentDelta={}), "4xx"),
+    ("type-delta-newtext-int", lambda v: v.ck_delta_raw(
+        deploymentDelta=[{**DELTA_EDITS[0], "NewText": 5}]), "4xx"),
+    ("type-checkpoint-deployment-list", lambda v: v.ck_call(
+        "/checkpoint", {"version": 3, "deployment": []}), "4xx"),
+    ("type-checkpoint-resources-object", lambda v: v.ck_call(
+        "/checkpoint", {"version": 3, "deployment": {"resources": {}}}), "4xx"),
+    ("type-checkpoint-features-nested-list", lambda v: v.ck_call(
+        "/checkpoint", {"version": 4, "features": [["taint"]], "deployment": {}}), "4xx"),
+    ("type-create-state-resources-object", lambda v: v.create(
+        {"stackName": "t3", "state": {"version": 3, "deployment": {"resources": {}}}}), "4xx"),
+    ("type-create-state-features-object", lambda v: v.create(
+        {"stackName": "t3", "state": {"version": 4, "features": {},
+                                      "deployment": {}}}), "4xx"),
+    ("type-rename-list", lambda v: v.req("POST", "/rename", {"newName": []}), "4xx"),
+    ("type-encrypt-null", lambda v: v.req("POST", "/encrypt", {"plaintext": None}), "4xx"),
+    ("type-batch-decrypt-object", lambda v: v.req(
+        "POST", "/batch-decrypt", {"ciphertexts": {"a": "b"}}), "4xx"),
+    ("type-batch-encrypt-null-item", lambda v: v.req(
+        "POST", "/batch-encrypt", {"plaintexts": [None]}), "4xx"),
+    # -- missing required fields
+    ("missing-stackname", lambda v: v.create({}), "4xx"),
+    ("missing-entries", lambda v: v.upd.call("PATCH", "/journalentries", {}), "4xx"),
+    ("missing-complete-status", lambda v: v.upd.call("POST", "/complete", {}, gzip_body=False),
+     "4xx"),
+    ("missing-delta-hash", lambda v: v.ck_delta_raw(checkpointHash=...), "4xx"),
+    ("missing-delta-seq", lambda v: v.ck_delta_raw(sequenceNumber=...), "4xx"),
+    ("missing-delta-edits", lambda v: v.ck_delta_raw(deploymentDelta=...), "4xx"),
+    ("missing-verbatim-deployment", lambda v: v.ck_call(
+        "/checkpointverbatim", {"version": 3, "sequenceNumber": 2}), "4xx"),
+    ("missing-checkpoint-deployment", lambda v: v.ck_call("/checkpoint", {"version": 3}),
+     "4xx"),
+    ("missing-events", lambda v: v.upd.call("POST", "/events/batch", {}), "4xx"),
+    ("missing-plaintext", lambda v: v.req("POST", "/encrypt", {}), "4xx"),
+    ("missing-import-deployment", lambda v: v.req("POST", "/import", {"version": 3},
+                                                  gzip_body=True), "4xx"),
+    # -- huge, negative, fractional and non-finite numbers
+    ("num-journal-seq-1e30", lambda v: v.upd.journal(entry(10**30, 1, 1, state=A)), "4xx"),
+    ("num-journal-seq-float", lambda v: v.upd.journal(entry(3.0, 1, 1, state=A)), "4xx"),
+    ("num-journal-seq-nan", lambda v: v.journal_raw(
+        b'{"entries":[{"version":1,"kind":1,"sequenceID":NaN,"operationID":1}]}'), "4xx"),
+    ("num-journal-kind-infinity", lambda v: v.journal_raw(
+        b'{"entries":[{"version":1,"kind":Infinity,"sequenceID":3,"operationID":1}]}'), "4xx"),
+    ("num-journal-opid--infinity", lambda v: v.journal_raw(
+        b'{"entries":[{"version":1,"kind":1,"sequenceID":3,"operationID":-Infinity}]}'), "4xx"),
+    ("num-journal-removeold-1e30", lambda v: v.upd.journal(
+        entry(3, 1, 1, state=A, removeOld=10**30)), "4xx"),
+    ("num-events-seq-1e30", lambda v: v.upd.events({"sequence": 10**30}), "4xx"),
+    ("num-events-seq-negative", lambda v: v.upd.events({"sequence": -1}), "4xx"),
+    ("num-events-seq-float", lambda v: v.upd.events({"sequence": 1.5}), "4xx"),
+    ("num-events-seq-nan", lambda v: v.upd.call("POST", "/events/batch",
+                                                b'{"events":[{"sequence":NaN}]}'), "4xx"),
+    ("num-renew-1e30", lambda v: v.upd.renew(10**30), "4xx"),
+    ("num-renew-float", lambda v: v.upd.renew(1.5), "4xx"),
+    ("num-renew-negative", lambda v: v.upd.renew(-1), "4xx"),
+    ("num-delta-seq-1e30", lambda v: v.ck_delta_raw(sequenceNumber=10**30), "4xx"),
+    ("num-delta-seq-float", lambda v: v.ck_delta_raw(sequenceNumber=2.0), "4xx"),
+    ("num-delta-seq-negative", lambda v: v.ck_delta_raw(sequenceNumber=-1), "4xx"),
+    ("num-delta-offset-1e30", lambda v: v.ck_delta_raw(deploymentDelta=[
+        {"Span": {"start": {"offset": 0}, "end": {"offset": 10**30}}, "NewText": ""}]), "4xx"),
+    ("num-verbatim-seq-1e30", lambda v: v.ck_call("/checkpointverbatim",
+                                                  _verbatim_body(b"1" + b"0" * 30)), "4xx"),
+    ("num-verbatim-seq-zero", lambda v: v.ck_call("/checkpointverbatim", _verbatim_body(b"0")),
+     "4xx"),
+    ("num-verbatim-seq-negative", lambda v: v.ck_call("/checkpointverbatim",
+                                                      _verbatim_body(b"-1")), "4xx"),
+    ("num-verbatim-seq-float", lambda v: v.ck_call("/checkpointverbatim",
+                                                   _verbatim_body(b"2.5")), "4xx"),
+    ("num-export-version-1e30", lambda v: v.req("GET", "/export/" + "1" + "0" * 30), "4xx"),
+    ("num-export-version-negative", lambda v: v.req("GET", "/export/-1"), "4xx"),
+    ("num-export-version-unicode-digit", lambda v: v.req("GET", "/export/%C2%B2"), "4xx"),
+    ("num-events-token-1e30", lambda v: v.srv.request(
+        "GET", v.upd.url + "/events?continuationToken=1" + "0" * 30), "4xx"),
+    ("num-events-token-unicode-digit", lambda v: v.srv.request(
+        "GET", v.upd.url + "/events?continuationToken=%C2%B2"), "4xx"),
+    ("num-history-pagesize-1e30", lambda v: v.req("GET", "/updates?pageSize=1" + "0" * 30),
+     "4xx"),
+    ("num-history-page-nan", lambda v: v.req("GET", "/updates?pageSize=1&page=NaN"), "4xx"),
+    # -- base64 that is not standard padded base64
+    ("b64-encrypt-urlsafe", lambda v: v.req("POST", "/encrypt", {"plaintext": "-_-_"}), "4xx"),
+    ("b64-encrypt-unpadded", lambda v: v.req("POST", "/encrypt", {"plaintext": "YWJ"}), "4xx"),
+    ("b64-encrypt-non-ascii", lambda v: v.req("POST", "/encrypt", {"plaintext": "é==="}),
+     "4xx"),
+    ("b64-decrypt-urlsafe", lambda v: v.req("POST", "/decrypt", {"ciphertext": "AQ-_"}), "4xx"),
+    ("b64-decrypt-unpadded", lambda v: v.req("POST", "/decrypt", {"ciphertext": "AQI"}), "4xx"),
+    ("b64-decrypt-non-ascii", lambda v: v.req("POST", "/decrypt", {"ciphertext": "AQÅ="}),
+     "4xx"),
+    ("b64-batch-encrypt-urlsafe", lambda v: v.req(
+        "POST", "/batch-encrypt", {"plaintexts": ["YWJj", "-_-_"]}, gzip_body=True), "4xx"),
+    ("b64-batch-decrypt-unpadded", lambda v: v.req(
+        "POST", "/batch-decrypt", {"ciphertexts": ["AQI"]}, gzip_body=True), "4xx"),
+    ("b64-batch-decrypt-non-ascii", lambda v: v.req(
+        "POST", "/batch-decrypt", {"ciphertexts": ["ÿÿÿÿ"]}, gzip_body=True), "4xx"),
+    ("b64-batch-decrypt-newline", lambda v: v.req(
+        "POST", "/batch-decrypt", {"ciphertexts": ["AQID\n"]}, gzip_body=True), "4xx"),
+    # -- deltas: bad hashes and bad spans
+    ("delta-hash-not-hex", lambda v: v.ck_delta_raw(checkpointHash="zz" * 32), "4xx"),
+    ("delta-hash-non-ascii", lambda v: v.ck_delta_raw(checkpointHash="é" * 64), "4xx"),
+    ("delta-hash-non-ascii-retry", lambda v: v.ck_delta_raw(checkpointHash="é" * 64,
+                                                            sequenceNumber=1), "4xx"),
+    ("delta-hash-of-other-doc", lambda v: v.ck_delta_raw(checkpointHash="0" * 64), "4xx"),
+    ("delta-span-out-of-range", lambda v: v.ck_delta_raw(deploymentDelta=[
+        {"Span": {"start": {"offset": 500}, "end": {"offset": 5000}}, "NewText": "x"}]), "4xx"),
+    ("delta-span-overlapping", lambda v: v.ck_delta_raw(deploymentDelta=[
+        {"Span": {"start": {"offset": 0}, "end": {"offset": 200}}, "NewText": "x"},
+        {"Span": {"start": {"offset": 100}, "end": {"offset": 300}}, "NewText": "y"}]), "4xx"),
+    ("delta-span-reversed", lambda v: v.ck_delta_raw(deploymentDelta=[
+        {"Span": {"start": {"offset": 300}, "end": {"offset": 100}}, "NewText": "x"}]), "4xx"),
+    ("delta-span-line-string", lambda v: v.ck_delta_raw(deploymentDelta=[
+        {"Span": {"start": {"line": "1", "offset": -1}, "end": {"line": 1, "offset": -1}},
+         "NewText": "x"}]), "4xx"),
+    ("delta-span-line-1e30", lambda v: v.ck_delta_raw(deploymentDelta=[
+        {"Span": {"start": {"line": 10**30, "offset": -1}, "end": {"line": 1, "offset": -1}},
+         "NewText": "x"}]), "4xx"),
+    # -- journal sequence numbers
+    ("journal-duplicates-out-of-order", lambda v: v.upd.journal(
+        entry(2, 1, 1, state=res("changed")), entry(1, 1, 1, state=res("changed"))), 200),
+    ("journal-out-of-order-with-invalid", lambda v: v.upd.journal(
+        entry(4, 1, 2, state=A), entry(3, 0, 2, operation={"resource": A, "type": "creating"}),
+        entry(0, 1, 1, state=B)), "4xx"),
+    ("journal-seq-zero", lambda v: v.upd.journal(entry(0, 1, 1, state=B)), "4xx"),
+    ("journal-seq-negative", lambda v: v.upd.journal(entry(-3, 1, 1, state=B)), "4xx"),
+    ("journal-seq-bool", lambda v: v.upd.journal(entry(True, 1, 1, state=B)), "4xx"),
+    # -- unknown updates and foreign tokens
+    ("unknown-update-journal", lambda v: v.srv.request(
+        "PATCH", v.path + "/update/nope/journalentries", {"entries": []},
+        token=f"update-token {v.upd.token}"), "4xx"),
+    ("unknown-update-complete", lambda v: v.srv.request(
+        "POST", v.path + "/update/nope/complete", {"status": "succeeded"},
+        token=f"update-token {v.upd.token}"), "4xx"),
+    ("unknown-update-start", lambda v: v.req("POST", "/update/nope", {}), "4xx"),
+    ("unknown-update-cancel", lambda v: v.req("POST", "/update/nope/cancel"), "4xx"),
+    ("unknown-update-events", lambda v: v.req("GET", "/update/nope/events"), "4xx"),
+    ("unknown-update-kind", lambda v: v.req("POST", f"/bogus/{v.upd.id}/cancel"), "4xx"),
+    ("update-under-other-stack", lambda v: v.srv.request(
+        "POST", f"{v.ck}/update/{v.upd.id}/complete", {"status": "succeeded"},
+        token=f"update-token {v.upd.token}"), "4xx"),
+    ("update-under-other-stack-cancel", lambda v: v.srv.request(
+        "POST", f"{v.ck}/update/{v.upd.id}/cancel"), "4xx"),
+    ("foreign-token-journal", lambda v: v.upd.journal(
+        entry(3, 1, 2, state=B), token=f"update-token {v.ckupd.token}"), "4xx"),
+    ("foreign-token-complete", lambda v: v.upd.complete(
+        token=f"update-token {v.ckupd.token}"), "4xx"),
+    ("foreign-token-renew", lambda v: v.upd.renew(token=f"update-token {v.ckupd.token}"), "4xx"),
+    ("foreign-token-verbatim", lambda v: v.ckupd.verbatim(
+        NEW_DOC, 2, token=f"update-token {v.upd.token}"), "4xx"),
+    ("foreign-token-non-ascii", lambda v: v.upd.complete(token="update-token ÿÿÿ"), "4xx"),
+    # -- path tricks in org, project and stack names
+    ("path-dotdot-stack", lambda v: v.srv.request("GET", f"/api/stacks/{ORG}/proj/.."), "4xx"),
+    ("path-dotdot-encoded-export", lambda v: v.srv.request(
+        "GET", f"/api/stacks/{ORG}/proj/%2e%2e/export"), "4xx"),
+    ("path-dotdot-segments-import", lambda v: v.srv.request(
+        "POST", f"/api/stacks/{ORG}/proj/../dev/import", compact(untyped([B])),
+        gzip_body=True), "4xx"),
+    ("path-dotdot-create-stack", lambda v: v.create({"stackName": ".."}), "4xx"),
+    ("path-dot-create-stack", lambda v: v.create({"stackName": "."}), "4xx"),
+    ("path-dotdot-encoded-create-project", lambda v: v.create({"stackName": "dev"},
+                                                              project="%2e%2e"), "4xx"),
+    ("path-encoded-slash-stack", lambda v: v.srv.request(
+        "GET", f"/api/stacks/{ORG}/proj/dev%2F..%2Fck/export"), "4xx"),
+    ("path-encoded-slash-create", lambda v: v.create({"stackName": "dev"},
+                                                     project="a%2F..%2Fproj"), "4xx"),
+    ("path-encoded-slash-org", lambda v: v.srv.request(
+        "DELETE", f"/api/stacks/{ORG}%2Fproj/dev/x?force=true"), "4xx"),
+    ("path-slash-in-stackname", lambda v: v.create({"stackName": "a/b"}), "4xx"),
+    ("path-long-stack", lambda v: v.srv.request("GET", sp(stack=_X)), "4xx"),
+    ("path-long-project-create", lambda v: v.create({"stackName": "dev"}, project=_X), "4xx"),
+    ("path-long-stackname-create", lambda v: v.create({"stackName": "s" * 5000}), "4xx"),
+    ("path-long-rename", lambda v: v.srv.request("POST", v.ck + "/rename", {"newName": _X}),
+     "4xx"),
+    ("path-unicode-encoded", lambda v: v.srv.request("GET", sp(stack="d%C3%A9v")), "4xx"),
+    ("path-unicode-raw", lambda v: v.wire(wire("GET", f"/api/stacks/{ORG}/proj/dév".encode())),
+     "4xx"),
+    ("path-unicode-create", lambda v: v.create({"stackName": "dév"}), "4xx"),
+    ("path-space-encoded", lambda v: v.srv.request("GET", sp(stack="a%20b")), "4xx"),
+    ("path-space-raw", lambda v: v.wire(wire("GET", f"/api/stacks/{ORG}/proj/a b")), "4xx"),
+    ("path-space-create", lambda v: v.create({"stackName": "a b"}), "4xx"),
+    ("path-nul-encoded", lambda v: v.srv.request("GET", sp(stack="dev%00")), "4xx"),
+    ("path-nul-raw", lambda v: v.wire(wire("GET", f"/api/stacks/{ORG}/proj/de\0v/export")),
+     "4xx"),
+    ("path-nul-create", lambda v: v.create({"stackName": "dev\0"}), "4xx"),
+    ("path-newline-create", lambda v: v.create({"stackName": "dev\n"}), "4xx"),
+    ("path-newline-encoded-import", lambda v: v.srv.request(
+        "POST", sp(stack="dev%0A") + "/import", compact(untyped([B])), gzip_body=True), "4xx"),
+    ("path-empty-segment", lambda v: v.srv.request("GET", f"/api/stacks/{ORG}//dev"), "4xx"),
+    # -- tags
+    ("tag-name-41", lambda v: v.tags({"x" * 41: "v"}), "4xx"),
+    ("tag-name-empty", lambda v: v.tags({"": "v"}), "4xx"),
+    ("tag-name-unicode", lambda v: v.tags({"é": "v"}), "4xx"),
+    ("tag-name-newline", lambda v: v.tags({"env\n": "v"}), "4xx"),
+    ("tag-value-257", lambda v: v.tags({"a": "v" * 257}), "4xx"),
+    ("tag-value-1mb", lambda v: v.tags({"a": "v" * 1024 * 1024}, gzip_body=True), "4xx"),
+    ("tag-start-long-name", lambda v: v.start_pending({"tags": {"x" * 41: "v"}}), "4xx"),
+    ("tag-create-long-value", lambda v: v.create({"stackName": "t2", "tags": {"a": "v" * 257}}),
+     "4xx"),
+    # -- content encodings
+    ("gzip-corrupt", lambda v: v.tags(b"\x1f\x8b\x08\x00garbage",
+                                      headers={"Content-Encoding": "gzip"}), "4xx"),
+    ("gzip-truncated", lambda v: v.tags(_gz({"evil": "1"})[:-8],
+                                        headers={"Content-Encoding": "gzip"}), "4xx"),
+    ("gzip-truncated-journal", lambda v: v.srv.request(
+        "PATCH", v.upd.url + "/journalentries",
+        _gz({"entries": [entry(3, 1, 2, state=B)]})[:-5],
+        headers={"Content-Encoding": "gzip"}, token=f"update-token {v.upd.token}"), "4xx"),
+    ("gzip-bad-crc", lambda v: v.srv.request(
+        "PATCH", v.upd.url + "/journalentries", bytes(_BAD_CRC),
+        headers={"Content-Encoding": "gzip"}, token=f"update-token {v.upd.token}"), "4xx"),
+    ("gzip-plain-json-labelled", lambda v: v.tags(_EVIL_TAGS,
+                                                  headers={"Content-Encoding": "gzip"}), "4xx"),
+    ("encoding-br", lambda v: v.tags(_EVIL_TAGS, headers={"Content-Encoding": "br"}), "4xx"),
+    ("encoding-deflate", lambda v: v.tags(_EVIL_TAGS, headers={"Content-Encoding": "deflate"}),
+     "4xx"),
+    ("encoding-gzip-twice", lambda v: v.tags(gzip.compress(_gz({"evil": "1"})), headers={
+        "Content-Encoding": "gzip, gzip"}), "4xx"),
+    # -- framing: Content-Length and Transfer-Encoding
+    ("cl-exceeds-body-half-closed", lambda v: v.wire(
+        wire("PATCH", v.path + "/tags", _EVIL_TAGS, length=False,
+             headers=[("Content-Length", len(_EVIL_TAGS) + 50)]), half_close=True), "4xx"),
+    ("cl-exceeds-body-stalled", lambda v: v.wire(
+        wire("PATCH", v.path + "/tags", _EVIL_TAGS, length=False,
+             headers=[("Content-Length", len(_EVIL_TAGS) + 50)]),
+        timeout=v.srv.cfg.socket_timeout + 5), "4xx"),
+    ("cl-negative", lambda v: v.wire(wire("PATCH", v.path + "/tags", _EVIL_TAGS, length=False,
+                                          headers=[("Content-Length", -5)])), "4xx"),
+    ("cl-non-numeric", lambda v: v.wire(wire("PATCH", v.path + "/tags", _EVIL_TAGS,
+                                             length=False, headers=[("Content-Length", "abc")])),
+     "4xx"),
+    ("cl-float", lambda v: v.wire(wire("PATCH", v.path + "/tags", _EVIL_TAGS, length=False,
+                                       headers=[("Content-Length", "12.0")])), "4xx"),
+    ("cl-1e30", lambda v: v.wire(wire("PATCH", v.path + "/tags", _EVIL_TAGS, length=False,
+                                      headers=[("Content-Length", 10**30)])), "4xx"),
+    ("cl-conflicting", lambda v: v.wire(wire(
+        "PATCH", v.path + "/tags", _EVIL_TAGS, length=False,
+        headers=[("Content-Length", len(_EVIL_TAGS)), ("Content-Length", 0)])), "4xx"),
+    ("te-chunked", lambda v: v.wire(wire(
+        "PATCH", v.path + "/tags", b"%x\r\n%s\r\n0\r\n\r\n" % (len(_EVIL_TAGS), _EVIL_TAGS),
+        length=False, headers=[("Transfer-Encoding", "chunked")])), "4xx"),
+    ("te-chunked-with-cl", lambda v: v.wire(wire(
+        "PATCH", v.path + "/tags", _EVIL_TAGS, headers=[("Transfer-Encoding", "chunked")])),
+     "4xx"),
+    ("te-gzip-chunked", lambda v: v.wire(wire(
+        "PATCH", v.path + "/tags", b"0\r\n\r\n", length=False,
+        headers=[("Transfer-Encoding", "gzip, chunked")])), "4xx"),
+]
+
+
+@pytest.fixture
+def victim(start):
+    return Victim(start(socket_timeout=1.0))
+
+
+@pytest.mark.parametrize("send, expected", [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_hostile_input_leaves_state_byte_identical(victim, send, expected):
+    v = victim
+    before = v.snapshot()
+    result = send(v)
+    if expected == "4xx":
+        assert_json_4xx(result)
+    else:
+        assert result is not None and result[0] == expected, result
+    assert v.snapshot() == before
+    assert v.srv.request("GET", "/api/user")[0] == 200  # and the server still serves
+    # The running updates finish with their own tokens, unaffected.
+    assert v.upd.complete()[0] == 200
+    assert v.ckupd.complete()[0] == 200
+    assert urns(v.srv.export(v.path)) == [C["urn"], S["urn"], A["urn"]]
+    assert v.srv.export_bytes(v.ck) == PREV_DOC
+    assert v.srv.stack(v.path)["version"] == 2 and v.srv.stack(v.ck)["version"] == 1
+
+
+def test_duplicate_journal_sequence_ids_keep_the_stored_entry(victim):
+    """A repeated sequenceID is accepted as a retry; the stored entry keeps its content."""
+    v = victim
+    journal = db_rows(v.db)["journal"]
+    assert [json.loads(row[2])["state"]["urn"] for row in journal if row[1] == 2] == [C["urn"]]
+    assert v.upd.journal(entry(2, 1, 1, state=res("changed")),
+                         entry(3, 1, 2, state=res("new")))[0] == 200
+    after = {row[1]: json.loads(row[2]) for row in db_rows(v.db)["journal"]}
+    assert after[2]["state"] == C and after[3]["state"] == res("new")
+    assert v.upd.complete()[0] == 200
+    assert urns(v.srv.export(v.path)) == [C["urn"], urn("new"), S["urn"], A["urn"]]
+
+
+# -- storage faults ---------------------------------------------------------
+
+def _blob_resources(prefix, n=60, size=3000):
+    """Resources whose outputs do not compress: they need fresh database pages."""
+    return [res(f"{prefix}{i}", outputs={"blob": b64(secrets.token_bytes(size))})
+            for i in range(n)]
+
+
+def _limit_pages(store, limit=None):
+    """Cap the writer's database size at its current size (``limit=None``) or lift the cap."""
+    with store._lock:
+        if limit is None:
+            limit = store._writer.execute("PRAGMA page_count").fetchone()[0]
+        store._writer.execute(f"PRAGMA max_page_count = {limit}")
+
+
+def assert_503(result, what=""):
+    status, headers, out = result
+    assert status == 503, (what, status, out)
+    assert isinstance(out, dict) and out.get("code") == 503, (what, out)
+
+
+def test_disk_full_answers_503_keeps_reads_and_recovers(srv):
+    dev = srv.create_stack()
+    srv.import_state(dev, untyped([S, A]))
+    upd = srv.begin(dev)
+    imp = srv.create_stack(stack="imp")
+    ck = srv.create_stack(stack="ck")
+    ckupd = srv.begin(ck, journal=False)
+    assert ckupd.verbatim(PREV_DOC, 1)[0] == 200
+    big_doc = compact(untyped(_blob_resources("big")))
+    big_entries = [entry(n, 1, n, state=r) for n, r in enumerate(_blob_resources("j"), 1)]
+    big_checkpoint = compact(untyped(_blob_resources("ck")))
+    exports = {p: srv.export_bytes(p) for p in (dev, imp, ck)}
+    rows = db_rows(srv.cfg.db)
+
+    _limit_pages(srv.store)
+    assert_503(srv.request("POST", imp + "/import", big_doc, gzip_body=True), "import")
+    assert_503(upd.journal(*big_entries), "journal")
+    assert_503(ckupd.verbatim(big_checkpoint, 2), "verbatim")
+    # Reads keep working, and serve exactly what was there before.
+    for p, data in exports.items():
+        assert srv.export_bytes(p) == data
+    assert srv.stack(imp)["version"] == 0 and srv.stack(dev)["activeUpdate"] == upd.id
+    status, _, out = srv.request("GET", "/api/user/stacks")
+    assert status == 200 and len(out["stacks"]) == 3
+    assert [u["kind"] for u in srv.history(dev)] == ["update", "import"]
+    assert db_rows(srv.cfg.db) == rows  # nothing half-written
+
+    _limit_pages(srv.store, 1073741823)
+    # The same writes, retried, succeed.
+    assert srv.request("POST", imp + "/import", big_doc, gzip_body=True)[0] == 200
+    assert srv.export_bytes(imp) == big_doc and srv.stack(imp)["version"] == 1
+    assert upd.journal(*big_entries)[0] == 200
+    assert upd.complete()[0] == 200
+    assert len(srv.export(dev)["deployment"]["resources"]) == len(big_entries) + 2
+    # The failed verbatim did not move the checkpoint: a delta on PREV_DOC applies.
+    assert ckupd.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert ckupd.complete()[0] == 200
+    assert srv.export_bytes(ck) == NEW_DOC
+
+
+@pytest.mark.parametrize("mode", ["query_only", "read_only_connection"])
+def test_read_only_database_answers_503_and_keeps_reads(srv, mode):
+    dev = srv.create_stack()
+    srv.import_state(dev, untyped([S, A]))
+    other = srv.create_stack(stack="other")
+    upd = srv.begin(dev)
+    _, _, enc = srv.request("POST", dev + "/encrypt", {"plaintext": b64(b"kept")})
+    exports = {p: srv.export_bytes(p) for p in (dev, other)}
+    rows = db_rows(srv.cfg.db)
+    writer = srv.store._writer
+    if mode == "query_only":
+        writer.execute("PRAGMA query_only = ON")
+    else:
+        ro = sqlite3.connect(f"file:{srv.cfg.db}?mode=ro", uri=True, isolation_level=None,
+                             check_same_thread=False)
+        ro.row_factory = sqlite3.Row
+        srv.store._writer = ro
+    try:
+        for what, result in [
+            ("create", srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "new"})),
+            ("tags", srv.request("PATCH", other + "/tags", {"a": "b"})),
+            ("import", srv.request("POST", other + "/import", compact(untyped([B])),
+                                   gzip_body=True)),
+            ("create update", srv.request("POST", other + "/update", {"name": "proj"})),
+            ("journal", upd.journal(entry(1, 1, 1, state=C))),
+            ("events", upd.events({"sequence": 0, "timestamp": 1})),
+            ("renew", upd.renew()),
+            ("complete", upd.complete()),
+            ("delete", srv.request("DELETE", other + "?force=true")),
+        ]:
+            assert_503(result, what)
+        for p, data in exports.items():
+            assert srv.export_bytes(p) == data
+        assert srv.stack(dev)["activeUpdate"] == upd.id
+        assert srv.request("GET", "/api/user/stacks")[0] == 200
+        assert srv.request("GET", upd.url)[2]["status"] == "running"
+        status, _, out = srv.request("POST", dev + "/decrypt", {"ciphertext": enc["ciphertext"]})
+        assert status == 200 and base64.b64decode(out["plaintext"]) == b"kept"
+        assert db_rows(srv.cfg.db) == rows
+    finally:
+        if mode == "query_only":
+            writer.execute("PRAGMA query_only = OFF")
+        else:
+            with srv.store._lock:
+                srv.store._writer = writer
+            ro.close()
+    assert upd.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert upd.complete()[0] == 200
+    assert urns(srv.export(dev)) == [C["urn"], S["urn"], A["urn"]]
+    assert srv.request("PATCH", other + "/tags", {"a": "b"})[0] == 200
+
+
+# -- limits ------------------------------------------------------------------
+
+@pytest.mark.parametrize("what, data", [
+    ("70 KB header line", wire("GET", "/api/user", headers=[("X-Big", "a" * 70 * 1024)])),
+    ("150 header lines", wire("GET", "/api/user",
+                              headers=[(f"X-H{i}", "v") for i in range(150)])),
+    ("70 KB request line", wire("GET", "/api/user?" + "a" * 70 * 1024)),
+])
+def test_oversized_headers_get_json_4xx(srv, what, data):
+    for _ in range(3):
+        assert_json_4xx(exchange(srv, data), what)
+    assert srv.request("GET", "/api/user")[0] == 200
+
+
+def test_max_connections_refuses_with_503_then_recovers(start):
+    srv = start(max_connections=2)
+    c1, c2 = srv.connection(), srv.connection()
+    try:
+        assert srv.request("GET", "/api/user", conn=c1)[0] == 200
+        assert srv.request("GET", "/api/user", conn=c2)[0] == 200
+        c3 = srv.connection()
+        try:
+            status, _, out = srv.request("GET", "/api/user", conn=c3)
+        finally:
+            c3.close()
+        assert status == 503 and out["code"] == 503
+        c1.close()
+        deadline = time.monotonic() + 5
+        while True:
+            status = srv.request("GET", "/api/user")[0]
+            if status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status == 200
+        assert srv.request("GET", "/api/user", conn=c2)[0] == 200  # still alive
+    finally:
+        c1.close()
+        c2.close()
+
+
+@pytest.mark.parametrize("half", ["headers", "body"])
+def test_stalled_client_is_dropped_after_socket_timeout_without_blocking_others(start, half):
+    srv = start(socket_timeout=1.0)
+    path = srv.create_stack()
+    request = wire("PATCH", path + "/tags", _EVIL_TAGS + b" " * 100)
+    cut = request.index(b"\r\n\r\n") // 2 if half == "headers" else len(request) - 60
+    with socket.create_connection((srv.host, srv.port), timeout=10) as slow:
+        slow.sendall(request[:cut])
+        t0 = time.monotonic()
+        for n in range(5):  # other clients are served meanwhile, promptly
+            t = time.monotonic()
+            assert srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": f"o{n}"})[0] == 200
+            assert time.monotonic() - t < 0.5
+        data = b""
+        try:
+            while True:
+                chunk = slow.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except ConnectionResetError:
+            pass
+        elapsed = time.monotonic() - t0
+    assert 0.5 <= elapsed < 4, elapsed
+    assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:100]
+    assert srv.stack(path)["tags"] == {}
+
+
+def test_trickling_client_is_dropped_at_the_request_deadline(start):
+    """A client sending a byte every 0.3 s never trips the per-read timeout; the
+    whole-request deadline (socket_timeout) still drops it."""
+    srv = start(socket_timeout=1.0)
+    request = wire("GET", "/api/user") + b"X" * 100
+    t0 = time.monotonic()
+    with socket.create_connection((srv.host, srv.port), timeout=10) as slow:
+        with pytest.raises(OSError):
+            for byte in request:
+                slow.sendall(bytes([byte]))
+                time.sleep(0.3)
+                assert time.monotonic() - t0 < 8, "the trickling client was never dropped"
+            slow.recv(1)  # all sent: the connection must be closed by now
+            raise OSError("connection still open")
+    assert time.monotonic() - t0 < 4
+    assert srv.request("GET", "/api/user")[0] == 200
+
+# -- concurrency -------------------------------------------------------------
+
+def test_twenty_clients_update_twenty_stacks_concurrently(srv):
+    statuses, errors = [], []
+    barrier = threading.Barrier(20)
+
+    def call(method, path, body=None, **kw):
+        status, _, out = srv.request(method, path, body, **kw)
+        statuses.append(status)
+        assert status == 200, (method, path, status, out)
+        return out
+
+    def worker(i):
+        try:
+            name = f"c{i:02}"
+            path = sp(stack=name)
+            barrier.wait(10)
+            call("POST", f"/api/stacks/{ORG}/proj", {"stackName": name})
+            for version in (1, 2, 3):
+                out = call("POST", path + "/update", {"name": "proj"})
+                url = f"{path}/update/{out['updateID']}"
+                start = call("POST", url, {"journalVersion": 1})
+                assert start["version"] == version and start["journalVersion"] == 1
+                lease = f"update-token {start['token']}"
+                state = res(f"r{version}", stack=name)
+                call("PATCH", url + "/journalentries", {"entries": [
+                    entry(1, 0, 1, operation={"resource": state, "type": "creating"}),
+                    entry(2, 1, 1, state=state)]}, gzip_body=True, token=lease)
+                call("POST", url + "/events/batch", {"events": [{"sequence": 0, "timestamp": 1}]},
+                     gzip_body=True, token=lease)
+                call("POST", url + "/complete", {"status": "succeeded"}, token=lease)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert not [s for s in statuses if s >= 500] and len(statuses) == 20 * 16
+    for i in range(20):
+        name = f"c{i:02}"
+        path = sp(stack=name)
+        assert srv.stack(path)["version"] == 3 and "currentOperation" not in srv.stack(path)
+        assert urns(srv.export(path)) == [urn(f"r{n}", stack=name) for n in (3, 2, 1)]
+        assert [u["version"] for u in srv.history(path)] == [3, 2, 1]
+
+
+def test_racing_starts_one_wins_one_conflicts(srv):
+    path = srv.create_stack()
+    for version in range(1, 6):
+        ids = [srv.request("POST", path + "/update", {"name": "proj"})[2]["updateID"]
+               for _ in range(2)]
+        barrier = threading.Barrier(2)
+        results = [None, None]
+
+        def go(k):
+            barrier.wait(10)
+            results[k] = srv.request("POST", f"{path}/update/{ids[k]}", {"journalVersion": 1})
+
+        threads = [threading.Thread(target=go, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(r[0] for r in results) == [200, 409], results
+        winner = 0 if results[0][0] == 200 else 1
+        assert results[1 - winner][2] == {
+            "code": 409, "message": "Conflict: Another update is currently in progress."}
+        assert results[winner][2]["version"] == version
+        update = Update(srv, path, ids[winner], 200, results[winner][2])
+        assert update.complete()[0] == 200
+        assert srv.stack(path)["version"] == version
 
 
 # ==== 11. Module hygiene =======================================================
