@@ -1621,9 +1621,7 @@ class Engine:
                        token: str) -> tuple:
         """Return ``(stack, update)`` if ``token`` is the live lease of that update; else 403."""
         row = self.stack(db, org, project, name)
-        update = self.store.get_update(db, update_id)
-        if update is None or update["stack_id"] != row["id"]:
-            raise NotFound(f"update '{update_id}' not found")
+        update = self._update_of(db, row, update_id)
         if not update["lease_token"] or not hmac.compare_digest(
                 update["lease_token"].encode(), token.encode()):
             raise Forbidden("the update token is not valid for this update")
@@ -1669,8 +1667,10 @@ class Engine:
 
     def checkpoint_full(self, org, project, name, update_id, token, body: bytes) -> None:
         req = _require_dict(_loads(body))
-        if req.get("isInvalid"):
-            return  # legacy "invalidate": keep the last good checkpoint
+        if req.get("isInvalid"):  # legacy "invalidate": keep the last good checkpoint
+            with self.store.read() as db:
+                self._checkpointed_update(db, org, project, name, update_id, token)
+            return
         doc = {"version": req.get("version")}
         if req.get("features"):
             doc["features"] = req["features"]
