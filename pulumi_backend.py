@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
           f"(default {DEFAULT_CHECKPOINT_CUTOFF})", type=int)
     _flag(p, "history-limit", f"versions kept per stack (default {DEFAULT_HISTORY_LIMIT})",
           type=int)
-    _flag(p, "lease-seconds", f"update lease lifetime (default {DEFAULT_LEASE_SECONDS})",
-          type=int)
+    _flag(p, "lease-seconds", "an update whose CLI is silent this long is abandoned; the "
+          f"CLI renews only every ~2.5 minutes (default {DEFAULT_LEASE_SECONDS})", type=int)
     _flag(p, "max-body", f"largest request body in bytes (default {DEFAULT_MAX_BODY})", type=int)
     _flag(p, "max-decompressed", "largest gzip-decompressed body in bytes "
           f"(default {DEFAULT_MAX_DECOMPRESSED})", type=int)
@@ -1469,10 +1469,15 @@ class Engine:
 
     def export(self, org: str, project: str, name: str, version: Optional[int]) -> bytes:
         """Return the gzip bytes of the stack's latest (or given) deployment."""
+        if version is not None and version < 1:
+            raise BadRequest("version must be a positive integer")
         with self.store.read() as db:
             row = self.stack(db, org, project, name)
-            if version is not None and version < 1:
-                raise BadRequest("version must be a positive integer")
+            abandoned = self._abandoned_update(db, row) is not None
+        if abandoned:  # its acknowledged work becomes the latest state first
+            self._finish_abandoned(org, project, name)
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
             dep = self.store.get_deployment(db, row["id"], version)
         if dep is None:
             raise NotFound(f"version {version} of stack '{org}/{project}/{name}' not found")
@@ -1546,18 +1551,31 @@ class Engine:
             return None
         return update
 
+    def _abandoned_update(self, db, row: dict) -> Optional[dict]:
+        """Return the stack's update that is still running but whose lease lapsed."""
+        if not row["active_update"]:
+            return None
+        update = self.store.get_update(db, row["active_update"])
+        if update is None or update["status"] != "running" or update["lease_expires"] >= _now():
+            return None
+        return update
+
     def _lock_stack(self, db, row: dict) -> None:
         """Raise Conflict while another update holds the stack; finish an abandoned one."""
-        if not row["active_update"]:
-            return
-        update = self.store.get_update(db, row["active_update"])
-        if update is None or update["status"] != "running":
-            return
-        if update["lease_expires"] >= _now():
+        abandoned = self._abandoned_update(db, row)
+        if abandoned is not None:
+            log.warning("update %s abandoned (lease expired); finishing it as failed",
+                        abandoned["id"])
+            self._finish(db, row, abandoned, "failed")
+            row.update(self.store.get_stack_by_id(db, row["id"]))
+        elif self._running_update(db, row) is not None:
             raise Conflict(MSG_UPDATE_CONFLICT)
-        log.warning("update %s abandoned (lease expired); finishing it as failed", update["id"])
-        self._finish(db, row, update, "failed")
-        row.update(self.store.get_stack_by_id(db, row["id"]))
+
+    def _finish_abandoned(self, org: str, project: str, name: str) -> None:
+        with self.store.write() as db:
+            row = self.stack(db, org, project, name)
+            if self._abandoned_update(db, row) is not None:
+                self._lock_stack(db, row)
 
     def create_update(self, org: str, project: str, name: str, kind: str, body: dict) -> dict:
         if kind not in _UPDATE_KINDS:
@@ -1629,6 +1647,13 @@ class Engine:
             raise Forbidden("the update is no longer running")
         if update["lease_expires"] < _now():
             raise Forbidden("the update lease has expired")
+        # The CLI assumes 5-minute leases and renews late; every accepted call
+        # of a busy update also extends its lease, so a shorter --lease-seconds
+        # only ever ends updates whose CLI went quiet.
+        expires = _now() + self.cfg.lease_seconds
+        if expires > update["lease_expires"]:
+            self.store.update_update(db, update_id, lease_expires=expires)
+            update["lease_expires"] = expires
         return row, update
 
     def renew_lease(self, org, project, name, update_id, token, body: dict) -> dict:

@@ -2157,6 +2157,29 @@ def test_abandoned_update_is_finished_by_next_start(srv, clock):
         (2, "succeeded"), (1, "failed")]
 
 
+def test_export_finishes_an_abandoned_update(srv, clock):
+    """Once the lease lapses, a read of the state already shows the acknowledged work."""
+    path = srv.create_stack()
+    first = srv.begin(path)
+    assert first.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert urns(srv.export(path)) == []          # running: the base is served
+    clock.advance(srv.cfg.lease_seconds + 2)
+    assert urns(srv.export(path)) == [C["urn"]]  # abandoned: finished on read
+    status, _, out = srv.request("GET", first.url)
+    assert out["status"] == "failed" and srv.stack(path)["version"] == 1
+
+
+def test_busy_update_outlives_a_short_lease(start, clock):
+    """The CLI renews late (it assumes 5 minutes): accepted calls extend the lease."""
+    srv = start(lease_seconds=10)
+    path = srv.create_stack()
+    update = srv.begin(path)
+    for seq in range(1, 6):
+        clock.advance(8)
+        assert update.journal(entry(seq, 1, seq, state=res(f"r{seq}")))[0] == 200
+    assert update.complete()[0] == 200
+    assert len(urns(srv.export(path))) == 5
+
 def test_abandoned_update_base_is_used_for_journal_indexes(srv, clock):
     path = srv.create_stack()
     srv.import_state(path, untyped([S]))

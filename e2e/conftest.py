@@ -4,6 +4,9 @@
   version in CLI_VERSIONS, the others on the newest only; ids say ``cli=vX``).
 - ``server``: pulumi_backend.py as a subprocess on a temporary database and a
   free port, one per test module.
+- ``make_server``: a factory of fresh servers for one test, with extra flags
+  (``--auth-token``, ``--tls-cert``, ...); ``e2e.use_server(srv)`` points a
+  sandbox at one. Tests that kill, restart or flood a server use their own.
 - ``e2e``: a per-test sandbox (its own PULUMI_HOME, project folder and
   environment) with helpers to run the CLI and Automation API programs.
 
@@ -41,12 +44,16 @@ sys.path.insert(0, str(E2E_DIR))  # e2e_programs, for tests and the provider's u
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: scenario also runs on the older CLI versions")
     config.addinivalue_line("markers", "timeout_seconds(n): the e2e watchdog's limit for a test")
+    config.addinivalue_line("markers", "cli_versions(*versions): run on exactly these CLI versions")
 
 
 def pytest_generate_tests(metafunc):
     if "cli" in metafunc.fixturenames:
         core = metafunc.definition.get_closest_marker("core")
         versions = CLI_VERSIONS if core else CLI_VERSIONS[:1]
+        only = metafunc.definition.get_closest_marker("cli_versions")
+        if only:
+            versions = tuple(v for v in CLI_VERSIONS if v in only.args)
         metafunc.parametrize("cli", versions, ids=[f"cli={v}" for v in versions],
                              indirect=True, scope="module")
 
@@ -90,11 +97,17 @@ def cli(request, tmp_path_factory):
 
 
 class Server:
-    """pulumi_backend.py running as a subprocess; restart() keeps db and port."""
+    """pulumi_backend.py running as a subprocess; restart() keeps db and port.
 
-    def __init__(self, directory):
+    args: extra command-line flags (e.g. ``--auth-token``, ``--lease-seconds``);
+    token: the API token request() sends; cafile: the certificate to trust
+    when the server serves https (``--tls-cert``).
+    """
+
+    def __init__(self, directory, args=(), token=TOKEN, cafile=None):
         self.db = directory / "backend.db"
         self.log = directory / "server.log"
+        self.args, self.token, self.cafile = list(args), token, cafile
         self.port = 0
         self.proc = None
         self.url = None
@@ -104,20 +117,21 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, str(SERVER_SCRIPT), "--db", str(self.db),
                  "--host", "127.0.0.1", "--port", str(self.port),
-                 "--checkpoint-cutoff", str(CHECKPOINT_CUTOFF)],
+                 "--checkpoint-cutoff", str(CHECKPOINT_CUTOFF), *self.args],
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                 env={k: v for k, v in os.environ.items() if not k.startswith("PULUMI_")})
         timer = threading.Timer(30, self.proc.kill)
         timer.start()
         line = self.proc.stdout.readline().decode(errors="replace").strip()
         timer.cancel()
-        match = re.fullmatch(r"pulumi-backend listening on (http://127\.0\.0\.1:(\d+))", line)
+        match = re.fullmatch(r"pulumi-backend listening on (https?://127\.0\.0\.1:(\d+))", line)
         if not match:
             self.kill()
             raise RuntimeError(f"server did not start: first line {line!r}\n{self.log_tail()}")
         self.url, self.port = match[1], int(match[2])
 
     def stop(self):
+        """SIGTERM (the server drains in-flight requests) and wait for the exit."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -129,6 +143,7 @@ class Server:
             self.proc.stdout.close()
 
     def kill(self):
+        """SIGKILL: no draining, no clean shutdown of the database."""
         self.proc.kill()
         self.proc.wait()
         self.proc.stdout.close()
@@ -141,11 +156,15 @@ class Server:
         """Return (status, body bytes) of one API call made with the test token."""
         req = urllib.request.Request(
             self.url + path, method=method, data=body,
-            headers={"Authorization": f"token {TOKEN}",
+            headers={"Authorization": f"token {self.token}",
                      "Accept": "application/vnd.pulumi+8",
                      "Content-Type": "application/json"})
+        context = None
+        if self.url.startswith("https:"):
+            import ssl
+            context = ssl.create_default_context(cafile=str(self.cafile) if self.cafile else None)
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=30, context=context) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -173,6 +192,28 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture
+def make_server(tmp_path_factory):
+    """A factory of fresh servers for one test: ``make_server(*flags, token=..., cafile=...)``.
+
+    Each gets its own database and port; all are stopped when the test ends.
+    Switch a sandbox to one with ``e2e.use_server(srv)``.
+    """
+    if not SERVER_SCRIPT.exists():
+        unavailable(f"{SERVER_SCRIPT} does not exist")
+    started = []
+
+    def make(*args, token=TOKEN, cafile=None):
+        srv = Server(tmp_path_factory.mktemp("server"), args, token=token, cafile=cafile)
+        started.append(srv)
+        srv.start()
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
 class E2E:
     """A test's sandbox: PULUMI_HOME, a project folder (``work``) and helpers."""
 
@@ -196,6 +237,20 @@ class E2E:
             "PULUMI_ACCESS_TOKEN": TOKEN,
             "E2E_SANDBOX": str(tmp),  # marks this test's processes for the watchdog
         }
+
+    def use_server(self, server, token=None):
+        """Point this sandbox's CLI (and the Automation API) at another server.
+
+        token: the PULUMI_ACCESS_TOKEN to send (default: the server's own token).
+        An https server's certificate is trusted through SSL_CERT_FILE.
+        """
+        self.server = server
+        self.env["PULUMI_BACKEND_URL"] = server.url
+        self.env["PULUMI_ACCESS_TOKEN"] = token or server.token
+        if server.cafile:
+            self.env["SSL_CERT_FILE"] = str(server.cafile)
+        else:
+            self.env.pop("SSL_CERT_FILE", None)
 
     # -- the CLI -------------------------------------------------------------
     def run(self, *args, check=True, timeout=180):
@@ -296,6 +351,8 @@ def e2e(cli, server, tmp_path, request, monkeypatch):
     for key in list(os.environ):
         if key.startswith("PULUMI_"):
             monkeypatch.delenv(key)
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()  # an earlier test stopped or killed the module's server: same db and port
     project = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")[:90]
     sandbox = E2E(cli, server, tmp_path, project)
     limit = getattr(request.node.get_closest_marker("timeout_seconds"), "args", [TEST_TIMEOUT])[0]

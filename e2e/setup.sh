@@ -4,7 +4,8 @@
 #   bash e2e/setup.sh        prints the virtualenv's python on success
 #
 # - a virtualenv at ${PULUMI_BACKEND_VENV:-~/.cache/pulumi-backend-venv} with
-#   pytest and the pulumi Python SDK (Automation API, dynamic providers);
+#   pytest, the pulumi Python SDK (Automation API, dynamic providers) and
+#   schemathesis (the OpenAPI fuzz test in e2e/test_faults.py);
 # - the CLIs of CLI_VERSIONS (keep in step with e2e/conftest.py), built from
 #   the Go module proxy by e2e/build_cli.sh into ~/.cache/pulumi-backend-cli.
 # Needs python3 (with venv) and go. Output of failed steps goes to stderr.
@@ -15,6 +16,7 @@ venv="${PULUMI_BACKEND_VENV:-$HOME/.cache/pulumi-backend-venv}"
 python="${PYTHON:-python3}"
 PULUMI_SDK_VERSION=3.272.0
 PYTEST_VERSION=9.2.0
+SCHEMATHESIS_VERSION=4.32.5
 CLI_VERSIONS="v3.274.1 v3.224.0"
 
 log="$(mktemp)"
@@ -30,14 +32,15 @@ quietly() {  # run a step, show its output only when it fails
 if [ ! -x "$venv/bin/python" ]; then
   quietly "$python" -m venv "$venv"
 fi
-if ! "$venv/bin/python" - "$PULUMI_SDK_VERSION" "$PYTEST_VERSION" >/dev/null 2>&1 <<'EOF'
+if ! "$venv/bin/python" - "$PULUMI_SDK_VERSION" "$PYTEST_VERSION" "$SCHEMATHESIS_VERSION" \
+    >/dev/null 2>&1 <<'EOF'
 import sys
 from importlib.metadata import version
-sys.exit((version("pulumi"), version("pytest")) != tuple(sys.argv[1:3]))
+sys.exit(tuple(map(version, ("pulumi", "pytest", "schemathesis"))) != tuple(sys.argv[1:4]))
 EOF
 then
   quietly "$venv/bin/python" -m pip install --disable-pip-version-check \
-    "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION"
+    "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION" "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
 for version in $CLI_VERSIONS; do
