@@ -221,6 +221,22 @@ def test_up_with_update_replace_delete(e2e):
     assert_unlocked(e2e, "dev")
 
 
+
+@pytest.mark.cli_versions("v3.224.0")
+def test_full_checkpoints_when_deltas_are_off(e2e):
+    """PULUMI_OPTIMIZED_CHECKPOINT_PATCH=false: the old CLI sends whole states
+    to PATCH .../checkpoint (the third upload form)."""
+    e2e.env["PULUMI_OPTIMIZED_CHECKPOINT_PATCH"] = "false"
+    before = e2e.server.log.read_text(errors="replace").count("/checkpoint 200")
+    stack = e2e.stack("dev")
+    e2e.up(stack, spec(e2e, ["a", "b"], secret_outputs={"token": SECRET}))
+    changes = e2e.up(stack, spec(e2e, {"a": {"content": "a-v2"}}))
+    assert changes == {"same": 1, "update": 1, "delete": 1}, changes
+    assert e2e.server.log.read_text(errors="replace").count("/checkpoint 200") > before
+    assert by_name(e2e.resources("dev"))["a"]["outputs"]["content"] == "a-v2"
+    assert stack_info(e2e, "dev")["version"] == 2
+    assert_unlocked(e2e, "dev")
+
 @pytest.mark.core
 def test_refresh_detects_drift(e2e):
     stack = e2e.stack("dev")
