@@ -306,6 +306,8 @@ def _validate_config(cfg: Config) -> None:
                  "max_decompressed", "max_connections"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not cfg.socket_timeout > 0:
+        raise ValueError("--socket-timeout must be more than 0 seconds")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if not cfg.auth_tokens and not cfg.allow_any_token and not _is_loopback(cfg.host):
@@ -512,7 +514,7 @@ class Store:
         raise NotImplementedError
 
     def read(self):  # pragma: no cover - interface
-        """Return a context manager yielding a handle for reads."""
+        """Return a context manager yielding a handle for reads (no writes through it)."""
         raise NotImplementedError
 
     def after_commit(self, fn: Callable) -> None:  # pragma: no cover - interface
@@ -527,9 +529,9 @@ class Store:
     # stacks: get_stack, get_stack_by_id, list_stacks, insert_stack, update_stack,
     #   delete_stack, project_exists, all_data_keys
     # deployments: get_deployment, put_deployment, prune_versions
-    # updates: get_update, insert_update, update_update, list_history, latest_history
+    # updates: get_update, insert_update, update_update, list_history
     # checkpoints: put_checkpoint, checkpoint_rows, clear_checkpoints
-    # journal: append_journal, journal_entries
+    # journal: append_journal, journal_entries, clear_journal
     # events: append_events, list_events
 
 
@@ -930,8 +932,10 @@ def apply_delta(prev: bytes, edits: Any) -> bytes:
 
 
 def _legacy_point(point: dict) -> bool:
-    offset = point.get("offset", -1)
-    return not isinstance(offset, int) or offset < 0 or (offset == 0 and point.get("line", 1) > 1)
+    offset, line = point.get("offset", -1), point.get("line", 1)
+    if not isinstance(line, int):
+        raise BadRequest("a delta point's line must be an integer")
+    return not isinstance(offset, int) or offset < 0 or (offset == 0 and line > 1)
 
 
 def _line_offset(line_starts: list, size: int, point: dict) -> int:
@@ -1397,7 +1401,7 @@ class Engine:
         after = _decode_page_token(query.get("continuationToken"))
         stacks: list = []
         with self.store.read() as db:
-            while len(stacks) < STACK_PAGE_SIZE:
+            while True:
                 rows = self.store.list_stacks(db, org, project, after, STACK_PAGE_SIZE)
                 for row in rows:
                     after = (row["org"], row["project"], row["name"])
@@ -1408,9 +1412,11 @@ class Engine:
                     stacks.append(self.stack_summary(db, row))
                     if len(stacks) == STACK_PAGE_SIZE:
                         break
-                if len(rows) < STACK_PAGE_SIZE:
-                    return {"stacks": stacks, "continuationToken": None}
-            more = bool(self.store.list_stacks(db, org, project, after, 1))
+                if len(stacks) == STACK_PAGE_SIZE or len(rows) < STACK_PAGE_SIZE:
+                    break
+            # A full page may have stopped mid-batch: look for anything after it.
+            more = len(stacks) == STACK_PAGE_SIZE and bool(
+                self.store.list_stacks(db, org, project, after, 1))
         # Null (never "") when done: the CLI loops while a token comes back.
         return {"stacks": stacks,
                 "continuationToken": _encode_page_token(after) if more else None}
@@ -1693,7 +1699,7 @@ class Engine:
     def checkpoint_full(self, org, project, name, update_id, token, body: bytes) -> None:
         req = _require_dict(_loads(body))
         if req.get("isInvalid"):  # legacy "invalidate": keep the last good checkpoint
-            with self.store.read() as db:
+            with self.store.write() as db:
                 self._checkpointed_update(db, org, project, name, update_id, token)
             return
         doc = {"version": req.get("version")}
@@ -1831,10 +1837,22 @@ class Engine:
         log.info("cancelled update %s of %s/%s/%s", update_id, org, project, name)
 
     def _finish(self, db, row: dict, update: dict, status: str) -> None:
-        """End ``update`` with ``status``; for a real update, store its final state."""
+        """End ``update`` with ``status``; for a real update, store its final state.
+
+        If that state cannot be built, a completing update gets Conflict (and
+        stays open, its journal intact); a cancelled or abandoned one ends as
+        failed without a new version, keeping its rows for inspection.
+        """
         fields: dict = {"status": status, "ended": _now()}
         if not update["dry_run"] and update["status"] == "running":
-            data = self._final_state(db, update)
+            try:
+                data = self._final_state(db, update)
+            except Conflict as e:
+                if status == "succeeded":
+                    raise
+                log.error("update %s ends without a new version: %s", update["id"], e.message)
+                self.store.update_update(db, update["id"], **fields)
+                return
             doc = _loads(data, "final state")
             count = _count_resources(doc)
             fields["resource_count"] = count
@@ -1856,19 +1874,16 @@ class Engine:
             try:
                 return _dumps(replay_journal(base_doc.get("deployment") or {}, entries,
                                             update["cli_version"]))
-            except (HTTPError, ValueError, KeyError, TypeError, IndexError) as e:
-                log.error("journal of update %s cannot be replayed (%s); "
-                          "keeping the previous state", update["id"], e)
-                return base_bytes
+            except (HTTPError, ValueError, KeyError, TypeError, IndexError,
+                    AttributeError) as e:
+                raise Conflict(f"the update's journal cannot be replayed: {e}") from None
         working = self._working(db, update["id"])
         if working is None:
             return base_bytes
         try:
             _check_untyped_deployment(json.loads(working[1]))
         except (ValueError, BadRequest):
-            log.error("update %s left a checkpoint that is not a valid deployment; "
-                      "keeping the previous state", update["id"])
-            return base_bytes
+            raise Conflict("the update's last checkpoint is not a valid deployment") from None
         return working[1]
 
     # -- updates: reading ---------------------------------------------------
@@ -1927,7 +1942,8 @@ def _check_resource(value: Any, what: str) -> None:
 
 
 def _check_journal_entry(entry: Any) -> dict:
-    """Validate one journal entry's shape, so that replay can never fail on it later."""
+    """Validate one journal entry's shape; what only the whole journal can show (such
+    as two resources claiming one alias) is caught when the update completes."""
     entry = _require_dict(entry, "journal entry")
     seq, kind = _int_field(entry, "sequenceID"), _int_field(entry, "kind")
     if seq < 1 or not 0 <= kind <= 9:
@@ -2248,12 +2264,12 @@ class Crypto:
         """Decrypt ``seal`` output; raise ValueError if it is malformed or was altered."""
         if len(key) != _KEY_LEN:
             raise ValueError("AES-256 needs a 32-byte key")
+        # The length check guarantees a whole 16-byte tag: OpenSSL alone would
+        # accept a truncated one.
         if len(blob) < 1 + _NONCE_LEN + _TAG_LEN or blob[0] != _CIPHERTEXT_VERSION:
             raise ValueError("not a ciphertext of this server")
         nonce, body = blob[1:1 + _NONCE_LEN], blob[1 + _NONCE_LEN:]
         ct, tag = body[:-_TAG_LEN], body[-_TAG_LEN:]
-        if len(tag) != _TAG_LEN:  # OpenSSL would accept a truncated tag: we do not
-            raise ValueError("truncated tag")
         return self.impl.decrypt(key, nonce, ct, tag, aad)
 
 
@@ -2285,6 +2301,12 @@ class KeyManager:
             f.write(key)
             f.flush()
             os.fsync(f.fileno())
+        # The database will depend on this key: make its directory entry durable too.
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         return key
 
     def wrap_data_key(self, stack_id: str, data_key: bytes) -> bytes:
@@ -2551,11 +2573,21 @@ class App:
 
     # -- dispatch -----------------------------------------------------------
 
-    def dispatch(self, req: Request) -> Response:
-        """Route and run ``req``; every failure becomes an error response."""
+    def resolve(self, req: Request) -> Callable:
+        """Return the handler of ``req`` once its route and credentials check out.
+
+        Needs only the request line and headers, so the server refuses unknown
+        routes and callers before it reads (and decompresses) any body.
+        """
+        handler, auth, req.params = self.router.match(req.method, req.path)
+        self._authenticate(req, auth)
+        return handler
+
+    def dispatch(self, req: Request, handler: Optional[Callable] = None) -> Response:
+        """Route (unless ``handler`` is given) and run ``req``; failures become error responses."""
         try:
-            handler, auth, req.params = self.router.match(req.method, req.path)
-            self._authenticate(req, auth)
+            if handler is None:
+                handler = self.resolve(req)
             result = handler(req)
             return result if isinstance(result, Response) else _json_response(
                 {} if result is None else result)
@@ -2786,8 +2818,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Headers and body go out in two writes; without this, Nagle's algorithm
         # and the client's delayed ACK add ~40 ms to every keep-alive response.
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if hasattr(self.request, "do_handshake"):
-            self.request.do_handshake()  # TLS: in this thread, not in accept()
+        if hasattr(self.request, "do_handshake"):  # TLS: in this thread, not in accept()
+            self.server.watch(self.request)
+            try:
+                self.request.do_handshake()
+            finally:
+                self.server.unwatch(self.request)
         super().setup()
 
     def handle(self) -> None:
@@ -2874,10 +2910,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         req = Request(self.command, url.path, urllib.parse.parse_qs(url.query), self.headers)
         try:
+            handler = self.server.app.resolve(req)
             req.body = self._read_body()
             self.server.unwatch(self.request)  # the request is in: handling may take long
-            resp = self.server.app.dispatch(req)
+            resp = self.server.app.dispatch(req, handler)
         except HTTPError as e:
+            if self.headers.get("Content-Length", "0").strip() not in ("", "0"):
+                self.close_connection = True  # a body may be left unread
             resp = Response(e.status, _dumps(e.body()), headers=e.headers)
         self._send(req, resp)
         log.info("%s %s %d %d %.1fms", self.command, _escape_log(url.path), resp.status,
@@ -2918,7 +2957,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
+        log.debug("http: %s", _escape_log(format % args))
 
 
 def _select_readable(sock: socket.socket, timeout: float) -> bool:
@@ -2944,13 +2983,17 @@ class Server(http.server.ThreadingHTTPServer):
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self.address_family = family
         super().__init__((cfg.host, cfg.port), _Handler)
-        threading.Thread(target=self._reap_slow_requests, name="reaper", daemon=True).start()
         if cfg.tls_cert:
             import ssl
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            try:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            except (OSError, ssl.SSLError):
+                self.socket.close()
+                raise
             self.socket = ctx.wrap_socket(self.socket, server_side=True,
                                           do_handshake_on_connect=False)
+        threading.Thread(target=self._reap_slow_requests, name="reaper", daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -3020,7 +3063,10 @@ class Server(http.server.ThreadingHTTPServer):
         log.warning("refused a connection: %d already open", self.cfg.max_connections)
 
     def handle_error(self, request, client_address) -> None:
-        log.exception("error while serving a connection")
+        if isinstance(sys.exc_info()[1], OSError):  # e.g. a failed TLS handshake
+            log.debug("connection from %s failed: %s", client_address[0], sys.exc_info()[1])
+        else:
+            log.exception("error while serving a connection")
 
     def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, close idle connections."""

@@ -3234,6 +3234,69 @@ def test_trickling_client_is_dropped_at_the_request_deadline(start):
     assert time.monotonic() - t0 < 4
     assert srv.request("GET", "/api/user")[0] == 200
 
+
+# -- findings of the code review ----------------------------------------------
+
+def test_tag_filtered_paging_returns_every_match(srv):
+    """A page that fills mid-batch must not drop the rest of that batch."""
+    for i in range(150):
+        tags = {"env": "x"} if i < 70 or i >= 100 else {}
+        srv.create_stack(stack=f"s{i:03d}", tags=tags)
+    names, token = [], None
+    for _ in range(10):
+        query = "tagName=env" + (f"&continuationToken={token}" if token else "")
+        status, _, out = srv.request("GET", f"/api/user/stacks?{query}")
+        assert status == 200
+        names += [s["stackName"] for s in out["stacks"]]
+        token = out["continuationToken"]
+        if token is None:
+            break
+    assert sorted(names) == [f"s{i:03d}" for i in range(150) if i < 70 or i >= 100]
+
+
+def test_unreplayable_journal_is_never_acknowledged(srv):
+    """Two resources claiming one alias: complete answers 409 and keeps the journal;
+    a cancel then ends the update as failed without a new version."""
+    path = srv.create_stack()
+    srv.import_state(path, untyped([A]))
+    update = srv.begin(path)
+    x, y = res("x"), res("y")
+    x["aliases"] = y["aliases"] = [res("old")["urn"]]
+    assert update.journal(entry(1, 1, 1, state=x), entry(2, 1, 2, state=y))[0] == 200
+    status, _, out = update.complete()
+    assert status == 409 and out["code"] == 409 and "replayed" in out["message"]
+    assert srv.stack(path)["version"] == 1
+    assert update.cancel()[0] == 200
+    assert srv.stack(path)["version"] == 1 and urns(srv.export(path)) == [A["urn"]]
+    with srv.store.read() as db:
+        assert len(srv.store.journal_entries(db, update.id)) == 2
+
+
+def test_unauthenticated_gzip_body_is_refused_before_decompression(start):
+    srv = start(auth_tokens=("right",), max_decompressed=10 * 1024 * 1024)
+    bomb = gzip.compress(b"\0" * (50 * 1024 * 1024), 9)
+    status, headers, out = srv.request("POST", f"/api/stacks/{ORG}/proj", bomb,
+                                       token="token wrong",
+                                       headers={"Content-Encoding": "gzip"})
+    assert status == 401 and out["code"] == 401  # not 413: the body was never inflated
+    assert headers.get("Connection") == "close"
+
+
+def test_delta_point_with_a_string_line_is_400(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    edit = {"Span": {"uri": "", "start": {"line": "1", "column": 1, "offset": 0},
+                     "end": {"line": 1, "column": 1, "offset": 1}}, "NewText": "{"}
+    status, _, out = update.delta([edit], "0" * 64, 2)
+    assert status == 400 and out["code"] == 400
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_socket_timeout_must_be_positive(value):
+    with pytest.raises(ValueError, match="socket-timeout"):
+        pb.parse_config(["--socket-timeout", value], {})
+
 # -- concurrency -------------------------------------------------------------
 
 def test_twenty_clients_update_twenty_stacks_concurrently(srv):
