@@ -1662,6 +1662,18 @@ class Engine:
             update["lease_expires"] = expires
         return row, update
 
+    def check_lease_token(self, org, project, name, update_id, token: str) -> None:
+        """Raise Forbidden unless ``token`` is (or, once finished, was) that update's lease.
+
+        Liveness (running, not expired) is checked by each call under the write lock.
+        """
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            update = self._update_of(db, row, update_id)
+        if not update["lease_token"] or not hmac.compare_digest(
+                update["lease_token"].encode(), token.encode()):
+            raise Forbidden("the update token is not valid for this update")
+
     def renew_lease(self, org, project, name, update_id, token, body: dict) -> dict:
         duration = _int_field(body, "duration", self.cfg.lease_seconds)
         if duration < 1:
@@ -2618,6 +2630,10 @@ class App:
         if auth == "update":
             if scheme != "update-token" or not token:
                 raise Forbidden("this call needs the update's lease token")
+            # A cheap read before the body is read and parsed: a made-up lease
+            # token costs us no more than one lookup.
+            p = req.params
+            self.engine.check_lease_token(p["org"], p["project"], p["stack"], p["update"], token)
         else:
             if scheme != "token" or not token:
                 raise Unauthorized("No credentials provided or are invalid.")

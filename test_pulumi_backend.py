@@ -3292,6 +3292,17 @@ def test_delta_point_with_a_string_line_is_400(srv):
     assert status == 400 and out["code"] == 400
 
 
+def test_bogus_lease_token_is_refused_before_the_body_is_read(start):
+    srv = start(max_decompressed=10 * 1024 * 1024)
+    update = srv.begin(srv.create_stack())
+    bomb = gzip.compress(b"\0" * (50 * 1024 * 1024), 9)
+    status, headers, out = srv.request("PATCH", update.url + "/journalentries", bomb,
+                                       token="update-token made-up",
+                                       headers={"Content-Encoding": "gzip"})
+    assert status == 403 and out["code"] == 403  # not 413: the body was never inflated
+    assert headers.get("Connection") == "close"
+    assert update.complete()[0] == 200
+
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_socket_timeout_must_be_positive(value):
     with pytest.raises(ValueError, match="socket-timeout"):
