@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -67,15 +69,21 @@ import uuid
 import zlib
 from typing import Any, Callable, Iterable, Optional
 
+try:  # Unix: one server per database, enforced with a lock file
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "Config", "build_parser", "parse_config",
     "HTTPError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "MethodNotAllowed",
     "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "Unavailable",
     "Store", "SQLiteStore",
     "Engine", "apply_delta", "replay_journal",
-    "Crypto", "KeyManager",
+    "Crypto", "KeyManager", "Metrics",
     "Request", "Response", "Router", "App",
-    "Server", "build_app", "rotate_master_key", "main",
+    "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
+    "main",
 ]
 
 __version__ = "0.1.0"
@@ -109,6 +117,8 @@ DELTA_CHAIN_LIMIT = 64
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: Idle or slow clients are disconnected after this many seconds.
 DEFAULT_SOCKET_TIMEOUT = 120.0
+#: Seconds a stopping server waits for in-flight requests before closing them.
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 #: Concurrent connections served at once; more are refused with 503.
 DEFAULT_MAX_CONNECTIONS = 256
 #: Stacks per page of GET /api/user/stacks.
@@ -138,6 +148,7 @@ _ORG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,38}[A-Za-z0-9]\Z|^[A-Za-z0-9]
 _TAG_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,40}\Z")
 _SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 _UPDATE_KINDS = ("update", "preview", "refresh", "destroy")
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _STACK_TYPE = "pulumi:pulumi:Stack"
 
 
@@ -151,6 +162,7 @@ class Config:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     log_level: str = "info"
+    log_format: str = "text"
     org: str = DEFAULT_ORG
     user: str = DEFAULT_USER
     auth_tokens: tuple = ()
@@ -167,6 +179,7 @@ class Config:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     socket_timeout: float = DEFAULT_SOCKET_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     tls_cert: str = ""
     tls_key: str = ""
     public_url: str = ""
@@ -194,12 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="pulumi_backend.py",
         description="Self-hosted Pulumi Cloud state backend. `pulumi login http://HOST:PORT`.")
-    p.add_argument("command", nargs="?", default="serve", choices=("serve", "rotate-master-key"),
-                   help="serve (default) or rotate-master-key")
+    p.add_argument("command", nargs="?", default="serve",
+                   choices=("serve", "backup", "restore", "rotate-master-key"),
+                   help="serve (default); backup OUT (online copy of --db); restore BACKUP "
+                        "(into --db, server stopped); rotate-master-key")
+    p.add_argument("file", nargs="?", help="backup: the file to write; restore: the backup to read")
+    p.add_argument("--version", action="version", version=f"pulumi-backend {__version__}")
     _flag(p, "db", f"SQLite database path (default {DEFAULT_DB})")
     _flag(p, "host", f"address to bind (default {DEFAULT_HOST})")
     _flag(p, "port", f"TCP port, 0 picks a free one (default {DEFAULT_PORT})", type=int)
     _flag(p, "log-level", "debug, info, warning or error (default info)")
+    _flag(p, "log-format", "text or json (one JSON object per line) (default text)")
     _flag(p, "org", f"name of the single organization (default {DEFAULT_ORG})")
     _flag(p, "user", f"login name reported for the user (default {DEFAULT_USER})")
     _flag(p, "auth-token", "accepted API token; repeat or comma-separate for several",
@@ -225,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
           f"(default {DEFAULT_SOCKET_TIMEOUT:g})", type=float)
     _flag(p, "max-connections", f"concurrent connections (default {DEFAULT_MAX_CONNECTIONS})",
           type=int)
+    _flag(p, "shutdown-timeout", "seconds a stopping server waits for in-flight requests "
+          f"(default {DEFAULT_SHUTDOWN_TIMEOUT:g})", type=float)
     _flag(p, "tls-cert", "PEM certificate: serve https")
     _flag(p, "tls-key", "PEM private key for --tls-cert")
     _flag(p, "public-url", "URL users log in with, if not http(s)://HOST:PORT")
@@ -246,10 +266,10 @@ def parse_config(argv: list, environ: dict) -> tuple:
     Raises ValueError with a one-line message for a bad value.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     values: dict = {}
     for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
+        if not action.option_strings or action.dest in ("help", "version"):
             continue
         flag_value = getattr(args, action.dest)
         if flag_value is None:
@@ -290,12 +310,14 @@ def parse_config(argv: list, environ: dict) -> tuple:
             raise ValueError("PULUMI_BACKEND_MASTER_KEY must hold exactly 32 bytes")
     cfg = Config(**kw)
     _validate_config(cfg)
-    return args.command, cfg, {"new_key_file": new_key_file}
+    return args.command, cfg, {"new_key_file": new_key_file, "file": args.file}
 
 
 def _validate_config(cfg: Config) -> None:
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError(f"--log-level must be debug, info, warning or error, not {cfg.log_level!r}")
+    if cfg.log_format not in ("text", "json"):
+        raise ValueError(f"--log-format must be text or json, not {cfg.log_format!r}")
     if cfg.crypto not in ("auto", "openssl", "python"):
         raise ValueError(f"--crypto must be auto, openssl or python, not {cfg.crypto!r}")
     if not 0 <= cfg.port <= 65535:
@@ -308,6 +330,8 @@ def _validate_config(cfg: Config) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if not cfg.socket_timeout > 0:
         raise ValueError("--socket-timeout must be more than 0 seconds")
+    if not cfg.shutdown_timeout >= 0:
+        raise ValueError("--shutdown-timeout must be 0 seconds or more")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if not cfg.auth_tokens and not cfg.allow_any_token and not _is_loopback(cfg.host):
@@ -401,6 +425,29 @@ def _storage_error(exc: sqlite3.Error) -> HTTPError:
 log = logging.getLogger("pulumi_backend")
 
 
+class _JSONLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, plus an access record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+               .strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+               "level": record.levelname.lower(), "message": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=True)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    """Send the module's logger (the only one we use) to stderr as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONLogFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
 def _now() -> int:
     """Return the current Unix time in whole seconds."""
     return int(time.time())
@@ -491,10 +538,110 @@ def _escape_log(text: str) -> str:
     return text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
+def _metric_value(value: float) -> str:
+    """Format a sample value: integers exactly, other numbers with full precision."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def _parse_cli_version(user_agent: str) -> str:
     """Return the CLI version from ``pulumi-cli/1 (v3.259.0; linux)``, or ''."""
     m = re.match(r"pulumi-cli/\d+ \((v?[0-9][^;)]*)", user_agent or "")
     return m.group(1) if m else ""
+
+
+#: Every metric /metrics exposes: name -> (Prometheus type, help text).
+_METRICS = {
+    "pulumi_backend_build_info": ("gauge", "Always 1, labelled with the server version."),
+    "pulumi_backend_start_time_seconds": ("gauge", "Unix time the server started."),
+    "pulumi_backend_http_requests_total": (
+        "counter", "HTTP requests answered, by route, method and status."),
+    "pulumi_backend_http_request_duration_seconds": (
+        "histogram", "Time from request line to response sent, by route."),
+    "pulumi_backend_active_updates": ("gauge", "Updates running now with a live lease."),
+    "pulumi_backend_stacks": ("gauge", "Stacks stored."),
+    "pulumi_backend_database_bytes": (
+        "gauge", "Size of the database files on disk (main file, WAL, shared memory)."),
+    "pulumi_backend_state_bytes_written_total": (
+        "counter", "Bytes of state committed to the database, by table."),
+    "pulumi_backend_journal_entries_total": ("counter", "Journal entries committed."),
+    "pulumi_backend_checkpoints_total": ("counter", "Checkpoints committed, by upload form."),
+    "pulumi_backend_updates_total": ("counter", "Updates ended, by kind and status."),
+}
+
+
+class Metrics:
+    """Thread-safe counters and histograms, rendered in the Prometheus text format.
+
+    Series are keyed by metric name and a sorted tuple of label pairs. Gauges
+    are not stored: whoever renders passes their current values in.
+    """
+
+    #: Upper bounds (seconds) of the request duration histogram buckets.
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters: dict = {}
+        self._histograms: dict = {}
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            series = self._counters.setdefault(name, {})
+            series[key] = series.get(key, 0) + amount
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            series = self._histograms.setdefault(name, {})
+            # One count per bucket (the last one is +Inf), then the sum.
+            h = series.setdefault(key, [0] * (len(self.BUCKETS) + 1) + [0.0])
+            h[bisect.bisect_left(self.BUCKETS, value)] += 1
+            h[-1] += value
+
+    def render(self, current: dict) -> str:
+        """Return every metric of ``_METRICS`` as Prometheus text.
+
+        ``current`` holds values read at scrape time (gauges, and counters kept
+        elsewhere): metric name -> a number or ``{labels tuple: number}``.
+        """
+        with self._lock:
+            counters = {name: dict(series) for name, series in self._counters.items()}
+            histograms = {name: {k: list(h) for k, h in series.items()}
+                          for name, series in self._histograms.items()}
+        lines = []
+        for name, (kind, help_text) in _METRICS.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            if kind == "histogram":
+                for key, h in sorted(histograms.get(name, {}).items()):
+                    lines += _histogram_lines(name, key, h, self.BUCKETS)
+                continue
+            series = current[name] if name in current else counters.get(name)
+            if not isinstance(series, dict):
+                series = {(): series or 0}
+            for key, value in sorted(series.items()):
+                lines.append(f"{name}{_labels(key)} {_metric_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _labels(pairs: tuple) -> str:
+    """Render label pairs as ``{a="x",b="y"}`` with Prometheus escaping ('' for none)."""
+    if not pairs:
+        return ""
+    esc = [(k, str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+           for k, v in pairs]
+    return "{" + ",".join(f'{k}="{v}"' for k, v in esc) + "}"
+
+
+def _histogram_lines(name: str, key: tuple, h: list, bounds: tuple) -> list:
+    lines, cumulative = [], 0
+    for bound, count in zip(bounds + (float("inf"),), h):
+        cumulative += count
+        le = "+Inf" if bound == float("inf") else f"{bound:g}"
+        lines.append(f"{name}_bucket{_labels(key + (('le', le),))} {cumulative}")
+    lines.append(f"{name}_sum{_labels(key)} {_metric_value(h[-1])}")
+    lines.append(f"{name}_count{_labels(key)} {cumulative}")
+    return lines
 
 
 # ==== 5. Storage ============================================================
@@ -527,9 +674,9 @@ class Store:
     # Record methods, implemented by SQLiteStore (handle first, then arguments):
     # meta: get_meta, set_meta
     # stacks: get_stack, get_stack_by_id, list_stacks, insert_stack, update_stack,
-    #   delete_stack, project_exists, all_data_keys
+    #   delete_stack, project_exists, count_stacks, all_data_keys
     # deployments: get_deployment, put_deployment, prune_versions
-    # updates: get_update, insert_update, update_update, list_history
+    # updates: get_update, insert_update, update_update, count_running_updates, list_history
     # checkpoints: put_checkpoint, checkpoint_rows, clear_checkpoints
     # journal: append_journal, journal_entries, clear_journal
     # events: append_events, list_events
@@ -615,6 +762,10 @@ class SQLiteStore(Store):
         self._on_commit: list = []
         self._pool: list = []
         self._pool_lock = threading.Lock()
+        # Bytes of state committed, by table, for /metrics. The keys are fixed
+        # so a scrape can read the dict while the writer updates it.
+        self.bytes_written = dict.fromkeys(("deployments", "checkpoints", "journal"), 0)
+        self._uncommitted_bytes: dict = {}
         self._writer = self._connect()
         self._migrate()
 
@@ -659,6 +810,7 @@ class SQLiteStore(Store):
 
         def __exit__(self, exc_type, exc, tb) -> None:
             callbacks, self.store._on_commit = self.store._on_commit, []
+            written, self.store._uncommitted_bytes = self.store._uncommitted_bytes, {}
             writer = self.store._writer
             try:
                 if exc_type is None:
@@ -668,6 +820,8 @@ class SQLiteStore(Store):
                         if writer.in_transaction:  # e.g. disk full at commit time
                             writer.execute("ROLLBACK")
                         raise
+                    for table, size in written.items():
+                        self.store.bytes_written[table] += size
                     for fn in callbacks:  # still under the lock: no writer can interleave
                         fn()
                 elif writer.in_transaction:
@@ -716,6 +870,20 @@ class SQLiteStore(Store):
             for conn in self._pool:
                 conn.close()
             self._pool.clear()
+
+    def _count_written(self, table: str, size: int) -> None:
+        # Called inside a write transaction; counted only once it commits.
+        self._uncommitted_bytes[table] = self._uncommitted_bytes.get(table, 0) + size
+
+    def database_bytes(self) -> int:
+        """Return the bytes the database files take on disk (main, WAL, shared memory)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.path.getsize(self.path + suffix)
+            except OSError:
+                pass
+        return total
 
     # -- meta ---------------------------------------------------------------
 
@@ -769,6 +937,9 @@ class SQLiteStore(Store):
         return db.execute("SELECT 1 FROM stacks WHERE org = ? AND project = ? LIMIT 1",
                           (org, project)).fetchone() is not None
 
+    def count_stacks(self, db) -> int:
+        return db.execute("SELECT count(*) FROM stacks").fetchone()[0]
+
     def all_data_keys(self, db) -> list:
         return [(r[0], r[1]) for r in db.execute("SELECT id, data_key FROM stacks")]
 
@@ -789,6 +960,7 @@ class SQLiteStore(Store):
         db.execute("INSERT OR REPLACE INTO deployments "
                    "(stack_id, version, data, size, resource_count) VALUES (?, ?, ?, ?, ?)",
                    (stack_id, version, data_gz, size, resource_count))
+        self._count_written("deployments", len(data_gz))
 
     def prune_versions(self, db, stack_id: str, keep_from: int, keep_previews: int) -> None:
         """Forget deployments and finished updates older than version ``keep_from``.
@@ -823,6 +995,11 @@ class SQLiteStore(Store):
         sets = ", ".join(f"{k} = ?" for k in fields)
         db.execute(f"UPDATE updates SET {sets} WHERE id = ?", (*fields.values(), update_id))
 
+    def count_running_updates(self, db, now: int) -> int:
+        """Return how many updates are running with a live lease at Unix time ``now``."""
+        return db.execute("SELECT count(*) FROM updates WHERE status = 'running' "
+                          "AND lease_expires >= ?", (now,)).fetchone()[0]
+
     def list_history(self, db, stack_id: str, limit: int, offset: int) -> list:
         """Return finished non-preview updates, newest version first."""
         return [dict(r) for r in db.execute(
@@ -838,6 +1015,7 @@ class SQLiteStore(Store):
             db.execute("DELETE FROM checkpoints WHERE update_id = ?", (update_id,))
         db.execute("INSERT OR REPLACE INTO checkpoints (update_id, seq, kind, data, hash) "
                    "VALUES (?, ?, ?, ?, ?)", (update_id, seq, kind, data, digest))
+        self._count_written("checkpoints", len(data))
 
     def checkpoint_rows(self, db, update_id: str) -> list:
         return [dict(r) for r in db.execute(
@@ -851,8 +1029,10 @@ class SQLiteStore(Store):
 
     def append_journal(self, db, update_id: str, entries: Iterable) -> None:
         """Store ``(sequenceID, json bytes)`` pairs; a repeated sequenceID keeps the first."""
+        entries = list(entries)
         db.executemany("INSERT OR IGNORE INTO journal (update_id, seq, data) VALUES (?, ?, ?)",
                        ((update_id, seq, data) for seq, data in entries))
+        self._count_written("journal", sum(len(data) for _, data in entries))
 
     def journal_entries(self, db, update_id: str) -> list:
         return [r[0] for r in db.execute(
@@ -1330,6 +1510,10 @@ class Engine:
         self.working = _WorkingCache(cfg.cache_bytes)
         self._data_keys: dict = {}
         self._data_keys_lock = threading.Lock()
+        self.metrics = Metrics()
+        for form in ("full", "verbatim", "delta"):  # present from the first scrape
+            self.metrics.inc("pulumi_backend_checkpoints_total", 0, form=form)
+        self.metrics.inc("pulumi_backend_journal_entries_total", 0)
 
     # -- stacks -------------------------------------------------------------
 
@@ -1726,6 +1910,7 @@ class Engine:
             seq = current[0] + 1 if current else 1
             self.store.put_checkpoint(db, update_id, seq, "full", data, digest)
             self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
+        self.metrics.inc("pulumi_backend_checkpoints_total", form="full")
 
     def checkpoint_verbatim(self, org, project, name, update_id, token, body: bytes) -> None:
         seq, data = _split_verbatim(body)
@@ -1739,6 +1924,7 @@ class Engine:
                                f"{current[0]}")
             self.store.put_checkpoint(db, update_id, seq, "full", data, digest)
             self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
+        self.metrics.inc("pulumi_backend_checkpoints_total", form="verbatim")
 
     def checkpoint_delta(self, org, project, name, update_id, token, body: bytes) -> None:
         req = _require_dict(_loads(body))
@@ -1768,6 +1954,7 @@ class Engine:
             else:
                 self.store.put_checkpoint(db, update_id, seq, "delta", _dumps(edits), digest)
             self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
+        self.metrics.inc("pulumi_backend_checkpoints_total", form="delta")
 
     def journal_append(self, org, project, name, update_id, token, body: bytes) -> int:
         req = _require_dict(_loads(body))
@@ -1780,6 +1967,7 @@ class Engine:
             if not update["journal"]:
                 raise BadRequest("this update was not started with journaling")
             self.store.append_journal(db, update_id, rows)
+        self.metrics.inc("pulumi_backend_journal_entries_total", len(rows))
         return len(rows)
 
     # -- updates: events ----------------------------------------------------
@@ -1856,6 +2044,8 @@ class Engine:
         failed without a new version, keeping its rows for inspection.
         """
         fields: dict = {"status": status, "ended": _now()}
+        self.store.after_commit(lambda: self.metrics.inc(
+            "pulumi_backend_updates_total", kind=update["kind"], status=status))
         if not update["dry_run"] and update["status"] == "running":
             try:
                 data = self._final_state(db, update)
@@ -1945,6 +2135,23 @@ class Engine:
         if update["resource_count"]:
             info["resourceCount"] = update["resource_count"]
         return info
+
+    # -- operations ---------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Commit a tiny write; raises sqlite3.Error when the database cannot take writes."""
+        with self.store.write() as db:
+            self.store.set_meta(db, "ready_check", str(_now()).encode())
+
+    def gauges(self) -> dict:
+        """Return the current values of the gauges /metrics exposes."""
+        with self.store.read() as db:
+            stacks = self.store.count_stacks(db)
+            running = self.store.count_running_updates(db, _now())
+        written = {(("table", t),): n for t, n in self.store.bytes_written.items()}
+        return {"pulumi_backend_stacks": stacks, "pulumi_backend_active_updates": running,
+                "pulumi_backend_database_bytes": self.store.database_bytes(),
+                "pulumi_backend_state_bytes_written_total": written}
 
 
 def _check_resource(value: Any, what: str) -> None:
@@ -2367,6 +2574,7 @@ class Request:
     headers: Any
     body: bytes = b""
     params: dict = dataclasses.field(default_factory=dict)
+    route: str = ""  # the handler's name once routed: the route label of metrics
     auth_kind: str = ""
     token: str = ""
 
@@ -2523,12 +2731,17 @@ class App:
         self.engine = engine
         self.router = Router()
         self._tokens = [t.encode() for t in cfg.auth_tokens]
+        self.started = time.time()
+        self.draining = False  # set when the server starts to stop: /readyz answers 503
         self._add_routes()
 
     def _add_routes(self) -> None:
         r = self.router.add
         SP = "/api/stacks/{org}/{project}/{stack}"
         UP = SP + "/{kind}/{update}"
+        r("GET", "/healthz", self.healthz, auth="none")
+        r("GET", "/readyz", self.readyz, auth="none")
+        r("GET", "/metrics", self.metrics, auth="none")
         r("GET", "/api/capabilities", self.capabilities, auth="none")
         r("GET", "/api/openapi/pulumi-spec.json", self.openapi, auth="none")
         r("GET", "/api/user", self.user)
@@ -2592,6 +2805,7 @@ class App:
         routes and callers before it reads (and decompresses) any body.
         """
         handler, auth, req.params = self.router.match(req.method, req.path)
+        req.route = handler.__name__
         self._authenticate(req, auth)
         return handler
 
@@ -2646,6 +2860,37 @@ class App:
         for known in self._tokens:  # compare with every token: no early exit
             match |= hmac.compare_digest(known, token)
         return match
+
+    # -- operations ---------------------------------------------------------
+
+    def healthz(self, req: Request) -> dict:
+        return {"status": "ok"}
+
+    def readyz(self, req: Request) -> dict:
+        """200 once a write commits; 503 while stopping or when the database refuses writes."""
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        try:
+            self.engine.check_writable()
+        except sqlite3.Error as e:
+            raise Unavailable(f"the database cannot take writes: {e}") from None
+        return {"status": "ready"}
+
+    def metrics(self, req: Request) -> Response:
+        current = self.engine.gauges()
+        current["pulumi_backend_build_info"] = {(("version", __version__),): 1}
+        current["pulumi_backend_start_time_seconds"] = self.started
+        return Response(200, self.engine.metrics.render(current).encode(),
+                        "text/plain; version=0.0.4; charset=utf-8")
+
+    def record(self, req: Request, status: int, seconds: float) -> None:
+        """Count a finished request for /metrics."""
+        route = req.route or "unmatched"
+        method = req.method if req.method in _HTTP_METHODS else "other"  # bounded labels
+        self.engine.metrics.inc("pulumi_backend_http_requests_total", route=route,
+                                method=method, status=str(status))
+        self.engine.metrics.observe("pulumi_backend_http_request_duration_seconds", seconds,
+                                    route=route)
 
     # -- identity -----------------------------------------------------------
 
@@ -2880,6 +3125,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve()
 
+    _body_left_unread = False
+
+    def finish(self) -> None:
+        super().finish()
+        if self._body_left_unread:
+            self._drain_input()
+
+    def _drain_input(self) -> None:
+        """Drop what the client still sends, for up to a second, before the socket closes.
+
+        Closing with unread input makes the kernel reset the connection, and a
+        client still sending its body would then lose our error response.
+        """
+        try:
+            self.request.shutdown(socket.SHUT_WR)  # the response is complete: send FIN
+            deadline = time.monotonic() + 1.0
+            while deadline > time.monotonic() and _select_readable(
+                    self.request, deadline - time.monotonic()):
+                if not self.request.recv(65536):
+                    break
+        except (OSError, ValueError):
+            pass
+
     def __getattr__(self, name: str) -> Any:
         # Any other method (TRACE, PROPFIND, ...) goes to the router too: 405, not 501.
         if name.startswith("do_") and name[3:].isalpha() and name[3:].isupper():
@@ -2931,14 +3199,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.unwatch(self.request)  # the request is in: handling may take long
             resp = self.server.app.dispatch(req, handler)
         except HTTPError as e:
-            if self.headers.get("Content-Length", "0").strip() not in ("", "0"):
+            if (self.headers.get("Content-Length", "0").strip() not in ("", "0")
+                    or self.headers.get("Transfer-Encoding")):
                 self.close_connection = True  # a body may be left unread
+                self._body_left_unread = True
             resp = Response(e.status, _dumps(e.body()), headers=e.headers)
         self._send(req, resp)
-        log.info("%s %s %d %d %.1fms", self.command, _escape_log(url.path), resp.status,
-                 len(resp.body), (time.monotonic() - started) * 1000)
+        seconds = time.monotonic() - started
+        self.server.app.record(req, resp.status, seconds)
+        self._log_access(req, resp, seconds)
         if self.server.stopping.is_set():
             self.close_connection = True
+
+    def _log_access(self, req: Request, resp: Response, seconds: float) -> None:
+        # The path only: no query string, headers or body, so no token or secret.
+        path = _escape_log(req.path)
+        log.info("%s %s %s %d %d %.1fms", self.client_address[0], req.method, path,
+                 resp.status, len(resp.body), seconds * 1000, extra={"fields": {
+                     "remote": self.client_address[0], "method": req.method, "path": path,
+                     "route": req.route, "status": resp.status, "bytes": len(resp.body),
+                     "ms": round(seconds * 1000, 1)}})
 
     def _send(self, req: Request, resp: Response) -> None:
         body, gzipped = resp.body, resp.gzipped
@@ -2994,6 +3274,8 @@ class Server(http.server.ThreadingHTTPServer):
         self.stopping = threading.Event()
         self._active = 0
         self._active_lock = threading.Lock()
+        self._idle = threading.Condition(self._active_lock)  # notified as connections end
+        self._connections: set = set()
         self._deadlines: dict = {}
         self._closed = threading.Event()
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
@@ -3044,6 +3326,24 @@ class Server(http.server.ThreadingHTTPServer):
                     pass
 
     def server_close(self) -> None:
+        """Stop listening, give in-flight requests ``shutdown_timeout`` seconds, cut the rest."""
+        self.socket.close()  # new clients are refused at once instead of queueing
+        deadline = time.monotonic() + self.cfg.shutdown_timeout
+        with self._idle:
+            while self._active and deadline > time.monotonic():
+                self._idle.wait(deadline - time.monotonic())
+            stuck = list(self._connections)
+        if stuck:
+            log.warning("closing %d connection(s) still busy after %gs", len(stuck),
+                        self.cfg.shutdown_timeout)
+            for sock in stuck:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            # Their threads end at their next read or write; a write to SQLite in
+            # progress still commits or rolls back whole (the store closes after it).
+            self.block_on_close = False
         self._closed.set()
         super().server_close()
 
@@ -3052,6 +3352,7 @@ class Server(http.server.ThreadingHTTPServer):
             full = self._active >= self.cfg.max_connections
             if not full:
                 self._active += 1
+                self._connections.add(request)
         if full:
             self._refuse(request)
             return
@@ -3063,6 +3364,8 @@ class Server(http.server.ThreadingHTTPServer):
         finally:
             with self._active_lock:
                 self._active -= 1
+                self._connections.discard(request)
+                self._idle.notify_all()
 
     def _refuse(self, request) -> None:
         body = _dumps({"code": 503, "message": "Service Unavailable: too many connections"})
@@ -3086,6 +3389,7 @@ class Server(http.server.ThreadingHTTPServer):
 
     def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, close idle connections."""
+        self.app.draining = True
         self.stopping.set()
         self.shutdown()
 
@@ -3114,6 +3418,148 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
     return store, App(cfg, Engine(cfg, store, keys))
 
 
+@contextlib.contextmanager
+def _database_lock(path: str):
+    """Hold ``<db>.lock`` exclusively for the block; ValueError if another process holds it.
+
+    Two servers on one database would each trust their own cache of running
+    updates, so serve, restore and rotate-master-key take this lock first.
+    The kernel drops it when the process dies, however it dies.
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(os.path.abspath(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise ValueError(f"cannot create {path}.lock: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"another pulumi-backend process is using {path}; "
+                             "stop it first") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_read_only(path: str) -> sqlite3.Connection:
+    """Open an existing database without writing to it; ValueError if there is none."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no database at {path}")
+    conn = sqlite3.connect("file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro",
+                           uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def backup_database(cfg: Config, out: Optional[str]) -> int:
+    """Copy ``cfg.db`` to ``out`` as one consistent, self-contained file, even while serving.
+
+    SQLite's backup API copies in one step under a single read transaction, so
+    the copy is a snapshot: a write committing meanwhile is wholly in or out.
+    The copy is checked and then renamed into place, so ``out`` is never half
+    written. Returns an exit code.
+    """
+    if not out:
+        raise ValueError("backup needs the file to write: backup --db DB OUT")
+    if os.path.exists(out) and os.path.exists(cfg.db) and os.path.samefile(out, cfg.db):
+        raise ValueError("the backup would overwrite the database itself")
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        src = _open_read_only(cfg.db)
+        try:
+            dst = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                src.backup(dst)
+                dst.execute("PRAGMA journal_mode = DELETE")  # one file, no -wal beside it
+                check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+                stacks = dst.execute("SELECT count(*) FROM stacks").fetchone()[0]
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        if check != "ok":
+            raise ValueError(f"the copy failed its integrity check: {check}")
+        _fsync_path(tmp)
+        os.replace(tmp, out)
+        _fsync_path(os.path.dirname(os.path.abspath(out)))
+    except (sqlite3.Error, OSError) as e:
+        raise ValueError(f"backup failed: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"backed up {stacks} stacks to {out} ({os.path.getsize(out)} bytes). The master key "
+          f"is not in it: keep a copy of {cfg.key_file()} (or PULUMI_BACKEND_MASTER_KEY).")
+    return 0
+
+
+def _check_backup(conn: sqlite3.Connection, master_key: bytes, crypto: Crypto) -> int:
+    """Check a backup is whole, ours, not too new, and opens with the key; return its stacks."""
+    if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+        raise ValueError("the backup fails SQLite's integrity check")
+    try:
+        version = conn.execute("SELECT version FROM schema_version").fetchone()[0]
+        canary = conn.execute("SELECT value FROM meta WHERE key = 'canary'").fetchone()
+        stacks = conn.execute("SELECT count(*) FROM stacks").fetchone()[0]
+    except (sqlite3.Error, TypeError):
+        raise ValueError("the file is not a pulumi-backend database") from None
+    if version > len(_SCHEMA):
+        raise ValueError(f"the backup has schema {version}, newer than this server's "
+                         f"{len(_SCHEMA)}; upgrade pulumi_backend.py first")
+    if canary is not None:
+        try:
+            crypto.open(master_key, canary[0])
+        except ValueError:
+            raise ValueError("the backup was made under another master key: give that key "
+                             "(--master-key-file or PULUMI_BACKEND_MASTER_KEY)") from None
+    return stacks
+
+
+def restore_database(cfg: Config, source: Optional[str], environ: dict) -> int:
+    """Replace the contents of ``cfg.db`` with the backup ``source``; return an exit code.
+
+    The server must be stopped (the database lock says so). The backup is
+    checked first, including that the configured master key opens it, and is
+    copied in one transaction: a failure leaves the old database as it was.
+    """
+    if not source:
+        raise ValueError("restore needs the backup to read: restore --db DB BACKUP")
+    if not cfg.master_key and not os.path.exists(cfg.key_file()):
+        raise ValueError(f"no master key at {cfg.key_file()}: put the key the backup was made "
+                         "with there first (or give --master-key-file)")
+    try:
+        master = cfg.master_key or KeyManager.load_or_create(cfg.key_file())
+        crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"cannot set up secrets: {e}") from None
+    try:
+        src = _open_read_only(source)
+        try:
+            stacks = _check_backup(src, master, crypto)
+            dst = sqlite3.connect(cfg.db, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        SQLiteStore(cfg.db).close()  # WAL mode and schema migrations, as the server expects
+    except sqlite3.Error as e:
+        raise ValueError(f"restore failed: {e}") from None
+    print(f"restored {stacks} stacks from {source} into {cfg.db}")
+    return 0
+
+
 def rotate_master_key(cfg: Config, new_key_file: Optional[str], environ: dict) -> int:
     """Rewrap every data key under the key in ``new_key_file``; return an exit code."""
     if not new_key_file:
@@ -3129,35 +3575,17 @@ def rotate_master_key(cfg: Config, new_key_file: Optional[str], environ: dict) -
     return 0
 
 
-def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
-    """Run the command line; return the process exit code."""
-    argv = sys.argv[1:] if argv is None else argv
-    environ = dict(os.environ) if environ is None else environ
-    try:
-        command, cfg, extras = parse_config(argv, environ)
-    except ValueError as e:
-        print(f"pulumi_backend.py: error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        if command == "rotate-master-key":
-            return rotate_master_key(cfg, extras["new_key_file"], environ)
-        store, app = build_app(cfg, environ)
-    except ValueError as e:
-        print(f"pulumi_backend.py: error: {e}", file=sys.stderr)
-        return 1
+def serve(cfg: Config, environ: dict) -> int:
+    """Run the server until SIGTERM or SIGINT; return an exit code."""
+    store, app = build_app(cfg, environ)
     try:
         server = Server(cfg, app)
     except OSError as e:
         store.close()
-        print(f"pulumi_backend.py: error: cannot listen on {cfg.host}:{cfg.port}: "
-              f"{e.strerror or e}", file=sys.stderr)
-        return 1
+        raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - e.g. a bad TLS certificate
         store.close()
-        print(f"pulumi_backend.py: error: cannot start the server: {e}", file=sys.stderr)
-        return 1
+        raise ValueError(f"cannot start the server: {e}") from None
 
     def on_signal(signum, frame) -> None:
         log.info("signal %d: draining and stopping", signum)
@@ -3170,10 +3598,37 @@ def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
     try:
         server.serve_forever(poll_interval=0.25)
     finally:
-        server.server_close()  # joins handler threads: in-flight requests finish
+        server.server_close()  # waits (bounded) for in-flight requests
         store.close()
         log.info("stopped")
     return 0
+
+
+def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
+    """Run the command line; return the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = dict(os.environ) if environ is None else environ
+    try:
+        command, cfg, extras = parse_config(argv, environ)
+    except ValueError as e:
+        print(f"pulumi_backend.py: error: {e}", file=sys.stderr)
+        return 2
+    if extras["file"] and command not in ("backup", "restore"):
+        print(f"pulumi_backend.py: error: unexpected argument {extras['file']!r}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log_level, cfg.log_format)
+    try:
+        if command == "backup":
+            return backup_database(cfg, extras["file"])
+        with _database_lock(cfg.db):
+            if command == "restore":
+                return restore_database(cfg, extras["file"], environ)
+            if command == "rotate-master-key":
+                return rotate_master_key(cfg, extras["new_key_file"], environ)
+            return serve(cfg, environ)
+    except ValueError as e:
+        print(f"pulumi_backend.py: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

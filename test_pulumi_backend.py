@@ -376,7 +376,7 @@ def test_config_defaults():
     assert cfg.journaling is True and cfg.crypto == "auto"
     assert (cfg.lease_seconds, cfg.history_limit, cfg.checkpoint_cutoff) == (
         300, 50, 1024 * 1024)
-    assert extras == {"new_key_file": None}
+    assert extras == {"new_key_file": None, "file": None}
 
 
 def test_config_key_file_defaults_beside_db(tmp_path):
@@ -403,7 +403,7 @@ def test_config_reads_environment(tmp_path):
     assert cfg.journaling is False and cfg.lease_seconds == 7 and cfg.history_limit == 3
     assert cfg.socket_timeout == 2.5 and cfg.org == "acme" and cfg.crypto == "python"
     assert cfg.checkpoint_cutoff == 1234 and cfg.master_key == key
-    assert extras == {"new_key_file": "n.key"}
+    assert extras == {"new_key_file": "n.key", "file": None}
 
 
 def test_config_ignores_process_environment(monkeypatch):
@@ -2546,7 +2546,7 @@ def test_cli_help_mentions_every_flag(tmp_path):
     for action in pb.build_parser()._actions:
         for option in action.option_strings:
             assert option in proc.stdout
-        if action.option_strings and action.dest != "help":
+        if action.option_strings and action.dest not in ("help", "version"):
             assert "PULUMI_BACKEND_" + action.dest.upper() in proc.stdout
     assert "rotate-master-key" in proc.stdout
 
@@ -3383,6 +3383,389 @@ def test_racing_starts_one_wins_one_conflicts(srv):
         update = Update(srv, path, ids[winner], 200, results[winner][2])
         assert update.complete()[0] == 200
         assert srv.stack(path)["version"] == version
+
+
+# ==== 10c. Operations: health, metrics, logs, backups, shutdown ================
+
+def scrape(srv):
+    """GET /metrics (no token) and return {(name, frozenset(labels)): value}."""
+    status, headers, body = srv.request("GET", "/metrics", token=None, raw=True)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for line in body.decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r'([a-z_]+)(?:\{(.*)\})? (\S+)', line)
+        assert m, line
+        labels = frozenset(re.findall(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', m[2] or ""))
+        samples[(m[1], labels)] = float(m[3])
+    return samples
+
+
+def sample(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())), 0)
+
+
+def test_healthz_and_readyz_need_no_token(srv):
+    for path, status_text in (("/healthz", "ok"), ("/readyz", "ready")):
+        status, _, out = srv.request("GET", path, token=None)
+        assert (status, out) == (200, {"status": status_text})
+        assert srv.request("HEAD", path, token=None)[0] == 200
+
+
+def test_readyz_fails_when_the_database_refuses_writes(srv, monkeypatch):
+    def refuse():
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+    monkeypatch.setattr(srv.app.engine, "check_writable", refuse)
+    status, _, out = srv.request("GET", "/readyz", token=None)
+    assert status == 503 and "readonly" in out["message"]
+    assert srv.request("GET", "/healthz", token=None)[0] == 200  # alive, just not ready
+
+
+def test_readyz_really_writes(srv):
+    srv.app.engine.store.close()  # the writer connection is gone
+    status, _, out = srv.request("GET", "/readyz", token=None)
+    assert status == 503, out
+
+
+def test_readyz_is_503_while_draining(srv):
+    srv.app.draining = True
+    assert srv.request("GET", "/readyz", token=None)[0] == 503
+
+
+def test_metrics_count_requests_updates_and_state(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert sample(scrape(srv), "pulumi_backend_active_updates") == 1
+    assert update.journal(entry(1, 0, 1, operation={"resource": C, "type": "creating"}),
+                          entry(2, 1, 1, state=C))[0] == 200
+    assert update.journal(entry(3, 0, 2, operation={"resource": A, "type": "creating"}))[0] == 200
+    assert update.complete()[0] == 200
+    m = scrape(srv)
+    assert sample(m, "pulumi_backend_http_requests_total", route="journal_entries",
+                  method="PATCH", status="200") == 2
+    assert sample(m, "pulumi_backend_http_requests_total", route="create_stack",
+                  method="POST", status="200") == 1
+    assert sample(m, "pulumi_backend_journal_entries_total") == 3
+    assert sample(m, "pulumi_backend_updates_total", kind="update", status="succeeded") == 1
+    assert sample(m, "pulumi_backend_active_updates") == 0
+    assert sample(m, "pulumi_backend_stacks") == 1
+    assert sample(m, "pulumi_backend_state_bytes_written_total", table="journal") > 100
+    assert sample(m, "pulumi_backend_state_bytes_written_total", table="deployments") > 0
+    assert sample(m, "pulumi_backend_database_bytes") > 0
+    assert sample(m, "pulumi_backend_build_info", version=pb.__version__) == 1
+    # The histogram: cumulative buckets ending in +Inf == _count == requests of the route.
+    buckets = [sample(m, "pulumi_backend_http_request_duration_seconds_bucket",
+                      route="journal_entries", le=le)
+               for le in [f"{b:g}" for b in pb.Metrics.BUCKETS] + ["+Inf"]]
+    assert buckets == sorted(buckets) and buckets[-1] == 2
+    assert sample(m, "pulumi_backend_http_request_duration_seconds_count",
+                  route="journal_entries") == 2
+    assert sample(m, "pulumi_backend_http_request_duration_seconds_sum",
+                  route="journal_entries") > 0
+
+
+def test_metrics_count_checkpoints_by_form(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert sample(scrape(srv), "pulumi_backend_checkpoints_total", form="delta") == 0
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200  # a retry stores nothing
+    assert update.checkpoint(untyped([C]))[0] == 200
+    assert update.delta(DELTA_EDITS, "0" * 64, 9)[0] == 409  # refused: not counted
+    m = scrape(srv)
+    assert [sample(m, "pulumi_backend_checkpoints_total", form=f)
+            for f in ("verbatim", "delta", "full")] == [1, 1, 1]
+    assert sample(m, "pulumi_backend_state_bytes_written_total", table="checkpoints") >= \
+        len(PREV_DOC)
+    assert update.cancel()[0] == 200
+    m = scrape(srv)
+    assert sample(m, "pulumi_backend_updates_total", kind="update", status="cancelled") == 1
+
+
+def test_metrics_labels_stay_bounded(srv):
+    for i in range(5):
+        srv.request("FROB", f"/nowhere/{i}")
+    assert srv.request("GET", "/api/user", token=None)[0] == 401
+    m = scrape(srv)
+    assert sample(m, "pulumi_backend_http_requests_total", route="unmatched", method="other",
+                  status="404") == 5
+    assert not any("nowhere" in str(key) for key in m)
+    assert sample(m, "pulumi_backend_http_requests_total", route="user", method="GET",
+                  status="401") == 1
+
+
+def test_metrics_render_escapes_and_accumulates():
+    m = pb.Metrics()
+    m.inc("pulumi_backend_http_requests_total", route='a"b\\c\nd', method="GET", status="200")
+    for value in (0.001, 0.02, 100.0):
+        m.observe("pulumi_backend_http_request_duration_seconds", value, route="r")
+    text = m.render({"pulumi_backend_stacks": 7, "pulumi_backend_start_time_seconds": 1.5})
+    assert 'route="a\\"b\\\\c\\nd"' in text
+    assert 'pulumi_backend_http_request_duration_seconds_bucket{route="r",le="0.005"} 1' in text
+    assert 'pulumi_backend_http_request_duration_seconds_bucket{route="r",le="0.025"} 2' in text
+    assert 'pulumi_backend_http_request_duration_seconds_bucket{route="r",le="+Inf"} 3' in text
+    assert 'pulumi_backend_http_request_duration_seconds_count{route="r"} 3' in text
+    assert "pulumi_backend_stacks 7\n" in text and "pulumi_backend_start_time_seconds 1.5\n" in text
+    for name, (kind, _) in pb._METRICS.items():
+        assert f"# TYPE {name} {kind}\n" in text
+
+
+def serve_subprocess(tmp_path, *args, db="s.db"):
+    """Start pulumi_backend.py; return (Popen, base URL). stderr goes to tmp_path/err.log."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PULUMI_BACKEND_")}
+    err = open(tmp_path / "err.log", "ab")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--port", "0", "--db",
+                             str(tmp_path / db), *args], cwd=tmp_path, env=environ,
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+    err.close()
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+    if not match:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"server did not start: {line!r} {(tmp_path / 'err.log').read_text()}")
+    return proc, match[1]
+
+
+def stop_subprocess(proc, timeout=15):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_json_access_log_has_the_fields_and_no_secrets(tmp_path):
+    token, plaintext = "tok-" + secrets.token_hex(8), "plain-" + secrets.token_hex(8)
+    proc, url = serve_subprocess(tmp_path, "--log-format", "json", "--auth-token", token)
+    try:
+        def call(method, path, body=None):
+            req = urllib.request.Request(url + path, method=method, data=body and json.dumps(
+                body).encode(), headers={"Authorization": f"token {token}"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+        call("POST", f"/api/stacks/{ORG}/proj", {"stackName": "dev"})
+        call("POST", f"/api/stacks/{ORG}/proj/dev/encrypt",
+             {"plaintext": b64(plaintext.encode())})
+        call("GET", "/api/user?secret=" + plaintext)
+    finally:
+        assert stop_subprocess(proc) == 0
+    text = (tmp_path / "err.log").read_text()
+    records = [json.loads(line) for line in text.splitlines()]  # every line is JSON
+    access = [r for r in records if r.get("route") == "user"]
+    assert len(access) == 1
+    assert access[0]["method"] == "GET" and access[0]["path"] == "/api/user"
+    assert access[0]["status"] == 200 and access[0]["ms"] >= 0 and access[0]["bytes"] > 0
+    assert access[0]["remote"] == "127.0.0.1" and access[0]["level"] == "info"
+    assert token not in text and plaintext not in text and b64(plaintext.encode()) not in text
+
+
+def _seed_stacks(srv):
+    """Two stacks with completed versions and one update left running; return their exports."""
+    a, b = srv.create_stack(stack="a"), srv.create_stack(stack="b")
+    srv.import_state(a, untyped([stack_res("a"), res("x", stack="a")]))
+    srv.import_state(b, untyped([stack_res("b")]))
+    update = srv.begin(b)
+    assert update.journal(entry(1, 0, 1, operation={"resource": res("y", stack="b"),
+                                                    "type": "creating"}))[0] == 200
+    return {a: srv.export_bytes(a), b: srv.export_bytes(b)}, update
+
+
+def test_backup_during_an_active_update_restores_every_completed_stack(start, cfg, tmp_path):
+    srv = start()
+    exports, update = _seed_stacks(srv)
+    out = tmp_path / "backup.db"
+    assert pb.backup_database(cfg, str(out)) == 0
+    assert update.journal(entry(2, 1, 1, state=res("y", stack="b")))[0] == 200
+    assert update.complete()[0] == 200  # the live server goes on undisturbed
+    with sqlite3.connect(out) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not os.path.exists(str(out) + "-wal")
+    srv.stop()
+    # Serve a restored copy under the same master key: every completed stack exports as before.
+    restored = dataclasses.replace(cfg, db=str(tmp_path / "restored.db"),
+                                   master_key_file=cfg.key_file())
+    assert pb.restore_database(restored, str(out), {}) == 0
+    copy = start(db=restored.db, master_key_file=cfg.key_file())
+    for path, data in exports.items():
+        assert copy.export_bytes(path) == data
+    # The update that was running at backup time is there, and can be cancelled.
+    assert copy.stack(sp(stack="b"))["activeUpdate"] == update.id
+    assert copy.request("POST", update.url + "/cancel")[0] == 200
+
+
+def test_backups_taken_under_write_load_are_all_consistent(srv, cfg, tmp_path):
+    path = srv.create_stack()
+    stop = threading.Event()
+    versions = []
+
+    def write():
+        while not stop.is_set():
+            srv.import_state(path, untyped([stack_res(), res(f"r{len(versions)}")]))
+            versions.append(1)
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for i in range(5):
+            out = tmp_path / f"b{i}.db"
+            assert pb.backup_database(cfg, str(out)) == 0
+            with sqlite3.connect(out) as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+                (version,) = conn.execute("SELECT version FROM stacks").fetchone()
+                stored = {v for (v,) in conn.execute("SELECT version FROM deployments")}
+                assert version == 0 or version in stored  # the latest version is whole
+    finally:
+        stop.set()
+        writer.join()
+    assert len(versions) > 5
+
+
+def test_backup_refuses_bad_targets(cfg, srv, tmp_path):
+    with pytest.raises(ValueError, match="overwrite the database"):
+        pb.backup_database(cfg, cfg.db)
+    with pytest.raises(ValueError, match="no database"):
+        pb.backup_database(dataclasses.replace(cfg, db=str(tmp_path / "none.db")),
+                           str(tmp_path / "o.db"))
+    with pytest.raises(ValueError, match="backup failed"):
+        pb.backup_database(cfg, str(tmp_path / "missing-dir" / "o.db"))
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_restore_checks_the_backup_before_touching_the_database(start, cfg, tmp_path):
+    srv = start()
+    path = srv.create_stack()
+    before = srv.stack(path)
+    srv.stop()
+    backup = tmp_path / "b.db"
+    assert pb.backup_database(cfg, str(backup)) == 0
+    target = dataclasses.replace(cfg, db=str(tmp_path / "t.db"))
+    other_key = tmp_path / "other.key"
+    other_key.write_bytes(secrets.token_bytes(32))
+    with pytest.raises(ValueError, match="no master key"):
+        pb.restore_database(target, str(backup), {})
+    with pytest.raises(ValueError, match="another master key"):
+        pb.restore_database(dataclasses.replace(target, master_key_file=str(other_key)),
+                            str(backup), {})
+    not_ours = tmp_path / "x.db"
+    sqlite3.connect(not_ours).execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(ValueError, match="not a pulumi-backend database"):
+        pb.restore_database(dataclasses.replace(target, master_key_file=cfg.key_file()),
+                            str(not_ours), {})
+    newer = tmp_path / "newer.db"
+    newer.write_bytes(backup.read_bytes())
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(ValueError, match="newer than this server"):
+        pb.restore_database(dataclasses.replace(target, master_key_file=cfg.key_file()),
+                            str(newer), {})
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError):
+        pb.restore_database(dataclasses.replace(target, master_key_file=cfg.key_file()),
+                            str(garbage), {})
+    assert not os.path.exists(target.db)
+    # The original database restored over a changed one brings the stack back.
+    srv = start()
+    srv.request("DELETE", path)
+    srv.stop()
+    assert pb.restore_database(cfg, str(backup), {}) == 0
+    assert start().stack(path) == before
+
+
+def test_cli_backup_and_restore_commands(tmp_path):
+    proc, url = serve_subprocess(tmp_path)
+    try:
+        req = urllib.request.Request(url + f"/api/stacks/{ORG}/proj", method="POST",
+                                     data=b'{"stackName":"dev"}',
+                                     headers={"Authorization": "token t"})
+        urllib.request.urlopen(req, timeout=10).close()
+        backup = run_cli(["backup", "--db", "s.db", "b.db"], tmp_path)  # online
+        assert backup.returncode == 0, backup.stderr
+        assert "1 stacks" in backup.stdout and "s.db.key" in backup.stdout
+        refused = run_cli(["restore", "--db", "s.db", "b.db"], tmp_path)
+        assert_one_line_error(refused, "another pulumi-backend process is using")
+    finally:
+        assert stop_subprocess(proc) == 0
+    restore = run_cli(["restore", "--db", "s.db", "b.db"], tmp_path)
+    assert restore.returncode == 0, restore.stderr
+    assert "restored 1 stacks" in restore.stdout
+    assert_one_line_error(run_cli(["backup", "--db", "s.db"], tmp_path), "backup needs")
+    assert_one_line_error(run_cli(["serve", "extra.db"], tmp_path), "unexpected argument")
+
+
+def test_second_server_on_one_database_is_refused(tmp_path):
+    proc, _ = serve_subprocess(tmp_path)
+    try:
+        second = run_cli(["--port", "0", "--db", "s.db"], tmp_path)
+        assert_one_line_error(second, "another pulumi-backend process is using")
+    finally:
+        assert stop_subprocess(proc) == 0
+
+
+def test_cli_version(tmp_path):
+    proc = run_cli(["--version"], tmp_path)
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"pulumi-backend {pb.__version__}")
+
+
+def _send_partial_request(url, total=1000, sent=10):
+    host, port = url.rsplit("//", 1)[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(f"POST /api/stacks/{ORG}/proj HTTP/1.1\r\nHost: x\r\nAuthorization: token t\r\n"
+                 f"Content-Length: {total}\r\n\r\n".encode() + b" " * sent)
+    time.sleep(0.3)  # the server is now reading the body
+    return sock
+
+
+def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(tmp_path):
+    proc, url = serve_subprocess(tmp_path, "--shutdown-timeout", "20")
+    body = json.dumps({"stackName": "dev"}).encode()
+    sock = _send_partial_request(url, total=len(body), sent=0)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        host, port = url.rsplit("//", 1)[1].split(":")
+        with pytest.raises(OSError):  # the listener is closed: no new connections
+            socket.create_connection((host, int(port)), timeout=2).close()
+        assert proc.poll() is None  # still serving the in-flight request
+        sock.sendall(body)
+        reply = sock.recv(65536).decode()
+        assert reply.startswith("HTTP/1.1 200"), reply
+        assert proc.wait(10) == 0
+    finally:
+        sock.close()
+        stop_subprocess(proc)
+    with sqlite3.connect(tmp_path / "s.db") as conn:  # the acknowledged write is there
+        assert conn.execute("SELECT name FROM stacks").fetchall() == [("dev",)]
+
+
+def test_shutdown_wait_is_bounded(tmp_path):
+    proc, url = serve_subprocess(tmp_path, "--shutdown-timeout", "1")
+    sock = _send_partial_request(url)
+    try:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5  # not the 120 s socket timeout
+    finally:
+        sock.close()
+        stop_subprocess(proc)
+    assert "still busy after 1s" in (tmp_path / "err.log").read_text()
+
+
+def test_readme_documents_every_flag():
+    readme = (SCRIPT.parent / "README.md").read_text()
+    for action in pb.build_parser()._actions:
+        if action.option_strings and action.dest not in ("help", "version"):
+            assert action.option_strings[0] in readme, action.option_strings[0]
+            assert "PULUMI_BACKEND_" + action.dest.upper() in readme, action.dest
+    for command in ("backup", "restore", "rotate-master-key"):
+        assert f"pulumi_backend.py {command}" in readme
 
 
 # ==== 11. Module hygiene =======================================================

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -56,6 +57,14 @@ def pytest_generate_tests(metafunc):
             versions = tuple(v for v in CLI_VERSIONS if v in only.args)
         metafunc.parametrize("cli", versions, ids=[f"cli={v}" for v in versions],
                              indirect=True, scope="module")
+
+
+def wait_for(predicate, what, timeout=90, step=0.05):
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(step)
 
 
 def unavailable(what):
