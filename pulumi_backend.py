@@ -9,7 +9,13 @@ Run::
 
     python pulumi_backend.py --db state.db            # serve on 127.0.0.1:8080
     python pulumi_backend.py --help                   # every flag
+    python pulumi_backend.py backup --db state.db OUT # online, consistent copy
+    python pulumi_backend.py restore --db state.db IN # with the server stopped
     python pulumi_backend.py rotate-master-key --db state.db --new-key-file NEW
+
+Besides the Pulumi Cloud API it serves ``/healthz``, ``/readyz`` and
+``/metrics`` (Prometheus) without a token. SIGTERM or SIGINT drains in-flight
+requests for up to ``--shutdown-timeout`` seconds, then stops.
 
 Every flag can also be given as an environment variable: ``--db`` is
 ``PULUMI_BACKEND_DB``, ``--auth-token`` is ``PULUMI_BACKEND_AUTH_TOKEN`` and so on
