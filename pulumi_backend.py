@@ -53,6 +53,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import datetime
+import functools
 import gzip
 import hashlib
 import hmac
@@ -2631,7 +2632,9 @@ def _obj(required: tuple = (), **props: Any) -> dict:
 
 _STR, _INT, _BOOL, _ANY_OBJECT = ({"type": "string"}, {"type": "integer"}, {"type": "boolean"},
                                   {"type": "object"})
+_NULLABLE_STR = {"type": "string", "nullable": True}
 _STR_MAP = {"type": "object", "additionalProperties": _STR}
+_EMPTY = {"type": "object", "properties": {}}  # what a handler returning None answers: {}
 
 
 def _list_of(item: dict) -> dict:
@@ -2646,10 +2649,10 @@ _UNTYPED_DEPLOYMENT = _obj(("version", "deployment"), version=_INT, features=_li
 class Router:
     """A small explicit route table.
 
-    Routes are segment patterns such as ``/api/stacks/{org}/{project}``. A path
-    is matched against every route of its length; routes with a literal
-    segment where another has a parameter win (so ``updates/latest`` is never
-    taken for ``{kind}/{updateID}``). A path that matches only with another
+    Routes are segment patterns such as ``/api/stacks/{orgName}/{projectName}``.
+    A path is matched against every route of its length; routes with a literal
+    segment where another has a parameter win (a literal ``updates/latest``
+    beats a pattern ``updates/{version}``). A path that matches only with another
     method gives 405 with ``Allow``; HEAD falls back to GET.
     """
 
@@ -2658,38 +2661,31 @@ class Router:
         self._docs: list = []
 
     def add(self, method: str, pattern: str, handler: Callable, auth: str = "token",
-            body: Optional[dict] = None, query: tuple = ()) -> None:
-        """Route ``method pattern`` to ``handler``; ``body``/``query`` describe it for OpenAPI."""
+            body: Optional[dict] = None, query: tuple = (), response: Optional[dict] = None,
+            op: str = "", tag: str = "Miscellaneous") -> None:
+        """Route ``method pattern`` to ``handler``; the rest describes it for OpenAPI.
+
+        ``body``/``response`` are JSON schemas of the request and of the 200
+        answer (None: no JSON body); ``op`` is the operationId (Pulumi Cloud's,
+        so ``pulumi api <op>`` works here too) and ``tag`` groups the listing.
+        """
         segments = tuple(pattern.strip("/").split("/"))
         specificity = tuple(0 if s.startswith("{") else 1 for s in segments)
         self._routes.append((specificity, segments, method, handler, auth))
         self._routes.sort(key=lambda r: r[0], reverse=True)
-        self._docs.append((method, pattern, handler.__name__, auth, body, query))
+        self._docs.append((method, pattern, handler, auth, body, query, response,
+                           op or handler.__name__, tag))
 
     def openapi(self, title: str, version: str) -> dict:
         """Return an OpenAPI 3.0 document describing every route."""
         paths: dict = {}
         seen: set = set()
-        for method, pattern, name, auth, body, query in self._docs:
-            op_id = name
+        for method, pattern, handler, auth, body, query, response, op_id, tag in self._docs:
             while op_id in seen:
                 op_id += "_"
             seen.add(op_id)
-            params = [{"name": p[1:-1], "in": "path", "required": True,
-                       "schema": {"type": "string"}}
-                      for p in pattern.split("/") if p.startswith("{")]
-            params += [{"name": q, "in": "query", "required": False,
-                        "schema": {"type": "string"}} for q in query]
-            op: dict = {"operationId": op_id, "parameters": params, "responses": {
-                "200": {"description": "success"},
-                "default": {"description": "error", "content": {
-                    "application/json": {"schema": _ERROR_SCHEMA}}}}}
-            if auth != "none":
-                op["security"] = [{auth + "Auth": []}]
-            if body is not None:
-                op["requestBody"] = {"required": True,
-                                     "content": {"application/json": {"schema": body}}}
-            paths.setdefault(pattern, {})[method.lower()] = op
+            paths.setdefault(pattern, {})[method.lower()] = _operation(
+                pattern, handler, auth, body, query, response, op_id, tag)
         auth_scheme = {"type": "apiKey", "in": "header", "name": "Authorization"}
         return {"openapi": "3.0.3", "info": {"title": title, "version": version},
                 "paths": paths, "components": {"securitySchemes": {
@@ -2713,6 +2709,28 @@ class Router:
         raise NotFound(f"no route for {path}")
 
 
+def _operation(pattern: str, handler: Callable, auth: str, body: Optional[dict], query: tuple,
+               response: Optional[dict], op_id: str, tag: str) -> dict:
+    """One OpenAPI operation object; ``pulumi api list`` shows its tag and summary."""
+    doc = (handler.__doc__ or "").strip()
+    params = [{"name": p[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+              for p in pattern.split("/") if p.startswith("{")]
+    params += [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
+               for q in query]
+    ok: dict = {"description": "OK"}
+    if response is not None:
+        ok["content"] = {"application/json": {"schema": response}}
+    op: dict = {"operationId": op_id, "summary": doc.splitlines()[0] if doc else op_id,
+                "tags": [tag], "parameters": params, "responses": {
+                    "200": ok, "default": {"description": "error", "content": {
+                        "application/json": {"schema": _ERROR_SCHEMA}}}}}
+    if auth != "none":
+        op["security"] = [{auth + "Auth": []}]
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
 def _match_segments(segments: tuple, parts: tuple) -> Optional[dict]:
     if len(segments) != len(parts):
         return None
@@ -2729,6 +2747,35 @@ def _match_segments(segments: tuple, parts: tuple) -> Optional[dict]:
 
 # ==== 9. Handlers, by API area ==============================================
 
+# The JSON the handlers answer, for the OpenAPI document. Property names are
+# those of Pulumi Cloud's schemas (a contract test compares them), and a unit
+# test checks real answers against them, so they cannot drift from the code.
+_CAPABILITIES = _obj(("capabilities",), capabilities=_list_of(_obj(
+    ("capability",), capability=_STR, version=_INT, configuration=_ANY_OBJECT)))
+_USER = _obj(id=_STR, githubLogin=_STR, name=_STR, email=_STR, avatarUrl=_STR,
+             organizations=_list_of(_obj(githubLogin=_STR, name=_STR, avatarUrl=_STR)),
+             identities=_list_of(_STR), siteAdmin=_BOOL)
+_DEFAULT_ORG = _obj(GitHubLogin=_STR, Messages=_list_of(_ANY_OBJECT))
+_STACK_NAMES = {"id": _STR, "orgName": _STR, "projectName": _STR, "stackName": _STR}
+_STACK_LIST = _obj(("stacks", "continuationToken"), continuationToken=_NULLABLE_STR,
+                   stacks=_list_of(_obj(tuple(_STACK_NAMES), **_STACK_NAMES, lastUpdate=_INT,
+                                        resourceCount=_INT)))
+_STACK = _obj((*_STACK_NAMES, "activeUpdate", "tags", "version"), **_STACK_NAMES,
+              activeUpdate=_NULLABLE_STR, tags=_STR_MAP, version=_INT,
+              currentOperation=_obj(kind=_STR, author=_STR, started=_INT))
+_UPDATE_INFO = _obj(
+    kind=_STR, startTime=_INT, message=_STR, environment=_STR_MAP, config=_ANY_OBJECT,
+    result=_STR, endTime=_INT, version=_INT, updateID=_STR,
+    resourceChanges={"type": "object", "additionalProperties": _INT}, resourceCount=_INT)
+_UPDATE_PROGRAM = _obj(name=_STR, runtime=_STR, main=_STR, description=_STR,
+                       options=_obj(dryRun=_BOOL), config=_ANY_OBJECT, metadata=_ANY_OBJECT)
+_EVENTS = _obj(("events", "continuationToken"), events=_list_of(_ANY_OBJECT),
+               continuationToken=_NULLABLE_STR)
+_LEASE = {"token": _STR, "tokenExpiration": _INT}
+_OPENAPI_DOC = _obj(("openapi", "info", "paths"), openapi=_STR, info=_ANY_OBJECT,
+                    paths=_ANY_OBJECT, components=_ANY_OBJECT)
+
+
 class App:
     """Routes API requests to the engine and turns results into responses."""
 
@@ -2742,65 +2789,117 @@ class App:
         self._add_routes()
 
     def _add_routes(self) -> None:
-        r = self.router.add
-        SP = "/api/stacks/{org}/{project}/{stack}"
-        UP = SP + "/{kind}/{update}"
-        r("GET", "/healthz", self.healthz, auth="none")
-        r("GET", "/readyz", self.readyz, auth="none")
-        r("GET", "/metrics", self.metrics, auth="none")
-        r("GET", "/api/capabilities", self.capabilities, auth="none")
-        r("GET", "/api/openapi/pulumi-spec.json", self.openapi, auth="none")
-        r("GET", "/api/user", self.user)
-        r("GET", "/api/user/organizations/default", self.default_org)
-        r("GET", "/api/user/stacks", self.list_stacks, query=(
-            "organization", "project", "tagName", "tagValue", "continuationToken"))
-        r("HEAD", "/api/stacks/{org}/{project}", self.project_exists)
-        r("POST", "/api/stacks/{org}/{project}", self.create_stack, body=_obj(
-            ("stackName",), stackName=_STR, tags=_STR_MAP, teams=_list_of(_STR),
-            state=_UNTYPED_DEPLOYMENT))
-        r("GET", SP, self.get_stack)
-        r("DELETE", SP, self.delete_stack, query=("force",))
-        r("POST", SP + "/rename", self.rename_stack, body=_obj(newName=_STR, newProject=_STR))
-        r("PATCH", SP + "/tags", self.set_tags, body=_STR_MAP)
-        r("GET", SP + "/export", self.export)
-        r("GET", SP + "/export/{version}", self.export)
-        r("POST", SP + "/import", self.import_state, body=_UNTYPED_DEPLOYMENT)
-        r("POST", SP + "/encrypt", self.encrypt, body=_obj(("plaintext",), plaintext=_STR))
-        r("POST", SP + "/decrypt", self.decrypt, body=_obj(("ciphertext",), ciphertext=_STR))
-        r("POST", SP + "/batch-encrypt", self.batch_encrypt,
-          body=_obj(("plaintexts",), plaintexts=_list_of(_STR)))
-        r("POST", SP + "/batch-decrypt", self.batch_decrypt,
-          body=_obj(("ciphertexts",), ciphertexts=_list_of(_STR)))
-        r("POST", SP + "/decrypt/log-decryption", self.log_decryption,
-          body=_obj(secretName=_STR))
+        # Path parameters carry Pulumi Cloud's names, and operationIds are
+        # its ones, so the document lines up with the published spec.
+        SP = "/api/stacks/{orgName}/{projectName}/{stackName}"
+        r = functools.partial(self.router.add, tag="Operations", auth="none")
+        r("GET", "/healthz", self.healthz, op="Healthz", response=_obj(("status",), status=_STR))
+        r("GET", "/readyz", self.readyz, op="Readyz", response=_obj(("status",), status=_STR))
+        r("GET", "/metrics", self.metrics, op="Metrics")
+        r = functools.partial(self.router.add, tag="Service")
+        r("GET", "/api/capabilities", self.capabilities, auth="none", op="Capabilities",
+          response=_CAPABILITIES)
+        r("GET", "/api/openapi/pulumi-spec.json", self.openapi, auth="none",
+          op="FetchRestSpecification", response=_OPENAPI_DOC)
+        r("GET", "/api/openapi", self.openapi, auth="none", op="GetOpenAPIDocument",
+          response=_OPENAPI_DOC)
+        r = functools.partial(self.router.add, tag="Users")
+        r("GET", "/api/user", self.user, op="GetCurrentUser", response=_USER)
+        r("GET", "/api/user/organizations/default", self.default_org,
+          op="GetDefaultOrganization", response=_DEFAULT_ORG)
+        r("GET", "/api/user/stacks", self.list_stacks, op="ListUserStacks", query=(
+            "organization", "project", "tagName", "tagValue", "continuationToken"),
+          response=_STACK_LIST)
+        r = functools.partial(self.router.add, tag="Stacks")
+        r("HEAD", "/api/stacks/{orgName}/{projectName}", self.project_exists, op="ProjectExists")
+        r("POST", "/api/stacks/{orgName}/{projectName}", self.create_stack, op="CreateStack",
+          body=_obj(("stackName",), stackName=_STR, tags=_STR_MAP, teams=_list_of(_STR),
+                    state=_UNTYPED_DEPLOYMENT), response=_EMPTY)
+        r("GET", SP, self.get_stack, op="GetStack", response=_STACK)
+        r("DELETE", SP, self.delete_stack, op="DeleteStack", query=("force",), response=_EMPTY)
+        r("POST", SP + "/rename", self.rename_stack, op="RenameStack",
+          body=_obj(newName=_STR, newProject=_STR), response=_EMPTY)
+        r("PATCH", SP + "/tags", self.set_tags, op="UpdateStackTags", body=_STR_MAP,
+          response=_EMPTY)
+        r = functools.partial(self.router.add, tag="State")
+        r("GET", SP + "/export", self.export, op="ExportStack", response=_UNTYPED_DEPLOYMENT)
+        r("GET", SP + "/export/{version}", self.export, op="ExportStackAtVersion",
+          response=_UNTYPED_DEPLOYMENT)
+        r("POST", SP + "/import", self.import_state, op="ImportStack", body=_UNTYPED_DEPLOYMENT,
+          response=_obj(("updateId",), updateId=_STR))
+        r = functools.partial(self.router.add, tag="Secrets")
+        r("POST", SP + "/encrypt", self.encrypt, op="EncryptValue",
+          body=_obj(("plaintext",), plaintext=_STR),
+          response=_obj(("ciphertext",), ciphertext=_STR))
+        r("POST", SP + "/decrypt", self.decrypt, op="DecryptValue",
+          body=_obj(("ciphertext",), ciphertext=_STR),
+          response=_obj(("plaintext",), plaintext=_STR))
+        r("POST", SP + "/batch-encrypt", self.batch_encrypt, op="BatchEncryptValue",
+          body=_obj(("plaintexts",), plaintexts=_list_of(_STR)),
+          response=_obj(("ciphertexts",), ciphertexts=_list_of(_STR)))
+        r("POST", SP + "/batch-decrypt", self.batch_decrypt, op="BatchDecryptValue",
+          body=_obj(("ciphertexts",), ciphertexts=_list_of(_STR)),
+          response=_obj(("plaintexts",), plaintexts=_STR_MAP))
+        r("POST", SP + "/decrypt/log-decryption", self.log_decryption, op="LogOnlyDecryptValue",
+          body=_obj(secretName=_STR), response=_EMPTY)
         r("POST", SP + "/decrypt/log-batch-decryption", self.log_decryption,
-          body=_obj(commandName=_STR))
-        r("GET", SP + "/updates", self.history, query=("pageSize", "page"))
-        r("GET", SP + "/updates/latest", self.latest_update)
-        r("POST", SP + "/{kind}", self.create_update, body=_obj(
-            name=_STR, runtime=_STR, main=_STR, description=_STR,
-            options=_obj(dryRun=_BOOL), config=_ANY_OBJECT, metadata=_ANY_OBJECT))
-        r("POST", UP, self.start_update, body=_obj(tags=_STR_MAP, journalVersion=_INT))
-        r("GET", UP, self.update_status, query=("continuationToken",))
-        r("GET", UP + "/events", self.list_events, query=("continuationToken",))
-        r("POST", UP + "/cancel", self.cancel_update)
-        r("POST", UP + "/renew_lease", self.renew_lease, auth="update",
-          body=_obj(token=_STR, duration=_INT))
-        r("PATCH", UP + "/checkpoint", self.checkpoint, auth="update", body=_obj(
-            ("version", "deployment"), isInvalid=_BOOL, version=_INT, features=_list_of(_STR),
-            deployment=_ANY_OBJECT))
-        r("PATCH", UP + "/checkpointverbatim", self.checkpoint_verbatim, auth="update",
-          body=_obj(("version", "untypedDeployment", "sequenceNumber"), version=_INT,
-                    untypedDeployment=_UNTYPED_DEPLOYMENT, sequenceNumber=_INT))
-        r("PATCH", UP + "/checkpointdelta", self.checkpoint_delta, auth="update", body=_obj(
-            ("version", "checkpointHash", "sequenceNumber", "deploymentDelta"), version=_INT,
-            checkpointHash=_STR, sequenceNumber=_INT, deploymentDelta=_list_of(_ANY_OBJECT)))
-        r("PATCH", UP + "/journalentries", self.journal_entries, auth="update",
-          body=_obj(("entries",), entries=_list_of(_ANY_OBJECT)))
-        r("POST", UP + "/events/batch", self.events_batch, auth="update",
-          body=_obj(("events",), events=_list_of(_ANY_OBJECT)))
-        r("POST", UP + "/complete", self.complete, auth="update", body=_obj(
-            ("status",), status={"type": "string", "enum": ["succeeded", "failed", "cancelled"]}))
+          op="LogOnlyBatchDecryptValue", body=_obj(commandName=_STR), response=_EMPTY)
+        r = functools.partial(self.router.add, tag="Updates")
+        r("GET", SP + "/updates", self.history, op="GetStackUpdates", query=("pageSize", "page"),
+          response=_obj(("updates",), updates=_list_of(_UPDATE_INFO)))
+        r("GET", SP + "/updates/latest", self.latest_update, op="GetLatestStackUpdate",
+          response=_obj(("info",), info=_UPDATE_INFO))
+        for kind in _UPDATE_KINDS:
+            self._add_update_routes(r, SP, kind)
+
+    def _add_update_routes(self, r: Callable, sp: str, kind: str) -> None:
+        """The routes of one kind of update, under ``SP/<kind>`` as Pulumi Cloud has them.
+
+        The CLI says ``update/{id}`` for every kind once an update exists; the
+        published API names the kind. All of them reach the same update.
+        """
+        up = f"{sp}/{kind}/{{updateID}}"
+        r("POST", f"{sp}/{kind}", self._create_update(kind), op="CreateUpdateFor" + kind.title(),
+          body=_UPDATE_PROGRAM, response=_obj(("updateID",), updateID=_STR))
+        r("POST", up, self.start_update, op="StartUpdateFor" + kind.title(),
+          body=_obj(tags=_STR_MAP, journalVersion=_INT),
+          response=_obj(("version",), version=_INT, journalVersion=_INT, **_LEASE))
+        r("GET", up, self.update_status, op="GetUpdateStatusFor" + kind.title(),
+          query=("continuationToken",), response=_obj(
+              ("status", "events"), status=_STR, events=_list_of(_ANY_OBJECT),
+              continuationToken=_STR))
+        r("GET", up + "/events", self.list_events, op="GetEngineEvents_" + kind,
+          query=("continuationToken",), response=_EVENTS)
+        r("POST", up + "/cancel", self.cancel_update, op="CancelUpdate_" + kind, response=_EMPTY)
+        r("POST", up + "/renew_lease", self.renew_lease, auth="update",
+          op="RenewUpdateLease_" + kind, body=_obj(token=_STR, duration=_INT),
+          response=_obj(tuple(_LEASE), **_LEASE))
+        # Previews save no state (the engine would answer 400), and Pulumi
+        # Cloud has no checkpoint routes for them either.
+        if kind != "preview":
+            r("PATCH", up + "/checkpoint", self.checkpoint, auth="update",
+              op="PatchUpdateCheckpoint_" + kind, body=_obj(
+                  ("version", "deployment"), isInvalid=_BOOL, version=_INT,
+                  features=_list_of(_STR), deployment=_ANY_OBJECT), response=_EMPTY)
+            r("PATCH", up + "/checkpointverbatim", self.checkpoint_verbatim, auth="update",
+              op="PatchUpdateVerbatimCheckpoint_" + kind, body=_obj(
+                  ("version", "untypedDeployment", "sequenceNumber"), version=_INT,
+                  untypedDeployment=_UNTYPED_DEPLOYMENT, sequenceNumber=_INT), response=_EMPTY)
+            r("PATCH", up + "/checkpointdelta", self.checkpoint_delta, auth="update",
+              op="PatchUpdateCheckpointDelta_" + kind, body=_obj(
+                  ("version", "checkpointHash", "sequenceNumber", "deploymentDelta"),
+                  version=_INT, checkpointHash=_STR, sequenceNumber=_INT,
+                  deploymentDelta=_list_of(_ANY_OBJECT)), response=_EMPTY)
+        r("PATCH", up + "/journalentries", self.journal_entries, auth="update",
+          op="CreateJournalEntries_" + kind,
+          body=_obj(("entries",), entries=_list_of(_ANY_OBJECT)), response=_EMPTY)
+        r("POST", up + "/events/batch", self.events_batch, auth="update",
+          op="RecordEngineEventBatch_" + kind,
+          body=_obj(("events",), events=_list_of(_ANY_OBJECT)), response=_EMPTY)
+        r("POST", up + "/complete", self.complete, auth="update", op="CompleteUpdate_" + kind,
+          body=_obj(("status",), status={"type": "string",
+                                         "enum": ["succeeded", "failed", "cancelled"]}),
+          response=_EMPTY)
 
     # -- dispatch -----------------------------------------------------------
 
@@ -2852,8 +2951,7 @@ class App:
                 raise Forbidden("this call needs the update's lease token")
             # A cheap read before the body is read and parsed: a made-up lease
             # token costs us no more than one lookup.
-            p = req.params
-            self.engine.check_lease_token(p["org"], p["project"], p["stack"], p["update"], token)
+            self.engine.check_lease_token(*self._up(req), token)
         else:
             if scheme != "token" or not token:
                 raise Unauthorized("No credentials provided or are invalid.")
@@ -2870,10 +2968,11 @@ class App:
     # -- operations ---------------------------------------------------------
 
     def healthz(self, req: Request) -> dict:
+        """The process is alive and serving requests."""
         return {"status": "ok"}
 
     def readyz(self, req: Request) -> dict:
-        """200 once a write commits; 503 while stopping or when the database refuses writes."""
+        """Ready: a small write commits (503 while stopping or when writes fail)."""
         if self.draining:
             raise Unavailable("the server is shutting down")
         try:
@@ -2883,6 +2982,7 @@ class App:
         return {"status": "ready"}
 
     def metrics(self, req: Request) -> Response:
+        """Counters, gauges and latency histograms in the Prometheus text format."""
         current = self.engine.gauges()
         current["pulumi_backend_build_info"] = {(("version", __version__),): 1}
         current["pulumi_backend_start_time_seconds"] = self.started
@@ -2901,6 +3001,7 @@ class App:
     # -- identity -----------------------------------------------------------
 
     def capabilities(self, req: Request) -> dict:
+        """The optional features this server offers the CLI."""
         caps = [
             {"capability": "delta-checkpoint-uploads-v2", "version": 2,
              "configuration": {"checkpointCutoffSizeBytes": self.cfg.checkpoint_cutoff}},
@@ -2911,9 +3012,11 @@ class App:
         return {"capabilities": caps}
 
     def openapi(self, req: Request) -> dict:
+        """This OpenAPI document, generated from the route table."""
         return self.router.openapi("pulumi-backend", __version__)
 
     def user(self, req: Request) -> dict:
+        """The user the API tokens act as, and their organization."""
         return {"id": self.cfg.user, "githubLogin": self.cfg.user, "name": self.cfg.user,
                 "email": "", "avatarUrl": "",
                 "organizations": [{"githubLogin": self.cfg.org, "name": self.cfg.org,
@@ -2921,43 +3024,53 @@ class App:
                 "identities": [], "siteAdmin": False}
 
     def default_org(self, req: Request) -> dict:
+        """The user's default organization (this server's only one)."""
         return {"GitHubLogin": self.cfg.org, "Messages": []}
 
     # -- stacks -------------------------------------------------------------
 
     def _sp(self, req: Request) -> tuple:
         p = req.params
-        return p["org"], p["project"], p["stack"]
+        return p["orgName"], p["projectName"], p["stackName"]
 
     def list_stacks(self, req: Request) -> dict:
+        """One page of stack summaries, filtered by project or tag."""
         return self.engine.list_stacks({k: req.q(k) for k in (
             "organization", "project", "tagName", "tagValue", "continuationToken")})
 
     def project_exists(self, req: Request) -> Response:
-        org, project = req.params["org"], req.params["project"]
+        """200 if the project has a stack, else 404."""
+        org, project = req.params["orgName"], req.params["projectName"]
         if not self.engine.project_exists(org, project):
             raise NotFound(f"project '{org}/{project}' not found")
         return Response(200, b"")
 
     def create_stack(self, req: Request) -> dict:
-        return self.engine.create_stack(req.params["org"], req.params["project"], req.json())
+        """Create a stack, empty or with an initial state."""
+        return self.engine.create_stack(req.params["orgName"], req.params["projectName"],
+                                        req.json())
 
     def get_stack(self, req: Request) -> dict:
+        """The stack: names, tags, version, operation in progress."""
         return self.engine.get_stack(*self._sp(req))
 
     def delete_stack(self, req: Request) -> None:
+        """Delete the stack (with resources only if force=true)."""
         force = (req.q("force") or "false").lower() == "true"
         self.engine.delete_stack(*self._sp(req), force)
 
     def rename_stack(self, req: Request) -> None:
+        """Rename the stack or move it to another project."""
         self.engine.rename_stack(*self._sp(req), req.json())
 
     def set_tags(self, req: Request) -> None:
+        """Replace all of the stack's tags."""
         self.engine.set_tags(*self._sp(req), _loads(req.body or b"{}"))
 
     # -- state --------------------------------------------------------------
 
     def export(self, req: Request) -> Response:
+        """The stack's state (latest, or at a version)."""
         version = req.params.get("version")
         if version is not None:
             if not (version.isascii() and version.isdigit()) or len(version) > 18:
@@ -2969,25 +3082,30 @@ class App:
         return Response(200, gzip.decompress(data))
 
     def import_state(self, req: Request) -> dict:
+        """Replace the stack's state; recorded as an "import" update."""
         return {"updateId": self.engine.import_deployment(*self._sp(req), req.body,
                                                           req.cli_version)}
 
     # -- secrets ------------------------------------------------------------
 
     def encrypt(self, req: Request) -> dict:
+        """Encrypt a secret with the stack's key."""
         plaintext = _b64decode_strict(req.json().get("plaintext"), "plaintext")
         return {"ciphertext": _b64encode(self.engine.encrypt(*self._sp(req), [plaintext])[0])}
 
     def decrypt(self, req: Request) -> dict:
+        """Decrypt a secret of the stack."""
         ciphertext = _b64decode_strict(req.json().get("ciphertext"), "ciphertext")
         return {"plaintext": _b64encode(self.engine.decrypt(*self._sp(req), [ciphertext])[0])}
 
     def batch_encrypt(self, req: Request) -> dict:
+        """Encrypt many secrets with the stack's key."""
         items = _batch(req.json(), "plaintexts")
         plain = [_b64decode_strict(p, "plaintext") for p in items]
         return {"ciphertexts": [_b64encode(c) for c in self.engine.encrypt(*self._sp(req), plain)]}
 
     def batch_decrypt(self, req: Request) -> dict:
+        """Decrypt many secrets of the stack, keyed by ciphertext."""
         items = _batch(req.json(), "ciphertexts")
         unique = list(dict.fromkeys(items))  # the CLI may repeat a ciphertext
         blobs = [_b64decode_strict(c, "ciphertext") for c in unique]
@@ -2996,57 +3114,70 @@ class App:
         return {"plaintexts": {c: _b64encode(p) for c, p in zip(unique, plain)}}
 
     def log_decryption(self, req: Request) -> None:
+        """Log that the CLI showed secrets of the stack in plaintext."""
         self.engine.get_stack(*self._sp(req))  # 404 for an unknown stack
         log.info("secrets of %s were shown in plaintext", "/".join(self._sp(req)))
 
     # -- updates ------------------------------------------------------------
 
     def _up(self, req: Request) -> tuple:
-        # The CLI always says "update" after creation; the published API also
-        # names the kind ("preview/{id}", ...). Both reach the same update.
-        if req.params["kind"] not in _UPDATE_KINDS:
-            raise NotFound(f"no route for {req.path}")
-        return (*self._sp(req), req.params["update"])
+        return (*self._sp(req), req.params["updateID"])
 
-    def create_update(self, req: Request) -> dict:
-        return self.engine.create_update(*self._sp(req), req.params["kind"], req.json())
+    def _create_update(self, kind: str) -> Callable:
+        """The handler creating updates of ``kind`` (its route names the kind)."""
+        def create_update(req: Request) -> dict:
+            return self.engine.create_update(*self._sp(req), kind, req.json())
+        create_update.__doc__ = f"Create an update of kind {kind}; a second call starts it."
+        return create_update
 
     def start_update(self, req: Request) -> dict:
+        """Start the update (locking the stack) and hand out its lease."""
         return self.engine.start_update(*self._up(req), req.json(), req.cli_version)
 
     def update_status(self, req: Request) -> dict:
+        """The update's status."""
         return self.engine.update_results(*self._up(req))
 
     def list_events(self, req: Request) -> dict:
+        """One page of the update's engine events."""
         return self.engine.list_events(*self._up(req), req.q("continuationToken"))
 
     def cancel_update(self, req: Request) -> None:
+        """Cancel the update and unlock the stack."""
         self.engine.cancel(*self._up(req))
 
     def renew_lease(self, req: Request) -> dict:
+        """Extend the update's lease."""
         return self.engine.renew_lease(*self._up(req), req.token, req.json())
 
     def checkpoint(self, req: Request) -> None:
+        """Save the update's working state, as a whole deployment."""
         self.engine.checkpoint_full(*self._up(req), req.token, req.body)
 
     def checkpoint_verbatim(self, req: Request) -> None:
+        """Save the update's working state, as the CLI serialized it."""
         self.engine.checkpoint_verbatim(*self._up(req), req.token, req.body)
-        log.debug("verbatim checkpoint (%d bytes) for %s", len(req.body), req.params["update"])
+        log.debug("verbatim checkpoint (%d bytes) for %s", len(req.body), req.params["updateID"])
 
     def checkpoint_delta(self, req: Request) -> None:
+        """Save the update's working state, as edits of the last one."""
         self.engine.checkpoint_delta(*self._up(req), req.token, req.body)
-        log.debug("delta checkpoint (%d bytes) for %s", len(req.body), req.params["update"])
+        log.debug("delta checkpoint (%d bytes) for %s", len(req.body), req.params["updateID"])
 
     def journal_entries(self, req: Request) -> None:
+        """Append to the update's journal (replayed at the end)."""
         self.engine.journal_append(*self._up(req), req.token, req.body)
 
     def events_batch(self, req: Request) -> None:
+        """Record a batch of the update's engine events."""
         self.engine.events_append(*self._up(req), req.token, req.body)
 
     def complete(self, req: Request) -> None:
+        """Finish the update: save its state and unlock the stack."""
         self.engine.complete(*self._up(req), req.token, req.json())
 
     def history(self, req: Request) -> dict:
+        """The stack's updates, newest first, optionally paged."""
         try:
             page_size, page = int(req.q("pageSize") or 0), int(req.q("page") or 1)
         except ValueError:
@@ -3056,6 +3187,7 @@ class App:
         return self.engine.history(*self._sp(req), page_size, page)
 
     def latest_update(self, req: Request) -> dict:
+        """The stack's newest update."""
         return self.engine.latest_update(*self._sp(req))
 
 

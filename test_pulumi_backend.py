@@ -1242,6 +1242,354 @@ def test_configured_tokens(start):
     assert srv.request("GET", "/api/user", token="token other")[0] == 200
 
 
+# ==== 8. HTTP layer: the OpenAPI document ======================================
+
+def openapi_doc(srv, path="/api/openapi/pulumi-spec.json"):
+    status, _, doc = srv.request("GET", path, token=None)  # served without credentials
+    assert status == 200, doc
+    return doc
+
+
+def operations(doc):
+    """``{(METHOD, template): operation}`` of an OpenAPI document."""
+    return {(method.upper(), path): op for path, item in doc["paths"].items()
+            for method, op in item.items() if method != "parameters"}
+
+
+def test_openapi_served_at_both_paths(srv):
+    doc = openapi_doc(srv)
+    assert openapi_doc(srv, "/api/openapi") == doc
+    assert doc["openapi"].startswith("3.0") and doc["info"]["version"] == pb.__version__
+    ops = operations(doc)
+    assert ("GET", "/api/openapi") in ops and ("GET", "/api/openapi/pulumi-spec.json") in ops
+
+
+def test_openapi_operations_are_complete(srv):
+    """What `pulumi api list/describe` and fuzzers read: ids, summaries, tags, parameters."""
+    ops = operations(openapi_doc(srv))
+    ids = [op["operationId"] for op in ops.values()]
+    assert len(set(ids)) == len(ids)
+    for (method, path), op in ops.items():
+        assert op["summary"] and op["tags"], (method, path)
+        declared = [p["name"] for p in op["parameters"] if p["in"] == "path"]
+        assert declared == re.findall(r"\{([^}]+)\}", path), (method, path)
+        if method in ("GET", "HEAD", "DELETE"):
+            assert "requestBody" not in op, (method, path)
+    # Pulumi Cloud's literal kinds, not a {kind} parameter; previews save no state.
+    stack = "/api/stacks/{orgName}/{projectName}/{stackName}"
+    for kind in ("update", "preview", "refresh", "destroy"):
+        assert ("POST", f"{stack}/{kind}/{{updateID}}/complete") in ops
+        has_checkpoints = ("PATCH", f"{stack}/{kind}/{{updateID}}/checkpoint") in ops
+        assert has_checkpoints == (kind != "preview")
+
+
+_JSON_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "boolean": bool}
+
+
+def shape_errors(value, schema, where="$"):
+    """How ``value`` strays from ``schema``: undeclared or missing names, wrong types.
+
+    An object schema with ``properties`` is closed (every name must be
+    declared); one with ``additionalProperties`` is a map; a bare object is free.
+    """
+    if value is None:
+        return [] if schema.get("nullable") else [f"{where} is null"]
+    expected = _JSON_TYPES.get(schema.get("type"))
+    if expected and (not isinstance(value, expected)
+                     or (expected is int and isinstance(value, bool))):
+        return [f"{where} is {type(value).__name__}, declared {schema['type']}"]
+    errors = []
+    if isinstance(value, dict) and "properties" in schema:
+        errors += [f"{where}.{k} is required" for k in schema.get("required", ()) if k not in value]
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                errors.append(f"{where}.{key} is not declared")
+            else:
+                errors += shape_errors(item, schema["properties"][key], f"{where}.{key}")
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            errors += shape_errors(item, schema["additionalProperties"], f"{where}[{key!r}]")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += shape_errors(item, schema["items"], f"{where}[{i}]")
+    return errors
+
+
+def test_shape_errors_catches_drift():
+    schema = {"type": "object", "required": ["a"], "properties": {
+        "a": {"type": "integer"},
+        "b": {"type": "array", "items": {"type": "object", "properties": {
+            "c": {"type": "string", "nullable": True}}}},
+        "m": {"type": "object", "additionalProperties": {"type": "string"}}}}
+    assert shape_errors({"a": 1, "b": [{"c": None}], "m": {"x": "y"}}, schema) == []
+    assert shape_errors({"b": [{"d": 1}], "a": True, "m": {"x": 2}, "z": 0}, schema) == [
+        "$.b[0].d is not declared", "$.a is bool, declared integer",
+        "$.m['x'] is int, declared string", "$.z is not declared"]
+    assert shape_errors({"b": None}, schema) == ["$.a is required", "$.b is null"]
+
+
+def template_of(doc, method, path):
+    """The documented template serving ``method path`` (literal segments win, as in the router)."""
+    parts = path.split("?")[0].strip("/").split("/")
+    best = None
+    for template, item in doc["paths"].items():
+        segments = template.strip("/").split("/")
+        if method.lower() not in item or len(segments) != len(parts):
+            continue
+        if all(s.startswith("{") or s == p for s, p in zip(segments, parts)):
+            rank = [not s.startswith("{") for s in segments]
+            if best is None or rank > best[0]:
+                best = (rank, template)
+    assert best, f"{method} {path} is not in the OpenAPI document"
+    return best[1]
+
+
+def any_kind(template, spelled="update"):
+    """``template`` with its update kind spelled ``spelled`` (all kinds share their handlers)."""
+    return re.sub(r"^(/api/stacks/[^/]+/[^/]+/[^/]+)/(update|preview|refresh|destroy)(?=/|$)",
+                  rf"\1/{spelled}", template)
+
+
+def test_responses_match_declared_shapes(srv):
+    """Real answers of every /api/ operation against the document's 200 schemas.
+
+    Every JSON answer must fit its route's declared response (no undeclared or
+    missing names, right types), and every documented /api/ route must be
+    called here (update kinds count as one: the same handlers serve them), so a
+    new route or a changed answer cannot leave the document behind.
+    """
+    doc = openapi_doc(srv)
+    seen, errors = set(), []
+
+    def call(method, path, body=None, ok=200, **kw):
+        status, headers, out = srv.request(method, path, body, **kw)
+        assert status == ok, (method, path, status, out)
+        template = template_of(doc, method, path)
+        seen.add((method, any_kind(template)))
+        ok_doc = doc["paths"][template][method.lower()]["responses"]["200"]
+        schema = ok_doc.get("content", {}).get("application/json", {}).get("schema")
+        if method == "HEAD":
+            assert schema is None
+        elif schema is None:
+            errors.append(f"{method} {template}: answers JSON, declares no response")
+        else:
+            assert headers["Content-Type"].startswith("application/json")
+            errors.extend(f"{method} {template}: {e}" for e in shape_errors(out, schema))
+        return out
+
+    for path in ("/api/capabilities", "/api/openapi", "/api/openapi/pulumi-spec.json",
+                 "/api/user", "/api/user/organizations/default"):
+        call("GET", path)
+    call("POST", f"/api/stacks/{ORG}/proj", {"stackName": "dev", "tags": {"team": "a"}})
+    path = sp()
+    call("HEAD", f"/api/stacks/{ORG}/proj")
+    call("PATCH", path + "/tags", {"team": "b"})
+    call("POST", path + "/import", compact(untyped([res("a")])), gzip_body=True)
+    call("GET", path + "/export")
+    call("GET", path + "/export/1")
+    sealed = call("POST", path + "/encrypt", {"plaintext": b64(b"s")})["ciphertext"]
+    call("POST", path + "/decrypt", {"ciphertext": sealed})
+    call("POST", path + "/batch-encrypt", {"plaintexts": [b64(b"t")]})
+    call("POST", path + "/batch-decrypt", {"ciphertexts": [sealed, sealed]})
+    call("POST", path + "/decrypt/log-decryption", {"secretName": "k"})
+    call("POST", path + "/decrypt/log-batch-decryption", {"commandName": "pulumi config"})
+
+    program = {"name": "proj", "runtime": "python", "main": "", "description": "",
+               "options": {"dryRun": False}, "config": {},
+               "metadata": {"message": "m", "environment": {"exec.kind": "cli"}}}
+    for kind in ("update", "preview", "refresh", "destroy"):
+        journal = kind == "update"
+        created = call("POST", f"{path}/{kind}", dict(program, options={
+            "dryRun": kind == "preview"}))
+        up = f"{path}/{kind}/{created['updateID']}"
+        started = call("POST", up, {"tags": {}, "journalVersion": 1 if journal else 0})
+        lease = {"token": f"update-token {started['token']}"}
+        call("GET", path)  # with its currentOperation, unless a preview
+        call("GET", up)
+        call("POST", up + "/renew_lease", {"token": "", "duration": 60}, **lease)
+        call("POST", up + "/events/batch", {"events": [
+            {"sequence": 0, "timestamp": 1, "stdoutEvent": {"message": "hi", "color": "raw"}}]},
+             **lease)
+        call("GET", up + "/events")
+        if journal:
+            call("PATCH", up + "/journalentries", {"entries": [
+                entry(1, 1, 1, state=res("b"))]}, **lease)
+        elif kind != "preview":
+            call("PATCH", up + "/checkpoint", {"isInvalid": False, **untyped([res("c")])},
+                 **lease)
+            call("PATCH", up + "/checkpointverbatim", b'{"version":3,"untypedDeployment":'
+                 + PREV_DOC + b',"sequenceNumber":5}', **lease)
+            call("PATCH", up + "/checkpointdelta", {
+                "version": 3, "checkpointHash": NEW_HASH, "sequenceNumber": 6,
+                "deploymentDelta": DELTA_EDITS}, **lease)
+        call("POST", up + "/complete", {"status": "succeeded"}, **lease)
+        call("GET", up + "/events")  # finished: a null continuationToken
+    created = call("POST", path + "/update", program)
+    call("POST", f"{path}/update/{created['updateID']}", {"tags": {}})
+    call("POST", f"{path}/update/{created['updateID']}/cancel")
+    call("GET", path + "/updates")
+    call("GET", path + "/updates?pageSize=2&page=1")
+    call("GET", path + "/updates/latest")
+    call("GET", "/api/user/stacks")
+    call("POST", path + "/rename", {"newName": "prod"})
+    call("DELETE", sp(stack="prod") + "?force=true")
+
+    assert not errors, "answers that stray from the declared responses:\n" + "\n".join(errors)
+    documented = {(m, any_kind(t)) for m, t in operations(doc) if t.startswith("/api/")}
+    assert documented - seen == set(), "documented /api/ routes this test never calls"
+
+
+# -- the contract with Pulumi Cloud's published spec -------------------------
+
+#: Pulumi Cloud's OpenAPI document, vendored read-only beside the repository.
+REFERENCE_SPEC = Path(__file__).resolve().parent.parent / "shared/reference/pulumi-spec.json"
+
+_SPEC_AS_BYTES = ("Pulumi Cloud types the spec download as an array of bytes (its Go "
+                  "handler returns []byte); we describe the document object it really is")
+_STACK = "/api/stacks/{orgName}/{projectName}/{stackName}"
+
+_VERBATIM = ("Pulumi Cloud types untypedDeployment as a bare object while describing it as an "
+             "apitype.UntypedDeployment; we declare that shape, which the server checks")
+
+#: Every way our document may differ from Pulumi Cloud's, with the reason.
+#: Keys: (method, path template, kind, name); kind is "route" (not upstream),
+#: "operationId", "query" (parameter), "request" or "response" (property,
+#: dotted for nested ones, "[]" for array items). The update kind of a path
+#: is written {kind}: one declaration serves update, preview, refresh and
+#: destroy alike. Only /api/ routes are compared: /healthz, /readyz and
+#: /metrics are this server's own.
+ALLOWED_DIFFERENCES = {
+    ("GET", "/api/openapi", "route", ""):
+        "a short address of our document (issue 8); Pulumi Cloud serves it only at "
+        "/api/openapi/pulumi-spec.json, which we serve too",
+    ("GET", "/api/openapi/pulumi-spec.json", "response", "openapi"): _SPEC_AS_BYTES,
+    ("GET", "/api/openapi/pulumi-spec.json", "response", "info"): _SPEC_AS_BYTES,
+    ("GET", "/api/openapi/pulumi-spec.json", "response", "paths"): _SPEC_AS_BYTES,
+    ("GET", "/api/openapi/pulumi-spec.json", "response", "components"): _SPEC_AS_BYTES,
+    ("GET", _STACK + "/updates", "response", "updates"):
+        "Pulumi Cloud documents GetStackUpdates as a bare object; `updates` is the field of "
+        "apitype.GetHistoryResponse that `pulumi stack history` reads",
+    ("GET", _STACK + "/updates/latest", "response", "info.updateID"):
+        "an extra naming the update inside `info` (as in our history entries); Pulumi Cloud "
+        "names it one level up, and the CLI ignores it",
+    ("PATCH", _STACK + "/{kind}/{updateID}/checkpointverbatim", "request",
+     "untypedDeployment.version"): _VERBATIM,
+    ("PATCH", _STACK + "/{kind}/{updateID}/checkpointverbatim", "request",
+     "untypedDeployment.features"): _VERBATIM,
+    ("PATCH", _STACK + "/{kind}/{updateID}/checkpointverbatim", "request",
+     "untypedDeployment.deployment"): _VERBATIM,
+}
+
+
+def resolve(spec, schema):
+    """``schema`` with $ref followed and allOf merged: enough to compare names."""
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    if "allOf" in schema:
+        merged = {"type": "object", "properties": {}}
+        for part in schema["allOf"]:
+            merged["properties"].update(resolve(spec, part).get("properties", {}))
+        return merged
+    return schema
+
+
+def json_schema(content):
+    """The schema of a requestBody/response ``content`` (JSON preferred), or None."""
+    if not content:
+        return None
+    media = content.get("application/json") or next(iter(content.values()))
+    return media.get("schema")
+
+
+def ok_schema(op):
+    """The schema of an operation's 200 (else first 2xx) answer, or None."""
+    responses = op.get("responses", {})
+    codes = sorted(c for c in responses if c.startswith("2"))
+    if not codes:
+        return None
+    return json_schema(responses["200" if "200" in codes else codes[0]].get("content"))
+
+
+def name_differences(ours, theirs, spec, prefix=""):
+    """Property names (dotted) that ``ours`` declares and ``theirs`` does not."""
+    theirs = resolve(spec, theirs or {})
+    out = []
+    for name, sub in ours.get("properties", {}).items():
+        if name not in theirs.get("properties", {}):
+            out.append(prefix + name)
+        else:
+            out += name_differences(sub, theirs["properties"][name], spec, f"{prefix}{name}.")
+    if "items" in ours and "items" in theirs:
+        out += name_differences(ours["items"], theirs["items"], spec, prefix + "[].")
+    if isinstance(ours.get("additionalProperties"), dict) and isinstance(
+            theirs.get("additionalProperties"), dict):
+        out += name_differences(ours["additionalProperties"], theirs["additionalProperties"],
+                                spec, prefix + "*.")
+    return out
+
+
+def contract_differences(ours, spec):
+    """``{(method, template, kind, name): detail}`` of our /api/ operations vs upstream's."""
+    upstream = operations(spec)
+    found = {}
+    for (method, path), op in operations(ours).items():
+        if not path.startswith("/api/"):
+            continue  # the server's own endpoints (health, metrics): not Pulumi Cloud's API
+        theirs = upstream.get((method, path))
+        if theirs is None:
+            found[(method, path, "route", "")] = "no such method and path template upstream"
+            continue
+        if op["operationId"] != theirs.get("operationId"):
+            found[(method, path, "operationId", op["operationId"])] = theirs.get("operationId")
+        params = [resolve(spec, p) for p in theirs.get("parameters", [])]
+        their_query = {p["name"] for p in params if p.get("in") == "query"}
+        for p in op.get("parameters", []):
+            if p["in"] == "query" and p["name"] not in their_query:
+                found[(method, path, "query", p["name"])] = f"upstream has {sorted(their_query)}"
+        if "requestBody" in op:
+            their_body = json_schema(theirs.get("requestBody", {}).get("content"))
+            for name in name_differences(json_schema(op["requestBody"]["content"]), their_body,
+                                         spec):
+                found[(method, path, "request", name)] = "not a property of upstream's request"
+        if ok_schema(op) is not None:
+            for name in name_differences(ok_schema(op), ok_schema(theirs), spec):
+                found[(method, path, "response", name)] = "not a property of upstream's answer"
+    return found
+
+
+def test_name_differences_follow_refs_and_nesting():
+    spec = {"components": {"schemas": {
+        "A": {"allOf": [{"$ref": "#/components/schemas/B"},
+                        {"properties": {"x": {"type": "array", "items": {
+                            "$ref": "#/components/schemas/B"}}}}]},
+        "B": {"type": "object", "properties": {"b": {"type": "string"}}}}}}
+    ours = {"type": "object", "properties": {
+        "b": {"type": "string"}, "c": {"type": "string"},
+        "x": {"type": "array", "items": {"type": "object", "properties": {
+            "b": {"type": "string"}, "d": {"type": "string"}}}}}}
+    assert name_differences(ours, {"$ref": "#/components/schemas/A"}, spec) == ["c", "x.[].d"]
+    assert name_differences(ours, None, spec) == ["b", "c", "x"]
+
+
+def test_openapi_matches_pulumi_cloud_spec(srv):
+    """Our /api/ routes exist upstream with the same method, template, operationId,
+    query parameters and property names, except for the listed, explained differences."""
+    if not REFERENCE_SPEC.is_file():
+        pytest.skip(f"Pulumi Cloud's spec is not vendored at {REFERENCE_SPEC}")
+    spec = json.loads(REFERENCE_SPEC.read_text())
+    ours = openapi_doc(srv)
+    found = {(m, any_kind(t, "{kind}"), kind, name): detail
+             for (m, t, kind, name), detail in contract_differences(ours, spec).items()}
+    unexplained = {k: v for k, v in found.items() if k not in ALLOWED_DIFFERENCES}
+    stale = [k for k in ALLOWED_DIFFERENCES if k not in found]
+    assert not unexplained, "differences from Pulumi Cloud's spec without a reason in " \
+        "ALLOWED_DIFFERENCES:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(unexplained.items()))
+    assert not stale, f"ALLOWED_DIFFERENCES entries that no longer occur: {stale}"
+    compared = [k for k in operations(ours) if k in operations(spec)]
+    assert len(compared) > 60, len(compared)
+    assert all(reason for reason in ALLOWED_DIFFERENCES.values())
+
+
 # ==== 9. Handlers: identity ====================================================
 
 def test_user(start):

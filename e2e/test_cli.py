@@ -117,6 +117,33 @@ def test_stack_tags(e2e):
     assert re.search(r"^dev", listed, re.M), listed
 
 
+def test_pulumi_api_lists_and_calls_our_operations(e2e):
+    """`pulumi api` reads the OpenAPI document of the backend it is logged in to
+    (GET /api/openapi/pulumi-spec.json) and calls our routes by operationId."""
+    e2e.run("login", e2e.server.url)
+    e2e.run("stack", "init", "dev")
+    listed = json.loads(e2e.run("api", "list", "--output=json").stdout)
+    ops = {(op["method"], op["path"]): op for op in listed["operations"]}
+    stack = "/api/stacks/{orgName}/{projectName}/{stackName}"
+    assert listed["count"] == len(ops) > 60, listed["count"]
+    assert ops[("GET", stack)]["operationId"] == "GetStack"
+    assert ops[("GET", stack)]["tag"] == "Stacks" and ops[("GET", stack)]["summary"]
+    assert ops[("PATCH", stack + "/update/{updateID}/checkpointdelta")]["operationId"] == \
+        "PatchUpdateCheckpointDelta_update"
+    assert ("GET", "/api/openapi") in ops
+    assert not any(path.startswith("/api/orgs/") for _, path in ops)  # ours, not Pulumi Cloud's
+    table = e2e.run("api", "list", "--output=table").stdout
+    assert re.search(r"Users\s+.\s+GET\s+.\s+/api/user\s", table), table
+    # By operationId, the path variables taken from the selected stack.
+    got = json.loads(e2e.run("api", "GetStack").stdout)
+    assert (got["orgName"], got["projectName"], got["stackName"]) == (ORG, e2e.project, "dev")
+    assert json.loads(e2e.run("api", "/api/user").stdout)["githubLogin"] == "admin"
+    e2e.run("api", "UpdateStackTags", "--body", json.dumps({"team": "api"}), "-X", "PATCH")
+    assert stack_info(e2e, "dev")["tags"] == {"team": "api"}
+    described = e2e.run("api", "describe", "ListUserStacks").stdout
+    assert "continuationToken" in described and "resourceCount" in described, described
+
+
 @pytest.mark.core
 def test_config_secret(e2e):
     e2e.run("stack", "init", "dev")

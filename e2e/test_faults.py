@@ -536,8 +536,8 @@ def test_fuzz_openapi(make_server, tmp_path, params):
                                    json.dumps({"stackName": "dev"}).encode())
         assert status == 200, body
         config = tmp_path / "schemathesis.toml"
-        config.write_text('[parameters]\n"path.org" = "organization"\n'
-                          '"path.project" = "proj"\n"path.stack" = "dev"\n')
+        config.write_text('[parameters]\n"path.orgName" = "organization"\n'
+                          '"path.projectName" = "proj"\n"path.stackName" = "dev"\n')
     started = time.monotonic()
     proc, counts = run_schemathesis(binary, srv.url, tmp_path, config)
     tail = "\n".join(proc.stdout.splitlines()[-40:])
