@@ -10,9 +10,10 @@ import base64
 import json
 import os
 import re
-import time
 
 import pytest
+
+from conftest import wait_for
 
 ORG = "organization"
 SECRET = "hunter2-e2e-secret-value"
@@ -61,13 +62,6 @@ def assert_unlocked(e2e, stack):
     """No operation in progress (activeUpdate stays set: it names the last update)."""
     info = stack_info(e2e, stack)
     assert not info.get("currentOperation"), info
-
-
-def wait_for(predicate, what, timeout=90):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 # ==== identity and stacks ===================================================

@@ -29,17 +29,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ORG, _kill_marked, unavailable
+from conftest import ORG, _kill_marked, unavailable, wait_for
 
 ACCESS_LINE = re.compile(r"\b(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) (\S+) (\d{3}) \d+ [\d.]+ms$",
                          re.M)
-
-
-def wait_for(predicate, what, timeout=90, step=0.05):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(step)
 
 
 class LogTail:
