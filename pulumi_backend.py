@@ -61,6 +61,7 @@ import http.server
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -124,6 +125,8 @@ DELTA_CHAIN_LIMIT = 64
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: Idle or slow clients are disconnected after this many seconds.
 DEFAULT_SOCKET_TIMEOUT = 120.0
+#: Seconds a /readyz write probe's outcome is reused.
+READY_CHECK_SECONDS = 2.0
 #: Seconds a stopping server waits for in-flight requests before closing them.
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 #: Concurrent connections served at once; more are refused with 503.
@@ -323,7 +326,7 @@ def parse_config(argv: list, environ: dict) -> tuple:
 def _validate_config(cfg: Config) -> None:
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError(f"--log-level must be debug, info, warning or error, not {cfg.log_level!r}")
-    if cfg.log_format not in ("text", "json"):
+    if cfg.log_format.lower() not in ("text", "json"):
         raise ValueError(f"--log-format must be text or json, not {cfg.log_format!r}")
     if cfg.crypto not in ("auto", "openssl", "python"):
         raise ValueError(f"--crypto must be auto, openssl or python, not {cfg.crypto!r}")
@@ -448,7 +451,7 @@ class _JSONLogFormatter(logging.Formatter):
 def _setup_logging(level: str, fmt: str) -> None:
     """Send the module's logger (the only one we use) to stderr as text or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JSONLogFormatter() if fmt == "json" else
+    handler.setFormatter(_JSONLogFormatter() if fmt.lower() == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
@@ -569,7 +572,7 @@ _METRICS = {
     "pulumi_backend_database_bytes": (
         "gauge", "Size of the database files on disk (main file, WAL, shared memory)."),
     "pulumi_backend_state_bytes_written_total": (
-        "counter", "Bytes of state committed to the database, by table."),
+        "counter", "Bytes of state in committed writes, by table (deployments gzip-compressed)."),
     "pulumi_backend_journal_entries_total": ("counter", "Journal entries committed."),
     "pulumi_backend_checkpoints_total": ("counter", "Checkpoints committed, by upload form."),
     "pulumi_backend_updates_total": ("counter", "Updates ended, by kind and status."),
@@ -624,8 +627,10 @@ class Metrics:
                     lines += _histogram_lines(name, key, h, self.BUCKETS)
                 continue
             series = current[name] if name in current else counters.get(name)
+            if series is None:  # a labelled counter before its first event
+                continue
             if not isinstance(series, dict):
-                series = {(): series or 0}
+                series = {(): series}
             for key, value in sorted(series.items()):
                 lines.append(f"{name}{_labels(key)} {_metric_value(value)}")
         return "\n".join(lines) + "\n"
@@ -1518,6 +1523,9 @@ class Engine:
         self._data_keys: dict = {}
         self._data_keys_lock = threading.Lock()
         self.metrics = Metrics()
+        self._ready_lock = threading.Lock()
+        self._ready_checked = -math.inf  # monotonic time of the last write probe
+        self._ready_error: Optional[sqlite3.Error] = None
         for form in ("full", "verbatim", "delta"):  # present from the first scrape
             self.metrics.inc("pulumi_backend_checkpoints_total", 0, form=form)
         self.metrics.inc("pulumi_backend_journal_entries_total", 0)
@@ -2146,9 +2154,22 @@ class Engine:
     # -- operations ---------------------------------------------------------
 
     def check_writable(self) -> None:
-        """Commit a tiny write; raises sqlite3.Error when the database cannot take writes."""
-        with self.store.write() as db:
-            self.store.set_meta(db, "ready_check", str(_now()).encode())
+        """Raise sqlite3.Error unless a tiny write commits.
+
+        The outcome is reused for READY_CHECK_SECONDS, so probes (which need
+        no token) cannot queue writes and fsyncs in front of real updates.
+        """
+        with self._ready_lock:
+            if time.monotonic() - self._ready_checked >= READY_CHECK_SECONDS:
+                try:
+                    with self.store.write() as db:
+                        self.store.set_meta(db, "ready_check", str(_now()).encode())
+                    self._ready_error = None
+                except sqlite3.Error as e:
+                    self._ready_error = e
+                self._ready_checked = time.monotonic()
+            if self._ready_error is not None:
+                raise self._ready_error
 
     def gauges(self) -> dict:
         """Return the current values of the gauges /metrics exposes."""
@@ -3342,10 +3363,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True  # a body may be left unread
                 self._body_left_unread = True
             resp = Response(e.status, _dumps(e.body()), headers=e.headers)
-        self._send(req, resp)
-        seconds = time.monotonic() - started
-        self.server.app.record(req, resp.status, seconds)
-        self._log_access(req, resp, seconds)
+        try:
+            self._send(req, resp)
+        finally:  # also when the client went away before the answer
+            seconds = time.monotonic() - started
+            self.server.app.record(req, resp.status, seconds)
+            self._log_access(req, resp, seconds)
         if self.server.stopping.is_set():
             self.close_connection = True
 
@@ -3389,6 +3412,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(body)
         except OSError:
             pass
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass  # _log_access logs each request, without its query string
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: %s", _escape_log(format % args))
@@ -3465,6 +3491,7 @@ class Server(http.server.ThreadingHTTPServer):
 
     def server_close(self) -> None:
         """Stop listening, give in-flight requests ``shutdown_timeout`` seconds, cut the rest."""
+        self.stopping.set()  # idle keep-alive connections close now
         self.socket.close()  # new clients are refused at once instead of queueing
         deadline = time.monotonic() + self.cfg.shutdown_timeout
         with self._idle:
@@ -3540,7 +3567,7 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
         raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")
     try:
         store = SQLiteStore(cfg.db)
-    except sqlite3.Error as e:
+    except (sqlite3.Error, RuntimeError) as e:  # RuntimeError: a schema newer than ours
         raise ValueError(f"cannot open database {cfg.db}: {e}") from None
     try:
         crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
@@ -3561,22 +3588,27 @@ def _database_lock(path: str):
     """Hold ``<db>.lock`` exclusively for the block; ValueError if another process holds it.
 
     Two servers on one database would each trust their own cache of running
-    updates, so serve, restore and rotate-master-key take this lock first.
-    The kernel drops it when the process dies, however it dies.
+    updates, so serve, restore and rotate-master-key take this lock first. It
+    is a separate file because SQLite's own locks on the database file would be
+    dropped if we opened and closed that file ourselves. The kernel releases
+    the lock when the process dies, however it dies.
     """
     if fcntl is None:  # pragma: no cover - Windows
         yield
         return
+    lock_path = os.path.realpath(path) + ".lock"  # every spelling of the path: one lock
     try:
-        fd = os.open(os.path.abspath(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as e:
-        raise ValueError(f"cannot create {path}.lock: {e.strerror}") from None
+        raise ValueError(f"cannot open {lock_path}: {e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             raise ValueError(f"another pulumi-backend process is using {path}; "
                              "stop it first") from None
+        except OSError as e:  # e.g. ENOLCK: a file system without locks
+            raise ValueError(f"cannot lock {lock_path}: {e.strerror}") from None
         yield
     finally:
         os.close(fd)
@@ -3601,39 +3633,41 @@ def _fsync_path(path: str) -> None:
 
 
 def backup_database(cfg: Config, out: Optional[str]) -> int:
-    """Copy ``cfg.db`` to ``out`` as one consistent, self-contained file, even while serving.
+    """Copy ``cfg.db`` to the new file ``out``: one consistent, self-contained file.
 
-    SQLite's backup API copies in one step under a single read transaction, so
-    the copy is a snapshot: a write committing meanwhile is wholly in or out.
-    The copy is checked and then renamed into place, so ``out`` is never half
-    written. Returns an exit code.
+    Works while the server runs. SQLite's backup API copies in one step under
+    a single read transaction, so the copy is a snapshot: a write committing
+    meanwhile is wholly in or out. The copy is written beside ``out`` (mode
+    0600: it holds the stacks' wrapped keys and state), checked, and linked
+    into place, so ``out`` is never half written. An existing ``out`` is never
+    replaced: with the two paths mixed up, that would be the live database.
+    Returns an exit code.
     """
     if not out:
         raise ValueError("backup needs the file to write: backup --db DB OUT")
-    if os.path.exists(out) and os.path.exists(cfg.db) and os.path.samefile(out, cfg.db):
-        raise ValueError("the backup would overwrite the database itself")
+    if os.path.lexists(out):
+        raise ValueError(f"{out} exists; backups never overwrite a file, give a new name")
+    src = _open_read_only(cfg.db)
     tmp = f"{out}.tmp{os.getpid()}"
     try:
-        src = _open_read_only(cfg.db)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        dst = sqlite3.connect(tmp, isolation_level=None)
         try:
-            dst = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                src.backup(dst)
-                dst.execute("PRAGMA journal_mode = DELETE")  # one file, no -wal beside it
-                check = dst.execute("PRAGMA integrity_check").fetchone()[0]
-                stacks = dst.execute("SELECT count(*) FROM stacks").fetchone()[0]
-            finally:
-                dst.close()
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode = DELETE")  # one file, no -wal beside it
+            check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+            stacks = dst.execute("SELECT count(*) FROM stacks").fetchone()[0]
         finally:
-            src.close()
+            dst.close()
         if check != "ok":
             raise ValueError(f"the copy failed its integrity check: {check}")
         _fsync_path(tmp)
-        os.replace(tmp, out)
+        os.link(tmp, out)  # unlike rename, fails if out appeared meanwhile
         _fsync_path(os.path.dirname(os.path.abspath(out)))
     except (sqlite3.Error, OSError) as e:
-        raise ValueError(f"backup failed: {e}") from None
+        raise ValueError(f"backup of {cfg.db} to {out} failed: {e}") from None
     finally:
+        src.close()
         if os.path.exists(tmp):
             os.remove(tmp)
     print(f"backed up {stacks} stacks to {out} ({os.path.getsize(out)} bytes). The master key "
@@ -3644,21 +3678,21 @@ def backup_database(cfg: Config, out: Optional[str]) -> int:
 def _check_backup(conn: sqlite3.Connection, master_key: bytes, crypto: Crypto) -> int:
     """Check a backup is whole, ours, not too new, and opens with the key; return its stacks."""
     if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
-        raise ValueError("the backup fails SQLite's integrity check")
+        raise ValueError("it fails SQLite's integrity check")
     try:
         version = conn.execute("SELECT version FROM schema_version").fetchone()[0]
         canary = conn.execute("SELECT value FROM meta WHERE key = 'canary'").fetchone()
         stacks = conn.execute("SELECT count(*) FROM stacks").fetchone()[0]
     except (sqlite3.Error, TypeError):
-        raise ValueError("the file is not a pulumi-backend database") from None
+        raise ValueError("it is not a pulumi-backend database") from None
     if version > len(_SCHEMA):
-        raise ValueError(f"the backup has schema {version}, newer than this server's "
-                         f"{len(_SCHEMA)}; upgrade pulumi_backend.py first")
+        raise ValueError(f"it has schema {version}, newer than this server's {len(_SCHEMA)}; "
+                         "upgrade pulumi_backend.py first")
     if canary is not None:
         try:
             crypto.open(master_key, canary[0])
         except ValueError:
-            raise ValueError("the backup was made under another master key: give that key "
+            raise ValueError("it was made under another master key: give that key "
                              "(--master-key-file or PULUMI_BACKEND_MASTER_KEY)") from None
     return stacks
 
@@ -3666,12 +3700,15 @@ def _check_backup(conn: sqlite3.Connection, master_key: bytes, crypto: Crypto) -
 def restore_database(cfg: Config, source: Optional[str], environ: dict) -> int:
     """Replace the contents of ``cfg.db`` with the backup ``source``; return an exit code.
 
-    The server must be stopped (the database lock says so). The backup is
-    checked first, including that the configured master key opens it, and is
-    copied in one transaction: a failure leaves the old database as it was.
+    The caller holds the database lock, so no server runs. The backup is
+    checked first, including that the configured master key opens it. The
+    target is put in rollback-journal mode (which folds its WAL in) and the
+    copy is one transaction: a failure leaves the old database as it was.
     """
     if not source:
         raise ValueError("restore needs the backup to read: restore --db DB BACKUP")
+    if os.path.exists(cfg.db) and os.path.exists(source) and os.path.samefile(cfg.db, source):
+        raise ValueError("the backup is the database itself")
     if not cfg.master_key and not os.path.exists(cfg.key_file()):
         raise ValueError(f"no master key at {cfg.key_file()}: put the key the backup was made "
                          "with there first (or give --master-key-file)")
@@ -3680,20 +3717,29 @@ def restore_database(cfg: Config, source: Optional[str], environ: dict) -> int:
         crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
     except (OSError, RuntimeError) as e:
         raise ValueError(f"cannot set up secrets: {e}") from None
+    src = _open_read_only(source)
     try:
-        src = _open_read_only(source)
         try:
             stacks = _check_backup(src, master, crypto)
+        except (ValueError, sqlite3.Error) as e:
+            raise ValueError(f"cannot restore from {source}: {e}") from None
+        try:
             dst = sqlite3.connect(cfg.db, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
             try:
+                dst.execute("PRAGMA journal_mode = DELETE")
                 src.backup(dst)
             finally:
                 dst.close()
-        finally:
-            src.close()
+        except sqlite3.Error as e:
+            raise ValueError(f"cannot restore into {cfg.db} ({e}); it is unchanged. If it is "
+                             "damaged, move it and its -wal and -shm files aside and restore "
+                             "again") from None
+    finally:
+        src.close()
+    try:
         SQLiteStore(cfg.db).close()  # WAL mode and schema migrations, as the server expects
-    except sqlite3.Error as e:
-        raise ValueError(f"restore failed: {e}") from None
+    except (sqlite3.Error, RuntimeError) as e:
+        raise ValueError(f"restored {source} into {cfg.db}, but it does not open: {e}") from None
     print(f"restored {stacks} stacks from {source} into {cfg.db}")
     return 0
 

@@ -3974,15 +3974,23 @@ def test_backups_taken_under_write_load_are_all_consistent(srv, cfg, tmp_path):
     assert len(versions) > 5
 
 
-def test_backup_refuses_bad_targets(cfg, srv, tmp_path):
-    with pytest.raises(ValueError, match="overwrite the database"):
-        pb.backup_database(cfg, cfg.db)
+def test_backup_never_overwrites_and_is_private(cfg, srv, tmp_path):
+    path = srv.create_stack()
+    live = dataclasses.replace(cfg, db=str(tmp_path / "old.db"))
+    pb.backup_database(cfg, live.db)  # an older copy, as if from last night
+    before = srv.export_bytes(path)
+    for target in (cfg.db, live.db):  # e.g. the paths swapped: OUT is the live database
+        with pytest.raises(ValueError, match="exists; backups never overwrite"):
+            pb.backup_database(live, target)
+    assert srv.export_bytes(path) == before and srv.request("GET", "/readyz", token=None)[0] == 200
+    assert os.stat(live.db).st_mode & 0o777 == 0o600
     with pytest.raises(ValueError, match="no database"):
         pb.backup_database(dataclasses.replace(cfg, db=str(tmp_path / "none.db")),
                            str(tmp_path / "o.db"))
-    with pytest.raises(ValueError, match="backup failed"):
+    with pytest.raises(ValueError, match="failed"):
         pb.backup_database(cfg, str(tmp_path / "missing-dir" / "o.db"))
     assert not (tmp_path / "none.db").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
 
 
 def test_restore_checks_the_backup_before_touching_the_database(start, cfg, tmp_path):
@@ -3997,6 +4005,8 @@ def test_restore_checks_the_backup_before_touching_the_database(start, cfg, tmp_
     other_key.write_bytes(secrets.token_bytes(32))
     with pytest.raises(ValueError, match="no master key"):
         pb.restore_database(target, str(backup), {})
+    with pytest.raises(ValueError, match="the database itself"):
+        pb.restore_database(cfg, cfg.db, {})
     with pytest.raises(ValueError, match="another master key"):
         pb.restore_database(dataclasses.replace(target, master_key_file=str(other_key)),
                             str(backup), {})
@@ -4104,6 +4114,75 @@ def test_shutdown_wait_is_bounded(tmp_path):
         sock.close()
         stop_subprocess(proc)
     assert "still busy after 1s" in (tmp_path / "err.log").read_text()
+
+
+def test_readyz_probes_reuse_one_write(srv, monkeypatch):
+    writes = []
+    real = srv.app.engine.store.set_meta
+    monkeypatch.setattr(srv.app.engine.store, "set_meta",
+                        lambda db, key, value: (writes.append(key), real(db, key, value)))
+    for _ in range(5):
+        assert srv.request("GET", "/readyz", token=None)[0] == 200
+    assert writes == ["ready_check"]
+    srv.app.engine._ready_checked -= pb.READY_CHECK_SECONDS  # the interval passes
+    assert srv.request("GET", "/readyz", token=None)[0] == 200
+    assert writes == ["ready_check"] * 2
+
+
+def test_restore_over_a_damaged_or_foreign_database(start, cfg, tmp_path):
+    srv = start()
+    path = srv.create_stack()
+    srv.stop()
+    backup = tmp_path / "b.db"
+    pb.backup_database(cfg, str(backup))
+    # A WAL database with another page size: the backup API cannot write into
+    # that in WAL mode, so restore switches it to a rollback journal first.
+    other = dataclasses.replace(cfg, db=str(tmp_path / "other.db"), master_key_file=cfg.key_file())
+    conn = sqlite3.connect(other.db)
+    conn.execute("PRAGMA page_size = 1024")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE junk (x)")
+    conn.close()
+    assert pb.restore_database(other, str(backup), {}) == 0
+    assert start(db=other.db, master_key_file=cfg.key_file()).stack(path)["stackName"] == "dev"
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"\\0garbage" * 1000)
+    with pytest.raises(ValueError, match="move it and its -wal and -shm files aside"):
+        pb.restore_database(dataclasses.replace(other, db=str(damaged)), str(backup), {})
+    assert damaged.read_bytes() == b"\\0garbage" * 1000
+
+
+def test_lock_holds_for_every_spelling_of_the_path(tmp_path):
+    proc, _ = serve_subprocess(tmp_path)
+    try:
+        (tmp_path / "alias.db").symlink_to(tmp_path / "s.db")
+        pb.backup_database(Config(db=str(tmp_path / "s.db")), str(tmp_path / "b.db"))
+        refused = run_cli(["restore", "--db", "alias.db", "b.db"], tmp_path)
+        assert_one_line_error(refused, "another pulumi-backend process is using")
+    finally:
+        assert stop_subprocess(proc) == 0
+
+
+def test_newer_schema_is_a_one_line_error(tmp_path, cfg):
+    store, _ = pb.build_app(cfg, environ={})
+    store.close()
+    with sqlite3.connect(cfg.db) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    proc = run_cli(["--port", "0", "--db", cfg.db], tmp_path)
+    assert_one_line_error(proc, "newer than this server")
+
+
+def test_debug_log_holds_no_query_string(tmp_path):
+    secret = "q-" + secrets.token_hex(8)
+    proc, url = serve_subprocess(tmp_path, "--log-level", "debug")
+    try:
+        req = urllib.request.Request(f"{url}/api/user?continuationToken={secret}",
+                                     headers={"Authorization": "token t"})
+        urllib.request.urlopen(req, timeout=10).close()
+    finally:
+        assert stop_subprocess(proc) == 0
+    text = (tmp_path / "err.log").read_text()
+    assert "GET /api/user 200" in text and secret not in text
 
 
 def test_readme_documents_every_flag():
