@@ -3187,7 +3187,9 @@ class App:
 
     def journal_entries(self, req: Request) -> None:
         """Append to the update's journal (replayed at the end)."""
-        self.engine.journal_append(*self._up(req), req.token, req.body)
+        count = self.engine.journal_append(*self._up(req), req.token, req.body)
+        log.debug("%d journal entries (%d bytes) for %s", count, len(req.body),
+                  req.params["updateID"])
 
     def events_batch(self, req: Request) -> None:
         """Record a batch of the update's engine events."""
