@@ -1858,15 +1858,13 @@ class Engine:
         fields: dict = {"status": status, "ended": _now()}
         if not update["dry_run"] and update["status"] == "running":
             try:
-                data = self._final_state(db, update)
+                data, count = self._final_state(db, update)
             except Conflict as e:
                 if status == "succeeded":
                     raise
                 log.error("update %s ends without a new version: %s", update["id"], e.message)
                 self.store.update_update(db, update["id"], **fields)
                 return
-            doc = _loads(data, "final state")
-            count = _count_resources(doc)
             fields["resource_count"] = count
             self._save_version(db, row, update["version"], data, count)
             self.store.clear_checkpoints(db, update["id"])
@@ -1874,29 +1872,36 @@ class Engine:
             self.working.discard(update["id"])
         self.store.update_update(db, update["id"], **fields)
 
-    def _final_state(self, db, update: dict) -> bytes:
-        """Return the bytes of the state an update produced (its base if it saved none)."""
+    def _final_state(self, db, update: dict) -> tuple:
+        """Return ``(bytes, resource count)`` of the state an update produced (its base
+        if it saved none)."""
         base = self.store.get_deployment(db, update["stack_id"], update["base_version"])
         base_bytes = gzip.decompress(base["data"]) if base else _empty_deployment()
+        base_count = base["resource_count"] if base else 0
         if update["journal"]:
             entries = [json.loads(e) for e in self.store.journal_entries(db, update["id"])]
             if not entries:
-                return base_bytes
-            base_doc = json.loads(base_bytes)
+                return base_bytes, base_count
             try:
-                return _dumps(replay_journal(base_doc.get("deployment") or {}, entries,
-                                            update["cli_version"]))
+                # The parsed base is ours alone: replay over it without replay_journal's
+                # copy (a 10 MB state is ~10 MB of Python objects per copy).
+                replayer = _JournalReplayer(json.loads(base_bytes).get("deployment") or {})
+                for entry in entries:
+                    replayer.add(entry)
+                doc = replayer.generate(update["cli_version"])
+                del entries, replayer  # replaced base resources and begin entries: free them
+                return _dumps(doc), _count_resources(doc)
             except (HTTPError, ValueError, KeyError, TypeError, IndexError,
                     AttributeError) as e:
                 raise Conflict(f"the update's journal cannot be replayed: {e}") from None
         working = self._working(db, update["id"])
         if working is None:
-            return base_bytes
+            return base_bytes, base_count
         try:
-            _check_untyped_deployment(json.loads(working[1]))
+            doc = _check_untyped_deployment(json.loads(working[1]))
         except (ValueError, BadRequest):
             raise Conflict("the update's last checkpoint is not a valid deployment") from None
-        return working[1]
+        return working[1], _count_resources(doc)
 
     # -- updates: reading ---------------------------------------------------
 
