@@ -451,8 +451,12 @@ def _gunzip_bounded(data: bytes, limit: int) -> bytes:
     return bytes(out)
 
 
-def _gzip_bytes(data: bytes, level: int = 6) -> bytes:
-    """Gzip-compress with a fixed header time, so equal inputs give equal outputs."""
+def _gzip_bytes(data: bytes, level: int = 1) -> bytes:
+    """Gzip-compress with a fixed header time, so equal inputs give equal outputs.
+
+    Level 1 by default (every update stores its state): on state JSON it is about
+    2.5-3.5 times as fast as level 6 for 5-20% more bytes.
+    """
     return gzip.compress(data, compresslevel=level, mtime=0)
 
 
