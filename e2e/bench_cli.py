@@ -318,7 +318,16 @@ def main() -> int:
         sys.exit(f"--programs: choose from {', '.join(PROGRAMS)}")
 
     started = time.time()
-    samples = []
+    samples: list = []
+    result = {"machine": machine(args.cli), "pad_kb": args.pad_kb, "repeats": args.repeats,
+              "cli_env": args.cli_env, "server_flags": args.server_flag}
+
+    def save():  # after every run, so that an interrupted run keeps what it measured
+        result.update(total_seconds=round(time.time() - started, 1),
+                      medians=summarize([s for s in samples if "error" not in s]),
+                      samples=samples)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
         root = Path(tmp)
         (root / "cli" / "bin").mkdir(parents=True)
@@ -329,25 +338,29 @@ def main() -> int:
                 for rep in range(args.repeats):
                     for backend in BACKENDS:  # alternate, so noise hits every backend
                         t = time.perf_counter()
-                        sample = run_case(backend, kind, count, args, root)
+                        try:
+                            sample = run_case(backend, kind, count, args, root)
+                            line = " ".join(f"{op}={sample['seconds'][op]:.2f}"
+                                            for op in OPERATIONS)
+                        except Exception as e:  # noqa: BLE001 - reported; the others go on
+                            sample = {"backend": backend, "program": kind, "resources": count,
+                                      "error": f"{type(e).__name__}: {e}"[-4000:]}
+                            line = "FAILED: " + sample["error"][-1000:]
                         sample["repeat"] = rep
                         samples.append(sample)
+                        save()
                         print(f"{kind:7} {count:4} #{rep + 1} {backend:5} "
-                              f"{time.perf_counter() - t:7.1f} s  " + " ".join(
-                                  f"{op}={sample['seconds'][op]:.2f}" for op in OPERATIONS),
+                              f"{time.perf_counter() - t:7.1f} s  {line}",
                               file=sys.stderr, flush=True)
-    rows = summarize(samples)
-    result = {"machine": machine(args.cli), "pad_kb": args.pad_kb, "repeats": args.repeats,
-              "cli_env": args.cli_env, "server_flags": args.server_flag,
-              "total_seconds": round(time.time() - started, 1), "medians": rows,
-              "samples": samples}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    rows = result["medians"]
     print(table(rows))
     extras = " ".join(args.cli_env + args.server_flag)
-    print(f"\n{len(samples)} runs in {result['total_seconds']:.0f} s on "
+    failed = sum("error" in s for s in samples)
+    print(f"\n{len(samples)} runs{f' ({failed} FAILED)' if failed else ''} in "
+          f"{result['total_seconds']:.0f} s on "
           f"{result['machine']['nproc']} cores, {result['machine']['cli']}"
           f"{'; with ' + extras if extras else ''}; JSON: {args.out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
