@@ -290,6 +290,8 @@ def main() -> int:
                         help="resource counts, comma-separated (default 10,200,600)")
     parser.add_argument("--programs", default=",".join(PROGRAMS),
                         help="bulk and/or dynamic (default both)")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="ours, file and/or floor (default all three)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case (default 3)")
     parser.add_argument("--pad-kb", type=float, default=16, help="KB of state per resource")
     parser.add_argument("--cli-version", default=DEFAULT_CLI,
@@ -316,6 +318,9 @@ def main() -> int:
     programs = [p for p in args.programs.split(",") if p]
     if not set(programs) <= set(PROGRAMS):
         sys.exit(f"--programs: choose from {', '.join(PROGRAMS)}")
+    backends = [b for b in BACKENDS if b in args.backends.split(",")]
+    if not backends:
+        sys.exit(f"--backends: choose from {', '.join(BACKENDS)}")
 
     started = time.time()
     samples: list = []
@@ -336,7 +341,7 @@ def main() -> int:
         for kind in programs:
             for count in sizes:
                 for rep in range(args.repeats):
-                    for backend in BACKENDS:  # alternate, so noise hits every backend
+                    for backend in backends:  # alternate, so noise hits every backend
                         t = time.perf_counter()
                         try:
                             sample = run_case(backend, kind, count, args, root)
