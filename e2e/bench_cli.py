@@ -1,0 +1,372 @@
+#!/usr/bin/env python3
+"""The real `pulumi` CLI against this server, the DIY file:// backend and the floor.
+
+    python3 e2e/bench_cli.py [--sizes 10,200,600] [--repeats 3] [--out FILE]
+
+Backends, each run with its own PULUMI_HOME, project folder and state:
+
+- ours:  pulumi_backend.py with default flags (a fresh server process per run;
+         its CPU seconds and peak RSS are read from /proc before it stops);
+- file:  ``file://DIR``, the DIY backend that rewrites the whole state per step;
+- floor: ``file://DIR`` with ``PULUMI_SKIP_CHECKPOINTS=true``: nothing is
+         persisted during an update, only the final state.
+
+Programs (Automation API, inline): ``bulk`` registers N component resources,
+``dynamic`` N resources of a Python dynamic provider (e2e_programs.FileProvider,
+so provider calls are included). Each resource carries ``--pad-kb`` (16) KB of
+hex padding in its state: 600 resources make about 10 MB.
+
+Operations per run: create, no-op, no-op again, add 2 resources,
+``pulumi stack export``, destroy. Cases alternate (ours, file, floor, ours, ...)
+so that noise hits all alike; the table quotes medians of the seconds and of
+the server's CPU seconds per operation, and the largest server peak RSS of an
+operation (VmHWM, reset before each operation). Prints a markdown
+table; ``--out`` (default ``bench-cli.json``) keeps every sample and the machine.
+
+Needs the pulumi SDK (``bash e2e/setup.sh``); under another python the script
+re-runs itself with the virtualenv's python. Benchmarks assert nothing.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+E2E_DIR = Path(__file__).resolve().parent
+SERVER_SCRIPT = E2E_DIR.parent / "pulumi_backend.py"
+VENV = Path(os.environ.get("PULUMI_BACKEND_VENV") or Path.home() / ".cache/pulumi-backend-venv")
+CLI_CACHE = Path(os.environ.get("PULUMI_BACKEND_CLI_CACHE")
+                 or Path.home() / ".cache/pulumi-backend-cli")
+DEFAULT_CLI = "v3.274.1"
+BACKENDS = ("ours", "file", "floor")
+PROGRAMS = ("bulk", "dynamic")
+OPERATIONS = ("create", "noop", "noop2", "add2", "export", "destroy")
+OP_LABELS = {"create": "create", "noop": "no-op after create", "noop2": "no-op again",
+             "add2": "add 2 resources", "export": "stack export", "destroy": "destroy"}
+PROJECT, STACK, TOKEN = "bench", "dev", "bench-token"
+PASSPHRASE = "bench-passphrase"
+
+sys.path.insert(0, str(E2E_DIR))  # e2e_programs: the dynamic provider pickles by reference
+
+
+def ensure_sdk() -> None:
+    """Re-run under the virtualenv's python when this one lacks the pulumi SDK."""
+    try:
+        import pulumi.automation  # noqa: F401
+    except ImportError:
+        venv_python = VENV / "bin" / "python"
+        if venv_python.exists() and Path(sys.prefix).resolve() != VENV.resolve():
+            os.execv(str(venv_python), [str(venv_python), __file__, *sys.argv[1:]])
+        sys.exit("bench_cli.py needs the pulumi SDK: run `bash e2e/setup.sh` first")
+
+
+# -- programs -----------------------------------------------------------------
+
+def padding(name: str, kb: float) -> str:
+    """Deterministic hex (compresses about 2:1, like real state), kb KB long."""
+    chars = int(kb * 1024)
+    return hashlib.shake_256(name.encode()).hexdigest((chars + 1) // 2)[:chars]
+
+
+def build_program(kind: str, count: int, pad_kb: float, files_dir: str):
+    import pulumi
+    from pulumi import dynamic
+    from e2e_programs import FileProvider
+
+    class Padded(dynamic.Resource):
+        """FileProvider's file plus padding in the inputs (and so the outputs)."""
+
+        def __init__(self, name, props):
+            super().__init__(FileProvider(), name, props)
+
+    def program():
+        for i in range(count):
+            name = f"r{i}"
+            if kind == "bulk":
+                group = pulumi.ComponentResource("bench:index:Bulk", name)
+                group.register_outputs({"pad": padding(name, pad_kb)})
+            else:  # half in the inputs, echoed in the outputs
+                Padded(name, {"dir": files_dir, "fname": name + ".txt", "content": name,
+                              "sleep": 0, "fail": False, "path": None,
+                              "pad": padding(name, pad_kb / 2)})
+
+    return program
+
+
+# -- the server ---------------------------------------------------------------
+
+class Server:
+    """One pulumi_backend.py process with default flags (but --db and --port)."""
+
+    def __init__(self, directory: Path, flags=()):
+        self.log = directory / "server.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SERVER_SCRIPT), "--db", str(directory / "backend.db"),
+                 "--port", "0", *flags],
+                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if not k.startswith("PULUMI_")})
+        timer = threading.Timer(30, self.proc.kill)
+        timer.start()
+        line = self.proc.stdout.readline().decode(errors="replace").strip()
+        timer.cancel()
+        match = re.fullmatch(r"pulumi-backend listening on (http://\S+)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"server did not start: {line!r}\n{self.log.read_text()[-2000:]}")
+        self.url = match[1]
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the server process so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def reset_peak(self) -> None:
+        """Reset VmHWM (Linux 4.0+), so that the next reading is one operation's peak."""
+        try:
+            with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # the peak so far, then
+
+    def peak_rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+
+# -- one run ------------------------------------------------------------------
+
+def run_case(backend: str, kind: str, count: int, args, root: Path) -> dict:
+    """One backend × program × size: every operation timed; returns the samples."""
+    from pulumi import automation as auto
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"{backend}-{kind}-{count}-", dir=root))
+    work, files, state = tmp / "work", tmp / "files", tmp / "state"
+    for d in (work, files, state):
+        d.mkdir()
+    (work / "Pulumi.yaml").write_text(f"name: {PROJECT}\nruntime: python\n")
+    env = {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), str(args.cli.parent),
+                                 str(E2E_DIR / "bin"), "/usr/local/bin", "/usr/bin", "/bin"]),
+        "HOME": str(tmp),
+        "TMPDIR": tempfile.gettempdir(),
+        "PYTHONPATH": str(E2E_DIR),
+        "PULUMI_HOME": str(tmp / "pulumi-home"),
+        "PULUMI_SKIP_UPDATE_CHECK": "true",
+        "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+        "PULUMI_AUTOMATION_API_SKIP_VERSION_CHECK": "true",
+    }
+    env.update(item.split("=", 1) for item in args.cli_env)
+    server = None
+    if backend == "ours":
+        server = Server(tmp, args.server_flag)
+        env.update(PULUMI_BACKEND_URL=server.url, PULUMI_ACCESS_TOKEN=TOKEN)
+    else:
+        env.update(PULUMI_BACKEND_URL=f"file://{state}", PULUMI_CONFIG_PASSPHRASE=PASSPHRASE)
+        if backend == "floor":
+            env["PULUMI_SKIP_CHECKPOINTS"] = "true"
+    sample: dict = {"backend": backend, "program": kind, "resources": count, "seconds": {},
+                    "changes": {}, "server_cpu": {}, "server_rss_mb": {}}
+    try:
+        opts = auto.LocalWorkspaceOptions(work_dir=str(work), pulumi_home=env["PULUMI_HOME"],
+                                          env_vars=env, pulumi_command=args.command)
+        program = build_program(kind, count, args.pad_kb, str(files))
+        stack = auto.create_stack(STACK, PROJECT, program, opts=opts)
+        cpu = server.cpu_seconds() if server else 0.0
+        for op in OPERATIONS:
+            if server:
+                server.reset_peak()
+            t = time.perf_counter()
+            if op in ("create", "noop", "noop2"):
+                changes = stack.up(program=program).summary.resource_changes
+            elif op == "add2":
+                more = build_program(kind, count + 2, args.pad_kb, str(files))
+                changes = stack.up(program=more).summary.resource_changes
+            elif op == "export":
+                out = tmp / "export.json"
+                subprocess.run([str(args.cli), "--non-interactive", "--cwd", str(work), "stack",
+                                "export", "--stack", STACK, "--file", str(out)],
+                               env=env, check=True, capture_output=True,
+                               stdin=subprocess.DEVNULL)
+                changes = {"bytes": out.stat().st_size}
+            else:
+                changes = stack.destroy().summary.resource_changes
+            sample["seconds"][op] = time.perf_counter() - t
+            sample["changes"][op] = changes
+            if server:
+                now = server.cpu_seconds()
+                sample["server_cpu"][op], cpu = now - cpu, now
+                sample["server_rss_mb"][op] = server.peak_rss_mb()
+    finally:
+        if server:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sample
+
+
+# -- report -------------------------------------------------------------------
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(samples: list) -> list:
+    """Median rows: one per program × size × operation."""
+    rows = []
+    keys = sorted({(s["program"], s["resources"]) for s in samples},
+                  key=lambda k: (PROGRAMS.index(k[0]), k[1]))
+    for kind, count in keys:
+        group = [s for s in samples if (s["program"], s["resources"]) == (kind, count)]
+        for op in OPERATIONS:
+            row = {"program": kind, "resources": count, "operation": op}
+            for b in BACKENDS:
+                row[b] = median(s["seconds"].get(op) for s in group if s["backend"] == b)
+            ours = [s for s in group if s["backend"] == "ours"]
+            row["server_cpu"] = median(s["server_cpu"].get(op) for s in ours)
+            row["server_rss_mb"] = max((s["server_rss_mb"][op] for s in ours), default=None)
+            row["ours/file"] = row["ours"] / row["file"] if row["ours"] and row["file"] else None
+            row["ours/floor"] = (row["ours"] / row["floor"]
+                                 if row["ours"] and row["floor"] else None)
+            rows.append(row)
+    return rows
+
+
+def table(rows: list) -> str:
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    lines = ["| program | resources | operation | ours (s) | file (s) | floor (s) | ours/file "
+             "| ours/floor | server CPU (s) | server peak RSS (MB) |",
+             "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['program']} | {r['resources']} | {OP_LABELS[r['operation']]} "
+            f"| {f(r['ours'], '.2f')} | {f(r['file'], '.2f')} | {f(r['floor'], '.2f')} "
+            f"| {f(r['ours/file'], '.2f')} | {f(r['ours/floor'], '.2f')} "
+            f"| {f(r['server_cpu'], '.2f')} | {f(r['server_rss_mb'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def machine(cli: Path) -> dict:
+    version = subprocess.run([str(cli), "version"], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin", "PULUMI_SKIP_UPDATE_CHECK": "true",
+                                  "HOME": tempfile.gettempdir()}).stdout.strip()
+    from importlib.metadata import version as pkg_version
+    return {"nproc": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "cli": version,
+            "pulumi_sdk": pkg_version("pulumi"),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,200,600",
+                        help="resource counts, comma-separated (default 10,200,600)")
+    parser.add_argument("--programs", default=",".join(PROGRAMS),
+                        help="bulk and/or dynamic (default both)")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="ours, file and/or floor (default all three)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case (default 3)")
+    parser.add_argument("--pad-kb", type=float, default=16, help="KB of state per resource")
+    parser.add_argument("--cli-version", default=DEFAULT_CLI,
+                        help=f"CLI built by e2e/setup.sh (default {DEFAULT_CLI})")
+    parser.add_argument("--out", default="bench-cli.json", help="JSON results file")
+    parser.add_argument("--cli-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment of every CLI run, e.g. "
+                             "PULUMI_JOURNALING_BATCH_PERIOD=1 (repeatable)")
+    parser.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
+                        help="extra pulumi_backend.py flag, e.g. --server-flag=--journaling=off "
+                             "(repeatable; the default is none: what users get)")
+    args = parser.parse_args()
+    ensure_sdk()
+    from pulumi import automation as auto
+
+    # The Automation API overlays os.environ: keep outer PULUMI_* variables out of it.
+    for key in [k for k in os.environ if k.startswith("PULUMI_")]:
+        if key not in ("PULUMI_BACKEND_VENV", "PULUMI_BACKEND_CLI_CACHE"):
+            del os.environ[key]
+    args.cli = CLI_CACHE / args.cli_version / "pulumi"
+    if not os.access(args.cli, os.X_OK):
+        sys.exit(f"no CLI at {args.cli}: run `bash e2e/setup.sh` first")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    programs = [p for p in args.programs.split(",") if p]
+    if not set(programs) <= set(PROGRAMS):
+        sys.exit(f"--programs: choose from {', '.join(PROGRAMS)}")
+    backends = [b for b in BACKENDS if b in args.backends.split(",")]
+    if not backends:
+        sys.exit(f"--backends: choose from {', '.join(BACKENDS)}")
+
+    started = time.time()
+    samples: list = []
+    result = {"machine": machine(args.cli), "pad_kb": args.pad_kb, "repeats": args.repeats,
+              "cli_env": args.cli_env, "server_flags": args.server_flag}
+
+    def save():  # after every run, so that an interrupted run keeps what it measured
+        result.update(total_seconds=round(time.time() - started, 1),
+                      medians=summarize([s for s in samples if "error" not in s]),
+                      samples=samples)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
+        root = Path(tmp)
+        (root / "cli" / "bin").mkdir(parents=True)
+        (root / "cli" / "bin" / "pulumi").symlink_to(args.cli)  # PulumiCommand wants ROOT/bin
+        args.command = auto.PulumiCommand(root=str(root / "cli"))
+        for kind in programs:
+            for count in sizes:
+                for rep in range(args.repeats):
+                    for backend in backends:  # alternate, so noise hits every backend
+                        t = time.perf_counter()
+                        try:
+                            sample = run_case(backend, kind, count, args, root)
+                            line = " ".join(f"{op}={sample['seconds'][op]:.2f}"
+                                            for op in OPERATIONS)
+                        except Exception as e:  # noqa: BLE001 - reported; the others go on
+                            sample = {"backend": backend, "program": kind, "resources": count,
+                                      "error": f"{type(e).__name__}: {e}"[-4000:]}
+                            line = "FAILED: " + sample["error"][-1000:]
+                        sample["repeat"] = rep
+                        samples.append(sample)
+                        save()
+                        print(f"{kind:7} {count:4} #{rep + 1} {backend:5} "
+                              f"{time.perf_counter() - t:7.1f} s  {line}",
+                              file=sys.stderr, flush=True)
+    rows = result["medians"]
+    print(table(rows))
+    extras = " ".join(args.cli_env + args.server_flag)
+    failed = sum("error" in s for s in samples)
+    print(f"\n{len(samples)} runs{f' ({failed} FAILED)' if failed else ''} in "
+          f"{result['total_seconds']:.0f} s on "
+          f"{result['machine']['nproc']} cores, {result['machine']['cli']}"
+          f"{'; with ' + extras if extras else ''}; JSON: {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

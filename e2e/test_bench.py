@@ -1,0 +1,59 @@
+"""Smoke runs of the benchmarks, so that they cannot rot.
+
+Each script runs once at its smallest size with one repeat; the tests check
+that the table and the JSON came out with every case and sane numbers. They
+assert nothing about speed (the benchmarks are run by hand: see the README's
+Performance section).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import E2E_DIR
+
+
+def run_script(name, *args, timeout=300):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PULUMI_") or k in ("PULUMI_BACKEND_VENV",
+                                                     "PULUMI_BACKEND_CLI_CACHE")}
+    proc = subprocess.run([sys.executable, str(E2E_DIR / name), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_bench_cli_smoke(cli, tmp_path):
+    out = tmp_path / "cli.json"
+    table = run_script("bench_cli.py", "--sizes", "10", "--repeats", "1",
+                       "--cli-version", cli.version, "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["machine"]["nproc"] >= 1 and cli.version.lstrip("v") in result["machine"]["cli"]
+    cases = {(s["program"], s["backend"]) for s in result["samples"]}
+    assert cases == {(p, b) for p in ("bulk", "dynamic") for b in ("ours", "file", "floor")}
+    ops = ("create", "noop", "noop2", "add2", "export", "destroy")
+    for s in result["samples"]:
+        assert all(s["seconds"][op] > 0 for op in ops), s
+        assert s["changes"]["create"].get("create", 0) >= 11, s  # 10 resources and the stack
+        assert s["changes"]["noop"].keys() == {"same"}, s
+        assert s["changes"]["add2"].get("create") == 2, s
+        if s["backend"] == "ours":
+            assert sum(s["server_cpu"].values()) > 0 and s["server_rss_mb"]["destroy"] > 0, s
+    assert len(result["medians"]) == 2 * len(ops)
+    assert all(r["ours/file"] > 0 and r["ours/floor"] > 0 for r in result["medians"])
+    assert table.count("\n| bulk | 10 |") == len(ops) and "| dynamic | 10 | destroy |" in table
+
+
+def test_bench_server_smoke(tmp_path):
+    out = tmp_path / "server.json"
+    table = run_script("bench_server.py", "--mb", "0.2", "--rounds", "2", "--stacks", "20",
+                       "--lifecycles", "3", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    sections = {r["section"].split(" (")[0] for r in rows}
+    assert {"state 0.2 MB", "secrets", "20 stacks", "3 concurrent updates"} <= sections, sections
+    assert len(rows) >= 11, rows
+    assert all(r["median_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows), rows
+    assert all(r["rate_per_s"] > 0 for r in rows if "rate_per_s" in r), rows
+    assert "| state 0.2 MB" in table and "delta checkpoint" in table
