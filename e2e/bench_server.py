@@ -59,7 +59,7 @@ class Client:
                    "Accept": "application/vnd.pulumi+8"}
         data = None
         if body is not None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
             if gz:
                 data = gzip.compress(data, 1)
             if gz or gzipped:
@@ -161,7 +161,7 @@ class Bench:
                     entries.append({"version": 1, "kind": 1, "sequenceID": 2 * k,
                                     "operationID": k, "removeOld": None, "removeNew": None,
                                     "state": res})
-                bodies.append(gzip.compress(json.dumps({"entries": entries}).encode(), 1))
+                bodies.append(gzip.compress(json.dumps({"entries": entries}, separators=(",", ":")).encode(), 1))
 
             def batch(body):
                 c.call("PATCH", f"{sp}/update/{uid}/journalentries", body, token=tok,
