@@ -32,19 +32,15 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 E2E_DIR = Path(__file__).resolve().parent
-SERVER_SCRIPT = E2E_DIR.parent / "pulumi_backend.py"
 VENV = Path(os.environ.get("PULUMI_BACKEND_VENV") or Path.home() / ".cache/pulumi-backend-venv")
 CLI_CACHE = Path(os.environ.get("PULUMI_BACKEND_CLI_CACHE")
                  or Path.home() / ".cache/pulumi-backend-cli")
@@ -58,6 +54,8 @@ PROJECT, STACK, TOKEN = "bench", "dev", "bench-token"
 PASSPHRASE = "bench-passphrase"
 
 sys.path.insert(0, str(E2E_DIR))  # e2e_programs: the dynamic provider pickles by reference
+
+from server_process import ServerProcess  # noqa: E402
 
 
 def ensure_sdk() -> None:
@@ -106,59 +104,6 @@ def build_program(kind: str, count: int, pad_kb: float, files_dir: str):
 
 # -- the server ---------------------------------------------------------------
 
-class Server:
-    """One pulumi_backend.py process with default flags (but --db and --port)."""
-
-    def __init__(self, directory: Path, flags=()):
-        self.log = directory / "server.log"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(SERVER_SCRIPT), "--db", str(directory / "backend.db"),
-                 "--port", "0", *flags],
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                env={k: v for k, v in os.environ.items() if not k.startswith("PULUMI_")})
-        timer = threading.Timer(30, self.proc.kill)
-        timer.start()
-        line = self.proc.stdout.readline().decode(errors="replace").strip()
-        timer.cancel()
-        match = re.fullmatch(r"pulumi-backend listening on (http://\S+)", line)
-        if not match:
-            self.stop()
-            raise RuntimeError(f"server did not start: {line!r}\n{self.log.read_text()[-2000:]}")
-        self.url = match[1]
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the server process so far."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def reset_peak(self) -> None:
-        """Reset VmHWM (Linux 4.0+), so that the next reading is one operation's peak."""
-        try:
-            with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass  # the peak so far, then
-
-    def peak_rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-
-
 # -- one run ------------------------------------------------------------------
 
 def run_case(backend: str, kind: str, count: int, args, root: Path) -> dict:
@@ -184,7 +129,8 @@ def run_case(backend: str, kind: str, count: int, args, root: Path) -> dict:
     env.update(item.split("=", 1) for item in args.cli_env)
     server = None
     if backend == "ours":
-        server = Server(tmp, args.server_flag)
+        server = ServerProcess(tmp, args.server_flag, token=TOKEN)
+        server.start()
         env.update(PULUMI_BACKEND_URL=server.url, PULUMI_ACCESS_TOKEN=TOKEN)
     else:
         env.update(PULUMI_BACKEND_URL=f"file://{state}", PULUMI_CONFIG_PASSPHRASE=PASSPHRASE)

@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cli import Server, padding  # noqa: E402
+from bench_cli import padding  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 
 ORG = "organization"
 PROJECT = "bench"
@@ -91,20 +92,11 @@ def samples(fn, rounds: int, prepare=None) -> list:
     return out
 
 
-def reset_peak(server: Server) -> None:
-    """Reset VmHWM (Linux 4.0+); harmless where not allowed."""
-    try:
-        with open(f"/proc/{server.proc.pid}/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 class Bench:
     def __init__(self, args, root: Path):
         self.args, self.root, self.rows = args, root, []
 
-    def row(self, section: str, what: str, times: list, server: Server, unit: str = "s",
+    def row(self, section: str, what: str, times: list, server: ServerProcess, unit: str = "s",
             per: float = 0.0):
         """Record the median of ``times``; ``per`` items per sample gives a rate too."""
         med = statistics.median(times)
@@ -113,14 +105,15 @@ class Bench:
         if per:
             row["rate_per_s"] = per / med if med > 0 else None
         self.rows.append(row)
-        reset_peak(server)  # the next row's peak is its own
+        server.reset_peak()  # the next row's peak is its own
         print(f"{section:22} {what:48} {med * 1000:9.1f} ms", file=sys.stderr, flush=True)
 
-    def server(self, name: str, *flags) -> Server:
+    def server(self, name: str, *flags) -> ServerProcess:
         directory = self.root / name
         directory.mkdir()
-        server = Server(directory, list(flags))
-        reset_peak(server)
+        server = ServerProcess(directory, list(flags))
+        server.start()
+        server.reset_peak()
         return server
 
     # -- state size sections ---------------------------------------------------

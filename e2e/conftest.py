@@ -23,14 +23,11 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 E2E_DIR = Path(__file__).resolve().parent
-SERVER_SCRIPT = E2E_DIR.parent / "pulumi_backend.py"
 CLI_VERSIONS = ("v3.274.1", "v3.224.0")  # newest first; the newest runs every scenario
 TOKEN = "e2e-token"
 ORG = "organization"
@@ -40,6 +37,8 @@ TEST_TIMEOUT = 300  # seconds; CLI processes of a test still running then are ki
 CHECKPOINT_CUTOFF = 4096
 
 sys.path.insert(0, str(E2E_DIR))  # e2e_programs, for tests and the provider's unpickling
+
+from server_process import SERVER_SCRIPT, ServerProcess  # noqa: E402
 
 
 def pytest_configure(config):
@@ -105,90 +104,13 @@ def cli(request, tmp_path_factory):
     return Cli(version, binary, tmp_path_factory.mktemp(f"cli-{version}"))
 
 
-class Server:
-    """pulumi_backend.py running as a subprocess; restart() keeps db and port.
+class Server(ServerProcess):
+    """The tests' server: small states already go as delta checkpoints (see CHECKPOINT_CUTOFF)."""
 
-    args: extra command-line flags (e.g. ``--auth-token``, ``--lease-seconds``);
-    token: the API token request() sends; cafile: the certificate to trust
-    when the server serves https (``--tls-cert``).
-    """
+    base_args = ("--checkpoint-cutoff", str(CHECKPOINT_CUTOFF))
 
     def __init__(self, directory, args=(), token=TOKEN, cafile=None):
-        self.db = directory / "backend.db"
-        self.log = directory / "server.log"
-        self.args, self.token, self.cafile = list(args), token, cafile
-        self.port = 0
-        self.proc = None
-        self.url = None
-
-    def start(self):
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(SERVER_SCRIPT), "--db", str(self.db),
-                 "--host", "127.0.0.1", "--port", str(self.port),
-                 "--checkpoint-cutoff", str(CHECKPOINT_CUTOFF), *self.args],
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                env={k: v for k, v in os.environ.items() if not k.startswith("PULUMI_")})
-        timer = threading.Timer(30, self.proc.kill)
-        timer.start()
-        line = self.proc.stdout.readline().decode(errors="replace").strip()
-        timer.cancel()
-        match = re.fullmatch(r"pulumi-backend listening on (https?://127\.0\.0\.1:(\d+))", line)
-        if not match:
-            self.kill()
-            raise RuntimeError(f"server did not start: first line {line!r}\n{self.log_tail()}")
-        self.url, self.port = match[1], int(match[2])
-
-    def stop(self):
-        """SIGTERM (the server drains in-flight requests) and wait for the exit."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc:
-            self.proc.stdout.close()
-
-    def kill(self):
-        """SIGKILL: no draining, no clean shutdown of the database."""
-        self.proc.kill()
-        self.proc.wait()
-        self.proc.stdout.close()
-
-    def restart(self):
-        self.stop()
-        self.start()
-
-    def request(self, method, path, body=None):
-        """Return (status, body bytes) of one API call made with the test token."""
-        req = urllib.request.Request(
-            self.url + path, method=method, data=body,
-            headers={"Authorization": f"token {self.token}",
-                     "Accept": "application/vnd.pulumi+8",
-                     "Content-Type": "application/json"})
-        context = None
-        if self.url.startswith("https:"):
-            import ssl
-            context = ssl.create_default_context(cafile=str(self.cafile) if self.cafile else None)
-        try:
-            with urllib.request.urlopen(req, timeout=30, context=context) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def get(self, path):
-        """GET path and return the parsed JSON; an error status fails the test."""
-        status, body = self.request("GET", path)
-        assert status == 200, f"GET {path}: {status} {body[:500]!r}"
-        return json.loads(body)
-
-    def log_tail(self, lines=40):
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        super().__init__(directory, args, token=token, cafile=cafile)
 
 
 @pytest.fixture(scope="module")
