@@ -3447,10 +3447,9 @@ class Server(http.server.ThreadingHTTPServer):
         self.cfg = cfg
         self.app = app
         self.stopping = threading.Event()
-        self._active = 0
         self._active_lock = threading.Lock()
         self._idle = threading.Condition(self._active_lock)  # notified as connections end
-        self._connections: set = set()
+        self._connections: set = set()  # sockets being served, under _active_lock
         self._deadlines: dict = {}
         self._closed = threading.Event()
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
@@ -3506,7 +3505,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.socket.close()  # new clients are refused at once instead of queueing
         deadline = time.monotonic() + self.cfg.shutdown_timeout
         with self._idle:
-            while self._active and deadline > time.monotonic():
+            while self._connections and deadline > time.monotonic():
                 self._idle.wait(deadline - time.monotonic())
             stuck = list(self._connections)
         if stuck:
@@ -3525,9 +3524,8 @@ class Server(http.server.ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         with self._active_lock:
-            full = self._active >= self.cfg.max_connections
+            full = len(self._connections) >= self.cfg.max_connections
             if not full:
-                self._active += 1
                 self._connections.add(request)
         if full:
             self._refuse(request)
@@ -3539,7 +3537,6 @@ class Server(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             with self._active_lock:
-                self._active -= 1
                 self._connections.discard(request)
                 self._idle.notify_all()
 
