@@ -27,7 +27,9 @@ libcrypto to load.
 Security notes: with no ``--auth-token`` configured any token is accepted, which
 is only allowed while bound to a loopback address. Secrets are AES-256-GCM with
 a data key per stack, wrapped by a master key kept outside the database. Tokens,
-secrets and plaintexts are never logged.
+secrets and plaintexts are never logged. No byte of a request body is read
+before its route and credentials check out; a route that takes no body refuses
+one, and the request line and headers have ``--header-timeout`` seconds.
 
 Sections:
   1. Constants and limits
@@ -58,6 +60,7 @@ import gzip
 import hashlib
 import hmac
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -65,7 +68,7 @@ import math
 import os
 import re
 import secrets
-import select
+import selectors
 import signal
 import socket
 import sqlite3
@@ -85,7 +88,8 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "Config", "build_parser", "parse_config",
     "HTTPError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "MethodNotAllowed",
-    "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "Unavailable",
+    "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "Unimplemented",
+    "Unavailable",
     "Store", "SQLiteStore",
     "Engine", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
@@ -112,6 +116,9 @@ DEFAULT_USER = "admin"
 DEFAULT_MAX_BODY = 256 * 1024 * 1024
 #: Largest body after gzip decompression (bytes); stops gzip bombs.
 DEFAULT_MAX_DECOMPRESSED = 1024 * 1024 * 1024
+#: Most gzip members in one request body (the CLI sends one); each costs a
+#: decompressor, so a body of empty members must not be unbounded work.
+MAX_GZIP_MEMBERS = 1024
 #: How long a lease token lives without renewal (seconds); the CLI assumes 300.
 DEFAULT_LEASE_SECONDS = 300
 #: Versions of a stack kept for history and export/{version}.
@@ -125,6 +132,15 @@ DELTA_CHAIN_LIMIT = 64
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: Idle or slow clients are disconnected after this many seconds.
 DEFAULT_SOCKET_TIMEOUT = 120.0
+#: Seconds a client has for its request line and headers (from connecting, or
+#: from its first byte on a kept-alive connection): a half-sent request must
+#: not hold one of the --max-connections slots for long.
+DEFAULT_HEADER_TIMEOUT = 10.0
+#: Seconds an idle kept-alive connection stays open for its next request.
+DEFAULT_KEEPALIVE_TIMEOUT = 60.0
+#: Largest body accepted, read and ignored, by a route that takes none (a
+#: client may send ``{}``); a larger one is refused before it is read.
+MAX_IGNORED_BODY = 64
 #: Seconds a /readyz write probe's outcome is reused.
 READY_CHECK_SECONDS = 2.0
 #: Seconds a stopping server waits for in-flight requests before closing them.
@@ -160,6 +176,9 @@ _SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 _UPDATE_KINDS = ("update", "preview", "refresh", "destroy")
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _STACK_TYPE = "pulumi:pulumi:Stack"
+#: Most compressed bytes fed to zlib at once when a request body is gunzipped
+#: (it returns at most 16 times as much per call).
+_GUNZIP_INPUT_STEP = 64 * 1024
 
 
 # ==== 2. Configuration ======================================================
@@ -188,6 +207,8 @@ class Config:
     max_decompressed: int = DEFAULT_MAX_DECOMPRESSED
     cache_bytes: int = DEFAULT_CACHE_BYTES
     socket_timeout: float = DEFAULT_SOCKET_TIMEOUT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     tls_cert: str = ""
@@ -251,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
           f"(default {DEFAULT_MAX_DECOMPRESSED})", type=int)
     _flag(p, "socket-timeout", f"seconds before an idle client is dropped "
           f"(default {DEFAULT_SOCKET_TIMEOUT:g})", type=float)
+    _flag(p, "header-timeout", "seconds a client has to send its request line and headers, "
+          f"at most --socket-timeout (default {DEFAULT_HEADER_TIMEOUT:g})", type=float)
+    _flag(p, "keepalive-timeout", "seconds an idle kept-alive connection stays open, at most "
+          f"--socket-timeout (default {DEFAULT_KEEPALIVE_TIMEOUT:g})", type=float)
     _flag(p, "max-connections", f"concurrent connections (default {DEFAULT_MAX_CONNECTIONS})",
           type=int)
     _flag(p, "shutdown-timeout", "seconds a stopping server waits for in-flight requests "
@@ -338,8 +363,9 @@ def _validate_config(cfg: Config) -> None:
                  "max_decompressed", "max_connections"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if not cfg.socket_timeout > 0:
-        raise ValueError("--socket-timeout must be more than 0 seconds")
+    for name in ("socket_timeout", "header_timeout", "keepalive_timeout"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be more than 0 seconds")
     if not cfg.shutdown_timeout >= 0:
         raise ValueError("--shutdown-timeout must be 0 seconds or more")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -412,6 +438,10 @@ class RequestTimeout(HTTPError):
 
 class PayloadTooLarge(HTTPError):
     status, reason = 413, "Payload Too Large"
+
+
+class Unimplemented(HTTPError):
+    status, reason = 501, "Not Implemented"
 
 
 class Unavailable(HTTPError):
@@ -488,24 +518,35 @@ def _loads(data: bytes, what: str = "request body") -> Any:
 def _gunzip_bounded(data: bytes, limit: int) -> bytes:
     """Decompress gzip ``data`` without ever producing more than ``limit`` bytes.
 
-    Raises PayloadTooLarge past the limit and BadRequest for corrupt input.
+    Raises PayloadTooLarge past the limit and BadRequest for corrupt input or
+    more than MAX_GZIP_MEMBERS members. Linear in ``data``: zlib copies what a
+    call leaves unconsumed, so it gets slices of a view, small at first.
     """
-    out = bytearray()
+    out = io.BytesIO()  # getvalue() hands over its buffer: no second copy
+    view = memoryview(data)
+    pos = size = members = 0
     try:
-        while data:
+        while pos < len(view):  # a concatenated gzip member may follow
+            members += 1
+            if members > MAX_GZIP_MEMBERS:
+                raise BadRequest(f"gzip body has more than {MAX_GZIP_MEMBERS} members")
             d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            chunk = data
-            while chunk:
-                out += d.decompress(chunk, limit + 1 - len(out))
-                if len(out) > limit:
+            step = 64
+            while not d.eof:
+                chunk = view[pos:pos + step]
+                piece = d.decompress(chunk, min(limit + 1 - size, 16 * step))
+                size += len(piece)
+                if size > limit:
                     raise PayloadTooLarge(f"decompressed body exceeds {limit} bytes")
-                chunk = d.unconsumed_tail
-            if not d.eof:
-                raise BadRequest("truncated gzip body")
-            data = d.unused_data  # a concatenated gzip member may follow
+                if not chunk and not piece and not d.eof:
+                    raise BadRequest("truncated gzip body")
+                out.write(piece)
+                # At the end of a member both hold the rest of ``chunk``.
+                pos += len(chunk) - len(d.unused_data if d.eof else d.unconsumed_tail)
+                step = min(2 * step, _GUNZIP_INPUT_STEP)
     except zlib.error as e:
         raise BadRequest(f"invalid gzip body: {e}") from None
-    return bytes(out)
+    return out.getvalue()
 
 
 def _gzip_bytes(data: bytes, level: int = 1) -> bytes:
@@ -2612,6 +2653,7 @@ class Request:
     body: bytes = b""
     params: dict = dataclasses.field(default_factory=dict)
     route: str = ""  # the handler's name once routed: the route label of metrics
+    takes_body: bool = True  # False once routed to a route without a request body
     auth_kind: str = ""
     token: str = ""
 
@@ -2701,7 +2743,7 @@ class Router:
         """
         segments = tuple(pattern.strip("/").split("/"))
         specificity = tuple(0 if s.startswith("{") else 1 for s in segments)
-        self._routes.append((specificity, segments, method, handler, auth))
+        self._routes.append((specificity, segments, method, handler, auth, body is not None))
         self._routes.sort(key=lambda r: r[0], reverse=True)
         self._docs.append((method, pattern, handler, auth, body, query, response,
                            op or handler.__name__, tag))
@@ -2723,15 +2765,15 @@ class Router:
                     "updateAuth": dict(auth_scheme, description="update-token <lease token>")}}}
 
     def match(self, method: str, path: str) -> tuple:
-        """Return ``(handler, auth, params)``; raise NotFound or MethodNotAllowed."""
+        """Return ``(handler, auth, params, takes_body)``; raise NotFound or MethodNotAllowed."""
         parts = tuple(urllib.parse.unquote(p) for p in path.strip("/").split("/"))
         allowed: set = set()
-        for _, segments, route_method, handler, auth in self._routes:
+        for _, segments, route_method, handler, auth, takes_body in self._routes:
             params = _match_segments(segments, parts)
             if params is None:
                 continue
             if route_method == method or (method == "HEAD" and route_method == "GET"):
-                return handler, auth, params
+                return handler, auth, params, takes_body
             allowed.add(route_method)
         if allowed:
             allow = ", ".join(sorted(allowed | ({"HEAD"} if "GET" in allowed else set())))
@@ -2939,7 +2981,7 @@ class App:
         Needs only the request line and headers, so the server refuses unknown
         routes and callers before it reads (and decompresses) any body.
         """
-        handler, auth, req.params = self.router.match(req.method, req.path)
+        handler, auth, req.params, req.takes_body = self.router.match(req.method, req.path)
         req.route = handler.__name__
         self._authenticate(req, auth)
         return handler
@@ -2958,12 +3000,12 @@ class App:
             err = _storage_error(e)
             if err.status == 500:
                 log.exception("storage error on %s %s", req.method, _escape_log(req.path))
-                return Response(500, b"Internal Server Error", "text/plain")
+                return Response(500, _dumps(HTTPError().body()))
             log.warning("storage error on %s %s: %s", req.method, _escape_log(req.path), e)
             return Response(err.status, _dumps(err.body()))
         except Exception:  # noqa: BLE001 - the one place that catches everything
             log.exception("unexpected error on %s %s", req.method, _escape_log(req.path))
-            return Response(500, b"Internal Server Error", "text/plain")
+            return Response(500, _dumps(HTTPError().body()))  # no detail of the exception
 
     def _authenticate(self, req: Request, auth: str) -> None:
         """Check the Authorization header against what the route needs.
@@ -3245,12 +3287,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: "Server"
 
     def setup(self) -> None:
-        self.request.settimeout(self.server.cfg.socket_timeout)
+        cfg = self.server.cfg
+        # A new connection owes its first request line and headers (and its TLS
+        # handshake) within this deadline; a kept-alive one gets its own per request.
+        self._header_seconds = min(cfg.header_timeout, cfg.socket_timeout)
+        self._header_deadline = time.monotonic() + self._header_seconds
+        self.request.settimeout(cfg.socket_timeout)
         # Headers and body go out in two writes; without this, Nagle's algorithm
         # and the client's delayed ACK add ~40 ms to every keep-alive response.
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(self.request, "do_handshake"):  # TLS: in this thread, not in accept()
-            self.server.watch(self.request)
+            self.server.watch(self.request, self._header_deadline)
             try:
                 self.request.do_handshake()
             finally:
@@ -3258,27 +3305,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
 
     def handle(self) -> None:
+        cfg = self.server.cfg
+        idle = min(cfg.keepalive_timeout, cfg.socket_timeout)
         try:
             self.close_connection = True
-            if self._wait_for_request():
+            ready = self._wait_for_request(self._header_deadline)
+            while ready:
                 self._handle_one()
-            while not self.close_connection and self._wait_for_request():
-                self._handle_one()
+                if self.close_connection:
+                    break
+                ready = self._wait_for_request(time.monotonic() + idle)
+                self._header_deadline = time.monotonic() + self._header_seconds
         except (ConnectionError, socket.timeout, OSError) as e:
             log.debug("connection ended: %s", e)
 
     def _handle_one(self) -> None:
-        # The socket timeout bounds each read; this deadline bounds the whole
-        # request, so a client trickling a byte at a time cannot hold a thread.
-        self.server.watch(self.request)
+        # The socket timeout bounds each read; the reaper's deadline bounds the
+        # request line and headers (then the body, see _serve), so a client
+        # trickling a byte at a time cannot hold a thread.
+        self.server.watch(self.request, self._header_deadline)
+        self._continue_pending = False
         try:
             self.handle_one_request()
         finally:
             self.server.unwatch(self.request)
 
-    def _wait_for_request(self) -> bool:
-        """Wait until the client sends a request; False when the server stops or it idles."""
-        deadline = time.monotonic() + self.server.cfg.socket_timeout
+    def handle_expect_100(self) -> bool:
+        """Defer ``100 Continue`` until the route and credentials check out (_read_body)."""
+        self._continue_pending = True
+        return True
+
+    def _wait_for_request(self, deadline: float) -> bool:
+        """Wait until the client sends a request; False when the server stops or at ``deadline``."""
         while not self.server.stopping.is_set():
             if getattr(self.request, "pending", lambda: 0)():
                 return True
@@ -3296,6 +3354,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._serve()
 
     _body_left_unread = False
+    _continue_pending = False  # the client sent Expect: 100-continue
 
     def finish(self) -> None:
         super().finish()
@@ -3306,7 +3365,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Drop what the client still sends, for up to a second, before the socket closes.
 
         Closing with unread input makes the kernel reset the connection, and a
-        client still sending its body would then lose our error response.
+        client still sending its body would then lose our error response. What
+        arrives is thrown away as it comes: nothing is kept or decompressed.
         """
         try:
             self.request.shutdown(socket.SHUT_WR)  # the response is complete: send FIN
@@ -3324,34 +3384,49 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._serve
         raise AttributeError(name)
 
-    def _read_body(self) -> bytes:
-        cfg = self.server.cfg
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self.close_connection = True
+    def _content_length(self) -> int:
+        """The body's length from the headers; raise the 4xx/501 of bad framing."""
+        codings = ",".join(self.headers.get_all("Transfer-Encoding") or ()).strip().lower()
+        if "chunked" in codings:
             raise LengthRequired("chunked request bodies are not supported; send Content-Length")
+        if codings:
+            raise Unimplemented(f"unsupported Transfer-Encoding {codings[:40]!r}")
         lengths = {v.strip() for v in self.headers.get_all("Content-Length") or ()}
         if len(lengths) > 1:
-            self.close_connection = True
             raise BadRequest("conflicting Content-Length headers")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True
-            raise BadRequest("invalid Content-Length") from None
-        if length < 0:
-            self.close_connection = True
+        text = lengths.pop() if lengths else "0"
+        if not (text.isascii() and text.isdigit()):  # int() would take "+9", "0_9", "-0"
             raise BadRequest("invalid Content-Length")
-        if length > cfg.max_body:
-            self.close_connection = True  # the unread body makes the connection unusable
-            raise PayloadTooLarge(f"request body exceeds {cfg.max_body} bytes")
+        return int(text)
+
+    def _read_body(self, takes_body: bool) -> bytes:
+        """Read (and gunzip) the body of a routed, authenticated request.
+
+        A route that takes no body reads at most MAX_IGNORED_BODY bytes and
+        ignores them. An error leaves the rest unread; _serve closes the connection.
+        """
+        cfg = self.server.cfg
         try:
-            body = self.rfile.read(length) if length else b""
+            length = self._content_length()
+        except HTTPError:
+            self._body_left_unread = True  # _serve closes the connection
+            raise
+        if length > (cfg.max_body if takes_body else MAX_IGNORED_BODY):
+            raise PayloadTooLarge(f"request body exceeds {cfg.max_body} bytes" if takes_body
+                                  else "this route takes no request body")
+        if not length:
+            return b""
+        if self._continue_pending:
+            self.send_response_only(100)
+            self.end_headers()
+        try:
+            body = self.rfile.read(length)
         except TimeoutError:
-            self.close_connection = True
             raise RequestTimeout("the request body did not arrive in time") from None
         if len(body) != length:
-            self.close_connection = True
             raise BadRequest("request body shorter than Content-Length")
+        if not takes_body:
+            return b""  # e.g. "{}": never parsed, never decompressed
         encoding = (self.headers.get("Content-Encoding") or "").strip().lower()
         if encoding in ("gzip", "x-gzip"):
             body = _gunzip_bounded(body, cfg.max_decompressed)
@@ -3361,16 +3436,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         started = time.monotonic()
+        # The headers are in: the body gets the socket timeout as its deadline.
+        self.server.watch(self.request, started + self.server.cfg.socket_timeout)
         url = urllib.parse.urlsplit(self.path)
         req = Request(self.command, url.path, urllib.parse.parse_qs(url.query), self.headers)
         try:
-            handler = self.server.app.resolve(req)
-            req.body = self._read_body()
+            handler = self.server.app.resolve(req)  # nothing is read before this passes
+            req.body = self._read_body(req.takes_body)
             self.server.unwatch(self.request)  # the request is in: handling may take long
             resp = self.server.app.dispatch(req, handler)
         except HTTPError as e:
-            if (self.headers.get("Content-Length", "0").strip() not in ("", "0")
-                    or self.headers.get("Transfer-Encoding")):
+            if (self._body_left_unread
+                    or self.headers.get("Content-Length", "0").strip() not in ("", "0")
+                    or self.headers.get("Transfer-Encoding") is not None):
                 self.close_connection = True  # a body may be left unread
                 self._body_left_unread = True
             resp = Response(e.status, _dumps(e.body()), headers=e.headers)
@@ -3432,7 +3510,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def _select_readable(sock: socket.socket, timeout: float) -> bool:
-    return bool(select.select([sock], [], [], timeout)[0])
+    # selectors, not select.select(), which cannot watch descriptors >= 1024.
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -3451,6 +3532,7 @@ class Server(http.server.ThreadingHTTPServer):
         self._idle = threading.Condition(self._active_lock)  # notified as connections end
         self._connections: set = set()  # sockets being served, under _active_lock
         self._deadlines: dict = {}
+        self._tls_refusals = threading.BoundedSemaphore(16)  # 503s being sent over TLS
         self._closed = threading.Event()
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self.address_family = family
@@ -3475,10 +3557,10 @@ class Server(http.server.ThreadingHTTPServer):
         host = f"[{host}]" if ":" in host else host
         return f"{'https' if self.cfg.tls_cert else 'http'}://{host}:{port}"
 
-    def watch(self, sock: socket.socket) -> None:
-        """Start the clock on a request being read from ``sock``."""
+    def watch(self, sock: socket.socket, deadline: float) -> None:
+        """Disconnect ``sock`` at ``deadline`` (time.monotonic()) unless unwatched before."""
         with self._active_lock:
-            self._deadlines[sock] = time.monotonic() + self.cfg.socket_timeout
+            self._deadlines[sock] = deadline
 
     def unwatch(self, sock: socket.socket) -> None:
         with self._active_lock:
@@ -3486,7 +3568,7 @@ class Server(http.server.ThreadingHTTPServer):
 
     def _reap_slow_requests(self) -> None:
         """Disconnect clients whose request has not fully arrived by its deadline."""
-        while not self._closed.wait(1.0):
+        while not self._closed.wait(0.25):
             t = time.monotonic()
             with self._active_lock:
                 late = [s for s, deadline in self._deadlines.items() if deadline < t]
@@ -3541,6 +3623,17 @@ class Server(http.server.ThreadingHTTPServer):
                 self._idle.notify_all()
 
     def _refuse(self, request) -> None:
+        log.warning("refused a connection: %d already open", self.cfg.max_connections)
+        if not hasattr(request, "do_handshake"):
+            self._send_503(request)
+        elif self._tls_refusals.acquire(blocking=False):
+            # A TLS handshake waits for the client: never in the accept loop.
+            threading.Thread(target=self._send_503, args=(request, self._tls_refusals),
+                             name="refuse", daemon=True).start()
+        else:
+            self.shutdown_request(request)  # too many refusals under way already
+
+    def _send_503(self, request, slot: Optional[threading.Semaphore] = None) -> None:
         body = _dumps({"code": 503, "message": "Service Unavailable: too many connections"})
         try:
             request.settimeout(1)
@@ -3551,8 +3644,10 @@ class Server(http.server.ThreadingHTTPServer):
                             + str(len(body)).encode() + b"\r\n\r\n" + body)
         except OSError:
             pass
-        self.shutdown_request(request)
-        log.warning("refused a connection: %d already open", self.cfg.max_connections)
+        finally:
+            self.shutdown_request(request)
+            if slot is not None:
+                slot.release()
 
     def handle_error(self, request, client_address) -> None:
         if isinstance(sys.exc_info()[1], OSError):  # e.g. a failed TLS handshake

@@ -1044,8 +1044,9 @@ def test_router_literal_segments_win_and_head_falls_back():
     router.add("GET", "/a/updates/latest", h2, auth="none")
     router.add("POST", "/a/{x}/{y}", h1)
     assert router.match("GET", "/a/updates/latest")[:2] == (h2, "none")
-    handler, auth, params = router.match("HEAD", "/a/x%20y/z")
+    handler, auth, params, takes_body = router.match("HEAD", "/a/x%20y/z")
     assert handler is h1 and auth == "token" and params == {"x": "x y", "y": "z"}
+    assert not takes_body  # added without a body schema
     with pytest.raises(pb.MethodNotAllowed) as e:
         router.match("DELETE", "/a/q/w")
     assert e.value.headers["Allow"] == "GET, HEAD, POST"
