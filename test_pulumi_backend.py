@@ -19,6 +19,8 @@ Sections:
   9.   Handlers: identity, stacks, state, secrets, updates
  10.   Server lifecycle, durability and main()
  10b.  Reliability: hostile input, storage faults, limits, concurrency
+ 10c.  Operations: health, metrics, logs, backups, shutdown
+ 10d.  Hardening: HTTP framing, bodies and connections
  11.   Module hygiene
 """
 
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import urllib.request
 from pathlib import Path
 
@@ -4210,6 +4213,307 @@ def test_readme_documents_every_flag():
             assert "PULUMI_BACKEND_" + action.dest.upper() in readme, action.dest
     for command in ("backup", "restore", "rotate-master-key"):
         assert f"pulumi_backend.py {command}" in readme
+
+
+# ==== 10d. Hardening: HTTP framing, bodies and connections ====================
+
+def vm_hwm_mb(pid):
+    """Peak resident memory (VmHWM) of process ``pid``, in MB (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def send_body(addr, head, body):
+    """Send ``head`` then ``body`` on a new connection; return the response's status line.
+
+    The server may answer and close before the body is all sent: b"" if it did so
+    without an answer this client could read.
+    """
+    with socket.create_connection(addr, timeout=30) as sock:
+        try:
+            sock.sendall(head)
+            sock.sendall(body)
+        except OSError:
+            pass
+        try:
+            return sock.recv(65536).split(b"\r\n", 1)[0]
+        except OSError:
+            return b""
+
+
+def head_of(method, path, length, headers=(), token="token t"):
+    """The request line and headers of ``wire``, announcing a body of ``length`` bytes."""
+    return wire(method, path, length=False, token=token,
+                headers=[("Content-Length", length), *headers])
+
+
+# -- bodies: nothing read before the route and the caller are known -------------
+
+_TOKEN_FREE = ["/healthz", "/readyz", "/metrics", "/api/capabilities", "/api/openapi",
+               "/api/openapi/pulumi-spec.json"]
+
+
+def test_routes_without_a_body_refuse_one_before_reading_it(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    bomb = gzip.compress(b"\0" * (20 * 1024 * 1024), 9)
+    for method, target, token in ([("GET", p, "") for p in _TOKEN_FREE]
+                                  + [("GET", path, "token t"), ("DELETE", path, "token t"),
+                                     ("POST", update.url + "/cancel", "token t")]):
+        result = exchange(srv, wire(method, target, bomb, token=token,
+                                    headers=[("Content-Encoding", "gzip")]))
+        assert_json_4xx(result, f"{method} {target}")
+        status, headers, _ = result
+        assert status == 413 and headers["Connection"] == "close", (target, status)
+    assert srv.stack(path)["activeUpdate"] == update.id  # neither deleted nor cancelled
+    # What a client may send to such a route (the CLI sends nothing) still works.
+    assert srv.request("GET", "/healthz", b"{}")[0] == 200
+    assert srv.request("POST", update.url + "/cancel", b"{}")[0] == 200
+    assert srv.request("DELETE", path, b"")[0] == 200
+
+
+def test_bodies_sent_to_token_free_routes_cost_no_memory(tmp_path):
+    """Issue 12: a gzip body inflating to 200 MiB sent to /healthz took the process to
+    436 MB, three plain 100 MiB bodies at once to 321 MB."""
+    proc, url = serve_subprocess(tmp_path, "--auth-token", "a-long-enough-test-token")
+    addr = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
+            assert resp.status == 200
+        base = vm_hwm_mb(proc.pid)
+        bomb = gzip.compress(b"\0" * (200 << 20), 9)
+        status = send_body(addr, head_of("GET", "/healthz", len(bomb),
+                                         [("Content-Encoding", "gzip")], token=""), bomb)
+        assert status.startswith(b"HTTP/1.1 413"), status
+        gzip_growth = vm_hwm_mb(proc.pid) - base
+        plain = memoryview(bytes(100 << 20))
+        head = head_of("GET", "/healthz", len(plain), token="")
+        senders = [threading.Thread(target=send_body, args=(addr, head, plain))
+                   for _ in range(3)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(60)
+        peak = vm_hwm_mb(proc.pid)
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        assert stop_subprocess(proc) == 0
+    print(f"\nserver peak RSS: {base:.0f} MB at rest, +{gzip_growth:.1f} MB for a gzip body "
+          f"of 200 MiB to /healthz, {peak:.0f} MB under 3 plain 100 MiB bodies")
+    assert gzip_growth < 50
+    assert peak < 100
+
+
+# -- gzip: linear in the input, bounded by the limit --------------------------------
+
+def test_gunzip_bounded_keeps_one_copy_and_caps_members():
+    data = b"\0" * (16 << 20)
+    packed = gzip.compress(data, 1)
+    tracemalloc.start()
+    try:
+        out = pb._gunzip_bounded(packed, 20 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out == data
+    assert peak < len(data) * 1.25 + (2 << 20), peak  # not the output twice over
+    empty = gzip.compress(b"")
+    assert pb._gunzip_bounded(empty * pb.MAX_GZIP_MEMBERS, 10) == b""
+    with pytest.raises(pb.BadRequest, match="members"):
+        pb._gunzip_bounded(empty * (pb.MAX_GZIP_MEMBERS + 1), 10)
+
+
+def test_small_gzip_members_past_the_limit_are_refused_with_little_cpu(start):
+    """Issue 12: each member copied the rest of the body (1 MiB of members: 0.8 s)."""
+    srv = start(max_decompressed=100 * 1024 * 1024)
+    path = srv.create_stack()
+    body = gzip.compress(b" " * 1024) * (100 * 1024 + 1)  # inflates to 100 MiB + 1 KiB
+    cpu = time.process_time()
+    status, _, out = srv.request("PATCH", path + "/tags", body,
+                                 headers={"Content-Encoding": "gzip"})
+    cpu = time.process_time() - cpu
+    assert status in (400, 413) and out["code"] == status
+    assert cpu < 0.5, cpu
+    assert srv.stack(path)["tags"] == {}
+
+
+def test_a_body_of_empty_gzip_members_is_answered_at_once(srv):
+    path = srv.create_stack()
+    empty = gzip.compress(b"")
+    body = empty * (1024 * 1024 // len(empty))  # 1 MiB
+    cpu = time.process_time()
+    status, _, out = srv.request("PATCH", path + "/tags", body,
+                                 headers={"Content-Encoding": "gzip"})
+    cpu = time.process_time() - cpu
+    assert status == 400 and "members" in out["message"]
+    assert cpu < 0.05, cpu
+
+
+# -- connections: no slot held by a silent or half-sent request ----------------------
+
+def test_half_sent_request_lines_cannot_starve_the_connection_slots(start):
+    """Issue 12: five half request lines kept a 4-connection server from anyone for 15 s."""
+    srv = start(max_connections=4, socket_timeout=10.0, header_timeout=1.0)
+    slow = [socket.create_connection((srv.host, srv.port), timeout=15) for _ in range(5)]
+    try:
+        for sock in slow:
+            sock.sendall(b"GET /api/user HT")
+        t0 = time.monotonic()
+        while srv.request("GET", "/api/user")[0] != 200:
+            assert time.monotonic() - t0 < 15, "no slot came free"
+            time.sleep(0.1)
+        served = time.monotonic() - t0
+        for sock in slow:  # each was answered (400 or 503) or closed
+            assert sock.recv(65536)[:12] in (b"", b"HTTP/1.1 400", b"HTTP/1.1 503")
+    finally:
+        for sock in slow:
+            sock.close()
+    assert served < 4, served  # the 1 s header deadline, not the 10 s socket timeout
+
+
+def test_idle_keepalive_connection_closes_at_its_own_timeout(start):
+    srv = start(socket_timeout=10.0, keepalive_timeout=1.0)
+    conn = srv.connection()
+    try:
+        assert srv.request("GET", "/api/user", conn=conn)[0] == 200
+        t0 = time.monotonic()
+        conn.sock.settimeout(15)
+        assert conn.sock.recv(1) == b""  # the server closed the idle connection
+        idle = time.monotonic() - t0
+    finally:
+        conn.close()
+    assert 0.5 < idle < 3, idle
+
+
+def self_signed_cert(directory):
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    proc = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
+         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return cert, key
+
+
+def test_tls_refusals_wait_for_no_handshake_in_the_accept_loop(start, tmp_path):
+    """Issue 12: a client waited 4 s for its 503 behind silent TLS clients."""
+    import ssl
+    cert, key = self_signed_cert(tmp_path)
+    srv = start(max_connections=1, tls_cert=str(cert), tls_key=str(key),
+                socket_timeout=10.0, header_timeout=5.0)
+    silent = [socket.create_connection((srv.host, srv.port), timeout=10) for _ in range(4)]
+    try:
+        time.sleep(0.2)  # the first holds the one slot; the others are being refused
+        t0 = time.monotonic()
+        conn = http.client.HTTPSConnection(
+            srv.host, srv.port, timeout=10, context=ssl.create_default_context(cafile=str(cert)))
+        try:
+            conn.request("GET", "/api/user", headers={"Authorization": "token t"})
+            resp = conn.getresponse()
+            out = json.loads(resp.read())
+        finally:
+            conn.close()
+        waited = time.monotonic() - t0
+    finally:
+        for sock in silent:
+            sock.close()
+    assert resp.status == 503 and out["code"] == 503
+    assert waited < 1, waited  # not a second per silent client before it
+
+
+def test_connections_on_descriptors_past_1023_are_served(srv):
+    """select() cannot watch a descriptor >= 1024: such connections were closed unanswered."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    fds = []
+    try:
+        while len(fds) < 1100:
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+        conn = srv.connection()
+        try:
+            assert srv.request("GET", "/api/user", conn=conn)[0] == 200
+            assert conn.sock.fileno() > 1024
+            assert srv.request("GET", "/api/user", conn=conn)[0] == 200  # kept alive
+        finally:
+            conn.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# -- framing ---------------------------------------------------------------------
+
+_TAGS_BODY = b'{"a":"b"}'
+
+
+@pytest.mark.parametrize("length, body, status", [
+    ("+9", _TAGS_BODY, 400), ("0_9", _TAGS_BODY, 400), ("-0", b"", 400),
+    ("9, 9", _TAGS_BODY, 400), ("0x9", _TAGS_BODY, 400), ("\u00b9", b"x", 400),
+    ("9" * 5000, _TAGS_BODY, 413)])
+def test_content_length_is_digits_only(srv, length, body, status):
+    path = srv.create_stack()
+    result = exchange(srv, head_of("PATCH", path + "/tags", length) + body)
+    assert_json_4xx(result, length[:20])
+    assert result[0] == status and result[1]["Connection"] == "close"
+    assert srv.stack(path)["tags"] == {}
+    # Whitespace around the digits is allowed (RFC 9110).
+    assert exchange(srv, head_of("PATCH", path + "/tags", " 9 ") + _TAGS_BODY)[0] == 200
+
+
+@pytest.mark.parametrize("coding", ["gzip", "identity", "br, gzip"])
+def test_unknown_transfer_coding_is_501(srv, coding):
+    path = srv.create_stack()
+    result = exchange(srv, wire("PATCH", path + "/tags", _TAGS_BODY,
+                                headers=[("Transfer-Encoding", coding)]))
+    assert result is not None, coding
+    status, headers, out = result
+    assert status == 501 and out["code"] == 501 and headers["Connection"] == "close"
+    assert srv.stack(path)["tags"] == {}
+
+
+def test_100_continue_only_after_the_route_and_token_pass(start):
+    srv = start(auth_tokens=("t",))
+    path = srv.create_stack()
+    expect = [("Expect", "100-continue")]
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        sock.sendall(head_of("PATCH", path + "/tags", 9, expect, token="token wrong"))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401")
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        sock.sendall(head_of("PATCH", "/api/no/such/route", 9, expect))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404")
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        sock.sendall(head_of("PATCH", path + "/tags", 9, expect))
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            interim += sock.recv(1)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(_TAGS_BODY)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 200, resp.read()
+    assert srv.stack(path)["tags"] == {"a": "b"}
+
+
+# -- errors ----------------------------------------------------------------------
+
+def test_500_is_json_without_detail(srv, monkeypatch):
+    for exc in (RuntimeError("sensitive internal detail"),
+                sqlite3.DatabaseError("sensitive storage detail")):
+        def boom(query, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(srv.app.engine, "list_stacks", boom)
+        status, headers, out = srv.request("GET", "/api/user/stacks")
+        assert status == 500 and headers["Content-Type"] == "application/json"
+        assert out == {"code": 500, "message": "Internal Server Error"}
 
 
 # ==== 11. Module hygiene =======================================================
