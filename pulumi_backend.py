@@ -39,7 +39,9 @@ Sections:
   7. Crypto (OpenSSL binding, pure-Python fallback, key management)
   8. Request, response and router
   9. Handlers, by API area
- 10. Server lifecycle and main()
+ 10. Backups and replication (scheduled backups, Litestream)
+ 11. Import from DIY backends
+ 12. Server lifecycle and main()
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ __all__ = [
     "Engine", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
     "Request", "Response", "Router", "App",
-    "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
+    "Server", "build_app", "serve", "backup_database", "BackupScheduler", "restore_database", "rotate_master_key",
     "main",
 ]
 
@@ -148,6 +150,10 @@ KNOWN_FEATURES = frozenset({
     "refreshBeforeUpdate", "views", "hooks", "taint", "replaceWith",
     "snippets-prototype", "extensionParameterization", "byteString",
 })
+#: Seconds between scheduled backups (--backup-interval).
+DEFAULT_BACKUP_INTERVAL = 3600.0
+#: Scheduled backups kept; older ones are removed (--backup-keep).
+DEFAULT_BACKUP_KEEP = 24
 #: Message the Automation API matches to detect concurrent updates.
 MSG_UPDATE_CONFLICT = "Conflict: Another update is currently in progress."
 #: Message the CLI matches to suggest --force on stack rm.
@@ -193,6 +199,9 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     public_url: str = ""
+    backup_dir: str = ""
+    backup_interval: float = DEFAULT_BACKUP_INTERVAL
+    backup_keep: int = DEFAULT_BACKUP_KEEP
 
     def key_file(self) -> str:
         """Return the master key path: the flag, or ``<db>.key`` beside the database."""
@@ -258,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "tls-cert", "PEM certificate: serve https")
     _flag(p, "tls-key", "PEM private key for --tls-cert")
     _flag(p, "public-url", "URL users log in with, if not http(s)://HOST:PORT")
+    _flag(p, "backup-dir", "take scheduled backups into this folder (default: none)")
+    _flag(p, "backup-interval", "time between scheduled backups: 30s, 15m, 1h, 1d "
+          "(default 1h)")
+    _flag(p, "backup-keep", f"scheduled backups kept (default {DEFAULT_BACKUP_KEEP})", type=int)
     return p
 
 
@@ -268,6 +281,18 @@ def _parse_bool(name: str, value: str) -> bool:
     if low in ("0", "false", "off", "no"):
         return False
     raise ValueError(f"--{name} expects on or off, got {value!r}")
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(name: str, value: str) -> float:
+    """Return seconds from ``90``, ``30s``, ``15m``, ``1h`` or ``1d``; ValueError otherwise."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(value).lower())
+    if not m:
+        raise ValueError(f"--{name} expects a duration such as 30s, 15m, 1h or 1d, "
+                         f"got {value!r}")
+    return float(m[1]) * _DURATION_UNITS.get(m[2] or "s", 1)
 
 
 def parse_config(argv: list, environ: dict) -> tuple:
@@ -310,6 +335,8 @@ def parse_config(argv: list, environ: dict) -> tuple:
     for key, value in values.items():
         if key in ("allow_any_token", "journaling"):
             value = _parse_bool(key.replace("_", "-"), str(value))
+        if key == "backup_interval":
+            value = _parse_duration("backup-interval", value)
         kw[key] = value
     if environ.get("PULUMI_BACKEND_MASTER_KEY"):
         try:
@@ -340,6 +367,10 @@ def _validate_config(cfg: Config) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if not cfg.socket_timeout > 0:
         raise ValueError("--socket-timeout must be more than 0 seconds")
+    if not cfg.backup_interval >= 1:
+        raise ValueError("--backup-interval must be at least 1 second")
+    if cfg.backup_keep < 1:
+        raise ValueError("--backup-keep must be at least 1")
     if not cfg.shutdown_timeout >= 0:
         raise ValueError("--shutdown-timeout must be 0 seconds or more")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -580,6 +611,10 @@ _METRICS = {
     "pulumi_backend_journal_entries_total": ("counter", "Journal entries committed."),
     "pulumi_backend_checkpoints_total": ("counter", "Checkpoints committed, by upload form."),
     "pulumi_backend_updates_total": ("counter", "Updates ended, by kind and status."),
+    "pulumi_backend_last_backup_success_timestamp_seconds": (
+        "gauge", "Unix time of the newest scheduled backup (only with --backup-dir)."),
+    "pulumi_backend_backup_failures_total": (
+        "counter", "Scheduled backups that failed (only with --backup-dir)."),
 }
 
 
@@ -603,6 +638,11 @@ class Metrics:
         with self._lock:
             series = self._counters.setdefault(name, {})
             series[key] = series.get(key, 0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        """Set a gauge kept here (rather than passed in at render time)."""
+        with self._lock:
+            self._counters.setdefault(name, {})[tuple(sorted(labels.items()))] = value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
@@ -3234,7 +3274,153 @@ def _batch(body: dict, key: str) -> list:
     return items
 
 
-# ==== 10. Server lifecycle and main() =======================================
+# ==== 10. Backups and replication ===========================================
+
+def _open_read_only(path: str) -> sqlite3.Connection:
+    """Open an existing database without writing to it; ValueError if there is none."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no database at {path}")
+    conn = sqlite3.connect("file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro",
+                           uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _snapshot(db: str, out: str) -> int:
+    """Copy ``db`` to the new file ``out`` (0600, checked); return its stack count.
+
+    Raises ValueError naming the files. Why one backup step (``pages=-1``):
+    in WAL mode the step is a single read transaction, and readers never block
+    writers (they append to the WAL beside it); only checkpoints cannot pass
+    the snapshot until it ends. Copying in several steps would let every commit
+    in between restart the copy from the first page, so under steady writes it
+    might never finish. The copy is written beside ``out`` and linked into
+    place, so ``out`` is never half written; an existing ``out`` is never
+    replaced (with the two paths mixed up, that would be the live database).
+    """
+    if os.path.lexists(out):
+        raise ValueError(f"{out} exists; backups never overwrite a file, give a new name")
+    src = _open_read_only(db)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        dst = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            src.backup(dst, pages=-1)
+            dst.execute("PRAGMA journal_mode = DELETE")  # one file, no -wal beside it
+            check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+            stacks = dst.execute("SELECT count(*) FROM stacks").fetchone()[0]
+        finally:
+            dst.close()
+        if check != "ok":
+            raise ValueError(f"the copy failed its integrity check: {check}")
+        _fsync_path(tmp)
+        os.link(tmp, out)  # unlike rename, fails if out appeared meanwhile
+        _fsync_path(os.path.dirname(os.path.abspath(out)))
+    except (sqlite3.Error, OSError) as e:
+        raise ValueError(f"backup of {db} to {out} failed: {e}") from None
+    finally:
+        src.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return stacks
+
+
+class BackupScheduler:
+    """Takes a ``_snapshot`` into ``cfg.backup_dir`` every ``cfg.backup_interval`` seconds.
+
+    Files are named by UTC time (``pulumi-backend-20260101T120000Z.db``), so
+    sorting names sorts them by age; beyond ``cfg.backup_keep`` the oldest are
+    removed. A failure is logged and counted in ``metrics`` and the next backup
+    is tried on schedule: requests never see it. The first backup is due one
+    interval after the newest one already in the folder (at once if none).
+    """
+
+    PREFIX = "pulumi-backend-"
+    _NAME_RE = re.compile(r"pulumi-backend-([0-9]{8}T[0-9]{6}Z)\.db\Z")
+
+    def __init__(self, cfg: Config, metrics: Metrics):
+        self.cfg, self.metrics = cfg, metrics
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Create the folder (0700) if needed and start the background thread."""
+        try:
+            os.makedirs(self.cfg.backup_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create --backup-dir {self.cfg.backup_dir}: "
+                             f"{e.strerror}") from None
+        self.metrics.inc("pulumi_backend_backup_failures_total", 0)
+        newest = self._newest_time()
+        if newest is not None:
+            self.metrics.set("pulumi_backend_last_backup_success_timestamp_seconds", newest)
+        self._thread = threading.Thread(target=self._run, name="backups", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread; a backup under way is finished first (it is one step)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        newest = self._newest_time()
+        delay = 0.0 if newest is None else newest + self.cfg.backup_interval - time.time()
+        while not self._stop.wait(max(0.0, delay)):
+            self.backup_now()
+            delay = self.cfg.backup_interval
+
+    def backup_now(self) -> Optional[str]:
+        """Take one backup and prune old ones; return its path, or None if it failed."""
+        t = time.time()
+        name = self.PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t)) + ".db"
+        out = os.path.join(self.cfg.backup_dir, name)
+        try:
+            stacks = _snapshot(self.cfg.db, out)
+        except ValueError as e:
+            log.error("scheduled backup failed: %s", e)
+            self.metrics.inc("pulumi_backend_backup_failures_total")
+            return None
+        self.metrics.set("pulumi_backend_last_backup_success_timestamp_seconds", int(t))
+        log.info("backed up %d stacks to %s in %.1f s", stacks, out, time.time() - t)
+        self._prune()
+        return out
+
+    def backups(self) -> list:
+        """Return the names of the scheduled backups in the folder, oldest first."""
+        try:
+            names = os.listdir(self.cfg.backup_dir)
+        except OSError:
+            return []
+        return sorted(n for n in names if self._NAME_RE.match(n))
+
+    def _newest_time(self) -> Optional[int]:
+        names = self.backups()
+        if not names:
+            return None
+        stamp = self._NAME_RE.match(names[-1])[1]
+        return int(datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp())
+
+    def _prune(self) -> None:
+        names = self.backups()
+        for name in names[:max(0, len(names) - self.cfg.backup_keep)]:
+            try:
+                os.remove(os.path.join(self.cfg.backup_dir, name))
+            except OSError as e:
+                log.warning("cannot remove old backup %s: %s", name, e.strerror)
+
+
+# ==== 12. Server lifecycle and main() =======================================
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive; every request goes through ``App.dispatch``."""
@@ -3622,62 +3808,14 @@ def _database_lock(path: str):
         os.close(fd)
 
 
-def _open_read_only(path: str) -> sqlite3.Connection:
-    """Open an existing database without writing to it; ValueError if there is none."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no database at {path}")
-    conn = sqlite3.connect("file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro",
-                           uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    return conn
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def backup_database(cfg: Config, out: Optional[str]) -> int:
     """Copy ``cfg.db`` to the new file ``out``: one consistent, self-contained file.
 
-    Works while the server runs. SQLite's backup API copies in one step under
-    a single read transaction, so the copy is a snapshot: a write committing
-    meanwhile is wholly in or out. The copy is written beside ``out`` (mode
-    0600: it holds the stacks' wrapped keys and state), checked, and linked
-    into place, so ``out`` is never half written. An existing ``out`` is never
-    replaced: with the two paths mixed up, that would be the live database.
-    Returns an exit code.
+    Works while the server runs; see ``_snapshot``. Returns an exit code.
     """
     if not out:
         raise ValueError("backup needs the file to write: backup --db DB OUT")
-    if os.path.lexists(out):
-        raise ValueError(f"{out} exists; backups never overwrite a file, give a new name")
-    src = _open_read_only(cfg.db)
-    tmp = f"{out}.tmp{os.getpid()}"
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        dst = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            src.backup(dst)
-            dst.execute("PRAGMA journal_mode = DELETE")  # one file, no -wal beside it
-            check = dst.execute("PRAGMA integrity_check").fetchone()[0]
-            stacks = dst.execute("SELECT count(*) FROM stacks").fetchone()[0]
-        finally:
-            dst.close()
-        if check != "ok":
-            raise ValueError(f"the copy failed its integrity check: {check}")
-        _fsync_path(tmp)
-        os.link(tmp, out)  # unlike rename, fails if out appeared meanwhile
-        _fsync_path(os.path.dirname(os.path.abspath(out)))
-    except (sqlite3.Error, OSError) as e:
-        raise ValueError(f"backup of {cfg.db} to {out} failed: {e}") from None
-    finally:
-        src.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    stacks = _snapshot(cfg.db, out)
     print(f"backed up {stacks} stacks to {out} ({os.path.getsize(out)} bytes). The master key "
           f"is not in it: keep a copy of {cfg.key_file()} (or PULUMI_BACKEND_MASTER_KEY).")
     return 0
@@ -3803,10 +3941,15 @@ def serve(cfg: Config, environ: dict) -> int:
     signal.signal(signal.SIGINT, on_signal)
     _one_malloc_arena()
     log.info("secrets: AES-256-GCM via %s", app.engine.keys.crypto.name)
-    print(f"pulumi-backend listening on {server.url}", flush=True)
+    backups = BackupScheduler(cfg, app.engine.metrics) if cfg.backup_dir else None
     try:
+        if backups is not None:
+            backups.start()
+        print(f"pulumi-backend listening on {server.url}", flush=True)
         server.serve_forever(poll_interval=0.25)
     finally:
+        if backups is not None:
+            backups.stop()
         server.server_close()  # waits (bounded) for in-flight requests
         store.close()
         log.info("stopped")

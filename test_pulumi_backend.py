@@ -4211,6 +4211,154 @@ def test_readme_documents_every_flag():
         assert f"pulumi_backend.py {command}" in readme
 
 
+# ==== 10d. Backups and replication: scheduled backups ===========================
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("30s", 30), ("15m", 900), ("1h", 3600),
+                                           ("1d", 86400), ("1.5h", 5400), (" 2M ", 120)])
+def test_parse_duration(text, seconds):
+    assert pb._parse_duration("backup-interval", text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "1w", "-1h", "1h30m", "soon"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError, match="--backup-interval expects a duration"):
+        pb._parse_duration("backup-interval", text)
+
+
+def test_backup_flags_and_environment(tmp_path):
+    _, cfg, _ = pb.parse_config(["--backup-dir", str(tmp_path), "--backup-interval", "15m"],
+                                {"PULUMI_BACKEND_BACKUP_KEEP": "3",
+                                 "PULUMI_BACKEND_BACKUP_INTERVAL": "1d"})
+    assert (cfg.backup_dir, cfg.backup_interval, cfg.backup_keep) == (str(tmp_path), 900, 3)
+    _, cfg, _ = pb.parse_config([], {"PULUMI_BACKEND_BACKUP_INTERVAL": "1d"})
+    assert cfg.backup_interval == 86400 and cfg.backup_dir == ""
+    for argv, message in ((["--backup-interval", "0s"], "at least 1 second"),
+                          (["--backup-keep", "0"], "at least 1"),
+                          (["--backup-interval", "daily"], "expects a duration")):
+        with pytest.raises(ValueError, match=message):
+            pb.parse_config(argv, {})
+
+
+def _scheduler(srv, tmp_path, **overrides):
+    cfg = dataclasses.replace(srv.cfg, backup_dir=str(tmp_path / "backups"), **overrides)
+    return pb.BackupScheduler(cfg, srv.app.engine.metrics)
+
+
+def test_scheduled_backup_is_checked_private_and_old_ones_pruned(srv, tmp_path):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([stack_res(), res("x")]))
+    backups = _scheduler(srv, tmp_path, backup_keep=2)
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    for stamp in ("20250101T000000Z", "20250102T000000Z"):  # as if from earlier days
+        (folder / f"pulumi-backend-{stamp}.db").write_bytes(b"old")
+    (folder / "notes.txt").write_text("not ours")
+    before = time.time()
+    out = backups.backup_now()
+    assert out is not None and Path(out).parent == folder
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    with sqlite3.connect(out) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT count(*) FROM stacks").fetchone()[0] == 1
+    # Named by UTC time; the oldest beyond --backup-keep are gone, other files stay.
+    assert backups.backups() == ["pulumi-backend-20250102T000000Z.db", Path(out).name]
+    assert (folder / "notes.txt").exists()
+    stamp = pb.BackupScheduler._NAME_RE.match(Path(out).name)[1]
+    assert stamp == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(before))) or \
+        stamp == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(before) + 1))
+    samples = scrape(srv)
+    assert int(before) <= sample(
+        samples, "pulumi_backend_last_backup_success_timestamp_seconds") <= time.time()
+
+
+def test_scheduled_backup_failure_is_logged_counted_and_harmless(srv, tmp_path, caplog):
+    path = srv.create_stack()
+    backups = _scheduler(srv, tmp_path)
+    backups.start()  # creates the folder and takes the first backup at once
+    try:
+        wait_for_files = time.monotonic() + 30
+        while not backups.backups():
+            assert time.monotonic() < wait_for_files
+            time.sleep(0.02)
+    finally:
+        backups.stop()
+    assert sample(scrape(srv), "pulumi_backend_backup_failures_total") == 0
+    folder = tmp_path / "backups"
+    for name in os.listdir(folder):
+        os.remove(folder / name)
+    folder.rmdir()
+    folder.write_text("a file where the folder was")  # every write into it now fails
+    with caplog.at_level("ERROR", logger="pulumi_backend"):
+        assert backups.backup_now() is None
+    assert "scheduled backup failed" in caplog.text
+    samples = scrape(srv)
+    assert sample(samples, "pulumi_backend_backup_failures_total") == 1
+    assert sample(samples, "pulumi_backend_last_backup_success_timestamp_seconds") > 0
+    srv.import_state(path, untyped([stack_res()]))  # requests go on
+    assert srv.request("GET", "/readyz", token=None)[0] == 200
+
+
+def test_no_backup_metrics_without_backup_dir(srv):
+    names = {name for name, _ in scrape(srv)}
+    assert "pulumi_backend_backup_failures_total" not in names
+    assert "pulumi_backend_last_backup_success_timestamp_seconds" not in names
+
+
+def test_scheduler_runs_on_its_interval_and_stops_promptly(srv, tmp_path):
+    srv.create_stack()
+    backups = _scheduler(srv, tmp_path, backup_interval=1, backup_keep=2)
+    backups.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(backups.backups()) < 2:  # the first at once, the second a second later
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        t = time.monotonic()
+        backups.stop()
+    assert time.monotonic() - t < 5 and not backups._thread.is_alive()
+    # A restart does not take another at once: the newest is less than an interval old.
+    count = len(backups.backups())
+    again = _scheduler(srv, tmp_path, backup_interval=3600)
+    again.start()
+    again.stop()
+    assert len(again.backups()) == count
+
+
+def test_writes_commit_while_a_backup_copies(srv, cfg, tmp_path):
+    """The backup's single step is one read transaction: WAL lets writers commit meanwhile."""
+    big, small = srv.create_stack(stack="big"), srv.create_stack(stack="small")
+    # ~8 MB of incompressible state, so one copy step takes a while.
+    srv.import_state(big, untyped([stack_res("big")] + [
+        res(f"r{i}", stack="big", outputs={"blob": secrets.token_hex(2048)})
+        for i in range(1000)]))
+    commits, stop = [], threading.Event()
+
+    def write():
+        while not stop.is_set():
+            srv.import_state(small, untyped([stack_res("small"), res(f"r{len(commits)}",
+                                                                     stack="small")]))
+            commits.append(time.monotonic())
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        overlapped, runs = 0, []
+        for i in range(5):
+            t0 = time.monotonic()
+            pb._snapshot(cfg.db, str(tmp_path / f"b{i}.db"))
+            t1 = time.monotonic()
+            runs.append(t1 - t0)
+            overlapped += sum(t0 < c < t1 for c in commits)
+            if overlapped:
+                break
+    finally:
+        stop.set()
+        writer.join()
+    print(f"backup of {os.path.getsize(tmp_path / 'b0.db') / 1e6:.1f} MB: "
+          f"{min(runs) * 1000:.0f} ms; {overlapped} writes committed during it")
+    assert overlapped > 0
+
+
 # ==== 11. Module hygiene =======================================================
 
 def _module_tree():
