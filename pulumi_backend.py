@@ -11,6 +11,7 @@ Run::
     python pulumi_backend.py --help                   # every flag
     python pulumi_backend.py backup --db state.db OUT # online, consistent copy
     python pulumi_backend.py restore --db state.db IN # with the server stopped
+    python pulumi_backend.py import-diy --db state.db file:///path/to/diy  # stacks + history
     python pulumi_backend.py rotate-master-key --db state.db --new-key-file NEW
 
 Besides the Pulumi Cloud API it serves ``/healthz``, ``/readyz`` and
@@ -92,7 +93,7 @@ __all__ = [
     "Engine", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
     "Request", "Response", "Router", "App",
-    "Server", "build_app", "serve", "backup_database", "BackupScheduler", "restore_database", "rotate_master_key",
+    "Server", "build_app", "serve", "backup_database", "BackupScheduler", "import_diy", "restore_database", "rotate_master_key",
     "main",
 ]
 
@@ -227,10 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pulumi_backend.py",
         description="Self-hosted Pulumi Cloud state backend. `pulumi login http://HOST:PORT`.")
     p.add_argument("command", nargs="?", default="serve",
-                   choices=("serve", "backup", "restore", "rotate-master-key"),
-                   help="serve (default); backup OUT (online copy of --db); restore BACKUP "
+                   choices=("serve", "backup", "restore", "rotate-master-key", "import-diy"),
+                   help="serve (default); backup OUT (online copy of --db); import-diy SOURCE "
+                        "(a DIY backend's stacks with their history, into --db); restore BACKUP "
                         "(into --db, server stopped); rotate-master-key")
-    p.add_argument("file", nargs="?", help="backup: the file to write; restore: the backup to read")
+    p.add_argument("file", nargs="?", help="backup: the file to write; restore: the backup to "
+                   "read; import-diy: the DIY backend folder or file:// URL")
     p.add_argument("--version", action="version", version=f"pulumi-backend {__version__}")
     _flag(p, "db", f"SQLite database path (default {DEFAULT_DB})")
     _flag(p, "host", f"address to bind (default {DEFAULT_HOST})")
@@ -271,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "backup-interval", "time between scheduled backups: 30s, 15m, 1h, 1d "
           "(default 1h)")
     _flag(p, "backup-keep", f"scheduled backups kept (default {DEFAULT_BACKUP_KEEP})", type=int)
+    _flag(p, "dry-run", "import-diy: print what would be imported, change nothing",
+          action="store_const", const="1")
+    _flag(p, "overwrite", "import-diy: replace stacks that exist here (default: skip them)",
+          action="store_const", const="1")
+    _flag(p, "ignore-locks", "import-diy: import locked stacks too (their lock is stale)",
+          action="store_const", const="1")
     return p
 
 
@@ -331,6 +340,8 @@ def parse_config(argv: list, environ: dict) -> tuple:
         except OSError as e:
             raise ValueError(f"cannot read --auth-token-file {token_file}: {e.strerror}") from None
     new_key_file = values.pop("new_key_file", None)
+    import_options = {key: _parse_bool(key.replace("_", "-"), str(values.pop(key, "0")))
+                      for key in ("dry_run", "overwrite", "ignore_locks")}
     kw: dict = {"auth_tokens": tuple(tokens)}
     for key, value in values.items():
         if key in ("allow_any_token", "journaling"):
@@ -347,7 +358,8 @@ def parse_config(argv: list, environ: dict) -> tuple:
             raise ValueError("PULUMI_BACKEND_MASTER_KEY must hold exactly 32 bytes")
     cfg = Config(**kw)
     _validate_config(cfg)
-    return args.command, cfg, {"new_key_file": new_key_file, "file": args.file}
+    return args.command, cfg, {"new_key_file": new_key_file, "file": args.file,
+                               "import": import_options}
 
 
 def _validate_config(cfg: Config) -> None:
@@ -3420,6 +3432,277 @@ class BackupScheduler:
                 log.warning("cannot remove old backup %s: %s", name, e.strerror)
 
 
+# ==== 11. Import from DIY backends ==========================================
+#
+# A DIY backend (``pulumi login file://...``) keeps, under ``.pulumi/``:
+#   meta.yaml                       ``version: 1`` once stacks are project-scoped
+#   stacks/<project>/<stack>.json   the latest checkpoint (legacy: stacks/<stack>.json)
+#   history/<project>/<stack>/<stack>-<unix nanos>.checkpoint.json   state after an update
+#   history/<project>/<stack>/<stack>-<unix nanos>.history.json      its UpdateInfo record
+#   locks/organization/<project>/<stack>/<id>.json   a running update (legacy: locks/<stack>/)
+#   stacks/<project>/<stack>.pulumi-tags             {"version": 1, "tags": {...}}
+# Any of these files may be gzipped (``.json.gz``, PULUMI_DIY_BACKEND_GZIP) or
+# zstd-compressed (``.json.zst``). A checkpoint file is a VersionedCheckpoint:
+# ``{"version": N, "features": [...], "checkpoint": {"stack", "config", "latest"}}``
+# where ``latest`` is the deployment of schema N.
+#
+# Import runs beside a live server without the server's lock: the server
+# reads stack rows afresh on every request, and its caches (working
+# checkpoints, unwrapped data keys) are keyed by update and stack ids. Import
+# only adds stacks, or (--overwrite) replaces one that has no update running
+# by a new stack with a new id, each in one transaction.
+
+_DIY_FILE_RE = re.compile(r"(.+)\.json(\.gz|\.zst)?\Z")
+_DIY_HISTORY_RE = re.compile(r".+-([0-9]+)\.(checkpoint|history)\.json(\.gz|\.zst)?\Z")
+_DIY_RESULTS = {"succeeded": "succeeded", "failed": "failed"}  # others never finished
+
+
+@dataclasses.dataclass
+class _DIYStack:
+    """One stack found in a DIY backend, and what importing it means."""
+
+    project: str  # '' until known for a legacy (unscoped) stack
+    name: str
+    path: str  # the stack's latest checkpoint file
+    history: list  # [(unix nanos, checkpoint path, history path or None)], oldest first
+    locks: list  # lock files present
+    tags_path: str
+    skip: str = ""  # why it is not imported ('' to import)
+    versions: int = 0
+    bytes: int = 0
+
+
+def _diy_root(source: str) -> str:
+    """Return the ``.pulumi`` folder of a DIY backend folder or ``file://`` URL."""
+    path = source
+    if source.startswith("file://"):  # file:///abs, file://~/x or file://rel, maybe ?options
+        path = urllib.parse.unquote(source[len("file://"):].split("?", 1)[0])
+    path = os.path.expanduser(path)
+    for root in (os.path.join(path, ".pulumi"), path):
+        if os.path.basename(os.path.normpath(root)) == ".pulumi" and os.path.isdir(root):
+            break
+    else:
+        raise ValueError(f"{source}: no .pulumi folder there; give the folder (or file:// URL) "
+                         "you logged in to with `pulumi login`. For a bucket, sync it to a "
+                         "folder first (e.g. `aws s3 sync s3://BUCKET ./diy`)")
+    try:
+        with open(os.path.join(root, "meta.yaml"), encoding="utf-8") as f:
+            m = re.search(r"^version:\s*([0-9]+)", f.read(), re.M)
+    except OSError:
+        m = None
+    if m and int(m[1]) > 1:
+        raise ValueError(f"{root}/meta.yaml has layout version {m[1]}; this importer knows "
+                         "versions 0 and 1")
+    return root
+
+
+def _diy_read(path: str) -> bytes:
+    """Return a DIY file's bytes, decompressed; ValueError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:2] == b"\x1f\x8b":
+            return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if data[:4] == b"\x28\xb5\x2f\xfd":
+        raise ValueError(f"{path} is zstd-compressed, which Python's standard library cannot "
+                         "read: decompress it first (`zstd -d`) and import again")
+    return data
+
+
+def _diy_stacks(root: str) -> list:
+    """Return every stack of the DIY backend at ``root`` (project-scoped and legacy)."""
+    stacks_dir = os.path.join(root, "stacks")
+    found: dict = {}
+    for dirpath, _, files in os.walk(stacks_dir):
+        rel = os.path.relpath(dirpath, stacks_dir)
+        project = "" if rel == "." else rel
+        if os.sep in project:
+            continue  # too deep: not a stack file
+        for fname in sorted(files):
+            m = _DIY_FILE_RE.match(fname)
+            if not m:
+                continue  # .bak copies, .pulumi-tags and strangers
+            key = (project, m[1])
+            path = os.path.join(dirpath, fname)
+            if key in found and os.path.getmtime(found[key]) >= os.path.getmtime(path):
+                continue  # a stale copy left by a change of compression
+            found[key] = path
+    out = []
+    for (project, name), path in sorted(found.items()):
+        scoped = (project, name) if project else (name,)
+        out.append(_DIYStack(
+            project=project, name=name, path=path,
+            history=_diy_history(os.path.join(root, "history", *scoped)),
+            locks=_diy_locks(os.path.join(root, "locks", *(
+                ("organization", project, name) if project else (name,)))),
+            tags_path=os.path.join(os.path.dirname(path), name + ".pulumi-tags")))
+    return out
+
+
+def _diy_history(folder: str) -> list:
+    """Return ``[(nanos, checkpoint path, history path or None)]`` oldest first."""
+    pairs: dict = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for fname in names:
+        m = _DIY_HISTORY_RE.match(fname)
+        if m:
+            pairs.setdefault(int(m[1]), {})[m[2]] = os.path.join(folder, fname)
+    return [(nanos, files["checkpoint"], files.get("history"))
+            for nanos, files in sorted(pairs.items()) if "checkpoint" in files]
+
+
+def _diy_locks(folder: str) -> list:
+    try:
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".json"))
+    except OSError:
+        return []
+
+
+def _diy_deployment(path: str) -> tuple:
+    """Return ``(untyped deployment dict, its JSON bytes)`` of a DIY checkpoint file."""
+    try:
+        doc = _require_dict(_loads(_diy_read(path), path), path)
+        version = doc.get("version")
+        latest = _require_dict(doc.get("checkpoint"), path).get("latest")
+        if latest is None:  # a stack that was never updated
+            untyped = _loads(_empty_deployment())
+        else:
+            untyped = {"version": version, "deployment": latest}
+            if doc.get("features"):
+                untyped["features"] = doc["features"]
+        untyped = _check_untyped_deployment(untyped)
+    except HTTPError as e:
+        raise ValueError(f"{path}: {e.message}") from None
+    return untyped, _dumps(untyped)
+
+
+def _diy_update(history_path: Optional[str], nanos: int, kind_default: str) -> dict:
+    """Return the UpdateInfo record of a history entry (times and kind guessed if absent)."""
+    info: Any = {}
+    if history_path is not None:
+        try:
+            info = _loads(_diy_read(history_path), history_path)
+        except HTTPError as e:
+            raise ValueError(e.message) from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{history_path} is not an update record")
+    t = nanos // 10**9
+    kind = info.get("kind") if isinstance(info.get("kind"), str) else kind_default
+    start = info.get("startTime") if isinstance(info.get("startTime"), int) else t
+    end = info.get("endTime") if isinstance(info.get("endTime"), int) else start
+    metadata = {"message": info.get("message") if isinstance(info.get("message"), str) else "",
+                "environment": info.get("environment") or {}}
+    changes = info.get("resourceChanges")
+    return {"kind": kind[:40], "status": _DIY_RESULTS.get(info.get("result"), "failed"),
+            "created": start, "started": start, "ended": end,
+            "program": json.dumps({"config": info.get("config") or {}, "metadata": metadata}),
+            "resource_changes": json.dumps(changes) if isinstance(changes, dict) else None}
+
+
+def _legacy_project(doc: dict) -> str:
+    """Return the project a legacy stack's resources name (its URNs), or ''."""
+    for res in doc["deployment"].get("resources") or []:
+        parts = str(res.get("urn", "")).split("::")
+        if len(parts) >= 2 and parts[0].startswith("urn:pulumi:"):
+            return parts[1]
+    return ""
+
+
+def _diy_versions(stack: _DIYStack, limit: int) -> list:
+    """Return the stack's versions, oldest first: ``[(number, update row, deployment bytes,
+    resource count)]``; only the newest ``limit`` are read (as the server keeps them).
+
+    Each history checkpoint is one version; the stack file is one more if its
+    state differs from the last checkpoint's (e.g. after ``pulumi stack import``).
+    """
+    latest, latest_bytes = _diy_deployment(stack.path)
+    entries = [(nanos, cp, hist) for nanos, cp, hist in stack.history]
+    last_doc = _diy_deployment(entries[-1][1])[0] if entries else None
+    extra = last_doc != latest and (entries or _count_resources(latest) > 0)
+    total = len(entries) + int(bool(extra))
+    out = []
+    for number, (nanos, cp, hist) in enumerate(entries, 1):
+        if number <= total - limit:
+            continue
+        doc, data = (last_doc, _dumps(last_doc)) if number == len(entries) else \
+            _diy_deployment(cp)
+        out.append((number, _diy_update(hist, nanos, "update"), data, _count_resources(doc)))
+    if extra:
+        nanos = int(os.path.getmtime(stack.path) * 10**9)
+        update = _diy_update(None, nanos, "import")
+        update["status"] = "succeeded"
+        out.append((total, update, latest_bytes, _count_resources(latest)))
+    if not stack.project:
+        stack.project = _legacy_project(latest)
+    return out
+
+
+def _diy_tags(stack: _DIYStack) -> dict:
+    """Return the stack's tags that are valid here (a tags file is optional)."""
+    if not os.path.exists(stack.tags_path):
+        return {}
+    try:
+        tags = _loads(_diy_read(stack.tags_path), stack.tags_path).get("tags") or {}
+        return {k: v for k, v in tags.items() if _TAG_NAME_RE.match(k) and isinstance(v, str)
+                and len(v) <= 256}
+    except (HTTPError, ValueError, AttributeError):
+        return {}
+
+
+def _import_stack(engine: Engine, org: str, stack: _DIYStack, versions: list, tags: dict,
+                  overwrite: bool) -> str:
+    """Store one DIY stack and its versions in one transaction; return '' or why it was skipped."""
+    store = engine.store
+    stack_id = _new_id()
+    data_key = engine.keys.wrap_data_key(stack_id, secrets.token_bytes(32))
+    with store.write() as db:
+        row = store.get_stack(db, org, stack.project, stack.name)
+        if row is not None:
+            if not overwrite:
+                return "exists here (give --overwrite to replace it)"
+            if engine._running_update(db, row) is not None:
+                return "exists here with an update running"
+            store.delete_stack(db, row["id"])
+        first = versions[0][1]["created"] if versions else _now()
+        store.insert_stack(db, {
+            "id": stack_id, "org": org, "project": stack.project, "name": stack.name,
+            "created": first, "tags": json.dumps(tags), "data_key": data_key})
+        if not versions:
+            empty = _empty_deployment()
+            store.put_deployment(db, stack_id, 0, _gzip_bytes(empty), len(empty), 0)
+        for number, update, data, count in versions:
+            store.put_deployment(db, stack_id, number, _gzip_bytes(data), len(data), count)
+            store.insert_update(db, {
+                **update, "id": _new_id(), "stack_id": stack_id, "dry_run": 0,
+                "version": number, "base_version": number - 1, "resource_count": count})
+        if versions:
+            number, update, _, count = versions[-1]
+            store.update_stack(db, stack_id, version=number, resource_count=count,
+                               last_update=update["ended"])
+    return ""
+
+
+def _plan_stack(stack: _DIYStack, limit: int, ignore_locks: bool) -> list:
+    """Read a stack's versions and decide whether to import it (sets ``stack.skip``)."""
+    if stack.locks and not ignore_locks:
+        stack.skip = (f"locked ({os.path.relpath(stack.locks[0], os.path.dirname(stack.path))}"
+                      "): an update may be running; give --ignore-locks if it is stale")
+        return []
+    versions = _diy_versions(stack, limit)
+    if not _NAME_RE.match(stack.project or "") or not _NAME_RE.match(stack.name):
+        stack.skip = ("legacy stack without resources: its project is unknown"
+                      if not stack.project else "not a valid project/stack name here")
+        return []
+    stack.versions = len(versions)
+    stack.bytes = sum(len(v[2]) for v in versions)
+    return versions
+
+
 # ==== 12. Server lifecycle and main() =======================================
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -3905,6 +4188,70 @@ def rotate_master_key(cfg: Config, new_key_file: Optional[str], environ: dict) -
     return 0
 
 
+def import_diy(cfg: Config, source: Optional[str], options: dict, environ: dict) -> int:
+    """Import every stack of a DIY backend, with its history; return an exit code.
+
+    ``options``: ``dry_run``, ``overwrite``, ``ignore_locks`` (booleans). Stacks
+    are skipped (and reported) when locked, existing without ``overwrite``, or
+    unreadable; the exit code is 1 only if some stack could not be read or stored.
+    """
+    if not source:
+        raise ValueError("import-diy needs the DIY backend: import-diy --db DB FOLDER|file://URL")
+    t0 = time.monotonic()
+    stacks = _diy_stacks(_diy_root(source))
+    store, engine = None, None
+    if not options.get("dry_run"):
+        store, app = build_app(cfg, environ)
+        engine = app.engine
+    elif os.path.exists(cfg.db):
+        store = SQLiteStore(cfg.db)
+    tty = sys.stderr.isatty()
+    done = versions_total = bytes_total = failed = 0
+    try:
+        for i, stack in enumerate(stacks, 1):
+            if tty:
+                print(f"\r[{i}/{len(stacks)}] {stack.project}/{stack.name}\033[K",
+                      end="", file=sys.stderr, flush=True)
+            try:
+                versions = _plan_stack(stack, cfg.history_limit, options.get("ignore_locks"))
+                if stack.skip:
+                    pass
+                elif engine is not None:
+                    stack.skip = _import_stack(engine, cfg.org, stack, versions,
+                                               _diy_tags(stack), options.get("overwrite"))
+                elif store is not None and not options.get("overwrite"):
+                    with store.read() as db:
+                        if store.get_stack(db, cfg.org, stack.project, stack.name):
+                            stack.skip = "exists here (give --overwrite to replace it)"
+            except (ValueError, sqlite3.Error) as e:
+                stack.skip, failed = f"failed: {e}", failed + 1
+            what = f"{cfg.org}/{stack.project or '?'}/{stack.name}"
+            if tty:
+                print("\r\033[K", end="", file=sys.stderr)
+            if stack.skip:
+                print(f"skipped {what}: {stack.skip}", file=sys.stderr)
+                continue
+            done += 1
+            versions_total += stack.versions
+            bytes_total += stack.bytes
+            if options.get("dry_run"):
+                print(f"would import {what}: {stack.versions} versions, {stack.bytes} bytes")
+    finally:
+        if store is not None:
+            store.close()
+    skipped = [s for s in stacks if s.skip]
+    reasons = collections.Counter(s.skip.split(" (")[0].split(":")[0] for s in skipped)
+    print(f"{'would import' if options.get('dry_run') else 'imported'} {done} stacks, "
+          f"{versions_total} versions, {bytes_total} bytes of state from {source} in "
+          f"{time.monotonic() - t0:.1f} s; skipped {len(skipped)}"
+          + (" (" + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ")"
+             if skipped else ""))
+    if done and not options.get("dry_run"):
+        print("Stacks with a passphrase or cloud KMS secrets provider keep it: run `pulumi stack "
+              "change-secrets-provider default` on each to move it to this server's keys.")
+    return 1 if failed else 0
+
+
 def _one_malloc_arena() -> None:
     """Ask glibc for a single malloc arena (no-op elsewhere).
 
@@ -3965,13 +4312,15 @@ def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
     except ValueError as e:
         print(f"pulumi_backend.py: error: {e}", file=sys.stderr)
         return 2
-    if extras["file"] and command not in ("backup", "restore"):
+    if extras["file"] and command not in ("backup", "restore", "import-diy"):
         print(f"pulumi_backend.py: error: unexpected argument {extras['file']!r}", file=sys.stderr)
         return 2
     _setup_logging(cfg.log_level, cfg.log_format)
     try:
         if command == "backup":
             return backup_database(cfg, extras["file"])
+        if command == "import-diy":  # beside a running server too: see section 11
+            return import_diy(cfg, extras["file"], extras["import"], environ)
         with _database_lock(cfg.db):
             if command == "restore":
                 return restore_database(cfg, extras["file"], environ)
