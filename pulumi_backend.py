@@ -142,8 +142,11 @@ EVENT_PAGE_SIZE = 1000
 GZIP_MIN_RESPONSE = 1024
 #: Items per batch-encrypt/decrypt request (the CLI sends at most 1000).
 MAX_BATCH_ITEMS = 10000
-#: SQLite busy timeout (milliseconds).
+#: SQLite busy timeout (milliseconds); Litestream asks for at least 5000.
 BUSY_TIMEOUT_MS = 30000
+#: WAL pages after which a commit checkpoints (SQLite's default); 0 leaves
+#: checkpoints to Litestream (--wal-autocheckpoint).
+DEFAULT_WAL_AUTOCHECKPOINT = 1000
 #: Deployment schema versions this server stores and serves.
 MAX_DEPLOYMENT_VERSION = 4
 #: Features a version-4 deployment may declare (the CLI refuses others).
@@ -203,6 +206,7 @@ class Config:
     backup_dir: str = ""
     backup_interval: float = DEFAULT_BACKUP_INTERVAL
     backup_keep: int = DEFAULT_BACKUP_KEEP
+    wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT
 
     def key_file(self) -> str:
         """Return the master key path: the flag, or ``<db>.key`` beside the database."""
@@ -274,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "backup-interval", "time between scheduled backups: 30s, 15m, 1h, 1d "
           "(default 1h)")
     _flag(p, "backup-keep", f"scheduled backups kept (default {DEFAULT_BACKUP_KEEP})", type=int)
+    _flag(p, "wal-autocheckpoint", "WAL pages after which a commit checkpoints; 0 when "
+          f"Litestream replicates the database (default {DEFAULT_WAL_AUTOCHECKPOINT})", type=int)
     _flag(p, "dry-run", "import-diy: print what would be imported, change nothing",
           action="store_const", const="1")
     _flag(p, "overwrite", "import-diy: replace stacks that exist here (default: skip them)",
@@ -381,6 +387,8 @@ def _validate_config(cfg: Config) -> None:
         raise ValueError("--socket-timeout must be more than 0 seconds")
     if not cfg.backup_interval >= 1:
         raise ValueError("--backup-interval must be at least 1 second")
+    if cfg.wal_autocheckpoint < 0:
+        raise ValueError("--wal-autocheckpoint must be 0 (off) or more pages")
     if cfg.backup_keep < 1:
         raise ValueError("--backup-keep must be at least 1")
     if not cfg.shutdown_timeout >= 0:
@@ -824,8 +832,9 @@ class SQLiteStore(Store):
 
     POOL_SIZE = 8
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT):
         self.path = path
+        self.wal_autocheckpoint = wal_autocheckpoint
         self._lock = threading.RLock()
         self._on_commit: list = []
         self._pool: list = []
@@ -842,6 +851,9 @@ class SQLiteStore(Store):
                                timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
+        # Only ever PASSIVE checkpoints (never TRUNCATE/RESTART, which would race
+        # Litestream); 0 leaves them all to Litestream (see README, Replication).
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(self.wal_autocheckpoint)}")
         # FULL: a commit is on disk before we answer, even across a power loss.
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -3563,10 +3575,11 @@ def _diy_locks(folder: str) -> list:
         return []
 
 
-def _diy_deployment(path: str) -> tuple:
-    """Return ``(untyped deployment dict, its JSON bytes)`` of a DIY checkpoint file."""
+def _diy_deployment(path: str, raw: Optional[bytes] = None) -> tuple:
+    """Return ``(untyped deployment dict, its JSON bytes)`` of a DIY checkpoint file
+    (whose decompressed bytes are ``raw`` if already read)."""
     try:
-        doc = _require_dict(_loads(_diy_read(path), path), path)
+        doc = _require_dict(_loads(_diy_read(path) if raw is None else raw, path), path)
         version = doc.get("version")
         latest = _require_dict(doc.get("checkpoint"), path).get("latest")
         if latest is None:  # a stack that was never updated
@@ -3620,25 +3633,29 @@ def _diy_versions(stack: _DIYStack, limit: int) -> list:
     Each history checkpoint is one version; the stack file is one more if its
     state differs from the last checkpoint's (e.g. after ``pulumi stack import``).
     """
-    latest, latest_bytes = _diy_deployment(stack.path)
-    entries = [(nanos, cp, hist) for nanos, cp, hist in stack.history]
-    last_doc = _diy_deployment(entries[-1][1])[0] if entries else None
-    extra = last_doc != latest and (entries or _count_resources(latest) > 0)
-    total = len(entries) + int(bool(extra))
+    entries = stack.history
+    raw = _diy_read(stack.path)
+    last_raw = _diy_read(entries[-1][1]) if entries else None
+    last = _diy_deployment(entries[-1][1], last_raw) if entries else None
+    if raw == last_raw:  # the usual case: the last update's copy of the stack file
+        latest, extra = last, False
+    else:
+        latest = _diy_deployment(stack.path, raw)
+        extra = latest[0] != last[0] if last else _count_resources(latest[0]) > 0
+    total = len(entries) + int(extra)
     out = []
     for number, (nanos, cp, hist) in enumerate(entries, 1):
         if number <= total - limit:
             continue
-        doc, data = (last_doc, _dumps(last_doc)) if number == len(entries) else \
-            _diy_deployment(cp)
+        doc, data = last if number == len(entries) else _diy_deployment(cp)
         out.append((number, _diy_update(hist, nanos, "update"), data, _count_resources(doc)))
     if extra:
         nanos = int(os.path.getmtime(stack.path) * 10**9)
         update = _diy_update(None, nanos, "import")
         update["status"] = "succeeded"
-        out.append((total, update, latest_bytes, _count_resources(latest)))
+        out.append((total, update, latest[1], _count_resources(latest[0])))
     if not stack.project:
-        stack.project = _legacy_project(latest)
+        stack.project = _legacy_project(latest[0])
     return out
 
 
@@ -4043,7 +4060,7 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
     if not os.path.isdir(db_dir):
         raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")
     try:
-        store = SQLiteStore(cfg.db)
+        store = SQLiteStore(cfg.db, cfg.wal_autocheckpoint)
     except (sqlite3.Error, RuntimeError) as e:  # RuntimeError: a schema newer than ours
         raise ValueError(f"cannot open database {cfg.db}: {e}") from None
     try:
@@ -4204,7 +4221,7 @@ def import_diy(cfg: Config, source: Optional[str], options: dict, environ: dict)
         store, app = build_app(cfg, environ)
         engine = app.engine
     elif os.path.exists(cfg.db):
-        store = SQLiteStore(cfg.db)
+        store = SQLiteStore(cfg.db, cfg.wal_autocheckpoint)
     tty = sys.stderr.isatty()
     done = versions_total = bytes_total = failed = 0
     try:

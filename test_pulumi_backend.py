@@ -4360,6 +4360,24 @@ def test_writes_commit_while_a_backup_copies(srv, cfg, tmp_path):
     assert overlapped > 0
 
 
+def test_wal_autocheckpoint_flag_and_no_forced_checkpoints(tmp_path):
+    """Litestream's needs: WAL, busy_timeout >= 5 s, and no checkpoint of ours racing it."""
+    _, cfg, _ = pb.parse_config(["--wal-autocheckpoint", "0"], {})
+    assert cfg.wal_autocheckpoint == 0 and Config().wal_autocheckpoint == 1000
+    with pytest.raises(ValueError, match="wal-autocheckpoint"):
+        pb.parse_config(["--wal-autocheckpoint", "-1"], {})
+    for pages in (0, 1000):
+        store = pb.SQLiteStore(str(tmp_path / f"{pages}.db"), pages)
+        with store.read() as db:
+            assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == pages
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert db.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+        store.close()
+    # The server never asks for a checkpoint itself (a TRUNCATE or RESTART one would
+    # wait on Litestream's read lock and race its WAL copying).
+    assert "wal_checkpoint" not in SCRIPT.read_text(encoding="utf-8")
+
+
 # ==== 10e. Import from DIY backends ============================================
 
 T0 = 1_700_000_000  # startTime of the first update of the DIY stacks below
