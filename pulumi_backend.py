@@ -364,8 +364,10 @@ def parse_config(argv: list, environ: dict) -> tuple:
             raise ValueError("PULUMI_BACKEND_MASTER_KEY must hold exactly 32 bytes")
     cfg = Config(**kw)
     _validate_config(cfg)
-    return args.command, cfg, {"new_key_file": new_key_file, "file": args.file,
-                               "import": import_options}
+    extras = {"new_key_file": new_key_file, "file": args.file}
+    if args.command == "import-diy":
+        extras["import"] = import_options
+    return args.command, cfg, extras
 
 
 def _validate_config(cfg: Config) -> None:

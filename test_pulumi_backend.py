@@ -376,8 +376,7 @@ def test_config_defaults():
     assert cfg.journaling is True and cfg.crypto == "auto"
     assert (cfg.lease_seconds, cfg.history_limit, cfg.checkpoint_cutoff) == (
         300, 50, 1024 * 1024)
-    assert extras == {"new_key_file": None, "file": None, "import": {
-        "dry_run": False, "overwrite": False, "ignore_locks": False}}
+    assert extras == {"new_key_file": None, "file": None}
 
 
 def test_config_key_file_defaults_beside_db(tmp_path):
@@ -4582,6 +4581,13 @@ def test_import_diy_reports_what_it_cannot_read(cfg, tmp_path, capsys):
     (diy / ".pulumi/stacks/web/dev.json").write_bytes(b"\x28\xb5\x2f\xfd" + b"x" * 20)
     code, out = run_import(cfg, diy, capsys)
     assert code == 1 and "zstd-compressed" in out.err and "zstd -d" in out.err
+
+
+def test_import_diy_flags():
+    command, _, extras = pb.parse_config(["import-diy", "SRC", "--overwrite"],
+                                         {"PULUMI_BACKEND_DRY_RUN": "1"})
+    assert (command, extras["file"]) == ("import-diy", "SRC")
+    assert extras["import"] == {"dry_run": True, "overwrite": True, "ignore_locks": False}
 
 
 def test_import_diy_command_line(tmp_path):
