@@ -9,7 +9,8 @@
   passphrase, ``up`` is a no-op, and after ``change-secrets-provider default``
   the secrets read without the passphrase.
 - ``pulumi stack migrate`` (the CLI's own one-stack move, without history):
-  from the ``file://`` backend into ours, and from another server of ours.
+  from the ``file://`` backend into ours; from another server of ours the CLI
+  refuses (it cannot tell two self-hosted servers apart), which is pinned here.
 """
 
 import json
@@ -104,17 +105,17 @@ def test_import_diy_brings_stacks_with_history(e2e, make_server, tmp_path):
     assert e2e.export("secret")["deployment"]["secrets_providers"]["type"] == "service"
 
     # `pulumi stack migrate`: one stack, its current state, no history; from the
-    # DIY backend, and from this server into another one of ours.
+    # DIY backend (and, refused, from this server into another one of ours).
     e2e.env["PULUMI_CONFIG_PASSPHRASE"] = PASSPHRASE
     e2e.run("stack", "migrate", f"file://{diy}", "plain", "--target", "moved", "--yes")
     moved = e2e.export("moved")["deployment"]["resources"]
     assert len(moved) == len(diy_exports["plain"]["deployment"]["resources"])
     assert all(r["urn"].startswith("urn:pulumi:moved::") for r in moved)
+    assert [u["kind"] for u in history(e2e, "moved")] == ["import"]  # no history came
+    # From another server of ours: CLI v3.274.1 compares the two backends' console
+    # URLs, which it cannot derive for a self-hosted server ("" for both), and so
+    # refuses every server-to-server migrate. This pins that limitation (README).
     other = make_server()
     e2e.use_server(other)
-    e2e.run("stack", "migrate", srv.url, "secret", "--yes")
-    del e2e.env["PULUMI_CONFIG_PASSPHRASE"]
-    shown = json.loads(e2e.run("stack", "output", "--stack", "secret", "--json",
-                               "--show-secrets").stdout)
-    assert shown["token"] == SECRET
-    assert len(history(e2e, "secret")) == 1  # migrate brings the state, not the history
+    e2e.fails("stack", "migrate", srv.url, "secret", "--yes",
+              match=r"source and target backends are the same \(\)")
