@@ -12,6 +12,7 @@ Run::
     python pulumi_backend.py backup --db state.db OUT # online, consistent copy
     python pulumi_backend.py restore --db state.db IN # with the server stopped
     python pulumi_backend.py import-diy --db state.db file:///path/to/diy  # stacks + history
+    python pulumi_backend.py --db state.db --backup-dir /backups --backup-interval 1h
     python pulumi_backend.py rotate-master-key --db state.db --new-key-file NEW
 
 Besides the Pulumi Cloud API it serves ``/healthz``, ``/readyz`` and

@@ -4583,6 +4583,18 @@ def test_import_diy_reports_what_it_cannot_read(cfg, tmp_path, capsys):
     assert code == 1 and "zstd-compressed" in out.err and "zstd -d" in out.err
 
 
+def test_import_diy_progress_only_on_a_terminal(cfg, tmp_path, capsys, monkeypatch):
+    diy = tmp_path / "diy"
+    for name in ("a", "b"):
+        write_diy(diy, "web", name, diy_states(1, name))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, out = run_import(cfg, diy, capsys, dry_run=True)
+    assert code == 0 and "\r[1/2] web/a" in out.err and "\r[2/2] web/b" in out.err
+    assert "[1/2]" not in out.out  # the summary and plan stay clean on stdout
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert "[1/2]" not in run_import(cfg, diy, capsys, dry_run=True)[1].err
+
+
 def test_import_diy_flags():
     command, _, extras = pb.parse_config(["import-diy", "SRC", "--overwrite"],
                                          {"PULUMI_BACKEND_DRY_RUN": "1"})
