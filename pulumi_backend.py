@@ -94,7 +94,8 @@ __all__ = [
     "Engine", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
     "Request", "Response", "Router", "App",
-    "Server", "build_app", "serve", "backup_database", "BackupScheduler", "import_diy", "restore_database", "rotate_master_key",
+    "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
+    "BackupScheduler", "import_diy",
     "main",
 ]
 
