@@ -11,6 +11,8 @@ Run::
     python pulumi_backend.py --help                   # every flag
     python pulumi_backend.py backup --db state.db OUT # online, consistent copy
     python pulumi_backend.py restore --db state.db IN # with the server stopped
+    python pulumi_backend.py import-diy --db state.db file:///path/to/diy  # stacks + history
+    python pulumi_backend.py --db state.db --backup-dir /backups --backup-interval 1h
     python pulumi_backend.py rotate-master-key --db state.db --new-key-file NEW
 
 Besides the Pulumi Cloud API it serves ``/healthz``, ``/readyz`` and
@@ -41,7 +43,9 @@ Sections:
   7. Crypto (OpenSSL binding, pure-Python fallback, key management)
   8. Request, response and router
   9. Handlers, by API area
- 10. Server lifecycle and main()
+ 10. Backups and replication (scheduled backups, Litestream)
+ 11. Import from DIY backends
+ 12. Server lifecycle and main()
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ __all__ = [
     "Crypto", "KeyManager", "Metrics",
     "Request", "Response", "Router", "App",
     "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
+    "BackupScheduler", "import_diy",
     "main",
 ]
 
@@ -155,8 +160,11 @@ EVENT_PAGE_SIZE = 1000
 GZIP_MIN_RESPONSE = 1024
 #: Items per batch-encrypt/decrypt request (the CLI sends at most 1000).
 MAX_BATCH_ITEMS = 10000
-#: SQLite busy timeout (milliseconds).
+#: SQLite busy timeout (milliseconds); Litestream asks for at least 5000.
 BUSY_TIMEOUT_MS = 30000
+#: WAL pages after which a commit checkpoints (SQLite's default); 0 leaves
+#: checkpoints to Litestream (--wal-autocheckpoint).
+DEFAULT_WAL_AUTOCHECKPOINT = 1000
 #: Deployment schema versions this server stores and serves.
 MAX_DEPLOYMENT_VERSION = 4
 #: Features a version-4 deployment may declare (the CLI refuses others).
@@ -164,6 +172,10 @@ KNOWN_FEATURES = frozenset({
     "refreshBeforeUpdate", "views", "hooks", "taint", "replaceWith",
     "snippets-prototype", "extensionParameterization", "byteString",
 })
+#: Seconds between scheduled backups (--backup-interval).
+DEFAULT_BACKUP_INTERVAL = 3600.0
+#: Scheduled backups kept; older ones are removed (--backup-keep).
+DEFAULT_BACKUP_KEEP = 24
 #: Message the Automation API matches to detect concurrent updates.
 MSG_UPDATE_CONFLICT = "Conflict: Another update is currently in progress."
 #: Message the CLI matches to suggest --force on stack rm.
@@ -214,6 +226,10 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     public_url: str = ""
+    backup_dir: str = ""
+    backup_interval: float = DEFAULT_BACKUP_INTERVAL
+    backup_keep: int = DEFAULT_BACKUP_KEEP
+    wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT
 
     def key_file(self) -> str:
         """Return the master key path: the flag, or ``<db>.key`` beside the database."""
@@ -239,10 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pulumi_backend.py",
         description="Self-hosted Pulumi Cloud state backend. `pulumi login http://HOST:PORT`.")
     p.add_argument("command", nargs="?", default="serve",
-                   choices=("serve", "backup", "restore", "rotate-master-key"),
-                   help="serve (default); backup OUT (online copy of --db); restore BACKUP "
+                   choices=("serve", "backup", "restore", "rotate-master-key", "import-diy"),
+                   help="serve (default); backup OUT (online copy of --db); import-diy SOURCE "
+                        "(a DIY backend's stacks with their history, into --db); restore BACKUP "
                         "(into --db, server stopped); rotate-master-key")
-    p.add_argument("file", nargs="?", help="backup: the file to write; restore: the backup to read")
+    p.add_argument("file", nargs="?", help="backup: the file to write; restore: the backup to "
+                   "read; import-diy: the DIY backend folder or file:// URL")
     p.add_argument("--version", action="version", version=f"pulumi-backend {__version__}")
     _flag(p, "db", f"SQLite database path (default {DEFAULT_DB})")
     _flag(p, "host", f"address to bind (default {DEFAULT_HOST})")
@@ -283,6 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "tls-cert", "PEM certificate: serve https")
     _flag(p, "tls-key", "PEM private key for --tls-cert")
     _flag(p, "public-url", "URL users log in with, if not http(s)://HOST:PORT")
+    _flag(p, "backup-dir", "take scheduled backups into this folder (default: none)")
+    _flag(p, "backup-interval", "time between scheduled backups: 30s, 15m, 1h, 1d "
+          "(default 1h)")
+    _flag(p, "backup-keep", f"scheduled backups kept (default {DEFAULT_BACKUP_KEEP})", type=int)
+    _flag(p, "wal-autocheckpoint", "WAL pages after which a commit checkpoints; 0 when "
+          f"Litestream replicates the database (default {DEFAULT_WAL_AUTOCHECKPOINT})", type=int)
+    _flag(p, "dry-run", "import-diy: print what would be imported, change nothing",
+          action="store_const", const="1")
+    _flag(p, "overwrite", "import-diy: replace stacks that exist here (default: skip them)",
+          action="store_const", const="1")
+    _flag(p, "ignore-locks", "import-diy: import locked stacks too (their lock is stale)",
+          action="store_const", const="1")
     return p
 
 
@@ -293,6 +323,18 @@ def _parse_bool(name: str, value: str) -> bool:
     if low in ("0", "false", "off", "no"):
         return False
     raise ValueError(f"--{name} expects on or off, got {value!r}")
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(name: str, value: str) -> float:
+    """Return seconds from ``90``, ``30s``, ``15m``, ``1h`` or ``1d``; ValueError otherwise."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(value).lower())
+    if not m:
+        raise ValueError(f"--{name} expects a duration such as 30s, 15m, 1h or 1d, "
+                         f"got {value!r}")
+    return float(m[1]) * _DURATION_UNITS.get(m[2] or "s", 1)
 
 
 def parse_config(argv: list, environ: dict) -> tuple:
@@ -331,10 +373,14 @@ def parse_config(argv: list, environ: dict) -> tuple:
         except OSError as e:
             raise ValueError(f"cannot read --auth-token-file {token_file}: {e.strerror}") from None
     new_key_file = values.pop("new_key_file", None)
+    import_options = {key: _parse_bool(key.replace("_", "-"), str(values.pop(key, "0")))
+                      for key in ("dry_run", "overwrite", "ignore_locks")}
     kw: dict = {"auth_tokens": tuple(tokens)}
     for key, value in values.items():
         if key in ("allow_any_token", "journaling"):
             value = _parse_bool(key.replace("_", "-"), str(value))
+        if key == "backup_interval":
+            value = _parse_duration("backup-interval", value)
         kw[key] = value
     if environ.get("PULUMI_BACKEND_MASTER_KEY"):
         try:
@@ -345,7 +391,10 @@ def parse_config(argv: list, environ: dict) -> tuple:
             raise ValueError("PULUMI_BACKEND_MASTER_KEY must hold exactly 32 bytes")
     cfg = Config(**kw)
     _validate_config(cfg)
-    return args.command, cfg, {"new_key_file": new_key_file, "file": args.file}
+    extras = {"new_key_file": new_key_file, "file": args.file}
+    if args.command == "import-diy":
+        extras["import"] = import_options
+    return args.command, cfg, extras
 
 
 def _validate_config(cfg: Config) -> None:
@@ -366,6 +415,12 @@ def _validate_config(cfg: Config) -> None:
     for name in ("socket_timeout", "header_timeout", "keepalive_timeout"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be more than 0 seconds")
+    if not cfg.backup_interval >= 1:
+        raise ValueError("--backup-interval must be at least 1 second")
+    if cfg.wal_autocheckpoint < 0:
+        raise ValueError("--wal-autocheckpoint must be 0 (off) or more pages")
+    if cfg.backup_keep < 1:
+        raise ValueError("--backup-keep must be at least 1")
     if not cfg.shutdown_timeout >= 0:
         raise ValueError("--shutdown-timeout must be 0 seconds or more")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -621,6 +676,10 @@ _METRICS = {
     "pulumi_backend_journal_entries_total": ("counter", "Journal entries committed."),
     "pulumi_backend_checkpoints_total": ("counter", "Checkpoints committed, by upload form."),
     "pulumi_backend_updates_total": ("counter", "Updates ended, by kind and status."),
+    "pulumi_backend_last_backup_success_timestamp_seconds": (
+        "gauge", "Unix time of the newest scheduled backup (only with --backup-dir)."),
+    "pulumi_backend_backup_failures_total": (
+        "counter", "Scheduled backups that failed (only with --backup-dir)."),
 }
 
 
@@ -644,6 +703,11 @@ class Metrics:
         with self._lock:
             series = self._counters.setdefault(name, {})
             series[key] = series.get(key, 0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        """Set a gauge kept here (rather than passed in at render time)."""
+        with self._lock:
+            self._counters.setdefault(name, {})[tuple(sorted(labels.items()))] = value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
@@ -813,8 +877,9 @@ class SQLiteStore(Store):
 
     POOL_SIZE = 8
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT):
         self.path = path
+        self.wal_autocheckpoint = wal_autocheckpoint
         self._lock = threading.RLock()
         self._on_commit: list = []
         self._pool: list = []
@@ -831,6 +896,9 @@ class SQLiteStore(Store):
                                timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
+        # Only ever PASSIVE checkpoints (never TRUNCATE/RESTART, which would race
+        # Litestream); 0 leaves them all to Litestream (see README, Replication).
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(self.wal_autocheckpoint)}")
         # FULL: a commit is on disk before we answer, even across a power loss.
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -3276,7 +3344,429 @@ def _batch(body: dict, key: str) -> list:
     return items
 
 
-# ==== 10. Server lifecycle and main() =======================================
+# ==== 10. Backups and replication ===========================================
+
+def _open_read_only(path: str) -> sqlite3.Connection:
+    """Open an existing database without writing to it; ValueError if there is none."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no database at {path}")
+    conn = sqlite3.connect("file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro",
+                           uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _snapshot(db: str, out: str) -> int:
+    """Copy ``db`` to the new file ``out`` (0600, checked); return its stack count.
+
+    Raises ValueError naming the files. Why one backup step (``pages=-1``):
+    in WAL mode the step is a single read transaction, and readers never block
+    writers (they append to the WAL beside it); only checkpoints cannot pass
+    the snapshot until it ends. Copying in several steps would let every commit
+    in between restart the copy from the first page, so under steady writes it
+    might never finish. The copy is written beside ``out`` and linked into
+    place, so ``out`` is never half written; an existing ``out`` is never
+    replaced (with the two paths mixed up, that would be the live database).
+    """
+    if os.path.lexists(out):
+        raise ValueError(f"{out} exists; backups never overwrite a file, give a new name")
+    src = _open_read_only(db)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        dst = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            src.backup(dst, pages=-1)
+            dst.execute("PRAGMA journal_mode = DELETE")  # one file, no -wal beside it
+            check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+            stacks = dst.execute("SELECT count(*) FROM stacks").fetchone()[0]
+        finally:
+            dst.close()
+        if check != "ok":
+            raise ValueError(f"the copy failed its integrity check: {check}")
+        _fsync_path(tmp)
+        os.link(tmp, out)  # unlike rename, fails if out appeared meanwhile
+        _fsync_path(os.path.dirname(os.path.abspath(out)))
+    except (sqlite3.Error, OSError) as e:
+        raise ValueError(f"backup of {db} to {out} failed: {e}") from None
+    finally:
+        src.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return stacks
+
+
+class BackupScheduler:
+    """Takes a ``_snapshot`` into ``cfg.backup_dir`` every ``cfg.backup_interval`` seconds.
+
+    Files are named by UTC time (``pulumi-backend-20260101T120000Z.db``), so
+    sorting names sorts them by age; beyond ``cfg.backup_keep`` the oldest are
+    removed. A failure is logged and counted in ``metrics`` and the next backup
+    is tried on schedule: requests never see it. The first backup is due one
+    interval after the newest one already in the folder (at once if none).
+    """
+
+    PREFIX = "pulumi-backend-"
+    _NAME_RE = re.compile(r"pulumi-backend-([0-9]{8}T[0-9]{6}Z)\.db\Z")
+
+    def __init__(self, cfg: Config, metrics: Metrics):
+        self.cfg, self.metrics = cfg, metrics
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Create the folder (0700) if needed and start the background thread."""
+        try:
+            os.makedirs(self.cfg.backup_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create --backup-dir {self.cfg.backup_dir}: "
+                             f"{e.strerror}") from None
+        self.metrics.inc("pulumi_backend_backup_failures_total", 0)
+        newest = self._newest_time()
+        if newest is not None:
+            self.metrics.set("pulumi_backend_last_backup_success_timestamp_seconds", newest)
+        self._thread = threading.Thread(target=self._run, name="backups", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread; a backup under way is finished first (it is one step)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        newest = self._newest_time()
+        delay = 0.0 if newest is None else newest + self.cfg.backup_interval - time.time()
+        while not self._stop.wait(max(0.0, delay)):
+            self.backup_now()
+            delay = self.cfg.backup_interval
+
+    def backup_now(self) -> Optional[str]:
+        """Take one backup and prune old ones; return its path, or None if it failed."""
+        t = time.time()
+        name = self.PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t)) + ".db"
+        out = os.path.join(self.cfg.backup_dir, name)
+        try:
+            stacks = _snapshot(self.cfg.db, out)
+        except ValueError as e:
+            log.error("scheduled backup failed: %s", e)
+            self.metrics.inc("pulumi_backend_backup_failures_total")
+            return None
+        self.metrics.set("pulumi_backend_last_backup_success_timestamp_seconds", int(t))
+        log.info("backed up %d stacks to %s in %.1f s", stacks, out, time.time() - t)
+        self._prune()
+        return out
+
+    def backups(self) -> list:
+        """Return the names of the scheduled backups in the folder, oldest first."""
+        try:
+            names = os.listdir(self.cfg.backup_dir)
+        except OSError:
+            return []
+        return sorted(n for n in names if self._NAME_RE.match(n))
+
+    def _newest_time(self) -> Optional[int]:
+        names = self.backups()
+        if not names:
+            return None
+        stamp = self._NAME_RE.match(names[-1])[1]
+        return int(datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp())
+
+    def _prune(self) -> None:
+        names = self.backups()
+        for name in names[:max(0, len(names) - self.cfg.backup_keep)]:
+            try:
+                os.remove(os.path.join(self.cfg.backup_dir, name))
+            except OSError as e:
+                log.warning("cannot remove old backup %s: %s", name, e.strerror)
+
+
+# ==== 11. Import from DIY backends ==========================================
+#
+# A DIY backend (``pulumi login file://...``) keeps, under ``.pulumi/``:
+#   meta.yaml                       ``version: 1`` once stacks are project-scoped
+#   stacks/<project>/<stack>.json   the latest checkpoint (legacy: stacks/<stack>.json)
+#   history/<project>/<stack>/<stack>-<unix nanos>.checkpoint.json   state after an update
+#   history/<project>/<stack>/<stack>-<unix nanos>.history.json      its UpdateInfo record
+#   locks/organization/<project>/<stack>/<id>.json   a running update (legacy: locks/<stack>/)
+#   stacks/<project>/<stack>.pulumi-tags             {"version": 1, "tags": {...}}
+# Any of these files may be gzipped (``.json.gz``, PULUMI_DIY_BACKEND_GZIP) or
+# zstd-compressed (``.json.zst``). A checkpoint file is a VersionedCheckpoint:
+# ``{"version": N, "features": [...], "checkpoint": {"stack", "config", "latest"}}``
+# where ``latest`` is the deployment of schema N.
+#
+# Import runs beside a live server without the server's lock: the server
+# reads stack rows afresh on every request, and its caches (working
+# checkpoints, unwrapped data keys) are keyed by update and stack ids. Import
+# only adds stacks, or (--overwrite) replaces one that has no update running
+# by a new stack with a new id, each in one transaction.
+
+_DIY_FILE_RE = re.compile(r"(.+)\.json(\.gz|\.zst)?\Z")
+_DIY_HISTORY_RE = re.compile(r".+-([0-9]+)\.(checkpoint|history)\.json(\.gz|\.zst)?\Z")
+_DIY_RESULTS = {"succeeded": "succeeded", "failed": "failed"}  # others never finished
+
+
+@dataclasses.dataclass
+class _DIYStack:
+    """One stack found in a DIY backend, and what importing it means."""
+
+    project: str  # '' until known for a legacy (unscoped) stack
+    name: str
+    path: str  # the stack's latest checkpoint file
+    history: list  # [(unix nanos, checkpoint path, history path or None)], oldest first
+    locks: list  # lock files present
+    tags_path: str
+    skip: str = ""  # why it is not imported ('' to import)
+    versions: int = 0
+    bytes: int = 0
+
+
+def _diy_root(source: str) -> str:
+    """Return the ``.pulumi`` folder of a DIY backend folder or ``file://`` URL."""
+    path = source
+    if source.startswith("file://"):  # file:///abs, file://~/x or file://rel, maybe ?options
+        path = urllib.parse.unquote(source[len("file://"):].split("?", 1)[0])
+    path = os.path.expanduser(path)
+    for root in (os.path.join(path, ".pulumi"), path):
+        if os.path.basename(os.path.normpath(root)) == ".pulumi" and os.path.isdir(root):
+            break
+    else:
+        raise ValueError(f"{source}: no .pulumi folder there; give the folder (or file:// URL) "
+                         "you logged in to with `pulumi login`. For a bucket, sync it to a "
+                         "folder first (e.g. `aws s3 sync s3://BUCKET ./diy`)")
+    try:
+        with open(os.path.join(root, "meta.yaml"), encoding="utf-8") as f:
+            m = re.search(r"^version:\s*([0-9]+)", f.read(), re.M)
+    except OSError:
+        m = None
+    if m and int(m[1]) > 1:
+        raise ValueError(f"{root}/meta.yaml has layout version {m[1]}; this importer knows "
+                         "versions 0 and 1")
+    return root
+
+
+def _diy_read(path: str) -> bytes:
+    """Return a DIY file's bytes, decompressed; ValueError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:2] == b"\x1f\x8b":
+            return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if data[:4] == b"\x28\xb5\x2f\xfd":
+        raise ValueError(f"{path} is zstd-compressed, which Python's standard library cannot "
+                         "read: decompress it first (`zstd -d`) and import again")
+    return data
+
+
+def _diy_stacks(root: str) -> list:
+    """Return every stack of the DIY backend at ``root`` (project-scoped and legacy)."""
+    stacks_dir = os.path.join(root, "stacks")
+    found: dict = {}
+    for dirpath, _, files in os.walk(stacks_dir):
+        rel = os.path.relpath(dirpath, stacks_dir)
+        project = "" if rel == "." else rel
+        if os.sep in project:
+            continue  # too deep: not a stack file
+        for fname in sorted(files):
+            m = _DIY_FILE_RE.match(fname)
+            if not m:
+                continue  # .bak copies, .pulumi-tags and strangers
+            key = (project, m[1])
+            path = os.path.join(dirpath, fname)
+            if key in found and os.path.getmtime(found[key]) >= os.path.getmtime(path):
+                continue  # a stale copy left by a change of compression
+            found[key] = path
+    out = []
+    for (project, name), path in sorted(found.items()):
+        scoped = (project, name) if project else (name,)
+        out.append(_DIYStack(
+            project=project, name=name, path=path,
+            history=_diy_history(os.path.join(root, "history", *scoped)),
+            locks=_diy_locks(os.path.join(root, "locks", *(
+                ("organization", project, name) if project else (name,)))),
+            tags_path=os.path.join(os.path.dirname(path), name + ".pulumi-tags")))
+    return out
+
+
+def _diy_history(folder: str) -> list:
+    """Return ``[(nanos, checkpoint path, history path or None)]`` oldest first."""
+    pairs: dict = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for fname in names:
+        m = _DIY_HISTORY_RE.match(fname)
+        if m:
+            pairs.setdefault(int(m[1]), {})[m[2]] = os.path.join(folder, fname)
+    return [(nanos, files["checkpoint"], files.get("history"))
+            for nanos, files in sorted(pairs.items()) if "checkpoint" in files]
+
+
+def _diy_locks(folder: str) -> list:
+    try:
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".json"))
+    except OSError:
+        return []
+
+
+def _diy_deployment(path: str, raw: Optional[bytes] = None) -> tuple:
+    """Return ``(untyped deployment dict, its JSON bytes)`` of a DIY checkpoint file
+    (whose decompressed bytes are ``raw`` if already read)."""
+    try:
+        doc = _require_dict(_loads(_diy_read(path) if raw is None else raw, path), path)
+        version = doc.get("version")
+        latest = _require_dict(doc.get("checkpoint"), path).get("latest")
+        if latest is None:  # a stack that was never updated
+            untyped = _loads(_empty_deployment())
+        else:
+            untyped = {"version": version, "deployment": latest}
+            if doc.get("features"):
+                untyped["features"] = doc["features"]
+        untyped = _check_untyped_deployment(untyped)
+    except HTTPError as e:
+        raise ValueError(f"{path}: {e.message}") from None
+    return untyped, _dumps(untyped)
+
+
+def _diy_update(history_path: Optional[str], nanos: int, kind_default: str) -> dict:
+    """Return the UpdateInfo record of a history entry (times and kind guessed if absent)."""
+    info: Any = {}
+    if history_path is not None:
+        try:
+            info = _loads(_diy_read(history_path), history_path)
+        except HTTPError as e:
+            raise ValueError(e.message) from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{history_path} is not an update record")
+    t = nanos // 10**9
+    kind = info.get("kind") if isinstance(info.get("kind"), str) else kind_default
+    start = info.get("startTime") if isinstance(info.get("startTime"), int) else t
+    end = info.get("endTime") if isinstance(info.get("endTime"), int) else start
+    metadata = {"message": info.get("message") if isinstance(info.get("message"), str) else "",
+                "environment": info.get("environment") or {}}
+    changes = info.get("resourceChanges")
+    return {"kind": kind[:40], "status": _DIY_RESULTS.get(info.get("result"), "failed"),
+            "created": start, "started": start, "ended": end,
+            "program": json.dumps({"config": info.get("config") or {}, "metadata": metadata}),
+            "resource_changes": json.dumps(changes) if isinstance(changes, dict) else None}
+
+
+def _legacy_project(doc: dict) -> str:
+    """Return the project a legacy stack's resources name (its URNs), or ''."""
+    for res in doc["deployment"].get("resources") or []:
+        parts = str(res.get("urn", "")).split("::")
+        if len(parts) >= 2 and parts[0].startswith("urn:pulumi:"):
+            return parts[1]
+    return ""
+
+
+def _diy_versions(stack: _DIYStack, limit: int) -> list:
+    """Return the stack's versions, oldest first: ``[(number, update row, deployment bytes,
+    resource count)]``; only the newest ``limit`` are read (as the server keeps them).
+
+    Each history checkpoint is one version; the stack file is one more if its
+    state differs from the last checkpoint's (e.g. after ``pulumi stack import``).
+    """
+    entries = stack.history
+    raw = _diy_read(stack.path)
+    last_raw = _diy_read(entries[-1][1]) if entries else None
+    last = _diy_deployment(entries[-1][1], last_raw) if entries else None
+    if raw == last_raw:  # the usual case: the last update's copy of the stack file
+        latest, extra = last, False
+    else:
+        latest = _diy_deployment(stack.path, raw)
+        extra = latest[0] != last[0] if last else _count_resources(latest[0]) > 0
+    total = len(entries) + int(extra)
+    out = []
+    for number, (nanos, cp, hist) in enumerate(entries, 1):
+        if number <= total - limit:
+            continue
+        doc, data = last if number == len(entries) else _diy_deployment(cp)
+        out.append((number, _diy_update(hist, nanos, "update"), data, _count_resources(doc)))
+    if extra:
+        nanos = int(os.path.getmtime(stack.path) * 10**9)
+        update = _diy_update(None, nanos, "import")
+        update["status"] = "succeeded"
+        out.append((total, update, latest[1], _count_resources(latest[0])))
+    if not stack.project:
+        stack.project = _legacy_project(latest[0])
+    return out
+
+
+def _diy_tags(stack: _DIYStack) -> dict:
+    """Return the stack's tags that are valid here (a tags file is optional)."""
+    if not os.path.exists(stack.tags_path):
+        return {}
+    try:
+        tags = _loads(_diy_read(stack.tags_path), stack.tags_path).get("tags") or {}
+        return {k: v for k, v in tags.items() if _TAG_NAME_RE.match(k) and isinstance(v, str)
+                and len(v) <= 256}
+    except (HTTPError, ValueError, AttributeError):
+        return {}
+
+
+def _import_stack(engine: Engine, org: str, stack: _DIYStack, versions: list, tags: dict,
+                  overwrite: bool) -> str:
+    """Store one DIY stack and its versions in one transaction; return '' or why it was skipped."""
+    store = engine.store
+    stack_id = _new_id()
+    data_key = engine.keys.wrap_data_key(stack_id, secrets.token_bytes(32))
+    with store.write() as db:
+        row = store.get_stack(db, org, stack.project, stack.name)
+        if row is not None:
+            if not overwrite:
+                return "exists here (give --overwrite to replace it)"
+            if engine._running_update(db, row) is not None:
+                return "exists here with an update running"
+            store.delete_stack(db, row["id"])
+        first = versions[0][1]["created"] if versions else _now()
+        store.insert_stack(db, {
+            "id": stack_id, "org": org, "project": stack.project, "name": stack.name,
+            "created": first, "tags": json.dumps(tags), "data_key": data_key})
+        if not versions:
+            empty = _empty_deployment()
+            store.put_deployment(db, stack_id, 0, _gzip_bytes(empty), len(empty), 0)
+        for number, update, data, count in versions:
+            store.put_deployment(db, stack_id, number, _gzip_bytes(data), len(data), count)
+            store.insert_update(db, {
+                **update, "id": _new_id(), "stack_id": stack_id, "dry_run": 0,
+                "version": number, "base_version": number - 1, "resource_count": count})
+        if versions:
+            number, update, _, count = versions[-1]
+            store.update_stack(db, stack_id, version=number, resource_count=count,
+                               last_update=update["ended"])
+    return ""
+
+
+def _plan_stack(stack: _DIYStack, limit: int, ignore_locks: bool) -> list:
+    """Read a stack's versions and decide whether to import it (sets ``stack.skip``)."""
+    if stack.locks and not ignore_locks:
+        stack.skip = (f"locked ({os.path.relpath(stack.locks[0], os.path.dirname(stack.path))}"
+                      "): an update may be running; give --ignore-locks if it is stale")
+        return []
+    versions = _diy_versions(stack, limit)
+    if not _NAME_RE.match(stack.project or "") or not _NAME_RE.match(stack.name):
+        stack.skip = ("legacy stack without resources: its project is unknown"
+                      if not stack.project else "not a valid project/stack name here")
+        return []
+    stack.versions = len(versions)
+    stack.bytes = sum(len(v[2]) for v in versions)
+    return versions
+
+
+# ==== 12. Server lifecycle and main() =======================================
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive; every request goes through ``App.dispatch``."""
@@ -3670,7 +4160,7 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
     if not os.path.isdir(db_dir):
         raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")
     try:
-        store = SQLiteStore(cfg.db)
+        store = SQLiteStore(cfg.db, cfg.wal_autocheckpoint)
     except (sqlite3.Error, RuntimeError) as e:  # RuntimeError: a schema newer than ours
         raise ValueError(f"cannot open database {cfg.db}: {e}") from None
     try:
@@ -3718,62 +4208,14 @@ def _database_lock(path: str):
         os.close(fd)
 
 
-def _open_read_only(path: str) -> sqlite3.Connection:
-    """Open an existing database without writing to it; ValueError if there is none."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no database at {path}")
-    conn = sqlite3.connect("file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro",
-                           uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    return conn
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def backup_database(cfg: Config, out: Optional[str]) -> int:
     """Copy ``cfg.db`` to the new file ``out``: one consistent, self-contained file.
 
-    Works while the server runs. SQLite's backup API copies in one step under
-    a single read transaction, so the copy is a snapshot: a write committing
-    meanwhile is wholly in or out. The copy is written beside ``out`` (mode
-    0600: it holds the stacks' wrapped keys and state), checked, and linked
-    into place, so ``out`` is never half written. An existing ``out`` is never
-    replaced: with the two paths mixed up, that would be the live database.
-    Returns an exit code.
+    Works while the server runs; see ``_snapshot``. Returns an exit code.
     """
     if not out:
         raise ValueError("backup needs the file to write: backup --db DB OUT")
-    if os.path.lexists(out):
-        raise ValueError(f"{out} exists; backups never overwrite a file, give a new name")
-    src = _open_read_only(cfg.db)
-    tmp = f"{out}.tmp{os.getpid()}"
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        dst = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            src.backup(dst)
-            dst.execute("PRAGMA journal_mode = DELETE")  # one file, no -wal beside it
-            check = dst.execute("PRAGMA integrity_check").fetchone()[0]
-            stacks = dst.execute("SELECT count(*) FROM stacks").fetchone()[0]
-        finally:
-            dst.close()
-        if check != "ok":
-            raise ValueError(f"the copy failed its integrity check: {check}")
-        _fsync_path(tmp)
-        os.link(tmp, out)  # unlike rename, fails if out appeared meanwhile
-        _fsync_path(os.path.dirname(os.path.abspath(out)))
-    except (sqlite3.Error, OSError) as e:
-        raise ValueError(f"backup of {cfg.db} to {out} failed: {e}") from None
-    finally:
-        src.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    stacks = _snapshot(cfg.db, out)
     print(f"backed up {stacks} stacks to {out} ({os.path.getsize(out)} bytes). The master key "
           f"is not in it: keep a copy of {cfg.key_file()} (or PULUMI_BACKEND_MASTER_KEY).")
     return 0
@@ -3863,6 +4305,70 @@ def rotate_master_key(cfg: Config, new_key_file: Optional[str], environ: dict) -
     return 0
 
 
+def import_diy(cfg: Config, source: Optional[str], options: dict, environ: dict) -> int:
+    """Import every stack of a DIY backend, with its history; return an exit code.
+
+    ``options``: ``dry_run``, ``overwrite``, ``ignore_locks`` (booleans). Stacks
+    are skipped (and reported) when locked, existing without ``overwrite``, or
+    unreadable; the exit code is 1 only if some stack could not be read or stored.
+    """
+    if not source:
+        raise ValueError("import-diy needs the DIY backend: import-diy --db DB FOLDER|file://URL")
+    t0 = time.monotonic()
+    stacks = _diy_stacks(_diy_root(source))
+    store, engine = None, None
+    if not options.get("dry_run"):
+        store, app = build_app(cfg, environ)
+        engine = app.engine
+    elif os.path.exists(cfg.db):
+        store = SQLiteStore(cfg.db, cfg.wal_autocheckpoint)
+    tty = sys.stderr.isatty()
+    done = versions_total = bytes_total = failed = 0
+    try:
+        for i, stack in enumerate(stacks, 1):
+            if tty:
+                print(f"\r[{i}/{len(stacks)}] {stack.project}/{stack.name}\033[K",
+                      end="", file=sys.stderr, flush=True)
+            try:
+                versions = _plan_stack(stack, cfg.history_limit, options.get("ignore_locks"))
+                if stack.skip:
+                    pass
+                elif engine is not None:
+                    stack.skip = _import_stack(engine, cfg.org, stack, versions,
+                                               _diy_tags(stack), options.get("overwrite"))
+                elif store is not None and not options.get("overwrite"):
+                    with store.read() as db:
+                        if store.get_stack(db, cfg.org, stack.project, stack.name):
+                            stack.skip = "exists here (give --overwrite to replace it)"
+            except (ValueError, sqlite3.Error) as e:
+                stack.skip, failed = f"failed: {e}", failed + 1
+            what = f"{cfg.org}/{stack.project or '?'}/{stack.name}"
+            if tty:
+                print("\r\033[K", end="", file=sys.stderr)
+            if stack.skip:
+                print(f"skipped {what}: {stack.skip}", file=sys.stderr)
+                continue
+            done += 1
+            versions_total += stack.versions
+            bytes_total += stack.bytes
+            if options.get("dry_run"):
+                print(f"would import {what}: {stack.versions} versions, {stack.bytes} bytes")
+    finally:
+        if store is not None:
+            store.close()
+    skipped = [s for s in stacks if s.skip]
+    reasons = collections.Counter(s.skip.split(" (")[0].split(":")[0] for s in skipped)
+    print(f"{'would import' if options.get('dry_run') else 'imported'} {done} stacks, "
+          f"{versions_total} versions, {bytes_total} bytes of state from {source} in "
+          f"{time.monotonic() - t0:.1f} s; skipped {len(skipped)}"
+          + (" (" + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ")"
+             if skipped else ""))
+    if done and not options.get("dry_run"):
+        print("Stacks with a passphrase or cloud KMS secrets provider keep it: run `pulumi stack "
+              "change-secrets-provider default` on each to move it to this server's keys.")
+    return 1 if failed else 0
+
+
 def _one_malloc_arena() -> None:
     """Ask glibc for a single malloc arena (no-op elsewhere).
 
@@ -3899,10 +4405,15 @@ def serve(cfg: Config, environ: dict) -> int:
     signal.signal(signal.SIGINT, on_signal)
     _one_malloc_arena()
     log.info("secrets: AES-256-GCM via %s", app.engine.keys.crypto.name)
-    print(f"pulumi-backend listening on {server.url}", flush=True)
+    backups = BackupScheduler(cfg, app.engine.metrics) if cfg.backup_dir else None
     try:
+        if backups is not None:
+            backups.start()
+        print(f"pulumi-backend listening on {server.url}", flush=True)
         server.serve_forever(poll_interval=0.25)
     finally:
+        if backups is not None:
+            backups.stop()
         server.server_close()  # waits (bounded) for in-flight requests
         store.close()
         log.info("stopped")
@@ -3918,13 +4429,15 @@ def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
     except ValueError as e:
         print(f"pulumi_backend.py: error: {e}", file=sys.stderr)
         return 2
-    if extras["file"] and command not in ("backup", "restore"):
+    if extras["file"] and command not in ("backup", "restore", "import-diy"):
         print(f"pulumi_backend.py: error: unexpected argument {extras['file']!r}", file=sys.stderr)
         return 2
     _setup_logging(cfg.log_level, cfg.log_format)
     try:
         if command == "backup":
             return backup_database(cfg, extras["file"])
+        if command == "import-diy":  # beside a running server too: see section 11
+            return import_diy(cfg, extras["file"], extras["import"], environ)
         with _database_lock(cfg.db):
             if command == "restore":
                 return restore_database(cfg, extras["file"], environ)

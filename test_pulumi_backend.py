@@ -4514,6 +4514,410 @@ def test_500_is_json_without_detail(srv, monkeypatch):
         status, headers, out = srv.request("GET", "/api/user/stacks")
         assert status == 500 and headers["Content-Type"] == "application/json"
         assert out == {"code": 500, "message": "Internal Server Error"}
+# ==== 10d. Backups and replication: scheduled backups ===========================
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("30s", 30), ("15m", 900), ("1h", 3600),
+                                           ("1d", 86400), ("1.5h", 5400), (" 2M ", 120)])
+def test_parse_duration(text, seconds):
+    assert pb._parse_duration("backup-interval", text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "1w", "-1h", "1h30m", "soon"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError, match="--backup-interval expects a duration"):
+        pb._parse_duration("backup-interval", text)
+
+
+def test_backup_flags_and_environment(tmp_path):
+    _, cfg, _ = pb.parse_config(["--backup-dir", str(tmp_path), "--backup-interval", "15m"],
+                                {"PULUMI_BACKEND_BACKUP_KEEP": "3",
+                                 "PULUMI_BACKEND_BACKUP_INTERVAL": "1d"})
+    assert (cfg.backup_dir, cfg.backup_interval, cfg.backup_keep) == (str(tmp_path), 900, 3)
+    _, cfg, _ = pb.parse_config([], {"PULUMI_BACKEND_BACKUP_INTERVAL": "1d"})
+    assert cfg.backup_interval == 86400 and cfg.backup_dir == ""
+    for argv, message in ((["--backup-interval", "0s"], "at least 1 second"),
+                          (["--backup-keep", "0"], "at least 1"),
+                          (["--backup-interval", "daily"], "expects a duration")):
+        with pytest.raises(ValueError, match=message):
+            pb.parse_config(argv, {})
+
+
+def _scheduler(srv, tmp_path, **overrides):
+    cfg = dataclasses.replace(srv.cfg, backup_dir=str(tmp_path / "backups"), **overrides)
+    return pb.BackupScheduler(cfg, srv.app.engine.metrics)
+
+
+def test_scheduled_backup_is_checked_private_and_old_ones_pruned(srv, tmp_path):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([stack_res(), res("x")]))
+    backups = _scheduler(srv, tmp_path, backup_keep=2)
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    for stamp in ("20250101T000000Z", "20250102T000000Z"):  # as if from earlier days
+        (folder / f"pulumi-backend-{stamp}.db").write_bytes(b"old")
+    (folder / "notes.txt").write_text("not ours")
+    before = time.time()
+    out = backups.backup_now()
+    assert out is not None and Path(out).parent == folder
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    with sqlite3.connect(out) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT count(*) FROM stacks").fetchone()[0] == 1
+    # Named by UTC time; the oldest beyond --backup-keep are gone, other files stay.
+    assert backups.backups() == ["pulumi-backend-20250102T000000Z.db", Path(out).name]
+    assert (folder / "notes.txt").exists()
+    stamp = pb.BackupScheduler._NAME_RE.match(Path(out).name)[1]
+    assert stamp == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(before))) or \
+        stamp == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(before) + 1))
+    samples = scrape(srv)
+    assert int(before) <= sample(
+        samples, "pulumi_backend_last_backup_success_timestamp_seconds") <= time.time()
+
+
+def test_scheduled_backup_failure_is_logged_counted_and_harmless(srv, tmp_path, caplog):
+    path = srv.create_stack()
+    backups = _scheduler(srv, tmp_path)
+    backups.start()  # creates the folder and takes the first backup at once
+    try:
+        wait_for_files = time.monotonic() + 30
+        while not backups.backups():
+            assert time.monotonic() < wait_for_files
+            time.sleep(0.02)
+    finally:
+        backups.stop()
+    assert sample(scrape(srv), "pulumi_backend_backup_failures_total") == 0
+    folder = tmp_path / "backups"
+    for name in os.listdir(folder):
+        os.remove(folder / name)
+    folder.rmdir()
+    folder.write_text("a file where the folder was")  # every write into it now fails
+    with caplog.at_level("ERROR", logger="pulumi_backend"):
+        assert backups.backup_now() is None
+    assert "scheduled backup failed" in caplog.text
+    samples = scrape(srv)
+    assert sample(samples, "pulumi_backend_backup_failures_total") == 1
+    assert sample(samples, "pulumi_backend_last_backup_success_timestamp_seconds") > 0
+    srv.import_state(path, untyped([stack_res()]))  # requests go on
+    assert srv.request("GET", "/readyz", token=None)[0] == 200
+
+
+def test_no_backup_metrics_without_backup_dir(srv):
+    names = {name for name, _ in scrape(srv)}
+    assert "pulumi_backend_backup_failures_total" not in names
+    assert "pulumi_backend_last_backup_success_timestamp_seconds" not in names
+
+
+def test_scheduler_runs_on_its_interval_and_stops_promptly(srv, tmp_path):
+    srv.create_stack()
+    backups = _scheduler(srv, tmp_path, backup_interval=1, backup_keep=2)
+    backups.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(backups.backups()) < 2:  # the first at once, the second a second later
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        t = time.monotonic()
+        backups.stop()
+    assert time.monotonic() - t < 5 and not backups._thread.is_alive()
+    # A restart does not take another at once: the newest is less than an interval old.
+    count = len(backups.backups())
+    again = _scheduler(srv, tmp_path, backup_interval=3600)
+    again.start()
+    again.stop()
+    assert len(again.backups()) == count
+
+
+def test_writes_commit_while_a_backup_copies(srv, cfg, tmp_path):
+    """The backup's single step is one read transaction: WAL lets writers commit meanwhile."""
+    big, small = srv.create_stack(stack="big"), srv.create_stack(stack="small")
+    # ~8 MB of incompressible state, so one copy step takes a while.
+    srv.import_state(big, untyped([stack_res("big")] + [
+        res(f"r{i}", stack="big", outputs={"blob": secrets.token_hex(2048)})
+        for i in range(1000)]))
+    commits, stop = [], threading.Event()
+
+    def write():
+        while not stop.is_set():
+            srv.import_state(small, untyped([stack_res("small"), res(f"r{len(commits)}",
+                                                                     stack="small")]))
+            commits.append(time.monotonic())
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        overlapped, runs = 0, []
+        for i in range(5):
+            t0 = time.monotonic()
+            pb._snapshot(cfg.db, str(tmp_path / f"b{i}.db"))
+            t1 = time.monotonic()
+            runs.append(t1 - t0)
+            overlapped += sum(t0 < c < t1 for c in commits)
+            if overlapped:
+                break
+    finally:
+        stop.set()
+        writer.join()
+    print(f"backup of {os.path.getsize(tmp_path / 'b0.db') / 1e6:.1f} MB: "
+          f"{min(runs) * 1000:.0f} ms; {overlapped} writes committed during it")
+    assert overlapped > 0
+
+
+def test_wal_autocheckpoint_flag_and_no_forced_checkpoints(tmp_path):
+    """Litestream's needs: WAL, busy_timeout >= 5 s, and no checkpoint of ours racing it."""
+    _, cfg, _ = pb.parse_config(["--wal-autocheckpoint", "0"], {})
+    assert cfg.wal_autocheckpoint == 0 and Config().wal_autocheckpoint == 1000
+    with pytest.raises(ValueError, match="wal-autocheckpoint"):
+        pb.parse_config(["--wal-autocheckpoint", "-1"], {})
+    for pages in (0, 1000):
+        store = pb.SQLiteStore(str(tmp_path / f"{pages}.db"), pages)
+        with store.read() as db:
+            assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == pages
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert db.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+        store.close()
+    # The server never asks for a checkpoint itself (a TRUNCATE or RESTART one would
+    # wait on Litestream's read lock and race its WAL copying).
+    assert "wal_checkpoint" not in SCRIPT.read_text(encoding="utf-8")
+
+
+# ==== 10e. Import from DIY backends ============================================
+
+T0 = 1_700_000_000  # startTime of the first update of the DIY stacks below
+
+
+def write_diy(root, project, stack, states, gz=False, legacy=False, tags=None, lock=False,
+              provider=None, kinds=None):
+    """Write a stack the way the CLI's DIY backend does; each of ``states`` (lists of
+    resources) is one update's result: a history checkpoint, an update record, and
+    the stack file holding the last one. Return the stack's path on our server."""
+    bk = root / ".pulumi"
+    scoped = () if legacy else (project,)
+    if not legacy:
+        bk.mkdir(parents=True, exist_ok=True)
+        (bk / "meta.yaml").write_text("version: 1\n")
+    ext = ".json.gz" if gz else ".json"
+
+    def put(path, value):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(value, indent=4).encode()
+        path.write_bytes(gzip.compress(data) if gz else data)
+
+    def checkpoint(resources):
+        latest = deployment(resources)
+        if provider:
+            latest["secrets_providers"] = provider
+        return {"version": 3, "checkpoint": {"stack": f"organization/{project}/{stack}",
+                                             "latest": latest}}
+    history = bk.joinpath("history", *scoped, stack)
+    for i, resources in enumerate(states):
+        prefix = f"{stack}-{(T0 + 100 * i) * 10**9 + 123}"
+        put(history / f"{prefix}.checkpoint{ext}", checkpoint(resources))
+        put(history / f"{prefix}.history{ext}", {
+            "kind": (kinds or {}).get(i, "update"), "startTime": T0 + 100 * i,
+            "message": f"change {i}", "environment": {"exec.kind": "cli"},
+            "config": {"aws:region": {"string": "eu-west-1", "secret": False, "object": False}},
+            "result": "failed" if (kinds or {}).get(i) == "failed" else "succeeded",
+            "endTime": T0 + 100 * i + 7, "resourceChanges": {"create": i + 1}})
+    stack_file = bk.joinpath("stacks", *scoped, stack + ext)
+    put(stack_file, checkpoint(states[-1]) if states else
+        {"version": 3, "checkpoint": {"stack": f"organization/{project}/{stack}"}})
+    if tags is not None:
+        stack_file.with_name(stack + ".pulumi-tags").write_text(
+            json.dumps({"version": 1, "tags": tags}))
+    if lock:
+        lock_dir = bk.joinpath("locks", *(("organization", project) if not legacy else ()), stack)
+        lock_dir.mkdir(parents=True)
+        (lock_dir / "7f1e.json").write_text('{"pid":1,"username":"ci","hostname":"runner"}')
+    return sp(project, stack)
+
+
+def diy_states(n, stack="dev", project="proj"):
+    """n growing states: state i has the stack resource and i+1 pets."""
+    return [[stack_res(stack, project)] + [res(f"p{j}", stack=stack, project=project)
+                                           for j in range(i + 1)] for i in range(n)]
+
+
+def run_import(cfg, source, capsys=None, **options):
+    opts = {"dry_run": False, "overwrite": False, "ignore_locks": False, **options}
+    code = pb.import_diy(cfg, str(source), opts, {})
+    out = capsys.readouterr() if capsys else None
+    return code, out
+
+
+def test_import_diy_brings_every_stack_with_its_history(srv, cfg, tmp_path, capsys):
+    """Into a running server: no restart needed, and every version is there."""
+    diy = tmp_path / "diy"
+    web = write_diy(diy, "web", "dev", diy_states(5), tags={"team": "infra"})
+    api = write_diy(diy, "api", "prod", diy_states(3, "prod", "api"), gz=True,
+                    kinds={1: "refresh"})
+    code, out = run_import(cfg, diy, capsys)
+    assert code == 0, out
+    assert out.out.splitlines()[0].startswith(
+        "imported 2 stacks, 8 versions, ") and "skipped 0" in out.out
+    assert "change-secrets-provider default" in out.out
+    status, _, listed = srv.request("GET", "/api/user/stacks")
+    assert sorted((s["projectName"], s["stackName"], s["resourceCount"])
+                  for s in listed["stacks"]) == [("api", "prod", 4), ("web", "dev", 6)]
+    history = srv.history(web)
+    assert [u["version"] for u in history] == [5, 4, 3, 2, 1]
+    oldest = history[-1]
+    assert (oldest["kind"], oldest["result"], oldest["startTime"], oldest["endTime"]) == (
+        "update", "succeeded", T0, T0 + 7)
+    assert oldest["message"] == "change 0" and oldest["resourceChanges"] == {"create": 1}
+    assert oldest["environment"] == {"exec.kind": "cli"}
+    assert oldest["config"]["aws:region"]["string"] == "eu-west-1"
+    assert history[0]["resourceCount"] == 6
+    assert [u["kind"] for u in srv.history(api)] == ["update", "refresh", "update"]
+    for n, state in enumerate(diy_states(5), 1):  # export --version N: that update's state
+        assert srv.export(web, n)["deployment"]["resources"] == state
+    assert srv.export(web) == srv.export(web, 5)
+    assert srv.stack(web)["tags"] == {"team": "infra"} and srv.stack(web)["version"] == 5
+    # The imported stack takes updates like any other.
+    update = srv.begin(web)
+    assert update.complete()[0] == 200 and srv.stack(web)["version"] == 6
+
+
+def test_import_diy_legacy_layout_through_a_file_url(cfg, tmp_path, capsys, start):
+    diy = tmp_path / "old diy"
+    write_diy(diy, "legacy", "dev", diy_states(2, "dev", "legacy"), legacy=True)
+    write_diy(diy, "legacy", "empty", [[]], legacy=True)  # no resources: project unknown
+    code, out = run_import(cfg, "file://" + urllib.request.pathname2url(str(diy)), capsys)
+    assert code == 0
+    assert "skipped organization/?/empty: legacy stack without resources" in out.err
+    assert "imported 1 stacks, 2 versions" in out.out and "skipped 1 (1 legacy stack" in out.out
+    srv = start()
+    assert [u["version"] for u in srv.history(sp("legacy", "dev"))] == [2, 1]
+
+
+def test_import_diy_skips_locked_and_existing_stacks(srv, cfg, tmp_path, capsys):
+    diy = tmp_path / "diy"
+    free = write_diy(diy, "web", "dev", diy_states(2))
+    locked = write_diy(diy, "web", "busy", diy_states(1, "busy"), lock=True)
+    code, out = run_import(cfg, diy, capsys)
+    assert code == 0
+    assert "skipped organization/web/busy: locked (" in out.err and "--ignore-locks" in out.err
+    assert srv.request("GET", locked)[0] == 404
+    # Re-run: what exists is skipped; the lock is ignored only on request.
+    code, out = run_import(cfg, diy, capsys, ignore_locks=True)
+    assert "imported 1 stacks, 1 versions" in out.out
+    assert "skipped organization/web/dev: exists here (give --overwrite" in out.err
+    assert srv.request("GET", locked)[0] == 200
+    old_id = srv.stack(free)["id"]
+    srv.import_state(free, untyped([stack_res()]))  # diverges here
+    code, out = run_import(cfg, diy, capsys, overwrite=True, ignore_locks=True)
+    assert "imported 2 stacks, 3 versions" in out.out, out
+    assert srv.stack(free)["id"] != old_id and srv.stack(free)["version"] == 2
+    assert srv.export(free)["deployment"]["resources"] == diy_states(2)[-1]
+    # A stack with an update running is never replaced.
+    update = srv.begin(free)
+    code, out = run_import(cfg, diy, capsys, overwrite=True)
+    assert "skipped organization/web/dev: exists here with an update running" in out.err
+    assert update.complete()[0] == 200
+
+
+def test_import_diy_dry_run_changes_nothing(cfg, tmp_path, capsys):
+    diy = tmp_path / "diy"
+    write_diy(diy, "web", "dev", diy_states(3))
+    code, out = run_import(cfg, diy, capsys, dry_run=True)
+    assert code == 0
+    assert out.out.startswith("would import organization/web/dev: 3 versions, ")
+    assert "would import 1 stacks, 3 versions" in out.out
+    assert not os.path.exists(cfg.db) and not os.path.exists(cfg.key_file())
+
+
+def test_import_diy_one_transaction_per_stack(srv, cfg, tmp_path, capsys):
+    diy = tmp_path / "diy"
+    good = write_diy(diy, "web", "a", diy_states(2, "a"))
+    bad = write_diy(diy, "web", "b", diy_states(3, "b"))
+    victim = sorted((diy / ".pulumi/history/web/b").glob("*.checkpoint.json"))[1]
+    victim.write_text('{"version": 3, "checkpoint": {"latest": {"resources": 7}}}')
+    code, out = run_import(cfg, diy, capsys)
+    assert code == 1
+    assert f"skipped organization/web/b: failed: {victim}: deployment resources" in out.err
+    assert srv.request("GET", bad)[0] == 404  # nothing of it: no half stack
+    assert srv.stack(good)["version"] == 2
+
+
+def test_import_diy_current_state_beyond_history_and_history_limit(start, cfg, tmp_path,
+                                                                    capsys):
+    diy = tmp_path / "diy"
+    path = write_diy(diy, "web", "dev", diy_states(4))
+    # `pulumi stack import` on a DIY backend rewrites the stack file without history.
+    stack_file = diy / ".pulumi/stacks/web/dev.json"
+    doc = json.loads(stack_file.read_text())
+    doc["checkpoint"]["latest"]["resources"] = [stack_res()]
+    stack_file.write_text(json.dumps(doc))
+    write_diy(diy, "web", "new", [])  # `pulumi stack init` only
+    srv = start(history_limit=3)
+    code, out = run_import(dataclasses.replace(cfg, history_limit=3), diy, capsys)
+    assert code == 0 and "imported 2 stacks, 3 versions" in out.out
+    history = srv.history(path)
+    assert [(u["version"], u["kind"]) for u in history] == [(5, "import"), (4, "update"),
+                                                            (3, "update")]
+    assert srv.export(path)["deployment"]["resources"] == [stack_res()]
+    assert srv.export(path, 4)["deployment"]["resources"] == diy_states(4)[-1]
+    assert srv.request("GET", path + "/export/2")[0] == 404  # beyond --history-limit
+    assert srv.stack(sp("web", "new"))["version"] == 0 and srv.history(sp("web", "new")) == []
+
+
+def test_import_diy_keeps_passphrase_provider(srv, cfg, tmp_path, capsys):
+    provider = {"type": "passphrase", "state": {"salt": "v1:abc:v1:def:ghi"}}
+    secret = {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270",
+              "ciphertext": "v1:Zm9v:YmFy"}
+    states = [[stack_res(), res("p", outputs={"pw": secret})]]
+    path = write_diy(tmp_path / "diy", "web", "dev", states, provider=provider)
+    assert run_import(cfg, tmp_path / "diy", capsys)[0] == 0
+    exported = srv.export(path)
+    assert exported["deployment"]["secrets_providers"] == provider
+    assert exported["deployment"]["resources"][1]["outputs"]["pw"] == secret
+
+
+def test_import_diy_reports_what_it_cannot_read(cfg, tmp_path, capsys):
+    with pytest.raises(ValueError, match="no .pulumi folder there.*sync it to a folder"):
+        pb.import_diy(cfg, str(tmp_path), {}, {})
+    diy = tmp_path / "diy"
+    write_diy(diy, "web", "dev", diy_states(1))
+    (diy / ".pulumi/meta.yaml").write_text("version: 2\n")
+    with pytest.raises(ValueError, match="layout version 2"):
+        pb.import_diy(cfg, str(diy), {}, {})
+    (diy / ".pulumi/meta.yaml").write_text("version: 1\n")
+    (diy / ".pulumi/stacks/web/dev.json").write_bytes(b"\x28\xb5\x2f\xfd" + b"x" * 20)
+    code, out = run_import(cfg, diy, capsys)
+    assert code == 1 and "zstd-compressed" in out.err and "zstd -d" in out.err
+
+
+def test_import_diy_progress_only_on_a_terminal(cfg, tmp_path, capsys, monkeypatch):
+    diy = tmp_path / "diy"
+    for name in ("a", "b"):
+        write_diy(diy, "web", name, diy_states(1, name))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, out = run_import(cfg, diy, capsys, dry_run=True)
+    assert code == 0 and "\r[1/2] web/a" in out.err and "\r[2/2] web/b" in out.err
+    assert "[1/2]" not in out.out  # the summary and plan stay clean on stdout
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert "[1/2]" not in run_import(cfg, diy, capsys, dry_run=True)[1].err
+
+
+def test_import_diy_flags():
+    command, _, extras = pb.parse_config(["import-diy", "SRC", "--overwrite"],
+                                         {"PULUMI_BACKEND_DRY_RUN": "1"})
+    assert (command, extras["file"]) == ("import-diy", "SRC")
+    assert extras["import"] == {"dry_run": True, "overwrite": True, "ignore_locks": False}
+
+
+def test_import_diy_command_line(tmp_path):
+    diy = tmp_path / "diy"
+    write_diy(diy, "web", "dev", diy_states(2))
+    db = tmp_path / "s.db"
+    run = [sys.executable, str(SCRIPT), "import-diy", "--db", str(db), str(diy)]
+    proc = subprocess.run(run + ["--dry-run"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "would import 1 stacks" in proc.stdout, proc.stderr
+    assert not db.exists()
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "imported 1 stacks, 2 versions" in proc.stdout, proc.stderr
+    assert os.stat(db.with_name("s.db.key")).st_mode & 0o777 == 0o600
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert "skipped 1 (1 exists here)" in proc.stdout and proc.returncode == 0
 
 
 # ==== 11. Module hygiene =======================================================

