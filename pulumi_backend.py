@@ -25,9 +25,12 @@ instead of ``--master-key-file``; ``PULUMI_BACKEND_LIBCRYPTO`` names the
 libcrypto to load.
 
 Security notes: with no ``--auth-token`` configured any token is accepted, which
-is only allowed while bound to a loopback address. Secrets are AES-256-GCM with
-a data key per stack, wrapped by a master key kept outside the database. Tokens,
-secrets and plaintexts are never logged.
+is only allowed while bound to a loopback address; a token option given but
+empty (or a token file with only blank and ``#`` lines) is an error instead.
+Secrets are AES-256-GCM with a data key per stack, wrapped by a master key kept
+outside the database; a master key that does not open the stack keys stops the
+server at start. The database and its -wal, -shm and lock files are 0600.
+Tokens, secrets and plaintexts are never logged.
 
 Sections:
   1. Constants and limits
@@ -238,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "user", f"login name reported for the user (default {DEFAULT_USER})")
     _flag(p, "auth-token", "accepted API token; repeat or comma-separate for several",
           action="append")
-    _flag(p, "auth-token-file", "file with one accepted API token per line")
+    _flag(p, "auth-token-file", "file with one accepted API token per line "
+          "(blank lines and # comments skipped)")
     _flag(p, "allow-any-token", "accept any token on a non-loopback address (unsafe)",
           action="store_const", const="1")
     _flag(p, "master-key-file", "32-byte master key file, created 0600 if absent "

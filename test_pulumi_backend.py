@@ -19,6 +19,7 @@ Sections:
   9.   Handlers: identity, stacks, state, secrets, updates
  10.   Server lifecycle, durability and main()
  10b.  Reliability: hostile input, storage faults, limits, concurrency
+ 10f.  Hardening: configuration, files and keys
  11.   Module hygiene
 """
 
