@@ -2058,7 +2058,7 @@ class Engine:
         """Apply a delta to the update's working state and save it.
 
         The write lock is shared by every stack, and applying a delta to a large
-        state is slow (a legacy line/column delta on 16 MB: ~0.5 s). So the
+        state is slow (a legacy line/column delta on 16 MB: 0.5 to 2 s). So the
         delta is applied to a snapshot outside the lock, and the result is saved
         under the lock only if that snapshot is still the latest checkpoint;
         otherwise it is applied again to the newer one.
