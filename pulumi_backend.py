@@ -27,11 +27,14 @@ instead of ``--master-key-file``; ``PULUMI_BACKEND_LIBCRYPTO`` names the
 libcrypto to load.
 
 Security notes: with no ``--auth-token`` configured any token is accepted, which
-is only allowed while bound to a loopback address. Secrets are AES-256-GCM with
-a data key per stack, wrapped by a master key kept outside the database. Tokens,
-secrets and plaintexts are never logged. No byte of a request body is read
-before its route and credentials check out; a route that takes no body refuses
-one, and the request line and headers have ``--header-timeout`` seconds.
+is only allowed while bound to a loopback address; a token option given but
+empty (or a token file with only blank and ``#`` lines) is an error instead.
+Secrets are AES-256-GCM with a data key per stack, wrapped by a master key kept
+outside the database; a master key that does not open the stack keys stops the
+server at start. The database and its -wal, -shm and lock files are 0600.
+Tokens, secrets and plaintexts are never logged. No byte of a request body is
+read before its route and credentials check out; a route that takes no body
+refuses one, and the request line and headers have ``--header-timeout`` seconds.
 
 Sections:
   1. Constants and limits
@@ -76,6 +79,7 @@ import selectors
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -113,6 +117,8 @@ DEFAULT_DB = "pulumi-backend.db"
 DEFAULT_HOST = "127.0.0.1"
 #: Default TCP port.
 DEFAULT_PORT = 8080
+#: Accepted API tokens shorter than this get a warning at start-up.
+MIN_TOKEN_LENGTH = 16
 #: Name of the single organization this server hosts.
 DEFAULT_ORG = "organization"
 #: Login name of the single user.
@@ -133,6 +139,9 @@ DEFAULT_CHECKPOINT_CUTOFF = 1024 * 1024
 #: Every this many deltas the whole checkpoint is stored, so that rebuilding it
 #: from SQLite (after a restart) applies at most this many deltas.
 DELTA_CHAIN_LIMIT = 64
+#: A checkpoint delta is applied outside the write lock; if the working state
+#: changed meanwhile it is applied again, up to this many times in all (then 409).
+DELTA_ATTEMPTS = 3
 #: Bytes of working checkpoints kept in memory for delta application.
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: Idle or slow clients are disconnected after this many seconds.
@@ -271,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "user", f"login name reported for the user (default {DEFAULT_USER})")
     _flag(p, "auth-token", "accepted API token; repeat or comma-separate for several",
           action="append")
-    _flag(p, "auth-token-file", "file with one accepted API token per line")
+    _flag(p, "auth-token-file", "file with one accepted API token per line "
+          "(blank lines and # comments skipped)")
     _flag(p, "allow-any-token", "accept any token on a non-loopback address (unsafe)",
           action="store_const", const="1")
     _flag(p, "master-key-file", "32-byte master key file, created 0600 if absent "
@@ -351,7 +361,10 @@ def parse_config(argv: list, environ: dict) -> tuple:
         flag_value = getattr(args, action.dest)
         if flag_value is None:
             env = environ.get("PULUMI_BACKEND_" + action.dest.upper())
-            if env is None or env == "":
+            # An empty variable counts as unset, except a token one: set but
+            # empty there must not mean "accept any token".
+            if env is None or (env == "" and action.dest not in ("auth_token",
+                                                                 "auth_token_file")):
                 continue
             flag_value = [env] if action.dest == "auth_token" else env
             if action.type is not None:
@@ -362,16 +375,7 @@ def parse_config(argv: list, environ: dict) -> tuple:
                                      f"not a valid number: {env!r}") from None
         values[action.dest] = flag_value
 
-    tokens: list = []
-    for item in values.pop("auth_token", None) or []:
-        tokens += [t.strip() for t in item.split(",") if t.strip()]
-    token_file = values.pop("auth_token_file", None)
-    if token_file:
-        try:
-            with open(token_file, encoding="utf-8") as f:
-                tokens += [line.strip() for line in f if line.strip()]
-        except OSError as e:
-            raise ValueError(f"cannot read --auth-token-file {token_file}: {e.strerror}") from None
+    tokens = _parse_tokens(values.pop("auth_token", None), values.pop("auth_token_file", None))
     new_key_file = values.pop("new_key_file", None)
     import_options = {key: _parse_bool(key.replace("_", "-"), str(values.pop(key, "0")))
                       for key in ("dry_run", "overwrite", "ignore_locks")}
@@ -395,6 +399,41 @@ def parse_config(argv: list, environ: dict) -> tuple:
     if args.command == "import-diy":
         extras["import"] = import_options
     return args.command, cfg, extras
+
+
+def _parse_tokens(items: Optional[list], token_file: Optional[str]) -> list:
+    """Return the tokens of ``--auth-token`` values and ``--auth-token-file``.
+
+    Either option given but holding no token is a ValueError: an empty token
+    list means "accept any token", so a blank secret or an empty file must not
+    silently open the server.
+    """
+    tokens: list = []
+    for item in items or []:
+        tokens += [t.strip() for t in item.split(",") if t.strip()]
+    if items is not None and not tokens:
+        raise ValueError("--auth-token (PULUMI_BACKEND_AUTH_TOKEN) is empty: give the token, "
+                         "or leave the option out to accept any token on loopback")
+    if token_file is None:
+        return tokens
+    if not token_file:
+        raise ValueError("--auth-token-file (PULUMI_BACKEND_AUTH_TOKEN_FILE) is empty: name "
+                         "the file, or leave the option out")
+    try:
+        with open(token_file, encoding="utf-8") as f:
+            found = [t for t in (line.strip() for line in f) if t and not t.startswith("#")]
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise ValueError(f"cannot read --auth-token-file {token_file}: {reason}") from None
+    if not found:
+        raise ValueError(f"--auth-token-file {token_file} holds no token: put one token per "
+                         "line in it (blank lines and # comments are skipped)")
+    return tokens + found
+
+
+def _short_token_count(cfg: Config) -> int:
+    """Return how many accepted tokens are shorter than MIN_TOKEN_LENGTH (for a warning)."""
+    return sum(len(t) < MIN_TOKEN_LENGTH for t in cfg.auth_tokens)
 
 
 def _validate_config(cfg: Config) -> None:
@@ -795,10 +834,10 @@ class Store:
     # Record methods, implemented by SQLiteStore (handle first, then arguments):
     # meta: get_meta, set_meta
     # stacks: get_stack, get_stack_by_id, list_stacks, insert_stack, update_stack,
-    #   delete_stack, project_exists, count_stacks, all_data_keys
+    #   delete_stack, project_exists, count_stacks, all_data_keys, one_data_key
     # deployments: get_deployment, put_deployment, prune_versions
     # updates: get_update, insert_update, update_update, count_running_updates, list_history
-    # checkpoints: put_checkpoint, checkpoint_rows, clear_checkpoints
+    # checkpoints: put_checkpoint, last_checkpoint, checkpoint_rows, clear_checkpoints
     # journal: append_journal, journal_entries, clear_journal
     # events: append_events, list_events
 
@@ -865,6 +904,48 @@ _SCHEMA = [
 ]
 
 
+def _private_file(path: str, create: bool = False) -> None:
+    """Make ``path`` readable by its owner only (0600), creating it empty if asked.
+
+    The database holds plaintext outputs and wrapped stack keys. A file that
+    exists with group or other access (from an older version, or made by hand)
+    is tightened with a warning; one we cannot change is left with a warning.
+    """
+    if create:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode) or not mode & 0o077:
+        return
+    try:
+        os.chmod(path, stat.S_IMODE(mode) & 0o700)
+    except OSError as e:
+        log.warning("%s is readable by other users (mode %04o) and cannot be changed: %s",
+                    path, stat.S_IMODE(mode), e.strerror)
+        return
+    log.warning("%s was readable by other users (mode %04o); it is now %04o", path,
+                stat.S_IMODE(mode), stat.S_IMODE(mode) & 0o700)
+
+
+def _private_database(path: str) -> None:
+    """Create the database file 0600 if absent and take others' access off it and its
+    -wal and -shm files.
+
+    SQLite creates -wal and -shm with the main file's mode (whatever the umask),
+    so a 0600 database keeps them 0600. Changing the process umask instead
+    would affect every thread; the folder's mode is left as it is.
+    """
+    real = os.path.realpath(path)  # SQLite puts -wal and -shm beside the link's target
+    _private_file(real, create=True)
+    for suffix in ("-wal", "-shm"):
+        _private_file(real + suffix)
+
+
 class SQLiteStore(Store):
     """SQLite in WAL mode: one writer connection behind a lock, pooled readers.
 
@@ -888,6 +969,7 @@ class SQLiteStore(Store):
         # so a scrape can read the dict while the writer updates it.
         self.bytes_written = dict.fromkeys(("deployments", "checkpoints", "journal"), 0)
         self._uncommitted_bytes: dict = {}
+        _private_database(path)
         self._writer = self._connect()
         self._migrate()
 
@@ -1068,6 +1150,10 @@ class SQLiteStore(Store):
     def all_data_keys(self, db) -> list:
         return [(r[0], r[1]) for r in db.execute("SELECT id, data_key FROM stacks")]
 
+    def one_data_key(self, db) -> Optional[tuple]:
+        """Return ``(stack id, wrapped data key)`` of some stack, or None if there is none."""
+        return _one_data_key(db)
+
     # -- deployments --------------------------------------------------------
 
     def get_deployment(self, db, stack_id: str, version: Optional[int] = None) -> Optional[dict]:
@@ -1142,6 +1228,12 @@ class SQLiteStore(Store):
                    "VALUES (?, ?, ?, ?, ?)", (update_id, seq, kind, data, digest))
         self._count_written("checkpoints", len(data))
 
+    def last_checkpoint(self, db, update_id: str) -> Optional[tuple]:
+        """Return ``(seq, hash)`` of the update's latest checkpoint row, or None."""
+        row = db.execute("SELECT seq, hash FROM checkpoints WHERE update_id = ? "
+                         "ORDER BY seq DESC LIMIT 1", (update_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
     def checkpoint_rows(self, db, update_id: str) -> list:
         return [dict(r) for r in db.execute(
             "SELECT seq, kind, data, hash FROM checkpoints WHERE update_id = ? ORDER BY seq",
@@ -1176,6 +1268,12 @@ class SQLiteStore(Store):
         return [(r[0], r[1]) for r in db.execute(
             "SELECT seq, data FROM events WHERE update_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (update_id, after, limit))]
+
+
+def _one_data_key(conn: sqlite3.Connection) -> Optional[tuple]:
+    # Shared with restore, which checks a backup through a plain connection.
+    row = conn.execute("SELECT id, data_key FROM stacks ORDER BY id LIMIT 1").fetchone()
+    return (row[0], row[1]) if row else None
 
 
 _STACK_COLUMNS = frozenset({"org", "project", "name", "tags", "version", "active_update",
@@ -1954,8 +2052,11 @@ class Engine:
         return update
 
     def _leased_update(self, db, org: str, project: str, name: str, update_id: str,
-                       token: str) -> tuple:
-        """Return ``(stack, update)`` if ``token`` is the live lease of that update; else 403."""
+                       token: str, renew: bool = True) -> tuple:
+        """Return ``(stack, update)`` if ``token`` is the live lease of that update; else 403.
+
+        With ``renew`` (a write transaction) the lease is also extended.
+        """
         row = self.stack(db, org, project, name)
         update = self._update_of(db, row, update_id)
         if not update["lease_token"] or not hmac.compare_digest(
@@ -1965,6 +2066,8 @@ class Engine:
             raise Forbidden("the update is no longer running")
         if update["lease_expires"] < _now():
             raise Forbidden("the update lease has expired")
+        if not renew:
+            return row, update
         # The CLI assumes 5-minute leases and renews late; every accepted call
         # of a busy update also extends its lease, so a shorter --lease-seconds
         # only ever ends updates whose CLI went quiet.
@@ -1999,14 +2102,19 @@ class Engine:
 
     # -- updates: state uploads -------------------------------------------
 
-    def _checkpointed_update(self, db, org, project, name, update_id, token) -> tuple:
-        row, update = self._leased_update(db, org, project, name, update_id, token)
+    def _checkpointed_update(self, db, org, project, name, update_id, token,
+                             renew: bool = True) -> tuple:
+        row, update = self._leased_update(db, org, project, name, update_id, token, renew)
         if update["dry_run"]:
             raise BadRequest("previews do not save state")
         return row, update
 
-    def _working(self, db, update_id: str) -> Optional[tuple]:
-        """Return ``(seq, bytes, sha256)`` of the update's latest checkpoint, or None."""
+    def _working(self, db, update_id: str, keep: bool = True) -> Optional[tuple]:
+        """Return ``(seq, bytes, sha256)`` of the update's latest checkpoint, or None.
+
+        A state rebuilt from the rows is cached only with ``keep``, which only a
+        writer may ask: a reader's snapshot may already be older than the cache.
+        """
         item = self.working.get(update_id)
         if item is not None:
             return item
@@ -2017,7 +2125,8 @@ class Engine:
         for r in rows:
             data = r["data"] if r["kind"] == "full" else apply_delta(data, _loads(r["data"]))
         item = (rows[-1]["seq"], data, rows[-1]["hash"])
-        self.working.put(update_id, *item)
+        if keep:
+            self.working.put(update_id, *item)
         return item
 
     def checkpoint_full(self, org, project, name, update_id, token, body: bytes) -> None:
@@ -2034,7 +2143,7 @@ class Engine:
         digest = hashlib.sha256(data).hexdigest()
         with self.store.write() as db:
             self._checkpointed_update(db, org, project, name, update_id, token)
-            current = self._working(db, update_id)
+            current = self.store.last_checkpoint(db, update_id)
             seq = current[0] + 1 if current else 1
             self.store.put_checkpoint(db, update_id, seq, "full", data, digest)
             self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
@@ -2046,7 +2155,7 @@ class Engine:
         digest = hashlib.sha256(data).hexdigest()
         with self.store.write() as db:
             self._checkpointed_update(db, org, project, name, update_id, token)
-            current = self._working(db, update_id)
+            current = self.store.last_checkpoint(db, update_id)
             if current is not None and seq < current[0]:
                 raise Conflict(f"sequence number {seq} is older than the last saved "
                                f"{current[0]}")
@@ -2055,34 +2164,40 @@ class Engine:
         self.metrics.inc("pulumi_backend_checkpoints_total", form="verbatim")
 
     def checkpoint_delta(self, org, project, name, update_id, token, body: bytes) -> None:
+        """Apply a delta to the update's working state and save it.
+
+        The write lock is shared by every stack, and applying a delta to a large
+        state is slow (a legacy line/column delta on 16 MB: 0.5 to 2 s). So the
+        delta is applied to a snapshot outside the lock, and the result is saved
+        under the lock only if that snapshot is still the latest checkpoint;
+        otherwise it is applied again to the newer one.
+        """
         req = _require_dict(_loads(body))
         seq = _int_field(req, "sequenceNumber")
         expected = req.get("checkpointHash")
         if not isinstance(expected, str) or not _SHA256_HEX_RE.fullmatch(expected):
             raise BadRequest("checkpointHash must be a SHA-256 hex digest")
-        with self.store.write() as db:
-            self._checkpointed_update(db, org, project, name, update_id, token)
-            current = self._working(db, update_id)
-            if current is None:
-                raise Conflict("no checkpoint to apply a delta to; send it verbatim")
-            last_seq, prev, last_hash = current
-            if seq == last_seq:
-                if hmac.compare_digest(expected.lower(), last_hash):
+        edits = req.get("deploymentDelta")
+        for _ in range(DELTA_ATTEMPTS):
+            with self.store.read() as db:
+                self._checkpointed_update(db, org, project, name, update_id, token, renew=False)
+                base = self._working(db, update_id, keep=False)
+            new = _next_checkpoint(base, seq, expected.lower(), edits)
+            with self.store.write() as db:
+                self._checkpointed_update(db, org, project, name, update_id, token)
+                if self.store.last_checkpoint(db, update_id) != (base[0], base[2]):
+                    continue  # another upload landed meanwhile: apply to that one
+                if new is None:
                     return  # a retry of the delta we already applied
-                raise Conflict(f"sequence number {seq} was already saved with another hash")
-            if seq != last_seq + 1:
-                raise Conflict(f"sequence number {seq} does not follow {last_seq}")
-            edits = req.get("deploymentDelta")
-            data = apply_delta(prev, edits)
-            digest = hashlib.sha256(data).hexdigest()
-            if not hmac.compare_digest(digest, expected.lower()):
-                raise Conflict("checkpointHash does not match the state after applying the delta")
-            if seq % DELTA_CHAIN_LIMIT == 0:  # bound the rebuild work after a restart
-                self.store.put_checkpoint(db, update_id, seq, "full", data, digest)
-            else:
-                self.store.put_checkpoint(db, update_id, seq, "delta", _dumps(edits), digest)
-            self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
-        self.metrics.inc("pulumi_backend_checkpoints_total", form="delta")
+                data, digest = new
+                if seq % DELTA_CHAIN_LIMIT == 0:  # bound the rebuild work after a restart
+                    self.store.put_checkpoint(db, update_id, seq, "full", data, digest)
+                else:
+                    self.store.put_checkpoint(db, update_id, seq, "delta", _dumps(edits), digest)
+                self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
+            self.metrics.inc("pulumi_backend_checkpoints_total", form="delta")
+            return
+        raise Conflict("the checkpoint kept changing while the delta was applied; send it again")
 
     def journal_append(self, org, project, name, update_id, token, body: bytes) -> int:
         req = _require_dict(_loads(body))
@@ -2298,6 +2413,30 @@ class Engine:
         return {"pulumi_backend_stacks": stacks, "pulumi_backend_active_updates": running,
                 "pulumi_backend_database_bytes": self.store.database_bytes(),
                 "pulumi_backend_state_bytes_written_total": written}
+
+
+def _next_checkpoint(base: Optional[tuple], seq: int, expected: str,
+                     edits: Any) -> Optional[tuple]:
+    """Return ``(bytes, sha256)`` of checkpoint ``seq``: ``edits`` applied to ``base``
+    (``(seq, bytes, sha256)``); None if ``base`` already is that checkpoint.
+
+    Raises Conflict when the delta does not follow ``base`` or its result does
+    not hash to ``expected`` (the CLI then sends the state verbatim).
+    """
+    if base is None:
+        raise Conflict("no checkpoint to apply a delta to; send it verbatim")
+    last_seq, prev, last_hash = base
+    if seq == last_seq:
+        if hmac.compare_digest(expected, last_hash):
+            return None
+        raise Conflict(f"sequence number {seq} was already saved with another hash")
+    if seq != last_seq + 1:
+        raise Conflict(f"sequence number {seq} does not follow {last_seq}")
+    data = apply_delta(prev, edits)
+    digest = hashlib.sha256(data).hexdigest()
+    if not hmac.compare_digest(digest, expected):
+        raise Conflict("checkpointHash does not match the state after applying the delta")
+    return data, digest
 
 
 def _check_resource(value: Any, what: str) -> None:
@@ -2680,20 +2819,36 @@ class KeyManager:
     def unwrap_data_key(self, stack_id: str, wrapped: bytes) -> bytes:
         return self.crypto.open(self._master, wrapped, b"stack:" + stack_id.encode())
 
+    def matches(self, canary: Optional[bytes], stack_key: Optional[tuple]) -> bool:
+        """Return whether the master key is the database's: it opens ``stack_key``
+        (``(stack id, wrapped data key)`` of any stack), or with no stacks the
+        ``canary``; True for a new database with neither.
+
+        A stack key decides when there is one, since those are the keys every
+        secrets call needs: a backup without a canary, or a canary written
+        under the wrong key by an older version, cannot pass a wrong key.
+        """
+        try:
+            if stack_key is not None:
+                self.unwrap_data_key(*stack_key)
+                return True
+            return canary is None or self.crypto.open(self._master, canary) == _CANARY
+        except ValueError:
+            return False
+
     def check_canary(self, store: SQLiteStore) -> None:
-        """Create the canary on first start; refuse a master key that cannot open it."""
+        """Refuse a master key that does not open this database (see ``matches``);
+        write the canary when it is missing or was written under another key."""
         with store.write() as db:
             canary = store.get_meta(db, "canary")
-            if canary is None:
+            if not self.matches(canary, store.one_data_key(db)):
+                raise ValueError("the master key does not match this database "
+                                 "(wrong --master-key-file or PULUMI_BACKEND_MASTER_KEY)")
+            if canary is None or not self.matches(canary, None):
+                if canary is not None:
+                    log.warning("replacing a canary not made under the master key of the "
+                                "stack keys")
                 store.set_meta(db, "canary", self.crypto.seal(self._master, _CANARY))
-                return
-        try:
-            ok = self.crypto.open(self._master, canary) == _CANARY
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError("the master key does not match this database "
-                             "(wrong --master-key-file or PULUMI_BACKEND_MASTER_KEY)")
 
     def rotate(self, store: SQLiteStore, new_master: bytes) -> int:
         """Rewrap every data key and the canary under ``new_master`` in one transaction."""
@@ -4163,6 +4318,8 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
         store = SQLiteStore(cfg.db, cfg.wal_autocheckpoint)
     except (sqlite3.Error, RuntimeError) as e:  # RuntimeError: a schema newer than ours
         raise ValueError(f"cannot open database {cfg.db}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"cannot open database {cfg.db}: {e.strerror}") from None
     try:
         crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
         master = cfg.master_key or KeyManager.load_or_create(cfg.key_file())
@@ -4192,9 +4349,10 @@ def _database_lock(path: str):
         return
     lock_path = os.path.realpath(path) + ".lock"  # every spelling of the path: one lock
     try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o600)
     except OSError as e:
         raise ValueError(f"cannot open {lock_path}: {e.strerror}") from None
+    _private_file(lock_path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -4234,12 +4392,10 @@ def _check_backup(conn: sqlite3.Connection, master_key: bytes, crypto: Crypto) -
     if version > len(_SCHEMA):
         raise ValueError(f"it has schema {version}, newer than this server's {len(_SCHEMA)}; "
                          "upgrade pulumi_backend.py first")
-    if canary is not None:
-        try:
-            crypto.open(master_key, canary[0])
-        except ValueError:
-            raise ValueError("it was made under another master key: give that key "
-                             "(--master-key-file or PULUMI_BACKEND_MASTER_KEY)") from None
+    keys = KeyManager(crypto, master_key)
+    if not keys.matches(canary[0] if canary else None, _one_data_key(conn)):
+        raise ValueError("it was made under another master key: give that key "
+                         "(--master-key-file or PULUMI_BACKEND_MASTER_KEY)")
     return stacks
 
 
@@ -4270,6 +4426,10 @@ def restore_database(cfg: Config, source: Optional[str], environ: dict) -> int:
         except (ValueError, sqlite3.Error) as e:
             raise ValueError(f"cannot restore from {source}: {e}") from None
         try:
+            _private_database(cfg.db)  # a restored database is as private as a new one
+        except OSError as e:
+            raise ValueError(f"cannot restore into {cfg.db}: {e.strerror}") from None
+        try:
             dst = sqlite3.connect(cfg.db, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
             try:
                 dst.execute("PRAGMA journal_mode = DELETE")
@@ -4284,7 +4444,7 @@ def restore_database(cfg: Config, source: Optional[str], environ: dict) -> int:
         src.close()
     try:
         SQLiteStore(cfg.db).close()  # WAL mode and schema migrations, as the server expects
-    except (sqlite3.Error, RuntimeError) as e:
+    except (sqlite3.Error, RuntimeError, OSError) as e:
         raise ValueError(f"restored {source} into {cfg.db}, but it does not open: {e}") from None
     print(f"restored {stacks} stacks from {source} into {cfg.db}")
     return 0
@@ -4404,6 +4564,11 @@ def serve(cfg: Config, environ: dict) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     _one_malloc_arena()
+    short = _short_token_count(cfg)
+    if short:  # the count only: a token never reaches the log
+        log.warning("%d of %d accepted tokens are shorter than %d characters: use long "
+                    "random ones (e.g. `openssl rand -hex 32`)", short, len(cfg.auth_tokens),
+                    MIN_TOKEN_LENGTH)
     log.info("secrets: AES-256-GCM via %s", app.engine.keys.crypto.name)
     backups = BackupScheduler(cfg, app.engine.metrics) if cfg.backup_dir else None
     try:

@@ -21,6 +21,7 @@ Sections:
  10b.  Reliability: hostile input, storage faults, limits, concurrency
  10c.  Operations: health, metrics, logs, backups, shutdown
  10d.  Hardening: HTTP framing, bodies and connections
+ 10f.  Hardening: configuration, files and keys
  11.   Module hygiene
 """
 
@@ -4918,6 +4919,250 @@ def test_import_diy_command_line(tmp_path):
     assert os.stat(db.with_name("s.db.key")).st_mode & 0o777 == 0o600
     proc = subprocess.run(run, capture_output=True, text=True, timeout=60)
     assert "skipped 1 (1 exists here)" in proc.stdout and proc.returncode == 0
+# ==== 10f. Hardening: configuration, files and keys ============================
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "# the token goes here\n\n# another\n"])
+def test_token_file_without_a_token_is_a_start_up_error(tmp_path, content):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(content)
+    with pytest.raises(ValueError, match="holds no token") as e:
+        pb.parse_config(["--auth-token-file", str(tokens)], {})  # loopback: fails open today
+    assert str(tokens) in str(e.value) and "\n" not in str(e.value)
+    proc = run_cli(["--port", "0", "--auth-token-file", "tokens"], tmp_path)
+    assert_one_line_error(proc, "tokens", "holds no token")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens"]  # no database made
+
+
+def test_token_file_skips_comments_and_blank_lines(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# CI tokens, one per line\n\n  first-token-0123456789  \n"
+                      "  # rotated 2026-11\nsecond-token-0123456789\n")
+    _, cfg, _ = pb.parse_config(["--auth-token-file", str(tokens)], {})
+    assert cfg.auth_tokens == ("first-token-0123456789", "second-token-0123456789")
+
+
+@pytest.mark.parametrize("argv, env", [
+    (["--auth-token", ""], {}), (["--auth-token", " , "], {}), (["--auth-token-file", ""], {}),
+    ([], {"PULUMI_BACKEND_AUTH_TOKEN": ""}), ([], {"PULUMI_BACKEND_AUTH_TOKEN": ","}),
+    ([], {"PULUMI_BACKEND_AUTH_TOKEN_FILE": ""}),
+], ids=["flag", "flag-commas", "file-flag", "env", "env-comma", "file-env"])
+def test_explicitly_empty_tokens_do_not_mean_any_token(argv, env):
+    with pytest.raises(ValueError, match="is empty") as e:
+        pb.parse_config(argv, env)
+    assert "\n" not in str(e.value)
+
+
+def test_short_tokens_get_a_warning_that_never_shows_them(tmp_path):
+    short, long_ = "s3cr3t-" + secrets.token_hex(2), secrets.token_hex(16)
+    proc, url = serve_subprocess(tmp_path, "--auth-token", f"{short},{long_}")
+    try:
+        req = urllib.request.Request(url + "/api/user", headers={"Authorization": f"token {short}"})
+        urllib.request.urlopen(req, timeout=10).close()  # still accepted: a warning only
+    finally:
+        assert stop_subprocess(proc) == 0
+    text = (tmp_path / "err.log").read_text()
+    assert "1 of 2 accepted tokens are shorter than 16 characters" in text
+    assert short not in text and long_ not in text
+    assert pb._short_token_count(Config(auth_tokens=(long_,))) == 0
+
+
+def _modes(path):
+    """Permission bits of the database and its -wal, -shm and lock files that exist."""
+    return {suffix: os.stat(path + suffix).st_mode & 0o777
+            for suffix in ("", "-wal", "-shm", ".lock") if os.path.exists(path + suffix)}
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)  # the usual umask, under which SQLite creates files 0644
+    yield
+    os.umask(old)
+
+
+def test_database_files_are_private_after_start_and_writes(cfg, tmp_path, umask_022):
+    os.chmod(tmp_path, 0o755)
+    with pb._database_lock(cfg.db):
+        srv = Srv(cfg)
+        try:
+            path = srv.create_stack()
+            srv.import_state(path, untyped([stack_res(), A]))  # writes: -wal and -shm in use
+            modes = _modes(cfg.db)
+        finally:
+            srv.stop()
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600, ".lock": 0o600}
+    assert os.stat(tmp_path).st_mode & 0o777 == 0o755  # the folder is left as it was
+
+
+def test_database_files_left_readable_by_others_are_tightened(cfg, tmp_path, umask_022):
+    srv = Srv(cfg)
+    srv.create_stack()
+    srv.stop()
+    for suffix in ("", "-wal", "-shm", ".lock"):  # as an older version (or a crash) left them
+        with open(cfg.db + suffix, "ab"):
+            pass
+        os.chmod(cfg.db + suffix, 0o644)
+    with pb._database_lock(cfg.db):
+        srv = Srv(cfg)
+        modes = _modes(cfg.db)
+        srv.stop()
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600, ".lock": 0o600}
+
+
+def test_restored_database_is_private(start, cfg, tmp_path, umask_022):
+    srv = start()
+    path = srv.create_stack()
+    srv.stop()
+    backup = tmp_path / "b.db"
+    assert pb.backup_database(cfg, str(backup)) == 0
+    for name in ("new.db", "old.db"):  # a new file, and an existing database left 0644
+        target = dataclasses.replace(cfg, db=str(tmp_path / name), master_key_file=cfg.key_file())
+        if name == "old.db":
+            Srv(target).stop()
+            os.chmod(target.db, 0o644)
+        assert pb.restore_database(target, str(backup), {}) == 0
+        assert _modes(target.db) == {"": 0o600}, name
+        copy = start(db=target.db, master_key_file=target.key_file())
+        copy.request("PATCH", path + "/tags", {"a": "1"})
+        assert set(_modes(target.db).values()) == {0o600}, name
+
+
+def _strip_canary(db):
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'canary'")
+    conn.close()
+
+
+def test_a_key_that_opens_no_stack_key_is_refused_without_a_canary(start, cfg, tmp_path):
+    srv = start()  # key A
+    path = srv.create_stack()
+    status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"hush")})
+    assert status == 200
+    ciphertext = out["ciphertext"]
+    srv.stop()
+    backup = tmp_path / "b.db"
+    assert pb.backup_database(cfg, str(backup)) == 0
+    _strip_canary(backup)  # e.g. a backup of a database from before the canary
+    key_b = tmp_path / "b.key"
+    key_b.write_bytes(secrets.token_bytes(32))
+    target = dataclasses.replace(cfg, db=str(tmp_path / "t.db"), master_key_file=str(key_b))
+    with pytest.raises(ValueError, match="another master key"):
+        pb.restore_database(target, str(backup), {})
+    assert not os.path.exists(target.db)
+    # Start with key B on a database without a canary: refused at start, not 500 later.
+    _strip_canary(cfg.db)
+    with pytest.raises(ValueError, match="master key does not match"):
+        pb.build_app(dataclasses.replace(cfg, master_key_file=str(key_b)), environ={})
+    proc = run_cli(["--port", "0", "--db", cfg.db, "--master-key-file", str(key_b)], tmp_path)
+    assert_one_line_error(proc, "master key does not match")
+    # Key A works on both, and the canary is written (also over one made under key B).
+    restored = dataclasses.replace(target, master_key_file=cfg.key_file())
+    assert pb.restore_database(restored, str(backup), {}) == 0
+    for db in (cfg.db, restored.db):
+        srv = start(db=db, master_key_file=cfg.key_file())
+        status, _, out = srv.request("POST", path + "/decrypt", {"ciphertext": ciphertext})
+        assert status == 200 and base64.b64decode(out["plaintext"]) == b"hush"
+        srv.stop()
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM meta WHERE key = 'canary'").fetchone() == (1,)
+        conn.close()
+
+
+def test_a_canary_written_under_the_wrong_key_yields_to_the_stack_keys(start, cfg, tmp_path):
+    srv = start()  # key A
+    path = srv.create_stack()
+    srv.stop()
+    key_b = tmp_path / "b.key"
+    key_b.write_bytes(secrets.token_bytes(32))
+    # What an older version did with key B on a database without a canary.
+    wrong = pb.Crypto("python").seal(key_b.read_bytes(), pb._CANARY)
+    with sqlite3.connect(cfg.db) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'canary'", (wrong,))
+    conn.close()
+    with pytest.raises(ValueError, match="master key does not match"):
+        pb.build_app(dataclasses.replace(cfg, master_key_file=str(key_b)), environ={})
+    srv = start()  # key A opens the stack keys: it is the database's key
+    assert srv.request("POST", path + "/encrypt", {"plaintext": b64(b"x")})[0] == 200
+    srv.stop()
+    with pytest.raises(ValueError, match="master key does not match"):  # canary now under A
+        pb.build_app(dataclasses.replace(cfg, master_key_file=str(key_b)), environ={})
+
+
+def legacy_16mb_delta(size=16 * 1024 * 1024):
+    """Return ``(state, edits, new state)``: a pretty-printed state of about ``size``
+    bytes, as CLIs before v3.68 wrote it, and a line/column delta changing its
+    manifest time and its last resource."""
+    def pretty(count):
+        return json.dumps(untyped([stack_res()] + [
+            res(f"r{i}", outputs={"v": f"{i}", "pad": "x" * 300}) for i in range(count)]),
+            indent=4).encode()
+    one = (len(pretty(10)) - len(pretty(0))) // 10
+    prev = pretty(size // one)
+    lines = prev.split(b"\n")
+    time_line = next(i for i, line in enumerate(lines) if b'"time"' in line)
+    last_id = max(i for i, line in enumerate(lines) if b'"id"' in line)
+    changes = {time_line: (b"2026-01-01", b"2026-12-31"), last_id: (b'-id"', b'-id2"')}
+    edits = []
+    for i, (old, new) in sorted(changes.items()):
+        edits.append({"Span": {"uri": "", "start": {"line": i + 1, "column": 1, "offset": -1},
+                               "end": {"line": i + 2, "column": 1, "offset": -1}},
+                      "NewText": lines[i].replace(old, new).decode() + "\n"})
+        lines[i] = lines[i].replace(old, new)
+    return prev, edits, b"\n".join(lines)
+
+
+def test_a_16mb_legacy_delta_does_not_hold_up_other_stacks(srv, monkeypatch):
+    prev, edits, new = legacy_16mb_delta()
+    a, b = srv.create_stack(stack="a"), srv.create_stack(stack="b")
+    update = srv.begin(a, journal=False)
+    body = b'{"version":3,"untypedDeployment":' + prev + b',"sequenceNumber":1}'
+    assert update.call("PATCH", "/checkpointverbatim", body, gzip_body=False)[0] == 200
+    applying, applied, real = threading.Event(), [], pb.apply_delta
+
+    def timed_apply_delta(*args):
+        applying.set()
+        t0 = time.perf_counter()
+        try:
+            return real(*args)
+        finally:
+            applied.append(time.perf_counter() - t0)
+    monkeypatch.setattr(pb, "apply_delta", timed_apply_delta)
+    replies = []
+    sender = threading.Thread(target=lambda: replies.append(
+        update.delta(edits, hashlib.sha256(new).hexdigest(), 2)))
+    sender.start()
+    try:
+        assert applying.wait(60)
+        t0 = time.perf_counter()
+        status, _, _ = srv.request("PATCH", b + "/tags", {"owner": "b"})  # a write on stack B
+        b_seconds = time.perf_counter() - t0
+    finally:
+        sender.join(120)
+    print(f"\n16 MB legacy delta: applied in {applied[0] * 1000:.0f} ms; a write on another "
+          f"stack meanwhile took {b_seconds * 1000:.0f} ms")
+    assert status == 200 and replies[0][0] == 200, replies
+    assert b_seconds < applied[0] / 2  # B did not wait for A's delta
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(a) == new and srv.stack(b)["tags"]["owner"] == "b"
+
+
+def test_a_delta_applied_meanwhile_elsewhere_is_not_applied_twice(srv, monkeypatch):
+    # Two copies of one delta race (a CLI retry): the second finds the base
+    # moved under it, applies again on the new base, and sees its own result.
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    real, calls = pb._next_checkpoint, []
+
+    def racing(base, *args):
+        calls.append(base[0])
+        if len(calls) == 1:  # the other copy commits while this one applies
+            assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+        return real(base, *args)
+    monkeypatch.setattr(pb, "_next_checkpoint", racing)
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert calls == [1, 1, 2]  # this copy, the other one, this one again on the new base
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
 
 
 # ==== 11. Module hygiene =======================================================
