@@ -12,6 +12,10 @@ Run::
     python pulumi_backend.py backup --db state.db OUT # online, consistent copy
     python pulumi_backend.py restore --db state.db IN # with the server stopped
     python pulumi_backend.py rotate-master-key --db state.db --new-key-file NEW
+    python pulumi_backend.py user add alice --role admin --db state.db   # also while serving
+    python pulumi_backend.py token create --user alice --db state.db    # printed once
+    python pulumi_backend.py team grant devs 'app/*' write --db state.db
+    python pulumi_backend.py audit --since 7d --db state.db             # JSON lines
 
 Besides the Pulumi Cloud API it serves ``/healthz``, ``/readyz`` and
 ``/metrics`` (Prometheus) without a token. SIGTERM or SIGINT drains in-flight
@@ -24,8 +28,11 @@ Every flag can also be given as an environment variable: ``--db`` is
 instead of ``--master-key-file``; ``PULUMI_BACKEND_LIBCRYPTO`` names the
 libcrypto to load.
 
-Security notes: with no ``--auth-token`` configured any token is accepted, which
-is only allowed while bound to a loopback address. Secrets are AES-256-GCM with
+Security notes: with no ``--auth-token`` configured and no users or stored
+tokens, any token is accepted as the admin, which is only allowed while bound to a
+loopback address (or with ``--allow-any-token``). Once users or stored tokens
+exist, only they and ``--auth-token`` tokens (org admins) get in; stored tokens
+are SHA-256 hashes, and stack permissions come from team grants (section 8). Secrets are AES-256-GCM with
 a data key per stack, wrapped by a master key kept outside the database. Tokens,
 secrets and plaintexts are never logged.
 
