@@ -1280,7 +1280,7 @@ class SQLiteStore(Store):
         if owner is not None:
             sql += " AND owner = ?"
             args.append(owner)
-        return [dict(r) for r in db.execute(sql + " ORDER BY created, id", args)]
+        return [dict(r) for r in db.execute(sql + " ORDER BY created, rowid", args)]
 
     def insert_token(self, db, token: dict) -> None:
         cols = ",".join(token)
@@ -2910,8 +2910,9 @@ class Principal:
     """Who a request acts as.
 
     ``kind`` is "user" (a personal token), "team" or "org" (their tokens; then
-    ``login`` is the team or organization name) or "admin" (an --auth-token,
-    or any token while no identity exists).
+    ``login`` is the team or organization name), "admin" (an --auth-token) or
+    "anonymous" (any token while no user or stored token exists: an admin that
+    may not create identities, so that no API caller can lock the others out).
     """
 
     login: str
@@ -2926,7 +2927,8 @@ class Principal:
     @property
     def actor(self) -> str:
         """The name audit events and update history give this caller."""
-        return self.login if self.kind in ("user", "admin") else f"{self.kind}:{self.login}"
+        return self.login if self.kind in ("user", "admin", "anonymous") \
+            else f"{self.kind}:{self.login}"
 
 
 #: The actor of changes made with the server's own command line.
@@ -3077,8 +3079,8 @@ class Identity:
 
     # -- authentication -----------------------------------------------------
 
-    def admin_principal(self, token_name: str = "") -> Principal:
-        return Principal(self.cfg.user, "admin", True, name=self.cfg.user, token_name=token_name)
+    def admin_principal(self, token_name: str = "", kind: str = "admin") -> Principal:
+        return Principal(self.cfg.user, kind, True, name=self.cfg.user, token_name=token_name)
 
     def authenticate(self, token: str) -> Principal:
         """Return who ``token`` acts as; raise _AuthFailure (401) if it is not valid now."""
@@ -3091,7 +3093,7 @@ class Identity:
             row = self.store.token_by_hash(db, _token_hash(token))
             if row is None:
                 if not self._static and not self.store.identity_in_use(db):
-                    return self.admin_principal()
+                    return self.admin_principal(kind="anonymous")
                 raise _AuthFailure("unknown or revoked token")
             if row["expires"] and row["expires"] <= _now():
                 raise _AuthFailure(f"token {row['id']} expired")
@@ -3240,6 +3242,7 @@ class Identity:
         self.audit.record("team_modified", actor, req, name)
 
     def add_member(self, actor: Principal, team: str, login: str, req: Any = None) -> None:
+        self._check_login(login)
         with self.store.write() as db:
             self._team(db, team)
             self._user(db, login)
@@ -3247,6 +3250,7 @@ class Identity:
         self.audit.record("team_member_added", actor, req, f"{team}/{login}")
 
     def remove_member(self, actor: Principal, team: str, login: str, req: Any = None) -> None:
+        self._check_login(login)
         with self.store.write() as db:
             self._team(db, team)
             if not self.store.remove_member(db, team, login):
@@ -4184,6 +4188,10 @@ class App:
                                 "has it on no stack")
             elif need == "org-admin" and not p.admin:
                 raise Forbidden(f"this needs an organization admin; {p.actor} is not one")
+            elif need == "org-admin" and p.kind == "anonymous" and req.method != "GET":
+                raise Forbidden("no users exist yet: add the first admin with "
+                                "`pulumi_backend.py user add NAME --role admin` and use a "
+                                "token of theirs (`token create --user NAME`)")
         except Forbidden as e:
             self.audit.record("permission_denied", p, req, req.path, "denied", e.message)
             raise

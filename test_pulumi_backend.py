@@ -2841,6 +2841,12 @@ def test_tokens_are_random_and_stored_only_as_hashes(srv):
 
 def test_any_token_is_the_admin_only_until_identities_exist(srv):
     assert srv.request("GET", "/api/user", token="token anything")[2]["githubLogin"] == "admin"
+    assert srv.request("GET", f"/api/orgs/{ORG}/members", token="token anything")[0] == 200
+    # ... but it cannot create the first identity (and so lock every other caller out)
+    for method, path in (("POST", "/members/x"), ("POST", "/tokens")):
+        status, _, out = srv.request(method, f"/api/orgs/{ORG}{path}", {"role": "admin"},
+                                     token="token anything")
+        assert status == 403 and "user add NAME --role admin" in out["message"]
     srv.app.identity.add_user(LOCAL, "alice")
     assert srv.request("GET", "/api/user", token="token anything")[0] == 401
     assert srv.request("GET", "/api/user", token=token_for(srv, "personal", "alice"))[0] == 200
