@@ -4994,6 +4994,12 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
     environ = os.environ if environ is None else environ
     if cfg.oidc_issuers:
         _load_issuers(cfg.oidc_issuers)  # a broken file stops the start, not the first login
+    if cfg.audit_log:
+        try:
+            os.close(os.open(cfg.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        except OSError as e:
+            raise ValueError(f"cannot append to --audit-log {cfg.audit_log}: {e.strerror}") \
+                from None
     db_dir = os.path.dirname(os.path.abspath(cfg.db))
     if not os.path.isdir(db_dir):
         raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")

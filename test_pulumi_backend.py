@@ -3025,8 +3025,11 @@ def test_updates_record_who_requested_them_and_cancel_rules(team_srv):
     status, _, out = srv.request("POST", f"{app}/update/{up2}/cancel", {}, **dev2)
     assert status == 403 and "'admin'" in out["message"]
     assert srv.request("POST", f"{app}/update/{up2}/cancel", {}, **root)[0] == 200
+    up3 = srv.request("POST", app + "/update", {"options": {}}, **dev2)[2]["updateID"]
+    srv.request("POST", f"{app}/update/{up3}", {"tags": {}}, **dev2)
+    assert srv.request("POST", f"{app}/update/{up3}/cancel", {}, **dev2)[0] == 200  # its own
     history = srv.request("GET", app + "/updates", **dev)[2]["updates"]
-    assert [h["requestedBy"]["githubLogin"] for h in history] == ["dev", "dev"]
+    assert [h["requestedBy"]["githubLogin"] for h in history] == ["dev2", "dev", "dev"]
     assert history[-1]["environment"]["requestedBy"] == "dev"
     latest = srv.request("GET", app + "/updates/latest", **dev)[2]
     assert latest["requestedBy"]["githubLogin"] == "dev" and "requestedBy" not in latest["info"]
@@ -3124,6 +3127,12 @@ def test_audit_log_records_actions_without_secrets(start, tmp_path):
     everything = json.dumps(events) + log_file.read_text() + cli.stdout
     for forbidden in (value, value[4:], admin[6:], lease, secret.decode(), b64(secret)):
         assert forbidden not in everything
+
+
+def test_audit_log_file_must_be_writable(cfg, tmp_path):
+    with pytest.raises(ValueError, match="cannot append to --audit-log"):
+        pb.build_app(dataclasses.replace(cfg, audit_log=str(tmp_path / "no" / "a.log")),
+                     environ={})
 
 
 def test_audit_retention_drops_old_events(start, clock):
