@@ -3032,7 +3032,7 @@ def test_updates_record_who_requested_them_and_cancel_rules(team_srv):
     assert [h["requestedBy"]["githubLogin"] for h in history] == ["dev2", "dev", "dev"]
     assert history[-1]["environment"]["requestedBy"] == "dev"
     latest = srv.request("GET", app + "/updates/latest", **dev)[2]
-    assert latest["requestedBy"]["githubLogin"] == "dev" and "requestedBy" not in latest["info"]
+    assert latest["requestedBy"]["githubLogin"] == "dev2" and "requestedBy" not in latest["info"]
 
 
 def test_admin_commands_work_while_the_server_runs(team_srv, tmp_path):
