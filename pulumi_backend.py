@@ -82,6 +82,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 import zlib
 from typing import Any, Callable, Iterable, Optional
@@ -173,6 +174,10 @@ OIDC_CLOCK_SKEW = 60
 OIDC_DEFAULT_SECONDS = 2 * 3600
 #: Largest OIDC token (JWT) accepted, in bytes.
 MAX_JWT_BYTES = 16 * 1024
+#: Seconds a JWKS fetched from an issuer's ``jwksUrl`` is reused.
+JWKS_CACHE_SECONDS = 300
+#: Largest JWKS document fetched from a ``jwksUrl`` (bytes).
+MAX_JWKS_BYTES = 1024 * 1024
 #: Audit events per page of GET /api/orgs/{orgName}/auditlogs.
 AUDIT_PAGE_SIZE = 100
 
@@ -3551,7 +3556,10 @@ def _check_issuer(item: Any, path: str, i: int) -> dict:
     if not isinstance(item, dict) or not isinstance(item.get("issuer"), str) \
             or not isinstance(item.get("audience"), str):
         raise ValueError(f"{where}: needs \"issuer\" and \"audience\" strings")
-    jwks = item.get("jwks")
+    jwks, url = item.get("jwks"), item.get("jwksUrl")
+    if url is not None and (jwks is not None or "jwksFile" in item
+                            or not str(url).startswith("https://")):
+        raise ValueError(f"{where}: jwksUrl must be an https:// URL, and the only key source")
     if "jwksFile" in item:
         jwks_path = os.path.join(os.path.dirname(os.path.abspath(path)), str(item["jwksFile"]))
         try:
@@ -3560,8 +3568,10 @@ def _check_issuer(item: Any, path: str, i: int) -> dict:
         except (OSError, ValueError) as e:
             raise ValueError(f"{where}: cannot read jwksFile {jwks_path}: {e}") from None
     keys = jwks.get("keys") if isinstance(jwks, dict) else None
-    if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) for k in keys):
-        raise ValueError(f"{where}: needs \"jwks\" or \"jwksFile\" with a non-empty \"keys\"")
+    if url is None and (not isinstance(keys, list) or not keys
+                        or not all(isinstance(k, dict) for k in keys)):
+        raise ValueError(f"{where}: needs \"jwks\", \"jwksFile\" or \"jwksUrl\" with a "
+                         "non-empty \"keys\"")
     try:
         max_seconds = _parse_duration(str(item.get("maxExpiration", "2h")), "maxExpiration")
     except ValueError as e:
@@ -3577,7 +3587,31 @@ def _check_issuer(item: Any, path: str, i: int) -> dict:
             raise ValueError(f"{where}: each rule needs \"claims\" (name: glob) and one of "
                              "\"team\", \"user\" or \"org\"")
     return {"issuer": item["issuer"], "audience": item["audience"], "keys": keys,
+            "jwks_url": url,  # fetched when a token needs it
             "max_seconds": max_seconds or OIDC_DEFAULT_SECONDS, "rules": rules}
+
+
+_jwks_cache: dict = {}  # jwksUrl -> (monotonic time fetched, keys)
+_jwks_lock = threading.Lock()
+
+
+def _fetched_keys(url: str) -> list:
+    """Return the keys at ``url`` (https, system trust store), reused JWKS_CACHE_SECONDS."""
+    with _jwks_lock:
+        cached = _jwks_cache.get(url)
+        if cached and time.monotonic() - cached[0] < JWKS_CACHE_SECONDS:
+            return cached[1]
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            data = resp.read(MAX_JWKS_BYTES + 1)
+        keys = json.loads(data).get("keys") if len(data) <= MAX_JWKS_BYTES else None
+    except (OSError, ValueError, AttributeError) as e:
+        raise _OIDCRefused(f"cannot fetch the JWKS at {url}: {e}") from None
+    if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+        raise _OIDCRefused(f"the JWKS at {url} has no key list")
+    with _jwks_lock:
+        _jwks_cache[url] = (time.monotonic(), keys)
+    return keys
 
 
 def _claim_matches(value: Any, pattern: str) -> bool:
@@ -3604,8 +3638,8 @@ def _verified_claims(jwt: str, issuers: list, now: int) -> tuple:
     alg, kid = header.get("alg"), header.get("kid")
     if alg not in ("RS256", "ES256"):
         raise _OIDCRefused(f"unsupported alg {str(alg)[:20]!r}")
-    keys = [k for k in issuer["keys"] if k.get("kid") == kid] if kid is not None \
-        else issuer["keys"]
+    known = _fetched_keys(issuer["jwks_url"]) if issuer["jwks_url"] else issuer["keys"]
+    keys = [k for k in known if k.get("kid") == kid] if kid is not None else known
     if len(keys) != 1:
         raise _OIDCRefused(f"unknown key id {str(kid)[:100]!r}")
     if not _verify_jws(alg, keys[0], f"{parts[0]}.{parts[1]}".encode(), sig):

@@ -28,6 +28,7 @@ import dataclasses
 import gzip
 import hashlib
 import http.client
+import http.server
 import json
 import os
 import re
@@ -35,6 +36,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -3322,6 +3324,56 @@ def test_oidc_refusals_are_401_and_audited(oidc_srv, jwt_keys, case, check):
     assert len(events) == 1 and events[0]["outcome"] == "failure"
     assert check in events[0]["description"], events[0]["description"]
     assert jwt.split(".")[-1] not in json.dumps(events)
+
+
+def test_oidc_jwks_from_an_https_url(start, tmp_path, jwt_keys, monkeypatch):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+                    "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    body, hits = json.dumps({"keys": [jwt_keys["RSA"].jwk]}).encode(), []
+
+    class JWKS(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), JWKS)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the test's certificate
+        monkeypatch.setattr(pb, "_jwks_cache", {})
+        url = f"https://127.0.0.1:{httpd.server_address[1]}/jwks"
+        (tmp_path / "issuers.json").write_text(json.dumps([{
+            "issuer": ISSUER, "audience": "pulumi-backend", "jwksUrl": url,
+            "rules": [{"claims": {"ref": "main"}, "team": "ci"}]}]))
+        srv = start(oidc_issuers=str(tmp_path / "issuers.json"))
+        srv.app.identity.create_team(LOCAL, "ci")
+        for _ in range(2):
+            status, _, out = oidc_login(srv, jwt_keys["RSA"].jwt(claims()), "team:ci")
+            assert status == 200, out
+        assert hits == ["/jwks"]  # fetched once, then reused
+        monkeypatch.setattr(pb, "_jwks_cache", {})
+        monkeypatch.delenv("SSL_CERT_FILE")
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))  # untrusted now
+        assert oidc_login(srv, jwt_keys["RSA"].jwt(claims()), "team:ci")[0] == 401
+        events = srv.app.audit.page(None, 0, 2 ** 62, "token_exchange", None)["auditLogEvents"]
+        assert "cannot fetch the JWKS" in events[0]["description"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
 
 
 def test_oidc_issuers_file_is_checked_at_start(tmp_path, cfg):
