@@ -32,9 +32,9 @@ Security notes: with no ``--auth-token`` configured and no users or stored
 tokens, any token is accepted as the admin, which is only allowed while bound to a
 loopback address (or with ``--allow-any-token``). Once users or stored tokens
 exist, only they and ``--auth-token`` tokens (org admins) get in; stored tokens
-are SHA-256 hashes, and stack permissions come from team grants (section 8). Secrets are AES-256-GCM with
-a data key per stack, wrapped by a master key kept outside the database. Tokens,
-secrets and plaintexts are never logged.
+are SHA-256 hashes, and stack permissions come from team grants (section 8).
+Secrets are AES-256-GCM with a data key per stack, wrapped by a master key kept
+outside the database. Tokens, secrets and plaintexts are never logged.
 
 Sections:
   1. Constants and limits
@@ -4061,11 +4061,11 @@ class App:
         r("GET", ORG + "/members", self.list_members, op="ListOrganizationMembers",
           response=_obj(("members",), members=_list_of(_MEMBER),
                         continuationToken=_NULLABLE_STR))
-        r("POST", ORG + "/members/{userLogin}", self.add_member, op="AddOrganizationMember",
+        r("POST", ORG + "/members/{userLogin}", self.add_org_member, op="AddOrganizationMember",
           body=_obj(("role",), role=_STR), response=_MEMBER)
-        r("PATCH", ORG + "/members/{userLogin}", self.update_member,
+        r("PATCH", ORG + "/members/{userLogin}", self.update_org_member,
           op="UpdateOrganizationMember", body=_obj(role=_STR), response=_EMPTY)
-        r("DELETE", ORG + "/members/{userLogin}", self.remove_member,
+        r("DELETE", ORG + "/members/{userLogin}", self.remove_org_member,
           op="DeleteOrganizationMember", response=_EMPTY)
         r = functools.partial(self.router.add, tag="Teams")
         r("GET", ORG + "/teams", self.list_teams, op="ListTeams",
@@ -4577,19 +4577,19 @@ class App:
         """The organization's members and their roles."""
         return {"members": self.identity.members_json(), "continuationToken": None}
 
-    def add_member(self, req: Request) -> dict:
+    def add_org_member(self, req: Request) -> dict:
         """Add a user to the organization with a role (admin or member)."""
         role = req.json().get("role", "member")
         user = self.identity.add_user(req.principal, req.params["userLogin"], role=role,
                                       req=req)
         return _member_json(user)
 
-    def update_member(self, req: Request) -> None:
+    def update_org_member(self, req: Request) -> None:
         """Change a member's role."""
         self.identity.set_role(req.principal, req.params["userLogin"], req.json().get("role"),
                                req)
 
-    def remove_member(self, req: Request) -> None:
+    def remove_org_member(self, req: Request) -> None:
         """Remove a member (and their personal tokens)."""
         self.identity.remove_user(req.principal, req.params["userLogin"], req)
 

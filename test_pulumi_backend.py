@@ -3153,8 +3153,8 @@ def test_every_token_route_declares_its_need(srv):
     routes = {handler.__name__ for _, _, _, handler, auth in srv.app.router._routes
               if auth == "token"}
     org_admin = {"list_org_tokens", "create_org_token", "delete_org_token", "list_team_tokens",
-                 "create_team_token", "delete_team_token", "add_member", "update_member",
-                 "remove_member", "create_team", "update_team", "delete_team",
+                 "create_team_token", "delete_team_token", "add_org_member",
+                 "update_org_member", "remove_org_member", "create_team", "update_team", "delete_team",
                  "list_audit_logs"}
     assert routes - set(pb._ROUTE_NEEDS) == org_admin
     assert set(pb._ROUTE_NEEDS) <= routes
