@@ -14,6 +14,10 @@ Run::
     python pulumi_backend.py import-diy --db state.db file:///path/to/diy  # stacks + history
     python pulumi_backend.py --db state.db --backup-dir /backups --backup-interval 1h
     python pulumi_backend.py rotate-master-key --db state.db --new-key-file NEW
+    python pulumi_backend.py user add alice --role admin --db state.db   # also while serving
+    python pulumi_backend.py token create --user alice --db state.db    # printed once
+    python pulumi_backend.py team grant devs 'app/*' write --db state.db
+    python pulumi_backend.py audit --since 7d --db state.db             # JSON lines
 
 Besides the Pulumi Cloud API it serves ``/healthz``, ``/readyz`` and
 ``/metrics`` (Prometheus) without a token. SIGTERM or SIGINT drains in-flight
@@ -26,15 +30,19 @@ Every flag can also be given as an environment variable: ``--db`` is
 instead of ``--master-key-file``; ``PULUMI_BACKEND_LIBCRYPTO`` names the
 libcrypto to load.
 
-Security notes: with no ``--auth-token`` configured any token is accepted, which
-is only allowed while bound to a loopback address; a token option given but
-empty (or a token file with only blank and ``#`` lines) is an error instead.
-Secrets are AES-256-GCM with a data key per stack, wrapped by a master key kept
-outside the database; a master key that does not open the stack keys stops the
-server at start. The database and its -wal, -shm and lock files are 0600.
-Tokens, secrets and plaintexts are never logged. No byte of a request body is
-read before its route and credentials check out; a route that takes no body
-refuses one, and the request line and headers have ``--header-timeout`` seconds.
+Security notes: with no ``--auth-token`` configured and no users or stored
+tokens, any token is accepted as the admin, which is only allowed while bound to a
+loopback address (or with ``--allow-any-token``). Once users or stored tokens
+exist, only they and ``--auth-token`` tokens (org admins) get in; stored tokens
+are SHA-256 hashes, and stack permissions come from team grants (section 8).
+A token option given but empty (or a token file with only blank and ``#``
+lines) is an error, never "any token". Secrets are AES-256-GCM with a data key
+per stack, wrapped by a master key kept outside the database; a master key that
+does not open the stack keys stops the server at start. The database and its
+-wal, -shm and lock files are 0600. Tokens, secrets and plaintexts are never
+logged. No byte of a request body is read before its route and credentials
+check out; a route that takes no body refuses one, and the request line and
+headers have ``--header-timeout`` seconds.
 
 Sections:
   1. Constants and limits
@@ -44,11 +52,12 @@ Sections:
   5. Storage (Store interface, SQLite implementation)
   6. Engine (stacks, update leases, checkpoints, journal replay, events)
   7. Crypto (OpenSSL binding, pure-Python fallback, key management)
-  8. Request, response and router
-  9. Handlers, by API area
- 10. Backups and replication (scheduled backups, Litestream)
- 11. Import from DIY backends
- 12. Server lifecycle and main()
+  8. Identity and access (users, teams, tokens, permissions, audit log, OIDC)
+  9. Request, response and router
+ 10. Handlers, by API area
+ 11. Backups and replication (scheduled backups, Litestream)
+ 12. Import from DIY backends
+ 13. Server lifecycle and main()
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import datetime
+import fnmatch
 import functools
 import gzip
 import hashlib
@@ -84,6 +94,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 import zlib
 from typing import Any, Callable, Iterable, Optional
@@ -101,6 +112,7 @@ __all__ = [
     "Store", "SQLiteStore",
     "Engine", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
+    "Principal", "Identity", "AuditLog",
     "Request", "Response", "Router", "App",
     "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
     "BackupScheduler", "import_diy",
@@ -190,11 +202,29 @@ MSG_UPDATE_CONFLICT = "Conflict: Another update is currently in progress."
 #: Message the CLI matches to suggest --force on stack rm.
 MSG_STACK_HAS_RESOURCES = "Bad Request: Stack still contains resources."
 
+#: Seconds between writes of a token's lastUsed time (a write per request costs an fsync).
+TOKEN_TOUCH_SECONDS = 60
+#: Longest token lifetime ``token create --expires`` and the token APIs accept (seconds).
+MAX_TOKEN_SECONDS = 10 * 366 * 86400
+#: Clock skew allowed when checking an OIDC token's exp, nbf and iat (seconds).
+OIDC_CLOCK_SKEW = 60
+#: Lifetime of a token from an OIDC exchange when neither side asks for less (seconds).
+OIDC_DEFAULT_SECONDS = 2 * 3600
+#: Largest OIDC token (JWT) accepted, in bytes.
+MAX_JWT_BYTES = 16 * 1024
+#: Seconds a JWKS fetched from an issuer's ``jwksUrl`` is reused.
+JWKS_CACHE_SECONDS = 300
+#: Largest JWKS document fetched from a ``jwksUrl`` (bytes).
+MAX_JWKS_BYTES = 1024 * 1024
+#: Audit events per page of GET /api/orgs/{orgName}/auditlogs.
+AUDIT_PAGE_SIZE = 100
+
 _NAME_RE = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9_.-]{1,100}\Z")
 _ORG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,38}[A-Za-z0-9]\Z|^[A-Za-z0-9]\Z")
 _TAG_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,40}\Z")
 _SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 _UPDATE_KINDS = ("update", "preview", "refresh", "destroy")
+_ADMIN_COMMANDS = ("user", "team", "token", "audit")
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _STACK_TYPE = "pulumi:pulumi:Stack"
 #: Most compressed bytes fed to zlib at once when a request body is gunzipped
@@ -239,6 +269,10 @@ class Config:
     backup_interval: float = DEFAULT_BACKUP_INTERVAL
     backup_keep: int = DEFAULT_BACKUP_KEEP
     wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT
+    default_stack_permission: str = "none"
+    oidc_issuers: str = ""
+    audit_log: str = ""
+    audit_retention_days: int = 0
 
     def key_file(self) -> str:
         """Return the master key path: the flag, or ``<db>.key`` beside the database."""
@@ -264,12 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pulumi_backend.py",
         description="Self-hosted Pulumi Cloud state backend. `pulumi login http://HOST:PORT`.")
     p.add_argument("command", nargs="?", default="serve",
-                   choices=("serve", "backup", "restore", "rotate-master-key", "import-diy"),
+                   choices=("serve", "backup", "restore", "rotate-master-key", "import-diy",
+                            *_ADMIN_COMMANDS),
                    help="serve (default); backup OUT (online copy of --db); import-diy SOURCE "
                         "(a DIY backend's stacks with their history, into --db); restore BACKUP "
-                        "(into --db, server stopped); rotate-master-key")
+                        "(into --db, server stopped); rotate-master-key; user, team, token and "
+                        "audit administer access (server running or not)")
     p.add_argument("file", nargs="?", help="backup: the file to write; restore: the backup to "
                    "read; import-diy: the DIY backend folder or file:// URL")
+    p.add_argument("words", nargs="*", help="user/team/token: the action and its arguments")
     p.add_argument("--version", action="version", version=f"pulumi-backend {__version__}")
     _flag(p, "db", f"SQLite database path (default {DEFAULT_DB})")
     _flag(p, "host", f"address to bind (default {DEFAULT_HOST})")
@@ -277,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "log-level", "debug, info, warning or error (default info)")
     _flag(p, "log-format", "text or json (one JSON object per line) (default text)")
     _flag(p, "org", f"name of the single organization (default {DEFAULT_ORG})")
-    _flag(p, "user", f"login name reported for the user (default {DEFAULT_USER})")
+    _flag(p, "user", f"login name reported for --auth-token callers (default {DEFAULT_USER}); "
+          "token create: the user the token is for")
     _flag(p, "auth-token", "accepted API token; repeat or comma-separate for several",
           action="append")
     _flag(p, "auth-token-file", "file with one accepted API token per line "
@@ -323,6 +361,27 @@ def build_parser() -> argparse.ArgumentParser:
           action="store_const", const="1")
     _flag(p, "ignore-locks", "import-diy: import locked stacks too (their lock is stale)",
           action="store_const", const="1")
+    _flag(p, "default-stack-permission", "what org members may do on every stack without a "
+          "team grant: none, read or write (default none)")
+    _flag(p, "oidc-issuers", "JSON file of trusted OIDC issuers for `pulumi login --oidc-token`")
+    _flag(p, "audit-log", "also append every audit event to this file as a JSON line")
+    _flag(p, "audit-retention-days", "drop audit events older than this many days "
+          "(default 0: keep them all)", type=int)
+    # Options of the administration commands (no PULUMI_BACKEND_* variables).
+    p.add_argument("--name", dest="adm_name", help="user add: display name; token create: "
+                   "the token's name")
+    p.add_argument("--email", dest="adm_email", help="user add: e-mail address")
+    p.add_argument("--role", dest="adm_role", help="user add: admin or member (default member)")
+    p.add_argument("--description", dest="adm_description", help="team create, token create")
+    p.add_argument("--team", dest="adm_team", help="token create: a team token of this team")
+    p.add_argument("--org-token", dest="adm_org_token", action="store_true",
+                   help="token create: an organization token")
+    p.add_argument("--admin", dest="adm_admin", action="store_true",
+                   help="token create --org-token: with admin rights")
+    p.add_argument("--expires", dest="adm_expires", help="token create: lifetime such as 90d, "
+                   "12h or never (default never)")
+    p.add_argument("--since", dest="adm_since", help="audit: events from this time on "
+                   "(2026-01-31, 2026-01-31T12:00:00Z, or 7d/12h/30m ago)")
     return p
 
 
@@ -356,7 +415,8 @@ def parse_config(argv: list, environ: dict) -> tuple:
     args = parser.parse_intermixed_args(argv)
     values: dict = {}
     for action in parser._actions:
-        if not action.option_strings or action.dest in ("help", "version"):
+        if not action.option_strings or action.dest in ("help", "version") \
+                or action.dest.startswith("adm_"):
             continue
         flag_value = getattr(args, action.dest)
         if flag_value is None:
@@ -398,6 +458,12 @@ def parse_config(argv: list, environ: dict) -> tuple:
     extras = {"new_key_file": new_key_file, "file": args.file}
     if args.command == "import-diy":
         extras["import"] = import_options
+    if args.command in _ADMIN_COMMANDS:
+        extras["admin"] = {k[4:]: v for k, v in vars(args).items() if k.startswith("adm_")}
+        extras["admin"]["user"] = args.user  # token create --user: only from the command line
+        extras["words"] = ([args.file] if args.file else []) + args.words
+    elif args.words:
+        raise ValueError(f"unexpected argument {args.words[0]!r}")
     return args.command, cfg, extras
 
 
@@ -462,6 +528,11 @@ def _validate_config(cfg: Config) -> None:
         raise ValueError("--backup-keep must be at least 1")
     if not cfg.shutdown_timeout >= 0:
         raise ValueError("--shutdown-timeout must be 0 seconds or more")
+    if cfg.default_stack_permission not in ("none", "read", "write"):
+        raise ValueError("--default-stack-permission must be none, read or write, "
+                         f"not {cfg.default_stack_permission!r}")
+    if cfg.audit_retention_days < 0:
+        raise ValueError("--audit-retention-days must be 0 (keep all) or more")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if not cfg.auth_tokens and not cfg.allow_any_token and not _is_loopback(cfg.host):
@@ -840,6 +911,7 @@ class Store:
     # checkpoints: put_checkpoint, last_checkpoint, checkpoint_rows, clear_checkpoints
     # journal: append_journal, journal_entries, clear_journal
     # events: append_events, list_events
+    # identity (section 8): users, teams, team members, grants, tokens, audit
 
 
 _SCHEMA = [
@@ -900,6 +972,56 @@ _SCHEMA = [
         seq INTEGER NOT NULL,
         data BLOB NOT NULL,
         PRIMARY KEY (update_id, seq));
+    """,
+    # version 2: identity and access (section 8)
+    """
+    CREATE TABLE users (
+        login TEXT PRIMARY KEY,
+        name TEXT NOT NULL DEFAULT '',
+        email TEXT NOT NULL DEFAULT '',
+        role TEXT NOT NULL CHECK (role IN ('admin', 'member')),
+        created INTEGER NOT NULL);
+    CREATE TABLE teams (
+        name TEXT PRIMARY KEY,
+        display_name TEXT NOT NULL DEFAULT '',
+        description TEXT NOT NULL DEFAULT '',
+        created INTEGER NOT NULL);
+    CREATE TABLE team_members (
+        team TEXT NOT NULL REFERENCES teams(name) ON DELETE CASCADE,
+        login TEXT NOT NULL REFERENCES users(login) ON DELETE CASCADE,
+        PRIMARY KEY (team, login));
+    CREATE TABLE grants (
+        team TEXT NOT NULL REFERENCES teams(name) ON DELETE CASCADE,
+        pattern TEXT NOT NULL,
+        permission INTEGER NOT NULL,
+        PRIMARY KEY (team, pattern));
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL CHECK (kind IN ('personal', 'team', 'org')),
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        description TEXT NOT NULL DEFAULT '',
+        admin INTEGER NOT NULL DEFAULT 0,
+        created_by TEXT NOT NULL DEFAULT '',
+        created INTEGER NOT NULL,
+        last_used INTEGER NOT NULL DEFAULT 0,
+        expires INTEGER NOT NULL DEFAULT 0);
+    CREATE INDEX tokens_by_owner ON tokens (kind, owner);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time INTEGER NOT NULL,
+        actor TEXT NOT NULL DEFAULT '',
+        token_id TEXT NOT NULL DEFAULT '',
+        token_name TEXT NOT NULL DEFAULT '',
+        source_ip TEXT NOT NULL DEFAULT '',
+        user_agent TEXT NOT NULL DEFAULT '',
+        event TEXT NOT NULL,
+        target TEXT NOT NULL DEFAULT '',
+        outcome TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '');
+    CREATE INDEX audit_by_time ON audit (time);
+    ALTER TABLE updates ADD COLUMN requested_by TEXT NOT NULL DEFAULT '';
     """,
 ]
 
@@ -1270,6 +1392,145 @@ class SQLiteStore(Store):
             (update_id, after, limit))]
 
 
+    # -- identity: users, teams, grants, tokens, audit ------------------------
+
+    def identity_in_use(self, db) -> bool:
+        """Return whether any user or stored token exists (then only real tokens get in)."""
+        return db.execute("SELECT EXISTS (SELECT 1 FROM users) "
+                          "OR EXISTS (SELECT 1 FROM tokens)").fetchone()[0] == 1
+
+    def get_user(self, db, login: str) -> Optional[dict]:
+        row = db.execute("SELECT * FROM users WHERE login = ?", (login,)).fetchone()
+        return dict(row) if row else None
+
+    def list_users(self, db) -> list:
+        return [dict(r) for r in db.execute("SELECT * FROM users ORDER BY login")]
+
+    def insert_user(self, db, user: dict) -> None:
+        db.execute("INSERT INTO users (login, name, email, role, created) VALUES (?, ?, ?, ?, ?)",
+                   (user["login"], user["name"], user["email"], user["role"], user["created"]))
+
+    def set_user_role(self, db, login: str, role: str) -> None:
+        db.execute("UPDATE users SET role = ? WHERE login = ?", (role, login))
+
+    def delete_user(self, db, login: str) -> None:
+        db.execute("DELETE FROM tokens WHERE kind = 'personal' AND owner = ?", (login,))
+        db.execute("DELETE FROM users WHERE login = ?", (login,))
+
+    def get_team(self, db, name: str) -> Optional[dict]:
+        row = db.execute("SELECT * FROM teams WHERE name = ?", (name,)).fetchone()
+        return dict(row) if row else None
+
+    def list_teams(self, db) -> list:
+        return [dict(r) for r in db.execute("SELECT * FROM teams ORDER BY name")]
+
+    def insert_team(self, db, team: dict) -> None:
+        db.execute("INSERT INTO teams (name, display_name, description, created) "
+                   "VALUES (?, ?, ?, ?)",
+                   (team["name"], team["display_name"], team["description"], team["created"]))
+
+    def update_team(self, db, name: str, display_name: str, description: str) -> None:
+        db.execute("UPDATE teams SET display_name = ?, description = ? WHERE name = ?",
+                   (display_name, description, name))
+
+    def delete_team(self, db, name: str) -> None:
+        db.execute("DELETE FROM tokens WHERE kind = 'team' AND owner = ?", (name,))
+        db.execute("DELETE FROM teams WHERE name = ?", (name,))
+
+    def team_members(self, db, team: str) -> list:
+        return [dict(r) for r in db.execute(
+            "SELECT u.* FROM team_members m JOIN users u ON u.login = m.login "
+            "WHERE m.team = ? ORDER BY u.login", (team,))]
+
+    def user_teams(self, db, login: str) -> list:
+        return [r[0] for r in db.execute(
+            "SELECT team FROM team_members WHERE login = ? ORDER BY team", (login,))]
+
+    def add_member(self, db, team: str, login: str) -> None:
+        db.execute("INSERT OR IGNORE INTO team_members (team, login) VALUES (?, ?)", (team, login))
+
+    def remove_member(self, db, team: str, login: str) -> bool:
+        return db.execute("DELETE FROM team_members WHERE team = ? AND login = ?",
+                          (team, login)).rowcount > 0
+
+    def grants(self, db, teams: Iterable) -> list:
+        """Return ``(team, pattern, permission)`` of every grant to one of ``teams``."""
+        teams = list(teams)
+        if not teams:
+            return []
+        marks = ",".join("?" * len(teams))
+        return [tuple(r) for r in db.execute(
+            f"SELECT team, pattern, permission FROM grants WHERE team IN ({marks}) "
+            "ORDER BY team, pattern", teams)]
+
+    def set_grant(self, db, team: str, pattern: str, permission: int) -> None:
+        """Grant ``permission`` on ``pattern`` to ``team``; 0 removes the grant."""
+        if permission:
+            db.execute("INSERT OR REPLACE INTO grants (team, pattern, permission) "
+                       "VALUES (?, ?, ?)", (team, pattern, permission))
+        else:
+            db.execute("DELETE FROM grants WHERE team = ? AND pattern = ?", (team, pattern))
+
+    def token_by_hash(self, db, digest: str) -> Optional[dict]:
+        row = db.execute("SELECT * FROM tokens WHERE hash = ?", (digest,)).fetchone()
+        return dict(row) if row else None
+
+    def get_token(self, db, token_id: str) -> Optional[dict]:
+        row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        return dict(row) if row else None
+
+    def list_tokens(self, db, kind: Optional[str] = None, owner: Optional[str] = None) -> list:
+        sql, args = "SELECT * FROM tokens WHERE 1 = 1", []
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        return [dict(r) for r in db.execute(sql + " ORDER BY created, rowid", args)]
+
+    def insert_token(self, db, token: dict) -> None:
+        cols = ",".join(token)
+        db.execute(f"INSERT INTO tokens ({cols}) VALUES ({','.join('?' * len(token))})",
+                   tuple(token.values()))
+
+    def delete_token(self, db, token_id: str) -> bool:
+        return db.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount > 0
+
+    def touch_token(self, db, token_id: str, when: int) -> None:
+        db.execute("UPDATE tokens SET last_used = ? WHERE id = ?", (when, token_id))
+
+    def delete_expired_tokens(self, db, now: int, created_by_prefix: str) -> int:
+        return db.execute("DELETE FROM tokens WHERE expires > 0 AND expires <= ? "
+                          "AND substr(created_by, 1, ?) = ?",
+                          (now, len(created_by_prefix), created_by_prefix)).rowcount
+
+    def append_audit(self, db, event: dict) -> int:
+        """Append one audit event; return its id. Nothing updates or edits these rows."""
+        cols = ",".join(event)
+        return db.execute(f"INSERT INTO audit ({cols}) VALUES ({','.join('?' * len(event))})",
+                          tuple(event.values())).lastrowid
+
+    def list_audit(self, db, before_id: int, since: int, until: int, event: Optional[str],
+                   actor: Optional[str], limit: int, ascending: bool = False) -> list:
+        """Return audit rows with ``since <= time <= until``, newest first below ``before_id``
+        (or, ``ascending``, oldest first above it)."""
+        sql = ("SELECT * FROM audit WHERE time >= ? AND time <= ? AND "
+               + ("id > ?" if ascending else "id < ?"))
+        args: list = [since, until, before_id]
+        if event:
+            sql += " AND event = ?"
+            args.append(event)
+        if actor:
+            sql += " AND actor = ?"
+            args.append(actor)
+        sql += f" ORDER BY id {'ASC' if ascending else 'DESC'} LIMIT ?"
+        args.append(limit)
+        return [dict(r) for r in db.execute(sql, args)]
+
+    def prune_audit(self, db, before: int) -> int:
+        """Drop audit events older than ``before`` (the retention flag: the only deletion)."""
+        return db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
 def _one_data_key(conn: sqlite3.Connection) -> Optional[tuple]:
     # Shared with restore, which checks a backup through a plain connection.
     row = conn.execute("SELECT id, data_key FROM stacks ORDER BY id LIMIT 1").fetchone()
@@ -1280,7 +1541,7 @@ _STACK_COLUMNS = frozenset({"org", "project", "name", "tags", "version", "active
                             "resource_count", "last_update", "data_key"})
 _UPDATE_COLUMNS = frozenset({"status", "started", "ended", "version", "base_version", "journal",
                              "lease_token", "lease_expires", "cli_version", "resource_changes",
-                             "resource_count", "program"})
+                             "resource_count", "program", "requested_by"})
 
 
 def _check_columns(fields: dict, allowed: frozenset) -> None:
@@ -1789,7 +2050,8 @@ class Engine:
                "stackName": row["name"], "activeUpdate": row["active_update"],
                "tags": json.loads(row["tags"]), "version": row["version"]}
         if update is not None:
-            out["currentOperation"] = {"kind": update["kind"], "author": self.cfg.user,
+            out["currentOperation"] = {"kind": update["kind"],
+                                       "author": update["requested_by"] or self.cfg.user,
                                        "started": update["started"] or update["created"]}
         return out
 
@@ -1802,7 +2064,8 @@ class Engine:
             out["lastUpdate"] = row["last_update"]
         return out
 
-    def list_stacks(self, query: dict) -> dict:
+    def list_stacks(self, query: dict, visible: Optional[Callable] = None) -> dict:
+        """One page of stack summaries; ``visible(project, stack)`` filters (permissions)."""
         org = query.get("organization")
         if org is not None and org != self.cfg.org:
             return {"stacks": [], "continuationToken": None}
@@ -1816,6 +2079,8 @@ class Engine:
                 for row in rows:
                     after = (row["org"], row["project"], row["name"])
                     tags = json.loads(row["tags"])
+                    if visible is not None and not visible(row["project"], row["name"]):
+                        continue
                     if tag_name is not None and (tag_name not in tags or (
                             tag_value is not None and tags[tag_name] != tag_value)):
                         continue
@@ -1900,7 +2165,7 @@ class Engine:
         return dep["data"]
 
     def import_deployment(self, org: str, project: str, name: str, body: bytes,
-                          cli_version: str) -> str:
+                          cli_version: str, requested_by: str = "") -> str:
         doc = _check_untyped_deployment(_loads(body))
         data = body.strip()
         with self.store.write() as db:
@@ -1912,7 +2177,7 @@ class Engine:
                 "id": update_id, "stack_id": row["id"], "kind": "import", "dry_run": 0,
                 "status": "succeeded", "created": t, "started": t, "ended": t,
                 "version": version, "base_version": row["version"], "cli_version": cli_version,
-                "resource_count": _count_resources(doc)})
+                "resource_count": _count_resources(doc), "requested_by": requested_by})
             self._save_version(db, row, version, data, _count_resources(doc))
         log.info("imported state into %s/%s/%s as version %d", org, project, name, version)
         return update_id
@@ -1993,7 +2258,8 @@ class Engine:
             if self._abandoned_update(db, row) is not None:
                 self._lock_stack(db, row)
 
-    def create_update(self, org: str, project: str, name: str, kind: str, body: dict) -> dict:
+    def create_update(self, org: str, project: str, name: str, kind: str, body: dict,
+                      requested_by: str = "") -> dict:
         if kind not in _UPDATE_KINDS:
             raise NotFound(f"unknown update kind {kind!r}")
         options = body.get("options")
@@ -2008,7 +2274,8 @@ class Engine:
             update_id = _new_id()
             self.store.insert_update(db, {
                 "id": update_id, "stack_id": row["id"], "kind": kind, "dry_run": int(dry_run),
-                "status": "not started", "created": _now(), "program": json.dumps(program)})
+                "status": "not started", "created": _now(), "program": json.dumps(program),
+                "requested_by": requested_by})
         return {"updateID": update_id}
 
     def start_update(self, org: str, project: str, name: str, update_id: str, body: dict,
@@ -2356,7 +2623,12 @@ class Engine:
                                                   (max(page, 1) - 1) * page_size)
             else:
                 updates = self.store.list_history(db, row["id"], -1, 0)
-        return {"updates": [self._update_info(u) for u in updates]}
+        infos = [self._update_info(u) for u in updates]
+        for info in infos:
+            if "requestedBy" in info:  # `pulumi stack history` shows the environment only
+                info["environment"] = dict(info["environment"],
+                                           requestedBy=info["requestedBy"]["githubLogin"])
+        return {"updates": infos}
 
     def latest_update(self, org, project, name) -> dict:
         with self.store.read() as db:
@@ -2382,7 +2654,16 @@ class Engine:
             info["resourceChanges"] = json.loads(update["resource_changes"])
         if update["resource_count"]:
             info["resourceCount"] = update["resource_count"]
+        if update["requested_by"]:
+            info["requestedBy"] = {"name": update["requested_by"], "avatarUrl": "",
+                                   "githubLogin": update["requested_by"]}
         return info
+
+    def update_requester(self, org, project, name, update_id) -> str:
+        """Return who requested the update ('' if unknown); NotFound if there is none."""
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            return self._update_of(db, row, update_id)["requested_by"]
 
     # -- operations ---------------------------------------------------------
 
@@ -2863,7 +3144,826 @@ class KeyManager:
         return len(rows)
 
 
-# ==== 8. Request, response and router =======================================
+# ==== 8. Identity and access ================================================
+# Who calls, and what they may do. Users (org role admin or member), teams of
+# users, and API tokens: random, shown once, stored only as their SHA-256 (a
+# random 160-bit token needs no slow hash). Teams hold grants of Pulumi
+# Cloud's stack permissions on "project/stack" patterns. Nothing here is
+# cached: every request looks its token up by hash, so a token revoked or a
+# grant changed by `pulumi_backend.py token revoke` (another process, server
+# running) counts from the next request. Tokens from --auth-token act as org
+# admins; with neither those nor users and stored tokens, any token is the
+# admin, as before users existed (allowed on loopback only, see section 2).
+
+#: Pulumi Cloud's stack permissions.
+PERM_NONE, PERM_READ, PERM_WRITE, PERM_ADMIN = 0, 101, 102, 103
+_PERM_NAMES = {PERM_NONE: "none", PERM_READ: "read", PERM_WRITE: "write", PERM_ADMIN: "admin"}
+_PERM_BY_NAME = {v: k for k, v in _PERM_NAMES.items()}
+_LOGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z")
+_PATTERN_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,100}(/[A-Za-z0-9_.*?\[\]!-]{1,100})?\Z")
+_TOKEN_PREFIX = "pul-"
+_MSG_BAD_TOKEN = "No credentials provided or are invalid."
+
+
+class _AuthFailure(Unauthorized):
+    """A refused token: the client gets the generic 401, the audit log the reason."""
+
+    def __init__(self, why: str):
+        super().__init__(_MSG_BAD_TOKEN)
+        self.why = why
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who a request acts as.
+
+    ``kind`` is "user" (a personal token), "team" or "org" (their tokens; then
+    ``login`` is the team or organization name), "admin" (an --auth-token) or
+    "anonymous" (any token while no user or stored token exists: an admin that
+    may not create identities, so that no API caller can lock the others out).
+    """
+
+    login: str
+    kind: str
+    admin: bool
+    name: str = ""
+    email: str = ""
+    teams: tuple = ()
+    token_id: str = ""
+    token_name: str = ""
+
+    @property
+    def actor(self) -> str:
+        """The name audit events and update history give this caller."""
+        return self.login if self.kind in ("user", "admin", "anonymous") \
+            else f"{self.kind}:{self.login}"
+
+
+#: The actor of changes made with the server's own command line.
+_LOCAL_ADMIN = Principal("local-admin", "admin", True, name="pulumi_backend.py")
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _new_token() -> str:
+    """Return a fresh API token: ``pul-`` and 40 hex digits (160 random bits)."""
+    return _TOKEN_PREFIX + secrets.token_hex(20)
+
+
+def _parse_duration(text: str, what: str) -> int:
+    """Return the seconds of ``90d``, ``12h``, ``30m`` or ``45s``; 0 for ``never``."""
+    text = (text or "").strip().lower()
+    if text in ("", "0", "never"):
+        return 0
+    m = re.fullmatch(r"(\d{1,9})([dhms])", text)
+    if not m:
+        raise ValueError(f"{what} must look like 90d, 12h, 30m or never, not {text!r}")
+    seconds = int(m.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[m.group(2)]
+    if not 0 < seconds <= MAX_TOKEN_SECONDS:
+        raise ValueError(f"{what} must be between 1s and {MAX_TOKEN_SECONDS // 86400}d")
+    return seconds
+
+
+def _normalize_pattern(pattern: str) -> str:
+    """Return a grant pattern as ``project/stack`` globs (``app`` means ``app/*``)."""
+    if not isinstance(pattern, str) or not _PATTERN_RE.match(pattern):
+        raise BadRequest(f"invalid stack pattern {pattern!r}: use project/stack with * and ? "
+                         "wildcards, such as app/* or */prod")
+    return pattern if "/" in pattern else pattern + "/*"
+
+
+def _perm_value(value: Any) -> int:
+    """Return a permission from its name or Pulumi Cloud number; BadRequest otherwise."""
+    if isinstance(value, str) and value in _PERM_BY_NAME:
+        return _PERM_BY_NAME[value]
+    if isinstance(value, int) and not isinstance(value, bool) and value in _PERM_NAMES:
+        return value
+    raise BadRequest(f"permission must be none, read, write or admin (0, 101, 102, 103), "
+                     f"not {value!r}")
+
+
+def _rfc3339(t: int) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+class AuditLog:
+    """The append-only audit table, optionally mirrored to a JSON-lines file.
+
+    Events say who (actor, token id and name, address, user agent) did what
+    (event, target) with which outcome. Callers pass names and counts, never
+    a token or a secret value.
+    """
+
+    def __init__(self, cfg: Config, store: SQLiteStore):
+        self.store = store
+        self.path = cfg.audit_log
+        self.retention = cfg.audit_retention_days * 86400
+        self._file_lock = threading.Lock()
+        self._pruned = -math.inf
+
+    def record(self, event: str, actor: Optional[Principal] = None, req: Any = None,
+               target: str = "", outcome: str = "success", description: str = "") -> None:
+        """Append one event (its own transaction, committed before this returns)."""
+        actor = actor or (req.principal if req is not None else None) or _LOCAL_ADMIN
+        row = {"time": _now(), "actor": actor.actor, "token_id": actor.token_id,
+               "token_name": actor.token_name,
+               "source_ip": getattr(req, "remote", "") if req is not None else "local",
+               "user_agent": (req.headers.get("User-Agent") or "")[:200] if req is not None
+               else "pulumi_backend.py", "event": event, "target": target,
+               "outcome": outcome, "description": description}
+        try:
+            with self.store.write() as db:
+                self.store.append_audit(db, row)
+                if self.retention and time.monotonic() - self._pruned > 3600:
+                    self._pruned = time.monotonic()
+                    self.store.prune_audit(db, row["time"] - self.retention)
+        except sqlite3.Error as e:  # reads keep working on a read-only or full database
+            log.error("cannot write the audit event %s on %s: %s", event, _escape_log(target), e)
+        if self.path:
+            self._append_file(row)
+
+    def _append_file(self, row: dict) -> None:
+        line = _dumps(_audit_line(row)) + b"\n"
+        try:
+            with self._file_lock:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+        except OSError as e:  # the table has it; a full disk must not fail the request
+            log.error("cannot append to --audit-log %s: %s", self.path, e.strerror)
+
+    def page(self, continuation: Optional[str], start: int, end: int, event: Optional[str],
+             user: Optional[str]) -> dict:
+        """One page of events in Pulumi Cloud's shape, newest first."""
+        before = 2 ** 62
+        if continuation:
+            if not (continuation.isascii() and continuation.isdigit()) or len(continuation) > 18:
+                raise BadRequest("invalid continuationToken")
+            before = int(continuation)
+        with self.store.read() as db:
+            rows = self.store.list_audit(db, before, start, end, event, user, AUDIT_PAGE_SIZE)
+        more = len(rows) == AUDIT_PAGE_SIZE
+        return {"auditLogEvents": [_audit_api(r) for r in rows],
+                "continuationToken": str(rows[-1]["id"]) if more else None}
+
+
+def _audit_line(row: dict) -> dict:
+    """The JSON-lines form of an audit row (the `audit` command and --audit-log)."""
+    return {"time": _rfc3339(row["time"]), "timestamp": row["time"], "actor": row["actor"],
+            "tokenId": row["token_id"], "tokenName": row["token_name"],
+            "sourceIP": row["source_ip"], "userAgent": row["user_agent"],
+            "event": row["event"], "target": row["target"], "outcome": row["outcome"],
+            "description": row["description"]}
+
+
+def _audit_api(row: dict) -> dict:
+    """An audit row as Pulumi Cloud's AuditLogEvent (plus userAgent, target, outcome)."""
+    return {"timestamp": row["time"], "sourceIP": row["source_ip"], "event": row["event"],
+            "description": row["description"] or f"{row['event']} {row['target']}".strip(),
+            "user": {"name": row["actor"], "githubLogin": row["actor"], "avatarUrl": ""},
+            "actorName": row["actor"], "tokenID": row["token_id"],
+            "tokenName": row["token_name"], "authFailure": row["outcome"] == "failure",
+            "userAgent": row["user_agent"], "target": row["target"], "outcome": row["outcome"]}
+
+
+class Identity:
+    """Users, teams, tokens and grants: authentication, permissions, administration.
+
+    Used by the API handlers and by the administration commands alike; every
+    change is audited with its actor.
+    """
+
+    def __init__(self, cfg: Config, store: SQLiteStore, audit: AuditLog):
+        self.cfg, self.store, self.audit = cfg, store, audit
+        self._static = [t.encode() for t in cfg.auth_tokens]
+        self.default = _PERM_BY_NAME[cfg.default_stack_permission]
+        self._touched: dict = {}  # token id -> monotonic time lastUsed was last written
+        self._touch_lock = threading.Lock()
+
+    # -- authentication -----------------------------------------------------
+
+    def admin_principal(self, token_name: str = "", kind: str = "admin") -> Principal:
+        return Principal(self.cfg.user, kind, True, name=self.cfg.user, token_name=token_name)
+
+    def authenticate(self, token: str) -> Principal:
+        """Return who ``token`` acts as; raise _AuthFailure (401) if it is not valid now."""
+        raw, match = token.encode("utf-8", "surrogateescape"), False
+        for known in self._static:  # compare with every token: no early exit
+            match |= hmac.compare_digest(known, raw)
+        if match:
+            return self.admin_principal("auth-token")
+        with self.store.read() as db:
+            row = self.store.token_by_hash(db, _token_hash(token))
+            if row is None:
+                if not self._static and not self.store.identity_in_use(db):
+                    return self.admin_principal(kind="anonymous")
+                raise _AuthFailure("unknown or revoked token")
+            if row["expires"] and row["expires"] <= _now():
+                raise _AuthFailure(f"token {row['id']} expired")
+            principal = self._principal_of(db, row)
+        self._touch(row["id"])
+        return principal
+
+    def _principal_of(self, db, row: dict) -> Principal:
+        ids = {"token_id": row["id"], "token_name": row["name"]}
+        if row["kind"] == "personal":
+            user = self.store.get_user(db, row["owner"])
+            if user is None:
+                raise _AuthFailure(f"token {row['id']}: user {row['owner']} was removed")
+            return Principal(user["login"], "user", user["role"] == "admin", user["name"],
+                             user["email"], tuple(self.store.user_teams(db, user["login"])),
+                             **ids)
+        if row["kind"] == "team":
+            if self.store.get_team(db, row["owner"]) is None:
+                raise _AuthFailure(f"token {row['id']}: team {row['owner']} was removed")
+            return Principal(row["owner"], "team", False, row["owner"], teams=(row["owner"],),
+                             **ids)
+        return Principal(self.cfg.org, "org", bool(row["admin"]), self.cfg.org, **ids)
+
+    def _touch(self, token_id: str) -> None:
+        """Record the token's use, at most every TOKEN_TOUCH_SECONDS (each write is an fsync)."""
+        with self._touch_lock:
+            now = time.monotonic()
+            if now - self._touched.get(token_id, -math.inf) < TOKEN_TOUCH_SECONDS:
+                return
+            self._touched[token_id] = now
+        try:
+            with self.store.write() as db:
+                self.store.touch_token(db, token_id, _now())
+        except sqlite3.Error as e:  # bookkeeping only: never fail the request for it
+            log.warning("cannot record a token's last use: %s", e)
+
+    # -- permissions --------------------------------------------------------
+
+    def grants_of(self, p: Principal) -> list:
+        with self.store.read() as db:
+            return self.store.grants(db, p.teams)
+
+    def stack_permission(self, p: Principal, project: str, stack: str,
+                         grants: Optional[list] = None) -> int:
+        """Return the highest permission ``p`` holds on ``project/stack``."""
+        if p.admin:
+            return PERM_ADMIN
+        best = self.default if p.kind in ("user", "org") else PERM_NONE
+        target = f"{project}/{stack}"
+        for _, pattern, perm in self.grants_of(p) if grants is None else grants:
+            if perm > best and fnmatch.fnmatchcase(target, pattern):
+                best = perm
+        return best
+
+    def visible(self, p: Principal) -> Callable:
+        """Return ``f(project, stack)``: may ``p`` read that stack (one grants query)."""
+        if p.admin:
+            return lambda project, stack: True
+        grants = self.grants_of(p)
+        return lambda project, stack: self.stack_permission(p, project, stack,
+                                                            grants) >= PERM_READ
+
+    def require(self, p: Principal, need: int, project: str, stack: str) -> None:
+        """Raise Forbidden naming the missing permission unless ``p`` has ``need``."""
+        have = self.stack_permission(p, project, stack)
+        if have < need:
+            raise Forbidden(f"this needs the '{_PERM_NAMES[need]}' permission on stack "
+                            f"{project}/{stack}; {p.actor} has '{_PERM_NAMES[have]}'")
+
+    def may_write_somewhere(self, p: Principal) -> bool:
+        return (p.admin or self.default >= PERM_WRITE
+                or any(perm >= PERM_WRITE for _, _, perm in self.grants_of(p)))
+
+    # -- administration (API and command line) -------------------------------
+
+    def _check_login(self, login: Any, what: str = "login") -> str:
+        if not isinstance(login, str) or not _LOGIN_RE.match(login):
+            raise BadRequest(f"invalid {what} {login!r}: letters, digits, '.', '_' and '-'")
+        return login
+
+    def _user(self, db, login: str) -> dict:
+        user = self.store.get_user(db, login)
+        if user is None:
+            raise NotFound(f"user '{login}' not found")
+        return user
+
+    def _team(self, db, name: str) -> dict:
+        team = self.store.get_team(db, name)
+        if team is None:
+            raise NotFound(f"team '{name}' not found")
+        return team
+
+    def add_user(self, actor: Principal, login: str, name: str = "", email: str = "",
+                 role: str = "member", req: Any = None) -> dict:
+        self._check_login(login)
+        if role not in ("admin", "member"):
+            raise BadRequest(f"role must be admin or member, not {role!r}")
+        user = {"login": login, "name": name or login, "email": email or "", "role": role,
+                "created": _now()}
+        with self.store.write() as db:
+            if self.store.get_user(db, login) is not None:
+                raise Conflict(f"user '{login}' already exists")
+            self.store.insert_user(db, user)
+        self.audit.record("member_added", actor, req, login, description=f"role {role}")
+        return user
+
+    def set_role(self, actor: Principal, login: str, role: str, req: Any = None) -> None:
+        if role not in ("admin", "member"):
+            raise BadRequest(f"role must be admin or member, not {role!r}")
+        with self.store.write() as db:
+            self._user(db, login)
+            self.store.set_user_role(db, login, role)
+        self.audit.record("member_role_changed", actor, req, login, description=f"role {role}")
+
+    def remove_user(self, actor: Principal, login: str, req: Any = None) -> None:
+        with self.store.write() as db:
+            self._user(db, login)
+            self.store.delete_user(db, login)  # and their personal tokens
+        self.audit.record("member_removed", actor, req, login)
+
+    def create_team(self, actor: Principal, name: str, display_name: str = "",
+                    description: str = "", req: Any = None) -> dict:
+        self._check_login(name, "team name")
+        team = {"name": name, "display_name": display_name or name,
+                "description": description or "", "created": _now()}
+        with self.store.write() as db:
+            if self.store.get_team(db, name) is not None:
+                raise Conflict(f"team '{name}' already exists")
+            self.store.insert_team(db, team)
+        self.audit.record("team_created", actor, req, name)
+        return team
+
+    def delete_team(self, actor: Principal, name: str, req: Any = None) -> None:
+        with self.store.write() as db:
+            self._team(db, name)
+            self.store.delete_team(db, name)  # its members, grants and tokens go with it
+        self.audit.record("team_deleted", actor, req, name)
+
+    def set_team_info(self, actor: Principal, name: str, display_name: Optional[str],
+                      description: Optional[str], req: Any = None) -> None:
+        with self.store.write() as db:
+            team = self._team(db, name)
+            self.store.update_team(db, name, team["display_name"] if display_name is None
+                                   else display_name,
+                                   team["description"] if description is None else description)
+        self.audit.record("team_modified", actor, req, name)
+
+    def add_member(self, actor: Principal, team: str, login: str, req: Any = None) -> None:
+        self._check_login(login)
+        with self.store.write() as db:
+            self._team(db, team)
+            self._user(db, login)
+            self.store.add_member(db, team, login)
+        self.audit.record("team_member_added", actor, req, f"{team}/{login}")
+
+    def remove_member(self, actor: Principal, team: str, login: str, req: Any = None) -> None:
+        self._check_login(login)
+        with self.store.write() as db:
+            self._team(db, team)
+            if not self.store.remove_member(db, team, login):
+                raise NotFound(f"user '{login}' is not a member of team '{team}'")
+        self.audit.record("team_member_removed", actor, req, f"{team}/{login}")
+
+    def grant(self, actor: Principal, team: str, pattern: str, permission: int,
+              req: Any = None) -> str:
+        """Grant ``permission`` (0 removes) on ``pattern`` to ``team``; return the pattern."""
+        pattern = _normalize_pattern(pattern)
+        with self.store.write() as db:
+            self._team(db, team)
+            self.store.set_grant(db, team, pattern, permission)
+        self.audit.record("stack_permission_changed", actor, req, f"{team} {pattern}",
+                          description=f"team {team}: {_PERM_NAMES[permission]} on {pattern}")
+        return pattern
+
+    def team_json(self, name: str, full: bool = True) -> dict:
+        """A team in Pulumi Cloud's shape (members and stacks when ``full``)."""
+        with self.store.read() as db:
+            team = self._team(db, name)
+            members = self.store.team_members(db, name) if full else []
+            grants = self.store.grants(db, [name]) if full else []
+        out = {"kind": "pulumi", "name": team["name"], "displayName": team["display_name"],
+               "description": team["description"]}
+        if full:
+            out["members"] = [dict(_user_info(u), role="member") for u in members]
+            out["stacks"] = [{"projectName": pattern.split("/", 1)[0],
+                              "stackName": pattern.split("/", 1)[1], "permission": perm}
+                             for _, pattern, perm in grants]
+        return out
+
+    def create_token(self, actor: Principal, kind: str, owner: str, name: str = "",
+                     description: str = "", expires: int = 0, admin: bool = False,
+                     req: Any = None, event: str = "token_created") -> tuple:
+        """Store a new token; return ``(id, value)``. The value is never stored or shown again."""
+        if not isinstance(description, str) or not isinstance(name, str):
+            raise BadRequest("name and description must be strings")
+        if not isinstance(expires, int) or isinstance(expires, bool) or expires < 0:
+            raise BadRequest("expires must be a Unix time (0: never)")
+        if expires and not _now() < expires <= _now() + MAX_TOKEN_SECONDS:
+            raise BadRequest("expires must be in the future, within "
+                             f"{MAX_TOKEN_SECONDS // 86400} days")
+        value, token_id = _new_token(), _new_id()
+        with self.store.write() as db:
+            if kind == "personal":
+                self._user(db, owner)
+            elif kind == "team":
+                self._team(db, owner)
+            self.store.insert_token(db, {
+                "id": token_id, "hash": _token_hash(value), "kind": kind, "owner": owner,
+                "name": name[:200] or description[:200], "description": description[:1000],
+                "admin": int(bool(admin)), "created_by": actor.actor, "created": _now(),
+                "expires": expires})
+        self.audit.record(event, actor, req, f"{kind}:{owner}",
+                          description=f"token {token_id}" + (
+                              f" expires {_rfc3339(expires)}" if expires else ""))
+        return token_id, value
+
+    def revoke_token(self, actor: Principal, token_id: str, kind: Optional[str] = None,
+                     owner: Optional[str] = None, req: Any = None) -> None:
+        """Delete a token (of that kind and owner, when given); NotFound if there is none."""
+        with self.store.write() as db:
+            row = self.store.get_token(db, token_id)
+            if row is None or (kind and row["kind"] != kind) or (owner and row["owner"] != owner):
+                raise NotFound(f"token '{token_id}' not found")
+            self.store.delete_token(db, token_id)
+        self.audit.record("token_revoked", actor, req, f"{row['kind']}:{row['owner']}",
+                          description=f"token {token_id}")
+
+    def members_json(self) -> list:
+        with self.store.read() as db:
+            return [_member_json(u) for u in self.store.list_users(db)]
+
+    def teams_json(self) -> list:
+        with self.store.read() as db:
+            names = [t["name"] for t in self.store.list_teams(db)]
+        return [self.team_json(n, full=False) for n in names]
+
+    def tokens_json(self, kind: Optional[str] = None, owner: Optional[str] = None) -> dict:
+        with self.store.read() as db:
+            rows = self.store.list_tokens(db, kind, owner)
+        return {"tokens": [_token_json(r) for r in rows]}
+
+
+def _user_info(user: dict) -> dict:
+    return {"name": user["name"] or user["login"], "githubLogin": user["login"],
+            "avatarUrl": "", "email": user["email"]}
+
+
+def _member_json(user: dict) -> dict:
+    return {"role": user["role"], "user": _user_info(user), "created": _rfc3339(user["created"]),
+            "knownToPulumi": True, "virtualAdmin": False}
+
+
+def _token_json(row: dict) -> dict:
+    """A stored token as Pulumi Cloud's AccessToken (never its value or hash)."""
+    return {"id": row["id"], "name": row["name"], "description": row["description"],
+            "createdBy": row["created_by"], "created": _rfc3339(row["created"]),
+            "lastUsed": row["last_used"], "expires": row["expires"],
+            "admin": bool(row["admin"])}
+
+
+# -- OIDC token exchange (`pulumi login --oidc-token`) -----------------------
+# A CI job's ID token (a JWT signed by its issuer) is exchanged for a short-
+# lived token of ours. Signatures: RS256 and ES256, through libcrypto's
+# EVP_DigestVerify when it loads, else in pure Python (RSA is one pow(); P-256
+# is affine point arithmetic, ~20 ms, and exchanges are rare).
+
+_P256_P = 2 ** 256 - 2 ** 224 + 2 ** 192 + 2 ** 96 - 1
+_P256_A = _P256_P - 3
+_P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+_P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_P256_G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+           0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+_OID_RSA = bytes.fromhex("06092a864886f70d010101") + b"\x05\x00"
+_OID_EC_P256 = bytes.fromhex("06072a8648ce3d020106082a8648ce3d030107")
+_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+_ACCESS_TOKEN_TYPES = {"org": "urn:pulumi:token-type:access_token:organization",
+                       "team": "urn:pulumi:token-type:access_token:team",
+                       "personal": "urn:pulumi:token-type:access_token:personal"}
+
+
+class _OIDCRefused(Exception):
+    """An exchange refused; ``check`` (for the audit log) says which check failed."""
+
+    def __init__(self, check: str):
+        super().__init__(check)
+        self.check = check
+
+
+def _b64url(text: Any) -> bytes:
+    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _b64url_int(text: Any) -> int:
+    return int.from_bytes(_b64url(text), "big")
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 128:
+        return bytes([tag, n]) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _rs256_python(n: int, e: int, data: bytes, sig: bytes) -> bool:
+    """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 8.2.2): recompute the encoding, compare."""
+    k = (n.bit_length() + 7) // 8
+    if len(sig) != k or int.from_bytes(sig, "big") >= n:
+        return False
+    digest = _SHA256_DIGEST_INFO + hashlib.sha256(data).digest()
+    if k < len(digest) + 11:
+        return False
+    expected = b"\x00\x01" + b"\xff" * (k - 3 - len(digest)) + b"\x00" + digest
+    return hmac.compare_digest(pow(int.from_bytes(sig, "big"), e, n).to_bytes(k, "big"),
+                               expected)
+
+
+def _ec_add(p1: Optional[tuple], p2: Optional[tuple]) -> Optional[tuple]:
+    """Add points of P-256 in affine coordinates (None is the point at infinity)."""
+    if p1 is None:
+        return p2
+    if p2 is None:
+        return p1
+    (x1, y1), (x2, y2), p = p1, p2, _P256_P
+    if x1 == x2 and (y1 + y2) % p == 0:
+        return None
+    if p1 == p2:
+        lam = (3 * x1 * x1 + _P256_A) * pow(2 * y1, -1, p) % p
+    else:
+        lam = (y2 - y1) * pow(x2 - x1, -1, p) % p
+    x3 = (lam * lam - x1 - x2) % p
+    return x3, (lam * (x1 - x3) - y1) % p
+
+
+def _ec_mul(k: int, point: tuple) -> Optional[tuple]:
+    out: Optional[tuple] = None
+    for bit in bin(k)[2:]:
+        out = _ec_add(out, out)
+        if bit == "1":
+            out = _ec_add(out, point)
+    return out
+
+
+def _es256_python(x: int, y: int, data: bytes, sig: bytes) -> bool:
+    """ECDSA P-256 with SHA-256 over a JWS signature (r || s, 32 bytes each)."""
+    p, n = _P256_P, _P256_N
+    if len(sig) != 64 or not (0 <= x < p and 0 <= y < p) \
+            or (y * y - x ** 3 - _P256_A * x - _P256_B) % p != 0:
+        return False
+    r, s = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
+    if not (0 < r < n and 0 < s < n):
+        return False
+    z, w = int.from_bytes(hashlib.sha256(data).digest(), "big"), pow(s, -1, n)
+    point = _ec_add(_ec_mul(z * w % n, _P256_G), _ec_mul(r * w % n, (x, y)))
+    return point is not None and point[0] % n == r
+
+
+class _OpenSSLVerify:
+    """Signature checks through libcrypto (OpenSSL 1.1.1 and 3.x): DER key, EVP_DigestVerify."""
+
+    name = "openssl"
+
+    def __init__(self, lib: ctypes.CDLL):
+        c_p, c_i, c_cp, c_sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t
+        self.lib = lib
+        for fn, args, res in (
+                ("d2i_PUBKEY", [c_p, ctypes.POINTER(c_cp), ctypes.c_long], c_p),
+                ("EVP_PKEY_free", [c_p], None),
+                ("EVP_MD_CTX_new", [], c_p),
+                ("EVP_MD_CTX_free", [c_p], None),
+                ("EVP_sha256", [], c_p),
+                ("EVP_DigestVerifyInit", [c_p, c_p, c_p, c_p, c_p], c_i),
+                ("EVP_DigestVerify", [c_p, c_cp, c_sz, c_cp, c_sz], c_i),
+                ("ERR_clear_error", [], None)):
+            f = getattr(lib, fn)
+            f.argtypes, f.restype = args, res
+
+    def verify(self, spki: bytes, data: bytes, sig: bytes) -> bool:
+        lib = self.lib
+        buf = ctypes.c_char_p(spki)
+        pkey = lib.d2i_PUBKEY(None, ctypes.byref(buf), len(spki))
+        if not pkey:
+            lib.ERR_clear_error()
+            return False
+        ctx = lib.EVP_MD_CTX_new()
+        try:
+            ok = (ctx and lib.EVP_DigestVerifyInit(ctx, None, lib.EVP_sha256(), None, pkey) == 1
+                  and lib.EVP_DigestVerify(ctx, sig, len(sig), data, len(data)) == 1)
+            if not ok:
+                lib.ERR_clear_error()
+            return bool(ok)
+        finally:
+            lib.EVP_MD_CTX_free(ctx)
+            lib.EVP_PKEY_free(pkey)
+
+
+@functools.lru_cache(maxsize=1)
+def _openssl_verifier() -> Optional[_OpenSSLVerify]:
+    lib = _load_libcrypto(os.environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
+    try:
+        return _OpenSSLVerify(lib) if lib is not None else None
+    except AttributeError:  # a libcrypto without EVP_DigestVerify (before 1.1.1)
+        return None
+
+
+def _verify_jws(alg: str, jwk: dict, data: bytes, sig: bytes, use_openssl: bool = True) -> bool:
+    """Check a JWS signature (RS256 or ES256) with a JWK; False for any mismatch."""
+    try:
+        if alg == "RS256" and jwk.get("kty") == "RSA":
+            n, e = _b64url_int(jwk.get("n")), _b64url_int(jwk.get("e"))
+            spki = _der(0x30, _der(0x30, _OID_RSA) + _der(
+                0x03, b"\x00" + _der(0x30, _der_int(n) + _der_int(e))))
+            der_sig, python = sig, lambda: _rs256_python(n, e, data, sig)
+        elif alg == "ES256" and jwk.get("kty") == "EC" and jwk.get("crv") == "P-256":
+            x, y = _b64url_int(jwk.get("x")), _b64url_int(jwk.get("y"))
+            if len(sig) != 64 or x.bit_length() > 256 or y.bit_length() > 256:
+                return False
+            spki = _der(0x30, _der(0x30, _OID_EC_P256) + _der(
+                0x03, b"\x00\x04" + x.to_bytes(32, "big") + y.to_bytes(32, "big")))
+            der_sig = _der(0x30, _der_int(int.from_bytes(sig[:32], "big"))
+                           + _der_int(int.from_bytes(sig[32:], "big")))
+            python = lambda: _es256_python(x, y, data, sig)  # noqa: E731
+        else:
+            return False
+    except (ValueError, TypeError):
+        return False
+    verifier = _openssl_verifier() if use_openssl else None
+    return verifier.verify(spki, data, der_sig) if verifier is not None else python()
+
+
+def _load_issuers(path: str) -> list:
+    """Read and check the --oidc-issuers file; raise ValueError naming what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read --oidc-issuers {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ValueError(f"--oidc-issuers {path} is not valid JSON: {e}") from None
+    items = doc.get("issuers") if isinstance(doc, dict) else doc
+    if not isinstance(items, list):
+        raise ValueError(f"--oidc-issuers {path}: expected {{\"issuers\": [...]}}")
+    return [_check_issuer(item, path, i) for i, item in enumerate(items)]
+
+
+def _check_issuer(item: Any, path: str, i: int) -> dict:
+    where = f"--oidc-issuers {path}, issuer {i + 1}"
+    if not isinstance(item, dict) or not isinstance(item.get("issuer"), str) \
+            or not isinstance(item.get("audience"), str):
+        raise ValueError(f"{where}: needs \"issuer\" and \"audience\" strings")
+    jwks, url = item.get("jwks"), item.get("jwksUrl")
+    if url is not None and (jwks is not None or "jwksFile" in item
+                            or not str(url).startswith("https://")):
+        raise ValueError(f"{where}: jwksUrl must be an https:// URL, and the only key source")
+    if "jwksFile" in item:
+        jwks_path = os.path.join(os.path.dirname(os.path.abspath(path)), str(item["jwksFile"]))
+        try:
+            with open(jwks_path, encoding="utf-8") as f:
+                jwks = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}: cannot read jwksFile {jwks_path}: {e}") from None
+    keys = jwks.get("keys") if isinstance(jwks, dict) else None
+    if url is None and (not isinstance(keys, list) or not keys
+                        or not all(isinstance(k, dict) for k in keys)):
+        raise ValueError(f"{where}: needs \"jwks\", \"jwksFile\" or \"jwksUrl\" with a "
+                         "non-empty \"keys\"")
+    try:
+        max_seconds = _parse_duration(str(item.get("maxExpiration", "2h")), "maxExpiration")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    rules = item.get("rules")
+    if not isinstance(rules, list) or not rules:
+        raise ValueError(f"{where}: needs \"rules\" mapping claims to a team, user or org")
+    for rule in rules:
+        targets = [k for k in ("team", "user", "org") if rule.get(k)] \
+            if isinstance(rule, dict) else []
+        if len(targets) != 1 or not isinstance(rule.get("claims"), dict) or not all(
+                isinstance(v, str) for v in rule["claims"].values()):
+            raise ValueError(f"{where}: each rule needs \"claims\" (name: glob) and one of "
+                             "\"team\", \"user\" or \"org\"")
+    return {"issuer": item["issuer"], "audience": item["audience"], "keys": keys,
+            "jwks_url": url,  # fetched when a token needs it
+            "max_seconds": max_seconds or OIDC_DEFAULT_SECONDS, "rules": rules}
+
+
+_jwks_cache: dict = {}  # jwksUrl -> (monotonic time fetched, keys)
+_jwks_lock = threading.Lock()
+
+
+def _fetched_keys(url: str) -> list:
+    """Return the keys at ``url`` (https, system trust store), reused JWKS_CACHE_SECONDS."""
+    with _jwks_lock:
+        cached = _jwks_cache.get(url)
+        if cached and time.monotonic() - cached[0] < JWKS_CACHE_SECONDS:
+            return cached[1]
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            data = resp.read(MAX_JWKS_BYTES + 1)
+        keys = json.loads(data).get("keys") if len(data) <= MAX_JWKS_BYTES else None
+    except (OSError, ValueError, AttributeError) as e:
+        raise _OIDCRefused(f"cannot fetch the JWKS at {url}: {e}") from None
+    if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+        raise _OIDCRefused(f"the JWKS at {url} has no key list")
+    with _jwks_lock:
+        _jwks_cache[url] = (time.monotonic(), keys)
+    return keys
+
+
+def _claim_matches(value: Any, pattern: str) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return any(isinstance(v, (str, int)) and not isinstance(v, bool)
+               and fnmatch.fnmatchcase(str(v), pattern) for v in values)
+
+
+def _verified_claims(jwt: str, issuers: list, now: int) -> tuple:
+    """Return ``(issuer config, claims)`` of a valid JWT; raise _OIDCRefused naming the check."""
+    parts = jwt.split(".")
+    if len(jwt) > MAX_JWT_BYTES or len(parts) != 3:
+        raise _OIDCRefused("malformed token")
+    try:
+        header, claims = json.loads(_b64url(parts[0])), json.loads(_b64url(parts[1]))
+        sig = _b64url(parts[2])
+    except (ValueError, UnicodeDecodeError):
+        raise _OIDCRefused("malformed token") from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise _OIDCRefused("malformed token")
+    issuer = next((i for i in issuers if i["issuer"] == claims.get("iss")), None)
+    if issuer is None:
+        raise _OIDCRefused(f"unknown issuer {str(claims.get('iss'))[:200]!r}")
+    alg, kid = header.get("alg"), header.get("kid")
+    if alg not in ("RS256", "ES256"):
+        raise _OIDCRefused(f"unsupported alg {str(alg)[:20]!r}")
+    known = _fetched_keys(issuer["jwks_url"]) if issuer["jwks_url"] else issuer["keys"]
+    keys = [k for k in known if k.get("kid") == kid] if kid is not None else known
+    if len(keys) != 1:
+        raise _OIDCRefused(f"unknown key id {str(kid)[:100]!r}")
+    if not _verify_jws(alg, keys[0], f"{parts[0]}.{parts[1]}".encode(), sig):
+        raise _OIDCRefused("bad signature")
+    aud = claims.get("aud")
+    if issuer["audience"] not in (aud if isinstance(aud, list) else [aud]):
+        raise _OIDCRefused(f"wrong audience {str(aud)[:200]!r}")
+    exp, nbf, iat = claims.get("exp"), claims.get("nbf", 0), claims.get("iat", 0)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, nbf, iat)):
+        raise _OIDCRefused("exp missing, or exp, nbf or iat not a number")
+    if now > exp + OIDC_CLOCK_SKEW:
+        raise _OIDCRefused("expired (exp)")
+    if nbf > now + OIDC_CLOCK_SKEW:
+        raise _OIDCRefused("not valid yet (nbf)")
+    if iat > now + OIDC_CLOCK_SKEW:
+        raise _OIDCRefused("issued in the future (iat)")
+    return issuer, claims
+
+
+def _oidc_exchange(identity: Identity, issuers: list, form: dict, req: Any = None) -> dict:
+    """Exchange a verified OIDC ID token (form fields of RFC 8693, as the CLI sends them)
+    for a short-lived token of ours; raise _OIDCRefused naming the failed check."""
+    field = lambda k: (form.get(k) or [""])[-1]  # noqa: E731
+    if field("grant_type") != _TOKEN_EXCHANGE:
+        raise _OIDCRefused("grant_type is not token-exchange")
+    if field("audience") != f"urn:pulumi:org:{identity.cfg.org}":
+        raise _OIDCRefused(f"audience {field('audience')[:100]!r} is not this organization")
+    scope = field("scope")
+    kind, _, name = scope.partition(":")
+    if scope and (kind not in ("team", "user") or not name):
+        raise _OIDCRefused(f"unsupported scope {scope[:100]!r}")
+    requested = field("expiration")
+    if requested and not (requested.isascii() and requested.isdigit() and len(requested) < 10):
+        raise _OIDCRefused("expiration is not a number of seconds")
+    now = _now()
+    issuer, claims = _verified_claims(field("subject_token"), issuers, now)
+    rule = next((r for r in issuer["rules"]
+                 if all(_claim_matches(claims.get(c), g) for c, g in r["claims"].items())
+                 and (not scope or r.get(kind) == name)), None)
+    if rule is None:
+        raise _OIDCRefused("no rule matches the token's claims" + (
+            f" for {scope}" if scope else ""))
+    kind, owner = (("team", rule["team"]) if rule.get("team") else
+                   ("personal", rule["user"]) if rule.get("user") else ("org", identity.cfg.org))
+    seconds = min(int(requested or OIDC_DEFAULT_SECONDS) or OIDC_DEFAULT_SECONDS,
+                  issuer["max_seconds"])
+    subject = str(claims.get("sub", ""))[:200]
+    actor = Principal(f"oidc:{subject}", "user", False, token_name=issuer["issuer"][:200])
+    with identity.store.write() as db:  # exchanged tokens that expired are of no use
+        identity.store.delete_expired_tokens(db, now, "oidc:")
+    try:
+        _, value = identity.create_token(
+            actor, kind, owner, f"oidc:{subject}", f"OIDC {issuer['issuer']}"[:1000],
+            now + seconds, kind == "org" and rule.get("org") == "admin", req, "token_exchange")
+    except NotFound as e:
+        raise _OIDCRefused(f"the rule's {kind} does not exist: {e.message}") from None
+    return {"access_token": value, "issued_token_type": _ACCESS_TOKEN_TYPES[kind],
+            "token_type": "Bearer", "expires_in": seconds, "scope": scope}
+
+
+# ==== 9. Request, response and router =======================================
 
 @dataclasses.dataclass
 class Request:
@@ -2879,6 +3979,8 @@ class Request:
     takes_body: bool = True  # False once routed to a route without a request body
     auth_kind: str = ""
     token: str = ""
+    principal: Optional[Principal] = None  # who the API token acts as (section 8)
+    remote: str = ""  # the client's address, for the audit log
 
     @property
     def accepts_gzip(self) -> bool:
@@ -3040,7 +4142,7 @@ def _match_segments(segments: tuple, parts: tuple) -> Optional[dict]:
     return params
 
 
-# ==== 9. Handlers, by API area ==============================================
+# ==== 10. Handlers, by API area =============================================
 
 # The JSON the handlers answer, for the OpenAPI document. Property names are
 # those of Pulumi Cloud's schemas (a contract test compares them), and a unit
@@ -3048,8 +4150,10 @@ def _match_segments(segments: tuple, parts: tuple) -> Optional[dict]:
 _CAPABILITIES = _obj(("capabilities",), capabilities=_list_of(_obj(
     ("capability",), capability=_STR, version=_INT, configuration=_ANY_OBJECT)))
 _USER = _obj(id=_STR, githubLogin=_STR, name=_STR, email=_STR, avatarUrl=_STR,
-             organizations=_list_of(_obj(githubLogin=_STR, name=_STR, avatarUrl=_STR)),
-             identities=_list_of(_STR), siteAdmin=_BOOL)
+             organizations=_list_of(_obj(githubLogin=_STR, name=_STR, avatarUrl=_STR,
+                                         role=_STR)),
+             identities=_list_of(_STR), siteAdmin=_BOOL,
+             tokenInfo=_obj(("name",), name=_STR, organization=_STR, team=_STR))
 _DEFAULT_ORG = _obj(GitHubLogin=_STR, Messages=_list_of(_ANY_OBJECT))
 _STACK_NAMES = {"id": _STR, "orgName": _STR, "projectName": _STR, "stackName": _STR}
 _STACK_LIST = _obj(("stacks", "continuationToken"), continuationToken=_NULLABLE_STR,
@@ -3058,6 +4162,8 @@ _STACK_LIST = _obj(("stacks", "continuationToken"), continuationToken=_NULLABLE_
 _STACK = _obj((*_STACK_NAMES, "activeUpdate", "tags", "version"), **_STACK_NAMES,
               activeUpdate=_NULLABLE_STR, tags=_STR_MAP, version=_INT,
               currentOperation=_obj(kind=_STR, author=_STR, started=_INT))
+_USER_INFO = _obj(("name", "githubLogin", "avatarUrl"), name=_STR, githubLogin=_STR,
+                  avatarUrl=_STR, email=_STR)
 _UPDATE_INFO = _obj(
     kind=_STR, startTime=_INT, message=_STR, environment=_STR_MAP, config=_ANY_OBJECT,
     result=_STR, endTime=_INT, version=_INT, updateID=_STR,
@@ -3067,6 +4173,47 @@ _UPDATE_PROGRAM = _obj(name=_STR, runtime=_STR, main=_STR, description=_STR,
 _EVENTS = _obj(("events", "continuationToken"), events=_list_of(_ANY_OBJECT),
                continuationToken=_NULLABLE_STR)
 _LEASE = {"token": _STR, "tokenExpiration": _INT}
+_ACCESS_TOKEN = _obj(("id", "name", "description", "createdBy", "created", "lastUsed",
+                      "expires", "admin"), id=_STR, name=_STR, description=_STR,
+                     createdBy=_STR, created=_STR, lastUsed=_INT, expires=_INT, admin=_BOOL)
+_TOKEN_LIST = _obj(("tokens",), tokens=_list_of(_ACCESS_TOKEN))
+_NEW_TOKEN = _obj(("id", "tokenValue"), id=_STR, tokenValue=_STR)
+_MEMBER = _obj(("role", "user", "created", "knownToPulumi", "virtualAdmin"), role=_STR,
+               user=_USER_INFO, created=_STR, knownToPulumi=_BOOL, virtualAdmin=_BOOL)
+_TEAM_STACK = _obj(("projectName", "stackName", "permission"), projectName=_STR,
+                   stackName=_STR, permission=_INT)
+_TEAM = _obj(("kind", "name", "displayName", "description"), kind=_STR, name=_STR,
+             displayName=_STR, description=_STR,
+             members=_list_of(_obj(("name", "githubLogin", "avatarUrl", "role"), name=_STR,
+                                   githubLogin=_STR, avatarUrl=_STR, email=_STR, role=_STR)),
+             stacks=_list_of(_TEAM_STACK))
+_UPDATE_TEAM = _obj(memberAction=_STR, member=_STR, newDisplayName=_STR, newDescription=_STR,
+                    addStackPermission=_TEAM_STACK, editStackPermission=_TEAM_STACK,
+                    removeStack=_obj(("projectName", "stackName"), projectName=_STR,
+                                     stackName=_STR))
+_AUDIT_EVENTS = _obj(("auditLogEvents",), continuationToken=_NULLABLE_STR,
+                     auditLogEvents=_list_of(_obj(
+                         ("timestamp", "sourceIP", "event", "description", "user"),
+                         timestamp=_INT, sourceIP=_STR, event=_STR, description=_STR,
+                         user=_USER_INFO, actorName=_STR, tokenID=_STR, tokenName=_STR,
+                         authFailure=_BOOL, userAgent=_STR, target=_STR, outcome=_STR)))
+
+#: What each token route needs (by handler name): "signed-in" (any valid token),
+#: a stack permission ("read", "write", "admin" on the path's stack), "create"
+#: (write somewhere; the handler checks the new stack's name from the body) or
+#: "org-admin". A route not listed needs an org admin.
+_ROUTE_NEEDS = {
+    **dict.fromkeys(("user", "default_org", "list_stacks", "project_exists",
+                     "list_personal_tokens", "create_personal_token", "delete_personal_token",
+                     "list_members", "list_teams", "get_team"), "signed-in"),
+    **dict.fromkeys(("get_stack", "export", "history", "latest_update", "update_status",
+                     "list_events", "log_decryption"), "read"),
+    **dict.fromkeys(("set_tags", "encrypt", "decrypt", "batch_encrypt", "batch_decrypt",
+                     "create_update", "start_update", "cancel_update"), "write"),
+    **dict.fromkeys(("delete_stack", "rename_stack", "import_state",
+                     "update_team_stack_permissions"), "admin"),
+    "create_stack": "create",
+}
 _OPENAPI_DOC = _obj(("openapi", "info", "paths"), openapi=_STR, info=_ANY_OBJECT,
                     paths=_ANY_OBJECT, components=_ANY_OBJECT)
 
@@ -3078,7 +4225,9 @@ class App:
         self.cfg = cfg
         self.engine = engine
         self.router = Router()
-        self._tokens = [t.encode() for t in cfg.auth_tokens]
+        self.audit = AuditLog(cfg, engine.store)
+        self.identity = Identity(cfg, engine.store, self.audit)
+        self.oidc_issuers = cfg.oidc_issuers  # re-read at each exchange: keys can rotate
         self.started = time.time()
         self.draining = False  # set when the server starts to stop: /readyz answers 503
         self._add_routes()
@@ -3141,11 +4290,68 @@ class App:
           op="LogOnlyBatchDecryptValue", body=_obj(commandName=_STR), response=_EMPTY)
         r = functools.partial(self.router.add, tag="Updates")
         r("GET", SP + "/updates", self.history, op="GetStackUpdates", query=("pageSize", "page"),
-          response=_obj(("updates",), updates=_list_of(_UPDATE_INFO)))
+          response=_obj(("updates",), updates=_list_of(_obj(
+              **_UPDATE_INFO["properties"], requestedBy=_USER_INFO))))
         r("GET", SP + "/updates/latest", self.latest_update, op="GetLatestStackUpdate",
-          response=_obj(("info",), info=_UPDATE_INFO))
+          response=_obj(("info",), info=_UPDATE_INFO, requestedBy=_USER_INFO))
         for kind in _UPDATE_KINDS:
             self._add_update_routes(r, SP, kind)
+        self._add_access_routes()
+
+    def _add_access_routes(self) -> None:
+        """Tokens, members, teams, stack permissions and the audit log (section 8)."""
+        ORG, TEAM = "/api/orgs/{orgName}", "/api/orgs/{orgName}/teams/{teamName}"
+        new_token = functools.partial(_obj, ("description", "expires"), description=_STR,
+                                      expires=_INT)
+        r = functools.partial(self.router.add, tag="AccessTokens")
+        r("GET", "/api/user/tokens", self.list_personal_tokens, op="ListPersonalTokens",
+          response=_TOKEN_LIST)
+        r("POST", "/api/user/tokens", self.create_personal_token, op="CreatePersonalToken",
+          body=new_token(), response=_NEW_TOKEN)
+        r("DELETE", "/api/user/tokens/{tokenId}", self.delete_personal_token,
+          op="DeletePersonalToken", response=_EMPTY)
+        r("GET", ORG + "/tokens", self.list_org_tokens, op="ListOrgTokens", response=_TOKEN_LIST)
+        r("POST", ORG + "/tokens", self.create_org_token, op="CreateOrgToken",
+          body=new_token(name=_STR, admin=_BOOL), response=_NEW_TOKEN)
+        r("DELETE", ORG + "/tokens/{tokenId}", self.delete_org_token, op="DeleteOrgToken",
+          response=_EMPTY)
+        r("GET", TEAM + "/tokens", self.list_team_tokens, op="ListTeamTokens",
+          response=_TOKEN_LIST)
+        r("POST", TEAM + "/tokens", self.create_team_token, op="CreateTeamToken",
+          body=new_token(name=_STR), response=_NEW_TOKEN)
+        r("DELETE", TEAM + "/tokens/{tokenId}", self.delete_team_token, op="DeleteTeamToken",
+          response=_EMPTY)
+        r = functools.partial(self.router.add, tag="Organizations")
+        r("GET", ORG + "/members", self.list_members, op="ListOrganizationMembers",
+          response=_obj(("members",), members=_list_of(_MEMBER),
+                        continuationToken=_NULLABLE_STR))
+        r("POST", ORG + "/members/{userLogin}", self.add_org_member, op="AddOrganizationMember",
+          body=_obj(("role",), role=_STR), response=_MEMBER)
+        r("PATCH", ORG + "/members/{userLogin}", self.update_org_member,
+          op="UpdateOrganizationMember", body=_obj(role=_STR), response=_EMPTY)
+        r("DELETE", ORG + "/members/{userLogin}", self.remove_org_member,
+          op="DeleteOrganizationMember", response=_EMPTY)
+        r = functools.partial(self.router.add, tag="Teams")
+        r("GET", ORG + "/teams", self.list_teams, op="ListTeams",
+          response=_obj(("teams",), teams=_list_of(_TEAM)))
+        r("POST", ORG + "/teams/pulumi", self.create_team, op="CreatePulumiTeam",
+          body=_obj(("name",), name=_STR, displayName=_STR, description=_STR),
+          response=_TEAM)
+        r("GET", TEAM, self.get_team, op="GetTeam", response=_TEAM)
+        r("PATCH", TEAM, self.update_team, op="UpdateTeam", body=_UPDATE_TEAM, response=_EMPTY)
+        r("DELETE", TEAM, self.delete_team, op="DeleteTeam", response=_EMPTY)
+        r("PATCH", "/api/console/stacks/{orgName}/{projectName}/{stackName}/teams/{teamName}",
+          self.update_team_stack_permissions, op="UpdateTeamStackPermissions",
+          body=_obj(("permissions",), permissions=_INT), response=_EMPTY)
+        self.router.add("POST", "/api/oauth/token", self.oauth_token, auth="none", op="Token",
+                        tag="OAuth", response=_obj(
+                            ("access_token", "issued_token_type", "token_type", "expires_in",
+                             "scope"), access_token=_STR, issued_token_type=_STR,
+                            token_type=_STR, expires_in=_INT, scope=_STR))
+        r = functools.partial(self.router.add, tag="AuditLogs")
+        r("GET", ORG + "/auditlogs", self.list_audit_logs, op="ListAuditLogEventsHandlerV1",
+          query=("continuationToken", "startTime", "endTime", "eventFilter", "userFilter"),
+          response=_AUDIT_EVENTS)
 
     def _add_update_routes(self, r: Callable, sp: str, kind: str) -> None:
         """The routes of one kind of update, under ``SP/<kind>`` as Pulumi Cloud has them.
@@ -3207,6 +4413,8 @@ class App:
         handler, auth, req.params, req.takes_body = self.router.match(req.method, req.path)
         req.route = handler.__name__
         self._authenticate(req, auth)
+        if auth == "token":
+            self._authorize(req)
         return handler
 
     def dispatch(self, req: Request, handler: Optional[Callable] = None) -> Response:
@@ -3249,16 +4457,42 @@ class App:
             self.engine.check_lease_token(*self._up(req), token)
         else:
             if scheme != "token" or not token:
-                raise Unauthorized("No credentials provided or are invalid.")
-            if self._tokens and not self._known_token(token.encode()):
-                raise Unauthorized("No credentials provided or are invalid.")
+                raise Unauthorized(_MSG_BAD_TOKEN)
+            try:
+                req.principal = self.identity.authenticate(token)
+            except _AuthFailure as e:
+                self.audit.record("login_failure", Principal("anonymous", "user", False), req,
+                                  req.path, "failure", e.why)
+                raise
         req.auth_kind, req.token = scheme, token
 
-    def _known_token(self, token: bytes) -> bool:
-        match = False
-        for known in self._tokens:  # compare with every token: no early exit
-            match |= hmac.compare_digest(known, token)
-        return match
+    def _authorize(self, req: Request) -> None:
+        """Refuse (403, audited) a caller without the permission the route needs.
+
+        Runs before the body is read. Routes name their need in _ROUTE_NEEDS;
+        one missing from it needs an org admin, so a new route fails closed.
+        """
+        p, params = req.principal, req.params
+        org = params.get("orgName")
+        if org is not None and org != self.cfg.org:
+            raise NotFound(f"organization '{org}' not found")
+        need = _ROUTE_NEEDS.get(req.route, "org-admin")
+        try:
+            if need in ("read", "write", "admin"):
+                self.identity.require(p, _PERM_BY_NAME[need], params["projectName"],
+                                      params["stackName"])
+            elif need == "create" and not self.identity.may_write_somewhere(p):
+                raise Forbidden(f"creating a stack needs the 'write' permission; {p.actor} "
+                                "has it on no stack")
+            elif need == "org-admin" and not p.admin:
+                raise Forbidden(f"this needs an organization admin; {p.actor} is not one")
+            elif need == "org-admin" and p.kind == "anonymous" and req.method != "GET":
+                raise Forbidden("no users exist yet: add the first admin with "
+                                "`pulumi_backend.py user add NAME --role admin` and use a "
+                                "token of theirs (`token create --user NAME`)")
+        except Forbidden as e:
+            self.audit.record("permission_denied", p, req, req.path, "denied", e.message)
+            raise
 
     # -- operations ---------------------------------------------------------
 
@@ -3311,12 +4545,18 @@ class App:
         return self.router.openapi("pulumi-backend", __version__)
 
     def user(self, req: Request) -> dict:
-        """The user the API tokens act as, and their organization."""
-        return {"id": self.cfg.user, "githubLogin": self.cfg.user, "name": self.cfg.user,
-                "email": "", "avatarUrl": "",
-                "organizations": [{"githubLogin": self.cfg.org, "name": self.cfg.org,
-                                   "avatarUrl": ""}],
-                "identities": [], "siteAdmin": False}
+        """The caller: its user, or the team or organization of its token."""
+        p = req.principal
+        out = {"id": p.login, "githubLogin": p.login, "name": p.name or p.login,
+               "email": p.email, "avatarUrl": "",
+               "organizations": [{"githubLogin": self.cfg.org, "name": self.cfg.org,
+                                  "avatarUrl": "", "role": "admin" if p.admin else "member"}],
+               "identities": [], "siteAdmin": False}
+        if p.kind in ("team", "org"):  # `pulumi whoami -v` prints the token's kind and name
+            out["tokenInfo"] = {"name": p.token_name, "organization": self.cfg.org,
+                                "team": p.login if p.kind == "team" else ""}
+        self.audit.record("user_login", p, req, p.actor)
+        return out
 
     def default_org(self, req: Request) -> dict:
         """The user's default organization (this server's only one)."""
@@ -3331,7 +4571,8 @@ class App:
     def list_stacks(self, req: Request) -> dict:
         """One page of stack summaries, filtered by project or tag."""
         return self.engine.list_stacks({k: req.q(k) for k in (
-            "organization", "project", "tagName", "tagValue", "continuationToken")})
+            "organization", "project", "tagName", "tagValue", "continuationToken")},
+            self.identity.visible(req.principal))
 
     def project_exists(self, req: Request) -> Response:
         """200 if the project has a stack, else 404."""
@@ -3342,8 +4583,13 @@ class App:
 
     def create_stack(self, req: Request) -> dict:
         """Create a stack, empty or with an initial state."""
-        return self.engine.create_stack(req.params["orgName"], req.params["projectName"],
-                                        req.json())
+        org, project, body = req.params["orgName"], req.params["projectName"], req.json()
+        name = body.get("stackName")
+        if isinstance(name, str):
+            self._require(req, PERM_WRITE, project, name)
+        out = self.engine.create_stack(org, project, body)
+        self.audit.record("stack_created", req=req, target=f"{org}/{project}/{name}")
+        return out
 
     def get_stack(self, req: Request) -> dict:
         """The stack: names, tags, version, operation in progress."""
@@ -3353,10 +4599,18 @@ class App:
         """Delete the stack (with resources only if force=true)."""
         force = (req.q("force") or "false").lower() == "true"
         self.engine.delete_stack(*self._sp(req), force)
+        self.audit.record("stack_deleted", req=req, target="/".join(self._sp(req)))
 
     def rename_stack(self, req: Request) -> None:
         """Rename the stack or move it to another project."""
-        self.engine.rename_stack(*self._sp(req), req.json())
+        body = req.json()
+        org, project, name = self._sp(req)
+        new = (body.get("newProject") or project, body.get("newName") or name)
+        if all(isinstance(v, str) for v in new):
+            self._require(req, PERM_WRITE, *new)
+        self.engine.rename_stack(org, project, name, body)
+        self.audit.record("stack_renamed", req=req, target=f"{org}/{project}/{name}",
+                          description=f"renamed to {org}/{new[0]}/{new[1]}")
 
     def set_tags(self, req: Request) -> None:
         """Replace all of the stack's tags."""
@@ -3372,14 +4626,18 @@ class App:
                 raise BadRequest("version must be a positive integer")
             version = int(version)
         data = self.engine.export(*self._sp(req), version)
+        self.audit.record("stack_exported", req=req, target="/".join(self._sp(req)),
+                          description=f"version {version}" if version is not None else "")
         if req.accepts_gzip:
             return Response(200, data, gzipped=True)  # stored bytes, as they are
         return Response(200, gzip.decompress(data))
 
     def import_state(self, req: Request) -> dict:
         """Replace the stack's state; recorded as an "import" update."""
-        return {"updateId": self.engine.import_deployment(*self._sp(req), req.body,
-                                                          req.cli_version)}
+        update_id = self.engine.import_deployment(*self._sp(req), req.body, req.cli_version,
+                                                  req.principal.actor)
+        self.audit.record("stack_imported", req=req, target="/".join(self._sp(req)))
+        return {"updateId": update_id}
 
     # -- secrets ------------------------------------------------------------
 
@@ -3391,7 +4649,9 @@ class App:
     def decrypt(self, req: Request) -> dict:
         """Decrypt a secret of the stack."""
         ciphertext = _b64decode_strict(req.json().get("ciphertext"), "ciphertext")
-        return {"plaintext": _b64encode(self.engine.decrypt(*self._sp(req), [ciphertext])[0])}
+        plain = self.engine.decrypt(*self._sp(req), [ciphertext])[0]
+        self._audit_decrypt(req, 1)
+        return {"plaintext": _b64encode(plain)}
 
     def batch_encrypt(self, req: Request) -> dict:
         """Encrypt many secrets with the stack's key."""
@@ -3405,6 +4665,7 @@ class App:
         unique = list(dict.fromkeys(items))  # the CLI may repeat a ciphertext
         blobs = [_b64decode_strict(c, "ciphertext") for c in unique]
         plain = self.engine.decrypt(*self._sp(req), blobs)
+        self._audit_decrypt(req, len(blobs))
         # Keyed by the strings exactly as sent: the CLI looks each one up.
         return {"plaintexts": {c: _b64encode(p) for c, p in zip(unique, plain)}}
 
@@ -3412,6 +4673,23 @@ class App:
         """Log that the CLI showed secrets of the stack in plaintext."""
         self.engine.get_stack(*self._sp(req))  # 404 for an unknown stack
         log.info("secrets of %s were shown in plaintext", "/".join(self._sp(req)))
+        body = req.json()
+        what = body.get("secretName") or body.get("commandName") or ""
+        self.audit.record("secrets_shown", req=req, target="/".join(self._sp(req)),
+                          description=f"by {str(what)[:100]}" if what else "")
+
+    def _audit_decrypt(self, req: Request, count: int) -> None:
+        self.audit.record("secrets_decrypted", req=req, target="/".join(self._sp(req)),
+                          description=f"{count} values")
+
+    def _require(self, req: Request, need: int, project: str, stack: str) -> None:
+        """A permission check that needs the body (after _authorize's); audited like it."""
+        try:
+            self.identity.require(req.principal, need, project, stack)
+        except Forbidden as e:
+            self.audit.record("permission_denied", req=req, target=req.path, outcome="denied",
+                              description=e.message)
+            raise
 
     # -- updates ------------------------------------------------------------
 
@@ -3421,13 +4699,17 @@ class App:
     def _create_update(self, kind: str) -> Callable:
         """The handler creating updates of ``kind`` (its route names the kind)."""
         def create_update(req: Request) -> dict:
-            return self.engine.create_update(*self._sp(req), kind, req.json())
+            return self.engine.create_update(*self._sp(req), kind, req.json(),
+                                             req.principal.actor)
         create_update.__doc__ = f"Create an update of kind {kind}; a second call starts it."
         return create_update
 
     def start_update(self, req: Request) -> dict:
         """Start the update (locking the stack) and hand out its lease."""
-        return self.engine.start_update(*self._up(req), req.json(), req.cli_version)
+        out = self.engine.start_update(*self._up(req), req.json(), req.cli_version)
+        self.audit.record("update_started", req=req, target="/".join(self._up(req)),
+                          description=f"version {out['version']}")
+        return out
 
     def update_status(self, req: Request) -> dict:
         """The update's status."""
@@ -3438,8 +4720,13 @@ class App:
         return self.engine.list_events(*self._up(req), req.q("continuationToken"))
 
     def cancel_update(self, req: Request) -> None:
-        """Cancel the update and unlock the stack."""
+        """Cancel the update and unlock the stack (writers: their own; stack admins: any)."""
+        p, (org, project, name, update_id) = req.principal, self._up(req)
+        if self.identity.stack_permission(p, project, name) < PERM_ADMIN \
+                and self.engine.update_requester(*self._up(req)) != p.actor:
+            self._require(req, PERM_ADMIN, project, name)
         self.engine.cancel(*self._up(req))
+        self.audit.record("update_cancelled", req=req, target="/".join(self._up(req)))
 
     def renew_lease(self, req: Request) -> dict:
         """Extend the update's lease."""
@@ -3471,7 +4758,12 @@ class App:
 
     def complete(self, req: Request) -> None:
         """Finish the update: save its state and unlock the stack."""
-        self.engine.complete(*self._up(req), req.token, req.json())
+        body = req.json()
+        self.engine.complete(*self._up(req), req.token, body)
+        # The lease token stands for whoever started the update.
+        actor = self.engine.update_requester(*self._up(req)) or self.cfg.user
+        self.audit.record("update_completed", Principal(actor, "user", False), req,
+                          "/".join(self._up(req)), description=str(body.get("status")))
 
     def history(self, req: Request) -> dict:
         """The stack's updates, newest first, optionally paged."""
@@ -3485,7 +4777,169 @@ class App:
 
     def latest_update(self, req: Request) -> dict:
         """The stack's newest update."""
-        return self.engine.latest_update(*self._sp(req))
+        out = self.engine.latest_update(*self._sp(req))
+        if "requestedBy" in out["info"]:  # Pulumi Cloud has it beside info, not in it
+            out["requestedBy"] = out["info"].pop("requestedBy")
+        return out
+
+    # -- access: tokens, members, teams, audit log (section 8) ---------------
+
+    def _personal(self, req: Request) -> str:
+        if req.principal.kind != "user":
+            raise Forbidden("personal tokens belong to users; this is a "
+                            f"{req.principal.kind} token")
+        return req.principal.login
+
+    def _new_token(self, req: Request, kind: str, owner: str, name_field: bool) -> dict:
+        body = req.json()
+        name = body.get("name", "") if name_field else ""
+        token_id, value = self.identity.create_token(
+            req.principal, kind, owner, name, body.get("description", ""),
+            body.get("expires") or 0, bool(body.get("admin")) and kind == "org", req)
+        return {"id": token_id, "tokenValue": value}
+
+    def list_personal_tokens(self, req: Request) -> dict:
+        """The caller's personal tokens (never their values)."""
+        return self.identity.tokens_json("personal", self._personal(req))
+
+    def create_personal_token(self, req: Request) -> dict:
+        """Create a personal token; its value is shown only in this answer."""
+        return self._new_token(req, "personal", self._personal(req), False)
+
+    def delete_personal_token(self, req: Request) -> None:
+        """Revoke one of the caller's personal tokens."""
+        self.identity.revoke_token(req.principal, req.params["tokenId"], "personal",
+                                   self._personal(req), req)
+
+    def list_org_tokens(self, req: Request) -> dict:
+        """The organization's tokens."""
+        return self.identity.tokens_json("org", self.cfg.org)
+
+    def create_org_token(self, req: Request) -> dict:
+        """Create an organization token; its value is shown only in this answer."""
+        return self._new_token(req, "org", self.cfg.org, True)
+
+    def delete_org_token(self, req: Request) -> None:
+        """Revoke an organization token."""
+        self.identity.revoke_token(req.principal, req.params["tokenId"], "org", self.cfg.org,
+                                   req)
+
+    def list_team_tokens(self, req: Request) -> dict:
+        """The team's tokens."""
+        return self.identity.tokens_json("team", req.params["teamName"])
+
+    def create_team_token(self, req: Request) -> dict:
+        """Create a team token; its value is shown only in this answer."""
+        return self._new_token(req, "team", req.params["teamName"], True)
+
+    def delete_team_token(self, req: Request) -> None:
+        """Revoke a team token."""
+        self.identity.revoke_token(req.principal, req.params["tokenId"], "team",
+                                   req.params["teamName"], req)
+
+    def list_members(self, req: Request) -> dict:
+        """The organization's members and their roles."""
+        return {"members": self.identity.members_json(), "continuationToken": None}
+
+    def add_org_member(self, req: Request) -> dict:
+        """Add a user to the organization with a role (admin or member)."""
+        role = req.json().get("role", "member")
+        user = self.identity.add_user(req.principal, req.params["userLogin"], role=role,
+                                      req=req)
+        return _member_json(user)
+
+    def update_org_member(self, req: Request) -> None:
+        """Change a member's role."""
+        self.identity.set_role(req.principal, req.params["userLogin"], req.json().get("role"),
+                               req)
+
+    def remove_org_member(self, req: Request) -> None:
+        """Remove a member (and their personal tokens)."""
+        self.identity.remove_user(req.principal, req.params["userLogin"], req)
+
+    def list_teams(self, req: Request) -> dict:
+        """The organization's teams."""
+        return {"teams": self.identity.teams_json()}
+
+    def create_team(self, req: Request) -> dict:
+        """Create a team."""
+        body = req.json()
+        name = body.get("name")
+        self.identity.create_team(req.principal, name, _opt_str(body, "displayName") or "",
+                                  _opt_str(body, "description") or "", req)
+        return self.identity.team_json(name)
+
+    def get_team(self, req: Request) -> dict:
+        """The team, its members and its stack permissions."""
+        return self.identity.team_json(req.params["teamName"])
+
+    def update_team(self, req: Request) -> None:
+        """Change a team: members, name and description, stack permissions."""
+        team, body, p = req.params["teamName"], req.json(), req.principal
+        action = body.get("memberAction")
+        if action is not None:
+            if action not in ("add", "remove"):
+                raise BadRequest(f"memberAction must be add or remove, not {action!r}")
+            change = self.identity.add_member if action == "add" else \
+                self.identity.remove_member
+            change(p, team, body.get("member"), req)
+        if "newDisplayName" in body or "newDescription" in body:
+            self.identity.set_team_info(p, team, _opt_str(body, "newDisplayName"),
+                                        _opt_str(body, "newDescription"), req)
+        for key in ("addStackPermission", "editStackPermission", "removeStack"):
+            if body.get(key) is not None:
+                grant = _require_dict(body[key], key)
+                perm = 0 if key == "removeStack" else _perm_value(grant.get("permission"))
+                self.identity.grant(p, team, _stack_of(grant), perm, req)
+
+    def delete_team(self, req: Request) -> None:
+        """Delete a team with its grants and tokens."""
+        self.identity.delete_team(req.principal, req.params["teamName"], req)
+
+    def update_team_stack_permissions(self, req: Request) -> None:
+        """Set a team's permission on this stack (0 removes it)."""
+        _, project, stack = self._sp(req)
+        perm = _perm_value(req.json().get("permissions"))
+        self.identity.grant(req.principal, req.params["teamName"], f"{project}/{stack}", perm,
+                            req)
+
+    def oauth_token(self, req: Request) -> dict:
+        """Exchange a CI system's OIDC ID token for a short-lived access token (RFC 8693)."""
+        try:
+            if not self.oidc_issuers:
+                raise _OIDCRefused("no --oidc-issuers configured")
+            form = urllib.parse.parse_qs(req.body.decode("utf-8", "replace"), max_num_fields=20)
+            return _oidc_exchange(self.identity, _load_issuers(self.oidc_issuers), form, req)
+        except (_OIDCRefused, ValueError) as e:
+            check = e.check if isinstance(e, _OIDCRefused) else str(e)
+            self.audit.record("token_exchange", Principal("anonymous", "user", False), req,
+                              outcome="failure", description=f"refused: {check}")
+            raise Unauthorized("the OIDC token exchange was refused") from None
+
+    def list_audit_logs(self, req: Request) -> dict:
+        """One page of audit events, newest first (org admins)."""
+        try:
+            start, end = int(req.q("startTime") or 0), int(req.q("endTime") or 2 ** 62)
+        except ValueError:
+            raise BadRequest("startTime and endTime must be Unix times") from None
+        return self.audit.page(req.q("continuationToken"), start, end, req.q("eventFilter"),
+                               req.q("userFilter"))
+
+
+def _opt_str(body: dict, key: str) -> Optional[str]:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string")
+    return value
+
+
+def _stack_of(grant: dict) -> str:
+    """``project/stack`` of a TeamStackPermission or RemoveStackIdentifier."""
+    project, stack = grant.get("projectName"), grant.get("stackName")
+    if not (isinstance(project, str) and _NAME_RE.match(project)
+            and isinstance(stack, str) and _NAME_RE.match(stack)):
+        raise BadRequest("projectName and stackName must be valid names")
+    return f"{project}/{stack}"
 
 
 def _batch(body: dict, key: str) -> list:
@@ -3499,7 +4953,7 @@ def _batch(body: dict, key: str) -> list:
     return items
 
 
-# ==== 10. Backups and replication ===========================================
+# ==== 11. Backups and replication ===========================================
 
 def _open_read_only(path: str) -> sqlite3.Connection:
     """Open an existing database without writing to it; ValueError if there is none."""
@@ -3645,7 +5099,7 @@ class BackupScheduler:
                 log.warning("cannot remove old backup %s: %s", name, e.strerror)
 
 
-# ==== 11. Import from DIY backends ==========================================
+# ==== 12. Import from DIY backends ==========================================
 #
 # A DIY backend (``pulumi login file://...``) keeps, under ``.pulumi/``:
 #   meta.yaml                       ``version: 1`` once stacks are project-scoped
@@ -3921,7 +5375,7 @@ def _plan_stack(stack: _DIYStack, limit: int, ignore_locks: bool) -> list:
     return versions
 
 
-# ==== 12. Server lifecycle and main() =======================================
+# ==== 13. Server lifecycle and main() =======================================
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive; every request goes through ``App.dispatch``."""
@@ -4086,6 +5540,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server.watch(self.request, started + self.server.cfg.socket_timeout)
         url = urllib.parse.urlsplit(self.path)
         req = Request(self.command, url.path, urllib.parse.parse_qs(url.query), self.headers)
+        req.remote = self.client_address[0] if self.client_address else ""
         try:
             handler = self.server.app.resolve(req)  # nothing is read before this passes
             req.body = self._read_body(req.takes_body)
@@ -4311,6 +5766,14 @@ class Server(http.server.ThreadingHTTPServer):
 def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
     """Open the store and keys and return ``(store, app)``; raise ValueError on bad setup."""
     environ = os.environ if environ is None else environ
+    if cfg.oidc_issuers:
+        _load_issuers(cfg.oidc_issuers)  # a broken file stops the start, not the first login
+    if cfg.audit_log:
+        try:
+            os.close(os.open(cfg.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        except OSError as e:
+            raise ValueError(f"cannot append to --audit-log {cfg.audit_log}: {e.strerror}") \
+                from None
     db_dir = os.path.dirname(os.path.abspath(cfg.db))
     if not os.path.isdir(db_dir):
         raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")
@@ -4527,6 +5990,161 @@ def import_diy(cfg: Config, source: Optional[str], options: dict, environ: dict)
         print("Stacks with a passphrase or cloud KMS secrets provider keep it: run `pulumi stack "
               "change-secrets-provider default` on each to move it to this server's keys.")
     return 1 if failed else 0
+def _want(args: list, n: int, usage: str) -> list:
+    if len(args) != n:
+        raise ValueError(f"usage: pulumi_backend.py {usage}")
+    return args
+
+
+def _admin_user(ident: Identity, action: str, args: list, opts: dict) -> None:
+    if action == "add":
+        login, = _want(args, 1, "user add LOGIN [--name NAME] [--email E] [--role admin|member]")
+        user = ident.add_user(_LOCAL_ADMIN, login, opts["name"] or "", opts["email"] or "",
+                              opts["role"] or "member")
+        print(f"added user {login} ({user['role']}); give them a token: "
+              f"pulumi_backend.py token create --user {login}")
+    elif action == "remove":
+        login, = _want(args, 1, "user remove LOGIN")
+        ident.remove_user(_LOCAL_ADMIN, login)
+        print(f"removed user {login} and their personal tokens")
+    elif action == "set-role":
+        login, role = _want(args, 2, "user set-role LOGIN admin|member")
+        ident.set_role(_LOCAL_ADMIN, login, role)
+        print(f"{login} is now {role}")
+    elif action == "list":
+        _want(args, 0, "user list")
+        with ident.store.read() as db:
+            for u in ident.store.list_users(db):
+                teams = ",".join(ident.store.user_teams(db, u["login"])) or "-"
+                print(f"{u['login']}\t{u['role']}\tteams={teams}\t{u['name']}")
+    else:
+        raise ValueError("user actions: add, list, remove, set-role")
+
+
+def _admin_team(ident: Identity, action: str, args: list, opts: dict) -> None:
+    if action == "create":
+        team, = _want(args, 1, "team create TEAM [--description TEXT]")
+        ident.create_team(_LOCAL_ADMIN, team, description=opts["description"] or "")
+        print(f"created team {team}")
+    elif action == "remove":
+        team, = _want(args, 1, "team remove TEAM")
+        ident.delete_team(_LOCAL_ADMIN, team)
+        print(f"removed team {team} with its grants and tokens")
+    elif action in ("add-member", "remove-member"):
+        team, login = _want(args, 2, f"team {action} TEAM LOGIN")
+        (ident.add_member if action == "add-member" else ident.remove_member)(
+            _LOCAL_ADMIN, team, login)
+        print(f"{'added' if action == 'add-member' else 'removed'} {login} "
+              f"{'to' if action == 'add-member' else 'from'} team {team}")
+    elif action == "grant":
+        team, pattern, perm = _want(args, 3, "team grant TEAM PATTERN none|read|write|admin")
+        if perm not in _PERM_BY_NAME:
+            raise ValueError(f"permission must be none, read, write or admin, not {perm!r}")
+        pattern = ident.grant(_LOCAL_ADMIN, team, pattern, _PERM_BY_NAME[perm])
+        print(f"team {team}: {perm} on {pattern}")
+    elif action == "list":
+        _want(args, 0, "team list")
+        for team in ident.teams_json():
+            full = ident.team_json(team["name"])
+            members = ",".join(m["githubLogin"] for m in full["members"]) or "-"
+            grants = ",".join(f"{s['projectName']}/{s['stackName']}="
+                              f"{_PERM_NAMES[s['permission']]}" for s in full["stacks"]) or "-"
+            print(f"{team['name']}\tmembers={members}\tgrants={grants}")
+    else:
+        raise ValueError("team actions: create, list, remove, add-member, remove-member, grant")
+
+
+def _admin_token(ident: Identity, action: str, args: list, opts: dict) -> None:
+    if action == "create":
+        _want(args, 0, "token create (--user NAME | --team TEAM | --org-token [--admin]) "
+              "[--name N] [--description D] [--expires 90d]")
+        owners = [(kind, owner) for kind, owner in (
+            ("personal", opts["user"]), ("team", opts["team"]),
+            ("org", ident.cfg.org if opts["org_token"] else None)) if owner]
+        if len(owners) != 1:
+            raise ValueError("token create needs one of --user NAME, --team TEAM, --org-token")
+        seconds = _parse_duration(opts["expires"] or "", "--expires")
+        token_id, value = ident.create_token(
+            _LOCAL_ADMIN, *owners[0], opts["name"] or "", opts["description"] or "",
+            _now() + seconds if seconds else 0, bool(opts["admin"]))
+        print(f"created token {token_id} for {owners[0][0]} {owners[0][1]}; it is shown only "
+              "now:", file=sys.stderr)
+        print(value, flush=True)
+    elif action == "list":
+        _want(args, 0, "token list")
+        for t in ident.tokens_json()["tokens"]:
+            with ident.store.read() as db:
+                row = ident.store.get_token(db, t["id"])
+            used = _rfc3339(t["lastUsed"]) if t["lastUsed"] else "never"
+            expires = _rfc3339(t["expires"]) if t["expires"] else "never"
+            print(f"{t['id']}\t{row['kind']}:{row['owner']}\tname={t['name']}\t"
+                  f"created={t['created']}\tlast-used={used}\texpires={expires}")
+    elif action == "revoke":
+        token_id, = _want(args, 1, "token revoke TOKEN_ID")
+        ident.revoke_token(_LOCAL_ADMIN, token_id)
+        print(f"revoked token {token_id}")
+    else:
+        raise ValueError("token actions: create, list, revoke")
+
+
+def _parse_since(text: Optional[str]) -> int:
+    """Return the Unix time of ``--since``: a date, an ISO time, or a duration ago."""
+    if not text:
+        return 0
+    if re.fullmatch(r"\d+[dhms]", text.strip()):
+        return _now() - _parse_duration(text, "--since")
+    try:
+        when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since must be a date, an ISO time or 7d/12h/30m, not {text!r}") \
+            from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return int(when.timestamp())
+
+
+def _admin_audit(store: SQLiteStore, args: list, opts: dict) -> None:
+    _want(args, 0, "audit [--since 2026-01-31|7d]")
+    after, since = 0, _parse_since(opts["since"])
+    while True:
+        with store.read() as db:
+            rows = store.list_audit(db, after, since, 2 ** 62, None, None, 1000, ascending=True)
+        for row in rows:
+            sys.stdout.write(json.dumps(_audit_line(row), ensure_ascii=True) + "\n")
+        if len(rows) < 1000:
+            break
+        after = rows[-1]["id"]
+    sys.stdout.flush()
+
+
+def _run_admin(cfg: Config, command: str, words: list, opts: dict) -> int:
+    """Run ``user``, ``team``, ``token`` or ``audit`` on ``cfg.db``; return an exit code.
+
+    These take no <db>.lock, so they work while the server runs: SQLite's own
+    locking orders their writes with the server's, and the server reads
+    tokens and grants afresh at every request. Changes are audited as made
+    by "local-admin".
+    """
+    db_dir = os.path.dirname(os.path.abspath(cfg.db))
+    if not os.path.isdir(db_dir):
+        raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")
+    try:
+        store = SQLiteStore(cfg.db)
+    except (sqlite3.Error, RuntimeError) as e:
+        raise ValueError(f"cannot open database {cfg.db}: {e}") from None
+    try:
+        if command == "audit":
+            _admin_audit(store, words, opts)
+            return 0
+        ident = Identity(cfg, store, AuditLog(cfg, store))
+        action, args = (words[0], words[1:]) if words else ("", [])
+        {"user": _admin_user, "team": _admin_team, "token": _admin_token}[command](
+            ident, action, args, opts)
+        return 0
+    except HTTPError as e:
+        raise ValueError(e.message) from None
+    finally:
+        store.close()
 
 
 def _one_malloc_arena() -> None:
@@ -4594,6 +6212,13 @@ def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
     except ValueError as e:
         print(f"pulumi_backend.py: error: {e}", file=sys.stderr)
         return 2
+    if command in _ADMIN_COMMANDS:
+        _setup_logging(cfg.log_level, cfg.log_format)
+        try:
+            return _run_admin(cfg, command, extras["words"], extras["admin"])
+        except ValueError as e:
+            print(f"pulumi_backend.py: error: {e}", file=sys.stderr)
+            return 1
     if extras["file"] and command not in ("backup", "restore", "import-diy"):
         print(f"pulumi_backend.py: error: unexpected argument {extras['file']!r}", file=sys.stderr)
         return 2

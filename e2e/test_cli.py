@@ -125,7 +125,8 @@ def test_pulumi_api_lists_and_calls_our_operations(e2e):
     assert ops[("PATCH", stack + "/update/{updateID}/checkpointdelta")]["operationId"] == \
         "PatchUpdateCheckpointDelta_update"
     assert ("GET", "/api/openapi") in ops
-    assert not any(path.startswith("/api/orgs/") for _, path in ops)  # ours, not Pulumi Cloud's
+    assert ("GET", "/api/orgs/{orgName}/auditlogs") in ops  # issue 13's access routes
+    assert not any(path.startswith("/api/esc/") for _, path in ops)  # ours, not Pulumi Cloud's
     table = e2e.run("api", "list", "--output=table").stdout
     assert re.search(r"Users\s+.\s+GET\s+.\s+/api/user\s", table), table
     # By operationId, the path variables taken from the selected stack.
