@@ -167,6 +167,9 @@ DEFAULT_KEEPALIVE_TIMEOUT = 60.0
 #: Largest body accepted, read and ignored, by a route that takes none (a
 #: client may send ``{}``); a larger one is refused before it is read.
 MAX_IGNORED_BODY = 64
+#: Largest body of a token-free route that takes one (the OIDC token exchange):
+#: nobody is known yet, so it gets little.
+MAX_ANONYMOUS_BODY = 64 * 1024
 #: Seconds a /readyz write probe's outcome is reused.
 READY_CHECK_SECONDS = 2.0
 #: Seconds a stopping server waits for in-flight requests before closing them.
@@ -3212,15 +3215,12 @@ def _new_token() -> str:
     return _TOKEN_PREFIX + secrets.token_hex(20)
 
 
-def _parse_duration(text: str, what: str) -> int:
-    """Return the seconds of ``90d``, ``12h``, ``30m`` or ``45s``; 0 for ``never``."""
+def _parse_lifetime(text: str, what: str) -> int:
+    """Return the seconds of a lifetime such as ``90d``, ``12h`` or ``30m``; 0 for ``never``."""
     text = (text or "").strip().lower()
     if text in ("", "0", "never"):
         return 0
-    m = re.fullmatch(r"(\d{1,9})([dhms])", text)
-    if not m:
-        raise ValueError(f"{what} must look like 90d, 12h, 30m or never, not {text!r}")
-    seconds = int(m.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[m.group(2)]
+    seconds = int(_parse_duration(what.lstrip("-"), text))
     if not 0 < seconds <= MAX_TOKEN_SECONDS:
         raise ValueError(f"{what} must be between 1s and {MAX_TOKEN_SECONDS // 86400}d")
     return seconds
@@ -3836,7 +3836,7 @@ def _check_issuer(item: Any, path: str, i: int) -> dict:
         raise ValueError(f"{where}: needs \"jwks\", \"jwksFile\" or \"jwksUrl\" with a "
                          "non-empty \"keys\"")
     try:
-        max_seconds = _parse_duration(str(item.get("maxExpiration", "2h")), "maxExpiration")
+        max_seconds = _parse_lifetime(str(item.get("maxExpiration", "2h")), "maxExpiration")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     rules = item.get("rules")
@@ -3976,7 +3976,8 @@ class Request:
     body: bytes = b""
     params: dict = dataclasses.field(default_factory=dict)
     route: str = ""  # the handler's name once routed: the route label of metrics
-    takes_body: bool = True  # False once routed to a route without a request body
+    # Once routed: the largest body the route takes, 0 for none, None for --max-body.
+    body_limit: Optional[int] = None
     auth_kind: str = ""
     token: str = ""
     principal: Optional[Principal] = None  # who the API token acts as (section 8)
@@ -4059,16 +4060,20 @@ class Router:
 
     def add(self, method: str, pattern: str, handler: Callable, auth: str = "token",
             body: Optional[dict] = None, query: tuple = (), response: Optional[dict] = None,
-            op: str = "", tag: str = "Miscellaneous") -> None:
+            op: str = "", tag: str = "Miscellaneous", body_limit: Optional[int] = None) -> None:
         """Route ``method pattern`` to ``handler``; the rest describes it for OpenAPI.
 
         ``body``/``response`` are JSON schemas of the request and of the 200
         answer (None: no JSON body); ``op`` is the operationId (Pulumi Cloud's,
         so ``pulumi api <op>`` works here too) and ``tag`` groups the listing.
+        A route takes a body of up to ``--max-body`` bytes when it has a
+        ``body`` schema, of ``body_limit`` bytes when that is given, else none.
         """
+        if body_limit is None and body is None:
+            body_limit = 0
         segments = tuple(pattern.strip("/").split("/"))
         specificity = tuple(0 if s.startswith("{") else 1 for s in segments)
-        self._routes.append((specificity, segments, method, handler, auth, body is not None))
+        self._routes.append((specificity, segments, method, handler, auth, body_limit))
         self._routes.sort(key=lambda r: r[0], reverse=True)
         self._docs.append((method, pattern, handler, auth, body, query, response,
                            op or handler.__name__, tag))
@@ -4090,15 +4095,15 @@ class Router:
                     "updateAuth": dict(auth_scheme, description="update-token <lease token>")}}}
 
     def match(self, method: str, path: str) -> tuple:
-        """Return ``(handler, auth, params, takes_body)``; raise NotFound or MethodNotAllowed."""
+        """Return ``(handler, auth, params, body_limit)``; raise NotFound or MethodNotAllowed."""
         parts = tuple(urllib.parse.unquote(p) for p in path.strip("/").split("/"))
         allowed: set = set()
-        for _, segments, route_method, handler, auth, takes_body in self._routes:
+        for _, segments, route_method, handler, auth, body_limit in self._routes:
             params = _match_segments(segments, parts)
             if params is None:
                 continue
             if route_method == method or (method == "HEAD" and route_method == "GET"):
-                return handler, auth, params, takes_body
+                return handler, auth, params, body_limit
             allowed.add(route_method)
         if allowed:
             allow = ", ".join(sorted(allowed | ({"HEAD"} if "GET" in allowed else set())))
@@ -4344,7 +4349,7 @@ class App:
           self.update_team_stack_permissions, op="UpdateTeamStackPermissions",
           body=_obj(("permissions",), permissions=_INT), response=_EMPTY)
         self.router.add("POST", "/api/oauth/token", self.oauth_token, auth="none", op="Token",
-                        tag="OAuth", response=_obj(
+                        tag="OAuth", body_limit=MAX_ANONYMOUS_BODY, response=_obj(
                             ("access_token", "issued_token_type", "token_type", "expires_in",
                              "scope"), access_token=_STR, issued_token_type=_STR,
                             token_type=_STR, expires_in=_INT, scope=_STR))
@@ -4410,7 +4415,7 @@ class App:
         Needs only the request line and headers, so the server refuses unknown
         routes and callers before it reads (and decompresses) any body.
         """
-        handler, auth, req.params, req.takes_body = self.router.match(req.method, req.path)
+        handler, auth, req.params, req.body_limit = self.router.match(req.method, req.path)
         req.route = handler.__name__
         self._authenticate(req, auth)
         if auth == "token":
@@ -5499,7 +5504,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         digits = text.lstrip("0") or "0"
         return int(digits) if len(digits) < 19 else sys.maxsize  # int() refuses 4300 digits
 
-    def _read_body(self, takes_body: bool) -> bytes:
+    def _read_body(self, body_limit: Optional[int]) -> bytes:
         """Read (and gunzip) the body of a routed, authenticated request.
 
         A route that takes no body reads at most MAX_IGNORED_BODY bytes and
@@ -5511,8 +5516,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except HTTPError:
             self._body_left_unread = True  # _serve closes the connection
             raise
-        if length > (cfg.max_body if takes_body else MAX_IGNORED_BODY):
-            raise PayloadTooLarge(f"request body exceeds {cfg.max_body} bytes" if takes_body
+        limit = cfg.max_body if body_limit is None else body_limit
+        if length > (limit or MAX_IGNORED_BODY):
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes" if limit
                                   else "this route takes no request body")
         if not length:
             return b""
@@ -5525,11 +5531,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise RequestTimeout("the request body did not arrive in time") from None
         if len(body) != length:
             raise BadRequest("request body shorter than Content-Length")
-        if not takes_body:
+        if not limit:
             return b""  # e.g. "{}": never parsed, never decompressed
         encoding = (self.headers.get("Content-Encoding") or "").strip().lower()
         if encoding in ("gzip", "x-gzip"):
-            body = _gunzip_bounded(body, cfg.max_decompressed)
+            body = _gunzip_bounded(body, cfg.max_decompressed if body_limit is None else limit)
         elif encoding not in ("", "identity"):
             raise BadRequest(f"unsupported Content-Encoding {encoding!r}")
         return body
@@ -5543,7 +5549,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req.remote = self.client_address[0] if self.client_address else ""
         try:
             handler = self.server.app.resolve(req)  # nothing is read before this passes
-            req.body = self._read_body(req.takes_body)
+            req.body = self._read_body(req.body_limit)
             self.server.unwatch(self.request)  # the request is in: handling may take long
             resp = self.server.app.dispatch(req, handler)
         except HTTPError as e:
@@ -6063,7 +6069,7 @@ def _admin_token(ident: Identity, action: str, args: list, opts: dict) -> None:
             ("org", ident.cfg.org if opts["org_token"] else None)) if owner]
         if len(owners) != 1:
             raise ValueError("token create needs one of --user NAME, --team TEAM, --org-token")
-        seconds = _parse_duration(opts["expires"] or "", "--expires")
+        seconds = _parse_lifetime(opts["expires"] or "", "--expires")
         token_id, value = ident.create_token(
             _LOCAL_ADMIN, *owners[0], opts["name"] or "", opts["description"] or "",
             _now() + seconds if seconds else 0, bool(opts["admin"]))
@@ -6092,7 +6098,7 @@ def _parse_since(text: Optional[str]) -> int:
     if not text:
         return 0
     if re.fullmatch(r"\d+[dhms]", text.strip()):
-        return _now() - _parse_duration(text, "--since")
+        return _now() - _parse_lifetime(text, "--since")
     try:
         when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

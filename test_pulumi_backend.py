@@ -1051,9 +1051,9 @@ def test_router_literal_segments_win_and_head_falls_back():
     router.add("GET", "/a/updates/latest", h2, auth="none")
     router.add("POST", "/a/{x}/{y}", h1)
     assert router.match("GET", "/a/updates/latest")[:2] == (h2, "none")
-    handler, auth, params, takes_body = router.match("HEAD", "/a/x%20y/z")
+    handler, auth, params, body_limit = router.match("HEAD", "/a/x%20y/z")
     assert handler is h1 and auth == "token" and params == {"x": "x y", "y": "z"}
-    assert not takes_body  # added without a body schema
+    assert body_limit == 0  # added without a body schema: takes none
     with pytest.raises(pb.MethodNotAllowed) as e:
         router.match("DELETE", "/a/q/w")
     assert e.value.headers["Allow"] == "GET, HEAD, POST"
@@ -3155,7 +3155,7 @@ def test_audit_retention_drops_old_events(start, clock):
 
 def test_every_token_route_declares_its_need(srv):
     """A new route must say what it needs (or it silently needs an org admin)."""
-    routes = {handler.__name__ for _, _, _, handler, auth in srv.app.router._routes
+    routes = {handler.__name__ for _, _, _, handler, auth, _ in srv.app.router._routes
               if auth == "token"}
     org_admin = {"list_org_tokens", "create_org_token", "delete_org_token", "list_team_tokens",
                  "create_team_token", "delete_team_token", "add_org_member",
@@ -4919,6 +4919,19 @@ def test_routes_without_a_body_refuse_one_before_reading_it(srv):
     assert srv.request("GET", "/healthz", b"{}")[0] == 200
     assert srv.request("POST", update.url + "/cancel", b"{}")[0] == 200
     assert srv.request("DELETE", path, b"")[0] == 200
+
+
+def test_the_token_free_token_exchange_takes_only_a_small_body(srv):
+    """POST /api/oauth/token is read before anyone is known: it gets MAX_ANONYMOUS_BODY."""
+    big = b"subject_token=" + b"a" * pb.MAX_ANONYMOUS_BODY
+    status, headers, out = exchange(srv, wire("POST", "/api/oauth/token", big, token=""))
+    assert status == 413 and headers["Connection"] == "close", (status, out)
+    bomb = gzip.compress(b"a" * (4 * pb.MAX_ANONYMOUS_BODY))
+    status, _, out = exchange(srv, wire("POST", "/api/oauth/token", bomb, token="",
+                                        headers=[("Content-Encoding", "gzip")]))
+    assert status == 413, out
+    small = b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"
+    assert exchange(srv, wire("POST", "/api/oauth/token", small, token=""))[0] == 401
 
 
 def test_bodies_sent_to_token_free_routes_cost_no_memory(tmp_path):
