@@ -4414,6 +4414,18 @@ def test_stored_poison_cannot_brick_a_stack(start, clock):
     assert srv.request("DELETE", sp(stack="dev3") + "?force=true")[0] == 200
 
 
+@pytest.mark.parametrize("doc", [
+    b'{"u":"a:b","d":{"k":1,"k":2}}',  # colons in strings, a duplicate further in
+    b'{"q":"\\":","k":1,"k":2}',  # an escaped quote before a colon
+    b'{"b":"\\\\","k":1,"k":2}',  # an escaped backslash before a closing quote
+    b'[{"k":1},{"k":1,"k":1}]',
+    b'{"k":"' + b"[" * 600 + b'","k":1}',
+])
+def test_duplicate_keys_are_found_whatever_the_strings_hold(doc):
+    with pytest.raises(pb.BadRequest, match="duplicate key 'k'"):
+        pb._loads(doc)
+
+
 def test_stored_bad_text_does_not_break_reads(srv):
     """A lone surrogate in stored tags and a non-object metadata in a stored update
     (accepted before input was strict) are served, not answered with 500."""
@@ -4442,6 +4454,8 @@ def test_strict_json_accepts_what_the_cli_sends():
     assert outputs["e"] == "\U0001F600" and outputs["p"] == "\\ud800" and outputs["q"] == ']]]}"['
     assert pb._check_untyped_deployment(value) is value
     assert pb._loads(b" [" * pb.MAX_JSON_DEPTH + b"]" * pb.MAX_JSON_DEPTH)
+    assert pb._loads(b'{"a\\":":1,"b":"\\\\","c:":{"d":"\\":"}}') == {
+        'a":': 1, "b": "\\", "c:": {"d": '":'}}
     with pytest.raises(pb.BadRequest, match="nests deeper"):
         pb._loads(b'["' + b"]" * 600 + b'",' + b"[" * 600 + b"]" * 600 + b"]")
 
