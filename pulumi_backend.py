@@ -480,12 +480,13 @@ def _new_id() -> str:
 
 
 def _dumps(value: Any) -> bytes:
-    """Serialize to compact JSON bytes (UTF-8, non-ASCII kept as is)."""
+    """Serialize to compact JSON bytes (UTF-8, non-ASCII kept as is, or all escaped
+    where a lone surrogate, which UTF-8 cannot hold, is in the value)."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     try:
         return text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate stored before input was strict:
-        return json.dumps(value, separators=(",", ":")).encode("ascii")  # \ud800, valid JSON
+    except UnicodeEncodeError:  # stored before input was strict: answer, never 500
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 #: Field names the server reads from the objects the CLI sends and reads back.
