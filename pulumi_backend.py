@@ -63,6 +63,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import array
 import base64
 import bisect
 import collections
@@ -79,6 +80,7 @@ import hmac
 import http.server
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -182,6 +184,11 @@ STACK_PAGE_SIZE = 100
 EVENT_PAGE_SIZE = 1000
 #: Responses smaller than this are never gzip-compressed.
 GZIP_MIN_RESPONSE = 1024
+#: Deepest nesting of arrays and objects accepted in a JSON document. Real states
+#: nest a few dozen levels; this bound keeps every recursive step on stored
+#: documents (parsing, serializing, renaming) far inside Python's default
+#: recursion limit of 1000 frames, so nothing accepted can fail later.
+MAX_JSON_DEPTH = 512
 #: Items per batch-encrypt/decrypt request (the CLI sends at most 1000).
 MAX_BATCH_ITEMS = 10000
 #: SQLite busy timeout (milliseconds); Litestream asks for at least 5000.
@@ -671,16 +678,123 @@ def _new_id() -> str:
 
 
 def _dumps(value: Any) -> bytes:
-    """Serialize to compact JSON bytes (UTF-8, non-ASCII kept as is)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Serialize to compact JSON bytes (UTF-8, non-ASCII kept as is, or all escaped
+    where a lone surrogate, which UTF-8 cannot hold, is in the value)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # stored before input was strict: answer, never 500
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+#: Field names the server reads from the objects the CLI sends and reads back.
+#: Go's decoder matches struct fields case-insensitively, so "Deployment" is
+#: refused at those levels: the CLI would read it where the server did not.
+_READ_FIELDS = {name.casefold(): name for name in (
+    "stackName tags config state newName newProject options dryRun name runtime main "
+    "description metadata message environment journalVersion duration isInvalid version "
+    "features deployment untypedDeployment sequenceNumber checkpointHash deploymentDelta "
+    "Span NewText start end offset line column entries events sequence summaryEvent "
+    "resourceChanges status plaintext ciphertext plaintexts ciphertexts manifest resources "
+    "secrets_providers pending_operations snippets extensions urn type parent dependencies "
+    "propertyDependencies replaceWith deletedWith provider aliases viewOf "
+    "refreshBeforeUpdate resourceHooks taint extensionRef snippetID delete "
+    "pendingReplacement resource kind sequenceID operationID operation removeOld removeNew "
+    "deleteOld deleteNew pendingReplacementOld pendingReplacementNew isRefresh newSnapshot "
+    "secretsProvider extension requiresByteString").split()}
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_NOT_JSON_MARK = bytes(sorted(set(range(256)) - set(b'"[]{}:')))
+_NESTING_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
 
 
 def _loads(data: bytes, what: str = "request body") -> Any:
-    """Parse JSON bytes; raise BadRequest with a clear message on malformed input."""
+    """Parse strict JSON bytes or raise BadRequest.
+
+    Strict as the CLI's Go decoder: UTF-8 without a byte order mark, no NaN or
+    Infinity, no number beyond a float64, no duplicate key, no lone surrogate,
+    and at most MAX_JSON_DEPTH levels of nesting. What the server accepts, it
+    can store, replay and hand back to the CLI.
+    """
+    members = 0
+
+    def count(obj: dict) -> dict:  # far cheaper than an object_pairs_hook on big states
+        nonlocal members
+        members += len(obj)
+        return obj
+
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        text = data.decode("utf-8")  # strict: UTF-16/32 bodies and bad bytes fail here
+        value = json.loads(text, parse_constant=_json_constant, parse_float=_json_float,
+                           parse_int=_json_int, object_hook=count)
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"{what} is not UTF-8: {e}") from None
+    except RecursionError:
+        raise BadRequest(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:
         raise BadRequest(f"{what} is not valid JSON: {e}") from None
+    depth, pairs = _json_shape(data, members)
+    if depth > MAX_JSON_DEPTH:
+        raise BadRequest(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    if pairs != members:  # a key repeats: parse again to name it
+        try:
+            json.loads(text, object_pairs_hook=_json_object)
+        except ValueError as e:
+            raise BadRequest(f"{what} is not valid JSON: {e}") from None
+    # Go never writes \ud800-\udfff escapes for valid text: look closer only if one is there.
+    if _SURROGATE_ESCAPE_RE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{what} holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                             "escape)") from None
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):
+        raise ValueError(f"number {literal[:40]} is out of range")
+    return value
+
+
+def _json_int(literal: str) -> int:
+    if len(literal) > 300:
+        _json_float(literal)  # out of a float64's range is out of Go's
+    return int(literal)
+
+
+def _json_object(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {key!r}")
+    return obj
+
+
+def _json_shape(data: bytes, members: int) -> tuple:
+    """Return ``(nesting depth, number of object members)`` of ``data`` (valid JSON),
+    or ``(0, members)`` when a glance shows neither can exceed MAX_JSON_DEPTH or
+    ``members``, the keys its parsed objects hold.
+
+    With C-speed byte operations only (a walk of a parsed 10 MB state costs ~5
+    times as much): once escaped backslashes and quotes are gone, quotes
+    alternate opening and closing strings; dropping two adjacent quotes keeps that
+    parity for every mark after them, so strings without marks can go first.
+    Outside strings, each colon is a member.
+    """
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH and data.count(b":") == members:
+        return 0, members
+    if b"\\" in data:
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    marks = data.translate(None, _NOT_JSON_MARK).replace(b'""', b"")
+    outside = b"".join(marks.split(b'"')[0::2])
+    steps = array.array("b", outside.translate(_NESTING_STEP, b":"))
+    return max(itertools.accumulate(steps), default=0), outside.count(b":")
 
 
 def _gunzip_bounded(data: bytes, limit: int) -> bytes:
@@ -744,6 +858,21 @@ def _require_dict(value: Any, what: str = "request body") -> dict:
     if not isinstance(value, dict):
         raise BadRequest(f"{what} must be a JSON object")
     return value
+
+
+def _loads_body(body: bytes) -> dict:
+    """Parse a request body that must be a JSON object (see _loads); BadRequest if not."""
+    return _check_field_names(_require_dict(_loads(body)), "request body")
+
+
+def _check_field_names(obj: dict, what: str) -> dict:
+    """Return ``obj``, or raise BadRequest for a case variant of a field the server reads."""
+    for key in obj:
+        field = _READ_FIELDS.get(key.casefold())
+        if field is not None and field != key:
+            raise BadRequest(f"{what} has a field {key!r}: did you mean {field!r}? "
+                             "(field names are case-sensitive)")
+    return obj
 
 
 def _int_field(obj: dict, key: str, default: Optional[int] = None) -> int:
@@ -1573,12 +1702,16 @@ def apply_delta(prev: bytes, edits: Any) -> bytes:
     for edit in edits:
         if not isinstance(edit, dict) or not isinstance(edit.get("Span"), dict):
             raise BadRequest("each delta edit needs a Span")
+        _check_field_names(edit, "a delta edit")
+        _check_field_names(edit["Span"], "a delta Span")
         text = edit.get("NewText", "")
         if not isinstance(text, str):
             raise BadRequest("NewText must be a string")
         start, end = edit["Span"].get("start"), edit["Span"].get("end")
         if not isinstance(start, dict) or not isinstance(end, dict):
             raise BadRequest("a delta Span needs start and end points")
+        _check_field_names(start, "a delta point")
+        _check_field_names(end, "a delta point")
         if _legacy_point(start) or _legacy_point(end):
             if line_starts is None:
                 line_starts = [0] + [i + 1 for i, b in enumerate(prev) if b == 0x0A]
@@ -1871,13 +2004,14 @@ def _empty_deployment() -> bytes:
 
 def _check_untyped_deployment(doc: Any) -> dict:
     """Validate an UntypedDeployment; return it or raise BadRequest."""
-    doc = _require_dict(doc, "deployment")
+    doc = _check_field_names(_require_dict(doc, "deployment"), "deployment")
     version = doc.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or not \
             1 <= version <= MAX_DEPLOYMENT_VERSION:
         raise BadRequest(f"deployment version must be between 1 and {MAX_DEPLOYMENT_VERSION}")
     if not isinstance(doc.get("deployment"), dict):
         raise BadRequest("deployment must be a JSON object")
+    _check_field_names(doc["deployment"], "deployment")
     features = doc.get("features")
     features = [] if features is None else features
     if not isinstance(features, list) or any(
@@ -1887,6 +2021,13 @@ def _check_untyped_deployment(doc: Any) -> dict:
     resources = [] if resources is None else resources
     if not isinstance(resources, list) or any(not isinstance(r, dict) for r in resources):
         raise BadRequest("deployment resources must be a list of objects")
+    for res in resources:
+        _check_field_names(res, "a deployment resource")
+    for op in doc["deployment"].get("pending_operations") or []:
+        if isinstance(op, dict):
+            _check_field_names(op, "a pending operation")
+            if isinstance(op.get("resource"), dict):
+                _check_field_names(op["resource"], "a pending operation's resource")
     return doc
 
 
@@ -1903,16 +2044,16 @@ def _rename_in_deployment(doc: Any, old: tuple, new: tuple) -> Any:
     root = f"{_STACK_TYPE}::"  # the root resource is named <project>-<stack>: rename it too
     new_root = f"{root}{new[0]}-{new[1]}"
 
-    def walk(value: Any) -> Any:
+    def walk(value: Any) -> Any:  # one frame per level (comprehensions would add one)
         if isinstance(value, str):
             if not value.startswith(old_prefix):
                 return value
             rest = value[len(old_prefix):]
             return new_prefix + (new_root if rest.startswith(root) else rest)
         if isinstance(value, list):
-            return [walk(v) for v in value]
+            return list(map(walk, value))
         if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
+            return dict(zip(value, map(walk, value.values())))
         return value
 
     doc = walk(doc)
@@ -1975,7 +2116,7 @@ def _split_verbatim(body: bytes) -> tuple:
         if abs(seq) > 2**62:
             raise BadRequest("sequenceNumber is out of range")
         return seq, body[head.end():tail.start()].strip()
-    req = _require_dict(_loads(body))  # unusual field order: find the value's bytes
+    req = _loads_body(body)  # unusual field order: find the value's bytes
     if "untypedDeployment" not in req:
         raise BadRequest("untypedDeployment is required")
     text = body.decode("utf-8")
@@ -2136,9 +2277,13 @@ class Engine:
             # rewrite it so the next update neither replaces everything nor asks
             # the old name to decrypt.
             dep = self.store.get_deployment(db, row["id"])
-            doc = _rename_in_deployment(_loads(gzip.decompress(dep["data"]), "stored state"),
-                                       (project, name), (new_project, new_name))
-            data = _dumps(doc)
+            try:
+                doc = _rename_in_deployment(json.loads(gzip.decompress(dep["data"])),
+                                           (project, name), (new_project, new_name))
+                data = _dumps(doc)
+            except (ValueError, RecursionError) as e:  # stored before input was strict
+                raise Conflict(f"the stack's state cannot be rewritten for the new name ({e}); "
+                               "import a repaired export first") from None
             self.store.put_deployment(db, row["id"], dep["version"], _gzip_bytes(data),
                                       len(data), dep["resource_count"])
         log.info("renamed stack %s/%s/%s to %s/%s", org, project, name, new_project, new_name)
@@ -2270,8 +2415,7 @@ class Engine:
         if not isinstance(options, dict):
             raise BadRequest("options must be an object")
         dry_run = kind == "preview" or bool(options.get("dryRun"))
-        program = {k: body.get(k) for k in ("name", "runtime", "main", "description", "config",
-                                             "metadata")}
+        program = _check_program(body)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
             update_id = _new_id()
@@ -2400,7 +2544,7 @@ class Engine:
         return item
 
     def checkpoint_full(self, org, project, name, update_id, token, body: bytes) -> None:
-        req = _require_dict(_loads(body))
+        req = _loads_body(body)
         if req.get("isInvalid"):  # legacy "invalidate": keep the last good checkpoint
             with self.store.write() as db:
                 self._checkpointed_update(db, org, project, name, update_id, token)
@@ -2442,7 +2586,7 @@ class Engine:
         under the lock only if that snapshot is still the latest checkpoint;
         otherwise it is applied again to the newer one.
         """
-        req = _require_dict(_loads(body))
+        req = _loads_body(body)
         seq = _int_field(req, "sequenceNumber")
         expected = req.get("checkpointHash")
         if not isinstance(expected, str) or not _SHA256_HEX_RE.fullmatch(expected):
@@ -2470,7 +2614,7 @@ class Engine:
         raise Conflict("the checkpoint kept changing while the delta was applied; send it again")
 
     def journal_append(self, org, project, name, update_id, token, body: bytes) -> int:
-        req = _require_dict(_loads(body))
+        req = _loads_body(body)
         entries = req.get("entries")
         if not isinstance(entries, list):
             raise BadRequest("entries must be a list")
@@ -2486,19 +2630,21 @@ class Engine:
     # -- updates: events ----------------------------------------------------
 
     def events_append(self, org, project, name, update_id, token, body: bytes) -> None:
-        req = _require_dict(_loads(body))
+        req = _loads_body(body)
         events = req.get("events")
         if not isinstance(events, list):
             raise BadRequest("events must be a list")
         rows, changes = [], None
         for event in events:
-            event = _require_dict(event, "engine event")
+            event = _check_field_names(_require_dict(event, "engine event"), "engine event")
             seq = _int_field(event, "sequence")
             if seq < 0:
                 raise BadRequest("event sequence must not be negative")
             summary = event.get("summaryEvent")
-            if isinstance(summary, dict) and isinstance(summary.get("resourceChanges"), dict):
-                changes = summary["resourceChanges"]
+            if isinstance(summary, dict):
+                _check_field_names(summary, "summaryEvent")
+                if summary.get("resourceChanges") is not None:
+                    changes = _check_resource_changes(summary["resourceChanges"])
             rows.append((seq, _dumps(event)))
         with self.store.write() as db:
             self._leased_update(db, org, project, name, update_id, token)
@@ -2577,33 +2723,49 @@ class Engine:
 
     def _final_state(self, db, update: dict) -> tuple:
         """Return ``(bytes, resource count)`` of the state an update produced (its base
-        if it saved none)."""
+        if it saved none), or raise Conflict.
+
+        Nothing stored may raise anything else here (rows stored before input was
+        strict, a delta chain ending in a bad document, a broken row): finishing an
+        abandoned update runs inside export, new updates, imports and stack removal.
+        """
+        try:
+            if update["journal"]:
+                return self._replayed_state(db, update)
+            return self._checkpointed_state(db, update)
+        except (HTTPError, ValueError, LookupError, TypeError, AttributeError, RecursionError,
+                zlib.error, EOFError, gzip.BadGzipFile) as e:
+            what = ("journal cannot be replayed" if update["journal"] else
+                    "last checkpoint is not a valid deployment")
+            detail = e.message if isinstance(e, HTTPError) else f"{type(e).__name__}: {e}"
+            raise Conflict(f"the update's {what}: {detail}"[:500]) from None
+
+    def _base_state(self, db, update: dict) -> tuple:
         base = self.store.get_deployment(db, update["stack_id"], update["base_version"])
-        base_bytes = gzip.decompress(base["data"]) if base else _empty_deployment()
-        base_count = base["resource_count"] if base else 0
-        if update["journal"]:
-            entries = [json.loads(e) for e in self.store.journal_entries(db, update["id"])]
-            if not entries:
-                return base_bytes, base_count
-            try:
-                # The parsed base is ours alone: replay over it without replay_journal's
-                # copy (a 10 MB state is ~10 MB of Python objects per copy).
-                replayer = _JournalReplayer(json.loads(base_bytes).get("deployment") or {})
-                for entry in entries:
-                    replayer.add(entry)
-                doc = replayer.generate(update["cli_version"])
-                del entries, replayer  # replaced base resources and begin entries: free them
-                return _dumps(doc), _count_resources(doc)
-            except (HTTPError, ValueError, KeyError, TypeError, IndexError,
-                    AttributeError) as e:
-                raise Conflict(f"the update's journal cannot be replayed: {e}") from None
+        if base is None:
+            return _empty_deployment(), 0
+        return gzip.decompress(base["data"]), base["resource_count"]
+
+    def _replayed_state(self, db, update: dict) -> tuple:
+        entries = [json.loads(e) for e in self.store.journal_entries(db, update["id"])]
+        base_bytes, base_count = self._base_state(db, update)
+        if not entries:
+            return base_bytes, base_count
+        # The parsed base is ours alone: replay over it without replay_journal's
+        # copy (a 10 MB state is ~10 MB of Python objects per copy).
+        replayer = _JournalReplayer(json.loads(base_bytes).get("deployment") or {})
+        for entry in entries:
+            replayer.add(entry)
+        doc = replayer.generate(update["cli_version"])
+        del entries, replayer  # replaced base resources and begin entries: free them
+        return _dumps(doc), _count_resources(doc)
+
+    def _checkpointed_state(self, db, update: dict) -> tuple:
         working = self._working(db, update["id"])
         if working is None:
-            return base_bytes, base_count
-        try:
-            doc = _check_untyped_deployment(json.loads(working[1]))
-        except (ValueError, BadRequest):
-            raise Conflict("the update's last checkpoint is not a valid deployment") from None
+            return self._base_state(db, update)
+        # Deltas are applied to bytes unparsed: check what they made as strictly as an upload.
+        doc = _check_untyped_deployment(_loads(working[1], "the last checkpoint"))
         return working[1], _count_resources(doc)
 
     # -- updates: reading ---------------------------------------------------
@@ -2644,7 +2806,8 @@ class Engine:
     @staticmethod
     def _update_info(update: dict) -> dict:
         program = json.loads(update["program"] or "{}")
-        metadata = program.get("metadata") or {}
+        metadata = program.get("metadata")
+        metadata = metadata if isinstance(metadata, dict) else {}  # stored before it was checked
         result = {"running": "in-progress", "not started": "not-started",
                   "cancelled": "failed"}.get(update["status"], update["status"])
         info = {"kind": update["kind"], "startTime": update["started"] or update["created"],
@@ -2727,12 +2890,13 @@ def _check_resource(value: Any, what: str) -> None:
     if not isinstance(value, dict) or not isinstance(value.get("urn"), str) \
             or not isinstance(value.get("type", ""), str):
         raise BadRequest(f"{what} must be a resource object with a string urn")
+    _check_field_names(value, what)
 
 
 def _check_journal_entry(entry: Any) -> dict:
     """Validate one journal entry's shape; what only the whole journal can show (such
     as two resources claiming one alias) is caught when the update completes."""
-    entry = _require_dict(entry, "journal entry")
+    entry = _check_field_names(_require_dict(entry, "journal entry"), "journal entry")
     seq, kind = _int_field(entry, "sequenceID"), _int_field(entry, "kind")
     if seq < 1 or not 0 <= kind <= 9:
         raise BadRequest(f"journal entry {seq} has an invalid sequenceID or kind")
@@ -2745,9 +2909,11 @@ def _check_journal_entry(entry: Any) -> dict:
         _check_resource(entry["state"], f"journal entry {seq} state")
     if entry.get("operation") is not None:
         op = _require_dict(entry["operation"], f"journal entry {seq} operation")
+        _check_field_names(op, f"journal entry {seq} operation")
         _check_resource(op.get("resource"), f"journal entry {seq} operation resource")
     if kind == 5:
         snapshot = _require_dict(entry.get("newSnapshot"), f"journal entry {seq} newSnapshot")
+        _check_field_names(snapshot, f"journal entry {seq} newSnapshot")
         resources = snapshot.get("resources") or []
         if not isinstance(resources, list):
             raise BadRequest(f"journal entry {seq} newSnapshot resources must be a list")
@@ -2770,6 +2936,40 @@ def _check_tags(tags: Any) -> dict:
         if not isinstance(v, str) or len(v) > 256:
             raise BadRequest(f"tag {k!r} must have a string value of at most 256 characters")
     return tags
+
+
+def _check_program(body: dict) -> dict:
+    """Return the program fields of an update request; BadRequest unless they have the
+    shapes the CLI decodes from the stack's history (strings, config values, metadata)."""
+    program = {k: body.get(k) for k in ("name", "runtime", "main", "description")}
+    for key, value in program.items():
+        if not isinstance(value, (str, type(None))):
+            raise BadRequest(f"{key} must be a string")
+    config, metadata = body.get("config"), body.get("metadata")
+    for key, value in _require_dict(config or {}, "config").items():
+        value = _require_dict(value, f"config value {key!r}")
+        if not isinstance(value.get("string"), (str, type(None))) or not all(
+                isinstance(value.get(flag), (bool, type(None))) for flag in ("secret", "object")):
+            raise BadRequest(f"config value {key!r} needs a string 'string' and boolean "
+                             "'secret' and 'object'")
+    if metadata is not None:
+        metadata = _check_field_names(_require_dict(metadata, "metadata"), "metadata")
+        environment = metadata.get("environment")
+        if not isinstance(metadata.get("message"), (str, type(None))) or not isinstance(
+                environment or {}, dict) or not all(
+                isinstance(v, str) for v in (environment or {}).values()):
+            raise BadRequest("metadata needs a string message and an environment of strings")
+    program.update(config=config, metadata=metadata)
+    return program
+
+
+def _check_resource_changes(changes: Any) -> dict:
+    """Return a summary's resourceChanges if it maps operations to counts; else BadRequest."""
+    if not isinstance(changes, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and abs(n) <= 2**62
+            for n in changes.values()):
+        raise BadRequest("resourceChanges must map operations to counts")
+    return changes
 
 
 def _encode_page_token(key: tuple) -> str:
@@ -4000,7 +4200,7 @@ class Request:
         """Return the body as a JSON object ({} when empty)."""
         if not self.body.strip():
             return {}
-        return _require_dict(_loads(self.body))
+        return _loads_body(self.body)
 
     def q(self, key: str) -> Optional[str]:
         values = self.query.get(key)
@@ -4676,6 +4876,7 @@ class App:
 
     def log_decryption(self, req: Request) -> None:
         """Log that the CLI showed secrets of the stack in plaintext."""
+        req.json()  # only logged, yet held to the rules of every body
         self.engine.get_stack(*self._sp(req))  # 404 for an unknown stack
         log.info("secrets of %s were shown in plaintext", "/".join(self._sp(req)))
         body = req.json()

@@ -5821,6 +5821,253 @@ def test_a_delta_applied_meanwhile_elsewhere_is_not_applied_twice(srv, monkeypat
     assert calls == [1, 1, 2]  # this copy, the other one, this one again on the new base
     assert update.complete()[0] == 200
     assert srv.export_bytes(path) == NEW_DOC
+# ==== 10e. Hardening: strict JSON and unbrickable stacks =======================
+
+def nested(levels, leaf=1):
+    """A value of ``levels`` nested objects and arrays around ``leaf``."""
+    for i in range(levels):
+        leaf = {"d": leaf} if i % 2 else [leaf]
+    return leaf
+
+
+def deep_res(levels):
+    """A resource whose outputs make a document nest ``levels`` deeper than its outputs."""
+    return res("deep", outputs={"v": nested(levels - 1)})
+
+
+_OVER = pb.MAX_JSON_DEPTH + 1
+# (id, send(victim)): each is refused with a 400 and leaves every stored byte as it was.
+STRICT = [
+    # -- nesting deeper than MAX_JSON_DEPTH, on every kind of document
+    ("deep-journal-state", lambda v: v.upd.journal(entry(3, 1, 2, state=deep_res(_OVER - 4)))),
+    ("deep-journal-snapshot", lambda v: v.upd.journal(
+        entry(3, 5, newSnapshot=deployment([deep_res(_OVER - 5)])))),
+    ("deep-verbatim", lambda v: v.ckupd.verbatim(compact(untyped([deep_res(_OVER - 4)])), 2)),
+    ("deep-checkpoint", lambda v: v.ckupd.checkpoint(untyped([deep_res(_OVER - 4)]))),
+    ("deep-create-stack-state", lambda v: v.create(
+        {"stackName": "t4", "state": untyped([deep_res(_OVER - 5)])})),
+    ("deep-events", lambda v: v.upd.events({"sequence": 9, "x": nested(_OVER - 3)})),
+    ("deep-update-config", lambda v: v.req("POST", "/update", {"config": nested(_OVER - 1)})),
+    # -- text that is not strict UTF-8 JSON
+    ("utf16-create", lambda v: v.create('{"stackName":"t5"}'.encode("utf-16"))),
+    ("utf16le-tags", lambda v: v.tags('{"evil":"1"}'.encode("utf-16-le"))),
+    ("utf32-tags", lambda v: v.tags('{"evil":"1"}'.encode("utf-32"))),
+    ("utf8-bom-tags", lambda v: v.tags(b"\xef\xbb\xbf" + _EVIL_TAGS)),
+    ("surrogate-tag-value", lambda v: v.tags(b'{"evil":"\\ud800"}')),
+    ("surrogate-tag-value-low", lambda v: v.tags(b'{"evil":"x\\udfffy"}')),
+    ("surrogate-create-tags", lambda v: v.create(b'{"stackName":"t6","tags":{"a":"\\ud800"}}')),
+    ("surrogate-update-message", lambda v: v.req(
+        "POST", "/update", b'{"metadata":{"message":"\\ud800"}}')),
+    ("surrogate-update-config", lambda v: v.req(
+        "POST", "/update", b'{"config":{"a:b":{"string":"\\ude00"}}}')),
+    ("surrogate-key-journal", lambda v: v.journal_raw(
+        compact({"entries": [entry(3, 1, 2, state=res("s"))]}).replace(b'"v"', b'"\\ud800"'))),
+    ("infinity-verbatim", lambda v: v.ckupd.verbatim(PREV_DOC.replace(b'"a-id"', b"Infinity"),
+                                                      2)),
+    ("overflow-float-journal", lambda v: v.journal_raw(
+        compact({"entries": [entry(3, 1, 2, state=res("s"))]}).replace(b'"s-id"', b"1e400"))),
+    ("overflow-float-checkpoint", lambda v: v.ck_call("/checkpoint", compact(
+        untyped([B])).replace(b'"b-id"', b"-2.5e308"))),
+    ("duplicate-key-journal", lambda v: v.journal_raw(
+        compact({"entries": [entry(3, 1, 2, state=res("s"))]}).replace(
+            b'"kind":1', b'"kind":1,"kind":0'))),
+    ("duplicate-key-tags", lambda v: v.tags(b'{"evil":"1","evil":"2"}')),
+    ("case-variant-checkpoint", lambda v: v.ckupd.checkpoint(
+        {**untyped([B]), "Deployment": deployment([C])})),
+    ("case-variant-verbatim-resource", lambda v: v.ckupd.verbatim(
+        compact(untyped([{**B, "URN": C["urn"]}])), 2)),
+    ("case-variant-journal-state", lambda v: v.upd.journal(
+        entry(3, 1, 2, state={**B, "Parent": A["urn"]}))),
+    ("case-variant-folded-journal", lambda v: v.upd.journal(
+        {**entry(3, 1, 2, state=B), "ſtate": C})),  # U+017F folds to "s" in Go
+    ("case-variant-complete", lambda v: v.upd.call(
+        "POST", "/complete", {"status": "failed", "Status": "succeeded"}, gzip_body=False)),
+    # -- update metadata and config the history could not show
+    ("shape-metadata-list", lambda v: v.req("POST", "/update", {"metadata": [1]})),
+    ("shape-metadata-string", lambda v: v.req("POST", "/update", {"metadata": "x"})),
+    ("shape-metadata-message-int", lambda v: v.req("POST", "/update",
+                                                   {"metadata": {"message": 5}})),
+    ("shape-metadata-environment-list", lambda v: v.req(
+        "POST", "/update", {"metadata": {"environment": ["x"]}})),
+    ("shape-metadata-environment-int", lambda v: v.req(
+        "POST", "/update", {"metadata": {"environment": {"a": 1}}})),
+    ("shape-config-list", lambda v: v.req("POST", "/update", {"config": ["a"]})),
+    ("shape-config-value-string", lambda v: v.req("POST", "/update", {"config": {"a:b": "c"}})),
+    ("shape-config-value-secret-string", lambda v: v.req(
+        "POST", "/update", {"config": {"a:b": {"string": "c", "secret": "yes"}}})),
+    ("shape-update-name-int", lambda v: v.req("POST", "/update", {"name": 5})),
+    ("shape-events-resource-changes", lambda v: v.upd.events(
+        {"sequence": 9, "summaryEvent": {"resourceChanges": {"create": "many"}}})),
+]
+
+
+@pytest.mark.parametrize("send", [c[1] for c in STRICT], ids=[c[0] for c in STRICT])
+def test_strict_json_refusals_leave_state_byte_identical(victim, send):
+    test_hostile_input_leaves_state_byte_identical(victim, send, "4xx")
+
+
+_IMPORTED = compact(untyped([S, B]))
+# (id, body of an import): refused with a 400; the stack keeps its state.
+STRICT_IMPORTS = [
+    ("deep", compact(untyped([S, deep_res(_OVER - 4)]))),
+    ("deep-pending-operation", compact(untyped(
+        [S], pending_operations=[{"resource": deep_res(_OVER - 5), "type": "creating"}]))),
+    ("utf16", _IMPORTED.decode().encode("utf-16")),
+    ("utf8-bom", b"\xef\xbb\xbf" + _IMPORTED),
+    ("surrogate", _IMPORTED.replace(b'"b-id"', b'"\\udc00"')),
+    ("surrogate-key", _IMPORTED.replace(b'"v"', b'"\\ud800"')),
+    ("nan", _IMPORTED.replace(b'"b-id"', b"NaN")),
+    ("overflow-float", _IMPORTED.replace(b'"b-id"', b"1e400")),
+    ("overflow-int", _IMPORTED.replace(b'"b-id"', b"9" * 400)),
+    ("duplicate-key", _IMPORTED.replace(b'"version":3', b'"version":3,"version":3')),
+    ("duplicate-key-outputs", _IMPORTED.replace(b'"v":"b"', b'"v":"b","v":"c"')),
+    ("case-variant-deployment", compact({**untyped([S, B]), "Deployment": deployment([C])})),
+    ("case-variant-resources", compact(untyped([S, B], Resources=[C]))),
+    ("case-variant-urn", compact(untyped([S, {**B, "URN": C["urn"]}]))),
+]
+
+
+@pytest.mark.parametrize("body", [c[1] for c in STRICT_IMPORTS],
+                         ids=[c[0] for c in STRICT_IMPORTS])
+def test_strict_json_refusals_by_import(srv, body):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    before = srv.export_bytes(path)
+    result = srv.request("POST", path + "/import", body, gzip_body=True)
+    assert_json_4xx(result)
+    assert result[0] == 400
+    assert srv.export_bytes(path) == before and srv.stack(path)["version"] == 1
+
+
+def test_documents_nested_to_the_limit_go_through_every_step(start):
+    """MAX_JSON_DEPTH is reachable: such documents are stored, replayed, renamed,
+    exported and imported again in the server's worker threads."""
+    srv = start()
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    update = srv.begin(path)
+    limit = pb.MAX_JSON_DEPTH
+    deep = deep_res(limit - 4)  # in the journal body and in the state: 4 levels above it
+    assert update.journal(entry(1, 1, 1, state=deep))[0] == 200
+    assert update.events({"sequence": 1, "x": nested(limit - 3)})[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.request("GET", update.url + "/events")[0] == 200
+    assert urns(srv.export(path)) == [deep["urn"], S["urn"], A["urn"]]
+    status, _, out = srv.request("POST", path + "/rename", {"newName": "dev2"})
+    assert status == 200, out
+    path = sp(stack="dev2")
+    exported = srv.export_bytes(path)
+    assert pb._loads(exported)  # still within the limit after the replay and the rename
+    srv.import_state(path, exported)
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(exported, 1)[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == exported
+
+
+def _poison(levels=3000):
+    """JSON bytes nested far deeper than any parser here goes: stored only by going
+    around the checks (as rows written by an older version could be)."""
+    return b'{"version":1,"kind":1,"sequenceID":1,"operationID":1,"state":{"urn":"u","x":' + \
+        b"[" * levels + b"]" * levels + b"}}"
+
+
+def _plant(srv, update, journal=True):
+    with srv.store.write() as db:
+        if journal:
+            srv.store.append_journal(db, update.id, [(1, _poison())])
+        else:
+            data = b'{"version":3,"deployment":{"x":' + b"[" * 3000 + b"]" * 3000 + b"}}"
+            srv.store.put_checkpoint(db, update.id, 1, "full", data, "0" * 64)
+
+
+def test_stored_poison_cannot_brick_a_stack(start, clock):
+    """A journal or checkpoint no parser can read: complete answers 409, cancel ends the
+    update without a new version, and an abandoned one never fails export, history, a new
+    update, an import or a forced removal, before or after a restart."""
+    srv = start()
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    for journal in (True, False):  # completed, then cancelled
+        update = srv.begin(path, journal=journal)
+        _plant(srv, update, journal)
+        status, _, out = update.complete()
+        assert status == 409 and out["code"] == 409, out
+        assert update.cancel()[0] == 200
+        assert srv.stack(path)["version"] == 1 and urns(srv.export(path)) == [S["urn"], A["urn"]]
+
+    for restart in (False, True):  # abandoned: its lease lapses
+        version = srv.stack(path)["version"]
+        update = srv.begin(path, journal=not restart)
+        _plant(srv, update, journal=not restart)
+        clock.advance(pb.DEFAULT_LEASE_SECONDS + 5)
+        if restart:
+            srv.stop()
+            srv = start()
+        assert urns(srv.export(path)) == [S["urn"], A["urn"]]
+        assert srv.history(path)[0]["result"] == "failed"
+        assert srv.stack(path)["version"] == version
+        assert srv.begin(path).complete()[0] == 200
+
+    update = srv.begin(path)
+    _plant(srv, update)
+    clock.advance(pb.DEFAULT_LEASE_SECONDS + 5)
+    srv.import_state(path, untyped([S, B]))
+    update = srv.begin(path)
+    _plant(srv, update)
+    clock.advance(pb.DEFAULT_LEASE_SECONDS + 5)
+    status, _, out = srv.request("POST", path + "/rename", {"newName": "dev3"})
+    assert status == 200, out
+    update = srv.begin(sp(stack="dev3"))
+    _plant(srv, update)
+    clock.advance(pb.DEFAULT_LEASE_SECONDS + 5)
+    assert srv.request("DELETE", sp(stack="dev3") + "?force=true")[0] == 200
+
+
+@pytest.mark.parametrize("doc", [
+    b'{"u":"a:b","d":{"k":1,"k":2}}',  # colons in strings, a duplicate further in
+    b'{"q":"\\":","k":1,"k":2}',  # an escaped quote before a colon
+    b'{"b":"\\\\","k":1,"k":2}',  # an escaped backslash before a closing quote
+    b'[{"k":1},{"k":1,"k":1}]',
+    b'{"k":"' + b"[" * 600 + b'","k":1}',
+])
+def test_duplicate_keys_are_found_whatever_the_strings_hold(doc):
+    with pytest.raises(pb.BadRequest, match="duplicate key 'k'"):
+        pb._loads(doc)
+
+
+def test_stored_bad_text_does_not_break_reads(srv):
+    """A lone surrogate in stored tags and a non-object metadata in a stored update
+    (accepted before input was strict) are served, not answered with 500."""
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.complete()[0] == 200
+    with srv.store.write() as db:
+        row = srv.store.get_stack(db, ORG, "proj", "dev")
+        srv.store.update_stack(db, row["id"], tags='{"evil":"\\ud800"}')
+        srv.store.update_update(db, update.id, program='{"metadata":[1],"config":"x"}')
+    status, _, out = srv.request("GET", path)
+    assert status == 200 and out["tags"] == {"evil": "\ud800"}, out
+    status, _, out = srv.request("GET", path + "/updates")
+    assert status == 200 and out["updates"][0]["message"] == "", out
+    assert srv.request("GET", "/api/user/stacks")[0] == 200
+
+
+def test_strict_json_accepts_what_the_cli_sends():
+    """Escaped surrogate pairs, escaped backslashes before "ud800", brackets and quotes in
+    strings, large finite numbers and case-variant keys inside property maps pass."""
+    doc = (b'{"version":3,"deployment":{"resources":[{"urn":"u","type":"t","outputs":'
+           b'{"Name":"a","name":"b","e":"\\ud83d\\ude00","p":"\\\\ud800","q":"]]]}\\"[",'
+           b'"f":1.7e308,"i":' + b"9" * 300 + b',"z":-0.0}}]}}')
+    value = pb._loads(doc)
+    outputs = value["deployment"]["resources"][0]["outputs"]
+    assert outputs["e"] == "\U0001F600" and outputs["p"] == "\\ud800" and outputs["q"] == ']]]}"['
+    assert pb._check_untyped_deployment(value) is value
+    assert pb._loads(b" [" * pb.MAX_JSON_DEPTH + b"]" * pb.MAX_JSON_DEPTH)
+    assert pb._loads(b'{"a\\":":1,"b":"\\\\","c:":{"d":"\\":"}}') == {
+        'a":': 1, "b": "\\", "c:": {"d": '":'}}
+    with pytest.raises(pb.BadRequest, match="nests deeper"):
+        pb._loads(b'["' + b"]" * 600 + b'",' + b"[" * 600 + b"]" * 600 + b"]")
 
 
 # ==== 11. Module hygiene =======================================================
