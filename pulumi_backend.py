@@ -6100,7 +6100,12 @@ class Console:
         """An update's engine events as JSON (secrets masked)."""
         org, project, name = self._read(req)
         _, events = self.engine.update_with_events(org, project, name, req.params["updateID"])
-        return Response(200, _dumps({"events": _masked(events)}))
+        # <, > and & only occur inside JSON strings: as \u escapes the JSON is
+        # the same, and inert even if something renders it as HTML.
+        data = _dumps({"events": _masked(events)})
+        for char in b"<>&":
+            data = data.replace(bytes([char]), b"\\u%04x" % char)
+        return Response(200, data)
 
     def export_download(self, req: Request) -> Response:
         """The stack's state, as `pulumi stack export` writes it, as a download."""
