@@ -5384,6 +5384,12 @@ def _q(segment: str) -> str:
     return urllib.parse.quote(segment, safe="")
 
 
+def _q_urn(urn: str) -> str:
+    # ":", "/" and "$" may stay as they are in a query, and a URN without
+    # other specials takes quote()'s fast path (this runs once per resource).
+    return urllib.parse.quote(urn, safe=":/$")
+
+
 def _masked(value: Any) -> Any:
     """``value`` with every secret (a ciphertext object) replaced by "[secret]"."""
     if isinstance(value, dict):
@@ -5900,7 +5906,7 @@ class Console:
                f'<input type="search" name="q" value="{_h(text)}" placeholder="Type or name" '
                'aria-label="Filter by type or name" data-filter="ul.tree li, tbody tr">'
                '<button type="submit">Filter</button></form>']
-        link = functools.partial(self._resource_link, project, name)
+        link = self._linker(project, name)
         if text:
             low = text.lower()
             hits = [r for r in resources if low in _urn_name(r["urn"]).lower()
@@ -5918,9 +5924,13 @@ class Console:
             out.append(self._tree(resources, link))
         return self._html(req, f"{project}/{name} resources", "".join(out))
 
-    def _resource_link(self, project: str, name: str, res: dict) -> str:
-        url = self._stack_url(project, name, "/resource?urn=" + _q(res["urn"]))
-        return f'<a href="{_h(url)}">{_h(_urn_name(res["urn"]))}</a>'
+    def _linker(self, project: str, name: str) -> Callable:
+        """Return ``f(resource)``: a link to its page (the stack's part computed once)."""
+        base = _h(self._stack_url(project, name, "/resource?urn="))
+
+        def link(res: dict) -> str:
+            return f'<a href="{base}{_h(_q_urn(res["urn"]))}">{_h(_urn_name(res["urn"]))}</a>'
+        return link
 
     @staticmethod
     def _provider_name(res: dict) -> str:
@@ -5969,7 +5979,7 @@ class Console:
                    None) or next((r for r in resources if r["urn"] == urn), None)
         if res is None:
             raise NotFound("no resource with that URN in the stack's latest state")
-        link = functools.partial(self._resource_link, project, name)
+        link = self._linker(project, name)
         by_urn = {r["urn"]: r for r in resources}
 
         def links(urns: Iterable) -> str:
@@ -6071,7 +6081,7 @@ class Console:
         op = meta.get("op") if isinstance(meta.get("op"), str) else "same"
         sym, cls = _STEP_OPS.get(op, ("?", "same"))
         urn = step["urn"]
-        url = self._stack_url(project, name, "/resource?urn=" + _q(urn))
+        url = self._stack_url(project, name, "/resource?urn=" + _q_urn(urn))
         state = {"failed": ' <span class="badge bad">failed</span>',
                  "running": ' <span class="badge run">in progress</span>'}.get(
                      step.get("state"), "")
