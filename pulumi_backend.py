@@ -6103,8 +6103,9 @@ class Console:
     def _diag_html(diag: dict) -> str:
         severity = str(diag.get("severity") or "info")
         cls = severity if severity in ("error", "warning") else "info"
+        # The CLI's prefix ("warning: ") would say the severity a second time.
         return (f'<div class="diag {cls}"><strong>{_h(severity)}</strong>: '
-                f'{_plain(diag.get("prefix") or "")}{_plain(diag.get("message", ""))}</div>')
+                f'{_plain(diag.get("message", ""))}</div>')
 
     def update_events(self, req: Request) -> Response:
         """An update's engine events as JSON (secrets masked)."""

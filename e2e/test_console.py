@@ -7,8 +7,8 @@ a resource, open an update and see the diff of a changed property, watch a
 running update finish (the page reloads itself), sign out. The browser's
 console must stay free of errors (a CSP violation is one). Every page is
 saved as a screenshot under the test's tmp dir and checked not blank; with
-PULUMI_BACKEND_CONSOLE_SCREENSHOTS=DIR they are also copied there (the
-README's pictures come from ``DIR=docs``).
+PULUMI_BACKEND_CONSOLE_SCREENSHOTS=DIR the README's three (README_SHOTS) are
+also copied there: ``PULUMI_BACKEND_CONSOLE_SCREENSHOTS=docs`` refreshes them.
 """
 
 import os
@@ -27,6 +27,9 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+README_SHOTS = ("stacks", "resources", "update")
+# Read at import: the e2e fixture clears PULUMI_* variables before each test.
+SCREENSHOTS_TO = os.environ.get("PULUMI_BACKEND_CONSOLE_SCREENSHOTS")
 SECRETS = ("hunter2-e2e-output", "s3cr3t-e2e-content", "topsecret-e2e-config")
 
 
@@ -184,9 +187,9 @@ def test_console_in_a_browser(e2e, browser, tmp_path):
     assert errors == [], errors
 
     assert len(shots.taken) == 10
-    target = os.environ.get("PULUMI_BACKEND_CONSOLE_SCREENSHOTS")
-    if target:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        for shot in shots.taken:
-            shutil.copy(shot, Path(target) / shot.name)
+    if SCREENSHOTS_TO:
+        Path(SCREENSHOTS_TO).mkdir(parents=True, exist_ok=True)
+        for name in README_SHOTS:
+            shot = f"console-{name}.png"
+            shutil.copy(tmp_path / shot, Path(SCREENSHOTS_TO) / shot)
     context.close()
