@@ -2885,7 +2885,8 @@ class Engine:
             row = self.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
             page = self.store.list_events(db, update_id, -1, CONSOLE_MAX_EVENTS)
-        events = [json.loads(data) for _, data in page]
+        # One parse of all of them: a 600-resource update has ~2,000 events.
+        events = json.loads(b"[" + b",".join(data for _, data in page) + b"]")
         return self._update_info(update), events
 
     def update_requester(self, org, project, name, update_id) -> str:
@@ -6063,7 +6064,8 @@ class Console:
             out.append(f'<p class="run">This update is running; the page reloads every '
                        f'{CONSOLE_REFRESH_SECONDS} seconds.</p>')
         out.append("<h2>Steps</h2>")
-        out.append("".join(self._step_html(project, name, s) for s in steps)
+        link = self._linker(project, name)
+        out.append("".join(self._step_html(link, s) for s in steps)
                    or '<p class="mut">No resource steps recorded.</p>')
         if general:
             out.append("<h2>Diagnostics</h2>" + "".join(self._diag_html(d) for d in general))
@@ -6076,24 +6078,24 @@ class Console:
         return self._html(req, f"Update {info['version']} · {project}/{name}", "".join(out),
                           refresh=CONSOLE_REFRESH_SECONDS if running else 0)
 
-    def _step_html(self, project: str, name: str, step: dict) -> str:
+    def _step_html(self, link: Callable, step: dict) -> str:
         meta = step["meta"]
         op = meta.get("op") if isinstance(meta.get("op"), str) else "same"
         sym, cls = _STEP_OPS.get(op, ("?", "same"))
-        urn = step["urn"]
-        url = self._stack_url(project, name, "/resource?urn=" + _q_urn(urn))
         state = {"failed": ' <span class="badge bad">failed</span>',
                  "running": ' <span class="badge run">in progress</span>'}.get(
                      step.get("state"), "")
         out = [f'<div class="step op-{cls}"><span class="sym">{_h(sym)}</span>'
-               f'<span class="t">{_h(meta.get("type", ""))}</span> '
-               f'<a href="{_h(url)}">{_h(_urn_name(urn))}</a> '
+               f'<span class="t">{_h(meta.get("type", ""))}</span> {link(step)} '
                f'<span class="mut">{_h(op)}</span>{state}']
         if op != "same":
             for sign, key, old, new in _property_diff(op, meta):
-                value = {"+": lambda: _short(new), "-": lambda: _short(old),
-                         "~": lambda: f"{_short(old)} → {_short(new)}"}[sign]()
-                scls = {"+": "create", "-": "delete", "~": "update"}[sign]
+                if sign == "~":
+                    value, scls = f"{_short(old)} → {_short(new)}", "update"
+                elif sign == "+":
+                    value, scls = _short(new), "create"
+                else:
+                    value, scls = _short(old), "delete"
                 out.append(f'<div class="diff op-{scls}">{sign} {_h(key)}: {value}</div>')
         out.extend(self._diag_html(d) for d in step["diags"])
         out.append("</div>")
