@@ -20,7 +20,8 @@ Run::
     python pulumi_backend.py audit --since 7d --db state.db             # JSON lines
 
 Besides the Pulumi Cloud API it serves ``/healthz``, ``/readyz`` and
-``/metrics`` (Prometheus) without a token. SIGTERM or SIGINT drains in-flight
+``/metrics`` (Prometheus) without a token, and a read-only web console at ``/``
+(sign in with a token; ``--console off`` turns it off; section 11). SIGTERM or SIGINT drains in-flight
 requests for up to ``--shutdown-timeout`` seconds, then stops.
 
 Every flag can also be given as an environment variable: ``--db`` is
