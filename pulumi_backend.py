@@ -5744,8 +5744,9 @@ class Console:
     @staticmethod
     def _next(target: str) -> str:
         """A local path to return to after sign-in ("/" for anything else)."""
+        # ASCII only: a Location header is Latin-1 on the wire.
         ok = target.startswith("/") and not target.startswith(("//", "/\\")) \
-            and target.isprintable() and len(target) < 2000
+            and target.isascii() and target.isprintable() and len(target) < 2000
         return target if ok else "/"
 
     def sign_in(self, req: Request) -> Response:
@@ -5831,6 +5832,8 @@ class Console:
         status = row["status"]
         if status == "running" and (row["lease_expires"] or 0) >= now:
             state = '<span class="badge run">running</span>'
+        elif status == "running":  # its CLI went silent; the next write finishes it
+            state = '<span class="badge bad">abandoned</span>'
         elif status in (None, "not started"):
             state = '<span class="mut">never</span>'
         else:

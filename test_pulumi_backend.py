@@ -6174,7 +6174,8 @@ def test_console_sign_in_gives_a_strict_http_only_session_kept_as_a_hash(srv):
 
 
 def test_console_sign_in_goes_only_to_local_pages(srv):
-    for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example"):
+    for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example", "/\u00e9",
+                   "/\r\nSet-Cookie: x=y"):
         headers, _ = Browser(srv).sign_in(next_path=target)
         assert headers["Location"] == "/"
 
@@ -6259,6 +6260,17 @@ def test_console_stacks_page_groups_searches_filters_and_pages(srv, browser, mon
     assert "/stacks/web/staging" not in page and "page=2" in page
     _, _, page = browser.get("/?page=2")
     assert "/stacks/web/staging" in page and "/stacks/api/dev" not in page
+
+
+def test_console_stacks_page_tells_a_running_update_from_an_abandoned_one(srv, clock):
+    path = console_stack(srv)
+    srv.begin(path)
+    browser = Browser(srv)
+    browser.sign_in()
+    assert 'class="badge run">running' in browser.get("/")[2]
+    clock.advance(srv.cfg.lease_seconds + 1)  # the CLI went silent; the session lives on
+    _, _, page = browser.get("/")
+    assert 'class="badge bad">abandoned' in page and "badge run" not in page
 
 
 def test_console_shows_only_what_the_principal_may_read(team_srv):
