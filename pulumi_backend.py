@@ -21,8 +21,9 @@ Run::
 
 Besides the Pulumi Cloud API it serves ``/healthz``, ``/readyz`` and
 ``/metrics`` (Prometheus) without a token, and a read-only web console at ``/``
-(sign in with a token; ``--console off`` turns it off; section 11). SIGTERM or SIGINT drains in-flight
-requests for up to ``--shutdown-timeout`` seconds, then stops.
+(sign in with a token; ``--console off`` turns it off; section 11). SIGTERM or
+SIGINT drains in-flight requests for up to ``--shutdown-timeout`` seconds, then
+stops.
 
 Every flag can also be given as an environment variable: ``--db`` is
 ``PULUMI_BACKEND_DB``, ``--auth-token`` is ``PULUMI_BACKEND_AUTH_TOKEN`` and so on
@@ -5343,7 +5344,7 @@ ul.tree li{padding:.15rem 0}ul.tree ul{border-left:1px dashed var(--line)}
 .diff{margin:.2rem 0 .2rem 2.2em;font:13px/1.5 ui-monospace,monospace;
 word-break:break-word}
 .diag{margin:.2rem 0 .2rem 2.2em;padding:.2rem .5rem;border-left:3px solid var(--line);
-white-space:pre-wrap;font:13px/1.45 ui-monospace,monospace}
+color:var(--fg);white-space:pre-wrap;font:13px/1.45 ui-monospace,monospace}
 .diag.error{border-color:var(--bad)}.diag.warning{border-color:var(--warn)}
 .pager{display:flex;gap:1rem;margin:1rem 0;align-items:center}
 .token{font-size:1rem;padding:.6rem;border:2px solid var(--ok);border-radius:6px;
@@ -6069,7 +6070,7 @@ class Console:
                        f'{CONSOLE_REFRESH_SECONDS} seconds.</p>')
         out.append("<h2>Steps</h2>")
         link = self._linker(project, name)
-        out.append("".join(self._step_html(link, s) for s in steps)
+        out.append("".join(self._step_html(link, s, running) for s in steps)
                    or '<p class="mut">No resource steps recorded.</p>')
         if general:
             out.append("<h2>Diagnostics</h2>" + "".join(self._diag_html(d) for d in general))
@@ -6082,13 +6083,13 @@ class Console:
         return self._html(req, f"Update {info['version']} · {project}/{name}", "".join(out),
                           refresh=CONSOLE_REFRESH_SECONDS if running else 0)
 
-    def _step_html(self, link: Callable, step: dict) -> str:
+    def _step_html(self, link: Callable, step: dict, running: bool) -> str:
         meta = step["meta"]
         op = meta.get("op") if isinstance(meta.get("op"), str) else "same"
         sym, cls = _STEP_OPS.get(op, ("?", "same"))
         state = {"failed": ' <span class="badge bad">failed</span>',
-                 "running": ' <span class="badge run">in progress</span>'}.get(
-                     step.get("state"), "")
+                 "running": ' <span class="badge run">in progress</span>' if running
+                 else ' <span class="badge mut">unfinished</span>'}.get(step.get("state"), "")
         out = [f'<div class="step op-{cls}"><span class="sym">{_h(sym)}</span>'
                f'<span class="t">{_h(meta.get("type", ""))}</span> {link(step)} '
                f'<span class="mut">{_h(op)}</span>{state}']

@@ -6431,13 +6431,14 @@ def _step_event(seq, kind, op, r, old=None, new=None, **meta):
 def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(srv, browser):
     path = console_stack(srv)
     update = srv.begin(path)
-    a, b, c = res("a"), res("b"), res("c")
+    a, b, c, d = res("a"), res("b"), res("c"), res("d")
     assert update.events(
         _step_event(1, "resourcePreEvent", "update", a, {"size": 1, "keep": 1},
                     {"size": 2, "keep": 1}, detailedDiff={"size": {"kind": "update"}}),
         _step_event(2, "resourcePreEvent", "create", b, None, {"name": "bee"}),
         _step_event(3, "resourcePreEvent", "replace", c, {"zone": "a"}, {"zone": "b"},
                     diffs=["zone"]),
+        _step_event(4, "resourcePreEvent", "delete", d, {"gone": True}),  # never finishes
     )[0] == 200
     page_url = f"/stacks/proj/dev/updates/{update.id}"
     status, _, page = browser.get(page_url)
@@ -6445,13 +6446,13 @@ def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(s
     assert f'<meta http-equiv="refresh" content="{pb.CONSOLE_REFRESH_SECONDS}">' in page
     assert "in progress" in page
     assert update.events(
-        _step_event(4, "resOutputsEvent", "update", a, {"size": 1, "keep": 1},
+        _step_event(14, "resOutputsEvent", "update", a, {"size": 1, "keep": 1},
                     {"size": 2, "keep": 1}, detailedDiff={"size": {"kind": "update"}}),
-        _step_event(5, "resOutputsEvent", "create", b, None, {"name": "bee"}),
-        _step_event(6, "resOpFailedEvent", "replace", c),
-        {"sequence": 7, "timestamp": 7, "diagnosticEvent": {
+        _step_event(15, "resOutputsEvent", "create", b, None, {"name": "bee"}),
+        _step_event(16, "resOpFailedEvent", "replace", c),
+        {"sequence": 17, "timestamp": 17, "diagnosticEvent": {
             "urn": c["urn"], "severity": "error", "message": "zone is full", "color": "raw"}},
-        {"sequence": 8, "timestamp": 8, "summaryEvent": {
+        {"sequence": 18, "timestamp": 18, "summaryEvent": {
             "maybeCorrupt": False, "durationSeconds": 9,
             "resourceChanges": {"update": 1, "create": 1}}},
     )[0] == 200
@@ -6459,16 +6460,17 @@ def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(s
     _, _, page = browser.get(page_url)
     assert "http-equiv" not in page and "in progress" not in page
     steps = re.findall(r'<div class="step op-(\w+)"><span class="sym">([^<]*)</span>', page)
-    assert steps == [("update", "~"), ("create", "+"), ("replace", "+-")]
+    assert steps == [("update", "~"), ("create", "+"), ("replace", "+-"), ("delete", "-")]
     assert '<div class="diff op-update">~ size: 1 → 2</div>' in page
     assert "keep" not in page  # unchanged inputs are not in the diff
     assert '<div class="diff op-create">+ name: &quot;bee&quot;</div>' in page
     assert "~ zone: &quot;a&quot; → &quot;b&quot;" in page
     assert 'class="badge bad">failed' in page and "zone is full" in page
+    assert page.count("unfinished") == 1 and "- gone: true" in page
     assert '<div class="diag error"><strong>error</strong>' in page
     assert "9s" in page
     status, headers, body = browser.get(page_url + "/events")
-    assert status == 200 and len(json.loads(body)["events"]) == 8
+    assert status == 200 and len(json.loads(body)["events"]) == 9
     assert browser.get(f"/stacks/proj/dev/updates/{'0' * 32}")[0] == 404
 
 
