@@ -18,7 +18,6 @@ the table; the script asserts nothing. ``--out`` (default
 """
 
 import argparse
-import gzip
 import hashlib
 import json
 import os

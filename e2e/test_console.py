@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import struct
-import time
 import zlib
 from pathlib import Path
 
