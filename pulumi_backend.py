@@ -43,8 +43,11 @@ per stack, wrapped by a master key kept outside the database; a master key that
 does not open the stack keys stops the server at start. The database and its
 -wal, -shm and lock files are 0600. Tokens, secrets and plaintexts are never
 logged. No byte of a request body is read before its route and credentials
-check out; a route that takes no body refuses one, and the request line and
-headers have ``--header-timeout`` seconds.
+check out (but the console's sign-in form, at most 16 KiB, after its Origin);
+a route that takes no body refuses one, and the request line and headers have
+``--header-timeout`` seconds. The console keeps sessions by the SHA-256 of
+their id, masks every secret, and takes forms only with this server's Origin
+and a CSRF token.
 
 Sections:
   1. Constants and limits
