@@ -5955,7 +5955,7 @@ class Console:
             parent = r.get("parent")
             (children[parent] if isinstance(parent, str) and parent in urns
              and parent != r["urn"] else roots).append(r)
-        out, todo, seen = ['<ul class="tree">'], list(reversed(roots)), set()
+        out, todo, seen, abouts = ['<ul class="tree">'], list(reversed(roots)), set(), {}
         while todo:
             r = todo.pop()
             if r is None:
@@ -5964,10 +5964,15 @@ class Console:
             if r["urn"] in seen:
                 continue
             seen.add(r["urn"])
-            kind = "custom" if r.get("custom") else "component"
-            provider = self._provider_name(r)
-            out.append(f'<li>{link(r)} <span class="t">{_h(r.get("type", ""))}'
-                       f'{" · " + _h(provider) if provider else ""} · {kind}</span>')
+            key = (r.get("type"), r.get("provider"), bool(r.get("custom")))
+            about = abouts.get(key)
+            if about is None:  # resources of a tree share few types and providers
+                provider = self._provider_name(r)
+                about = abouts[key] = (
+                    f' <span class="t">{_h(r.get("type", ""))}'
+                    f'{" · " + _h(provider) if provider else ""} · '
+                    f'{"custom" if r.get("custom") else "component"}</span>')
+            out.append(f"<li>{link(r)}{about}")
             kids = children.get(r["urn"])
             if kids:
                 out.append("<ul>")
