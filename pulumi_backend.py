@@ -1065,6 +1065,8 @@ class Store:
     # journal: append_journal, journal_entries, clear_journal
     # events: append_events, list_events
     # identity (section 8): users, teams, team members, grants, tokens, audit
+    # console (section 11): insert_session, get_session, delete_session,
+    #   console_stacks, latest_updates
 
 
 _SCHEMA = [
@@ -1709,14 +1711,20 @@ class SQLiteStore(Store):
         db.execute("DELETE FROM console_sessions WHERE hash = ?", (digest,))
 
     def console_stacks(self, db, org: str) -> list:
-        """Every stack of ``org`` with its newest non-preview update (None fields if none)."""
-        return [dict(r) for r in db.execute(
-            "SELECT s.project, s.name, s.tags, s.resource_count, s.last_update, "
-            "s.active_update, u.status, u.kind, u.requested_by, u.created, u.started, u.ended, "
-            "u.lease_expires FROM stacks s LEFT JOIN updates u ON u.id = ("
-            "SELECT id FROM updates WHERE stack_id = s.id AND dry_run = 0 "
-            "ORDER BY created DESC LIMIT 1) WHERE s.org = ? ORDER BY s.project, s.name",
-            (org,))]
+        """Every stack of ``org`` as ``(id, project, name, tags, resource_count)`` tuples."""
+        return db.execute("SELECT id, project, name, tags, resource_count FROM stacks "
+                          "WHERE org = ? ORDER BY project, name", (org,)).fetchall()
+
+    def latest_updates(self, db, stack_ids: list) -> dict:
+        """The newest non-preview update of each stack (by id) that has one."""
+        marks = ",".join("?" * len(stack_ids))
+        return {r["stack_id"]: dict(r) for r in db.execute(
+            "SELECT stack_id, status, kind, requested_by, created, started, ended, "
+            "lease_expires FROM updates WHERE id IN (SELECT (SELECT id FROM updates u "
+            "WHERE u.stack_id = s.id AND u.dry_run = 0 ORDER BY u.created DESC LIMIT 1) "
+            f"FROM stacks s WHERE s.id IN ({marks}))", stack_ids)}
+
+
 def _one_data_key(conn: sqlite3.Connection) -> Optional[tuple]:
     # Shared with restore, which checks a backup through a plain connection.
     row = conn.execute("SELECT id, data_key FROM stacks ORDER BY id LIMIT 1").fetchone()
@@ -2880,9 +2888,14 @@ class Engine:
         return info
 
     def console_stacks(self) -> list:
-        """Every stack with its newest update, for the web console (one query)."""
+        """Every stack, as ``(id, project, name, tags, resource_count)``, for the console."""
         with self.store.read() as db:
             return self.store.console_stacks(db, self.cfg.org)
+
+    def latest_updates(self, stack_ids: list) -> dict:
+        """The newest non-preview update row of each of ``stack_ids`` that has one."""
+        with self.store.read() as db:
+            return self.store.latest_updates(db, stack_ids)
 
     def update_with_events(self, org, project, name, update_id) -> tuple:
         """Return ``(update info, engine events)`` of one update (at most CONSOLE_MAX_EVENTS)."""
@@ -5435,9 +5448,9 @@ def _short(value: Any, limit: int = 300) -> str:
 def _when(t: Any) -> str:
     if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
         return '<span class="mut">never</span>'
-    stamp = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
-    return (f'<time datetime="{stamp.strftime("%Y-%m-%dT%H:%M:%SZ")}">'
-            f'{stamp.strftime("%Y-%m-%d %H:%M:%S")} UTC</time>')
+    day, clock = datetime.datetime.fromtimestamp(int(t), datetime.timezone.utc) \
+        .isoformat()[:19].split("T")
+    return f'<time datetime="{day}T{clock}Z">{day} {clock} UTC</time>'
 
 
 def _duration(start: Any, end: Any) -> str:
@@ -5801,17 +5814,20 @@ class Console:
         visible, now = self.identity.visible(req.principal), _now()
         rows = []
         for row in self.engine.console_stacks():
-            if text and text.lower() not in f"{row['project']}/{row['name']}".lower():
+            _, project, name, tags, _ = row
+            if text and text.lower() not in f"{project}/{name}".lower():
                 continue
-            if not visible(row["project"], row["name"]):
+            if not visible(project, name):
                 continue
             if tag:
-                tags = json.loads(row["tags"])
+                tags = json.loads(tags)
                 if tag_name not in tags or (has_value and tags[tag_name] != tag_value):
                     continue
             rows.append(row)
         first = (page - 1) * CONSOLE_STACK_PAGE
         shown = rows[first:first + CONSOLE_STACK_PAGE]
+        # Updates only for the page shown: the newest of 1,000 stacks is a query each.
+        updates = self.engine.latest_updates([row[0] for row in shown]) if shown else {}
         out = [f'<h1>Stacks <span class="mut">({len(rows)})</span></h1>'
                '<form class="search" method="get" action="/">'
                f'<input type="search" name="q" value="{_h(text)}" placeholder="Name" '
@@ -5822,19 +5838,20 @@ class Console:
             out.append('<p class="mut">No stacks here yet: <code>pulumi stack init</code> '
                        'makes one.</p>' if not text and not tag else
                        '<p class="mut">No stack matches.</p>')
-        for project, group in itertools.groupby(shown, key=lambda r: r["project"]):
+        for project, group in itertools.groupby(shown, key=lambda r: r[1]):
             out.append(f'<h2>{_h(project)}</h2><div class="scroll"><table><thead><tr>'
                        '<th>Stack</th><th>Last update</th><th class="w">By</th>'
                        '<th class="n">Resources</th><th class="w">Tags</th></tr></thead><tbody>')
-            out.extend(self._stack_row(row, now) for row in group)
+            out.extend(self._stack_row(row, updates.get(row[0]) or {}, now) for row in group)
             out.append("</tbody></table></div>")
         out.append(self._pager(req, page, first + CONSOLE_STACK_PAGE < len(rows)))
         return self._html(req, "Stacks", "".join(out))
 
-    def _stack_row(self, row: dict, now: int) -> str:
-        url = self._stack_url(row["project"], row["name"])
-        status = row["status"]
-        if status == "running" and (row["lease_expires"] or 0) >= now:
+    def _stack_row(self, row: tuple, update: dict, now: int) -> str:
+        _, project, name, tags, resource_count = row
+        url = self._stack_url(project, name)
+        status = update.get("status")
+        if status == "running" and (update["lease_expires"] or 0) >= now:
             state = '<span class="badge run">running</span>'
         elif status == "running":  # its CLI went silent; the next write finishes it
             state = '<span class="badge bad">abandoned</span>'
@@ -5842,11 +5859,11 @@ class Console:
             state = '<span class="mut">never</span>'
         else:
             result = {"cancelled": "failed"}.get(status, status)
-            state = f"{_result_badge(result)} {_when(row['ended'] or row['started'])}"
-        return (f'<tr><td><a href="{_h(url)}">{_h(row["name"])}</a></td><td>{state}</td>'
-                f'<td class="w">{_h(row["requested_by"] or "")}</td>'
-                f'<td class="n">{row["resource_count"]}</td>'
-                f'<td class="w">{_tags_html(json.loads(row["tags"]))}</td></tr>')
+            state = f"{_result_badge(result)} {_when(update['ended'] or update['started'])}"
+        return (f'<tr><td><a href="{_h(url)}">{_h(name)}</a></td><td>{state}</td>'
+                f'<td class="w">{_h(update.get("requested_by") or "")}</td>'
+                f'<td class="n">{resource_count}</td>'
+                f'<td class="w">{_tags_html(json.loads(tags))}</td></tr>')
 
     def _pager(self, req: Request, page: int, more: bool) -> str:
         def link(n: int, label: str) -> str:
