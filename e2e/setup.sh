@@ -6,6 +6,9 @@
 # - a virtualenv at ${PULUMI_BACKEND_VENV:-~/.cache/pulumi-backend-venv} with
 #   pytest, the pulumi Python SDK (Automation API, dynamic providers) and
 #   schemathesis (the OpenAPI fuzz test in e2e/test_faults.py);
+# - a virtualenv beside it for each CPython 3.10-3.13 that e2e/pythons.py
+#   finds (VENV-py3.10 ...) with pytest and the pulumi SDK, for
+#   e2e/test_pythons.py;
 # - the CLIs of CLI_VERSIONS (keep in step with e2e/conftest.py), built from
 #   the Go module proxy by e2e/build_cli.sh into ~/.cache/pulumi-backend-cli.
 # Needs python3 (with venv) and go. Output of failed steps goes to stderr.
@@ -29,19 +32,27 @@ quietly() {  # run a step, show its output only when it fails
   fi
 }
 
-if [ ! -x "$venv/bin/python" ]; then
-  quietly "$python" -m venv "$venv"
-fi
-if ! "$venv/bin/python" - "$PULUMI_SDK_VERSION" "$PYTEST_VERSION" "$SCHEMATHESIS_VERSION" \
-    >/dev/null 2>&1 <<'EOF'
+installed() {  # installed PYTHON NAME==VERSION...: exactly these versions present?
+  "$1" - "${@:2}" >/dev/null 2>&1 <<'EOF'
 import sys
 from importlib.metadata import version
-sys.exit(tuple(map(version, ("pulumi", "pytest", "schemathesis"))) != tuple(sys.argv[1:4]))
+sys.exit(any(version(n) != v for n, v in (a.split("==") for a in sys.argv[1:])))
 EOF
-then
-  quietly "$venv/bin/python" -m pip install --disable-pip-version-check \
-    "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION" "schemathesis==$SCHEMATHESIS_VERSION"
-fi
+}
+make_venv() {  # make_venv DIR INTERPRETER NAME==VERSION...
+  if [ ! -x "$1/bin/python" ]; then
+    quietly "$2" -m venv "$1"
+  fi
+  if ! installed "$1/bin/python" "${@:3}"; then
+    quietly "$1/bin/python" -m pip install --disable-pip-version-check "${@:3}"
+  fi
+}
+
+make_venv "$venv" "$python" "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION" \
+  "schemathesis==$SCHEMATHESIS_VERSION"
+while read -r minor interpreter; do
+  make_venv "$venv-py$minor" "$interpreter" "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION"
+done < <(PULUMI_BACKEND_VENV="$venv" "$python" "$here/pythons.py")
 
 for version in $CLI_VERSIONS; do
   quietly bash "$here/build_cli.sh" "$version"
