@@ -2,6 +2,8 @@
 
 - ``cli``: the CLI binary of one version (tests marked ``core`` run on every
   version in CLI_VERSIONS, the others on the newest only; ids say ``cli=vX``).
+  Core tests run once more on the versions of JOURNAL_OPT_IN with
+  ``PULUMI_ENABLE_JOURNALING=true`` (ids ``cli=vX+journal``).
 - ``server``: pulumi_backend.py as a subprocess on a temporary database and a
   free port, one per test module.
 - ``make_server``: a factory of fresh servers for one test, with extra flags
@@ -28,7 +30,16 @@ from pathlib import Path
 import pytest
 
 E2E_DIR = Path(__file__).resolve().parent
-CLI_VERSIONS = ("v3.274.1", "v3.224.0")  # newest first; the newest runs every scenario
+# Newest first; the newest runs every scenario. Keep in step with setup.sh.
+#   v3.276.0  newest on the module proxy: journal version 2 (state migrations)
+#   v3.260.0  `stack migrate` (v3.254.0, its first, is not on the proxy)
+#   v3.224.0  last without journaling by default
+#   v3.214.0  batched journaling, opt-in
+#   v3.205.0  journaling opt-in, one entry per request
+#   v3.100.0  checkpoints only (verbatim and delta)
+CLI_VERSIONS = ("v3.276.0", "v3.260.0", "v3.224.0", "v3.214.0", "v3.205.0", "v3.100.0")
+# Versions whose journaling is opt-in (PULUMI_ENABLE_JOURNALING=true, v3.204-v3.224).
+JOURNAL_OPT_IN = ("v3.224.0", "v3.214.0", "v3.205.0")
 TOKEN = "e2e-token"
 ORG = "organization"
 TEST_TIMEOUT = 300  # seconds; CLI processes of a test still running then are killed
@@ -38,6 +49,7 @@ CHECKPOINT_CUTOFF = 4096
 
 sys.path.insert(0, str(E2E_DIR))  # e2e_programs, for tests and the provider's unpickling
 
+import matrix  # noqa: E402
 from server_process import SERVER_SCRIPT, ServerProcess  # noqa: E402
 
 
@@ -50,7 +62,9 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     if "cli" in metafunc.fixturenames:
         core = metafunc.definition.get_closest_marker("core")
-        versions = CLI_VERSIONS if core else CLI_VERSIONS[:1]
+        versions = CLI_VERSIONS[:1]
+        if core:
+            versions = CLI_VERSIONS + tuple(f"{v}+journal" for v in JOURNAL_OPT_IN)
         only = metafunc.definition.get_closest_marker("cli_versions")
         if only:
             versions = tuple(v for v in CLI_VERSIONS if v in only.args)
@@ -80,12 +94,14 @@ def cli_binary(version):
 
 
 class Cli:
-    """One CLI version: the binary and the Automation API's PulumiCommand for it."""
+    """One CLI version: the binary and the Automation API's PulumiCommand for it;
+    ``journaling``: run it with PULUMI_ENABLE_JOURNALING=true (an opt-in version)."""
 
-    def __init__(self, version, binary, root):
+    def __init__(self, version, binary, root, journaling=False):
         from pulumi import automation as auto
 
         self.version, self.binary, self.root = version, binary, root
+        self.journaling = journaling
         (root / "bin").mkdir(parents=True)
         (root / "bin" / "pulumi").symlink_to(binary)  # PulumiCommand wants ROOT/bin/pulumi
         self.command = auto.PulumiCommand(root=str(root))
@@ -93,7 +109,7 @@ class Cli:
 
 @pytest.fixture(scope="module")
 def cli(request, tmp_path_factory):
-    version = request.param
+    version, _, variant = request.param.partition("+")
     binary = cli_binary(version)
     if not os.access(binary, os.X_OK):
         unavailable(f"pulumi CLI {version} not built at {binary}")
@@ -101,7 +117,8 @@ def cli(request, tmp_path_factory):
         import pulumi.automation  # noqa: F401
     except ImportError:
         unavailable("the pulumi Python SDK is not installed")
-    return Cli(version, binary, tmp_path_factory.mktemp(f"cli-{version}"))
+    return Cli(version, binary, tmp_path_factory.mktemp(f"cli-{version}"),
+               journaling=variant == "journal")
 
 
 class Server(ServerProcess):
@@ -168,6 +185,8 @@ class E2E:
             "PULUMI_ACCESS_TOKEN": TOKEN,
             "E2E_SANDBOX": str(tmp),  # marks this test's processes for the watchdog
         }
+        if cli.journaling:
+            self.env["PULUMI_ENABLE_JOURNALING"] = "true"
 
     def use_server(self, server, token=None):
         """Point this sandbox's CLI (and the Automation API) at another server.
@@ -258,6 +277,13 @@ class E2E:
         return self.export(stack)["deployment"].get("resources") or []
 
 
+def log_size(server):
+    try:
+        return server.log.stat().st_size
+    except OSError:
+        return 0
+
+
 def _timeout(sandbox, marker):
     sandbox.timed_out = True
     _kill_marked(marker)
@@ -277,6 +303,7 @@ def _kill_marked(marker):
 
 @pytest.fixture
 def e2e(cli, server, tmp_path, request, monkeypatch):
+    matrix_out = os.environ.get("PULUMI_BACKEND_MATRIX_OUT")
     # The Automation API starts the CLI with os.environ overlaid by our env:
     # keep the outer PULUMI_* variables out of it.
     for key in list(os.environ):
@@ -289,6 +316,13 @@ def e2e(cli, server, tmp_path, request, monkeypatch):
     limit = getattr(request.node.get_closest_marker("timeout_seconds"), "args", [TEST_TIMEOUT])[0]
     watchdog = threading.Timer(limit, _timeout, [sandbox, str(tmp_path)])
     watchdog.start()
+    before = (matrix.counters(server), log_size(server)) if matrix_out else None
     yield sandbox
     watchdog.cancel()
+    if before and server.proc and server.proc.poll() is None:  # the module's server
+        with open(server.log, "rb") as f:
+            f.seek(before[1])
+            log_text = f.read().decode(errors="replace")
+        seen = matrix.protocols(before[0], matrix.counters(server), log_text)
+        matrix.record(matrix_out, request.node.originalname, request.node.callspec.id, seen)
     _kill_marked(str(tmp_path))  # children left by a failed test (spawned ups)
