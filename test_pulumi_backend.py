@@ -895,6 +895,7 @@ def mig_res(name, **fields):
 
 
 MIG_BASE = [mig_res("a"), mig_res("b"), mig_res("c")]
+JOURNAL_V2_FIXTURE = Path(__file__).parent / "e2e" / "fixtures" / "journal-v2-state-migration.json"
 
 
 def lay(*items):
@@ -994,6 +995,23 @@ def test_replay_rejects_malformed_state_migration(change, error):
         replayer.add(bad)
     # All or nothing: the replayer is as before.
     assert mig_urns(replayer.generate()) == ["a", "b", "c"]
+
+
+def test_replay_a_real_cli_state_migration():
+    """The journal a real CLI sent for an `up` whose state migration renamed a
+    component's child (e2e test_state_migration_renames_a_child writes the
+    fixture) replays to the state the e2e test checked against the CLI's own."""
+    doc = json.loads(JOURNAL_V2_FIXTURE.read_text(encoding="utf-8"))
+    assert [e["kind"] for e in doc["entries"]].count(10) == 1
+    out = pb.replay_journal(doc["base"], doc["entries"], doc["cli"])
+    assert out["deployment"]["resources"] == doc["expected"]
+    # Up to the migration: the base's child "a" is now "b", with a's physical ID.
+    upto = [e for e in doc["entries"] if e["sequenceID"] <= next(
+        e["sequenceID"] for e in doc["entries"] if e["kind"] == 10)]
+    before = {r["urn"].rsplit("::", 1)[1]: r for r in doc["base"]["resources"]}
+    after = {r["urn"].rsplit("::", 1)[1]: r for r in
+             resources_of(pb.replay_journal(doc["base"], upto))}
+    assert "a" in before and "a" not in after and after["b"]["id"] == before["a"]["id"]
 
 
 def test_replay_byte_string_needs_something_to_write():

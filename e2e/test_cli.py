@@ -10,14 +10,19 @@ import base64
 import json
 import os
 import re
+import sqlite3
 
 import pytest
 
-from conftest import wait_for
+from conftest import E2E_DIR, wait_for
 
 ORG = "organization"
 SECRET = "hunter2-e2e-secret-value"
 SECRET_KEY = "4dabf18193072939515e22adb298388d"  # Pulumi's marker of a secret in state
+# A real journal-v2 update with a state migration, replayed by the unit tests.
+JOURNAL_FIXTURE = E2E_DIR / "fixtures" / "journal-v2-state-migration.json"
+WRITE_FIXTURES = os.environ.get("PULUMI_BACKEND_WRITE_FIXTURES") == "1"  # read before the
+# e2e fixture clears the PULUMI_* variables
 
 
 def spec(e2e, files=(), **kw):
@@ -354,23 +359,56 @@ def shape(resources, files_dir):
     return out
 
 
+class JournalCapture:
+    """Copy every journal entry the server commits into a side table (an SQLite
+    trigger on the module server's database), to keep what the CLI sent."""
+
+    def __init__(self, server):
+        self.db = sqlite3.connect(server.db, timeout=30)
+        self.db.executescript("""
+            CREATE TABLE IF NOT EXISTS e2e_captured (seq INTEGER, data BLOB);
+            DELETE FROM e2e_captured;
+            CREATE TRIGGER IF NOT EXISTS e2e_capture AFTER INSERT ON journal
+            BEGIN INSERT INTO e2e_captured VALUES (NEW.seq, NEW.data); END;""")
+
+    def stop(self):
+        """Drop the trigger; return the captured entries in sequenceID order."""
+        with self.db:
+            self.db.execute("DROP TRIGGER e2e_capture")
+        rows = self.db.execute("SELECT data FROM e2e_captured ORDER BY seq").fetchall()
+        self.db.close()
+        return [json.loads(data) for (data,) in rows]
+
+
 def test_state_migration_renames_a_child(e2e):
     """Journal version 2: the newest CLI journals a state migration (kind 10) only
-    when the server answers journalVersion 2; older answers fail the `up` with
-    "state migrations are not supported by this deployment"."""
+    when the server answers journalVersion 2; answered 1, the program fails with
+    "The Pulumi CLI does not support state migrations".
+
+    The journal of the migrating update is kept in JOURNAL_FIXTURE (rewritten
+    with PULUMI_BACKEND_WRITE_FIXTURES=1) for the unit tests' replay."""
     first = {"dir": str(e2e.files), "holder": {"child": "a"}}
     renamed = {"dir": str(e2e.files), "holder": {"child": "b", "renamed_from": "a"}}
     stack = e2e.stack("dev")
     assert e2e.up(stack, first) == {"create": 3}
-    old = by_name(e2e.resources("dev"))["a"]
+    base = e2e.export("dev")["deployment"]
+    old = by_name(base["resources"])["a"]
+    capture = JournalCapture(e2e.server)
     assert e2e.up(stack, renamed) == {"same": 3}  # renamed in state, not replaced
-    new = by_name(e2e.resources("dev"))
+    entries = capture.stop()
+    migrated = e2e.export("dev")
+    new = by_name(migrated["deployment"]["resources"])
     assert sorted(new) == ["b", "holder"]
     assert (new["b"]["id"], new["b"]["parent"]) == (old["id"], old["parent"])
+    assert [e["version"] for e in entries if e["kind"] == 10] == [2]
     assert e2e.up(stack, renamed) == {"same": 3}  # the migration sees the new shape
     log = e2e.server.log.read_text(errors="replace")
     assert f"/{e2e.project}/dev (version 2, journal v2)" in log
     assert os.listdir(e2e.files) == ["child.txt"]
+    if WRITE_FIXTURES:
+        JOURNAL_FIXTURE.write_text(json.dumps(
+            {"cli": e2e.cli.version, "base": base, "entries": entries,
+             "expected": migrated["deployment"]["resources"]}, indent=1) + "\n")
 
     diy_files = e2e.files / "diy"
     diy_files.mkdir()
