@@ -41,7 +41,7 @@ def _suite_runs():
     for m in EDGES:
         runs[("core", m)] = ["-m", "pytest", "-q", "-p", "no:cacheprovider",
                              str(E2E_DIR / "test_cli.py"), "-m", "core",
-                             "-k", f"cli={CLI_VERSIONS[0]}"]
+                             "-k", CLI_VERSIONS[0]]
     return runs
 
 
