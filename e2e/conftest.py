@@ -43,6 +43,7 @@ JOURNAL_OPT_IN = ("v3.224.0", "v3.214.0", "v3.205.0")
 TOKEN = "e2e-token"
 ORG = "organization"
 TEST_TIMEOUT = 300  # seconds; CLI processes of a test still running then are killed
+BUILD_WAIT = 3600  # seconds to wait for a CLI that setup.sh builds in the background
 # States over this many bytes go to the server as delta checkpoints (non-journal
 # CLIs), smaller ones verbatim: small enough that the tests exercise both paths.
 CHECKPOINT_CUTOFF = 4096
@@ -72,6 +73,14 @@ def pytest_generate_tests(metafunc):
                              indirect=True, scope="module")
 
 
+def pytest_collection_modifyitems(items):
+    """Tests of the older CLIs last (stable): their CLIs may still be building."""
+    def older(item):
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("cli", CLI_VERSIONS[0])
+        return param != CLI_VERSIONS[0]
+    items.sort(key=older)
+
+
 def wait_for(predicate, what, timeout=90, step=0.05):
     """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -93,6 +102,19 @@ def cli_binary(version):
     return Path(cache) / version / "pulumi"
 
 
+def wait_for_build(binary, timeout=BUILD_WAIT):
+    """While setup.sh builds this CLI in the background (a ``building`` file
+    beside it names the live builder), wait for the binary."""
+    marker = binary.parent / "building"
+    deadline = time.monotonic() + timeout
+    while not os.access(binary, os.X_OK) and time.monotonic() < deadline:
+        try:
+            os.kill(int(marker.read_text()), 0)
+        except (OSError, ValueError):
+            return  # no build running (or a stale marker)
+        time.sleep(5)
+
+
 class Cli:
     """One CLI version: the binary and the Automation API's PulumiCommand for it;
     ``journaling``: run it with PULUMI_ENABLE_JOURNALING=true (an opt-in version)."""
@@ -111,6 +133,7 @@ class Cli:
 def cli(request, tmp_path_factory):
     version, _, variant = request.param.partition("+")
     binary = cli_binary(version)
+    wait_for_build(binary)
     if not os.access(binary, os.X_OK):
         unavailable(f"pulumi CLI {version} not built at {binary}")
     try:

@@ -54,8 +54,29 @@ while read -r minor interpreter; do
   make_venv "$venv-py$minor" "$interpreter" "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION"
 done < <(PULUMI_BACKEND_VENV="$venv" "$python" "$here/pythons.py")
 
-for version in $CLI_VERSIONS; do
-  quietly bash "$here/build_cli.sh" "$version"
-done
+# The newest CLI now; the older ones now too, or with PULUMI_BACKEND_BACKGROUND_BUILDS=1
+# one at a time in the background (niced, log in CACHE/background-builds.log):
+# each gets a `building` file naming the builder's pid, and the e2e tests of an
+# older CLI, which run last, wait for its build (e2e/conftest.py).
+set -- $CLI_VERSIONS
+quietly bash "$here/build_cli.sh" "$1"
+shift
+if [ "${PULUMI_BACKEND_BACKGROUND_BUILDS:-0}" = 1 ]; then
+  cache="${PULUMI_BACKEND_CLI_CACHE:-$HOME/.cache/pulumi-backend-cli}"
+  mkdir -p "$cache"
+  (
+    for version; do
+      nice -n 10 bash "$here/build_cli.sh" "$version" || echo "setup.sh: $version failed"
+      rm -f "$cache/$version/building"
+    done
+  ) >"$cache/background-builds.log" 2>&1 </dev/null &
+  for version; do
+    [ -x "$cache/$version/pulumi" ] || { mkdir -p "$cache/$version"; echo $! >"$cache/$version/building"; }
+  done
+else
+  for version; do
+    quietly bash "$here/build_cli.sh" "$version"
+  done
+fi
 
 echo "$venv/bin/python"

@@ -1,8 +1,14 @@
-"""The protocol recorder of the version matrix (e2e/matrix.py), without a CLI."""
+"""Pieces of the e2e harness, without a CLI: the version matrix's protocol
+recorder (matrix.py) and the wait for a CLI built in the background."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import matrix
+from conftest import wait_for_build
 
 
 def test_protocols_from_counters_and_log():
@@ -25,3 +31,21 @@ def test_table_has_a_column_per_cli_and_a_row_per_scenario(tmp_path):
         "|---|---|---|",
         "| `test_up` | journal v2 | verbatim, delta |",
         "| `test_login` |  | none |"]
+
+
+def test_wait_for_build_waits_for_a_live_builder(tmp_path):
+    binary = tmp_path / "v9.9.9" / "pulumi"
+    binary.parent.mkdir()
+    builder = subprocess.Popen([sys.executable, "-c", (
+        "import os, time; time.sleep(1); "
+        f"open({str(binary)!r}, 'w').close(); os.chmod({str(binary)!r}, 0o755)")])
+    (binary.parent / "building").write_text(str(builder.pid))
+    t0 = time.monotonic()
+    wait_for_build(binary, timeout=60)
+    assert os.access(binary, os.X_OK) and time.monotonic() - t0 < 30
+    builder.wait()
+    # A stale marker (its builder gone) and no binary: no wait.
+    binary.unlink()
+    t0 = time.monotonic()
+    wait_for_build(binary, timeout=60)
+    assert time.monotonic() - t0 < 5
