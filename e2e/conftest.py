@@ -36,9 +36,12 @@ E2E_DIR = Path(__file__).resolve().parent
 #   v3.224.0  last without journaling by default
 #   v3.214.0  batched journaling, opt-in
 #   v3.205.0  journaling opt-in, one entry per request
-#   v3.163.0  checkpoints only (verbatim and delta); the oldest that builds with Go 1.26:
-#             v3.100.0 and v3.106.0 fail to link (pgavlin/text's go:linkname to internal/bytealg)
-CLI_VERSIONS = ("v3.276.0", "v3.260.0", "v3.224.0", "v3.214.0", "v3.205.0", "v3.163.0")
+#   v3.181.0  checkpoints only (verbatim and delta). Older ones do not fit: v3.106.0 and
+#             before fail to link with Go 1.26 (pgavlin/text's go:linkname to
+#             internal/bytealg); with v3.163.0 the SDK's Automation API refuses inline
+#             refresh/destroy (it needs 3.181) and unqualified stacks go to the user's
+#             login (the default-organization call came in v3.165)
+CLI_VERSIONS = ("v3.276.0", "v3.260.0", "v3.224.0", "v3.214.0", "v3.205.0", "v3.181.0")
 # Versions whose journaling is opt-in (PULUMI_ENABLE_JOURNALING=true, v3.204-v3.224).
 JOURNAL_OPT_IN = ("v3.224.0", "v3.214.0", "v3.205.0")
 TOKEN = "e2e-token"
