@@ -9,8 +9,9 @@
   (newest CLI) under the oldest and the newest version, the server and the
   Automation API programs running on that Python too.
 
-The runs start together when the module starts (they mostly wait on the CLI
-and on the unit suite's lease timers) and each test waits for its own. A
+The runs start when collection ends (conftest.py), 3 at a time, and overlap the
+rest of the session (they mostly wait on the CLI and on the unit suite's lease
+timers); each test waits for its own. A
 version not on the machine skips with a message; one found without its
 virtualenv (``bash e2e/setup.sh``) fails under PULUMI_BACKEND_E2E_REQUIRED=1.
 """
@@ -52,14 +53,27 @@ def _run(python, args):
                           text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
 
 
+_POOL = ThreadPoolExecutor(max_workers=3)
+_STARTED: dict = {}  # (suite, minor) -> Future of CompletedProcess
+SUITES = {"test_unit_suite": "unit", "test_core_scenarios": "core"}
+
+
+def start_runs(keys):
+    """Start the runs of ``keys`` ((suite, minor) pairs), 3 at a time. conftest.py
+    calls this as soon as collection ends: the runs mostly wait (on lease timers,
+    on the CLI), so they overlap the rest of the session."""
+    for key in sorted(keys, key=lambda k: k[0] != "unit"):
+        args = _suite_runs().get(key)
+        if args and key not in _STARTED and pythons.venv_python(key[1]).exists():
+            _STARTED[key] = _POOL.submit(_run, pythons.venv_python(key[1]), args)
+
+
 @pytest.fixture(scope="module")
-def runs():
-    """Start every run at once (3 at a time); {(suite, minor): Future of CompletedProcess}."""
-    pool = ThreadPoolExecutor(max_workers=3)
-    futures = {key: pool.submit(_run, pythons.venv_python(key[1]), args)
-               for key, args in _suite_runs().items() if pythons.venv_python(key[1]).exists()}
-    yield futures
-    pool.shutdown(wait=True, cancel_futures=True)
+def runs(request):
+    start_runs({(SUITES[i.originalname], i.callspec.params["minor"])
+                for i in request.session.items if i.module is request.module
+                and i.originalname in SUITES})
+    return _STARTED
 
 
 def _result(runs, suite, minor):
