@@ -47,8 +47,11 @@ def record(path, test, cli, seen):
 
 
 def table(rows):
-    """Markdown: a row per scenario, a column per CLI variant (in first-seen order)."""
-    clis = list(dict.fromkeys(r["cli"] for r in rows))
+    """Markdown: a row per scenario, a column per CLI variant (newest first)."""
+    def newest_first(cli):  # "cli=v3.214.0+journal" -> ((-3, -214, 0), "+journal")
+        version, _, variant = cli.removeprefix("cli=v").partition("+")
+        return tuple(-int(n) for n in version.split(".") if n.isdigit()), variant
+    clis = sorted(dict.fromkeys(r["cli"] for r in rows), key=newest_first)
     cells = {}
     for r in rows:
         cells[(r["test"], r["cli"])] = ", ".join(r["protocols"]) or "none"
