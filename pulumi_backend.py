@@ -1268,6 +1268,7 @@ class _JournalReplayer:
                 raise BadRequest(f"state migration base patch index {index} is not retained "
                                  "by the layout or patched twice")
             base_patches[index] = patch.get("state")
+        # A copy of this replayer that shares what the migration only reads.
         staged = _JournalReplayer(dict(self.base))
         staged.__dict__.update(self.__dict__, base=staged.base, new_res=list(self.new_res))
         for patch in e.get("newStatePatches") or []:
@@ -1944,9 +1945,9 @@ class Engine:
             if not update["dry_run"]:
                 fields["version"] = row["version"] + 1
                 # The newest format both sides know: a v3.274 CLI offers 2, older ones 1.
-                fields["journal"] = (min(wants_journal, JOURNAL_VERSION) if self.cfg.journaling
-                                     and isinstance(wants_journal, int) and wants_journal >= 1
-                                     else 0)
+                fields["journal"] = (int(min(wants_journal, JOURNAL_VERSION))
+                                     if self.cfg.journaling and isinstance(wants_journal, int)
+                                     and wants_journal >= 1 else 0)
                 self.store.update_stack(db, row["id"], active_update=update_id)
             if tags is not None:
                 self.store.update_stack(db, row["id"], tags=json.dumps(tags))
