@@ -74,6 +74,7 @@ import base64
 import bisect
 import collections
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import dataclasses
@@ -259,6 +260,8 @@ _STACK_TYPE = "pulumi:pulumi:Stack"
 #: Most compressed bytes fed to zlib at once when a request body is gunzipped
 #: (it returns at most 16 times as much per call).
 _GUNZIP_INPUT_STEP = 64 * 1024
+#: Newest journal-entry format we replay: 2 adds state-migration entries (kind 10).
+JOURNAL_VERSION = 2
 
 
 # ==== 2. Configuration ======================================================
@@ -1906,6 +1909,79 @@ class _JournalReplayer:
         elif kind == 8:  # extension-parameterize
             if e.get("extensionRef") is not None:
                 self.extensions[e["extensionRef"]] = e.get("extension")
+        elif kind == 10:  # state migration (journal version 2)
+            self._migrate(e)
+
+    def _migrate(self, e: dict) -> None:
+        """Apply a state migration as the CLI's replayer does: the base is laid out
+        anew from retained base resources and inserted ``states``, patches replace
+        retained base and earlier new resources whole, and the base indexes that
+        earlier entries recorded follow their resources. All or nothing."""
+        if e.get("version") != 2:
+            raise BadRequest("a state migration journal entry must use version 2")
+        if self.base.get("pending_operations"):
+            raise BadRequest("a state migration cannot be applied with pending base operations")
+        for op_id, begin in self.incomplete.items():
+            if begin.get("operation"):  # a same step's begin has none: harmless
+                raise BadRequest(f"a state migration cannot be applied with incomplete "
+                                 f"operation {op_id}")
+        base, states = self.base.get("resources") or [], e.get("states") or []
+        moved = self._migration_layout(e.get("layout") or [], len(base), len(states))
+        base_patches: dict = {}
+        for patch in e.get("baseStatePatches") or []:
+            index = patch.get("index")
+            if index not in moved or index in base_patches:
+                raise BadRequest(f"state migration base patch index {index} is not retained "
+                                 "by the layout or patched twice")
+            base_patches[index] = patch.get("state")
+        # A copy of this replayer that shares what the migration only reads.
+        staged = _JournalReplayer(dict(self.base))
+        staged.__dict__.update(self.__dict__, base=staged.base, new_res=list(self.new_res))
+        for patch in e.get("newStatePatches") or []:
+            op_id = patch.get("operationID")
+            if op_id in self.remove_new or op_id not in self.op_index:
+                raise BadRequest(f"state migration new-state patch references unknown or "
+                                 f"removed operation {op_id}")
+            staged.new_res[self.op_index[op_id]] = patch.get("state")
+        _check_inserted_states(states, set(self.extensions) | set(self.base.get("extensions")
+                                                                   or {}))
+        staged.base["resources"] = [
+            states[item["stateIndex"]] if item.get("baseIndex") is None
+            else base_patches.get(item["baseIndex"], base[item["baseIndex"]])
+            for item in e.get("layout") or []]
+        for name in ("del_base", "mark_delete", "mark_pending"):
+            setattr(staged, name, {moved[i] for i in getattr(self, name) if i in moved})
+        staged.replace_base = {moved[i]: r for i, r in self.replace_base.items()
+                               if i in moved and i not in base_patches}
+        # Generating normalises resources in place: check a copy of the staged replay.
+        prospective = copy.deepcopy(staged).generate()["deployment"]
+        _check_integrity(prospective.get("resources") or [])
+        self.__dict__.update(staged.__dict__)
+
+    @staticmethod
+    def _migration_layout(layout: list, base_count: int, state_count: int) -> dict:
+        """Check a migration layout; return {old base index: new base index}."""
+        moved: dict = {}
+        placed: set = set()
+        for position, item in enumerate(layout):
+            base, state = item.get("baseIndex"), item.get("stateIndex")
+            if (base is None) == (state is None):
+                raise BadRequest(f"state migration layout item {position} must name one base "
+                                 "resource or one inserted state")
+            if base is not None:
+                if not 0 <= base < base_count or base in moved:
+                    raise BadRequest(f"state migration layout places base index {base} of "
+                                     f"{base_count} badly or twice")
+                moved[base] = position
+            else:
+                if not 0 <= state < state_count or state in placed:
+                    raise BadRequest(f"state migration layout places inserted state {state} of "
+                                     f"{state_count} badly or twice")
+                placed.add(state)
+        if not state_count or len(placed) != state_count:
+            raise BadRequest(f"state migration layout places {len(placed)} of {state_count} "
+                             "inserted states")
+        return moved
 
     def generate(self, cli_version: str = "") -> dict:
         """Return the untyped deployment ``{"version", ["features"], "deployment"}``."""
@@ -1931,7 +2007,7 @@ class _JournalReplayer:
             resources = _rebuild_dependencies(resources)
         for res in resources + [op.get("resource") or {} for op in operations]:
             _resource_features(res, features)
-        if self.needs_byte_string:
+        if self.needs_byte_string and (resources or operations):  # as the CLI's ApplyFeatures
             features.add("byteString")
         deployment: dict = {"manifest": {
             "time": _rfc3339_now(),
@@ -1969,6 +2045,50 @@ def replay_journal(base: dict, entries: Iterable, cli_version: str = "") -> dict
     for entry in entries:
         replayer.add(entry)
     return replayer.generate(cli_version)
+
+
+def _check_inserted_states(states: list, extensions: set) -> None:
+    """Refuse resources a state migration may not insert (the CLI's own checks)."""
+    urns: set = set()
+    for state in states:
+        urn = state.get("urn") or ""
+        parts = urn.split("::")
+        if not urn.startswith("urn:pulumi:") or len(parts) < 4:
+            raise BadRequest(f"state migration inserts a resource with invalid URN {urn!r}")
+        if state.get("type") != parts[2].rsplit("$", 1)[-1]:
+            raise BadRequest(f"state migration inserted state {urn} has type {state.get('type')}")
+        if state.get("delete") or state.get("viewOf"):
+            raise BadRequest(f"state migration inserted state {urn} is marked for deletion "
+                             "or is a view")
+        if state.get("custom") and not state.get("id"):
+            raise BadRequest(f"state migration inserted custom state {urn} has no physical ID")
+        if state.get("extensionRef") and state["extensionRef"] not in extensions:
+            raise BadRequest(f"state migration inserted state {urn} references unknown "
+                             f"extension {state['extensionRef']}")
+        if urn in urns:
+            raise BadRequest(f"state migration inserts duplicate resource {urn}")
+        urns.add(urn)
+
+
+def _check_integrity(resources: list) -> None:
+    """The CLI's snapshot integrity rules on references: a resource's parent,
+    dependencies, property dependencies, deleted-with and provider come before it."""
+    seen: set = set()
+    providers: set = set()
+    for res in resources:
+        urn = res.get("urn")
+        refs = [res.get("parent"), res.get("deletedWith"), *(res.get("dependencies") or [])]
+        for deps in (res.get("propertyDependencies") or {}).values():
+            refs += deps or []
+        missing = [r for r in refs if r and r not in seen]
+        if missing:
+            raise BadRequest(f"resource {urn} refers to missing dependency {missing[0]}")
+        provider = res.get("provider")
+        if provider and provider not in providers and not res.get("pendingReplacement"):
+            raise BadRequest(f"resource {urn} refers to unknown provider {provider}")
+        if (res.get("type") or "").startswith("pulumi:providers:"):
+            providers.add(f"{urn}::{res.get('id', '')}")
+        seen.add(urn)
 
 
 def _resource_features(res: dict, features: set) -> None:
@@ -2507,8 +2627,10 @@ class Engine:
                             "base_version": row["version"], "version": row["version"]}
             if not update["dry_run"]:
                 fields["version"] = row["version"] + 1
-                fields["journal"] = int(self.cfg.journaling and isinstance(wants_journal, int)
-                                        and wants_journal >= 1)
+                # The newest format both sides know: a v3.274 CLI offers 2, older ones 1.
+                fields["journal"] = (int(min(wants_journal, JOURNAL_VERSION))
+                                     if self.cfg.journaling and isinstance(wants_journal, int)
+                                     and wants_journal >= 1 else 0)
                 self.store.update_stack(db, row["id"], active_update=update_id)
             if tags is not None:
                 self.store.update_stack(db, row["id"], tags=json.dumps(tags))
@@ -2516,7 +2638,7 @@ class Engine:
         log.info("started %s %s on %s/%s/%s (version %d, %s)", update["kind"], update_id, org,
                  project, name, fields["version"],
                  "dry run" if update["dry_run"] else
-                 ("journal" if fields.get("journal") else "checkpoints"))
+                 (f"journal v{fields['journal']}" if fields.get("journal") else "checkpoints"))
         return {"version": fields["version"], "token": fields["lease_token"],
                 "tokenExpiration": fields["lease_expires"],
                 "journalVersion": fields.get("journal", 0)}
@@ -2680,11 +2802,17 @@ class Engine:
         entries = req.get("entries")
         if not isinstance(entries, list):
             raise BadRequest("entries must be a list")
-        rows = [(entry["sequenceID"], _dumps(entry)) for entry in map(_check_journal_entry, entries)]
+        entries = [_check_journal_entry(entry) for entry in entries]
+        rows = [(entry["sequenceID"], _dumps(entry)) for entry in entries]
         with self.store.write() as db:
             _, update = self._checkpointed_update(db, org, project, name, update_id, token)
             if not update["journal"]:
                 raise BadRequest("this update was not started with journaling")
+            for entry in entries:  # entries no newer than the format agreed at start
+                if entry.get("version", 1) > update["journal"]:
+                    raise BadRequest(f"journal entry {entry['sequenceID']} has version "
+                                     f"{entry['version']}; this update accepts up to "
+                                     f"{update['journal']}")
             self.store.append_journal(db, update_id, rows)
         self.metrics.inc("pulumi_backend_journal_entries_total", len(rows))
         return len(rows)
@@ -2980,8 +3108,11 @@ def _check_journal_entry(entry: Any) -> dict:
     as two resources claiming one alias) is caught when the update completes."""
     entry = _check_field_names(_require_dict(entry, "journal entry"), "journal entry")
     seq, kind = _int_field(entry, "sequenceID"), _int_field(entry, "kind")
-    if seq < 1 or not 0 <= kind <= 9:
-        raise BadRequest(f"journal entry {seq} has an invalid sequenceID or kind")
+    version = _int_field(entry, "version", 1)
+    if seq < 1 or not 0 <= kind <= 10 or not 1 <= version <= JOURNAL_VERSION:
+        raise BadRequest(f"journal entry {seq} has an invalid sequenceID, kind or version")
+    if kind == 10:
+        _check_state_migration_entry(entry, seq, version)
     _int_field(entry, "operationID", 0)
     for key in ("removeOld", "removeNew", "deleteOld", "deleteNew", "pendingReplacementOld",
                 "pendingReplacementNew"):
@@ -3008,6 +3139,27 @@ def _check_journal_entry(entry: Any) -> dict:
     if kind == 8 and not isinstance(entry.get("extensionRef"), str):
         raise BadRequest(f"journal entry {seq} needs a string extensionRef")
     return entry
+
+
+def _check_state_migration_entry(entry: dict, seq: int, version: int) -> None:
+    """Shape of a kind-10 entry; its meaning is checked when it is replayed."""
+    if version != 2:
+        raise BadRequest(f"journal entry {seq}: a state migration must use version 2")
+    for key in ("layout", "states", "baseStatePatches", "newStatePatches"):
+        if not isinstance(entry.get(key) or [], list):
+            raise BadRequest(f"journal entry {seq} {key} must be a list")
+    for item in entry.get("layout") or []:
+        item = _require_dict(item, f"journal entry {seq} layout item")
+        for key in ("baseIndex", "stateIndex"):
+            if item.get(key) is not None:
+                _int_field(item, key)
+    for state in entry.get("states") or []:
+        _check_resource(state, f"journal entry {seq} state")
+    for key, index in (("baseStatePatches", "index"), ("newStatePatches", "operationID")):
+        for patch in entry.get(key) or []:
+            patch = _require_dict(patch, f"journal entry {seq} {key} item")
+            _int_field(patch, index)
+            _check_resource(patch.get("state"), f"journal entry {seq} {key} state")
 
 
 def _check_tags(tags: Any) -> dict:

@@ -249,8 +249,8 @@ class Srv:
         status, _, out = self.request("POST", f"{path}/{kind}", body)
         assert status == 200, out
         start = {"tags": tags if tags is not None else {}}
-        if journal:
-            start["journalVersion"] = 1
+        if journal:  # True offers 1, as CLIs v3.204-v3.273 do; an int offers that
+            start["journalVersion"] = 1 if journal is True else journal
         status, _, started = self.request("POST", f"{path}/update/{out['updateID']}", start)
         return Update(self, path, out["updateID"], status, started)
 
@@ -893,6 +893,142 @@ def test_replay_without_refresh_keeps_dependencies():
     b = res("b", dependencies=[A["urn"]])
     out = replay([S, A, b], [entry(1, 1, 1, removeOld=1)])
     assert resources_of(out) == [S, b]
+
+
+
+# -- journal version 2: state migrations (kind 10), the CLI's own vectors --------
+# Ported from pkg/backend/journal_state_migration_test.go (v3.274.1).
+
+def mig_res(name, **fields):
+    return {"urn": f"urn:pulumi:test::test::pkgA:m:typA::{name}", "type": "pkgA:m:typA", **fields}
+
+
+MIG_BASE = [mig_res("a"), mig_res("b"), mig_res("c")]
+JOURNAL_V2_FIXTURE = Path(__file__).parent / "e2e" / "fixtures" / "journal-v2-state-migration.json"
+
+
+def lay(*items):
+    """Layout items: ints are base indexes, ("s", i) inserted states."""
+    return [{"stateIndex": i[1]} if isinstance(i, tuple) else {"baseIndex": i} for i in items]
+
+
+def migration(seq, layout, states, **fields):
+    return entry(seq, 10, **{"version": 2, "layout": layout, "states": states, **fields})
+
+
+def mig_urns(doc):
+    return [r["urn"].rsplit("::", 1)[1] for r in resources_of(doc)]
+
+
+def ref(name):
+    return {"4dabf18193072939515e22adb298388d": "5cf8f73096256a8f31e491e813e4eb8e",
+            "urn": mig_res(name)["urn"]}
+
+
+def test_replay_state_migration_lays_out_the_base():
+    out = replay(MIG_BASE, [migration(1, lay(1, ("s", 0)), [mig_res("d")])])
+    assert mig_urns(out) == ["b", "d"]  # "a" and "c" removed, "d" after "b"
+
+
+def test_replay_state_migration_remaps_earlier_base_indexes():
+    c = mig_res("c", custom=True, id="id-c")
+    e = mig_res("e", dependencies=[c["urn"]])
+    # A refresh deletes "c" (index 2); the migration moves it to index 1 and the
+    # deletion follows it; the refresh cleanup then prunes e's dependency.
+    out = replay(MIG_BASE[:2] + [c, e], [
+        entry(1, 3, 1, removeOld=2),
+        migration(2, lay(("s", 0), 2, 3), [mig_res("d")])])
+    assert mig_urns(out) == ["d", "e"]
+    assert "dependencies" not in resources_of(out)[1]
+    # A reordering layout carries a delete mark to the resource's new position.
+    moved = replay(MIG_BASE, [entry(1, 1, deleteOld=1),
+                              migration(2, lay(2, ("s", 0), 1), [mig_res("d")])])
+    assert mig_urns(moved) == ["c", "d", "b"]
+    assert resources_of(moved)[2]["delete"] is True
+
+
+def test_replay_state_migration_patches_base_and_new_resources():
+    e = mig_res("e", inputs={"reference": ref("a")})
+    current = mig_res("current", inputs={"reference": ref("a")})
+    patched = {**e, "inputs": {"reference": ref("d")}}
+    patched_current = {**current, "inputs": {"reference": ref("d")}}
+    out = replay(MIG_BASE + [e], [
+        entry(1, 1, 42, state=current),
+        migration(2, lay(1, ("s", 0), 3), [mig_res("d")],
+                  baseStatePatches=[{"index": 3, "state": patched}],
+                  newStatePatches=[{"operationID": 42, "state": patched_current}])])
+    got = {r["urn"]: r for r in resources_of(out)}
+    assert got[e["urn"]] == patched and got[current["urn"]] == patched_current
+    # A base patch wins over an earlier outputs entry for the same resource.
+    c_out = {**MIG_BASE[2], "inputs": {"reference": ref("a")}}
+    c_patch = {**MIG_BASE[2], "inputs": {"reference": ref("d")}}
+    out = replay(MIG_BASE, [entry(1, 4, state=c_out, removeOld=2),
+                            migration(2, lay(("s", 0), 2), [mig_res("d")],
+                                      baseStatePatches=[{"index": 2, "state": c_patch}])])
+    assert resources_of(out) == [mig_res("d"), c_patch]
+
+
+def test_replay_state_migration_waits_for_no_provider_operation():
+    valid = migration(2, lay(("s", 0), 1, 2), [mig_res("successor")])
+    same = replay(MIG_BASE, [entry(1, 0, 42), valid])  # a same step's begin: fine
+    assert mig_urns(same) == ["successor", "b", "c"]
+    in_flight = entry(1, 0, 42, operation={"resource": mig_res("x", custom=True, id="i"),
+                                           "type": "updating"})
+    with pytest.raises(pb.BadRequest, match="incomplete operation 42"):
+        replay(MIG_BASE, [in_flight, valid])
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"version": 1}, "must use version 2"),
+    ({"layout": lay(("s", 0), 1, 1)}, "base index 1 of 3 badly or twice"),
+    ({"layout": lay(("s", 0), ("s", 0), 1, 2)}, "inserted state 0 of 1 badly or twice"),
+    ({"layout": lay(1, 2)}, "places 0 of 1 inserted states"),
+    ({"layout": lay(("s", 0), 3)}, "base index 3 of 3"),
+    ({"layout": lay(("s", 1), 1, 2)}, "inserted state 1 of 1"),
+    ({"layout": [{"baseIndex": 1, "stateIndex": 0}]}, "must name one base resource"),
+    ({"layout": lay(("s", 0)) + [{}]}, "must name one base resource"),
+    ({"baseStatePatches": [{"index": 0, "state": mig_res("a")}]}, "not retained"),
+    ({"newStatePatches": [{"operationID": 7, "state": mig_res("x")}]}, "unknown or removed"),
+    ({"states": [mig_res("successor", delete=True)]}, "marked for deletion"),
+    ({"states": [mig_res("successor", viewOf=mig_res("b")["urn"])]}, "is a view"),
+    ({"states": [mig_res("successor", custom=True)]}, "has no physical ID"),
+    ({"states": [mig_res("successor", extensionRef="missing")]}, "unknown extension"),
+    ({"states": [mig_res("successor", type="other")]}, "has type other"),
+    ({"states": [mig_res("successor", dependencies=[mig_res("missing")["urn"]])]},
+     "refers to missing dependency"),
+])
+def test_replay_rejects_malformed_state_migration(change, error):
+    replayer = pb._JournalReplayer(deployment(MIG_BASE))
+    bad = {**migration(1, lay(("s", 0), 1, 2), [mig_res("successor")]), **change}
+    with pytest.raises(pb.BadRequest, match=error):
+        replayer.add(bad)
+    # All or nothing: the replayer is as before.
+    assert mig_urns(replayer.generate()) == ["a", "b", "c"]
+
+
+def test_replay_a_real_cli_state_migration():
+    """The journal a real CLI sent for an `up` whose state migration renamed a
+    component's child (e2e test_state_migration_renames_a_child writes the
+    fixture) replays to the state the e2e test checked against the CLI's own."""
+    doc = json.loads(JOURNAL_V2_FIXTURE.read_text(encoding="utf-8"))
+    assert [e["kind"] for e in doc["entries"]].count(10) == 1
+    out = pb.replay_journal(doc["base"], doc["entries"], doc["cli"])
+    assert out["deployment"]["resources"] == doc["expected"]
+    # Up to the migration: the base's child "a" is now "b", with a's physical ID.
+    upto = [e for e in doc["entries"] if e["sequenceID"] <= next(
+        e["sequenceID"] for e in doc["entries"] if e["kind"] == 10)]
+    before = {r["urn"].rsplit("::", 1)[1]: r for r in doc["base"]["resources"]}
+    after = {r["urn"].rsplit("::", 1)[1]: r for r in
+             resources_of(pb.replay_journal(doc["base"], upto))}
+    assert "a" in before and "a" not in after and after["b"]["id"] == before["a"]["id"]
+
+
+def test_replay_byte_string_needs_something_to_write():
+    """As the CLI: the feature comes with a written resource, not on its own."""
+    assert "features" not in replay([], [entry(1, 6, secretsProvider=PROVIDER,
+                                              requiresByteString=True)])
+    out = replay([S], [entry(1, 6, secretsProvider=PROVIDER, requiresByteString=True)])
+    assert out["features"] == ["byteString"] and out["version"] == 4
 
 
 # ==== 7. Crypto ================================================================
@@ -2076,6 +2212,13 @@ def test_start_negotiates_journal_version_1(srv):
     assert update.start["tokenExpiration"] >= int(time.time()) + 200
 
 
+@pytest.mark.parametrize("offered, answered", [(1, 1), (2, 2), (3, 2)])
+def test_start_answers_the_newest_journal_version_both_know(srv, offered, answered):
+    """A v3.274 CLI offers 2 and journals state migrations only if it gets 2."""
+    update = srv.begin(srv.create_stack(), journal=offered)
+    assert update.status == 200 and update.start["journalVersion"] == answered
+
+
 def test_start_without_journal_request_gets_0(srv):
     update = srv.begin(srv.create_stack(), journal=False)
     assert update.status == 200 and update.start["journalVersion"] == 0
@@ -2396,6 +2539,37 @@ def test_journal_entries_then_complete_exports_replay(srv):
     assert doc["deployment"]["manifest"]["version"] == CLI_VERSION
     assert srv.stack(path)["version"] == 2
     assert srv.history(path)[0]["resourceCount"] == 3
+
+
+def test_journal_state_migration_over_http(srv):
+    """Journal version 2: a migration renames A to A2 (same physical ID)."""
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A, B]))
+    update = srv.begin(path, journal=2)
+    a2 = res("a2", id=A.get("id"))
+    b2 = res("b", dependencies=[a2["urn"]])
+    assert update.journal(
+        entry(1, 6, secretsProvider=PROVIDER),
+        migration(2, lay(0, ("s", 0), 2), [a2],
+                  baseStatePatches=[{"index": 2, "state": b2}]),
+        entry(3, 0, 1), entry(4, 1, 1, state=a2, removeOld=1))[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.export(path)["deployment"]["resources"] == [a2, S, b2]
+
+
+def test_journal_version_follows_the_start(srv):
+    """Entries newer than the version agreed at start, or bad migrations, get 400."""
+    update = srv.begin(srv.create_stack(), journal=1)
+    status, _, out = update.journal(migration(1, lay(("s", 0)), [C]))
+    assert status == 400 and "accepts up to 1" in out["message"]
+    update = srv.begin(srv.create_stack("proj", "two"), journal=2)
+    for bad in (migration(1, lay(("s", 0)), [C], version=1),
+                migration(1, "not a list", [C]),
+                migration(1, [{"baseIndex": "0"}], [C]),
+                migration(1, lay(("s", 0)), [C], newStatePatches=[{"operationID": 1}]),
+                entry(1, 1, 1, state=C, version=3)):
+        assert update.journal(bad)[0] == 400, bad
+    assert update.journal(migration(1, lay(("s", 0)), [C]))[0] == 200
 
 
 def test_journal_replay_with_deletes_over_http(srv):
@@ -4628,6 +4802,11 @@ def test_backups_taken_under_write_load_are_all_consistent(srv, cfg, tmp_path):
     writer.start()
     try:
         for i in range(5):
+            # Each backup after one more write: on a loaded box (the Python matrix runs
+            # suites side by side) the writer may otherwise barely run.
+            deadline = time.monotonic() + 30
+            while len(versions) <= i + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             out = tmp_path / f"b{i}.db"
             assert pb.backup_database(cfg, str(out)) == 0
             with sqlite3.connect(out) as conn:
@@ -6577,3 +6756,11 @@ def test_sections_are_numbered_in_order_and_main_guard_is_last():
     assert toc == banners
     last = _module_tree().body[-1]
     assert isinstance(last, ast.If) and "__name__" in ast.unparse(last.test)
+
+
+def test_module_parses_as_python_3_10():
+    """The README promises 3.10+: no newer syntax (e2e/test_pythons.py runs it on 3.10 too)."""
+    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"), feature_version=(3, 10))
+    assert isinstance(tree.body[-1], ast.If)
+    with pytest.raises(SyntaxError):  # the check does see newer syntax
+        ast.parse("try:\n    pass\nexcept* ValueError:\n    pass\n", feature_version=(3, 10))
