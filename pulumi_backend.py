@@ -193,6 +193,17 @@ MAX_JSON_DEPTH = 512
 MAX_BATCH_ITEMS = 10000
 #: SQLite busy timeout (milliseconds); Litestream asks for at least 5000.
 BUSY_TIMEOUT_MS = 30000
+#: Most connections one server holds to PostgreSQL (``--db postgresql://...``).
+PG_POOL_SIZE = 10
+#: Seconds a request waits for a free PostgreSQL connection before a 503.
+PG_POOL_TIMEOUT = 30.0
+#: Key of the transaction-level advisory lock every PostgreSQL write takes
+#: (see PostgresStore); any constant works, this one spells "pulumi_b".
+PG_WRITE_LOCK = 0x70756C756D695F62
+#: Key of the session advisory lock held by the replica that runs periodic work.
+PG_PERIODIC_LOCK = PG_WRITE_LOCK + 1
+#: What to install for ``--db postgresql://...`` (pinned as e2e/setup.sh pins them).
+PG_INSTALL_HINT = 'pip install "psycopg[binary]" psycopg-pool'
 #: WAL pages after which a commit checkpoints (SQLite's default); 0 leaves
 #: checkpoints to Litestream (--wal-autocheckpoint).
 DEFAULT_WAL_AUTOCHECKPOINT = 1000
@@ -543,11 +554,23 @@ def _validate_config(cfg: Config) -> None:
                          f"not {cfg.default_stack_permission!r}")
     if cfg.audit_retention_days < 0:
         raise ValueError("--audit-retention-days must be 0 (keep all) or more")
+    if is_postgres_url(cfg.db):
+        _validate_postgres_config(cfg)
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if not cfg.auth_tokens and not cfg.allow_any_token and not _is_loopback(cfg.host):
         raise ValueError(f"refusing to bind {cfg.host} without --auth-token: anyone could "
                          "read and change state (give --allow-any-token to insist)")
+
+
+def _validate_postgres_config(cfg: Config) -> None:
+    """Refuse what cannot work on a database shared by replicas."""
+    if not cfg.master_key_file and not cfg.master_key:
+        raise ValueError("a postgresql:// --db needs --master-key-file or "
+                         "PULUMI_BACKEND_MASTER_KEY: every replica must use the same key")
+    if cfg.backup_dir:
+        raise ValueError("--backup-dir backs up SQLite files; back up PostgreSQL with its "
+                         "own tools (pg_dump, base backups), or `copy` to a SQLite file")
 
 
 def _is_loopback(host: str) -> bool:
@@ -918,6 +941,12 @@ _METRICS = {
     "pulumi_backend_journal_entries_total": ("counter", "Journal entries committed."),
     "pulumi_backend_checkpoints_total": ("counter", "Checkpoints committed, by upload form."),
     "pulumi_backend_updates_total": ("counter", "Updates ended, by kind and status."),
+    "pulumi_backend_db_pool_size": (
+        "gauge", "PostgreSQL connections this server holds (only with a postgresql:// --db)."),
+    "pulumi_backend_db_pool_available": (
+        "gauge", "Of those, connections idle now (only with a postgresql:// --db)."),
+    "pulumi_backend_db_pool_waiting": (
+        "gauge", "Requests waiting for a connection (only with a postgresql:// --db)."),
     "pulumi_backend_last_backup_success_timestamp_seconds": (
         "gauge", "Unix time of the newest scheduled backup (only with --backup-dir)."),
     "pulumi_backend_backup_failures_total": (
@@ -1018,6 +1047,10 @@ class Store:
     read-check-write sequence such as "is the stack locked? then lock it" is one
     atomic transaction, and no SQL leaves this section.
     """
+
+    #: True when other processes may write the same database (PostgreSQL
+    #: replicas): in-memory caches of stored rows must then be validated.
+    shared = False
 
     def write(self):  # pragma: no cover - interface
         """Return a context manager yielding a handle for one exclusive transaction."""
@@ -1200,151 +1233,13 @@ def _private_database(path: str) -> None:
         _private_file(real + suffix)
 
 
-class SQLiteStore(Store):
-    """SQLite in WAL mode: one writer connection behind a lock, pooled readers.
-
-    Why one writer: SQLite allows a single writer at a time anyway, and keeping
-    every write on one connection under our own lock turns "database is locked"
-    into ordinary queueing. Readers use their own connections (WAL lets them run
-    beside the writer) and are returned to a small pool, because the threading
-    server starts a thread per connection and per-thread connections would leak.
-    """
-
-    POOL_SIZE = 8
-
-    def __init__(self, path: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT):
-        self.path = path
-        self.wal_autocheckpoint = wal_autocheckpoint
-        self._lock = threading.RLock()
-        self._on_commit: list = []
-        self._pool: list = []
-        self._pool_lock = threading.Lock()
-        # Bytes of state committed, by table, for /metrics. The keys are fixed
-        # so a scrape can read the dict while the writer updates it.
-        self.bytes_written = dict.fromkeys(("deployments", "checkpoints", "journal"), 0)
-        self._uncommitted_bytes: dict = {}
-        _private_database(path)
-        self._writer = self._connect()
-        self._migrate()
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               timeout=BUSY_TIMEOUT_MS / 1000)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        # Only ever PASSIVE checkpoints (never TRUNCATE/RESTART, which would race
-        # Litestream); 0 leaves them all to Litestream (see README, Replication).
-        conn.execute(f"PRAGMA wal_autocheckpoint = {int(self.wal_autocheckpoint)}")
-        # FULL: a commit is on disk before we answer, even across a power loss.
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.row_factory = sqlite3.Row
-        return conn
-
-    def _migrate(self) -> None:
-        with self.write() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            current = row[0] if row else 0
-            if current > len(_SCHEMA):
-                raise RuntimeError(f"database schema {current} is newer than this server "
-                                   f"({len(_SCHEMA)}); upgrade pulumi_backend.py")
-            for version in range(current, len(_SCHEMA)):
-                for stmt in _SCHEMA[version].split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-            db.execute("DELETE FROM schema_version")
-            db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
-
-    class _Txn:
-        def __init__(self, store: "SQLiteStore"):
-            self.store = store
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.store._lock.acquire()
-            try:
-                self.store._writer.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                self.store._lock.release()
-                raise
-            return self.store._writer
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            callbacks, self.store._on_commit = self.store._on_commit, []
-            written, self.store._uncommitted_bytes = self.store._uncommitted_bytes, {}
-            writer = self.store._writer
-            try:
-                if exc_type is None:
-                    try:
-                        writer.execute("COMMIT")
-                    except sqlite3.Error:
-                        if writer.in_transaction:  # e.g. disk full at commit time
-                            writer.execute("ROLLBACK")
-                        raise
-                    for table, size in written.items():
-                        self.store.bytes_written[table] += size
-                    for fn in callbacks:  # still under the lock: no writer can interleave
-                        fn()
-                elif writer.in_transaction:
-                    writer.execute("ROLLBACK")
-            finally:
-                self.store._lock.release()
-
-    def write(self) -> "_Txn":
-        """Return a context manager for one exclusive transaction on the writer."""
-        return SQLiteStore._Txn(self)
-
-    def after_commit(self, fn: Callable) -> None:
-        """Run ``fn`` once the current write transaction has committed (never on rollback)."""
-        self._on_commit.append(fn)
-
-    class _Reader:
-        def __init__(self, store: "SQLiteStore"):
-            self.store = store
-            self.conn: Optional[sqlite3.Connection] = None
-
-        def __enter__(self) -> sqlite3.Connection:
-            with self.store._pool_lock:
-                self.conn = self.store._pool.pop() if self.store._pool else None
-            if self.conn is None:
-                self.conn = self.store._connect()
-            return self.conn
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            conn, self.conn = self.conn, None
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            with self.store._pool_lock:
-                if len(self.store._pool) < SQLiteStore.POOL_SIZE:
-                    self.store._pool.append(conn)
-                    return
-            conn.close()
-
-    def read(self) -> "_Reader":
-        """Return a context manager lending a pooled reader connection."""
-        return SQLiteStore._Reader(self)
-
-    def close(self) -> None:
-        with self._lock:
-            self._writer.close()
-        with self._pool_lock:
-            for conn in self._pool:
-                conn.close()
-            self._pool.clear()
+class _SQLRecords(Store):
+    """The record methods of both stores: SQL that SQLite runs as written and
+    PostgreSQL runs through ``_PGHandle`` (``?`` placeholders, ``INSERT OR ...``)."""
 
     def _count_written(self, table: str, size: int) -> None:
         # Called inside a write transaction; counted only once it commits.
         self._uncommitted_bytes[table] = self._uncommitted_bytes.get(table, 0) + size
-
-    def database_bytes(self) -> int:
-        """Return the bytes the database files take on disk (main, WAL, shared memory)."""
-        total = 0
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                total += os.path.getsize(self.path + suffix)
-            except OSError:
-                pass
-        return total
 
     # -- meta ---------------------------------------------------------------
 
@@ -1466,7 +1361,8 @@ class SQLiteStore(Store):
                           "AND lease_expires >= ?", (now,)).fetchone()[0]
 
     def list_history(self, db, stack_id: str, limit: int, offset: int) -> list:
-        """Return finished non-preview updates, newest version first."""
+        """Return finished non-preview updates, newest version first (all when ``limit < 0``)."""
+        limit = limit if limit >= 0 else 2 ** 62  # PostgreSQL refuses SQLite's LIMIT -1
         return [dict(r) for r in db.execute(
             "SELECT * FROM updates WHERE stack_id = ? AND dry_run = 0 AND started IS NOT NULL "
             "ORDER BY version DESC, created DESC LIMIT ? OFFSET ?", (stack_id, limit, offset))]
@@ -1663,6 +1559,438 @@ class SQLiteStore(Store):
     def prune_audit(self, db, before: int) -> int:
         """Drop audit events older than ``before`` (the retention flag: the only deletion)."""
         return db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
+
+
+class SQLiteStore(_SQLRecords):
+    """SQLite in WAL mode: one writer connection behind a lock, pooled readers.
+
+    Why one writer: SQLite allows a single writer at a time anyway, and keeping
+    every write on one connection under our own lock turns "database is locked"
+    into ordinary queueing. Readers use their own connections (WAL lets them run
+    beside the writer) and are returned to a small pool, because the threading
+    server starts a thread per connection and per-thread connections would leak.
+    """
+
+    POOL_SIZE = 8
+
+    def __init__(self, path: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT):
+        self.path = path
+        self.wal_autocheckpoint = wal_autocheckpoint
+        self._lock = threading.RLock()
+        self._on_commit: list = []
+        self._pool: list = []
+        self._pool_lock = threading.Lock()
+        # Bytes of state committed, by table, for /metrics. The keys are fixed
+        # so a scrape can read the dict while the writer updates it.
+        self.bytes_written = dict.fromkeys(("deployments", "checkpoints", "journal"), 0)
+        self._uncommitted_bytes: dict = {}
+        _private_database(path)
+        self._writer = self._connect()
+        self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # Only ever PASSIVE checkpoints (never TRUNCATE/RESTART, which would race
+        # Litestream); 0 leaves them all to Litestream (see README, Replication).
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(self.wal_autocheckpoint)}")
+        # FULL: a commit is on disk before we answer, even across a power loss.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _migrate(self) -> None:
+        with self.write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            current = row[0] if row else 0
+            if current > len(_SCHEMA):
+                raise RuntimeError(f"database schema {current} is newer than this server "
+                                   f"({len(_SCHEMA)}); upgrade pulumi_backend.py")
+            for version in range(current, len(_SCHEMA)):
+                for stmt in _SCHEMA[version].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
+
+    class _Txn:
+        def __init__(self, store: "SQLiteStore"):
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            try:
+                self.store._writer.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
+            return self.store._writer
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            callbacks, self.store._on_commit = self.store._on_commit, []
+            written, self.store._uncommitted_bytes = self.store._uncommitted_bytes, {}
+            writer = self.store._writer
+            try:
+                if exc_type is None:
+                    try:
+                        writer.execute("COMMIT")
+                    except sqlite3.Error:
+                        if writer.in_transaction:  # e.g. disk full at commit time
+                            writer.execute("ROLLBACK")
+                        raise
+                    for table, size in written.items():
+                        self.store.bytes_written[table] += size
+                    for fn in callbacks:  # still under the lock: no writer can interleave
+                        fn()
+                elif writer.in_transaction:
+                    writer.execute("ROLLBACK")
+            finally:
+                self.store._lock.release()
+
+    def write(self) -> "_Txn":
+        """Return a context manager for one exclusive transaction on the writer."""
+        return SQLiteStore._Txn(self)
+
+    def after_commit(self, fn: Callable) -> None:
+        """Run ``fn`` once the current write transaction has committed (never on rollback)."""
+        self._on_commit.append(fn)
+
+    class _Reader:
+        def __init__(self, store: "SQLiteStore"):
+            self.store = store
+            self.conn: Optional[sqlite3.Connection] = None
+
+        def __enter__(self) -> sqlite3.Connection:
+            with self.store._pool_lock:
+                self.conn = self.store._pool.pop() if self.store._pool else None
+            if self.conn is None:
+                self.conn = self.store._connect()
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            conn, self.conn = self.conn, None
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            with self.store._pool_lock:
+                if len(self.store._pool) < SQLiteStore.POOL_SIZE:
+                    self.store._pool.append(conn)
+                    return
+            conn.close()
+
+    def read(self) -> "_Reader":
+        """Return a context manager lending a pooled reader connection."""
+        return SQLiteStore._Reader(self)
+
+    def close(self) -> None:
+        with self._lock:
+            self._writer.close()
+        with self._pool_lock:
+            for conn in self._pool:
+                conn.close()
+            self._pool.clear()
+
+    def database_bytes(self) -> int:
+        """Return the bytes the database files take on disk (main, WAL, shared memory)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.path.getsize(self.path + suffix)
+            except OSError:
+                pass
+        return total
+
+
+def is_postgres_url(db: str) -> bool:
+    """Return whether ``--db`` names a PostgreSQL database rather than a SQLite file."""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def _redact_url(url: str) -> str:
+    """Return ``url`` without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _import_psycopg() -> tuple:
+    """Import psycopg 3 and psycopg-pool on first use of a PostgreSQL URL; RuntimeError
+    (one line naming what to install) when they are missing."""
+    try:
+        import psycopg  # noqa: PLC0415 - only for PostgreSQL URLs: SQLite users pay nothing
+        import psycopg_pool  # noqa: PLC0415
+    except ImportError as e:
+        raise RuntimeError(f"a postgresql:// database needs psycopg 3 and psycopg-pool "
+                           f"({e.name} is missing): {PG_INSTALL_HINT}") from None
+    return psycopg, psycopg_pool
+
+
+# SQLite spellings in _SQLRecords' SQL and their PostgreSQL forms.
+_PG_TYPES = [(re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b"), "BIGSERIAL PRIMARY KEY"),
+             (re.compile(r"\bINTEGER\b"), "BIGINT"), (re.compile(r"\bBLOB\b"), "BYTEA"),
+             # Byte order, like SQLite: stack lists page by (org, project, name).
+             (re.compile(r"\bTEXT\b"), 'TEXT COLLATE "C"'),
+             # list_tokens orders by insertion (SQLite's rowid); PostgreSQL needs a column.
+             (re.compile(r"CREATE TABLE tokens \("), "CREATE TABLE tokens (rowid BIGSERIAL,")]
+_PG_CONFLICT_KEYS = {"meta": "key", "deployments": "stack_id, version",
+                     "checkpoints": "update_id, seq", "grants": "team, pattern"}
+_INSERT_OR_RE = re.compile(r"INSERT OR (REPLACE|IGNORE) INTO (\w+) \(([^)]*)\)(.*)", re.S)
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    """Return SQLite-flavoured ``sql`` as PostgreSQL runs it (cached: the texts are ours)."""
+    m = _INSERT_OR_RE.fullmatch(sql)
+    if m:
+        verb, table, cols, rest = m.groups()
+        if verb == "IGNORE":
+            sql = f"INSERT INTO {table} ({cols}){rest} ON CONFLICT DO NOTHING"
+        else:
+            keys = _PG_CONFLICT_KEYS[table]
+            sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in map(str.strip, cols.split(","))
+                             if c not in keys)
+            sql = f"INSERT INTO {table} ({cols}){rest} ON CONFLICT ({keys}) DO UPDATE SET {sets}"
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _pg_ddl(stmt: str) -> str:
+    for pattern, replacement in _PG_TYPES:
+        stmt = pattern.sub(replacement, stmt)
+    return stmt
+
+
+class _PGRow(tuple):
+    """A row readable by position and by column name, like ``sqlite3.Row``."""
+
+    index: dict = {}
+
+    def keys(self) -> list:
+        return list(self.index)
+
+    def __getitem__(self, key):  # type: ignore[override]
+        return tuple.__getitem__(self, self.index[key] if isinstance(key, str) else key)
+
+
+def _pg_row_factory(cursor) -> Callable:
+    names = [c.name for c in cursor.description or ()]
+    row_type = type("_PGRow", (_PGRow,), {"index": {n: i for i, n in enumerate(names)}})
+    return row_type
+
+
+@contextlib.contextmanager
+def _pg_errors(psycopg):
+    """Raise psycopg's errors as the sqlite3 classes the rest of the module maps
+    (integrity: 409; connection, pool and lock troubles: 503 "busy"; others: 500)."""
+    try:
+        yield
+    except psycopg.IntegrityError as e:
+        raise sqlite3.IntegrityError(str(e).strip()) from e
+    except (psycopg.OperationalError, psycopg.errors.LockNotAvailable) as e:
+        raise sqlite3.OperationalError(f"database busy or unreachable: {str(e).strip()}") from e
+    except psycopg.Error as e:
+        raise sqlite3.DatabaseError(str(e).strip()) from e
+    except Exception as e:
+        if type(e).__name__ == "PoolTimeout":  # psycopg_pool's, not a psycopg.Error
+            raise sqlite3.OperationalError(f"database busy: {e}") from e
+        raise
+
+
+class _PGHandle:
+    """A pooled psycopg connection that runs _SQLRecords' SQLite-flavoured SQL."""
+
+    def __init__(self, conn, psycopg):
+        self.conn = conn
+        self._psycopg = psycopg
+
+    def execute(self, sql: str, params: Any = ()):
+        with _pg_errors(self._psycopg):
+            return self.conn.execute(_pg_sql(sql), params)
+
+    def executemany(self, sql: str, rows: Iterable):
+        with _pg_errors(self._psycopg):
+            cur = self.conn.cursor()
+            cur.executemany(_pg_sql(sql), list(rows))
+            return cur
+
+
+class PostgresStore(_SQLRecords):
+    """PostgreSQL through psycopg 3 and a psycopg-pool pool: one database, any
+    number of server processes (replicas) on it.
+
+    Locking, chosen for being as simple to reason about as SQLite's one writer:
+    every write transaction runs at READ COMMITTED and first takes the
+    transaction-level advisory lock ``pg_advisory_xact_lock(PG_WRITE_LOCK)``.
+    Writers of all replicas queue on it as SQLite's writers queue on its lock, so
+    each read-check-write of the engine (the update lease and its token, the
+    stack lock and finishing an abandoned update, journal and checkpoint sequence
+    checks, history and audit pruning, expired tokens) sees every earlier commit
+    and nothing commits between its check and its write. PostgreSQL releases the
+    lock at commit or rollback, and when a replica dies its session ends. Reads
+    run at REPEATABLE READ, READ ONLY: one snapshot per block, as in SQLite.
+    Inside one process a lock also queues writers, so waiting writers do not each
+    hold a pooled connection.
+
+    Caches stay correct across replicas because each is validated or per-process:
+    the engine checks a cached working state against the stored checkpoint
+    (``shared``), /readyz's memo is this replica's own view of the database, and
+    the gauges are read from the database at every scrape.
+    """
+
+    shared = True  # other processes write the same database: validate caches
+
+    def __init__(self, url: str, pool_size: int = PG_POOL_SIZE,
+                 pool_timeout: float = PG_POOL_TIMEOUT):
+        self._psycopg, pool_mod = _import_psycopg()
+        self.url = url
+        self.path = _redact_url(url)  # what messages name
+        self._lock = threading.RLock()
+        self._writing = threading.local()
+        self._on_commit: list = []
+        self.bytes_written = dict.fromkeys(("deployments", "checkpoints", "journal"), 0)
+        self._uncommitted_bytes: dict = {}
+        self.pool = pool_mod.ConnectionPool(
+            url, min_size=1, max_size=pool_size, timeout=pool_timeout, open=False,
+            name="pulumi_backend", kwargs={"autocommit": True, "row_factory": _pg_row_factory})
+        with _pg_errors(self._psycopg):  # one plain connection first: its error says why
+            self._psycopg.connect(url, connect_timeout=10).close()
+            try:
+                self.pool.open(wait=True, timeout=pool_timeout)
+            except pool_mod.PoolTimeout:
+                self.pool.close()
+                raise RuntimeError(f"cannot connect to {self.path} within {pool_timeout:g} s "
+                                   "(check host, port, user, password, database)") from None
+        try:
+            self._migrate()
+        except BaseException:
+            self.pool.close()
+            raise
+
+    def _migrate(self) -> None:
+        with self.write() as db:  # the write lock: two replicas starting at once migrate once
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            current = row[0] if row else 0
+            if current > len(_SCHEMA):
+                raise RuntimeError(f"database schema {current} is newer than this server "
+                                   f"({len(_SCHEMA)}); upgrade pulumi_backend.py")
+            for version in range(current, len(_SCHEMA)):
+                for stmt in _SCHEMA[version].split(";"):
+                    if stmt.strip():
+                        db.execute(_pg_ddl(stmt))
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
+
+    @contextlib.contextmanager
+    def write(self):
+        """Yield a handle for one write transaction, serialized with every replica's."""
+        if getattr(self._writing, "active", False):  # SQLite refuses this too; here it would deadlock
+            raise sqlite3.OperationalError("cannot start a transaction within a transaction")
+        with self._lock, _pg_errors(self._psycopg), self.pool.connection() as conn:
+            self._writing.active = True
+            try:
+                conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (PG_WRITE_LOCK,))
+                try:
+                    yield _PGHandle(conn, self._psycopg)
+                except BaseException:
+                    self._on_commit, self._uncommitted_bytes = [], {}
+                    self._rollback(conn)
+                    raise
+                callbacks, self._on_commit = self._on_commit, []
+                written, self._uncommitted_bytes = self._uncommitted_bytes, {}
+                try:
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+                for table, size in written.items():
+                    self.bytes_written[table] += size
+                for fn in callbacks:
+                    fn()
+            finally:
+                self._writing.active = False
+
+    def _rollback(self, conn) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except self._psycopg.Error:
+            pass  # a broken connection: the pool discards it
+
+    def after_commit(self, fn: Callable) -> None:
+        """Run ``fn`` once the current write transaction has committed (never on rollback)."""
+        self._on_commit.append(fn)
+
+    @contextlib.contextmanager
+    def read(self):
+        """Yield a handle on one consistent snapshot (REPEATABLE READ, READ ONLY)."""
+        with _pg_errors(self._psycopg), self.pool.connection() as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield _PGHandle(conn, self._psycopg)
+            finally:
+                self._rollback(conn)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def database_bytes(self) -> int:
+        """Return the size of the database as PostgreSQL reports it."""
+        with self.read() as db:
+            return db.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+
+    def pool_stats(self) -> dict:
+        """Return the pool's size, idle connections and waiting requests, for /metrics."""
+        stats = self.pool.get_stats()
+        return {"size": stats.get("pool_size", 0), "available": stats.get("pool_available", 0),
+                "waiting": stats.get("requests_waiting", 0)}
+
+    def append_audit(self, db, event: dict) -> int:
+        cols = ",".join(event)
+        return db.execute(f"INSERT INTO audit ({cols}) VALUES ({','.join('?' * len(event))}) "
+                          "RETURNING id", tuple(event.values())).fetchone()[0]
+
+    @contextlib.contextmanager
+    def periodic_turn(self):
+        """Yield whether this replica holds the periodic-work lock (one replica at a time).
+
+        A session-level ``pg_try_advisory_lock`` on a connection held for the block:
+        the other replicas get False and skip this round.
+        """
+        with _pg_errors(self._psycopg), self.pool.connection() as conn:
+            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (PG_PERIODIC_LOCK,)).fetchone()[0]
+            try:
+                yield bool(got)
+            finally:
+                if got:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (PG_PERIODIC_LOCK,))
+
+
+def open_store(db: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT) -> "Store":
+    """Open the store ``--db`` names: a PostgreSQL URL or a SQLite file.
+
+    Raises ValueError with a message naming the database when it cannot be opened.
+    """
+    if is_postgres_url(db):
+        try:
+            return PostgresStore(db)
+        except (sqlite3.Error, RuntimeError) as e:
+            raise ValueError(f"cannot open database {_redact_url(db)}: {e}") from None
+    db_dir = os.path.dirname(os.path.abspath(db))
+    if not os.path.isdir(db_dir):
+        raise ValueError(f"cannot open database {db}: folder {db_dir} does not exist")
+    try:
+        return SQLiteStore(db, wal_autocheckpoint)
+    except (sqlite3.Error, RuntimeError) as e:  # RuntimeError: a schema newer than ours
+        raise ValueError(f"cannot open database {db}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"cannot open database {db}: {e.strerror}") from None
+
+
 def _one_data_key(conn: sqlite3.Connection) -> Optional[tuple]:
     # Shared with restore, which checks a backup through a plain connection.
     row = conn.execute("SELECT id, data_key FROM stacks ORDER BY id LIMIT 1").fetchone()
@@ -2530,7 +2858,8 @@ class Engine:
         writer may ask: a reader's snapshot may already be older than the cache.
         """
         item = self.working.get(update_id)
-        if item is not None:
+        if item is not None and (not self.store.shared or self.store.last_checkpoint(
+                db, update_id) == (item[0], item[2])):  # another replica may have moved on
             return item
         rows = self.store.checkpoint_rows(db, update_id)
         if not rows:
@@ -2857,9 +3186,13 @@ class Engine:
             stacks = self.store.count_stacks(db)
             running = self.store.count_running_updates(db, _now())
         written = {(("table", t),): n for t, n in self.store.bytes_written.items()}
-        return {"pulumi_backend_stacks": stacks, "pulumi_backend_active_updates": running,
-                "pulumi_backend_database_bytes": self.store.database_bytes(),
-                "pulumi_backend_state_bytes_written_total": written}
+        gauges = {"pulumi_backend_stacks": stacks, "pulumi_backend_active_updates": running,
+                  "pulumi_backend_database_bytes": self.store.database_bytes(),
+                  "pulumi_backend_state_bytes_written_total": written}
+        if isinstance(self.store, PostgresStore):  # this replica's connections
+            for name, value in self.store.pool_stats().items():
+                gauges[f"pulumi_backend_db_pool_{name}"] = value
+        return gauges
 
 
 def _next_checkpoint(base: Optional[tuple], seq: int, expected: str,
@@ -5981,15 +6314,7 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
         except OSError as e:
             raise ValueError(f"cannot append to --audit-log {cfg.audit_log}: {e.strerror}") \
                 from None
-    db_dir = os.path.dirname(os.path.abspath(cfg.db))
-    if not os.path.isdir(db_dir):
-        raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")
-    try:
-        store = SQLiteStore(cfg.db, cfg.wal_autocheckpoint)
-    except (sqlite3.Error, RuntimeError) as e:  # RuntimeError: a schema newer than ours
-        raise ValueError(f"cannot open database {cfg.db}: {e}") from None
-    except OSError as e:
-        raise ValueError(f"cannot open database {cfg.db}: {e.strerror}") from None
+    store = open_store(cfg.db, cfg.wal_autocheckpoint)
     try:
         crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
         master = cfg.master_key or KeyManager.load_or_create(cfg.key_file())
@@ -6150,8 +6475,8 @@ def import_diy(cfg: Config, source: Optional[str], options: dict, environ: dict)
     if not options.get("dry_run"):
         store, app = build_app(cfg, environ)
         engine = app.engine
-    elif os.path.exists(cfg.db):
-        store = SQLiteStore(cfg.db, cfg.wal_autocheckpoint)
+    elif is_postgres_url(cfg.db) or os.path.exists(cfg.db):
+        store = open_store(cfg.db, cfg.wal_autocheckpoint)
     tty = sys.stderr.isatty()
     done = versions_total = bytes_total = failed = 0
     try:
@@ -6332,13 +6657,7 @@ def _run_admin(cfg: Config, command: str, words: list, opts: dict) -> int:
     tokens and grants afresh at every request. Changes are audited as made
     by "local-admin".
     """
-    db_dir = os.path.dirname(os.path.abspath(cfg.db))
-    if not os.path.isdir(db_dir):
-        raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")
-    try:
-        store = SQLiteStore(cfg.db)
-    except (sqlite3.Error, RuntimeError) as e:
-        raise ValueError(f"cannot open database {cfg.db}: {e}") from None
+    store = open_store(cfg.db)
     try:
         if command == "audit":
             _admin_audit(store, words, opts)
@@ -6431,11 +6750,15 @@ def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
         return 2
     _setup_logging(cfg.log_level, cfg.log_format)
     try:
+        if command in ("backup", "restore") and is_postgres_url(cfg.db):
+            raise ValueError(f"{command} works on SQLite files; for PostgreSQL use its own "
+                             "tools, or `copy --from postgresql://... --to FILE.db`")
         if command == "backup":
             return backup_database(cfg, extras["file"])
         if command == "import-diy":  # beside a running server too: see section 11
             return import_diy(cfg, extras["file"], extras["import"], environ)
-        with _database_lock(cfg.db):
+        # <db>.lock is SQLite's: PostgreSQL replicas share one database by design.
+        with (contextlib.nullcontext() if is_postgres_url(cfg.db) else _database_lock(cfg.db)):
             if command == "restore":
                 return restore_database(cfg, extras["file"], environ)
             if command == "rotate-master-key":

@@ -54,6 +54,10 @@ import pytest
 import pulumi_backend as pb
 from pulumi_backend import Config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
+import postgres  # noqa: E402 - the session's PostgreSQL server (e2e/postgres.py)
+from postgres import pg_url  # noqa: E402,F401 - fixture: a fresh PostgreSQL database
+
 SCRIPT = Path(pb.__file__).resolve()
 ORG = pb.DEFAULT_ORG
 USER_AGENT = "pulumi-cli/1 (v3.999.0; linux)"
@@ -301,8 +305,21 @@ class Update:
         return self.srv.request("POST", self.url + "/cancel")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_kind(request):
+    """The store of a test marked ``@both_stores``; ``cfg`` follows it."""
+    return request.param
+
+
+#: Runs a test once on SQLite and once on PostgreSQL (ids ``[sqlite]``, ``[postgresql]``).
+both_stores = pytest.mark.usefixtures("db_kind")
+PG_MASTER_KEY = bytes(range(32))
+
+
 @pytest.fixture
-def cfg(tmp_path):
+def cfg(tmp_path, request):
+    if "db_kind" in request.fixturenames and request.getfixturevalue("db_kind") == "postgresql":
+        return Config(db=request.getfixturevalue("pg_url"), port=0, master_key=PG_MASTER_KEY)
     return Config(db=str(tmp_path / "s.db"), port=0)
 
 
@@ -1697,6 +1714,7 @@ def test_create_and_get_stack(srv):
     assert status == 409 and err["code"] == 409 and "already exists" in err["message"]
 
 
+@both_stores
 def test_create_stack_with_initial_state_and_config(srv):
     state = untyped(secrets_providers={"type": "passphrase", "state": {"salt": "v1:x"}})
     srv.create_stack(state=state)
@@ -1714,6 +1732,7 @@ def test_project_exists_head(srv):
     assert srv.request("HEAD", f"/api/stacks/{ORG}/other")[0] == 404
 
 
+@both_stores
 def test_list_stacks_filters(srv):
     srv.create_stack("p1", "a", tags={"env": "prod"})
     srv.create_stack("p1", "b", tags={"env": "dev"})
@@ -1737,6 +1756,7 @@ def test_list_stacks_filters(srv):
     assert status == 400
 
 
+@both_stores
 def test_list_stacks_pages_to_the_end(srv):
     expected = []
     for n in range(205):
@@ -1760,6 +1780,7 @@ def test_list_stacks_pages_to_the_end(srv):
     assert seen == expected and pages == 3
 
 
+@both_stores
 def test_delete_stack(srv):
     path = srv.create_stack()
     srv.import_state(path, untyped([S, A]))
@@ -1776,6 +1797,7 @@ def test_delete_stack(srv):
     assert srv.stack(path)["version"] == 0 and srv.history(path) == []
 
 
+@both_stores
 def test_rename_stack(srv):
     path = srv.create_stack()
     status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"hunter2")})
@@ -1831,6 +1853,7 @@ def test_rename_stack(srv):
     assert srv.stack(moved)["version"] == 1 and srv.stack(sp("proj2", "taken"))["version"] == 0
 
 
+@both_stores
 def test_set_tags_replaces_all(srv):
     path = srv.create_stack(tags={"a": "1", "b": "2"})
     status, _, _ = srv.request("PATCH", path + "/tags", {"c": "3", "pulumi:project": "proj"})
@@ -1911,6 +1934,7 @@ def test_import_creates_version_and_succeeded_update(srv):
     assert info["kind"] == "import" and info["result"] == "succeeded" and info["version"] == 1
 
 
+@both_stores
 def test_export_import_byte_round_trip(srv):
     path = srv.create_stack()
     # Unusual spacing and key order survive: the stored bytes are served verbatim.
@@ -1924,6 +1948,7 @@ def test_export_import_byte_round_trip(srv):
     assert srv.export_bytes(path) == exported and srv.stack(path)["version"] == 2
 
 
+@both_stores
 def test_export_older_version_and_missing_versions(start):
     srv = start(history_limit=2)
     path = srv.create_stack()
@@ -1978,6 +2003,7 @@ def test_import_accepts_version_4_features(srv):
 
 # ==== 9. Handlers: secrets =====================================================
 
+@both_stores
 def test_encrypt_decrypt_round_trip(srv):
     path = srv.create_stack()
     for plain in (b"", b"hunter2", secrets.token_bytes(32), "ünïcødé".encode()):
@@ -1988,6 +2014,7 @@ def test_encrypt_decrypt_round_trip(srv):
         assert status == 200 and base64.b64decode(back["plaintext"]) == plain
 
 
+@both_stores
 def test_batch_encrypt_decrypt_with_duplicates(srv):
     path = srv.create_stack()
     plains = [b"one", b"two", b"one", b""]
@@ -2120,6 +2147,7 @@ def test_previews_never_change_state(srv, kind, dry_run):
     assert srv.begin(path).status == 200
 
 
+@both_stores
 def test_second_update_conflicts_with_exact_message(srv):
     path = srv.create_stack()
     first = srv.begin(path)
@@ -2211,6 +2239,7 @@ def test_lease_token_on_api_routes_is_401(srv):
     assert update.complete()[0] == 200
 
 
+@both_stores
 def test_renew_lease(start):
     srv = start(lease_seconds=120)
     update = srv.begin(srv.create_stack())
@@ -2223,6 +2252,7 @@ def test_renew_lease(start):
     assert status == 400
 
 
+@both_stores
 def test_complete_is_idempotent_and_final(srv):
     update = srv.begin(srv.create_stack())
     assert update.complete()[0] == 200
@@ -2245,6 +2275,7 @@ def test_update_status_while_running(srv):
 
 # ==== 9. Handlers: updates — checkpoints =======================================
 
+@both_stores
 def test_full_checkpoint_then_complete(srv):
     path = srv.create_stack()
     update = srv.begin(path, journal=False)
@@ -2271,6 +2302,7 @@ def test_invalid_checkpoint_is_400_and_is_invalid_keeps_previous(srv):
     assert urns(srv.export(path)) == [A["urn"]]
 
 
+@both_stores
 def test_verbatim_then_delta_worked_example(srv):
     path = srv.create_stack()
     update = srv.begin(path, journal=False)
@@ -2308,6 +2340,7 @@ def test_delta_hash_mismatch_then_verbatim_retry(srv):
     assert srv.export_bytes(path) == NEW_DOC
 
 
+@both_stores
 def test_delta_retries_and_sequence_rules(srv):
     path = srv.create_stack()
     update = srv.begin(path, journal=False)
@@ -2373,6 +2406,7 @@ def test_update_without_saves_keeps_base(srv):
 
 # ==== 9. Handlers: updates — journal ===========================================
 
+@both_stores
 def test_journal_entries_then_complete_exports_replay(srv):
     path = srv.create_stack()
     srv.import_state(path, untyped([S, A]))
@@ -2422,6 +2456,7 @@ def test_export_serves_base_while_update_runs(srv):
     assert urns(json.loads(srv.export_bytes(path))) == [C["urn"], S["urn"]]
 
 
+@both_stores
 def test_journal_duplicate_sequence_ids_are_deduplicated(srv):
     path = srv.create_stack()
     update = srv.begin(path)
@@ -2512,6 +2547,7 @@ def test_failed_update_keeps_saved_state_and_unlocks(srv):
     assert nxt.status == 200 and nxt.start["version"] == 3
 
 
+@both_stores
 def test_cancel_unlocks_and_revokes_lease(srv):
     path = srv.create_stack()
     update = srv.begin(path)
@@ -2547,6 +2583,7 @@ def test_cancel_finished_or_unknown_update(srv):
     assert status == 404
 
 
+@both_stores
 def test_abandoned_update_is_finished_by_next_start(srv, clock):
     path = srv.create_stack()
     first = srv.begin(path)
@@ -2607,6 +2644,7 @@ def test_abandoned_update_base_is_used_for_journal_indexes(srv, clock):
 
 # ==== 9. Handlers: updates — events ============================================
 
+@both_stores
 def test_events_stored_deduplicated_and_paged(srv, monkeypatch):
     monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 4)
     path = srv.create_stack()
@@ -2656,6 +2694,7 @@ def test_events_batch_rejects_bad_shapes(srv, body):
     assert status == 400 and out["code"] == 400
 
 
+@both_stores
 def test_summary_event_resource_changes_in_history(srv):
     path = srv.create_stack()
     update = srv.begin(path)
@@ -2673,6 +2712,7 @@ def test_summary_event_resource_changes_in_history(srv):
 
 # ==== 9. Handlers: updates — history ===========================================
 
+@both_stores
 def test_history_pages_newest_first(srv):
     path = srv.create_stack()
     srv.import_state(path, untyped([S]))
@@ -2701,6 +2741,7 @@ def test_history_pages_newest_first(srv):
         assert srv.request("GET", f"{path}/updates{query}")[0] == 400, query
 
 
+@both_stores
 def test_updates_latest(srv):
     path = srv.create_stack()
     status, _, out = srv.request("GET", path + "/updates/latest")
@@ -2718,6 +2759,7 @@ def test_updates_latest(srv):
     assert out["info"]["environment"] == {"exec.kind": "cli"}
 
 
+@both_stores
 def test_history_pruning(start):
     srv = start(history_limit=3)
     path = srv.create_stack()
@@ -2737,6 +2779,7 @@ def test_history_pruning(start):
     assert srv.request("GET", f"{path}/export/3")[0] == 404
 
 
+@both_stores
 def test_concurrent_calls_of_one_update(srv):
     """One `pulumi up` sends event batches from 3 workers beside journal batches."""
     path = srv.create_stack()
