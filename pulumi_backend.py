@@ -14,6 +14,8 @@ Run::
     python pulumi_backend.py import-diy --db state.db file:///path/to/diy  # stacks + history
     python pulumi_backend.py --db state.db --backup-dir /backups --backup-interval 1h
     python pulumi_backend.py rotate-master-key --db state.db --new-key-file NEW
+    python pulumi_backend.py --db postgresql://USER@HOST/DB --master-key-file KEY  # a replica
+    python pulumi_backend.py copy --from state.db --to postgresql://USER@HOST/DB  # servers stopped
     python pulumi_backend.py user add alice --role admin --db state.db   # also while serving
     python pulumi_backend.py token create --user alice --db state.db    # printed once
     python pulumi_backend.py team grant devs 'app/*' write --db state.db
@@ -49,7 +51,7 @@ Sections:
   2. Configuration
   3. Errors
   4. Small utilities
-  5. Storage (Store interface, SQLite implementation)
+  5. Storage (Store interface, SQLite and PostgreSQL implementations)
   6. Engine (stacks, update leases, checkpoints, journal replay, events)
   7. Crypto (OpenSSL binding, pure-Python fallback, key management)
   8. Identity and access (users, teams, tokens, permissions, audit log, OIDC)
@@ -99,7 +101,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import zlib
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 try:  # Unix: one server per database, enforced with a lock file
     import fcntl
@@ -203,6 +205,8 @@ PG_WRITE_LOCK = 0x70756C756D695F62
 #: Key of the session advisory lock held by the replica that runs periodic work.
 PG_PERIODIC_LOCK = PG_WRITE_LOCK + 1
 #: What to install for ``--db postgresql://...`` (pinned as e2e/setup.sh pins them).
+#: application_name of a server's PostgreSQL sessions (``copy`` refuses while any is there).
+PG_APP_NAME = "pulumi-backend"
 PG_INSTALL_HINT = 'pip install "psycopg[binary]" psycopg-pool'
 #: WAL pages after which a commit checkpoints (SQLite's default); 0 leaves
 #: checkpoints to Litestream (--wal-autocheckpoint).
@@ -320,16 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-hosted Pulumi Cloud state backend. `pulumi login http://HOST:PORT`.")
     p.add_argument("command", nargs="?", default="serve",
                    choices=("serve", "backup", "restore", "rotate-master-key", "import-diy",
-                            *_ADMIN_COMMANDS),
+                            "copy", *_ADMIN_COMMANDS),
                    help="serve (default); backup OUT (online copy of --db); import-diy SOURCE "
                         "(a DIY backend's stacks with their history, into --db); restore BACKUP "
-                        "(into --db, server stopped); rotate-master-key; user, team, token and "
-                        "audit administer access (server running or not)")
+                        "(into --db, server stopped); rotate-master-key; copy --from DB --to DB "
+                        "(SQLite file or postgresql:// URL, servers stopped); user, team, token "
+                        "and audit administer access (server running or not)")
     p.add_argument("file", nargs="?", help="backup: the file to write; restore: the backup to "
                    "read; import-diy: the DIY backend folder or file:// URL")
     p.add_argument("words", nargs="*", help="user/team/token: the action and its arguments")
     p.add_argument("--version", action="version", version=f"pulumi-backend {__version__}")
-    _flag(p, "db", f"SQLite database path (default {DEFAULT_DB})")
+    _flag(p, "db", f"SQLite database path (default {DEFAULT_DB}), or a postgresql:// URL "
+          f"(needs {PG_INSTALL_HINT})")
     _flag(p, "host", f"address to bind (default {DEFAULT_HOST})")
     _flag(p, "port", f"TCP port, 0 picks a free one (default {DEFAULT_PORT})", type=int)
     _flag(p, "log-level", "debug, info, warning or error (default info)")
@@ -345,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
           action="store_const", const="1")
     _flag(p, "master-key-file", "32-byte master key file, created 0600 if absent "
           "(default: <db>.key)")
+    p.add_argument("--from", dest="copy_from", metavar="DB",
+                   help="copy: the database to read (SQLite file or postgresql:// URL)")
+    p.add_argument("--to", dest="copy_to", metavar="DB",
+                   help="copy: the new database to fill (SQLite file or postgresql:// URL)")
     _flag(p, "new-key-file", "rotate-master-key: the new master key file (created if absent)")
     _flag(p, "crypto", "AES-GCM implementation: auto, openssl or python (default auto)")
     _flag(p, "journaling", "accept journaled updates from new CLIs: on or off (default on)")
@@ -458,6 +468,7 @@ def parse_config(argv: list, environ: dict) -> tuple:
 
     tokens = _parse_tokens(values.pop("auth_token", None), values.pop("auth_token_file", None))
     new_key_file = values.pop("new_key_file", None)
+    copy = (values.pop("copy_from", None), values.pop("copy_to", None))
     import_options = {key: _parse_bool(key.replace("_", "-"), str(values.pop(key, "0")))
                       for key in ("dry_run", "overwrite", "ignore_locks")}
     kw: dict = {"auth_tokens": tuple(tokens)}
@@ -476,7 +487,7 @@ def parse_config(argv: list, environ: dict) -> tuple:
             raise ValueError("PULUMI_BACKEND_MASTER_KEY must hold exactly 32 bytes")
     cfg = Config(**kw)
     _validate_config(cfg)
-    extras = {"new_key_file": new_key_file, "file": args.file}
+    extras = {"new_key_file": new_key_file, "file": args.file, "copy": copy}
     if args.command == "import-diy":
         extras["import"] = import_options
     if args.command in _ADMIN_COMMANDS:
@@ -1560,6 +1571,36 @@ class _SQLRecords(Store):
         """Drop audit events older than ``before`` (the retention flag: the only deletion)."""
         return db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
 
+    # -- whole-database copy (the ``copy`` command) ---------------------------
+
+    def count_rows(self, db, table: str) -> int:
+        _check_table(table)
+        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def table_batches(self, db, table: str, size: int = 500) -> Iterator:
+        """Yield ``(columns, rows)`` batches of every row of ``table``, in insertion order
+        where it matters (tokens list by it, audit ids grow)."""
+        _check_table(table)
+        order = {"tokens": " ORDER BY rowid", "audit": " ORDER BY id"}.get(table, "")
+        cur = db.execute(f"SELECT * FROM {table}{order}")
+        names = [d[0] for d in cur.description]
+        keep = [i for i, n in enumerate(names) if n != "rowid"]  # PostgreSQL's stand-in
+        while True:
+            rows = cur.fetchmany(size)
+            if not rows:
+                return
+            yield [names[i] for i in keep], [tuple(r[i] for i in keep) for r in rows]
+
+    def insert_rows(self, db, table: str, columns: list, rows: list) -> None:
+        _check_table(table)
+        if not set(columns) <= _TABLE_COLUMNS[table]:
+            raise ValueError(f"unknown columns in {table}: {sorted(set(columns) - _TABLE_COLUMNS[table])}")
+        db.executemany(f"INSERT INTO {table} ({','.join(columns)}) "
+                       f"VALUES ({','.join('?' * len(columns))})", rows)
+
+    def after_copy(self, db) -> None:
+        """Bring id counters past the copied rows (SQLite's AUTOINCREMENT does it itself)."""
+
 
 class SQLiteStore(_SQLRecords):
     """SQLite in WAL mode: one writer connection behind a lock, pooled readers.
@@ -1844,7 +1885,7 @@ class PostgresStore(_SQLRecords):
     shared = True  # other processes write the same database: validate caches
 
     def __init__(self, url: str, pool_size: int = PG_POOL_SIZE,
-                 pool_timeout: float = PG_POOL_TIMEOUT):
+                 pool_timeout: float = PG_POOL_TIMEOUT, app_name: str = PG_APP_NAME):
         self._psycopg, pool_mod = _import_psycopg()
         self.url = url
         self.path = _redact_url(url)  # what messages name
@@ -1855,9 +1896,10 @@ class PostgresStore(_SQLRecords):
         self._uncommitted_bytes: dict = {}
         self.pool = pool_mod.ConnectionPool(
             url, min_size=1, max_size=pool_size, timeout=pool_timeout, open=False,
-            name="pulumi_backend", kwargs={"autocommit": True, "row_factory": _pg_row_factory})
+            name="pulumi_backend", kwargs={"autocommit": True, "row_factory": _pg_row_factory,
+                                                   "application_name": app_name})
         with _pg_errors(self._psycopg):  # one plain connection first: its error says why
-            self._psycopg.connect(url, connect_timeout=10).close()
+            self._psycopg.connect(url, connect_timeout=10, application_name=app_name).close()
             try:
                 self.pool.open(wait=True, timeout=pool_timeout)
             except pool_mod.PoolTimeout:
@@ -1954,6 +1996,16 @@ class PostgresStore(_SQLRecords):
         return db.execute(f"INSERT INTO audit ({cols}) VALUES ({','.join('?' * len(event))}) "
                           "RETURNING id", tuple(event.values())).fetchone()[0]
 
+    def after_copy(self, db) -> None:
+        db.execute("SELECT setval(pg_get_serial_sequence('audit', 'id'), "
+                   "(SELECT COALESCE(max(id), 0) + 1 FROM audit), false)")
+
+    def other_servers(self, db) -> int:
+        """Return how many other server sessions are connected to this database."""
+        return db.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                          "current_database() AND application_name = ? AND pid <> "
+                          "pg_backend_pid()", (PG_APP_NAME,)).fetchone()[0]
+
     @contextlib.contextmanager
     def periodic_turn(self):
         """Yield whether this replica holds the periodic-work lock (one replica at a time).
@@ -1970,14 +2022,15 @@ class PostgresStore(_SQLRecords):
                     conn.execute("SELECT pg_advisory_unlock(%s)", (PG_PERIODIC_LOCK,))
 
 
-def open_store(db: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT) -> "Store":
+def open_store(db: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT,
+               app_name: str = PG_APP_NAME) -> "Store":
     """Open the store ``--db`` names: a PostgreSQL URL or a SQLite file.
 
     Raises ValueError with a message naming the database when it cannot be opened.
     """
     if is_postgres_url(db):
         try:
-            return PostgresStore(db)
+            return PostgresStore(db, app_name=app_name)
         except (sqlite3.Error, RuntimeError) as e:
             raise ValueError(f"cannot open database {_redact_url(db)}: {e}") from None
     db_dir = os.path.dirname(os.path.abspath(db))
@@ -2002,6 +2055,31 @@ _STACK_COLUMNS = frozenset({"org", "project", "name", "tags", "version", "active
 _UPDATE_COLUMNS = frozenset({"status", "started", "ended", "version", "base_version", "journal",
                              "lease_token", "lease_expires", "cli_version", "resource_changes",
                              "resource_count", "program", "requested_by"})
+
+
+#: Every table with its columns, parents before children (the order ``copy`` fills them).
+_TABLE_COLUMNS = {
+    "meta": frozenset({"key", "value"}),
+    "stacks": _STACK_COLUMNS | {"id", "created"},
+    "deployments": frozenset({"stack_id", "version", "data", "size", "resource_count"}),
+    "updates": _UPDATE_COLUMNS | {"id", "stack_id", "kind", "dry_run", "created"},
+    "checkpoints": frozenset({"update_id", "seq", "kind", "data", "hash"}),
+    "journal": frozenset({"update_id", "seq", "data"}),
+    "events": frozenset({"update_id", "seq", "data"}),
+    "users": frozenset({"login", "name", "email", "role", "created"}),
+    "teams": frozenset({"name", "display_name", "description", "created"}),
+    "team_members": frozenset({"team", "login"}),
+    "grants": frozenset({"team", "pattern", "permission"}),
+    "tokens": frozenset({"id", "hash", "kind", "owner", "name", "description", "admin",
+                         "created_by", "created", "last_used", "expires"}),
+    "audit": frozenset({"id", "time", "actor", "token_id", "token_name", "source_ip",
+                        "user_agent", "event", "target", "outcome", "description"}),
+}
+
+
+def _check_table(table: str) -> None:
+    if table not in _TABLE_COLUMNS:  # table names reach SQL text: ours only
+        raise ValueError(f"unknown table {table!r}")
 
 
 def _check_columns(fields: dict, allowed: frozenset) -> None:
@@ -6445,6 +6523,97 @@ def restore_database(cfg: Config, source: Optional[str], environ: dict) -> int:
     return 0
 
 
+def _copy_lock(db: str):
+    """The lock a copy holds on one side: ``<db>.lock`` for SQLite (no server may run);
+    for PostgreSQL nothing to take, ``copy_database`` checks for connected servers."""
+    return contextlib.nullcontext() if is_postgres_url(db) else _database_lock(db)
+
+
+def _export_hashes(store: "Store", db) -> dict:
+    """Return stack id -> SHA-256 of its latest state as export serves it (uncompressed)."""
+    hashes = {}
+    for stack_id, _ in store.all_data_keys(db):
+        row = store.get_deployment(db, stack_id)
+        data = gzip.decompress(row["data"]) if row else _empty_deployment()
+        hashes[stack_id] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
+def copy_database(source: Optional[str], target: Optional[str]) -> int:
+    """Copy every row of one database (SQLite file or PostgreSQL URL) into another, empty
+    one, in one transaction, then check row counts and every stack's export hash.
+
+    Servers on either side must be stopped. The master key is not needed: stack keys
+    are copied still wrapped, so the same key opens the copy. Returns an exit code.
+    """
+    if not source or not target:
+        raise ValueError("copy needs both databases: copy --from state.db --to postgresql://...")
+    if source == target:
+        raise ValueError("copy: --from and --to are the same database")
+    if not is_postgres_url(source) and not os.path.exists(source):
+        raise ValueError(f"copy: {source} does not exist")
+    names = (_redact_url(source), _redact_url(target))
+    tty = sys.stderr.isatty()
+    with _copy_lock(source), _copy_lock(target):
+        src = open_store(source, app_name="pulumi-backend-copy")
+        try:
+            dst = open_store(target, app_name="pulumi-backend-copy")
+        except ValueError:
+            src.close()
+            raise
+        try:
+            for store, name in ((src, names[0]), (dst, names[1])):
+                if isinstance(store, PostgresStore):
+                    with store.read() as db:
+                        if store.other_servers(db):
+                            raise ValueError(f"copy: a server is connected to {name}; stop "
+                                             "every server on both databases first")
+            with dst.read() as db:
+                busy = [t for t in _TABLE_COLUMNS if t != "meta" and dst.count_rows(db, t)]
+            if busy:
+                raise ValueError(f"copy: {names[1]} is not empty ({', '.join(busy)} have rows); "
+                                 "copy into a new database")
+            counts: dict = {}
+            with src.read() as rdb, dst.write() as wdb:
+                meta = dict(r for _, rows in src.table_batches(rdb, "meta") for r in rows)
+                for key, value in meta.items():  # replaces a canary of a server started on it
+                    dst.set_meta(wdb, key, value)
+                for table in list(_TABLE_COLUMNS)[1:]:
+                    counts[table] = 0
+                    for columns, rows in src.table_batches(rdb, table):
+                        dst.insert_rows(wdb, table, columns, rows)
+                        counts[table] += len(rows)
+                    if tty:
+                        print(f"  {table}: {counts[table]} rows", file=sys.stderr, flush=True)
+                dst.after_copy(wdb)
+                hashes = _export_hashes(src, rdb)
+            _check_copy(dst, meta, counts, hashes, names)
+        finally:
+            src.close()
+            dst.close()
+    print(f"copied {counts['stacks']} stacks, {sum(counts.values()) + len(meta)} rows from "
+          f"{names[0]} to {names[1]}; checked: row counts of {len(counts) + 1} tables, "
+          f"{len(hashes)} export hashes")
+    return 0
+
+
+def _check_copy(dst: "Store", meta: dict, counts: dict, hashes: dict, names: tuple) -> None:
+    """Raise ValueError unless the copy has the source's rows and states."""
+    with dst.read() as db:
+        for table, n in counts.items():
+            got = dst.count_rows(db, table)
+            if got != n:
+                raise ValueError(f"copy check failed: {table} has {got} rows in {names[1]}, "
+                                 f"{n} in {names[0]}")
+        if any(dst.get_meta(db, key) != value for key, value in meta.items()):
+            raise ValueError(f"copy check failed: the meta rows of {names[1]} differ")
+        copied = _export_hashes(dst, db)
+    bad = sorted(k for k in hashes if copied.get(k) != hashes[k])
+    if bad or len(copied) != len(hashes):
+        raise ValueError(f"copy check failed: the state of {len(bad)} stacks differs "
+                         f"(first: {bad[:1]})")
+
+
 def rotate_master_key(cfg: Config, new_key_file: Optional[str], environ: dict) -> int:
     """Rewrap every data key under the key in ``new_key_file``; return an exit code."""
     if not new_key_file:
@@ -6755,6 +6924,8 @@ def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
                              "tools, or `copy --from postgresql://... --to FILE.db`")
         if command == "backup":
             return backup_database(cfg, extras["file"])
+        if command == "copy":
+            return copy_database(*extras["copy"])
         if command == "import-diy":  # beside a running server too: see section 11
             return import_diy(cfg, extras["file"], extras["import"], environ)
         # <db>.lock is SQLite's: PostgreSQL replicas share one database by design.

@@ -125,6 +125,13 @@ def urns(doc):
     return [r["urn"] for r in dep.get("resources") or []]
 
 
+def free_tcp_port():
+    """A port on 127.0.0.1 nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_past(expiration):
     """Sleep until a lease with ``tokenExpiration`` is expired for the server."""
     while int(time.time()) <= expiration:
@@ -581,8 +588,9 @@ def test_store_pragmas_and_schema(tmp_path):
         store.close()
 
 
-def test_store_write_rolls_back_on_error(tmp_path):
-    store = pb.SQLiteStore(str(tmp_path / "x.db"))
+@both_stores
+def test_store_write_rolls_back_on_error(cfg):
+    store = pb.open_store(cfg.db)
     try:
         with pytest.raises(RuntimeError):
             with store.write() as db:
@@ -611,6 +619,129 @@ def test_store_refuses_unknown_columns_and_newer_schema(tmp_path):
     conn.close()
     with pytest.raises(RuntimeError, match="newer"):
         pb.SQLiteStore(path)
+
+
+@both_stores
+def test_store_records_round_trip(cfg):
+    """The record methods behave alike on both stores (upserts, dedup, order, ids)."""
+    store = pb.open_store(cfg.db)
+    try:
+        with store.write() as db:
+            store.set_meta(db, "k", b"\x00\xff")
+            store.set_meta(db, "k", b"v2")  # INSERT OR REPLACE
+            for name in ("b", "B", "a"):  # byte order pages: 'B' < 'a' < 'b'
+                store.insert_stack(db, {"id": "id-" + name, "org": "o", "project": "p",
+                                        "name": name, "created": 1, "data_key": b"\x01k"})
+            store.put_deployment(db, "id-a", 1, b"gz1", 3, 0)
+            store.put_deployment(db, "id-a", 1, b"gz2", 3, 0)  # replaced
+            store.insert_update(db, {"id": "u1", "stack_id": "id-a", "kind": "update",
+                                     "dry_run": 0, "status": "running", "created": 1})
+            store.append_journal(db, "u1", [(2, b"j2"), (1, b"j1"), (2, b"dup")])
+            store.append_events(db, "u1", [(0, b"e0"), (0, b"dup")])
+            store.put_checkpoint(db, "u1", 1, "full", b"{}", "h1")
+            store.put_checkpoint(db, "u1", 2, "delta", b"[]", "h2")
+            ids = [store.append_audit(db, {"time": t, "event": "e", "outcome": "ok"})
+                   for t in (5, 6)]
+            for i, login in enumerate(("zed", "amy")):  # same second: insertion order
+                store.insert_token(db, {"id": f"t{i}", "hash": f"h{i}", "kind": "org",
+                                        "owner": login, "created": 7})
+            store.insert_team(db, {"name": "devs", "display_name": "", "description": "",
+                                   "created": 1})
+            store.set_grant(db, "devs", "p/*", 1)
+            store.set_grant(db, "devs", "p/*", 2)
+        with store.read() as db:
+            assert store.get_meta(db, "k") == b"v2"
+            assert [s["name"] for s in store.list_stacks(db, "o", None, ("", "", ""), 10)] == \
+                ["B", "a", "b"]
+            assert store.get_stack(db, "o", "p", "a")["data_key"] == b"\x01k"
+            assert store.get_deployment(db, "id-a")["data"] == b"gz2"
+            assert store.journal_entries(db, "u1") == [b"j1", b"j2"]
+            assert store.list_events(db, "u1", -1, 10) == [(0, b"e0")]
+            assert store.last_checkpoint(db, "u1") == (2, "h2")
+            assert ids[1] == ids[0] + 1
+            assert [t["owner"] for t in store.list_tokens(db)] == ["zed", "amy"]
+            assert store.grants(db, ["devs"]) == [("devs", "p/*", 2)]
+            assert store.identity_in_use(db)
+            assert store.list_history(db, "id-a", -1, 0) == []
+    finally:
+        store.close()
+
+
+def test_postgres_schema_migrates_once_and_refuses_newer(pg_url):
+    first, second = pb.open_store(pg_url), pb.open_store(pg_url)  # a second replica starting
+    try:
+        with second.read() as db:
+            assert db.execute("SELECT version FROM schema_version").fetchone()[0] == \
+                len(pb._SCHEMA)
+            assert db.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+        with first.write() as db:
+            db.execute("UPDATE schema_version SET version = 99")
+    finally:
+        first.close()
+        second.close()
+    with pytest.raises(ValueError, match="newer"):
+        pb.open_store(pg_url)
+
+
+def test_postgres_errors_map_like_sqlite(pg_url):
+    store = pb.open_store(pg_url)
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            with store.write() as db:
+                store.insert_team(db, {"name": "t", "display_name": "", "description": "",
+                                       "created": 1})
+                store.insert_team(db, {"name": "t", "display_name": "", "description": "",
+                                       "created": 1})
+        with store.read() as db:
+            assert store.get_team(db, "t") is None  # rolled back
+        with pytest.raises(sqlite3.OperationalError, match="within a transaction"):
+            with store.write():
+                with store.write():
+                    pass
+        assert pb._storage_error(sqlite3.OperationalError("database busy or unreachable: x")) \
+            .status == 503
+    finally:
+        store.close()
+
+
+def test_postgres_unreachable_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"cannot open database postgresql://u:\*\*\*@127\.0\.0\.1"):
+        pb.open_store(f"postgresql://u:secret@127.0.0.1:{free_tcp_port()}/db")
+
+
+def test_postgres_without_psycopg_names_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg -> ImportError
+    with pytest.raises(ValueError, match=re.escape(pb.PG_INSTALL_HINT)):
+        pb.open_store("postgresql://u@127.0.0.1/db")
+    key = tmp_path / "k"
+    key.write_bytes(bytes(32))
+    proc = subprocess.run([sys.executable, "-c", (
+        "import sys, pulumi_backend as pb; sys.modules['psycopg'] = None; "
+        "sys.exit(pb.main(sys.argv[1:]))"), "--db", "postgresql://u@127.0.0.1/db",
+        "--master-key-file", str(key)], capture_output=True, text=True, cwd=SCRIPT.parent)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and pb.PG_INSTALL_HINT in proc.stderr
+
+
+def test_sqlite_path_never_imports_psycopg(tmp_path):
+    code = ("import sys, pulumi_backend as pb; s = pb.open_store(sys.argv[1]); s.close(); "
+            "print(sorted(m for m in sys.modules if m.startswith('psycopg')))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.db")],
+                         capture_output=True, text=True, cwd=SCRIPT.parent, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_postgres_config_needs_a_shared_key_and_no_backup_dir(tmp_path):
+    url = "postgresql://u@h/db"
+    with pytest.raises(ValueError, match="same key"):
+        pb.parse_config(["--db", url], {})
+    with pytest.raises(ValueError, match="backup-dir"):
+        pb.parse_config(["--db", url, "--master-key-file", "k", "--backup-dir", "b"], {})
+    key = base64.b64encode(bytes(32)).decode()
+    _, cfg, _ = pb.parse_config(["--db", url], {"PULUMI_BACKEND_MASTER_KEY": key})
+    assert cfg.db == url
+    assert pb.main(["backup", str(tmp_path / "out.db"), "--db", url],
+                   {"PULUMI_BACKEND_MASTER_KEY": key}) == 1
 
 
 # ==== 6. Engine: delta application =============================================
