@@ -2940,6 +2940,185 @@ def test_concurrent_calls_of_one_update(srv):
     assert len(srv.export(path)["deployment"]["resources"]) == 20
 
 
+# ---- PostgreSQL: several replicas on one database ----------------------------
+
+@pytest.fixture
+def replicas(pg_url):
+    """Start servers ("replicas") on one PostgreSQL database: ``replicas(n, **overrides)``."""
+    servers = []
+
+    def _start(n=2, **overrides):
+        new = [Srv(Config(db=pg_url, port=0, master_key=PG_MASTER_KEY, **overrides))
+               for _ in range(n)]
+        servers.extend(new)
+        return new
+
+    yield _start
+    for server in reversed(servers):
+        server.stop()
+
+
+def on(server, update):
+    """The same update, its calls sent to another replica."""
+    return Update(server, update.path, update.id, update.status, update.start)
+
+
+def test_replicas_share_stack_locks_leases_and_journal(replicas, clock):
+    a, b = replicas(2)
+    path = a.create_stack()
+    update = a.begin(path)
+    assert update.status == 200
+    assert b.begin(path).status == 409  # the stack lock is in the database, not in a's memory
+    for n in range(1, 11):
+        replica = on(a if n % 2 else b, update)
+        assert replica.journal(entry(n, 1, n, state=res(f"r{n}")))[0] == 200
+    results = []
+    threads = [threading.Thread(target=lambda s=s: results.append(
+        on(s, update).journal(entry(11, 1, 11, state=res("r11")))[0])) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [200, 200]  # the same sequenceID from two replicas: stored once
+    assert on(b, update).complete()[0] == 200
+    assert on(a, update).complete()[0] == 200  # a retry reaching the other replica
+    assert len(a.export(path)["deployment"]["resources"]) == 11
+
+    # A lapsed lease: replicas race to start the next update; exactly one wins and the
+    # abandoned update is finished once.
+    abandoned = a.begin(path)
+    assert abandoned.journal(entry(1, 1, 1, state=res("late")))[0] == 200
+    clock.advance(pb.DEFAULT_LEASE_SECONDS + 60)
+    created = []
+    for s in (a, b):
+        status, _, out = s.request("POST", f"{path}/update", {"name": "proj", "runtime": "python"})
+        assert status == 200
+        created.append((s, out["updateID"]))
+    barrier, started = threading.Barrier(2), []
+
+    def start(s, update_id):
+        barrier.wait()
+        started.append(s.request("POST", f"{path}/update/{update_id}", {})[0])
+
+    threads = [threading.Thread(target=start, args=c) for c in created]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(started) == [200, 409]
+    history = a.history(path)
+    assert [u["result"] for u in history if u["updateID"] == abandoned.id] == ["failed"]
+    assert len({u["version"] for u in history}) == len(history)  # no version taken twice
+
+
+def test_replicas_validate_the_working_state_cache(replicas):
+    a, b = replicas(2)
+    path = a.create_stack()
+    update = a.begin(path, journal=False)
+    docs = [PREV_DOC.replace(b"10:00:00Z", f"10:00:{n:02d}Z".encode()) for n in range(5)]
+    assert update.verbatim(docs[0], 1)[0] == 200
+
+    def delta(server, seq):
+        prev, new = docs[seq - 2], docs[seq - 1]
+        return on(server, update).delta([_edit(0, len(prev), new.decode())],
+                                        hashlib.sha256(new).hexdigest(), seq)
+
+    assert delta(a, 2)[0] == 200  # a caches checkpoint 2
+    assert delta(b, 3)[0] == 200  # b moves on: a's cache is now stale
+    status, _, out = delta(a, 4)  # a must notice and rebuild from the rows
+    assert status == 200, out
+    assert delta(b, 5)[0] == 200
+    assert on(b, update).complete()[0] == 200
+    assert a.export_bytes(path) == docs[4]
+
+
+def test_replica_with_another_master_key_refuses_to_start(replicas, pg_url):
+    a, = replicas(1)
+    path = a.create_stack()
+    status, _, out = a.request("POST", path + "/encrypt", {"plaintext": b64(b"s3cret")})
+    assert status == 200
+    with pytest.raises(ValueError, match="master key does not match"):
+        pb.build_app(Config(db=pg_url, port=0, master_key=bytes(32)), environ={})
+    b, = replicas(1)  # the right key: the other replica decrypts
+    status, _, back = b.request("POST", path + "/decrypt", {"ciphertext": out["ciphertext"]})
+    assert status == 200 and base64.b64decode(back["plaintext"]) == b"s3cret"
+
+
+def test_postgres_metrics_show_the_pool_and_readyz_the_database(replicas, pg_url, monkeypatch):
+    a, = replicas(1)
+    status, _, text = a.request("GET", "/metrics", raw=True)
+    assert status == 200
+    for gauge in ("size", "available", "waiting"):
+        assert re.search(rf"^pulumi_backend_db_pool_{gauge} \d+$", text.decode(), re.M)
+    assert re.search(r"^pulumi_backend_database_bytes [1-9]\d*$", text.decode(), re.M)
+    assert a.request("GET", "/readyz")[0] == 200
+    monkeypatch.setattr(pb, "READY_CHECK_SECONDS", 0)
+    postgres.server().drop_database(pg_url)  # the database goes away under the server
+    status, _, out = a.request("GET", "/readyz")
+    assert status == 503 and "database" in out["message"]
+
+
+def _fill(server):
+    """Stacks with history, secrets, a user, a token and audit rows; return what to compare."""
+    paths = []
+    for name in ("one", "two"):
+        path = server.create_stack(stack=name)
+        for n in range(2):
+            update = server.begin(path)
+            assert update.journal(entry(1, 1, 1, state=res(f"{name}{n}", stack=name)))[0] == 200
+            assert update.complete()[0] == 200
+        paths.append(path)
+    status, _, sealed = server.request("POST", paths[0] + "/encrypt", {"plaintext": b64(b"pw")})
+    assert status == 200
+    ident = pb.Identity(server.cfg, server.store, pb.AuditLog(server.cfg, server.store))
+    ident.add_user(pb._LOCAL_ADMIN, "alice", role="admin")
+    _, token = ident.create_token(pb._LOCAL_ADMIN, "personal", "alice", name="t")
+    return paths, sealed["ciphertext"], token
+
+
+def _same_data(server, paths, ciphertext, token, exports):
+    for path, exported in zip(paths, exports):
+        assert server.export_bytes(path) == exported
+        assert len(server.history(path)) == 2
+    status, _, back = server.request("POST", paths[0] + "/decrypt", {"ciphertext": ciphertext},
+                                     token=f"token {token}")
+    assert status == 200 and base64.b64decode(back["plaintext"]) == b"pw"
+
+
+def test_copy_sqlite_to_postgres_and_back(tmp_path, pg_url, capsys):
+    key = tmp_path / "key"
+    key.write_bytes(PG_MASTER_KEY)
+    sqlite_cfg = Config(db=str(tmp_path / "a.db"), port=0, master_key_file=str(key),
+                        auth_tokens=("t",))
+    server = Srv(sqlite_cfg)
+    try:
+        paths, ciphertext, token = _fill(server)
+        exports = [server.export_bytes(p) for p in paths]
+    finally:
+        server.stop()
+    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", pg_url]) == 0
+    assert re.search(r"copied 2 stacks, \d+ rows .* 2 export hashes", capsys.readouterr().out)
+    server = Srv(Config(db=pg_url, port=0, master_key=PG_MASTER_KEY, auth_tokens=("t",)))
+    try:
+        _same_data(server, paths, ciphertext, token, exports)
+        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
+        # refused: a server is connected to the database
+        assert pb.main(["copy", "--from", pg_url, "--to", str(tmp_path / "b.db")]) == 1
+        assert "stop every server" in capsys.readouterr().err
+    finally:
+        server.stop()
+    back = str(tmp_path / "b.db")
+    assert pb.main(["copy", "--from", pg_url, "--to", back]) == 0
+    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", back]) == 1  # not empty
+    assert "is not empty" in capsys.readouterr().err
+    server = Srv(dataclasses.replace(sqlite_cfg, db=back))
+    try:
+        _same_data(server, paths, ciphertext, token, exports)
+        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
+    finally:
+        server.stop()
+
+
 class _CommitFailsOnce:
     """Wraps the writer connection: the next COMMIT fails as SQLite's busy COMMIT does
     (the transaction stays open)."""
