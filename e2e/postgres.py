@@ -44,7 +44,7 @@ def _free_port():
 class PostgresServer:
     """One cluster in ``root``; ``url(db)`` connects as the superuser ``postgres``."""
 
-    def __init__(self, bindir):
+    def __init__(self, bindir, durable=False):
         self.bindir = bindir
         self.root = tempfile.mkdtemp(prefix="pulumi-backend-pg-")
         self.data = os.path.join(self.root, "data")
@@ -56,9 +56,9 @@ class PostgresServer:
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
         self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
                   "--locale=C", "--no-sync")
-        opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                "-c max_connections=200")
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not durable:  # tests: no fsync (benchmarks pass durable=True)
+            opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"), "-o", opts,
                   "-w", "-t", "60", "start")
 
@@ -95,6 +95,13 @@ class PostgresServer:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+def find_bindir():
+    """The newest installed server's bin folder, or None."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                  key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    return os.path.dirname(bins[-1]) if bins else None
+
+
 def server():
     """Return the session's server, starting it on first use (skips when impossible)."""
     global _server
@@ -104,10 +111,10 @@ def server():
             import psycopg_pool  # noqa: F401
         except ImportError as e:
             _missing(f"{e.name} is not installed")
-        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        if not bins:
+        bindir = find_bindir()
+        if bindir is None:
             _missing("no PostgreSQL server (initdb) under /usr/lib/postgresql")
-        _server = PostgresServer(os.path.dirname(bins[-1]))
+        _server = PostgresServer(bindir)
         atexit.register(_server.stop)
     return _server
 
