@@ -407,7 +407,7 @@ def test_config_defaults():
     assert cfg.journaling is True and cfg.crypto == "auto"
     assert (cfg.lease_seconds, cfg.history_limit, cfg.checkpoint_cutoff) == (
         300, 50, 1024 * 1024)
-    assert extras == {"new_key_file": None, "file": None}
+    assert extras == {"new_key_file": None, "file": None, "copy": (None, None)}
 
 
 def test_config_key_file_defaults_beside_db(tmp_path):
