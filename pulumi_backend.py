@@ -203,8 +203,6 @@ PG_POOL_TIMEOUT = 30.0
 #: Key of the transaction-level advisory lock every PostgreSQL write takes
 #: (see PostgresStore); any constant works, this one spells "pulumi_b".
 PG_WRITE_LOCK = 0x70756C756D695F62
-#: Key of the session advisory lock held by the replica that runs periodic work.
-PG_PERIODIC_LOCK = PG_WRITE_LOCK + 1
 #: What to install for ``--db postgresql://...`` (pinned as e2e/setup.sh pins them).
 #: application_name of a server's PostgreSQL sessions (``copy`` refuses while any is there).
 PG_APP_NAME = "pulumi-backend"
@@ -352,9 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
           action="store_const", const="1")
     _flag(p, "master-key-file", "32-byte master key file, created 0600 if absent "
           "(default: <db>.key)")
-    p.add_argument("--from", dest="copy_from", metavar="DB",
+    # adm_: like the admin options, command arguments without a PULUMI_BACKEND_ variable
+    p.add_argument("--from", dest="adm_from", metavar="DB",
                    help="copy: the database to read (SQLite file or postgresql:// URL)")
-    p.add_argument("--to", dest="copy_to", metavar="DB",
+    p.add_argument("--to", dest="adm_to", metavar="DB",
                    help="copy: the new database to fill (SQLite file or postgresql:// URL)")
     _flag(p, "new-key-file", "rotate-master-key: the new master key file (created if absent)")
     _flag(p, "crypto", "AES-GCM implementation: auto, openssl or python (default auto)")
@@ -469,7 +468,6 @@ def parse_config(argv: list, environ: dict) -> tuple:
 
     tokens = _parse_tokens(values.pop("auth_token", None), values.pop("auth_token_file", None))
     new_key_file = values.pop("new_key_file", None)
-    copy = (values.pop("copy_from", None), values.pop("copy_to", None))
     import_options = {key: _parse_bool(key.replace("_", "-"), str(values.pop(key, "0")))
                       for key in ("dry_run", "overwrite", "ignore_locks")}
     kw: dict = {"auth_tokens": tuple(tokens)}
@@ -488,7 +486,8 @@ def parse_config(argv: list, environ: dict) -> tuple:
             raise ValueError("PULUMI_BACKEND_MASTER_KEY must hold exactly 32 bytes")
     cfg = Config(**kw)
     _validate_config(cfg)
-    extras = {"new_key_file": new_key_file, "file": args.file, "copy": copy}
+    extras = {"new_key_file": new_key_file, "file": args.file,
+              "copy": (args.adm_from, args.adm_to)}
     if args.command == "import-diy":
         extras["import"] = import_options
     if args.command in _ADMIN_COMMANDS:
@@ -1881,6 +1880,11 @@ class PostgresStore(_SQLRecords):
     the engine checks a cached working state against the stored checkpoint
     (``shared``), /readyz's memo is this replica's own view of the database, and
     the gauges are read from the database at every scrape.
+
+    Periodic work needs no elected replica: history and audit pruning, expired
+    tokens and abandoned updates are handled inside write transactions, so under
+    the lock, by one replica at a time. Scheduled backups (``--backup-dir``) copy
+    SQLite files and are refused with a PostgreSQL URL.
     """
 
     shared = True  # other processes write the same database: validate caches
@@ -2006,21 +2010,6 @@ class PostgresStore(_SQLRecords):
         return db.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                           "current_database() AND application_name = ? AND pid <> "
                           "pg_backend_pid()", (PG_APP_NAME,)).fetchone()[0]
-
-    @contextlib.contextmanager
-    def periodic_turn(self):
-        """Yield whether this replica holds the periodic-work lock (one replica at a time).
-
-        A session-level ``pg_try_advisory_lock`` on a connection held for the block:
-        the other replicas get False and skip this round.
-        """
-        with _pg_errors(self._psycopg), self.pool.connection() as conn:
-            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (PG_PERIODIC_LOCK,)).fetchone()[0]
-            try:
-                yield bool(got)
-            finally:
-                if got:
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (PG_PERIODIC_LOCK,))
 
 
 def open_store(db: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT,

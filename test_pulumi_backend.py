@@ -434,7 +434,7 @@ def test_config_reads_environment(tmp_path):
     assert cfg.journaling is False and cfg.lease_seconds == 7 and cfg.history_limit == 3
     assert cfg.socket_timeout == 2.5 and cfg.org == "acme" and cfg.crypto == "python"
     assert cfg.checkpoint_cutoff == 1234 and cfg.master_key == key
-    assert extras == {"new_key_file": "n.key", "file": None}
+    assert extras == {"new_key_file": "n.key", "file": None, "copy": (None, None)}
 
 
 def test_config_ignores_process_environment(monkeypatch):
@@ -6429,13 +6429,24 @@ def _module_tree():
     return ast.parse(SCRIPT.read_text(encoding="utf-8"))
 
 
-def test_module_imports_only_stdlib():
+def _imports(tree):
     names = set()
-    for node in ast.walk(_module_tree()):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(node.module.split(".")[0])
+    return names
+
+
+def test_module_imports_only_stdlib():
+    """Only _import_psycopg, run for postgresql:// URLs alone, imports anything else."""
+    tree = _module_tree()
+    lazy = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+            and n.name == "_import_psycopg"]
+    assert len(lazy) == 1 and _imports(lazy[0]) == {"psycopg", "psycopg_pool"}
+    lazy[0].body = []
+    names = _imports(tree)
     assert names, "no imports found"
     outside = sorted(n for n in names if n not in sys.stdlib_module_names and n != "__future__")
     assert outside == []
