@@ -203,9 +203,9 @@ PG_POOL_TIMEOUT = 30.0
 #: Key of the transaction-level advisory lock every PostgreSQL write takes
 #: (see PostgresStore); any constant works, this one spells "pulumi_b".
 PG_WRITE_LOCK = 0x70756C756D695F62
-#: What to install for ``--db postgresql://...`` (pinned as e2e/setup.sh pins them).
 #: application_name of a server's PostgreSQL sessions (``copy`` refuses while any is there).
 PG_APP_NAME = "pulumi-backend"
+#: What to install for ``--db postgresql://...`` (e2e/setup.sh pins the versions tested).
 PG_INSTALL_HINT = 'pip install "psycopg[binary]" psycopg-pool'
 #: WAL pages after which a commit checkpoints (SQLite's default); 0 leaves
 #: checkpoints to Litestream (--wal-autocheckpoint).
@@ -1078,7 +1078,7 @@ class Store:
     def close(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    # Record methods, implemented by SQLiteStore (handle first, then arguments):
+    # Record methods, implemented once by _SQLRecords for both stores (handle first):
     # meta: get_meta, set_meta
     # stacks: get_stack, get_stack_by_id, list_stacks, insert_stack, update_stack,
     #   delete_stack, project_exists, count_stacks, all_data_keys, one_data_key
@@ -2527,7 +2527,7 @@ def _split_verbatim(body: bytes) -> tuple:
 class Engine:
     """Operations of the API on stacks, state, updates and secrets."""
 
-    def __init__(self, cfg: Config, store: SQLiteStore, keys: "KeyManager"):
+    def __init__(self, cfg: Config, store: Store, keys: "KeyManager"):
         self.cfg = cfg
         self.store = store
         self.keys = keys
@@ -3721,7 +3721,7 @@ class KeyManager:
         except ValueError:
             return False
 
-    def check_canary(self, store: SQLiteStore) -> None:
+    def check_canary(self, store: Store) -> None:
         """Refuse a master key that does not open this database (see ``matches``);
         write the canary when it is missing or was written under another key."""
         with store.write() as db:
@@ -3735,7 +3735,7 @@ class KeyManager:
                                 "stack keys")
                 store.set_meta(db, "canary", self.crypto.seal(self._master, _CANARY))
 
-    def rotate(self, store: SQLiteStore, new_master: bytes) -> int:
+    def rotate(self, store: Store, new_master: bytes) -> int:
         """Rewrap every data key and the canary under ``new_master`` in one transaction."""
         self.check_canary(store)
         new = KeyManager(self.crypto, new_master)
@@ -3858,7 +3858,7 @@ class AuditLog:
     a token or a secret value.
     """
 
-    def __init__(self, cfg: Config, store: SQLiteStore):
+    def __init__(self, cfg: Config, store: Store):
         self.store = store
         self.path = cfg.audit_log
         self.retention = cfg.audit_retention_days * 86400
@@ -3939,7 +3939,7 @@ class Identity:
     change is audited with its actor.
     """
 
-    def __init__(self, cfg: Config, store: SQLiteStore, audit: AuditLog):
+    def __init__(self, cfg: Config, store: Store, audit: AuditLog):
         self.cfg, self.store, self.audit = cfg, store, audit
         self._static = [t.encode() for t in cfg.auth_tokens]
         self.default = _PERM_BY_NAME[cfg.default_stack_permission]
@@ -6794,7 +6794,7 @@ def _parse_since(text: Optional[str]) -> int:
     return int(when.timestamp())
 
 
-def _admin_audit(store: SQLiteStore, args: list, opts: dict) -> None:
+def _admin_audit(store: Store, args: list, opts: dict) -> None:
     _want(args, 0, "audit [--since 2026-01-31|7d]")
     after, since = 0, _parse_since(opts["since"])
     while True:
