@@ -1849,8 +1849,8 @@ class _PGHandle:
         self._psycopg = psycopg
 
     def execute(self, sql: str, params: Any = ()):
-        with _pg_errors(self._psycopg):
-            return self.conn.execute(_pg_sql(sql), params)
+        with _pg_errors(self._psycopg):  # binary results: BYTEA as raw bytes, not hex text
+            return self.conn.execute(_pg_sql(sql), params, binary=True)
 
     def executemany(self, sql: str, rows: Iterable):
         with _pg_errors(self._psycopg):
