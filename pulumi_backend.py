@@ -1778,6 +1778,11 @@ _PG_TYPES = [(re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b"), "BIGSERIAL P
              (re.compile(r"\bTEXT\b"), 'TEXT COLLATE "C"'),
              # list_tokens orders by insertion (SQLite's rowid); PostgreSQL needs a column.
              (re.compile(r"CREATE TABLE tokens \("), "CREATE TABLE tokens (rowid BIGSERIAL,")]
+# After schema version 1 on PostgreSQL: states and entries are stored as they come, not
+# through TOAST's compression (pglz on a 10 MB JSON state doubled the time of a write;
+# deployments are gzip already).
+_PG_AFTER_SCHEMA = {0: [f"ALTER TABLE {t} ALTER COLUMN data SET STORAGE EXTERNAL"
+                        for t in ("deployments", "checkpoints", "journal", "events")]}
 _PG_CONFLICT_KEYS = {"meta": "key", "deployments": "stack_id, version",
                      "checkpoints": "update_id, seq", "grants": "team, pattern"}
 _INSERT_OR_RE = re.compile(r"INSERT OR (REPLACE|IGNORE) INTO (\w+) \(([^)]*)\)(.*)", re.S)
@@ -1929,6 +1934,8 @@ class PostgresStore(_SQLRecords):
                 for stmt in _SCHEMA[version].split(";"):
                     if stmt.strip():
                         db.execute(_pg_ddl(stmt))
+                for stmt in _PG_AFTER_SCHEMA.get(version, ()):
+                    db.execute(stmt)
             db.execute("DELETE FROM schema_version")
             db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
 

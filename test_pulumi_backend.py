@@ -674,6 +674,9 @@ def test_postgres_schema_migrates_once_and_refuses_newer(pg_url):
             assert db.execute("SELECT version FROM schema_version").fetchone()[0] == \
                 len(pb._SCHEMA)
             assert db.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+            assert db.execute("SELECT attstorage FROM pg_attribute WHERE attrelid = "
+                              "'checkpoints'::regclass AND attname = 'data'").fetchone()[0] \
+                in ("e", b"e")  # stored as sent: no pglz on every checkpoint
         with first.write() as db:
             db.execute("UPDATE schema_version SET version = 99")
     finally:
