@@ -46,7 +46,10 @@ class PostgresServer:
 
     def __init__(self, bindir, durable=False):
         self.bindir = bindir
-        self.root = tempfile.mkdtemp(prefix="pulumi-backend-pg-")
+        # As root the cluster belongs to RUN_AS, who must reach the folder: /tmp, not a
+        # TMPDIR that may sit in root's home.
+        self.root = tempfile.mkdtemp(prefix="pulumi-backend-pg-",
+                                     dir="/tmp" if os.geteuid() == 0 else None)
         self.data = os.path.join(self.root, "data")
         self.port = _free_port()
         self.user = None
