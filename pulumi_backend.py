@@ -22,8 +22,10 @@ Run::
     python pulumi_backend.py audit --since 7d --db state.db             # JSON lines
 
 Besides the Pulumi Cloud API it serves ``/healthz``, ``/readyz`` and
-``/metrics`` (Prometheus) without a token. SIGTERM or SIGINT drains in-flight
-requests for up to ``--shutdown-timeout`` seconds, then stops.
+``/metrics`` (Prometheus) without a token, and a read-only web console at ``/``
+(sign in with a token; ``--console off`` turns it off; section 11). SIGTERM or
+SIGINT drains in-flight requests for up to ``--shutdown-timeout`` seconds, then
+stops.
 
 Every flag can also be given as an environment variable: ``--db`` is
 ``PULUMI_BACKEND_DB``, ``--auth-token`` is ``PULUMI_BACKEND_AUTH_TOKEN`` and so on
@@ -43,8 +45,11 @@ per stack, wrapped by a master key kept outside the database; a master key that
 does not open the stack keys stops the server at start. The database and its
 -wal, -shm and lock files are 0600. Tokens, secrets and plaintexts are never
 logged. No byte of a request body is read before its route and credentials
-check out; a route that takes no body refuses one, and the request line and
-headers have ``--header-timeout`` seconds.
+check out (but the console's sign-in form, at most 16 KiB, after its Origin);
+a route that takes no body refuses one, and the request line and headers have
+``--header-timeout`` seconds. The console keeps sessions by the SHA-256 of
+their id, masks every secret, and takes forms only with this server's Origin
+and a CSRF token.
 
 Sections:
   1. Constants and limits
@@ -57,9 +62,10 @@ Sections:
   8. Identity and access (users, teams, tokens, permissions, audit log, OIDC)
   9. Request, response and router
  10. Handlers, by API area
- 11. Backups and replication (scheduled backups, Litestream)
- 12. Import from DIY backends
- 13. Server lifecycle and main()
+ 11. Web console (read-only pages at /, sign-in sessions, tokens page)
+ 12. Backups and replication (scheduled backups, Litestream)
+ 13. Import from DIY backends
+ 14. Server lifecycle and main()
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ import base64
 import bisect
 import collections
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import dataclasses
@@ -79,6 +86,7 @@ import functools
 import gzip
 import hashlib
 import hmac
+import html
 import http.server
 import io
 import ipaddress
@@ -117,7 +125,7 @@ __all__ = [
     "Engine", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
     "Principal", "Identity", "AuditLog",
-    "Request", "Response", "Router", "App",
+    "Request", "Response", "Router", "App", "Console",
     "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
     "copy_database",
     "BackupScheduler", "import_diy",
@@ -242,6 +250,18 @@ JWKS_CACHE_SECONDS = 300
 MAX_JWKS_BYTES = 1024 * 1024
 #: Audit events per page of GET /api/orgs/{orgName}/auditlogs.
 AUDIT_PAGE_SIZE = 100
+#: Seconds a web console session lasts after sign-in (section 11).
+CONSOLE_SESSION_SECONDS = 12 * 3600
+#: Largest form the console takes (sign in, tokens), in bytes.
+MAX_CONSOLE_FORM = 16 * 1024
+#: Stacks per page of the console's stack list.
+CONSOLE_STACK_PAGE = 100
+#: Updates per page of a stack's Activity tab.
+CONSOLE_HISTORY_PAGE = 25
+#: Engine events read for one update page (a 600-resource update has ~2,000).
+CONSOLE_MAX_EVENTS = 50000
+#: Seconds between reloads of the page of a running update.
+CONSOLE_REFRESH_SECONDS = 3
 
 _NAME_RE = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9_.-]{1,100}\Z")
 _ORG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,38}[A-Za-z0-9]\Z|^[A-Za-z0-9]\Z")
@@ -254,6 +274,8 @@ _STACK_TYPE = "pulumi:pulumi:Stack"
 #: Most compressed bytes fed to zlib at once when a request body is gunzipped
 #: (it returns at most 16 times as much per call).
 _GUNZIP_INPUT_STEP = 64 * 1024
+#: Newest journal-entry format we replay: 2 adds state-migration entries (kind 10).
+JOURNAL_VERSION = 2
 
 
 # ==== 2. Configuration ======================================================
@@ -297,6 +319,7 @@ class Config:
     oidc_issuers: str = ""
     audit_log: str = ""
     audit_retention_days: int = 0
+    console: bool = True
 
     def key_file(self) -> str:
         """Return the master key path: the flag, or ``<db>.key`` beside the database."""
@@ -396,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
           "team grant: none, read or write (default none)")
     _flag(p, "oidc-issuers", "JSON file of trusted OIDC issuers for `pulumi login --oidc-token`")
     _flag(p, "audit-log", "also append every audit event to this file as a JSON line")
+    _flag(p, "console", "serve the read-only web console at /: on or off (default on)")
     _flag(p, "audit-retention-days", "drop audit events older than this many days "
           "(default 0: keep them all)", type=int)
     # Options of the administration commands (no PULUMI_BACKEND_* variables).
@@ -472,7 +496,7 @@ def parse_config(argv: list, environ: dict) -> tuple:
                       for key in ("dry_run", "overwrite", "ignore_locks")}
     kw: dict = {"auth_tokens": tuple(tokens)}
     for key, value in values.items():
-        if key in ("allow_any_token", "journaling"):
+        if key in ("allow_any_token", "journaling", "console"):
             value = _parse_bool(key.replace("_", "-"), str(value))
         if key == "backup_interval":
             value = _parse_duration("backup-interval", value)
@@ -1088,6 +1112,8 @@ class Store:
     # journal: append_journal, journal_entries, clear_journal
     # events: append_events, list_events
     # identity (section 8): users, teams, team members, grants, tokens, audit
+    # console (section 11): insert_session, get_session, delete_session,
+    #   console_stacks, latest_updates
 
 
 _SCHEMA = [
@@ -1198,6 +1224,14 @@ _SCHEMA = [
         description TEXT NOT NULL DEFAULT '');
     CREATE INDEX audit_by_time ON audit (time);
     ALTER TABLE updates ADD COLUMN requested_by TEXT NOT NULL DEFAULT '';
+    """,
+    # version 3: web console sessions (section 11), by the SHA-256 of their id
+    """
+    CREATE TABLE console_sessions (
+        hash TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        expires INTEGER NOT NULL);
     """,
 ]
 
@@ -1570,6 +1604,35 @@ class _SQLRecords(Store):
     def prune_audit(self, db, before: int) -> int:
         """Drop audit events older than ``before`` (the retention flag: the only deletion)."""
         return db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
+
+    # -- console sessions (section 11) ----------------------------------------
+
+    def insert_session(self, db, digest: str, token_hash: str, created: int,
+                       expires: int) -> None:
+        db.execute("DELETE FROM console_sessions WHERE expires <= ?", (created,))
+        db.execute("INSERT INTO console_sessions (hash, token_hash, created, expires) "
+                   "VALUES (?, ?, ?, ?)", (digest, token_hash, created, expires))
+
+    def get_session(self, db, digest: str) -> Optional[dict]:
+        row = db.execute("SELECT * FROM console_sessions WHERE hash = ?", (digest,)).fetchone()
+        return dict(row) if row else None
+
+    def delete_session(self, db, digest: str) -> None:
+        db.execute("DELETE FROM console_sessions WHERE hash = ?", (digest,))
+
+    def console_stacks(self, db, org: str) -> list:
+        """Every stack of ``org`` as ``(id, project, name, tags, resource_count)`` tuples."""
+        return db.execute("SELECT id, project, name, tags, resource_count FROM stacks "
+                          "WHERE org = ? ORDER BY project, name", (org,)).fetchall()
+
+    def latest_updates(self, db, stack_ids: list) -> dict:
+        """The newest non-preview update of each stack (by id) that has one."""
+        marks = ",".join("?" * len(stack_ids))
+        return {r["stack_id"]: dict(r) for r in db.execute(
+            "SELECT stack_id, status, kind, requested_by, created, started, ended, "
+            "lease_expires FROM updates WHERE id IN (SELECT (SELECT id FROM updates u "
+            "WHERE u.stack_id = s.id AND u.dry_run = 0 ORDER BY u.created DESC LIMIT 1) "
+            f"FROM stacks s WHERE s.id IN ({marks}))", stack_ids)}
 
     # -- whole-database copy (the ``copy`` command) ---------------------------
 
@@ -2071,6 +2134,7 @@ _TABLE_COLUMNS = {
                          "created_by", "created", "last_used", "expires"}),
     "audit": frozenset({"id", "time", "actor", "token_id", "token_name", "source_ip",
                         "user_agent", "event", "target", "outcome", "description"}),
+    "console_sessions": frozenset({"hash", "token_hash", "created", "expires"}),
 }
 
 
@@ -2247,6 +2311,79 @@ class _JournalReplayer:
         elif kind == 8:  # extension-parameterize
             if e.get("extensionRef") is not None:
                 self.extensions[e["extensionRef"]] = e.get("extension")
+        elif kind == 10:  # state migration (journal version 2)
+            self._migrate(e)
+
+    def _migrate(self, e: dict) -> None:
+        """Apply a state migration as the CLI's replayer does: the base is laid out
+        anew from retained base resources and inserted ``states``, patches replace
+        retained base and earlier new resources whole, and the base indexes that
+        earlier entries recorded follow their resources. All or nothing."""
+        if e.get("version") != 2:
+            raise BadRequest("a state migration journal entry must use version 2")
+        if self.base.get("pending_operations"):
+            raise BadRequest("a state migration cannot be applied with pending base operations")
+        for op_id, begin in self.incomplete.items():
+            if begin.get("operation"):  # a same step's begin has none: harmless
+                raise BadRequest(f"a state migration cannot be applied with incomplete "
+                                 f"operation {op_id}")
+        base, states = self.base.get("resources") or [], e.get("states") or []
+        moved = self._migration_layout(e.get("layout") or [], len(base), len(states))
+        base_patches: dict = {}
+        for patch in e.get("baseStatePatches") or []:
+            index = patch.get("index")
+            if index not in moved or index in base_patches:
+                raise BadRequest(f"state migration base patch index {index} is not retained "
+                                 "by the layout or patched twice")
+            base_patches[index] = patch.get("state")
+        # A copy of this replayer that shares what the migration only reads.
+        staged = _JournalReplayer(dict(self.base))
+        staged.__dict__.update(self.__dict__, base=staged.base, new_res=list(self.new_res))
+        for patch in e.get("newStatePatches") or []:
+            op_id = patch.get("operationID")
+            if op_id in self.remove_new or op_id not in self.op_index:
+                raise BadRequest(f"state migration new-state patch references unknown or "
+                                 f"removed operation {op_id}")
+            staged.new_res[self.op_index[op_id]] = patch.get("state")
+        _check_inserted_states(states, set(self.extensions) | set(self.base.get("extensions")
+                                                                   or {}))
+        staged.base["resources"] = [
+            states[item["stateIndex"]] if item.get("baseIndex") is None
+            else base_patches.get(item["baseIndex"], base[item["baseIndex"]])
+            for item in e.get("layout") or []]
+        for name in ("del_base", "mark_delete", "mark_pending"):
+            setattr(staged, name, {moved[i] for i in getattr(self, name) if i in moved})
+        staged.replace_base = {moved[i]: r for i, r in self.replace_base.items()
+                               if i in moved and i not in base_patches}
+        # Generating normalises resources in place: check a copy of the staged replay.
+        prospective = copy.deepcopy(staged).generate()["deployment"]
+        _check_integrity(prospective.get("resources") or [])
+        self.__dict__.update(staged.__dict__)
+
+    @staticmethod
+    def _migration_layout(layout: list, base_count: int, state_count: int) -> dict:
+        """Check a migration layout; return {old base index: new base index}."""
+        moved: dict = {}
+        placed: set = set()
+        for position, item in enumerate(layout):
+            base, state = item.get("baseIndex"), item.get("stateIndex")
+            if (base is None) == (state is None):
+                raise BadRequest(f"state migration layout item {position} must name one base "
+                                 "resource or one inserted state")
+            if base is not None:
+                if not 0 <= base < base_count or base in moved:
+                    raise BadRequest(f"state migration layout places base index {base} of "
+                                     f"{base_count} badly or twice")
+                moved[base] = position
+            else:
+                if not 0 <= state < state_count or state in placed:
+                    raise BadRequest(f"state migration layout places inserted state {state} of "
+                                     f"{state_count} badly or twice")
+                placed.add(state)
+        if not state_count or len(placed) != state_count:
+            raise BadRequest(f"state migration layout places {len(placed)} of {state_count} "
+                             "inserted states")
+        return moved
 
     def generate(self, cli_version: str = "") -> dict:
         """Return the untyped deployment ``{"version", ["features"], "deployment"}``."""
@@ -2272,7 +2409,7 @@ class _JournalReplayer:
             resources = _rebuild_dependencies(resources)
         for res in resources + [op.get("resource") or {} for op in operations]:
             _resource_features(res, features)
-        if self.needs_byte_string:
+        if self.needs_byte_string and (resources or operations):  # as the CLI's ApplyFeatures
             features.add("byteString")
         deployment: dict = {"manifest": {
             "time": _rfc3339_now(),
@@ -2310,6 +2447,50 @@ def replay_journal(base: dict, entries: Iterable, cli_version: str = "") -> dict
     for entry in entries:
         replayer.add(entry)
     return replayer.generate(cli_version)
+
+
+def _check_inserted_states(states: list, extensions: set) -> None:
+    """Refuse resources a state migration may not insert (the CLI's own checks)."""
+    urns: set = set()
+    for state in states:
+        urn = state.get("urn") or ""
+        parts = urn.split("::")
+        if not urn.startswith("urn:pulumi:") or len(parts) < 4:
+            raise BadRequest(f"state migration inserts a resource with invalid URN {urn!r}")
+        if state.get("type") != parts[2].rsplit("$", 1)[-1]:
+            raise BadRequest(f"state migration inserted state {urn} has type {state.get('type')}")
+        if state.get("delete") or state.get("viewOf"):
+            raise BadRequest(f"state migration inserted state {urn} is marked for deletion "
+                             "or is a view")
+        if state.get("custom") and not state.get("id"):
+            raise BadRequest(f"state migration inserted custom state {urn} has no physical ID")
+        if state.get("extensionRef") and state["extensionRef"] not in extensions:
+            raise BadRequest(f"state migration inserted state {urn} references unknown "
+                             f"extension {state['extensionRef']}")
+        if urn in urns:
+            raise BadRequest(f"state migration inserts duplicate resource {urn}")
+        urns.add(urn)
+
+
+def _check_integrity(resources: list) -> None:
+    """The CLI's snapshot integrity rules on references: a resource's parent,
+    dependencies, property dependencies, deleted-with and provider come before it."""
+    seen: set = set()
+    providers: set = set()
+    for res in resources:
+        urn = res.get("urn")
+        refs = [res.get("parent"), res.get("deletedWith"), *(res.get("dependencies") or [])]
+        for deps in (res.get("propertyDependencies") or {}).values():
+            refs += deps or []
+        missing = [r for r in refs if r and r not in seen]
+        if missing:
+            raise BadRequest(f"resource {urn} refers to missing dependency {missing[0]}")
+        provider = res.get("provider")
+        if provider and provider not in providers and not res.get("pendingReplacement"):
+            raise BadRequest(f"resource {urn} refers to unknown provider {provider}")
+        if (res.get("type") or "").startswith("pulumi:providers:"):
+            providers.add(f"{urn}::{res.get('id', '')}")
+        seen.add(urn)
 
 
 def _resource_features(res: dict, features: set) -> None:
@@ -2848,8 +3029,10 @@ class Engine:
                             "base_version": row["version"], "version": row["version"]}
             if not update["dry_run"]:
                 fields["version"] = row["version"] + 1
-                fields["journal"] = int(self.cfg.journaling and isinstance(wants_journal, int)
-                                        and wants_journal >= 1)
+                # The newest format both sides know: a v3.274 CLI offers 2, older ones 1.
+                fields["journal"] = (int(min(wants_journal, JOURNAL_VERSION))
+                                     if self.cfg.journaling and isinstance(wants_journal, int)
+                                     and wants_journal >= 1 else 0)
                 self.store.update_stack(db, row["id"], active_update=update_id)
             if tags is not None:
                 self.store.update_stack(db, row["id"], tags=json.dumps(tags))
@@ -2857,7 +3040,7 @@ class Engine:
         log.info("started %s %s on %s/%s/%s (version %d, %s)", update["kind"], update_id, org,
                  project, name, fields["version"],
                  "dry run" if update["dry_run"] else
-                 ("journal" if fields.get("journal") else "checkpoints"))
+                 (f"journal v{fields['journal']}" if fields.get("journal") else "checkpoints"))
         return {"version": fields["version"], "token": fields["lease_token"],
                 "tokenExpiration": fields["lease_expires"],
                 "journalVersion": fields.get("journal", 0)}
@@ -3022,11 +3205,17 @@ class Engine:
         entries = req.get("entries")
         if not isinstance(entries, list):
             raise BadRequest("entries must be a list")
-        rows = [(entry["sequenceID"], _dumps(entry)) for entry in map(_check_journal_entry, entries)]
+        entries = [_check_journal_entry(entry) for entry in entries]
+        rows = [(entry["sequenceID"], _dumps(entry)) for entry in entries]
         with self.store.write() as db:
             _, update = self._checkpointed_update(db, org, project, name, update_id, token)
             if not update["journal"]:
                 raise BadRequest("this update was not started with journaling")
+            for entry in entries:  # entries no newer than the format agreed at start
+                if entry.get("version", 1) > update["journal"]:
+                    raise BadRequest(f"journal entry {entry['sequenceID']} has version "
+                                     f"{entry['version']}; this update accepts up to "
+                                     f"{update['journal']}")
             self.store.append_journal(db, update_id, rows)
         self.metrics.inc("pulumi_backend_journal_entries_total", len(rows))
         return len(rows)
@@ -3229,6 +3418,26 @@ class Engine:
                                    "githubLogin": update["requested_by"]}
         return info
 
+    def console_stacks(self) -> list:
+        """Every stack, as ``(id, project, name, tags, resource_count)``, for the console."""
+        with self.store.read() as db:
+            return self.store.console_stacks(db, self.cfg.org)
+
+    def latest_updates(self, stack_ids: list) -> dict:
+        """The newest non-preview update row of each of ``stack_ids`` that has one."""
+        with self.store.read() as db:
+            return self.store.latest_updates(db, stack_ids)
+
+    def update_with_events(self, org, project, name, update_id) -> tuple:
+        """Return ``(update info, engine events)`` of one update (at most CONSOLE_MAX_EVENTS)."""
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            update = self._update_of(db, row, update_id)
+            page = self.store.list_events(db, update_id, -1, CONSOLE_MAX_EVENTS)
+        # One parse of all of them: a 600-resource update has ~2,000 events.
+        events = json.loads(b"[" + b",".join(data for _, data in page) + b"]")
+        return self._update_info(update), events
+
     def update_requester(self, org, project, name, update_id) -> str:
         """Return who requested the update ('' if unknown); NotFound if there is none."""
         with self.store.read() as db:
@@ -3306,8 +3515,11 @@ def _check_journal_entry(entry: Any) -> dict:
     as two resources claiming one alias) is caught when the update completes."""
     entry = _check_field_names(_require_dict(entry, "journal entry"), "journal entry")
     seq, kind = _int_field(entry, "sequenceID"), _int_field(entry, "kind")
-    if seq < 1 or not 0 <= kind <= 9:
-        raise BadRequest(f"journal entry {seq} has an invalid sequenceID or kind")
+    version = _int_field(entry, "version", 1)
+    if seq < 1 or not 0 <= kind <= 10 or not 1 <= version <= JOURNAL_VERSION:
+        raise BadRequest(f"journal entry {seq} has an invalid sequenceID, kind or version")
+    if kind == 10:
+        _check_state_migration_entry(entry, seq, version)
     _int_field(entry, "operationID", 0)
     for key in ("removeOld", "removeNew", "deleteOld", "deleteNew", "pendingReplacementOld",
                 "pendingReplacementNew"):
@@ -3334,6 +3546,27 @@ def _check_journal_entry(entry: Any) -> dict:
     if kind == 8 and not isinstance(entry.get("extensionRef"), str):
         raise BadRequest(f"journal entry {seq} needs a string extensionRef")
     return entry
+
+
+def _check_state_migration_entry(entry: dict, seq: int, version: int) -> None:
+    """Shape of a kind-10 entry; its meaning is checked when it is replayed."""
+    if version != 2:
+        raise BadRequest(f"journal entry {seq}: a state migration must use version 2")
+    for key in ("layout", "states", "baseStatePatches", "newStatePatches"):
+        if not isinstance(entry.get(key) or [], list):
+            raise BadRequest(f"journal entry {seq} {key} must be a list")
+    for item in entry.get("layout") or []:
+        item = _require_dict(item, f"journal entry {seq} layout item")
+        for key in ("baseIndex", "stateIndex"):
+            if item.get(key) is not None:
+                _int_field(item, key)
+    for state in entry.get("states") or []:
+        _check_resource(state, f"journal entry {seq} state")
+    for key, index in (("baseStatePatches", "index"), ("newStatePatches", "operationID")):
+        for patch in entry.get(key) or []:
+            patch = _require_dict(patch, f"journal entry {seq} {key} item")
+            _int_field(patch, index)
+            _check_resource(patch.get("state"), f"journal entry {seq} {key} state")
 
 
 def _check_tags(tags: Any) -> dict:
@@ -3949,6 +4182,7 @@ class Identity:
     def __init__(self, cfg: Config, store: Store, audit: AuditLog):
         self.cfg, self.store, self.audit = cfg, store, audit
         self._static = [t.encode() for t in cfg.auth_tokens]
+        self._static_hashes = [_token_hash(t).encode() for t in cfg.auth_tokens]
         self.default = _PERM_BY_NAME[cfg.default_stack_permission]
         self._touched: dict = {}  # token id -> monotonic time lastUsed was last written
         self._touch_lock = threading.Lock()
@@ -3965,8 +4199,17 @@ class Identity:
             match |= hmac.compare_digest(known, raw)
         if match:
             return self.admin_principal("auth-token")
+        return self.authenticate_hash(_token_hash(token))
+
+    def authenticate_hash(self, digest: str) -> Principal:
+        """Like ``authenticate``, from the token's SHA-256 (what a console session keeps)."""
+        static = False
+        for known in self._static_hashes:  # no early exit, as in authenticate
+            static |= hmac.compare_digest(known, digest.encode())
+        if static:
+            return self.admin_principal("auth-token")
         with self.store.read() as db:
-            row = self.store.token_by_hash(db, _token_hash(token))
+            row = self.store.token_by_hash(db, digest)
             if row is None:
                 if not self._static and not self.store.identity_in_use(db):
                     return self.admin_principal(kind="anonymous")
@@ -4590,6 +4833,7 @@ class Request:
     token: str = ""
     principal: Optional[Principal] = None  # who the API token acts as (section 8)
     remote: str = ""  # the client's address, for the audit log
+    session: str = ""  # the web console's session id, once signed in (section 11)
 
     @property
     def accepts_gzip(self) -> bool:
@@ -4668,7 +4912,8 @@ class Router:
 
     def add(self, method: str, pattern: str, handler: Callable, auth: str = "token",
             body: Optional[dict] = None, query: tuple = (), response: Optional[dict] = None,
-            op: str = "", tag: str = "Miscellaneous", body_limit: Optional[int] = None) -> None:
+            op: str = "", tag: str = "Miscellaneous", body_limit: Optional[int] = None,
+            doc: bool = True) -> None:
         """Route ``method pattern`` to ``handler``; the rest describes it for OpenAPI.
 
         ``body``/``response`` are JSON schemas of the request and of the 200
@@ -4676,6 +4921,7 @@ class Router:
         so ``pulumi api <op>`` works here too) and ``tag`` groups the listing.
         A route takes a body of up to ``--max-body`` bytes when it has a
         ``body`` schema, of ``body_limit`` bytes when that is given, else none.
+        ``doc=False`` leaves the route out of the OpenAPI document (web pages).
         """
         if body_limit is None and body is None:
             body_limit = 0
@@ -4683,8 +4929,9 @@ class Router:
         specificity = tuple(0 if s.startswith("{") else 1 for s in segments)
         self._routes.append((specificity, segments, method, handler, auth, body_limit))
         self._routes.sort(key=lambda r: r[0], reverse=True)
-        self._docs.append((method, pattern, handler, auth, body, query, response,
-                           op or handler.__name__, tag))
+        if doc:
+            self._docs.append((method, pattern, handler, auth, body, query, response,
+                               op or handler.__name__, tag))
 
     def openapi(self, title: str, version: str) -> dict:
         """Return an OpenAPI 3.0 document describing every route."""
@@ -4843,6 +5090,9 @@ class App:
         self.oidc_issuers = cfg.oidc_issuers  # re-read at each exchange: keys can rotate
         self.started = time.time()
         self.draining = False  # set when the server starts to stop: /readyz answers 503
+        # Other kinds of route authentication by name (the console's "session"),
+        # each ``f(req)`` setting req.principal or raising; run before any body is read.
+        self.authenticators: dict = {}
         self._add_routes()
 
     def _add_routes(self) -> None:
@@ -5059,6 +5309,9 @@ class App:
         bad lease is 403, never 401, which would send the user to log in.
         """
         if auth == "none":
+            return
+        if auth in self.authenticators:
+            self.authenticators[auth](req)
             return
         scheme, _, token = (req.headers.get("Authorization") or "").strip().partition(" ")
         token = token.strip()
@@ -5567,7 +5820,979 @@ def _batch(body: dict, key: str) -> list:
     return items
 
 
-# ==== 11. Backups and replication ===========================================
+# ==== 11. Web console =======================================================
+# A read-only view of stacks, resources and updates for browsers, served at /
+# beside the API (which stays under /api/). Pages are HTML strings built here:
+# every value passes through _h (html.escape), links are built from quoted
+# path segments, and secrets are masked before anything is rendered
+# (ciphertext objects and secret config become "[secret]"; nothing is ever
+# decrypted). Signing in takes an access token once and keeps a server-side
+# session: the cookie holds a random id, the database its SHA-256 and the
+# token's hash, so a revoked token or a lost grant counts from the next page.
+# Forms are POSTs checked for the server's own Origin (before the body is
+# read) and a CSRF token: an HMAC of the session id, or before sign-in a
+# double-submitted cookie. The CSP allows no inline script or style: the
+# stylesheet and the optional script (progressive enhancement only) have paths
+# of their own.
+
+_SECRET_SIG, _SECRET_VALUE = "4dabf18193072939515e22adb298388d", "1b47061264138c4ac30d75fd1eb44270"
+_SESSION_COOKIE, _CSRF_COOKIE = "pb_session", "pb_csrf"
+_CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; script-src 'self'; "
+                               "img-src 'self' data:; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+_COLOR_CODES_RE = re.compile(r"<\{%[^%]*%\}>|\x1b\[[0-9;]*[A-Za-z]")
+#: The CLI's symbol and colour of each step operation (pkg/display).
+_STEP_OPS = {
+    "same": (" ", "same"), "create": ("+", "create"), "update": ("~", "update"),
+    "delete": ("-", "delete"), "replace": ("+-", "replace"),
+    "create-replacement": ("++", "replace"), "delete-replaced": ("--", "replace"),
+    "read": (">", "read"), "read-replacement": (">>", "read"), "refresh": ("~", "read"),
+    "discard": ("<", "delete"), "discard-replaced": ("<<", "delete"),
+    "remove-pending-replace": ("-", "delete"), "import": ("=", "import"),
+    "import-replacement": ("=>", "import")}
+_RESULT_CLASS = {"succeeded": "ok", "failed": "bad", "in-progress": "run",
+                 "not-started": "run", "cancelled": "bad"}
+_CHANGE_ORDER = ("create", "update", "replace", "delete", "same")
+
+_CONSOLE_CSS = """
+:root{--bg:#fff;--fg:#1d2127;--mut:#5d6673;--line:#dde1e6;--card:#f6f7f9;--acc:#4d5bd9;
+--ok:#1a7f37;--bad:#c62828;--warn:#9a6700;--run:#0969da;--rep:#a626a4;--read:#0e7490;
+--code:#f1f3f5;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#0f1216;--fg:#e4e7eb;--mut:#9aa4b1;
+--line:#2a3038;--card:#171b21;--acc:#8c96ff;--ok:#4ac26b;--bad:#ff7b72;--warn:#d29922;
+--run:#58a6ff;--rep:#d2a8ff;--read:#56d4dd;--code:#1c2128}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);
+font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+a{color:var(--acc);text-decoration:none}a:hover{text-decoration:underline}
+header{display:flex;flex-wrap:wrap;gap:.5rem 1.25rem;align-items:center;
+padding:.7rem 1.25rem;border-bottom:1px solid var(--line);background:var(--card)}
+header .brand{font-weight:700;color:var(--fg)}header nav{display:flex;gap:1rem;flex:1}
+header form{margin:0}.who{color:var(--mut)}
+main{max-width:1200px;margin:0 auto;padding:1.25rem}
+h1{font-size:1.45rem;margin:.2rem 0 .8rem;word-break:break-word}
+h2{font-size:1.1rem;margin:1.4rem 0 .5rem}
+.crumbs{color:var(--mut);font-size:.9rem}
+.tabs{display:flex;gap:.25rem;border-bottom:1px solid var(--line);margin:.5rem 0 1rem;
+overflow-x:auto}
+.tabs a{padding:.45rem .9rem;border-bottom:2px solid transparent;color:var(--mut);
+white-space:nowrap}.tabs a.on{border-color:var(--acc);color:var(--fg);font-weight:600}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:.92rem}
+th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid var(--line);
+vertical-align:top}
+th{color:var(--mut);font-weight:600;font-size:.82rem;text-transform:uppercase;
+letter-spacing:.03em}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.badge{display:inline-block;padding:0 .5rem;border-radius:999px;font-size:.78rem;
+font-weight:600;border:1px solid currentColor;white-space:nowrap}
+.ok{color:var(--ok)}.bad{color:var(--bad)}.run{color:var(--run)}.mut{color:var(--mut)}
+.tag{display:inline-block;background:var(--code);border:1px solid var(--line);
+border-radius:4px;padding:0 .35rem;margin:0 .25rem .2rem 0;font-size:.8rem;
+word-break:break-all}
+form.search{display:flex;flex-wrap:wrap;gap:.5rem;margin:0 0 1rem}
+input,select,button{font:inherit;color:inherit;background:var(--bg);
+border:1px solid var(--line);border-radius:6px;padding:.4rem .6rem}
+input[type=text],input[type=password],input[type=search]{min-width:0;flex:1 1 12rem}
+button{cursor:pointer;background:var(--card)}button.primary{background:var(--acc);
+color:#fff;border-color:var(--acc)}button.danger{color:var(--bad)}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;
+padding:1rem;margin:0 0 1rem}
+.login{max-width:26rem;margin:8vh auto}.login form{display:grid;gap:.7rem}
+.err{color:var(--bad);font-weight:600}
+pre,code{font:13px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+pre{background:var(--code);border:1px solid var(--line);border-radius:6px;
+padding:.7rem;overflow-x:auto;margin:.3rem 0;white-space:pre-wrap;word-break:break-word}
+dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:.3rem 1rem;margin:0}
+dl.kv dt{color:var(--mut)}dl.kv dd{margin:0;word-break:break-word}
+ul.tree,ul.tree ul{list-style:none;margin:0;padding-left:1.1rem}ul.tree{padding-left:0}
+ul.tree li{padding:.15rem 0}ul.tree ul{border-left:1px dashed var(--line)}
+.t{color:var(--mut);font-size:.85rem;word-break:break-all}
+.step{border-bottom:1px solid var(--line);padding:.35rem 0}
+.sym{display:inline-block;width:2.2em;font:700 14px ui-monospace,monospace}
+.op-create{color:var(--ok)}.op-delete{color:var(--bad)}.op-update{color:var(--warn)}
+.op-replace{color:var(--rep)}.op-read{color:var(--read)}.op-import{color:var(--run)}
+.op-same{color:var(--mut)}
+.diff{margin:.2rem 0 .2rem 2.2em;font:13px/1.5 ui-monospace,monospace;
+word-break:break-word}
+.diag{margin:.2rem 0 .2rem 2.2em;padding:.2rem .5rem;border-left:3px solid var(--line);
+color:var(--fg);white-space:pre-wrap;font:13px/1.45 ui-monospace,monospace}
+.diag.error{border-color:var(--bad)}.diag.warning{border-color:var(--warn)}
+.pager{display:flex;gap:1rem;margin:1rem 0;align-items:center}
+.token{font-size:1rem;padding:.6rem;border:2px solid var(--ok);border-radius:6px;
+word-break:break-all;display:block}
+@media (max-width:640px){main{padding:.8rem}th.w,td.w{display:none}
+dl.kv{grid-template-columns:1fr}dl.kv dd{margin-bottom:.4rem}}
+"""
+
+_CONSOLE_JS = """'use strict';
+// Progressive enhancement only: every page works without this script.
+document.querySelectorAll('input[data-filter]').forEach(function (box) {
+  var rows = document.querySelectorAll(box.getAttribute('data-filter'));
+  box.addEventListener('input', function () {
+    var q = box.value.trim().toLowerCase();
+    rows.forEach(function (r) {
+      r.hidden = q !== '' && r.textContent.toLowerCase().indexOf(q) < 0;
+    });
+  });
+});
+document.querySelectorAll('form[data-confirm]').forEach(function (f) {
+  f.addEventListener('submit', function (e) {
+    if (!window.confirm(f.getAttribute('data-confirm'))) { e.preventDefault(); }
+  });
+});
+"""
+
+
+class _SignIn(HTTPError):
+    """Not signed in (or the session ended): 303 to the sign-in page."""
+
+    status, reason = 303, "See Other"
+
+
+def _h(value: Any) -> str:
+    """``value`` as HTML text or attribute value (quotes escaped too)."""
+    return html.escape(str(value), quote=True)
+
+
+def _q(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
+
+
+def _q_urn(urn: str) -> str:
+    # ":", "/" and "$" may stay as they are in a query, and a URN without
+    # other specials takes quote()'s fast path (this runs once per resource).
+    return urllib.parse.quote(urn, safe=":/$")
+
+
+def _masked(value: Any) -> Any:
+    """``value`` with every secret (a ciphertext object) replaced by "[secret]"."""
+    if isinstance(value, dict):
+        if value.get(_SECRET_SIG) == _SECRET_VALUE:
+            return "[secret]"
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
+
+
+def _masked_config(config: Any) -> dict:
+    """An update's config (``{key: {string, secret, object}}``) with secret values masked."""
+    out = {}
+    for key, value in (config.items() if isinstance(config, dict) else ()):
+        if isinstance(value, dict) and value.get("secret"):
+            out[key] = "[secret]"
+        elif isinstance(value, dict) and "string" in value:
+            out[key] = _masked(value["string"])
+        else:
+            out[key] = _masked(value)
+    return out
+
+
+def _pretty(value: Any) -> str:
+    """Masked ``value`` as escaped, indented JSON."""
+    return _h(json.dumps(_masked(value), indent=2, sort_keys=True, ensure_ascii=False,
+                         default=str))
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    """Masked ``value`` as escaped one-line JSON, cut at ``limit`` characters."""
+    text = json.dumps(_masked(value), sort_keys=True, ensure_ascii=False, default=str)
+    return _h(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _when(t: Any) -> str:
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
+        return '<span class="mut">never</span>'
+    day, clock = datetime.datetime.fromtimestamp(int(t), datetime.timezone.utc) \
+        .isoformat()[:19].split("T")
+    return f'<time datetime="{day}T{clock}Z">{day} {clock} UTC</time>'
+
+
+def _duration(start: Any, end: Any) -> str:
+    if not (isinstance(start, int) and isinstance(end, int)) or end < start or not start:
+        return ""
+    seconds = end - start
+    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _result_badge(result: str) -> str:
+    label = {"in-progress": "running", "not-started": "starting"}.get(result, result)
+    return f'<span class="badge {_RESULT_CLASS.get(result, "mut")}">{_h(label)}</span>'
+
+
+def _changes(changes: Any) -> str:
+    """Resource change counts, e.g. "+2 ~1 -0", coloured like the CLI."""
+    if not isinstance(changes, dict):
+        return ""
+    parts = []
+    for op in _CHANGE_ORDER + tuple(sorted(set(changes) - set(_CHANGE_ORDER))):
+        count = changes.get(op)
+        if isinstance(count, int) and count and op in _STEP_OPS:
+            sym, cls = _STEP_OPS[op]
+            parts.append(f'<span class="op-{cls}" title="{_h(op)}">{_h(sym.strip() or "=")}'
+                         f'{count}</span>')
+    return " ".join(parts)
+
+
+def _urn_name(urn: str) -> str:
+    return urn.rsplit("::", 1)[-1]
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _tags_html(tags: dict) -> str:
+    return "".join(f'<span class="tag">{_h(k)}: {_h(v)}</span>' for k, v in sorted(tags.items()))
+
+
+def _kv(rows: Iterable) -> str:
+    return '<dl class="kv">' + "".join(f"<dt>{_h(k)}</dt><dd>{v}</dd>" for k, v in rows) \
+        + "</dl>"
+
+
+def _plain(text: Any) -> str:
+    """A diagnostic or log message as escaped text, without the CLI's colour codes."""
+    return _h(_COLOR_CODES_RE.sub("", str(text)))
+
+
+def _property_diff(op: str, meta: dict) -> list:
+    """``(sign, key, old, new)`` per changed input of a step, from its metadata."""
+    old = _dict(_dict(meta.get("old")).get("inputs"))
+    new = _dict(_dict(meta.get("new")).get("inputs"))
+    if op in ("create", "import", "create-replacement"):
+        return [("+", k, None, new[k]) for k in sorted(new) if not k.startswith("__")]
+    if op in ("delete", "delete-replaced", "discard"):
+        return [("-", k, old[k], None) for k in sorted(old) if not k.startswith("__")]
+    keys = [k for k in meta.get("diffs") or () if isinstance(k, str)]
+    for path in _dict(meta.get("detailedDiff")):
+        keys.append(re.split(r"[.\[]", path, 1)[0])
+    if not keys:
+        keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    rows = []
+    for key in dict.fromkeys(keys):
+        if key.startswith("__"):
+            continue
+        if key in old and key in new:
+            rows.append(("~", key, old[key], new[key]))
+        elif key in new:
+            rows.append(("+", key, None, new[key]))
+        elif key in old:
+            rows.append(("-", key, old[key], None))
+    return rows
+
+
+def _step_log(events: list) -> tuple:
+    """Rebuild ``(steps, diagnostics without a resource, stdout lines, summary)`` from events.
+
+    A step is one resource's operation: its pre-event, outputs event or
+    failure, and its diagnostics, in the order the engine began them.
+    """
+    steps: dict = {}
+    general, stdout, summary = [], [], None
+    for event in sorted(events, key=lambda e: e.get("sequence") if isinstance(
+            e.get("sequence"), int) else 0):
+        for kind, state in (("resourcePreEvent", "running"), ("resOutputsEvent", "done"),
+                            ("resOpFailedEvent", "failed")):
+            body = event.get(kind)
+            if not isinstance(body, dict):
+                continue
+            meta = _dict(body.get("metadata"))
+            urn = meta.get("urn")
+            if not isinstance(urn, str):
+                continue
+            step = steps.setdefault(urn, {"urn": urn, "meta": {}, "diags": []})
+            if body.get("planning"):
+                continue
+            merged = dict(step["meta"])
+            merged.update({k: v for k, v in meta.items() if v not in (None, [], {})})
+            step["meta"], step["state"] = merged, state
+        diag = event.get("diagnosticEvent")
+        if isinstance(diag, dict) and diag.get("severity") != "debug":
+            urn = diag.get("urn")
+            target = steps[urn]["diags"] if isinstance(urn, str) and urn in steps else general
+            target.append(diag)
+        out = event.get("stdoutEvent")
+        if isinstance(out, dict):
+            stdout.append(str(out.get("message", "")))
+        if isinstance(event.get("summaryEvent"), dict):
+            summary = event["summaryEvent"]
+    return list(steps.values()), general, stdout, summary
+
+
+class Console:
+    """The web console's pages (section 11), on the App's router and identity."""
+
+    def __init__(self, app: App):
+        self.app, self.cfg, self.engine = app, app.cfg, app.engine
+        self.identity, self.audit, self.store = app.identity, app.audit, app.engine.store
+        self.secure = bool(self.cfg.tls_cert) or self.cfg.public_url.startswith("https:")
+        self.css = _CONSOLE_CSS.encode()
+        self.js = _CONSOLE_JS.encode()
+
+    def install(self) -> None:
+        """Add the console's routes and its "session" and "origin" authentication."""
+        self.app.authenticators.update(session=self._session, origin=self._check_origin)
+        add = functools.partial(self.app.router.add, doc=False, auth="session")
+        form = functools.partial(add, body_limit=MAX_CONSOLE_FORM)
+        stack = "/stacks/{projectName}/{stackName}"
+        add("GET", "/console.css", self.stylesheet, auth="none")
+        add("GET", "/console.js", self.script, auth="none")
+        add("GET", "/login", self._page(self.login_page), auth="none")
+        form("POST", "/login", self._page(self.sign_in), auth="origin")
+        form("POST", "/logout", self._page(self.sign_out))
+        add("GET", "/", self._page(self.stacks_page))
+        add("GET", stack, self._page(self.overview_page))
+        add("GET", stack + "/resources", self._page(self.resources_page))
+        add("GET", stack + "/resource", self._page(self.resource_page))
+        add("GET", stack + "/activity", self._page(self.activity_page))
+        add("GET", stack + "/updates/{updateID}", self._page(self.update_page))
+        add("GET", stack + "/updates/{updateID}/events", self._page(self.update_events))
+        add("GET", stack + "/export", self._page(self.export_download))
+        add("GET", "/tokens", self._page(self.tokens_page))
+        form("POST", "/tokens", self._page(self.create_token))
+        form("POST", "/tokens/{tokenId}/revoke", self._page(self.revoke_token))
+        # `pulumi login` offers the console's token page at /user/settings/tokens
+        # of the console host (PULUMI_CONSOLE_DOMAIN); older CLIs said /account/tokens.
+        for path in ("/user/settings/tokens", "/account/tokens"):
+            add("GET", path, self._page(self.to_tokens))
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _page(self, view: Callable) -> Callable:
+        """``view`` with the console's headers, and its errors as HTML pages."""
+        @functools.wraps(view)
+        def page(req: Request) -> Response:
+            try:
+                resp = view(req)
+            except HTTPError as e:
+                if isinstance(e, _SignIn):
+                    resp = Response(e.status, b"", "text/plain", headers=dict(e.headers))
+                else:
+                    body = (f'<h1>{_h(e.status)} {_h(e.reason)}</h1><p class="err">'
+                            f'{_h(e.message)}</p><p><a href="/">Back to the stacks</a></p>')
+                    resp = self._html(req, e.reason, body, e.status)
+                    resp.headers.update(e.headers)
+            resp.headers = {**_CONSOLE_HEADERS, **resp.headers}
+            return resp
+        return page
+
+    def _html(self, req: Request, title: str, body: str, status: int = 200,
+              refresh: int = 0) -> Response:
+        p = req.principal if req.session else None
+        nav = ""
+        if p is not None:
+            nav = ('<nav><a href="/">Stacks</a><a href="/tokens">Tokens</a></nav>'
+                   f'<span class="who">{_h(p.actor)}</span>'
+                   '<form method="post" action="/logout">'
+                   f'<input type="hidden" name="csrf" value="{_h(self._csrf(req))}">'
+                   '<button type="submit">Sign out</button></form>')
+        meta = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh else ""
+        doc = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
+               '<meta name="viewport" content="width=device-width, initial-scale=1">'
+               f'{meta}<title>{_h(title)} · pulumi-backend</title>'
+               '<link rel="icon" href="data:,"><link rel="stylesheet" href="/console.css">'
+               '<script src="/console.js" defer></script></head><body>'
+               f'<header><a class="brand" href="/">pulumi-backend</a>{nav}</header>'
+               f'<main>{body}</main></body></html>')
+        return Response(status, doc.encode(), "text/html; charset=utf-8")
+
+    def _cookie(self, req: Request, name: str) -> str:
+        for part in (req.headers.get("Cookie") or "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value.strip()
+        return ""
+
+    def _set_cookie(self, name: str, value: str, max_age: int, path: str = "/") -> str:
+        secure = "; Secure" if self.secure else ""
+        return (f"{name}={value}; Path={path}; Max-Age={max_age}; HttpOnly; "
+                f"SameSite=Strict{secure}")
+
+    def _check_origin(self, req: Request) -> None:
+        """Refuse a form sent from anywhere but this server's own pages (CSRF, part one)."""
+        host = req.headers.get("Host") or ""
+        allowed = {f"{'https' if self.cfg.tls_cert else 'http'}://{host}"}
+        if self.cfg.public_url:
+            url = urllib.parse.urlsplit(self.cfg.public_url)
+            allowed.add(f"{url.scheme}://{url.netloc}")
+        if req.headers.get("Origin") not in allowed:
+            raise Forbidden("this form must be sent from this server's own pages "
+                            "(the Origin header does not match)")
+
+    def _session(self, req: Request) -> None:
+        """Authenticate by the session cookie; raise _SignIn without a live session."""
+        sid = self._cookie(req, _SESSION_COOKIE)
+        session = None
+        if sid:
+            with self.store.read() as db:
+                session = self.store.get_session(db, _token_hash(sid))
+        if session is None or session["expires"] <= _now():
+            raise self._to_sign_in(req)
+        try:
+            req.principal = self.identity.authenticate_hash(session["token_hash"])
+        except _AuthFailure:
+            raise self._to_sign_in(req) from None
+        req.session = sid
+        if req.method == "POST":
+            self._check_origin(req)
+
+    def _to_sign_in(self, req: Request) -> _SignIn:
+        target = req.path + ("?" + urllib.parse.urlencode(req.query, doseq=True)
+                             if req.query else "")
+        location = "/login" if req.method != "GET" or target == "/" \
+            else "/login?next=" + _q(target)
+        return _SignIn("sign in first", {**_CONSOLE_HEADERS, "Location": location})
+
+    def _csrf(self, req: Request) -> str:
+        return hmac.new(req.session.encode(), b"console-csrf", hashlib.sha256).hexdigest()
+
+    def _form(self, req: Request) -> dict:
+        fields = urllib.parse.parse_qs(req.body.decode("utf-8", "replace"),
+                                       max_num_fields=20)
+        return {k: v[-1] for k, v in fields.items()}
+
+    def _checked_form(self, req: Request) -> dict:
+        form = self._form(req)
+        if not hmac.compare_digest(self._csrf(req).encode(), form.get("csrf", "").encode()):
+            raise Forbidden("the form is stale or came from another page; reload and retry")
+        return form
+
+    def _read(self, req: Request) -> tuple:
+        """``(org, project, stack)`` of the path, once the principal may read that stack."""
+        project, name = req.params["projectName"], req.params["stackName"]
+        self.identity.require(req.principal, PERM_READ, project, name)
+        return self.cfg.org, project, name
+
+    def _state(self, org: str, project: str, name: str) -> dict:
+        doc = json.loads(gzip.decompress(self.engine.export(org, project, name, None)))
+        return _dict(doc.get("deployment"))
+
+    def _stack_url(self, project: str, name: str, tail: str = "") -> str:
+        return f"/stacks/{_q(project)}/{_q(name)}{tail}"
+
+    def _stack_head(self, req: Request, tab: str) -> str:
+        org, project, name = self.cfg.org, req.params["projectName"], req.params["stackName"]
+        base = self._stack_url(project, name)
+        tabs = "".join(f'<a href="{_h(base + suffix)}"{" class=on" if key == tab else ""}>'
+                       f'{label}</a>' for key, label, suffix in (
+                           ("overview", "Overview", ""), ("resources", "Resources", "/resources"),
+                           ("activity", "Activity", "/activity")))
+        return (f'<div class="crumbs">{_h(org)} / <a href="/?q={_h(_q(project))}">'
+                f'{_h(project)}</a></div><h1>{_h(name)}</h1><div class="tabs">{tabs}</div>')
+
+    # -- static files, sign in and out --------------------------------------
+
+    def stylesheet(self, req: Request) -> Response:
+        """The console's stylesheet."""
+        return Response(200, self.css, "text/css; charset=utf-8", headers={
+            "Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"})
+
+    def script(self, req: Request) -> Response:
+        """The console's optional script."""
+        return Response(200, self.js, "text/javascript; charset=utf-8", headers={
+            "Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"})
+
+    def login_page(self, req: Request, error: str = "", status: int = 200) -> Response:
+        """The sign-in form (with a double-submit CSRF cookie)."""
+        token = self._cookie(req, _CSRF_COOKIE)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{32,64}", token):
+            token = secrets.token_urlsafe(32)
+        target = self._next(req.q("next") or "/")
+        err = f'<p class="err" role="alert">{_h(error)}</p>' if error else ""
+        body = ('<div class="login card"><h1>Sign in</h1>'
+                '<p class="mut">Paste an access token (<code>pulumi_backend.py token create '
+                '--user NAME</code>, or one from the Tokens page).</p>'
+                f'{err}<form method="post" action="/login">'
+                f'<input type="hidden" name="csrf" value="{_h(token)}">'
+                f'<input type="hidden" name="next" value="{_h(target)}">'
+                '<label for="token">Access token</label>'
+                '<input type="password" id="token" name="token" autocomplete="off" required '
+                'autofocus><button class="primary" type="submit">Sign in</button></form></div>')
+        resp = self._html(req, "Sign in", body, status)
+        resp.headers["Set-Cookie"] = self._set_cookie(_CSRF_COOKIE, token, 3600, "/login")
+        return resp
+
+    @staticmethod
+    def _next(target: str) -> str:
+        """A local path to return to after sign-in ("/" for anything else)."""
+        # ASCII only: a Location header is Latin-1 on the wire.
+        ok = target.startswith("/") and not target.startswith(("//", "/\\")) \
+            and target.isascii() and target.isprintable() and len(target) < 2000
+        return target if ok else "/"
+
+    def sign_in(self, req: Request) -> Response:
+        """Check the token and start a session."""
+        form = self._form(req)
+        cookie = self._cookie(req, _CSRF_COOKIE)
+        if not cookie or not hmac.compare_digest(cookie.encode(),
+                                                 form.get("csrf", "").encode()):
+            raise Forbidden("the sign-in form is stale or came from another page; reload it")
+        token = form.get("token", "").strip()
+        try:
+            if not token:
+                raise _AuthFailure("empty token")
+            principal = self.identity.authenticate(token)
+        except _AuthFailure as e:
+            self.audit.record("login_failure", Principal("anonymous", "user", False), req,
+                              "console", "failure", e.why)
+            return self.login_page(req, "That token is not valid.", 401)
+        sid, now = secrets.token_urlsafe(32), _now()
+        with self.store.write() as db:
+            self.store.insert_session(db, _token_hash(sid), _token_hash(token), now,
+                                      now + CONSOLE_SESSION_SECONDS)
+        self.audit.record("console_login", principal, req, "console")
+        return Response(303, b"", "text/plain", headers={
+            "Location": self._next(form.get("next", "/")),
+            "Set-Cookie": self._set_cookie(_SESSION_COOKIE, sid, CONSOLE_SESSION_SECONDS)})
+
+    def sign_out(self, req: Request) -> Response:
+        """End the session."""
+        self._checked_form(req)
+        with self.store.write() as db:
+            self.store.delete_session(db, _token_hash(req.session))
+        self.audit.record("console_logout", req.principal, req, "console")
+        return Response(303, b"", "text/plain", headers={
+            "Location": "/login", "Set-Cookie": self._set_cookie(_SESSION_COOKIE, "", 0)})
+
+    # -- stacks -------------------------------------------------------------
+
+    def stacks_page(self, req: Request) -> Response:
+        """Stacks grouped by project; search by name, filter by tag, paged."""
+        text = (req.q("q") or "").strip()[:200]
+        tag = (req.q("tag") or "").strip()[:200]
+        tag_name, has_value, tag_value = tag.partition("=")
+        try:
+            page = max(1, min(int(req.q("page") or 1), 10**6))
+        except ValueError:
+            raise BadRequest("page must be a number") from None
+        visible, now = self.identity.visible(req.principal), _now()
+        rows = []
+        for row in self.engine.console_stacks():
+            _, project, name, tags, _ = row
+            if text and text.lower() not in f"{project}/{name}".lower():
+                continue
+            if not visible(project, name):
+                continue
+            if tag:
+                tags = json.loads(tags)
+                if tag_name not in tags or (has_value and tags[tag_name] != tag_value):
+                    continue
+            rows.append(row)
+        first = (page - 1) * CONSOLE_STACK_PAGE
+        shown = rows[first:first + CONSOLE_STACK_PAGE]
+        # Updates only for the page shown: the newest of 1,000 stacks is a query each.
+        updates = self.engine.latest_updates([row[0] for row in shown]) if shown else {}
+        out = [f'<h1>Stacks <span class="mut">({len(rows)})</span></h1>'
+               '<form class="search" method="get" action="/">'
+               f'<input type="search" name="q" value="{_h(text)}" placeholder="Name" '
+               'aria-label="Search by name">'
+               f'<input type="text" name="tag" value="{_h(tag)}" placeholder="tag or tag=value" '
+               'aria-label="Filter by tag"><button type="submit">Search</button></form>']
+        if not shown:
+            out.append('<p class="mut">No stacks here yet: <code>pulumi stack init</code> '
+                       'makes one.</p>' if not text and not tag else
+                       '<p class="mut">No stack matches.</p>')
+        for project, group in itertools.groupby(shown, key=lambda r: r[1]):
+            out.append(f'<h2>{_h(project)}</h2><div class="scroll"><table><thead><tr>'
+                       '<th>Stack</th><th>Last update</th><th class="w">By</th>'
+                       '<th class="n">Resources</th><th class="w">Tags</th></tr></thead><tbody>')
+            out.extend(self._stack_row(row, updates.get(row[0]) or {}, now) for row in group)
+            out.append("</tbody></table></div>")
+        out.append(self._pager(req, page, first + CONSOLE_STACK_PAGE < len(rows)))
+        return self._html(req, "Stacks", "".join(out))
+
+    def _stack_row(self, row: tuple, update: dict, now: int) -> str:
+        _, project, name, tags, resource_count = row
+        url = self._stack_url(project, name)
+        status = update.get("status")
+        if status == "running" and (update["lease_expires"] or 0) >= now:
+            state = '<span class="badge run">running</span>'
+        elif status == "running":  # its CLI went silent; the next write finishes it
+            state = '<span class="badge bad">abandoned</span>'
+        elif status in (None, "not started"):
+            state = '<span class="mut">never</span>'
+        else:
+            result = {"cancelled": "failed"}.get(status, status)
+            state = f"{_result_badge(result)} {_when(update['ended'] or update['started'])}"
+        return (f'<tr><td><a href="{_h(url)}">{_h(name)}</a></td><td>{state}</td>'
+                f'<td class="w">{_h(update.get("requested_by") or "")}</td>'
+                f'<td class="n">{resource_count}</td>'
+                f'<td class="w">{_tags_html(json.loads(tags))}</td></tr>')
+
+    def _pager(self, req: Request, page: int, more: bool) -> str:
+        def link(n: int, label: str) -> str:
+            query = {k: v[-1] for k, v in req.query.items() if k != "page"}
+            query["page"] = str(n)
+            return f'<a href="{_h(req.path + "?" + urllib.parse.urlencode(query))}">{label}</a>'
+        prev = link(page - 1, "← Newer" if "activity" in req.path else "← Previous") \
+            if page > 1 else ""
+        nxt = link(page + 1, "Older →" if "activity" in req.path else "Next →") if more else ""
+        return f'<div class="pager">{prev}<span class="mut">Page {page}</span>{nxt}</div>' \
+            if prev or nxt else ""
+
+    def overview_page(self, req: Request) -> Response:
+        """A stack's outputs, tags, last update and its config."""
+        org, project, name = self._read(req)
+        stack = self.engine.get_stack(org, project, name)
+        state = self._state(org, project, name)
+        root = next((r for r in state.get("resources") or () if isinstance(r, dict)
+                     and r.get("type") == _STACK_TYPE and not r.get("parent")), {})
+        updates = self.engine.history(org, project, name, 1, 1)["updates"]
+        out = [self._stack_head(req, "overview")]
+        if "currentOperation" in stack:
+            op = stack["currentOperation"]
+            out.append(f'<p><span class="badge run">{_h(op["kind"])} running</span> '
+                       f'by {_h(op["author"])} since {_when(op["started"])}</p>')
+        out.append('<div class="card">' + _kv([
+            ("Tags", _tags_html(stack["tags"]) or '<span class="mut">none</span>'),
+            ("Resources", _h(len(state.get("resources") or ()))),
+            ("Version", _h(stack["version"])),
+            ("Export", f'<a href="{_h(self._stack_url(project, name, "/export"))}" '
+                       'download>Download the state (JSON)</a>')]) + "</div>")
+        outputs = _dict(root.get("outputs"))
+        out.append("<h2>Outputs</h2>")
+        out.append(_kv((k, f"<code>{_short(outputs[k], 2000)}</code>") for k in sorted(outputs))
+                   if outputs else '<p class="mut">No outputs.</p>')
+        out.append("<h2>Last update</h2>")
+        if updates:
+            info = updates[0]
+            url = self._stack_url(project, name, "/updates/" + _q(info["updateID"]))
+            out.append('<div class="card">' + _kv([
+                ("Update", f'<a href="{_h(url)}">#{_h(info["version"])} {_h(info["kind"])}</a>'),
+                ("Result", _result_badge(info["result"])),
+                ("By", _h(_dict(info.get("requestedBy")).get("name", ""))),
+                ("When", _when(info["startTime"])),
+                ("Duration", _h(_duration(info["startTime"], info["endTime"]))),
+                ("Changes", _changes(info.get("resourceChanges")) or "none"),
+                ("Message", _h(info["message"]))]) + "</div><h2>Config</h2>")
+            config = _masked_config(info.get("config"))
+            out.append(_kv((k, f"<code>{_short(config[k], 2000)}</code>")
+                           for k in sorted(config)) if config else
+                       '<p class="mut">No config.</p>')
+        else:
+            out.append('<p class="mut">No updates yet.</p>')
+        return self._html(req, f"{project}/{name}", "".join(out))
+
+    # -- resources ----------------------------------------------------------
+
+    def resources_page(self, req: Request) -> Response:
+        """A stack's resources as a tree by parent; a filter makes it a flat list."""
+        org, project, name = self._read(req)
+        resources = [r for r in self._state(org, project, name).get("resources") or ()
+                     if isinstance(r, dict) and isinstance(r.get("urn"), str)]
+        text = (req.q("q") or "").strip()[:200]
+        out = [self._stack_head(req, "resources"),
+               '<form class="search" method="get">'
+               f'<input type="search" name="q" value="{_h(text)}" placeholder="Type or name" '
+               'aria-label="Filter by type or name" data-filter="ul.tree li, tbody tr">'
+               '<button type="submit">Filter</button></form>']
+        link = self._linker(project, name)
+        if text:
+            low = text.lower()
+            hits = [r for r in resources if low in _urn_name(r["urn"]).lower()
+                    or low in str(r.get("type", "")).lower()]
+            out.append(f'<p class="mut">{len(hits)} of {len(resources)} resources</p>'
+                       '<div class="scroll"><table><thead><tr><th>Name</th><th>Type</th>'
+                       '<th class="w">Provider</th><th class="w">Kind</th></tr></thead><tbody>')
+            out.extend(f'<tr><td>{link(r)}</td><td class="t">{_h(r.get("type", ""))}</td>'
+                       f'<td class="w t">{_h(self._provider_name(r))}</td>'
+                       f'<td class="w">{"custom" if r.get("custom") else "component"}</td></tr>'
+                       for r in hits)
+            out.append("</tbody></table></div>")
+        else:
+            out.append(f'<p class="mut">{len(resources)} resources</p>')
+            out.append(self._tree(resources, link))
+        return self._html(req, f"{project}/{name} resources", "".join(out))
+
+    def _linker(self, project: str, name: str) -> Callable:
+        """Return ``f(resource)``: a link to its page (the stack's part computed once)."""
+        base = _h(self._stack_url(project, name, "/resource?urn="))
+
+        def link(res: dict) -> str:
+            return f'<a href="{base}{_h(_q_urn(res["urn"]))}">{_h(_urn_name(res["urn"]))}</a>'
+        return link
+
+    @staticmethod
+    def _provider_name(res: dict) -> str:
+        ref = res.get("provider")
+        return _urn_name(ref.rsplit("::", 1)[0]) if isinstance(ref, str) and ref else ""
+
+    def _tree(self, resources: list, link: Callable) -> str:
+        """Nested lists by parent, built without recursion (trees can be deep)."""
+        urns = {r["urn"] for r in resources}
+        children: dict = collections.defaultdict(list)
+        roots = []
+        for r in resources:
+            parent = r.get("parent")
+            (children[parent] if isinstance(parent, str) and parent in urns
+             and parent != r["urn"] else roots).append(r)
+        out, todo, seen, abouts = ['<ul class="tree">'], list(reversed(roots)), set(), {}
+        while todo:
+            r = todo.pop()
+            if r is None:
+                out.append("</ul></li>")
+                continue
+            if r["urn"] in seen:
+                continue
+            seen.add(r["urn"])
+            key = (r.get("type"), r.get("provider"), bool(r.get("custom")))
+            about = abouts.get(key)
+            if about is None:  # resources of a tree share few types and providers
+                provider = self._provider_name(r)
+                about = abouts[key] = (
+                    f' <span class="t">{_h(r.get("type", ""))}'
+                    f'{" · " + _h(provider) if provider else ""} · '
+                    f'{"custom" if r.get("custom") else "component"}</span>')
+            out.append(f"<li>{link(r)}{about}")
+            kids = children.get(r["urn"])
+            if kids:
+                out.append("<ul>")
+                todo.append(None)
+                todo.extend(reversed(kids))
+            else:
+                out.append("</li>")
+        out.append("</ul>")
+        return "".join(out)
+
+    def resource_page(self, req: Request) -> Response:
+        """One resource: flags, parent, children, dependencies, inputs and outputs."""
+        org, project, name = self._read(req)
+        urn = req.q("urn") or ""
+        resources = [r for r in self._state(org, project, name).get("resources") or ()
+                     if isinstance(r, dict) and isinstance(r.get("urn"), str)]
+        res = next((r for r in resources if r["urn"] == urn and not r.get("delete")),
+                   None) or next((r for r in resources if r["urn"] == urn), None)
+        if res is None:
+            raise NotFound("no resource with that URN in the stack's latest state")
+        link = self._linker(project, name)
+        by_urn = {r["urn"]: r for r in resources}
+
+        def links(urns: Iterable) -> str:
+            items = [link(by_urn[u]) if u in by_urn else _h(u) for u in urns
+                     if isinstance(u, str)]
+            return ", ".join(items) or '<span class="mut">none</span>'
+
+        parent = res.get("parent")
+        flags = [f for f in ("protect", "retainOnDelete", "external", "delete",
+                             "pendingReplacement", "taint") if res.get(f)]
+        provider = res.get("provider") if isinstance(res.get("provider"), str) else ""
+        out = [self._stack_head(req, "resources"), f"<h2>{_h(_urn_name(urn))}</h2>",
+               '<div class="card">' + _kv([
+                   ("Type", _h(res.get("type", ""))), ("URN", f"<code>{_h(urn)}</code>"),
+                   ("ID", _h(res.get("id", "")) or '<span class="mut">none</span>'),
+                   ("Kind", "custom" if res.get("custom") else "component"),
+                   ("Provider", links([provider.rsplit("::", 1)[0]]) if provider else
+                    '<span class="mut">default</span>'),
+                   ("Parent", links([parent]) if isinstance(parent, str) and parent else
+                    '<span class="mut">none</span>'),
+                   ("Children", links(r["urn"] for r in resources if r.get("parent") == urn)),
+                   ("Dependencies", links(res.get("dependencies") or ())),
+                   ("Flags", _h(", ".join(flags)) or '<span class="mut">none</span>')]) + "</div>"]
+        for title, key in (("Inputs", "inputs"), ("Outputs", "outputs")):
+            out.append(f"<h2>{title}</h2><pre>{_pretty(_dict(res.get(key)))}</pre>")
+        return self._html(req, f"{_urn_name(urn)} · {project}/{name}", "".join(out))
+
+    # -- activity and updates -------------------------------------------------
+
+    def activity_page(self, req: Request) -> Response:
+        """A stack's updates, newest first, paged."""
+        org, project, name = self._read(req)
+        try:
+            page = max(1, min(int(req.q("page") or 1), 10**6))
+        except ValueError:
+            raise BadRequest("page must be a number") from None
+        updates = self.engine.history(org, project, name, CONSOLE_HISTORY_PAGE, page)["updates"]
+        out = [self._stack_head(req, "activity")]
+        if not updates:
+            out.append('<p class="mut">No updates.</p>')
+        else:
+            out.append('<div class="scroll"><table><thead><tr><th>#</th><th>Kind</th>'
+                       '<th>Result</th><th class="w">By</th><th>When</th>'
+                       '<th class="w">Duration</th><th>Changes</th><th class="w">Message</th>'
+                       '</tr></thead><tbody>')
+            for info in updates:
+                url = self._stack_url(project, name, "/updates/" + _q(info["updateID"]))
+                out.append(
+                    f'<tr><td><a href="{_h(url)}">{_h(info["version"])}</a></td>'
+                    f'<td><a href="{_h(url)}">{_h(info["kind"])}</a></td>'
+                    f'<td>{_result_badge(info["result"])}</td>'
+                    f'<td class="w">{_h(_dict(info.get("requestedBy")).get("name", ""))}</td>'
+                    f'<td>{_when(info["startTime"])}</td>'
+                    f'<td class="w">{_h(_duration(info["startTime"], info["endTime"]))}</td>'
+                    f'<td>{_changes(info.get("resourceChanges"))}</td>'
+                    f'<td class="w">{_h(info["message"][:200])}</td></tr>')
+            out.append("</tbody></table></div>")
+        out.append(self._pager(req, page, len(updates) == CONSOLE_HISTORY_PAGE))
+        return self._html(req, f"{project}/{name} activity", "".join(out))
+
+    def update_page(self, req: Request) -> Response:
+        """An update's step log from its engine events; reloads itself while it runs."""
+        org, project, name = self._read(req)
+        info, events = self.engine.update_with_events(org, project, name,
+                                                      req.params["updateID"])
+        steps, general, stdout, summary = _step_log(events)
+        running = info["result"] in ("in-progress", "not-started")
+        raw = self._stack_url(project, name, f"/updates/{_q(info['updateID'])}/events")
+        out = [self._stack_head(req, "activity"),
+               f'<h2>Update #{_h(info["version"])}: {_h(info["kind"])} '
+               f'{_result_badge(info["result"])}</h2>', '<div class="card">' + _kv([
+                   ("By", _h(_dict(info.get("requestedBy")).get("name", ""))),
+                   ("Started", _when(info["startTime"])),
+                   ("Duration", _h(_duration(info["startTime"], info["endTime"]))
+                    or ('<span class="run">running…</span>' if running else "")),
+                   ("Changes", _changes(info.get("resourceChanges")) or "none"),
+                   ("Message", _h(info["message"])),
+                   ("Events", f'<a href="{_h(raw)}">{len(events)} engine events (JSON)</a>')])
+               + "</div>"]
+        if running:
+            out.append(f'<p class="run">This update is running; the page reloads every '
+                       f'{CONSOLE_REFRESH_SECONDS} seconds.</p>')
+        out.append("<h2>Steps</h2>")
+        link = self._linker(project, name)
+        out.append("".join(self._step_html(link, s, running) for s in steps)
+                   or '<p class="mut">No resource steps recorded.</p>')
+        if general:
+            out.append("<h2>Diagnostics</h2>" + "".join(self._diag_html(d) for d in general))
+        if stdout:
+            out.append("<h2>Output</h2><pre>" + _plain("".join(stdout)[-200000:]) + "</pre>")
+        if isinstance(summary, dict):
+            out.append("<h2>Summary</h2><div class=\"card\">" + _kv([
+                ("Changes", _changes(summary.get("resourceChanges")) or "none"),
+                ("Duration", _h(f"{summary.get('durationSeconds', '?')}s"))]) + "</div>")
+        return self._html(req, f"Update {info['version']} · {project}/{name}", "".join(out),
+                          refresh=CONSOLE_REFRESH_SECONDS if running else 0)
+
+    def _step_html(self, link: Callable, step: dict, running: bool) -> str:
+        meta = step["meta"]
+        op = meta.get("op") if isinstance(meta.get("op"), str) else "same"
+        sym, cls = _STEP_OPS.get(op, ("?", "same"))
+        state = {"failed": ' <span class="badge bad">failed</span>',
+                 "running": ' <span class="badge run">in progress</span>' if running
+                 else ' <span class="badge mut">unfinished</span>'}.get(step.get("state"), "")
+        out = [f'<div class="step op-{cls}"><span class="sym">{_h(sym)}</span>'
+               f'<span class="t">{_h(meta.get("type", ""))}</span> {link(step)} '
+               f'<span class="mut">{_h(op)}</span>{state}']
+        if op != "same":
+            for sign, key, old, new in _property_diff(op, meta):
+                if sign == "~":
+                    value, scls = f"{_short(old)} → {_short(new)}", "update"
+                elif sign == "+":
+                    value, scls = _short(new), "create"
+                else:
+                    value, scls = _short(old), "delete"
+                out.append(f'<div class="diff op-{scls}">{sign} {_h(key)}: {value}</div>')
+        out.extend(self._diag_html(d) for d in step["diags"])
+        out.append("</div>")
+        return "".join(out)
+
+    @staticmethod
+    def _diag_html(diag: dict) -> str:
+        severity = str(diag.get("severity") or "info")
+        cls = severity if severity in ("error", "warning") else "info"
+        # The CLI's prefix ("warning: ") would say the severity a second time.
+        return (f'<div class="diag {cls}"><strong>{_h(severity)}</strong>: '
+                f'{_plain(diag.get("message", ""))}</div>')
+
+    def update_events(self, req: Request) -> Response:
+        """An update's engine events as JSON (secrets masked)."""
+        org, project, name = self._read(req)
+        _, events = self.engine.update_with_events(org, project, name, req.params["updateID"])
+        # <, > and & only occur inside JSON strings: as \u escapes the JSON is
+        # the same, and inert even if something renders it as HTML.
+        data = _dumps({"events": _masked(events)})
+        for char in b"<>&":
+            data = data.replace(bytes([char]), b"\\u%04x" % char)
+        return Response(200, data)
+
+    def export_download(self, req: Request) -> Response:
+        """The stack's state, as `pulumi stack export` writes it, as a download."""
+        org, project, name = self._read(req)
+        data = gzip.decompress(self.engine.export(org, project, name, None))
+        self.audit.record("stack_exported", req=req, target=f"{org}/{project}/{name}",
+                          description="console download")
+        # Names match _NAME_RE ([A-Za-z0-9_.-]): safe in a quoted filename.
+        return Response(200, data, headers={
+            "Content-Disposition": f'attachment; filename="{project}-{name}.json"'})
+
+    # -- tokens -------------------------------------------------------------
+
+    def to_tokens(self, req: Request) -> Response:
+        """The CLI's address of the token page: ours is /tokens."""
+        return Response(303, b"", "text/plain", headers={"Location": "/tokens"})
+
+    def tokens_page(self, req: Request, new: Optional[tuple] = None) -> Response:
+        """The signed-in user's personal tokens: create and revoke."""
+        p = req.principal
+        out = ["<h1>Personal access tokens</h1>"]
+        if p.kind != "user":
+            out.append(f'<p class="mut">Personal tokens belong to users; you signed in with '
+                       f'{_h("an " + p.kind if p.kind[0] in "aeiou" else "a " + p.kind)} '
+                       'token. Ask an admin for a user and a token of your own '
+                       '(<code>pulumi_backend.py user add</code>).</p>')
+            return self._html(req, "Tokens", "".join(out))
+        csrf = f'<input type="hidden" name="csrf" value="{_h(self._csrf(req))}">'
+        if new is not None:
+            out.append(f'<div class="card"><p><strong>New token {_h(new[0])}</strong>: copy it '
+                       'now, it is not shown again. Use it with <code>pulumi login</code> or '
+                       f'<code>PULUMI_ACCESS_TOKEN</code>.</p><code class="token" id="new-token">'
+                       f'{_h(new[1])}</code></div>')
+        out.append('<div class="card"><form class="search" method="post" action="/tokens">'
+                   f'{csrf}<input type="text" name="description" placeholder="Description" '
+                   'aria-label="Description" maxlength="200" required>'
+                   '<select name="expires" aria-label="Expires">'
+                   '<option value="0">never expires</option><option value="30">30 days</option>'
+                   '<option value="90">90 days</option><option value="365">1 year</option>'
+                   '</select><button class="primary" type="submit">Create token</button>'
+                   '</form></div>')
+        rows = self.identity.tokens_json("personal", p.login)["tokens"]
+        if not rows:
+            out.append('<p class="mut">No personal tokens.</p>')
+        else:
+            out.append('<div class="scroll"><table><thead><tr><th>Description</th>'
+                       '<th class="w">Created</th><th>Last used</th><th class="w">Expires</th>'
+                       '<th></th></tr></thead><tbody>')
+            for t in rows:
+                action = f"/tokens/{_q(t['id'])}/revoke"
+                out.append(
+                    f'<tr><td>{_h(t["description"] or t["name"])} <span class="t">'
+                    f'{_h(t["id"])}</span></td><td class="w">{_h(t["created"])}</td>'
+                    f'<td>{_when(t["lastUsed"])}</td><td class="w">{_when(t["expires"])}</td>'
+                    f'<td><form method="post" action="{_h(action)}" data-confirm="Revoke this '
+                    f'token?">{csrf}<button class="danger" type="submit">Revoke</button>'
+                    '</form></td></tr>')
+            out.append("</tbody></table></div>")
+        return self._html(req, "Tokens", "".join(out))
+
+    def create_token(self, req: Request) -> Response:
+        """Create a personal token; the page shows its value once."""
+        form = self._checked_form(req)
+        if req.principal.kind != "user":
+            raise Forbidden("personal tokens belong to users")
+        try:
+            days = int(form.get("expires") or 0)
+        except ValueError:
+            raise BadRequest("expires must be a number of days") from None
+        if days not in (0, 30, 90, 365):
+            raise BadRequest("expires must be 0, 30, 90 or 365 days")
+        token_id, value = self.identity.create_token(
+            req.principal, "personal", req.principal.login, "",
+            form.get("description", "")[:200], _now() + days * 86400 if days else 0, req=req)
+        return self.tokens_page(req, (token_id, value))
+
+    def revoke_token(self, req: Request) -> Response:
+        """Revoke one of the user's personal tokens."""
+        self._checked_form(req)
+        self.identity.revoke_token(req.principal, req.params["tokenId"], "personal",
+                                   req.principal.login, req)
+        return Response(303, b"", "text/plain", headers={"Location": "/tokens"})
+
+
+# ==== 12. Backups and replication ===========================================
 
 def _open_read_only(path: str) -> sqlite3.Connection:
     """Open an existing database without writing to it; ValueError if there is none."""
@@ -5713,7 +6938,7 @@ class BackupScheduler:
                 log.warning("cannot remove old backup %s: %s", name, e.strerror)
 
 
-# ==== 12. Import from DIY backends ==========================================
+# ==== 13. Import from DIY backends ==========================================
 #
 # A DIY backend (``pulumi login file://...``) keeps, under ``.pulumi/``:
 #   meta.yaml                       ``version: 1`` once stacks are project-scoped
@@ -5989,7 +7214,7 @@ def _plan_stack(stack: _DIYStack, limit: int, ignore_locks: bool) -> list:
     return versions
 
 
-# ==== 13. Server lifecycle and main() =======================================
+# ==== 14. Server lifecycle and main() =======================================
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive; every request goes through ``App.dispatch``."""
@@ -6401,7 +7626,10 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
     except ValueError:
         store.close()
         raise
-    return store, App(cfg, Engine(cfg, store, keys))
+    app = App(cfg, Engine(cfg, store, keys))
+    if cfg.console:
+        Console(app).install()
+    return store, app
 
 
 @contextlib.contextmanager
@@ -6923,7 +8151,7 @@ def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
             return backup_database(cfg, extras["file"])
         if command == "copy":
             return copy_database(*extras["copy"])
-        if command == "import-diy":  # beside a running server too: see section 11
+        if command == "import-diy":  # beside a running server too: see section 12
             return import_diy(cfg, extras["file"], extras["import"], environ)
         # <db>.lock is SQLite's: PostgreSQL replicas share one database by design.
         with (contextlib.nullcontext() if is_postgres_url(cfg.db) else _database_lock(cfg.db)):

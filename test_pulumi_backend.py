@@ -22,6 +22,7 @@ Sections:
  10c.  Operations: health, metrics, logs, backups, shutdown
  10d.  Hardening: HTTP framing, bodies and connections
  10f.  Hardening: configuration, files and keys
+ 10g.  Web console: sessions, headers, pages, escaping and secrets
  11.   Module hygiene
 """
 
@@ -30,6 +31,7 @@ import base64
 import dataclasses
 import gzip
 import hashlib
+import html
 import http.client
 import http.server
 import json
@@ -258,8 +260,8 @@ class Srv:
         status, _, out = self.request("POST", f"{path}/{kind}", body)
         assert status == 200, out
         start = {"tags": tags if tags is not None else {}}
-        if journal:
-            start["journalVersion"] = 1
+        if journal:  # True offers 1, as CLIs v3.204-v3.273 do; an int offers that
+            start["journalVersion"] = 1 if journal is True else journal
         status, _, started = self.request("POST", f"{path}/update/{out['updateID']}", start)
         return Update(self, path, out["updateID"], status, started)
 
@@ -1042,6 +1044,142 @@ def test_replay_without_refresh_keeps_dependencies():
     b = res("b", dependencies=[A["urn"]])
     out = replay([S, A, b], [entry(1, 1, 1, removeOld=1)])
     assert resources_of(out) == [S, b]
+
+
+
+# -- journal version 2: state migrations (kind 10), the CLI's own vectors --------
+# Ported from pkg/backend/journal_state_migration_test.go (v3.274.1).
+
+def mig_res(name, **fields):
+    return {"urn": f"urn:pulumi:test::test::pkgA:m:typA::{name}", "type": "pkgA:m:typA", **fields}
+
+
+MIG_BASE = [mig_res("a"), mig_res("b"), mig_res("c")]
+JOURNAL_V2_FIXTURE = Path(__file__).parent / "e2e" / "fixtures" / "journal-v2-state-migration.json"
+
+
+def lay(*items):
+    """Layout items: ints are base indexes, ("s", i) inserted states."""
+    return [{"stateIndex": i[1]} if isinstance(i, tuple) else {"baseIndex": i} for i in items]
+
+
+def migration(seq, layout, states, **fields):
+    return entry(seq, 10, **{"version": 2, "layout": layout, "states": states, **fields})
+
+
+def mig_urns(doc):
+    return [r["urn"].rsplit("::", 1)[1] for r in resources_of(doc)]
+
+
+def ref(name):
+    return {"4dabf18193072939515e22adb298388d": "5cf8f73096256a8f31e491e813e4eb8e",
+            "urn": mig_res(name)["urn"]}
+
+
+def test_replay_state_migration_lays_out_the_base():
+    out = replay(MIG_BASE, [migration(1, lay(1, ("s", 0)), [mig_res("d")])])
+    assert mig_urns(out) == ["b", "d"]  # "a" and "c" removed, "d" after "b"
+
+
+def test_replay_state_migration_remaps_earlier_base_indexes():
+    c = mig_res("c", custom=True, id="id-c")
+    e = mig_res("e", dependencies=[c["urn"]])
+    # A refresh deletes "c" (index 2); the migration moves it to index 1 and the
+    # deletion follows it; the refresh cleanup then prunes e's dependency.
+    out = replay(MIG_BASE[:2] + [c, e], [
+        entry(1, 3, 1, removeOld=2),
+        migration(2, lay(("s", 0), 2, 3), [mig_res("d")])])
+    assert mig_urns(out) == ["d", "e"]
+    assert "dependencies" not in resources_of(out)[1]
+    # A reordering layout carries a delete mark to the resource's new position.
+    moved = replay(MIG_BASE, [entry(1, 1, deleteOld=1),
+                              migration(2, lay(2, ("s", 0), 1), [mig_res("d")])])
+    assert mig_urns(moved) == ["c", "d", "b"]
+    assert resources_of(moved)[2]["delete"] is True
+
+
+def test_replay_state_migration_patches_base_and_new_resources():
+    e = mig_res("e", inputs={"reference": ref("a")})
+    current = mig_res("current", inputs={"reference": ref("a")})
+    patched = {**e, "inputs": {"reference": ref("d")}}
+    patched_current = {**current, "inputs": {"reference": ref("d")}}
+    out = replay(MIG_BASE + [e], [
+        entry(1, 1, 42, state=current),
+        migration(2, lay(1, ("s", 0), 3), [mig_res("d")],
+                  baseStatePatches=[{"index": 3, "state": patched}],
+                  newStatePatches=[{"operationID": 42, "state": patched_current}])])
+    got = {r["urn"]: r for r in resources_of(out)}
+    assert got[e["urn"]] == patched and got[current["urn"]] == patched_current
+    # A base patch wins over an earlier outputs entry for the same resource.
+    c_out = {**MIG_BASE[2], "inputs": {"reference": ref("a")}}
+    c_patch = {**MIG_BASE[2], "inputs": {"reference": ref("d")}}
+    out = replay(MIG_BASE, [entry(1, 4, state=c_out, removeOld=2),
+                            migration(2, lay(("s", 0), 2), [mig_res("d")],
+                                      baseStatePatches=[{"index": 2, "state": c_patch}])])
+    assert resources_of(out) == [mig_res("d"), c_patch]
+
+
+def test_replay_state_migration_waits_for_no_provider_operation():
+    valid = migration(2, lay(("s", 0), 1, 2), [mig_res("successor")])
+    same = replay(MIG_BASE, [entry(1, 0, 42), valid])  # a same step's begin: fine
+    assert mig_urns(same) == ["successor", "b", "c"]
+    in_flight = entry(1, 0, 42, operation={"resource": mig_res("x", custom=True, id="i"),
+                                           "type": "updating"})
+    with pytest.raises(pb.BadRequest, match="incomplete operation 42"):
+        replay(MIG_BASE, [in_flight, valid])
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"version": 1}, "must use version 2"),
+    ({"layout": lay(("s", 0), 1, 1)}, "base index 1 of 3 badly or twice"),
+    ({"layout": lay(("s", 0), ("s", 0), 1, 2)}, "inserted state 0 of 1 badly or twice"),
+    ({"layout": lay(1, 2)}, "places 0 of 1 inserted states"),
+    ({"layout": lay(("s", 0), 3)}, "base index 3 of 3"),
+    ({"layout": lay(("s", 1), 1, 2)}, "inserted state 1 of 1"),
+    ({"layout": [{"baseIndex": 1, "stateIndex": 0}]}, "must name one base resource"),
+    ({"layout": lay(("s", 0)) + [{}]}, "must name one base resource"),
+    ({"baseStatePatches": [{"index": 0, "state": mig_res("a")}]}, "not retained"),
+    ({"newStatePatches": [{"operationID": 7, "state": mig_res("x")}]}, "unknown or removed"),
+    ({"states": [mig_res("successor", delete=True)]}, "marked for deletion"),
+    ({"states": [mig_res("successor", viewOf=mig_res("b")["urn"])]}, "is a view"),
+    ({"states": [mig_res("successor", custom=True)]}, "has no physical ID"),
+    ({"states": [mig_res("successor", extensionRef="missing")]}, "unknown extension"),
+    ({"states": [mig_res("successor", type="other")]}, "has type other"),
+    ({"states": [mig_res("successor", dependencies=[mig_res("missing")["urn"]])]},
+     "refers to missing dependency"),
+])
+def test_replay_rejects_malformed_state_migration(change, error):
+    replayer = pb._JournalReplayer(deployment(MIG_BASE))
+    bad = {**migration(1, lay(("s", 0), 1, 2), [mig_res("successor")]), **change}
+    with pytest.raises(pb.BadRequest, match=error):
+        replayer.add(bad)
+    # All or nothing: the replayer is as before.
+    assert mig_urns(replayer.generate()) == ["a", "b", "c"]
+
+
+def test_replay_a_real_cli_state_migration():
+    """The journal a real CLI sent for an `up` whose state migration renamed a
+    component's child (e2e test_state_migration_renames_a_child writes the
+    fixture) replays to the state the e2e test checked against the CLI's own."""
+    doc = json.loads(JOURNAL_V2_FIXTURE.read_text(encoding="utf-8"))
+    assert [e["kind"] for e in doc["entries"]].count(10) == 1
+    out = pb.replay_journal(doc["base"], doc["entries"], doc["cli"])
+    assert out["deployment"]["resources"] == doc["expected"]
+    # Up to the migration: the base's child "a" is now "b", with a's physical ID.
+    upto = [e for e in doc["entries"] if e["sequenceID"] <= next(
+        e["sequenceID"] for e in doc["entries"] if e["kind"] == 10)]
+    before = {r["urn"].rsplit("::", 1)[1]: r for r in doc["base"]["resources"]}
+    after = {r["urn"].rsplit("::", 1)[1]: r for r in
+             resources_of(pb.replay_journal(doc["base"], upto))}
+    assert "a" in before and "a" not in after and after["b"]["id"] == before["a"]["id"]
+
+
+def test_replay_byte_string_needs_something_to_write():
+    """As the CLI: the feature comes with a written resource, not on its own."""
+    assert "features" not in replay([], [entry(1, 6, secretsProvider=PROVIDER,
+                                              requiresByteString=True)])
+    out = replay([S], [entry(1, 6, secretsProvider=PROVIDER, requiresByteString=True)])
+    assert out["features"] == ["byteString"] and out["version"] == 4
 
 
 # ==== 7. Crypto ================================================================
@@ -2235,6 +2373,13 @@ def test_start_negotiates_journal_version_1(srv):
     assert update.start["tokenExpiration"] >= int(time.time()) + 200
 
 
+@pytest.mark.parametrize("offered, answered", [(1, 1), (2, 2), (3, 2)])
+def test_start_answers_the_newest_journal_version_both_know(srv, offered, answered):
+    """A v3.274 CLI offers 2 and journals state migrations only if it gets 2."""
+    update = srv.begin(srv.create_stack(), journal=offered)
+    assert update.status == 200 and update.start["journalVersion"] == answered
+
+
 def test_start_without_journal_request_gets_0(srv):
     update = srv.begin(srv.create_stack(), journal=False)
     assert update.status == 200 and update.start["journalVersion"] == 0
@@ -2562,6 +2707,37 @@ def test_journal_entries_then_complete_exports_replay(srv):
     assert doc["deployment"]["manifest"]["version"] == CLI_VERSION
     assert srv.stack(path)["version"] == 2
     assert srv.history(path)[0]["resourceCount"] == 3
+
+
+def test_journal_state_migration_over_http(srv):
+    """Journal version 2: a migration renames A to A2 (same physical ID)."""
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A, B]))
+    update = srv.begin(path, journal=2)
+    a2 = res("a2", id=A.get("id"))
+    b2 = res("b", dependencies=[a2["urn"]])
+    assert update.journal(
+        entry(1, 6, secretsProvider=PROVIDER),
+        migration(2, lay(0, ("s", 0), 2), [a2],
+                  baseStatePatches=[{"index": 2, "state": b2}]),
+        entry(3, 0, 1), entry(4, 1, 1, state=a2, removeOld=1))[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.export(path)["deployment"]["resources"] == [a2, S, b2]
+
+
+def test_journal_version_follows_the_start(srv):
+    """Entries newer than the version agreed at start, or bad migrations, get 400."""
+    update = srv.begin(srv.create_stack(), journal=1)
+    status, _, out = update.journal(migration(1, lay(("s", 0)), [C]))
+    assert status == 400 and "accepts up to 1" in out["message"]
+    update = srv.begin(srv.create_stack("proj", "two"), journal=2)
+    for bad in (migration(1, lay(("s", 0)), [C], version=1),
+                migration(1, "not a list", [C]),
+                migration(1, [{"baseIndex": "0"}], [C]),
+                migration(1, lay(("s", 0)), [C], newStatePatches=[{"operationID": 1}]),
+                entry(1, 1, 1, state=C, version=3)):
+        assert update.journal(bad)[0] == 400, bad
+    assert update.journal(migration(1, lay(("s", 0)), [C]))[0] == 200
 
 
 def test_journal_replay_with_deletes_over_http(srv):
@@ -4982,6 +5158,11 @@ def test_backups_taken_under_write_load_are_all_consistent(srv, cfg, tmp_path):
     writer.start()
     try:
         for i in range(5):
+            # Each backup after one more write: on a loaded box (the Python matrix runs
+            # suites side by side) the writer may otherwise barely run.
+            deadline = time.monotonic() + 30
+            while len(versions) <= i + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             out = tmp_path / f"b{i}.db"
             assert pb.backup_database(cfg, str(out)) == 0
             with sqlite3.connect(out) as conn:
@@ -6426,6 +6607,460 @@ def test_strict_json_accepts_what_the_cli_sends():
         pb._loads(b'["' + b"]" * 600 + b'",' + b"[" * 600 + b"]" * 600 + b"]")
 
 
+# ==== 10g. Web console =========================================================
+
+class Browser:
+    """A cookie-keeping client of the web console, as a browser would send its forms."""
+
+    def __init__(self, srv):
+        self.srv, self.cookies = srv, {}
+
+    def send(self, method, path, fields=None, origin="same", headers=None):
+        hdrs = {"User-Agent": "test-browser"}
+        if self.cookies:
+            hdrs["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        data = None
+        if fields is not None:
+            data = urllib.parse.urlencode(fields).encode()
+            hdrs["Content-Type"] = "application/x-www-form-urlencoded"
+        if origin is not None:
+            hdrs["Origin"] = self.srv.url if origin == "same" else origin
+        hdrs.update(headers or {})
+        c = self.srv.connection()
+        try:
+            c.request(method, path, body=data, headers=hdrs)
+            resp = c.getresponse()
+            body = resp.read()
+        finally:
+            c.close()
+        cookie = resp.headers.get("Set-Cookie")
+        if cookie:
+            name, _, value = cookie.split(";")[0].partition("=")
+            if value:
+                self.cookies[name] = value
+            else:
+                self.cookies.pop(name, None)
+        return resp.status, resp.headers, body.decode("utf-8", "replace")
+
+    def get(self, path, **kw):
+        return self.send("GET", path, **kw)
+
+    def csrf(self, path="/"):
+        status, _, page = self.get(path)
+        assert status == 200, page
+        return re.search(r'name="csrf" value="([^"]+)"', page)[1]
+
+    def sign_in(self, token="token t", next_path="/", expect=303):
+        csrf = self.csrf("/login")
+        status, headers, page = self.send("POST", "/login", {
+            "csrf": csrf, "token": token.removeprefix("token "), "next": next_path})
+        assert status == expect, page
+        return headers, page
+
+    def post(self, path, fields=None, csrf_from="/", **kw):
+        fields = dict(fields or {})
+        fields.setdefault("csrf", self.csrf(csrf_from))
+        return self.send("POST", path, fields, **kw)
+
+
+@pytest.fixture
+def browser(srv):
+    b = Browser(srv)
+    b.sign_in()
+    return b
+
+
+def console_stack(srv, project="proj", stack="dev", tags=None, resources=()):
+    path = srv.create_stack(project, stack, tags=tags or {})
+    if resources:
+        srv.import_state(path, untyped(resources))
+    return path
+
+
+_CONSOLE_PAGES = ("/", "/stacks/proj/dev", "/stacks/proj/dev/resources",
+                  "/stacks/proj/dev/activity", "/tokens")
+
+
+def test_console_sign_in_gives_a_strict_http_only_session_kept_as_a_hash(srv):
+    b = Browser(srv)
+    status, headers, _ = b.get("/stacks/proj/dev/activity?page=2")
+    assert status == 303
+    assert headers["Location"] == "/login?next=" + urllib.parse.quote(
+        "/stacks/proj/dev/activity?page=2", safe="")
+    csrf_cookie = None
+    status, headers, page = b.get("/login")
+    csrf_cookie = headers["Set-Cookie"]
+    assert "HttpOnly" in csrf_cookie and "SameSite=Strict" in csrf_cookie
+    headers, _ = b.sign_in(next_path="/tokens")
+    cookie = headers["Set-Cookie"]
+    assert headers["Location"] == "/tokens"
+    assert cookie.startswith("pb_session=") and "; HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie and "Secure" not in cookie  # plain http
+    assert f"Max-Age={pb.CONSOLE_SESSION_SECONDS}" in cookie
+    sid = b.cookies["pb_session"]
+    dump = "\n".join(sqlite3.connect(srv.cfg.db).iterdump())
+    assert sid not in dump and hashlib.sha256(sid.encode()).hexdigest() in dump
+    assert b.get("/")[0] == 200
+    status, headers, _ = b.post("/logout")
+    assert status == 303 and headers["Location"] == "/login"
+    assert "Max-Age=0" in headers["Set-Cookie"]
+    b.cookies["pb_session"] = sid  # a copied cookie is dead too
+    assert b.get("/")[0] == 303
+
+
+def test_console_sign_in_goes_only_to_local_pages(srv):
+    for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example", "/\u00e9",
+                   "/\r\nSet-Cookie: x=y"):
+        headers, _ = Browser(srv).sign_in(next_path=target)
+        assert headers["Location"] == "/"
+
+
+def test_console_cookie_is_secure_under_tls(start, tmp_path):
+    srv = start(public_url="https://backend.example")
+    status, headers, _ = Browser(srv).get("/login")
+    assert status == 200 and "; Secure" in headers["Set-Cookie"]
+
+
+def test_console_refuses_bad_tokens_foreign_origins_and_stale_forms(srv):
+    srv.app.identity.add_user(LOCAL, "alice")
+    good = token_for(srv, "personal", "alice")
+    b = Browser(srv)
+    _, page = b.sign_in("token pul-not-a-token", expect=401)
+    assert "not valid" in page and "pb_session" not in b.cookies
+    csrf = b.csrf("/login")
+    form = {"csrf": csrf, "token": good.split()[1], "next": "/"}
+    for origin in (None, "http://evil.example", "null"):
+        status, _, _ = b.send("POST", "/login", form, origin=origin)
+        assert status == 403 and "pb_session" not in b.cookies
+    status, _, _ = b.send("POST", "/login", dict(form, csrf="x" * 43))
+    assert status == 403 and "pb_session" not in b.cookies
+    b.sign_in(good)
+    assert "pb_session" in b.cookies
+    for fields, origin in (({"csrf": "nope"}, "same"), ({}, "same"), (None, "http://evil")):
+        status, _, _ = b.send("POST", "/logout", fields, origin=origin)
+        assert status == 403
+    assert b.get("/")[0] == 200  # still signed in
+    events = [e["event"] for e in srv.app.audit.store.list_audit(
+        srv.app.audit.store._writer, 10**9, 0, 2**62, None, None, 100)]
+    assert "login_failure" in events and "console_login" in events
+
+
+def test_console_headers_on_every_page(srv, browser):
+    console_stack(srv, resources=[stack_res()])
+    for path in _CONSOLE_PAGES + ("/login", "/stacks/proj/nope", "/stacks/proj/dev/resource"):
+        status, headers, page = browser.get(path)
+        csp = headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Referrer-Policy"] == "same-origin"
+        assert headers["Content-Type"].startswith("text/html")
+        # No inline script: every <script> has a src.
+        assert re.findall(r"<script[^>]*>", page) == ['<script src="/console.js" defer>']
+        assert 'style="' not in page
+    assert browser.get("/stacks/proj/nope")[0] == 404
+    for path, kind in (("/console.css", "text/css"), ("/console.js", "text/javascript")):
+        status, headers, body = Browser(srv).get(path)
+        assert status == 200 and headers["Content-Type"].startswith(kind) and body
+
+
+def test_console_off_gives_404_and_leaves_the_api(start):
+    srv = start(console=False)
+    for path in ("/", "/login", "/console.css", "/tokens"):
+        assert Browser(srv).get(path)[0] == 404
+    assert srv.request("GET", "/api/user")[0] == 200
+    assert pb.parse_config(["--console", "off"], {})[1].console is False
+    assert pb.parse_config([], {"PULUMI_BACKEND_CONSOLE": "off"})[1].console is False
+    assert pb.parse_config([], {})[1].console is True
+
+
+def test_console_stacks_page_groups_searches_filters_and_pages(srv, browser, monkeypatch):
+    console_stack(srv, "web", "prod", {"env": "production", "team": "a"})
+    console_stack(srv, "web", "staging", {"env": "staging"})
+    console_stack(srv, "api", "dev", {"env": "dev"}, [stack_res("dev", "api"), res(
+        "x", stack="dev", project="api")])
+    srv.begin(sp("web", "staging"))  # running
+    status, _, page = browser.get("/")
+    assert status == 200
+    assert page.index("<h2>api</h2>") < page.index("<h2>web</h2>")
+    assert page.count('class="badge run">running') == 1
+    assert '<td class="n">2</td>' in page  # api/dev's resource count
+    assert browser.get("/?q=stag")[2].count("<tr><td>") == 1
+    _, _, page = browser.get("/?tag=env%3Dproduction")
+    assert "/stacks/web/prod" in page and "/stacks/web/staging" not in page
+    _, _, page = browser.get("/?tag=team")
+    assert "/stacks/web/prod" in page and "/stacks/api/dev" not in page
+    monkeypatch.setattr(pb, "CONSOLE_STACK_PAGE", 2)
+    _, _, page = browser.get("/")
+    assert "/stacks/web/staging" not in page and "page=2" in page
+    _, _, page = browser.get("/?page=2")
+    assert "/stacks/web/staging" in page and "/stacks/api/dev" not in page
+
+
+def test_console_stacks_page_tells_a_running_update_from_an_abandoned_one(srv, clock):
+    path = console_stack(srv)
+    srv.begin(path)
+    browser = Browser(srv)
+    browser.sign_in()
+    assert 'class="badge run">running' in browser.get("/")[2]
+    clock.advance(srv.cfg.lease_seconds + 1)  # the CLI went silent; the session lives on
+    _, _, page = browser.get("/")
+    assert 'class="badge bad">abandoned' in page and "badge run" not in page
+
+
+def test_console_shows_only_what_the_principal_may_read(team_srv):
+    dev = Browser(team_srv)
+    dev.sign_in(team_srv.tok["dev"])
+    _, _, page = dev.get("/")
+    assert "/stacks/app/dev" in page and "/stacks/ops/prod" not in page
+    for path in ("/stacks/ops/prod", "/stacks/ops/prod/resources", "/stacks/ops/prod/export",
+                 "/stacks/ops/prod/activity"):
+        status, _, page = dev.get(path)
+        assert status == 403 and "&#x27;read&#x27; permission" in page
+    viewer = Browser(team_srv)
+    viewer.sign_in(team_srv.tok["viewer"])
+    _, _, page = viewer.get("/")
+    assert "/stacks/app/dev" in page and "/stacks/ops/prod" in page
+    assert viewer.get("/stacks/ops/prod/export")[0] == 200
+    # Grants count from the next page: revoke viewer's read and the stack is gone.
+    team_srv.app.identity.grant(LOCAL, "viewers", "*", 0)
+    assert viewer.get("/stacks/ops/prod")[0] == 403
+
+
+HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)> javascript:alert(3)'
+PLAIN = "hunter2-plaintext"
+
+
+def _secret(plain=None):
+    out = {pb._SECRET_SIG: pb._SECRET_VALUE, "ciphertext": "v1:CIPHERTEXTblob"}
+    if plain is not None:
+        out["plaintext"] = json.dumps(plain)
+    return out
+
+
+def _inert(page):
+    """No markup, attribute or URL from the hostile strings made it through unescaped."""
+    assert "<script>alert" not in page and "<img" not in page
+    assert "onerror=alert(2)>" not in page.replace("onerror=alert(2)&gt;", "")
+    assert not re.search(r'(href|src|action)="\s*javascript:', page, re.I)
+    assert PLAIN not in page and "CIPHERTEXTblob" not in page
+
+
+def test_console_escapes_every_value_and_masks_every_secret(srv, browser):
+    name = "pet" + HOSTILE.replace(":", "")
+    root = dict(stack_res(), outputs={"url": HOSTILE, "password": _secret(PLAIN),
+                                       HOSTILE: "x"})
+    pet = res(name, inputs={"prefix": HOSTILE, "token": _secret(PLAIN)},
+              outputs={"id": HOSTILE, "nested": {"k": [_secret(PLAIN)]}}, protect=True,
+              parent=root["urn"])
+    path = console_stack(srv, tags={"owner": HOSTILE, "link": "javascript:alert(4)"},
+                         resources=[root, pet])
+    update = srv.begin(path, tags={"owner": HOSTILE, "link": "javascript:alert(4)"}, program={
+        "message": HOSTILE,
+        "config": {"proj:password": {"string": "v1:CIPHERTEXTblob", "secret": True},
+                   "proj:note": {"string": HOSTILE, "secret": False}},
+        "metadata": {"message": HOSTILE, "environment": {}}})
+    meta = {"op": "update", "urn": pet["urn"], "type": pet["type"],
+            "diffs": ["prefix", "token"], "old": {"inputs": {"prefix": "a", "token": "x"}},
+            "new": {"inputs": {"prefix": HOSTILE, "token": _secret(PLAIN)}}}
+    assert update.events(
+        {"sequence": 1, "timestamp": 1, "resourcePreEvent": {"metadata": meta}},
+        {"sequence": 2, "timestamp": 2, "diagnosticEvent": {
+            "urn": pet["urn"], "severity": "error", "message": HOSTILE, "color": "raw"}},
+        {"sequence": 3, "timestamp": 3, "diagnosticEvent": {
+            "severity": "warning", "message": "<{%fg 1%}>" + HOSTILE, "color": "raw"}},
+        {"sequence": 4, "timestamp": 4, "stdoutEvent": {"message": HOSTILE, "color": "raw"}},
+        {"sequence": 5, "timestamp": 5, "resOutputsEvent": {"metadata": meta}},
+    )[0] == 200
+    assert update.complete()[0] == 200
+    resource = "/stacks/proj/dev/resource?urn=" + urllib.parse.quote(pet["urn"], safe="")
+    update_page = f"/stacks/proj/dev/updates/{update.id}"
+    pages = {}
+    for p in _CONSOLE_PAGES + (resource, update_page, update_page + "/events",
+                               "/?q=" + urllib.parse.quote(HOSTILE),
+                               "/?tag=" + urllib.parse.quote(HOSTILE)):
+        status, _, page = browser.get(p)
+        assert status == 200, (p, page)
+        _inert(page)
+        pages[p] = page
+    escaped = html.escape(HOSTILE)
+    assert escaped in pages["/"]  # the tag, shown as text
+    assert escaped in pages["/stacks/proj/dev"] and "[secret]" in pages["/stacks/proj/dev"]
+    assert html.escape(name) in pages["/stacks/proj/dev/resources"]
+    assert pages[resource].count("[secret]") == 2  # the input token, the nested output
+    assert "[secret]" in pages[update_page] and escaped in pages[update_page]
+    assert "[secret]" in pages[update_page + "/events"]
+    assert "\\u003cscript\\u003e" in pages[update_page + "/events"]  # inert even as HTML
+    assert "&lt;{%" not in pages[update_page]  # the CLI's colour codes are stripped
+
+
+def test_console_overview_shows_outputs_tags_last_update_and_masked_config(srv, browser):
+    path = console_stack(srv, tags={"env": "prod"}, resources=[
+        dict(stack_res(), outputs={"endpoint": "https://x.example", "key": _secret()})])
+    update = srv.begin(path, tags={"env": "prod"}, program={"config": {
+        "proj:db": {"string": "v1:CIPHERTEXTblob", "secret": True},
+        "aws:region": {"string": "eu-west-1", "secret": False}}})
+    status, _, page = browser.get("/stacks/proj/dev")
+    assert "update running" in page
+    assert update.events({"sequence": 1, "timestamp": 1, "summaryEvent": {
+        "maybeCorrupt": False, "durationSeconds": 3,
+        "resourceChanges": {"create": 2, "same": 1}}})[0] == 200
+    assert update.complete()[0] == 200
+    status, _, page = browser.get("/stacks/proj/dev")
+    assert status == 200
+    for text in ("env: prod", "endpoint", "https://x.example", "eu-west-1", "proj:db",
+                 "succeeded", "a message", 'title="create">+2', "/stacks/proj/dev/export"):
+        assert html.escape(text) in page or text in page, text
+    assert "CIPHERTEXTblob" not in page and page.count("[secret]") == 2
+
+
+def test_console_resources_tree_filter_and_resource_page(srv, browser):
+    root = stack_res()
+    provider = res("default", "pulumi:providers:random", parent=root["urn"])
+    comp = dict(res("web", "my:index:Component", parent=root["urn"]), custom=False)
+    del comp["id"]
+    pet = res("pet", parent=comp["urn"], provider=provider["urn"] + "::prov-id",
+              dependencies=[provider["urn"]], protect=True, inputs={"length": 3})
+    console_stack(srv, resources=[root, provider, comp, pet])
+    status, _, page = browser.get("/stacks/proj/dev/resources")
+    assert status == 200 and "4 resources" in page
+    # pet is nested inside the component's list, which is nested inside the stack's.
+    web_at, pet_at = page.index(">web</a>"), page.index(">pet</a>")
+    assert web_at < pet_at and page.count("<ul>") == 2
+    assert "my:index:Component · component" in page
+    _, _, page = browser.get("/stacks/proj/dev/resources?q=RandomPet")
+    assert "1 of 4 resources" in page and ">pet</a>" in page and ">web</a>" not in page
+    _, _, page = browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
+        pet["urn"], safe=""))
+    for text in ("protect", ">web</a>", ">default</a>", "&quot;length&quot;: 3", "pet-id"):
+        assert text in page, text
+    _, _, page = browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
+        comp["urn"], safe=""))
+    assert ">pet</a>" in page  # its child
+    assert browser.get("/stacks/proj/dev/resource?urn=urn:nope")[0] == 404
+
+
+def test_console_activity_pages_updates_and_export_downloads(srv, browser, monkeypatch):
+    path = console_stack(srv)
+    for n in range(3):
+        update = srv.begin(path)
+        assert update.complete()[0] == 200
+    monkeypatch.setattr(pb, "CONSOLE_HISTORY_PAGE", 2)
+    _, _, page = browser.get("/stacks/proj/dev/activity")
+    assert page.count("<tr><td>") == 2 and ">3</a>" in page and "Older" in page
+    _, _, page = browser.get("/stacks/proj/dev/activity?page=2")
+    assert page.count("<tr><td>") == 1 and ">1</a>" in page
+    status, headers, body = browser.get("/stacks/proj/dev/export")
+    assert status == 200
+    assert headers["Content-Disposition"] == 'attachment; filename="proj-dev.json"'
+    assert json.loads(body) == srv.export(path)
+
+
+def _step_event(seq, kind, op, r, old=None, new=None, **meta):
+    metadata = {"op": op, "urn": r["urn"], "type": r["type"],
+                "old": {"inputs": old} if old is not None else None,
+                "new": {"inputs": new} if new is not None else None, **meta}
+    return {"sequence": seq, "timestamp": seq, kind: {"metadata": metadata}}
+
+
+def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(srv, browser):
+    path = console_stack(srv)
+    update = srv.begin(path)
+    a, b, c, d = res("a"), res("b"), res("c"), res("d")
+    assert update.events(
+        _step_event(1, "resourcePreEvent", "update", a, {"size": 1, "keep": 1},
+                    {"size": 2, "keep": 1}, detailedDiff={"size": {"kind": "update"}}),
+        _step_event(2, "resourcePreEvent", "create", b, None, {"name": "bee"}),
+        _step_event(3, "resourcePreEvent", "replace", c, {"zone": "a"}, {"zone": "b"},
+                    diffs=["zone"]),
+        _step_event(4, "resourcePreEvent", "delete", d, {"gone": True}),  # never finishes
+    )[0] == 200
+    page_url = f"/stacks/proj/dev/updates/{update.id}"
+    status, _, page = browser.get(page_url)
+    assert status == 200
+    assert f'<meta http-equiv="refresh" content="{pb.CONSOLE_REFRESH_SECONDS}">' in page
+    assert "in progress" in page
+    assert update.events(
+        _step_event(14, "resOutputsEvent", "update", a, {"size": 1, "keep": 1},
+                    {"size": 2, "keep": 1}, detailedDiff={"size": {"kind": "update"}}),
+        _step_event(15, "resOutputsEvent", "create", b, None, {"name": "bee"}),
+        _step_event(16, "resOpFailedEvent", "replace", c),
+        {"sequence": 17, "timestamp": 17, "diagnosticEvent": {
+            "urn": c["urn"], "severity": "error", "message": "zone is full", "color": "raw"}},
+        {"sequence": 18, "timestamp": 18, "summaryEvent": {
+            "maybeCorrupt": False, "durationSeconds": 9,
+            "resourceChanges": {"update": 1, "create": 1}}},
+    )[0] == 200
+    assert update.complete("failed")[0] == 200
+    _, _, page = browser.get(page_url)
+    assert "http-equiv" not in page and "in progress" not in page
+    steps = re.findall(r'<div class="step op-(\w+)"><span class="sym">([^<]*)</span>', page)
+    assert steps == [("update", "~"), ("create", "+"), ("replace", "+-"), ("delete", "-")]
+    assert '<div class="diff op-update">~ size: 1 → 2</div>' in page
+    assert "keep" not in page  # unchanged inputs are not in the diff
+    assert '<div class="diff op-create">+ name: &quot;bee&quot;</div>' in page
+    assert "~ zone: &quot;a&quot; → &quot;b&quot;" in page
+    assert 'class="badge bad">failed' in page and "zone is full" in page
+    assert page.count("unfinished") == 1 and "- gone: true" in page
+    assert '<div class="diag error"><strong>error</strong>' in page
+    assert "9s" in page
+    status, headers, body = browser.get(page_url + "/events")
+    assert status == 200 and len(json.loads(body)["events"]) == 9
+    assert browser.get(f"/stacks/proj/dev/updates/{'0' * 32}")[0] == 404
+
+
+def test_console_tokens_page_creates_and_revokes_personal_tokens(srv):
+    srv.app.identity.add_user(LOCAL, "alice")
+    b = Browser(srv)
+    b.sign_in(token_for(srv, "personal", "alice"))
+    status, _, page = b.post("/tokens", {"description": "laptop <b>", "expires": "30"},
+                             csrf_from="/tokens")
+    assert status == 200
+    value = re.search(r'id="new-token">(pul-[0-9a-f]+)<', page)[1]
+    assert "laptop &lt;b&gt;" in page
+    assert srv.request("GET", "/api/user", token="token " + value)[0] == 200
+    _, _, page = b.get("/tokens")
+    assert value not in page  # shown once
+    token_id = srv.app.identity.tokens_json("personal", "alice")["tokens"]
+    new_id = next(t["id"] for t in token_id if t["description"] == "laptop <b>")
+    status, headers, _ = b.post(f"/tokens/{new_id}/revoke", csrf_from="/tokens")
+    assert status == 303 and headers["Location"] == "/tokens"
+    assert srv.request("GET", "/api/user", token="token " + value)[0] == 401
+    assert b.post("/tokens", {"description": "x", "csrf": "forged"})[0] == 403
+    assert b.post("/tokens", {"description": "x", "expires": "7"},
+                  csrf_from="/tokens")[0] == 400
+    # The address `pulumi login` offers (CloudConsoleURL + /user/settings/tokens).
+    for path in ("/user/settings/tokens", "/account/tokens"):
+        status, headers, _ = b.get(path)
+        assert status == 303 and headers["Location"] == "/tokens"
+
+
+def test_console_tokens_page_explains_non_user_tokens(srv, browser):
+    status, _, page = browser.get("/tokens")
+    assert status == 200 and "Personal tokens belong to users" in page
+    assert browser.post("/tokens", {"description": "x"})[0] == 403
+
+
+def test_console_session_ends_with_its_token_or_its_time(srv, clock):
+    srv.app.identity.add_user(LOCAL, "alice")
+    token_id, value = srv.app.identity.create_token(LOCAL, "personal", "alice")
+    b = Browser(srv)
+    b.sign_in("token " + value)
+    assert b.get("/")[0] == 200
+    srv.app.identity.revoke_token(LOCAL, token_id)
+    assert b.get("/")[0] == 303
+    b2 = Browser(srv)
+    b2.sign_in(token_for(srv, "personal", "alice"))
+    assert b2.get("/")[0] == 200
+    clock.advance(pb.CONSOLE_SESSION_SECONDS + 1)
+    assert b2.get("/")[0] == 303
+
+
+def test_console_pages_take_no_body_and_forms_a_small_one(srv, browser):
+    status, _, _ = browser.send("POST", "/login", {"token": "x" * (pb.MAX_CONSOLE_FORM + 1)})
+    assert status == 413
+
+
 # ==== 11. Module hygiene =======================================================
 
 def _module_tree():
@@ -6488,3 +7123,11 @@ def test_sections_are_numbered_in_order_and_main_guard_is_last():
     assert toc == banners
     last = _module_tree().body[-1]
     assert isinstance(last, ast.If) and "__name__" in ast.unparse(last.test)
+
+
+def test_module_parses_as_python_3_10():
+    """The README promises 3.10+: no newer syntax (e2e/test_pythons.py runs it on 3.10 too)."""
+    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"), feature_version=(3, 10))
+    assert isinstance(tree.body[-1], ast.If)
+    with pytest.raises(SyntaxError):  # the check does see newer syntax
+        ast.parse("try:\n    pass\nexcept* ValueError:\n    pass\n", feature_version=(3, 10))

@@ -44,7 +44,7 @@ E2E_DIR = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("PULUMI_BACKEND_VENV") or Path.home() / ".cache/pulumi-backend-venv")
 CLI_CACHE = Path(os.environ.get("PULUMI_BACKEND_CLI_CACHE")
                  or Path.home() / ".cache/pulumi-backend-cli")
-DEFAULT_CLI = "v3.274.1"
+DEFAULT_CLI = "v3.276.0"  # the newest of CLI_VERSIONS (conftest.py)
 BACKENDS = ("ours", "file", "floor")
 PROGRAMS = ("bulk", "dynamic")
 OPERATIONS = ("create", "noop", "noop2", "add2", "export", "destroy")

@@ -11,7 +11,7 @@
 # The result is reused when present: delete the cache folder to rebuild.
 set -euo pipefail
 
-version="${1:-v3.274.1}"
+version="${1:-v3.276.0}"
 cache="${PULUMI_BACKEND_CLI_CACHE:-$HOME/.cache/pulumi-backend-cli}"
 out="$cache/$version/pulumi"
 

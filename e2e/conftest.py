@@ -2,6 +2,8 @@
 
 - ``cli``: the CLI binary of one version (tests marked ``core`` run on every
   version in CLI_VERSIONS, the others on the newest only; ids say ``cli=vX``).
+  Core tests run once more on the versions of JOURNAL_OPT_IN with
+  ``PULUMI_ENABLE_JOURNALING=true`` (ids ``cli=vX+journal``).
 - ``server``: pulumi_backend.py as a subprocess on a temporary database and a
   free port, one per test module.
 - ``make_server``: a factory of fresh servers for one test, with extra flags
@@ -28,16 +30,32 @@ from pathlib import Path
 import pytest
 
 E2E_DIR = Path(__file__).resolve().parent
-CLI_VERSIONS = ("v3.274.1", "v3.224.0")  # newest first; the newest runs every scenario
+# Newest first; the newest runs every scenario. Keep in step with setup.sh.
+#   v3.276.0  newest on the module proxy: journal version 2 (state migrations)
+#   v3.260.0  `stack migrate` (v3.254.0, its first, is not on the proxy)
+#   v3.224.0  last without journaling by default
+#   v3.214.0  batched journaling, opt-in
+#   v3.205.0  journaling opt-in, one entry per request
+#   v3.182.0  checkpoints only (verbatim and delta). Older ones do not fit: v3.181.0's
+#             pkg module needs sdk types of a later release (it does not compile); v3.106.0 and
+#             before fail to link with Go 1.26 (pgavlin/text's go:linkname to
+#             internal/bytealg); with v3.163.0 the SDK's Automation API refuses inline
+#             refresh/destroy (it needs 3.181) and unqualified stacks go to the user's
+#             login (the default-organization call came in v3.165)
+CLI_VERSIONS = ("v3.276.0", "v3.260.0", "v3.224.0", "v3.214.0", "v3.205.0", "v3.182.0")
+# Versions whose journaling is opt-in (PULUMI_ENABLE_JOURNALING=true, v3.204-v3.224).
+JOURNAL_OPT_IN = ("v3.224.0", "v3.214.0", "v3.205.0")
 TOKEN = "e2e-token"
 ORG = "organization"
 TEST_TIMEOUT = 300  # seconds; CLI processes of a test still running then are killed
+BUILD_WAIT = 3600  # seconds to wait for a CLI that setup.sh builds in the background
 # States over this many bytes go to the server as delta checkpoints (non-journal
 # CLIs), smaller ones verbatim: small enough that the tests exercise both paths.
 CHECKPOINT_CUTOFF = 4096
 
 sys.path.insert(0, str(E2E_DIR))  # e2e_programs, for tests and the provider's unpickling
 
+import matrix  # noqa: E402
 from server_process import SERVER_SCRIPT, ServerProcess  # noqa: E402
 
 
@@ -50,12 +68,34 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     if "cli" in metafunc.fixturenames:
         core = metafunc.definition.get_closest_marker("core")
-        versions = CLI_VERSIONS if core else CLI_VERSIONS[:1]
+        versions = CLI_VERSIONS[:1]
+        if core:
+            versions = CLI_VERSIONS + tuple(f"{v}+journal" for v in JOURNAL_OPT_IN)
         only = metafunc.definition.get_closest_marker("cli_versions")
         if only:
             versions = tuple(v for v in CLI_VERSIONS if v in only.args)
         metafunc.parametrize("cli", versions, ids=[f"cli={v}" for v in versions],
                              indirect=True, scope="module")
+
+
+def pytest_collection_finish(session):
+    """Start the suite runs of test_pythons.py now (see its start_runs)."""
+    if session.config.option.collectonly:
+        return
+    selected = [i for i in session.items if getattr(i, "originalname", "") in (
+        "test_unit_suite", "test_core_scenarios") and i.module.__name__.endswith("test_pythons")]
+    if selected:
+        module = selected[0].module
+        module.start_runs({(module.SUITES[i.originalname], i.callspec.params["minor"])
+                           for i in selected})
+
+
+def pytest_collection_modifyitems(items):
+    """Tests of the older CLIs last (stable): their CLIs may still be building."""
+    def older(item):
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("cli", CLI_VERSIONS[0])
+        return param != CLI_VERSIONS[0]
+    items.sort(key=older)
 
 
 def wait_for(predicate, what, timeout=90, step=0.05):
@@ -79,13 +119,28 @@ def cli_binary(version):
     return Path(cache) / version / "pulumi"
 
 
-class Cli:
-    """One CLI version: the binary and the Automation API's PulumiCommand for it."""
+def wait_for_build(binary, timeout=BUILD_WAIT):
+    """While setup.sh builds this CLI in the background (a ``building`` file
+    beside it names the live builder), wait for the binary."""
+    marker = binary.parent / "building"
+    deadline = time.monotonic() + timeout
+    while not os.access(binary, os.X_OK) and time.monotonic() < deadline:
+        try:
+            os.kill(int(marker.read_text()), 0)
+        except (OSError, ValueError):
+            return  # no build running (or a stale marker)
+        time.sleep(5)
 
-    def __init__(self, version, binary, root):
+
+class Cli:
+    """One CLI version: the binary and the Automation API's PulumiCommand for it;
+    ``journaling``: run it with PULUMI_ENABLE_JOURNALING=true (an opt-in version)."""
+
+    def __init__(self, version, binary, root, journaling=False):
         from pulumi import automation as auto
 
         self.version, self.binary, self.root = version, binary, root
+        self.journaling = journaling
         (root / "bin").mkdir(parents=True)
         (root / "bin" / "pulumi").symlink_to(binary)  # PulumiCommand wants ROOT/bin/pulumi
         self.command = auto.PulumiCommand(root=str(root))
@@ -93,15 +148,17 @@ class Cli:
 
 @pytest.fixture(scope="module")
 def cli(request, tmp_path_factory):
-    version = request.param
+    version, _, variant = request.param.partition("+")
     binary = cli_binary(version)
+    wait_for_build(binary)
     if not os.access(binary, os.X_OK):
         unavailable(f"pulumi CLI {version} not built at {binary}")
     try:
         import pulumi.automation  # noqa: F401
     except ImportError:
         unavailable("the pulumi Python SDK is not installed")
-    return Cli(version, binary, tmp_path_factory.mktemp(f"cli-{version}"))
+    return Cli(version, binary, tmp_path_factory.mktemp(f"cli-{version}"),
+               journaling=variant == "journal")
 
 
 class Server(ServerProcess):
@@ -168,6 +225,8 @@ class E2E:
             "PULUMI_ACCESS_TOKEN": TOKEN,
             "E2E_SANDBOX": str(tmp),  # marks this test's processes for the watchdog
         }
+        if cli.journaling:
+            self.env["PULUMI_ENABLE_JOURNALING"] = "true"
 
     def use_server(self, server, token=None):
         """Point this sandbox's CLI (and the Automation API) at another server.
@@ -258,6 +317,13 @@ class E2E:
         return self.export(stack)["deployment"].get("resources") or []
 
 
+def log_size(server):
+    try:
+        return server.log.stat().st_size
+    except OSError:
+        return 0
+
+
 def _timeout(sandbox, marker):
     sandbox.timed_out = True
     _kill_marked(marker)
@@ -277,6 +343,7 @@ def _kill_marked(marker):
 
 @pytest.fixture
 def e2e(cli, server, tmp_path, request, monkeypatch):
+    matrix_out = os.environ.get("PULUMI_BACKEND_MATRIX_OUT")
     # The Automation API starts the CLI with os.environ overlaid by our env:
     # keep the outer PULUMI_* variables out of it.
     for key in list(os.environ):
@@ -289,6 +356,13 @@ def e2e(cli, server, tmp_path, request, monkeypatch):
     limit = getattr(request.node.get_closest_marker("timeout_seconds"), "args", [TEST_TIMEOUT])[0]
     watchdog = threading.Timer(limit, _timeout, [sandbox, str(tmp_path)])
     watchdog.start()
+    before = (matrix.counters(server), log_size(server)) if matrix_out else None
     yield sandbox
     watchdog.cancel()
+    if before and server.proc and server.proc.poll() is None:  # the module's server
+        with open(server.log, "rb") as f:
+            f.seek(before[1])
+            log_text = f.read().decode(errors="replace")
+        seen = matrix.protocols(before[0], matrix.counters(server), log_text)
+        matrix.record(matrix_out, request.node.originalname, request.node.callspec.id, seen)
     _kill_marked(str(tmp_path))  # children left by a failed test (spawned ups)

@@ -9,7 +9,13 @@ separate process (``python e2e_programs.py SPEC.json``):
                      "sleep": 0, "fail": false, "protect": false}},
      "components": 3,                 # component resources (no provider)
      "outputs": {"k": "v"}, "secret_outputs": {"s": "v"},
-     "refs": {"out": ["organization/proj/stack", "key"]}}
+     "refs": {"out": ["organization/proj/stack", "key"]},
+     "holder": {"child": "b", "renamed_from": "a"}}   # a component with one file
+
+``holder`` registers component ``holder`` with one ``FileResource`` child;
+with ``renamed_from`` the component carries a state migration (journal version
+2 on a Pulumi Cloud backend) that renames the child's prior state, so the
+renamed child is the same resource, neither created nor deleted.
 
 ``FileResource`` is a Python dynamic resource that writes one small file, so a
 test can create drift by editing the file and ``refresh`` notices it. The
@@ -83,6 +89,20 @@ class FileResource(dynamic.Resource):
         super().__init__(FileProvider(), name, props, opts)
 
 
+def rename_child(old, new):
+    """A state migration renaming the component's child ``old`` to ``new``."""
+
+    def migrate(args):
+        states = {s["urn"]: s for s in args.old_state}
+        renamed = {urn: urn[:-len(old)] + new for urn in states if urn.endswith("::" + old)}
+        if not renamed:
+            return None  # already migrated: steady state
+        new_state = [{**s, "urn": renamed.get(s["urn"], s["urn"])} for s in args.old_state]
+        return pulumi.StateMigrationResult(new_state, successors=renamed)
+
+    return migrate
+
+
 def build(spec):
     """Return the inline program (a no-argument function) for a spec."""
 
@@ -99,6 +119,16 @@ def build(spec):
                 sleep=f.get("sleep", 0), fail=f.get("fail", False),
                 opts=pulumi.ResourceOptions(protect=f.get("protect", False)))
             pulumi.export(f"path-{name}", res.path)
+        holder = spec.get("holder")
+        if holder:
+            migrations = ([rename_child(holder["renamed_from"], holder["child"])]
+                          if holder.get("renamed_from") else None)
+            comp = pulumi.ComponentResource(
+                "e2e:index:Holder", "holder", opts=pulumi.ResourceOptions(
+                    state_migrations=migrations))
+            FileResource(holder["child"], spec["dir"], "child.txt", "child",
+                         opts=pulumi.ResourceOptions(parent=comp))
+            comp.register_outputs({})
         for key, value in spec.get("outputs", {}).items():
             pulumi.export(key, value)
         for key, value in spec.get("secret_outputs", {}).items():

@@ -86,3 +86,14 @@ def test_bench_import_smoke(tmp_path):
     assert all(r["stacks"] == 5 and r["versions"] == 10 and r["stacks_per_s"] > 0
                and r["mb_per_s"] > 0 for r in rows), rows
     assert "| plain | 5 | 10 |" in table and "| gzip | 5 | 10 |" in table
+
+
+def test_bench_console_smoke(tmp_path):
+    out = tmp_path / "console.json"
+    table = run_script("bench_console.py", "--stacks", "5", "--resources", "30", "--steps", "10",
+                       "--rounds", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["page"].split(",")[0] for r in rows[:3]] == ["stacks page", "resources page",
+                                                           "update page"], rows
+    assert all(r["median_s"] > 0 and r["html_bytes"] > 1000 for r in rows), rows
+    assert "| stacks page, 7 stacks |" in table and "| 50 ms |" in table

@@ -10,14 +10,19 @@ import base64
 import json
 import os
 import re
+import sqlite3
 
 import pytest
 
-from conftest import wait_for
+from conftest import E2E_DIR, wait_for
 
 ORG = "organization"
 SECRET = "hunter2-e2e-secret-value"
 SECRET_KEY = "4dabf18193072939515e22adb298388d"  # Pulumi's marker of a secret in state
+# A real journal-v2 update with a state migration, replayed by the unit tests.
+JOURNAL_FIXTURE = E2E_DIR / "fixtures" / "journal-v2-state-migration.json"
+WRITE_FIXTURES = os.environ.get("PULUMI_BACKEND_WRITE_FIXTURES") == "1"  # read before the
+# e2e fixture clears the PULUMI_* variables
 
 
 def spec(e2e, files=(), **kw):
@@ -322,6 +327,95 @@ def test_history_paging(e2e):
     assert "first" in e2e.run("stack", "history", "--page-size", "2", "--page", "2").stdout
     server_page = e2e.server.get(e2e.path("dev") + "/updates?pageSize=2&page=2")["updates"]
     assert [u["version"] for u in server_page] == [1]
+
+
+def cli_own_state(e2e, specs):
+    """Resources after the ``up`` of each spec on a file:// backend: the state the
+    CLI's own snapshot manager writes for the same updates."""
+    from pulumi import automation as auto
+
+    work = e2e.work.parent / "work-diy"
+    work.mkdir()
+    (work / "Pulumi.yaml").write_text((e2e.work / "Pulumi.yaml").read_text())
+    env = dict(e2e.env, PULUMI_BACKEND_URL=f"file://{work}", PULUMI_CONFIG_PASSPHRASE="e2e")
+    opts = auto.LocalWorkspaceOptions(
+        work_dir=str(work), pulumi_home=env["PULUMI_HOME"], env_vars=env,
+        pulumi_command=e2e.cli.command, secrets_provider="passphrase")
+    stack = auto.create_stack("dev", e2e.project, inline_program(specs[0]), opts=opts)
+    for program in specs:
+        e2e.call(stack.up, program=inline_program(program))
+    return stack.export_stack().deployment["resources"]
+
+
+def shape(resources, files_dir):
+    """What two backends' states of the same updates share: no IDs of providers,
+    no secrets (encrypted differently), the files folder named alike."""
+    out = []
+    for r in resources:
+        r = {k: v for k, v in plain(r).items() if k not in ("created", "modified")}
+        if r["type"].startswith("pulumi:providers:"):
+            r.pop("id", None)
+        r.pop("provider", None)
+        out.append(json.loads(json.dumps(r).replace(str(files_dir), "FILES")))
+    return out
+
+
+class JournalCapture:
+    """Copy every journal entry the server commits into a side table (an SQLite
+    trigger on the module server's database), to keep what the CLI sent."""
+
+    def __init__(self, server):
+        self.db = sqlite3.connect(server.db, timeout=30)
+        self.db.executescript("""
+            CREATE TABLE IF NOT EXISTS e2e_captured (seq INTEGER, data BLOB);
+            DELETE FROM e2e_captured;
+            CREATE TRIGGER IF NOT EXISTS e2e_capture AFTER INSERT ON journal
+            BEGIN INSERT INTO e2e_captured VALUES (NEW.seq, NEW.data); END;""")
+
+    def stop(self):
+        """Drop the trigger; return the captured entries in sequenceID order."""
+        with self.db:
+            self.db.execute("DROP TRIGGER e2e_capture")
+        rows = self.db.execute("SELECT data FROM e2e_captured ORDER BY seq").fetchall()
+        self.db.close()
+        return [json.loads(data) for (data,) in rows]
+
+
+def test_state_migration_renames_a_child(e2e):
+    """Journal version 2: the newest CLI journals a state migration (kind 10) only
+    when the server answers journalVersion 2; answered 1, the program fails with
+    "The Pulumi CLI does not support state migrations".
+
+    The journal of the migrating update is kept in JOURNAL_FIXTURE (rewritten
+    with PULUMI_BACKEND_WRITE_FIXTURES=1) for the unit tests' replay."""
+    first = {"dir": str(e2e.files), "holder": {"child": "a"}}
+    renamed = {"dir": str(e2e.files), "holder": {"child": "b", "renamed_from": "a"}}
+    stack = e2e.stack("dev")
+    assert e2e.up(stack, first) == {"create": 3}
+    base = e2e.export("dev")["deployment"]
+    old = by_name(base["resources"])["a"]
+    capture = JournalCapture(e2e.server)
+    assert e2e.up(stack, renamed) == {"same": 3}  # renamed in state, not replaced
+    entries = capture.stop()
+    migrated = e2e.export("dev")
+    new = by_name(migrated["deployment"]["resources"])
+    assert sorted(new) == ["b", "holder"]
+    assert (new["b"]["id"], new["b"]["parent"]) == (old["id"], old["parent"])
+    assert [e["version"] for e in entries if e["kind"] == 10] == [2]
+    assert e2e.up(stack, renamed) == {"same": 3}  # the migration sees the new shape
+    log = e2e.server.log.read_text(errors="replace")
+    assert f"/{e2e.project}/dev (version 2, journal v2)" in log
+    assert os.listdir(e2e.files) == ["child.txt"]
+    if WRITE_FIXTURES:
+        JOURNAL_FIXTURE.write_text(json.dumps(
+            {"cli": e2e.cli.version, "base": base, "entries": entries,
+             "expected": migrated["deployment"]["resources"]}, indent=1) + "\n")
+
+    diy_files = e2e.files / "diy"
+    diy_files.mkdir()
+    theirs = cli_own_state(e2e, [{**first, "dir": str(diy_files)},
+                                 {**renamed, "dir": str(diy_files)}])
+    assert shape(e2e.resources("dev"), e2e.files) == shape(theirs, diy_files)
 
 
 # ==== export and import =====================================================
