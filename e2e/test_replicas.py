@@ -114,6 +114,7 @@ def committed_successes(db_url):
         return row[0], urns
 
 
+@pytest.mark.cli_versions("v3.276.0")
 @pytest.mark.timeout_seconds(400)
 def test_parallel_stacks_across_replicas(e2e, server):
     """20 CLI processes, 20 stacks, three replicas: no errors, every resource stored."""
@@ -145,6 +146,7 @@ def test_parallel_stacks_across_replicas(e2e, server):
           "requests, no 5xx")
 
 
+@pytest.mark.cli_versions("v3.276.0")  # journal entries: what the kill waits for
 @pytest.mark.timeout_seconds(400)
 def test_replica_killed_during_up(e2e, server):
     """SIGKILL one replica in a 200-resource `up`: the CLI's retries reach the others,
