@@ -651,7 +651,13 @@ def test_store_records_round_trip(cfg):
                                    "created": 1})
             store.set_grant(db, "devs", "p/*", 1)
             store.set_grant(db, "devs", "p/*", 2)
+            store.insert_session(db, "s1", "t1", 10, 20)
+            store.insert_session(db, "s2", "t2", 30, 40)  # drops the expired s1
         with store.read() as db:
+            assert store.get_session(db, "s1") is None and store.get_session(db, "s2")["expires"] == 40
+            assert [tuple(r)[:3] for r in store.console_stacks(db, "o")] == \
+                [("id-B", "p", "B"), ("id-a", "p", "a"), ("id-b", "p", "b")]
+            assert store.latest_updates(db, ["id-a", "id-b"])["id-a"]["status"] == "running"
             assert store.get_meta(db, "k") == b"v2"
             assert [s["name"] for s in store.list_stacks(db, "o", None, ("", "", ""), 10)] == \
                 ["B", "a", "b"]
