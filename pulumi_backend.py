@@ -1656,8 +1656,9 @@ class _SQLRecords(Store):
 
     def insert_rows(self, db, table: str, columns: list, rows: list) -> None:
         _check_table(table)
-        if not set(columns) <= _TABLE_COLUMNS[table]:
-            raise ValueError(f"unknown columns in {table}: {sorted(set(columns) - _TABLE_COLUMNS[table])}")
+        unknown = set(columns) - _TABLE_COLUMNS[table]
+        if unknown:  # column names reach SQL text: only the known ones
+            raise ValueError(f"unknown columns in {table}: {sorted(unknown)}")
         db.executemany(f"INSERT INTO {table} ({','.join(columns)}) "
                        f"VALUES ({','.join('?' * len(columns))})", rows)
 
@@ -2005,7 +2006,8 @@ class PostgresStore(_SQLRecords):
     @contextlib.contextmanager
     def write(self):
         """Yield a handle for one write transaction, serialized with every replica's."""
-        if getattr(self._writing, "active", False):  # SQLite refuses this too; here it would deadlock
+        # A write inside a write: SQLite refuses it; here it would wait on its own lock.
+        if getattr(self._writing, "active", False):
             raise sqlite3.OperationalError("cannot start a transaction within a transaction")
         with self._lock, _pg_errors(self._psycopg), self.pool.connection() as conn:
             self._writing.active = True
