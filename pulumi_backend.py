@@ -14,6 +14,8 @@ Run::
     python pulumi_backend.py import-diy --db state.db file:///path/to/diy  # stacks + history
     python pulumi_backend.py --db state.db --backup-dir /backups --backup-interval 1h
     python pulumi_backend.py rotate-master-key --db state.db --new-key-file NEW
+    python pulumi_backend.py --db postgresql://USER@HOST/DB --master-key-file KEY  # a replica
+    python pulumi_backend.py copy --from state.db --to postgresql://USER@HOST/DB  # servers stopped
     python pulumi_backend.py user add alice --role admin --db state.db   # also while serving
     python pulumi_backend.py token create --user alice --db state.db    # printed once
     python pulumi_backend.py team grant devs 'app/*' write --db state.db
@@ -54,7 +56,7 @@ Sections:
   2. Configuration
   3. Errors
   4. Small utilities
-  5. Storage (Store interface, SQLite implementation)
+  5. Storage (Store interface, SQLite and PostgreSQL implementations)
   6. Engine (stacks, update leases, checkpoints, journal replay, events)
   7. Crypto (OpenSSL binding, pure-Python fallback, key management)
   8. Identity and access (users, teams, tokens, permissions, audit log, OIDC)
@@ -107,7 +109,7 @@ import urllib.parse
 import urllib.request
 import uuid
 import zlib
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 try:  # Unix: one server per database, enforced with a lock file
     import fcntl
@@ -119,12 +121,13 @@ __all__ = [
     "HTTPError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "MethodNotAllowed",
     "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "Unimplemented",
     "Unavailable",
-    "Store", "SQLiteStore",
+    "Store", "SQLiteStore", "PostgresStore", "open_store", "is_postgres_url",
     "Engine", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
     "Principal", "Identity", "AuditLog",
     "Request", "Response", "Router", "App", "Console",
     "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
+    "copy_database",
     "BackupScheduler", "import_diy",
     "main",
 ]
@@ -201,6 +204,17 @@ MAX_JSON_DEPTH = 512
 MAX_BATCH_ITEMS = 10000
 #: SQLite busy timeout (milliseconds); Litestream asks for at least 5000.
 BUSY_TIMEOUT_MS = 30000
+#: Most connections one server holds to PostgreSQL (``--db postgresql://...``).
+PG_POOL_SIZE = 10
+#: Seconds a request waits for a free PostgreSQL connection before a 503.
+PG_POOL_TIMEOUT = 30.0
+#: Key of the transaction-level advisory lock every PostgreSQL write takes
+#: (see PostgresStore); any constant works, this one spells "pulumi_b".
+PG_WRITE_LOCK = 0x70756C756D695F62
+#: application_name of a server's PostgreSQL sessions (``copy`` refuses while any is there).
+PG_APP_NAME = "pulumi-backend"
+#: What to install for ``--db postgresql://...`` (e2e/setup.sh pins the versions tested).
+PG_INSTALL_HINT = 'pip install "psycopg[binary]" psycopg-pool'
 #: WAL pages after which a commit checkpoints (SQLite's default); 0 leaves
 #: checkpoints to Litestream (--wal-autocheckpoint).
 DEFAULT_WAL_AUTOCHECKPOINT = 1000
@@ -332,16 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-hosted Pulumi Cloud state backend. `pulumi login http://HOST:PORT`.")
     p.add_argument("command", nargs="?", default="serve",
                    choices=("serve", "backup", "restore", "rotate-master-key", "import-diy",
-                            *_ADMIN_COMMANDS),
+                            "copy", *_ADMIN_COMMANDS),
                    help="serve (default); backup OUT (online copy of --db); import-diy SOURCE "
                         "(a DIY backend's stacks with their history, into --db); restore BACKUP "
-                        "(into --db, server stopped); rotate-master-key; user, team, token and "
-                        "audit administer access (server running or not)")
+                        "(into --db, server stopped); rotate-master-key; copy --from DB --to DB "
+                        "(SQLite file or postgresql:// URL, servers stopped); user, team, token "
+                        "and audit administer access (server running or not)")
     p.add_argument("file", nargs="?", help="backup: the file to write; restore: the backup to "
                    "read; import-diy: the DIY backend folder or file:// URL")
     p.add_argument("words", nargs="*", help="user/team/token: the action and its arguments")
     p.add_argument("--version", action="version", version=f"pulumi-backend {__version__}")
-    _flag(p, "db", f"SQLite database path (default {DEFAULT_DB})")
+    _flag(p, "db", f"SQLite database path (default {DEFAULT_DB}), or a postgresql:// URL "
+          f"(needs {PG_INSTALL_HINT})")
     _flag(p, "host", f"address to bind (default {DEFAULT_HOST})")
     _flag(p, "port", f"TCP port, 0 picks a free one (default {DEFAULT_PORT})", type=int)
     _flag(p, "log-level", "debug, info, warning or error (default info)")
@@ -357,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
           action="store_const", const="1")
     _flag(p, "master-key-file", "32-byte master key file, created 0600 if absent "
           "(default: <db>.key)")
+    # adm_: like the admin options, command arguments without a PULUMI_BACKEND_ variable
+    p.add_argument("--from", dest="adm_from", metavar="DB",
+                   help="copy: the database to read (SQLite file or postgresql:// URL)")
+    p.add_argument("--to", dest="adm_to", metavar="DB",
+                   help="copy: the new database to fill (SQLite file or postgresql:// URL)")
     _flag(p, "new-key-file", "rotate-master-key: the new master key file (created if absent)")
     _flag(p, "crypto", "AES-GCM implementation: auto, openssl or python (default auto)")
     _flag(p, "journaling", "accept journaled updates from new CLIs: on or off (default on)")
@@ -489,7 +510,8 @@ def parse_config(argv: list, environ: dict) -> tuple:
             raise ValueError("PULUMI_BACKEND_MASTER_KEY must hold exactly 32 bytes")
     cfg = Config(**kw)
     _validate_config(cfg)
-    extras = {"new_key_file": new_key_file, "file": args.file}
+    extras = {"new_key_file": new_key_file, "file": args.file,
+              "copy": (args.adm_from, args.adm_to)}
     if args.command == "import-diy":
         extras["import"] = import_options
     if args.command in _ADMIN_COMMANDS:
@@ -567,11 +589,23 @@ def _validate_config(cfg: Config) -> None:
                          f"not {cfg.default_stack_permission!r}")
     if cfg.audit_retention_days < 0:
         raise ValueError("--audit-retention-days must be 0 (keep all) or more")
+    if is_postgres_url(cfg.db):
+        _validate_postgres_config(cfg)
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if not cfg.auth_tokens and not cfg.allow_any_token and not _is_loopback(cfg.host):
         raise ValueError(f"refusing to bind {cfg.host} without --auth-token: anyone could "
                          "read and change state (give --allow-any-token to insist)")
+
+
+def _validate_postgres_config(cfg: Config) -> None:
+    """Refuse what cannot work on a database shared by replicas."""
+    if not cfg.master_key_file and not cfg.master_key:
+        raise ValueError("a postgresql:// --db needs --master-key-file or "
+                         "PULUMI_BACKEND_MASTER_KEY: every replica must use the same key")
+    if cfg.backup_dir:
+        raise ValueError("--backup-dir backs up SQLite files; back up PostgreSQL with its "
+                         "own tools (pg_dump, base backups), or `copy` to a SQLite file")
 
 
 def _is_loopback(host: str) -> bool:
@@ -942,6 +976,12 @@ _METRICS = {
     "pulumi_backend_journal_entries_total": ("counter", "Journal entries committed."),
     "pulumi_backend_checkpoints_total": ("counter", "Checkpoints committed, by upload form."),
     "pulumi_backend_updates_total": ("counter", "Updates ended, by kind and status."),
+    "pulumi_backend_db_pool_size": (
+        "gauge", "PostgreSQL connections this server holds (only with a postgresql:// --db)."),
+    "pulumi_backend_db_pool_available": (
+        "gauge", "Of those, connections idle now (only with a postgresql:// --db)."),
+    "pulumi_backend_db_pool_waiting": (
+        "gauge", "Requests waiting for a connection (only with a postgresql:// --db)."),
     "pulumi_backend_last_backup_success_timestamp_seconds": (
         "gauge", "Unix time of the newest scheduled backup (only with --backup-dir)."),
     "pulumi_backend_backup_failures_total": (
@@ -1043,6 +1083,10 @@ class Store:
     atomic transaction, and no SQL leaves this section.
     """
 
+    #: True when other processes may write the same database (PostgreSQL
+    #: replicas): in-memory caches of stored rows must then be validated.
+    shared = False
+
     def write(self):  # pragma: no cover - interface
         """Return a context manager yielding a handle for one exclusive transaction."""
         raise NotImplementedError
@@ -1058,7 +1102,7 @@ class Store:
     def close(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    # Record methods, implemented by SQLiteStore (handle first, then arguments):
+    # Record methods, implemented once by _SQLRecords for both stores (handle first):
     # meta: get_meta, set_meta
     # stacks: get_stack, get_stack_by_id, list_stacks, insert_stack, update_stack,
     #   delete_stack, project_exists, count_stacks, all_data_keys, one_data_key
@@ -1234,151 +1278,13 @@ def _private_database(path: str) -> None:
         _private_file(real + suffix)
 
 
-class SQLiteStore(Store):
-    """SQLite in WAL mode: one writer connection behind a lock, pooled readers.
-
-    Why one writer: SQLite allows a single writer at a time anyway, and keeping
-    every write on one connection under our own lock turns "database is locked"
-    into ordinary queueing. Readers use their own connections (WAL lets them run
-    beside the writer) and are returned to a small pool, because the threading
-    server starts a thread per connection and per-thread connections would leak.
-    """
-
-    POOL_SIZE = 8
-
-    def __init__(self, path: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT):
-        self.path = path
-        self.wal_autocheckpoint = wal_autocheckpoint
-        self._lock = threading.RLock()
-        self._on_commit: list = []
-        self._pool: list = []
-        self._pool_lock = threading.Lock()
-        # Bytes of state committed, by table, for /metrics. The keys are fixed
-        # so a scrape can read the dict while the writer updates it.
-        self.bytes_written = dict.fromkeys(("deployments", "checkpoints", "journal"), 0)
-        self._uncommitted_bytes: dict = {}
-        _private_database(path)
-        self._writer = self._connect()
-        self._migrate()
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               timeout=BUSY_TIMEOUT_MS / 1000)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        # Only ever PASSIVE checkpoints (never TRUNCATE/RESTART, which would race
-        # Litestream); 0 leaves them all to Litestream (see README, Replication).
-        conn.execute(f"PRAGMA wal_autocheckpoint = {int(self.wal_autocheckpoint)}")
-        # FULL: a commit is on disk before we answer, even across a power loss.
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.row_factory = sqlite3.Row
-        return conn
-
-    def _migrate(self) -> None:
-        with self.write() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            current = row[0] if row else 0
-            if current > len(_SCHEMA):
-                raise RuntimeError(f"database schema {current} is newer than this server "
-                                   f"({len(_SCHEMA)}); upgrade pulumi_backend.py")
-            for version in range(current, len(_SCHEMA)):
-                for stmt in _SCHEMA[version].split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-            db.execute("DELETE FROM schema_version")
-            db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
-
-    class _Txn:
-        def __init__(self, store: "SQLiteStore"):
-            self.store = store
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.store._lock.acquire()
-            try:
-                self.store._writer.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                self.store._lock.release()
-                raise
-            return self.store._writer
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            callbacks, self.store._on_commit = self.store._on_commit, []
-            written, self.store._uncommitted_bytes = self.store._uncommitted_bytes, {}
-            writer = self.store._writer
-            try:
-                if exc_type is None:
-                    try:
-                        writer.execute("COMMIT")
-                    except sqlite3.Error:
-                        if writer.in_transaction:  # e.g. disk full at commit time
-                            writer.execute("ROLLBACK")
-                        raise
-                    for table, size in written.items():
-                        self.store.bytes_written[table] += size
-                    for fn in callbacks:  # still under the lock: no writer can interleave
-                        fn()
-                elif writer.in_transaction:
-                    writer.execute("ROLLBACK")
-            finally:
-                self.store._lock.release()
-
-    def write(self) -> "_Txn":
-        """Return a context manager for one exclusive transaction on the writer."""
-        return SQLiteStore._Txn(self)
-
-    def after_commit(self, fn: Callable) -> None:
-        """Run ``fn`` once the current write transaction has committed (never on rollback)."""
-        self._on_commit.append(fn)
-
-    class _Reader:
-        def __init__(self, store: "SQLiteStore"):
-            self.store = store
-            self.conn: Optional[sqlite3.Connection] = None
-
-        def __enter__(self) -> sqlite3.Connection:
-            with self.store._pool_lock:
-                self.conn = self.store._pool.pop() if self.store._pool else None
-            if self.conn is None:
-                self.conn = self.store._connect()
-            return self.conn
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            conn, self.conn = self.conn, None
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            with self.store._pool_lock:
-                if len(self.store._pool) < SQLiteStore.POOL_SIZE:
-                    self.store._pool.append(conn)
-                    return
-            conn.close()
-
-    def read(self) -> "_Reader":
-        """Return a context manager lending a pooled reader connection."""
-        return SQLiteStore._Reader(self)
-
-    def close(self) -> None:
-        with self._lock:
-            self._writer.close()
-        with self._pool_lock:
-            for conn in self._pool:
-                conn.close()
-            self._pool.clear()
+class _SQLRecords(Store):
+    """The record methods of both stores: SQL that SQLite runs as written and
+    PostgreSQL runs through ``_PGHandle`` (``?`` placeholders, ``INSERT OR ...``)."""
 
     def _count_written(self, table: str, size: int) -> None:
         # Called inside a write transaction; counted only once it commits.
         self._uncommitted_bytes[table] = self._uncommitted_bytes.get(table, 0) + size
-
-    def database_bytes(self) -> int:
-        """Return the bytes the database files take on disk (main, WAL, shared memory)."""
-        total = 0
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                total += os.path.getsize(self.path + suffix)
-            except OSError:
-                pass
-        return total
 
     # -- meta ---------------------------------------------------------------
 
@@ -1500,7 +1406,8 @@ class SQLiteStore(Store):
                           "AND lease_expires >= ?", (now,)).fetchone()[0]
 
     def list_history(self, db, stack_id: str, limit: int, offset: int) -> list:
-        """Return finished non-preview updates, newest version first."""
+        """Return finished non-preview updates, newest version first (all when ``limit < 0``)."""
+        limit = limit if limit >= 0 else 2 ** 62  # PostgreSQL refuses SQLite's LIMIT -1
         return [dict(r) for r in db.execute(
             "SELECT * FROM updates WHERE stack_id = ? AND dry_run = 0 AND started IS NOT NULL "
             "ORDER BY version DESC, created DESC LIMIT ? OFFSET ?", (stack_id, limit, offset))]
@@ -1727,6 +1634,477 @@ class SQLiteStore(Store):
             "WHERE u.stack_id = s.id AND u.dry_run = 0 ORDER BY u.created DESC LIMIT 1) "
             f"FROM stacks s WHERE s.id IN ({marks}))", stack_ids)}
 
+    # -- whole-database copy (the ``copy`` command) ---------------------------
+
+    def count_rows(self, db, table: str) -> int:
+        _check_table(table)
+        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def table_batches(self, db, table: str, size: int = 500) -> Iterator:
+        """Yield ``(columns, rows)`` batches of every row of ``table``, in insertion order
+        where it matters (tokens list by it, audit ids grow)."""
+        _check_table(table)
+        order = {"tokens": " ORDER BY rowid", "audit": " ORDER BY id"}.get(table, "")
+        cur = db.execute(f"SELECT * FROM {table}{order}")
+        names = [d[0] for d in cur.description]
+        keep = [i for i, n in enumerate(names) if n != "rowid"]  # PostgreSQL's stand-in
+        while True:
+            rows = cur.fetchmany(size)
+            if not rows:
+                return
+            yield [names[i] for i in keep], [tuple(r[i] for i in keep) for r in rows]
+
+    def insert_rows(self, db, table: str, columns: list, rows: list) -> None:
+        _check_table(table)
+        unknown = set(columns) - _TABLE_COLUMNS[table]
+        if unknown:  # column names reach SQL text: only the known ones
+            raise ValueError(f"unknown columns in {table}: {sorted(unknown)}")
+        db.executemany(f"INSERT INTO {table} ({','.join(columns)}) "
+                       f"VALUES ({','.join('?' * len(columns))})", rows)
+
+    def after_copy(self, db) -> None:
+        """Bring id counters past the copied rows (SQLite's AUTOINCREMENT does it itself)."""
+
+
+class SQLiteStore(_SQLRecords):
+    """SQLite in WAL mode: one writer connection behind a lock, pooled readers.
+
+    Why one writer: SQLite allows a single writer at a time anyway, and keeping
+    every write on one connection under our own lock turns "database is locked"
+    into ordinary queueing. Readers use their own connections (WAL lets them run
+    beside the writer) and are returned to a small pool, because the threading
+    server starts a thread per connection and per-thread connections would leak.
+    """
+
+    POOL_SIZE = 8
+
+    def __init__(self, path: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT):
+        self.path = path
+        self.wal_autocheckpoint = wal_autocheckpoint
+        self._lock = threading.RLock()
+        self._on_commit: list = []
+        self._pool: list = []
+        self._pool_lock = threading.Lock()
+        # Bytes of state committed, by table, for /metrics. The keys are fixed
+        # so a scrape can read the dict while the writer updates it.
+        self.bytes_written = dict.fromkeys(("deployments", "checkpoints", "journal"), 0)
+        self._uncommitted_bytes: dict = {}
+        _private_database(path)
+        self._writer = self._connect()
+        self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # Only ever PASSIVE checkpoints (never TRUNCATE/RESTART, which would race
+        # Litestream); 0 leaves them all to Litestream (see README, Replication).
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(self.wal_autocheckpoint)}")
+        # FULL: a commit is on disk before we answer, even across a power loss.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _migrate(self) -> None:
+        with self.write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            current = row[0] if row else 0
+            if current > len(_SCHEMA):
+                raise RuntimeError(f"database schema {current} is newer than this server "
+                                   f"({len(_SCHEMA)}); upgrade pulumi_backend.py")
+            for version in range(current, len(_SCHEMA)):
+                for stmt in _SCHEMA[version].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
+
+    class _Txn:
+        def __init__(self, store: "SQLiteStore"):
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            try:
+                self.store._writer.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
+            return self.store._writer
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            callbacks, self.store._on_commit = self.store._on_commit, []
+            written, self.store._uncommitted_bytes = self.store._uncommitted_bytes, {}
+            writer = self.store._writer
+            try:
+                if exc_type is None:
+                    try:
+                        writer.execute("COMMIT")
+                    except sqlite3.Error:
+                        if writer.in_transaction:  # e.g. disk full at commit time
+                            writer.execute("ROLLBACK")
+                        raise
+                    for table, size in written.items():
+                        self.store.bytes_written[table] += size
+                    for fn in callbacks:  # still under the lock: no writer can interleave
+                        fn()
+                elif writer.in_transaction:
+                    writer.execute("ROLLBACK")
+            finally:
+                self.store._lock.release()
+
+    def write(self) -> "_Txn":
+        """Return a context manager for one exclusive transaction on the writer."""
+        return SQLiteStore._Txn(self)
+
+    def after_commit(self, fn: Callable) -> None:
+        """Run ``fn`` once the current write transaction has committed (never on rollback)."""
+        self._on_commit.append(fn)
+
+    class _Reader:
+        def __init__(self, store: "SQLiteStore"):
+            self.store = store
+            self.conn: Optional[sqlite3.Connection] = None
+
+        def __enter__(self) -> sqlite3.Connection:
+            with self.store._pool_lock:
+                self.conn = self.store._pool.pop() if self.store._pool else None
+            if self.conn is None:
+                self.conn = self.store._connect()
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            conn, self.conn = self.conn, None
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            with self.store._pool_lock:
+                if len(self.store._pool) < SQLiteStore.POOL_SIZE:
+                    self.store._pool.append(conn)
+                    return
+            conn.close()
+
+    def read(self) -> "_Reader":
+        """Return a context manager lending a pooled reader connection."""
+        return SQLiteStore._Reader(self)
+
+    def close(self) -> None:
+        with self._lock:
+            self._writer.close()
+        with self._pool_lock:
+            for conn in self._pool:
+                conn.close()
+            self._pool.clear()
+
+    def database_bytes(self) -> int:
+        """Return the bytes the database files take on disk (main, WAL, shared memory)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.path.getsize(self.path + suffix)
+            except OSError:
+                pass
+        return total
+
+
+def is_postgres_url(db: str) -> bool:
+    """Return whether ``--db`` names a PostgreSQL database rather than a SQLite file."""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def _redact_url(url: str) -> str:
+    """Return ``url`` without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _import_psycopg() -> tuple:
+    """Import psycopg 3 and psycopg-pool on first use of a PostgreSQL URL; RuntimeError
+    (one line naming what to install) when they are missing."""
+    try:
+        import psycopg  # noqa: PLC0415 - only for PostgreSQL URLs: SQLite users pay nothing
+        import psycopg_pool  # noqa: PLC0415
+    except ImportError as e:
+        raise RuntimeError(f"a postgresql:// database needs psycopg 3 and psycopg-pool "
+                           f"({e.name} is missing): {PG_INSTALL_HINT}") from None
+    return psycopg, psycopg_pool
+
+
+# SQLite spellings in _SQLRecords' SQL and their PostgreSQL forms.
+_PG_TYPES = [(re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b"), "BIGSERIAL PRIMARY KEY"),
+             (re.compile(r"\bINTEGER\b"), "BIGINT"), (re.compile(r"\bBLOB\b"), "BYTEA"),
+             # Byte order, like SQLite: stack lists page by (org, project, name).
+             (re.compile(r"\bTEXT\b"), 'TEXT COLLATE "C"'),
+             # list_tokens orders by insertion (SQLite's rowid); PostgreSQL needs a column.
+             (re.compile(r"CREATE TABLE tokens \("), "CREATE TABLE tokens (rowid BIGSERIAL,")]
+# After schema version 1 on PostgreSQL: states and entries are stored as they come, not
+# through TOAST's compression (pglz on a 10 MB JSON state doubled the time of a write;
+# deployments are gzip already).
+_PG_AFTER_SCHEMA = {0: [f"ALTER TABLE {t} ALTER COLUMN data SET STORAGE EXTERNAL"
+                        for t in ("deployments", "checkpoints", "journal", "events")]}
+_PG_CONFLICT_KEYS = {"meta": "key", "deployments": "stack_id, version",
+                     "checkpoints": "update_id, seq", "grants": "team, pattern"}
+_INSERT_OR_RE = re.compile(r"INSERT OR (REPLACE|IGNORE) INTO (\w+) \(([^)]*)\)(.*)", re.S)
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    """Return SQLite-flavoured ``sql`` as PostgreSQL runs it (cached: the texts are ours)."""
+    m = _INSERT_OR_RE.fullmatch(sql)
+    if m:
+        verb, table, cols, rest = m.groups()
+        if verb == "IGNORE":
+            sql = f"INSERT INTO {table} ({cols}){rest} ON CONFLICT DO NOTHING"
+        else:
+            keys = _PG_CONFLICT_KEYS[table]
+            sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in map(str.strip, cols.split(","))
+                             if c not in keys)
+            sql = f"INSERT INTO {table} ({cols}){rest} ON CONFLICT ({keys}) DO UPDATE SET {sets}"
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _pg_ddl(stmt: str) -> str:
+    for pattern, replacement in _PG_TYPES:
+        stmt = pattern.sub(replacement, stmt)
+    return stmt
+
+
+class _PGRow(tuple):
+    """A row readable by position and by column name, like ``sqlite3.Row``."""
+
+    index: dict = {}
+
+    def keys(self) -> list:
+        return list(self.index)
+
+    def __getitem__(self, key):  # type: ignore[override]
+        return tuple.__getitem__(self, self.index[key] if isinstance(key, str) else key)
+
+
+def _pg_row_factory(cursor) -> Callable:
+    names = [c.name for c in cursor.description or ()]
+    row_type = type("_PGRow", (_PGRow,), {"index": {n: i for i, n in enumerate(names)}})
+    return row_type
+
+
+@contextlib.contextmanager
+def _pg_errors(psycopg):
+    """Raise psycopg's errors as the sqlite3 classes the rest of the module maps
+    (integrity: 409; connection, pool and lock troubles: 503 "busy"; others: 500)."""
+    try:
+        yield
+    except psycopg.IntegrityError as e:
+        raise sqlite3.IntegrityError(str(e).strip()) from e
+    except (psycopg.OperationalError, psycopg.errors.LockNotAvailable) as e:
+        raise sqlite3.OperationalError(f"database busy or unreachable: {str(e).strip()}") from e
+    except psycopg.Error as e:
+        raise sqlite3.DatabaseError(str(e).strip()) from e
+    except Exception as e:
+        if type(e).__name__ == "PoolTimeout":  # psycopg_pool's, not a psycopg.Error
+            raise sqlite3.OperationalError(f"database busy: {e}") from e
+        raise
+
+
+class _PGHandle:
+    """A pooled psycopg connection that runs _SQLRecords' SQLite-flavoured SQL."""
+
+    def __init__(self, conn, psycopg):
+        self.conn = conn
+        self._psycopg = psycopg
+
+    def execute(self, sql: str, params: Any = ()):
+        with _pg_errors(self._psycopg):  # binary results: BYTEA as raw bytes, not hex text
+            return self.conn.execute(_pg_sql(sql), params, binary=True)
+
+    def executemany(self, sql: str, rows: Iterable):
+        with _pg_errors(self._psycopg):
+            cur = self.conn.cursor()
+            cur.executemany(_pg_sql(sql), list(rows))
+            return cur
+
+
+class PostgresStore(_SQLRecords):
+    """PostgreSQL through psycopg 3 and a psycopg-pool pool: one database, any
+    number of server processes (replicas) on it.
+
+    Locking, chosen for being as simple to reason about as SQLite's one writer:
+    every write transaction runs at READ COMMITTED and first takes the
+    transaction-level advisory lock ``pg_advisory_xact_lock(PG_WRITE_LOCK)``.
+    Writers of all replicas queue on it as SQLite's writers queue on its lock, so
+    each read-check-write of the engine (the update lease and its token, the
+    stack lock and finishing an abandoned update, journal and checkpoint sequence
+    checks, history and audit pruning, expired tokens) sees every earlier commit
+    and nothing commits between its check and its write. PostgreSQL releases the
+    lock at commit or rollback, and when a replica dies its session ends. Reads
+    run at REPEATABLE READ, READ ONLY: one snapshot per block, as in SQLite.
+    Inside one process a lock also queues writers, so waiting writers do not each
+    hold a pooled connection.
+
+    Caches stay correct across replicas because each is validated or per-process:
+    the engine checks a cached working state against the stored checkpoint
+    (``shared``), /readyz's memo is this replica's own view of the database, and
+    the gauges are read from the database at every scrape.
+
+    Periodic work needs no elected replica: history and audit pruning, expired
+    tokens and abandoned updates are handled inside write transactions, so under
+    the lock, by one replica at a time. Scheduled backups (``--backup-dir``) copy
+    SQLite files and are refused with a PostgreSQL URL.
+    """
+
+    shared = True  # other processes write the same database: validate caches
+
+    def __init__(self, url: str, pool_size: int = PG_POOL_SIZE,
+                 pool_timeout: float = PG_POOL_TIMEOUT, app_name: str = PG_APP_NAME):
+        self._psycopg, pool_mod = _import_psycopg()
+        self.url = url
+        self.path = _redact_url(url)  # what messages name
+        self._lock = threading.RLock()
+        self._writing = threading.local()
+        self._on_commit: list = []
+        self.bytes_written = dict.fromkeys(("deployments", "checkpoints", "journal"), 0)
+        self._uncommitted_bytes: dict = {}
+        self.pool = pool_mod.ConnectionPool(
+            url, min_size=1, max_size=pool_size, timeout=pool_timeout, open=False,
+            name="pulumi_backend", kwargs={"autocommit": True, "row_factory": _pg_row_factory,
+                                                   "application_name": app_name})
+        with _pg_errors(self._psycopg):  # one plain connection first: its error says why
+            self._psycopg.connect(url, connect_timeout=10, application_name=app_name).close()
+            try:
+                self.pool.open(wait=True, timeout=pool_timeout)
+            except pool_mod.PoolTimeout:
+                self.pool.close()
+                raise RuntimeError(f"cannot connect to {self.path} within {pool_timeout:g} s "
+                                   "(check host, port, user, password, database)") from None
+        try:
+            self._migrate()
+        except BaseException:
+            self.pool.close()
+            raise
+
+    def _migrate(self) -> None:
+        with self.write() as db:  # the write lock: two replicas starting at once migrate once
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            current = row[0] if row else 0
+            if current > len(_SCHEMA):
+                raise RuntimeError(f"database schema {current} is newer than this server "
+                                   f"({len(_SCHEMA)}); upgrade pulumi_backend.py")
+            for version in range(current, len(_SCHEMA)):
+                for stmt in _SCHEMA[version].split(";"):
+                    if stmt.strip():
+                        db.execute(_pg_ddl(stmt))
+                for stmt in _PG_AFTER_SCHEMA.get(version, ()):
+                    db.execute(stmt)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
+
+    @contextlib.contextmanager
+    def write(self):
+        """Yield a handle for one write transaction, serialized with every replica's."""
+        # A write inside a write: SQLite refuses it; here it would wait on its own lock.
+        if getattr(self._writing, "active", False):
+            raise sqlite3.OperationalError("cannot start a transaction within a transaction")
+        with self._lock, _pg_errors(self._psycopg), self.pool.connection() as conn:
+            self._writing.active = True
+            try:
+                conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (PG_WRITE_LOCK,))
+                try:
+                    yield _PGHandle(conn, self._psycopg)
+                except BaseException:
+                    self._on_commit, self._uncommitted_bytes = [], {}
+                    self._rollback(conn)
+                    raise
+                callbacks, self._on_commit = self._on_commit, []
+                written, self._uncommitted_bytes = self._uncommitted_bytes, {}
+                try:
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+                for table, size in written.items():
+                    self.bytes_written[table] += size
+                for fn in callbacks:
+                    fn()
+            finally:
+                self._writing.active = False
+
+    def _rollback(self, conn) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except self._psycopg.Error:
+            pass  # a broken connection: the pool discards it
+
+    def after_commit(self, fn: Callable) -> None:
+        """Run ``fn`` once the current write transaction has committed (never on rollback)."""
+        self._on_commit.append(fn)
+
+    @contextlib.contextmanager
+    def read(self):
+        """Yield a handle on one consistent snapshot (REPEATABLE READ, READ ONLY)."""
+        with _pg_errors(self._psycopg), self.pool.connection() as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield _PGHandle(conn, self._psycopg)
+            finally:
+                self._rollback(conn)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def database_bytes(self) -> int:
+        """Return the size of the database as PostgreSQL reports it."""
+        with self.read() as db:
+            return db.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+
+    def pool_stats(self) -> dict:
+        """Return the pool's size, idle connections and waiting requests, for /metrics."""
+        stats = self.pool.get_stats()
+        return {"size": stats.get("pool_size", 0), "available": stats.get("pool_available", 0),
+                "waiting": stats.get("requests_waiting", 0)}
+
+    def append_audit(self, db, event: dict) -> int:
+        cols = ",".join(event)
+        return db.execute(f"INSERT INTO audit ({cols}) VALUES ({','.join('?' * len(event))}) "
+                          "RETURNING id", tuple(event.values())).fetchone()[0]
+
+    def after_copy(self, db) -> None:
+        db.execute("SELECT setval(pg_get_serial_sequence('audit', 'id'), "
+                   "(SELECT COALESCE(max(id), 0) + 1 FROM audit), false)")
+
+    def other_servers(self, db) -> int:
+        """Return how many other server sessions are connected to this database."""
+        return db.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                          "current_database() AND application_name = ? AND pid <> "
+                          "pg_backend_pid()", (PG_APP_NAME,)).fetchone()[0]
+
+
+def open_store(db: str, wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT,
+               app_name: str = PG_APP_NAME) -> "Store":
+    """Open the store ``--db`` names: a PostgreSQL URL or a SQLite file.
+
+    Raises ValueError with a message naming the database when it cannot be opened.
+    """
+    if is_postgres_url(db):
+        try:
+            return PostgresStore(db, app_name=app_name)
+        except (sqlite3.Error, RuntimeError) as e:
+            raise ValueError(f"cannot open database {_redact_url(db)}: {e}") from None
+    db_dir = os.path.dirname(os.path.abspath(db))
+    if not os.path.isdir(db_dir):
+        raise ValueError(f"cannot open database {db}: folder {db_dir} does not exist")
+    try:
+        return SQLiteStore(db, wal_autocheckpoint)
+    except (sqlite3.Error, RuntimeError) as e:  # RuntimeError: a schema newer than ours
+        raise ValueError(f"cannot open database {db}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"cannot open database {db}: {e.strerror}") from None
+
 
 def _one_data_key(conn: sqlite3.Connection) -> Optional[tuple]:
     # Shared with restore, which checks a backup through a plain connection.
@@ -1739,6 +2117,32 @@ _STACK_COLUMNS = frozenset({"org", "project", "name", "tags", "version", "active
 _UPDATE_COLUMNS = frozenset({"status", "started", "ended", "version", "base_version", "journal",
                              "lease_token", "lease_expires", "cli_version", "resource_changes",
                              "resource_count", "program", "requested_by"})
+
+
+#: Every table with its columns, parents before children (the order ``copy`` fills them).
+_TABLE_COLUMNS = {
+    "meta": frozenset({"key", "value"}),
+    "stacks": _STACK_COLUMNS | {"id", "created"},
+    "deployments": frozenset({"stack_id", "version", "data", "size", "resource_count"}),
+    "updates": _UPDATE_COLUMNS | {"id", "stack_id", "kind", "dry_run", "created"},
+    "checkpoints": frozenset({"update_id", "seq", "kind", "data", "hash"}),
+    "journal": frozenset({"update_id", "seq", "data"}),
+    "events": frozenset({"update_id", "seq", "data"}),
+    "users": frozenset({"login", "name", "email", "role", "created"}),
+    "teams": frozenset({"name", "display_name", "description", "created"}),
+    "team_members": frozenset({"team", "login"}),
+    "grants": frozenset({"team", "pattern", "permission"}),
+    "tokens": frozenset({"id", "hash", "kind", "owner", "name", "description", "admin",
+                         "created_by", "created", "last_used", "expires"}),
+    "audit": frozenset({"id", "time", "actor", "token_id", "token_name", "source_ip",
+                        "user_agent", "event", "target", "outcome", "description"}),
+    "console_sessions": frozenset({"hash", "token_hash", "created", "expires"}),
+}
+
+
+def _check_table(table: str) -> None:
+    if table not in _TABLE_COLUMNS:  # table names reach SQL text: ours only
+        raise ValueError(f"unknown table {table!r}")
 
 
 def _check_columns(fields: dict, allowed: frozenset) -> None:
@@ -2313,7 +2717,7 @@ def _split_verbatim(body: bytes) -> tuple:
 class Engine:
     """Operations of the API on stacks, state, updates and secrets."""
 
-    def __init__(self, cfg: Config, store: SQLiteStore, keys: "KeyManager"):
+    def __init__(self, cfg: Config, store: Store, keys: "KeyManager"):
         self.cfg = cfg
         self.store = store
         self.keys = keys
@@ -2714,7 +3118,8 @@ class Engine:
         writer may ask: a reader's snapshot may already be older than the cache.
         """
         item = self.working.get(update_id)
-        if item is not None:
+        if item is not None and (not self.store.shared or self.store.last_checkpoint(
+                db, update_id) == (item[0], item[2])):  # another replica may have moved on
             return item
         rows = self.store.checkpoint_rows(db, update_id)
         if not rows:
@@ -3067,9 +3472,13 @@ class Engine:
             stacks = self.store.count_stacks(db)
             running = self.store.count_running_updates(db, _now())
         written = {(("table", t),): n for t, n in self.store.bytes_written.items()}
-        return {"pulumi_backend_stacks": stacks, "pulumi_backend_active_updates": running,
-                "pulumi_backend_database_bytes": self.store.database_bytes(),
-                "pulumi_backend_state_bytes_written_total": written}
+        gauges = {"pulumi_backend_stacks": stacks, "pulumi_backend_active_updates": running,
+                  "pulumi_backend_database_bytes": self.store.database_bytes(),
+                  "pulumi_backend_state_bytes_written_total": written}
+        if isinstance(self.store, PostgresStore):  # this replica's connections
+            for name, value in self.store.pool_stats().items():
+                gauges[f"pulumi_backend_db_pool_{name}"] = value
+        return gauges
 
 
 def _next_checkpoint(base: Optional[tuple], seq: int, expected: str,
@@ -3554,7 +3963,7 @@ class KeyManager:
         except ValueError:
             return False
 
-    def check_canary(self, store: SQLiteStore) -> None:
+    def check_canary(self, store: Store) -> None:
         """Refuse a master key that does not open this database (see ``matches``);
         write the canary when it is missing or was written under another key."""
         with store.write() as db:
@@ -3568,7 +3977,7 @@ class KeyManager:
                                 "stack keys")
                 store.set_meta(db, "canary", self.crypto.seal(self._master, _CANARY))
 
-    def rotate(self, store: SQLiteStore, new_master: bytes) -> int:
+    def rotate(self, store: Store, new_master: bytes) -> int:
         """Rewrap every data key and the canary under ``new_master`` in one transaction."""
         self.check_canary(store)
         new = KeyManager(self.crypto, new_master)
@@ -3691,7 +4100,7 @@ class AuditLog:
     a token or a secret value.
     """
 
-    def __init__(self, cfg: Config, store: SQLiteStore):
+    def __init__(self, cfg: Config, store: Store):
         self.store = store
         self.path = cfg.audit_log
         self.retention = cfg.audit_retention_days * 86400
@@ -3772,7 +4181,7 @@ class Identity:
     change is audited with its actor.
     """
 
-    def __init__(self, cfg: Config, store: SQLiteStore, audit: AuditLog):
+    def __init__(self, cfg: Config, store: Store, audit: AuditLog):
         self.cfg, self.store, self.audit = cfg, store, audit
         self._static = [t.encode() for t in cfg.auth_tokens]
         self._static_hashes = [_token_hash(t).encode() for t in cfg.auth_tokens]
@@ -7207,15 +7616,7 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
         except OSError as e:
             raise ValueError(f"cannot append to --audit-log {cfg.audit_log}: {e.strerror}") \
                 from None
-    db_dir = os.path.dirname(os.path.abspath(cfg.db))
-    if not os.path.isdir(db_dir):
-        raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")
-    try:
-        store = SQLiteStore(cfg.db, cfg.wal_autocheckpoint)
-    except (sqlite3.Error, RuntimeError) as e:  # RuntimeError: a schema newer than ours
-        raise ValueError(f"cannot open database {cfg.db}: {e}") from None
-    except OSError as e:
-        raise ValueError(f"cannot open database {cfg.db}: {e.strerror}") from None
+    store = open_store(cfg.db, cfg.wal_autocheckpoint)
     try:
         crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
         master = cfg.master_key or KeyManager.load_or_create(cfg.key_file())
@@ -7349,6 +7750,97 @@ def restore_database(cfg: Config, source: Optional[str], environ: dict) -> int:
     return 0
 
 
+def _copy_lock(db: str):
+    """The lock a copy holds on one side: ``<db>.lock`` for SQLite (no server may run);
+    for PostgreSQL nothing to take, ``copy_database`` checks for connected servers."""
+    return contextlib.nullcontext() if is_postgres_url(db) else _database_lock(db)
+
+
+def _export_hashes(store: "Store", db) -> dict:
+    """Return stack id -> SHA-256 of its latest state as export serves it (uncompressed)."""
+    hashes = {}
+    for stack_id, _ in store.all_data_keys(db):
+        row = store.get_deployment(db, stack_id)
+        data = gzip.decompress(row["data"]) if row else _empty_deployment()
+        hashes[stack_id] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
+def copy_database(source: Optional[str], target: Optional[str]) -> int:
+    """Copy every row of one database (SQLite file or PostgreSQL URL) into another, empty
+    one, in one transaction, then check row counts and every stack's export hash.
+
+    Servers on either side must be stopped. The master key is not needed: stack keys
+    are copied still wrapped, so the same key opens the copy. Returns an exit code.
+    """
+    if not source or not target:
+        raise ValueError("copy needs both databases: copy --from state.db --to postgresql://...")
+    if source == target:
+        raise ValueError("copy: --from and --to are the same database")
+    if not is_postgres_url(source) and not os.path.exists(source):
+        raise ValueError(f"copy: {source} does not exist")
+    names = (_redact_url(source), _redact_url(target))
+    tty = sys.stderr.isatty()
+    with _copy_lock(source), _copy_lock(target):
+        src = open_store(source, app_name="pulumi-backend-copy")
+        try:
+            dst = open_store(target, app_name="pulumi-backend-copy")
+        except ValueError:
+            src.close()
+            raise
+        try:
+            for store, name in ((src, names[0]), (dst, names[1])):
+                if isinstance(store, PostgresStore):
+                    with store.read() as db:
+                        if store.other_servers(db):
+                            raise ValueError(f"copy: a server is connected to {name}; stop "
+                                             "every server on both databases first")
+            with dst.read() as db:
+                busy = [t for t in _TABLE_COLUMNS if t != "meta" and dst.count_rows(db, t)]
+            if busy:
+                raise ValueError(f"copy: {names[1]} is not empty ({', '.join(busy)} have rows); "
+                                 "copy into a new database")
+            counts: dict = {}
+            with src.read() as rdb, dst.write() as wdb:
+                meta = dict(r for _, rows in src.table_batches(rdb, "meta") for r in rows)
+                for key, value in meta.items():  # replaces a canary of a server started on it
+                    dst.set_meta(wdb, key, value)
+                for table in list(_TABLE_COLUMNS)[1:]:
+                    counts[table] = 0
+                    for columns, rows in src.table_batches(rdb, table):
+                        dst.insert_rows(wdb, table, columns, rows)
+                        counts[table] += len(rows)
+                    if tty:
+                        print(f"  {table}: {counts[table]} rows", file=sys.stderr, flush=True)
+                dst.after_copy(wdb)
+                hashes = _export_hashes(src, rdb)
+            _check_copy(dst, meta, counts, hashes, names)
+        finally:
+            src.close()
+            dst.close()
+    print(f"copied {counts['stacks']} stacks, {sum(counts.values()) + len(meta)} rows from "
+          f"{names[0]} to {names[1]}; checked: row counts of {len(counts) + 1} tables, "
+          f"{len(hashes)} export hashes")
+    return 0
+
+
+def _check_copy(dst: "Store", meta: dict, counts: dict, hashes: dict, names: tuple) -> None:
+    """Raise ValueError unless the copy has the source's rows and states."""
+    with dst.read() as db:
+        for table, n in counts.items():
+            got = dst.count_rows(db, table)
+            if got != n:
+                raise ValueError(f"copy check failed: {table} has {got} rows in {names[1]}, "
+                                 f"{n} in {names[0]}")
+        if any(dst.get_meta(db, key) != value for key, value in meta.items()):
+            raise ValueError(f"copy check failed: the meta rows of {names[1]} differ")
+        copied = _export_hashes(dst, db)
+    bad = sorted(k for k in hashes if copied.get(k) != hashes[k])
+    if bad or len(copied) != len(hashes):
+        raise ValueError(f"copy check failed: the state of {len(bad)} stacks differs "
+                         f"(first: {bad[:1]})")
+
+
 def rotate_master_key(cfg: Config, new_key_file: Optional[str], environ: dict) -> int:
     """Rewrap every data key under the key in ``new_key_file``; return an exit code."""
     if not new_key_file:
@@ -7379,8 +7871,8 @@ def import_diy(cfg: Config, source: Optional[str], options: dict, environ: dict)
     if not options.get("dry_run"):
         store, app = build_app(cfg, environ)
         engine = app.engine
-    elif os.path.exists(cfg.db):
-        store = SQLiteStore(cfg.db, cfg.wal_autocheckpoint)
+    elif is_postgres_url(cfg.db) or os.path.exists(cfg.db):
+        store = open_store(cfg.db, cfg.wal_autocheckpoint)
     tty = sys.stderr.isatty()
     done = versions_total = bytes_total = failed = 0
     try:
@@ -7539,7 +8031,7 @@ def _parse_since(text: Optional[str]) -> int:
     return int(when.timestamp())
 
 
-def _admin_audit(store: SQLiteStore, args: list, opts: dict) -> None:
+def _admin_audit(store: Store, args: list, opts: dict) -> None:
     _want(args, 0, "audit [--since 2026-01-31|7d]")
     after, since = 0, _parse_since(opts["since"])
     while True:
@@ -7561,13 +8053,7 @@ def _run_admin(cfg: Config, command: str, words: list, opts: dict) -> int:
     tokens and grants afresh at every request. Changes are audited as made
     by "local-admin".
     """
-    db_dir = os.path.dirname(os.path.abspath(cfg.db))
-    if not os.path.isdir(db_dir):
-        raise ValueError(f"cannot open database {cfg.db}: folder {db_dir} does not exist")
-    try:
-        store = SQLiteStore(cfg.db)
-    except (sqlite3.Error, RuntimeError) as e:
-        raise ValueError(f"cannot open database {cfg.db}: {e}") from None
+    store = open_store(cfg.db)
     try:
         if command == "audit":
             _admin_audit(store, words, opts)
@@ -7660,11 +8146,17 @@ def main(argv: Optional[list] = None, environ: Optional[dict] = None) -> int:
         return 2
     _setup_logging(cfg.log_level, cfg.log_format)
     try:
+        if command in ("backup", "restore") and is_postgres_url(cfg.db):
+            raise ValueError(f"{command} works on SQLite files; for PostgreSQL use its own "
+                             "tools, or `copy --from postgresql://... --to FILE.db`")
         if command == "backup":
             return backup_database(cfg, extras["file"])
+        if command == "copy":
+            return copy_database(*extras["copy"])
         if command == "import-diy":  # beside a running server too: see section 12
             return import_diy(cfg, extras["file"], extras["import"], environ)
-        with _database_lock(cfg.db):
+        # <db>.lock is SQLite's: PostgreSQL replicas share one database by design.
+        with (contextlib.nullcontext() if is_postgres_url(cfg.db) else _database_lock(cfg.db)):
             if command == "restore":
                 return restore_database(cfg, extras["file"], environ)
             if command == "rotate-master-key":

@@ -56,6 +56,10 @@ import pytest
 import pulumi_backend as pb
 from pulumi_backend import Config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
+import postgres  # noqa: E402 - the session's PostgreSQL server (e2e/postgres.py)
+from postgres import pg_url  # noqa: E402,F401 - fixture: a fresh PostgreSQL database
+
 SCRIPT = Path(pb.__file__).resolve()
 ORG = pb.DEFAULT_ORG
 USER_AGENT = "pulumi-cli/1 (v3.999.0; linux)"
@@ -121,6 +125,13 @@ def urns(doc):
     """URNs of the resources of an UntypedDeployment or a DeploymentV3."""
     dep = doc.get("deployment", doc)
     return [r["urn"] for r in dep.get("resources") or []]
+
+
+def free_tcp_port():
+    """A port on 127.0.0.1 nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_past(expiration):
@@ -303,8 +314,21 @@ class Update:
         return self.srv.request("POST", self.url + "/cancel")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_kind(request):
+    """The store of a test marked ``@both_stores``; ``cfg`` follows it."""
+    return request.param
+
+
+#: Runs a test once on SQLite and once on PostgreSQL (ids ``[sqlite]``, ``[postgresql]``).
+both_stores = pytest.mark.usefixtures("db_kind")
+PG_MASTER_KEY = bytes(range(32))
+
+
 @pytest.fixture
-def cfg(tmp_path):
+def cfg(tmp_path, request):
+    if "db_kind" in request.fixturenames and request.getfixturevalue("db_kind") == "postgresql":
+        return Config(db=request.getfixturevalue("pg_url"), port=0, master_key=PG_MASTER_KEY)
     return Config(db=str(tmp_path / "s.db"), port=0)
 
 
@@ -385,7 +409,7 @@ def test_config_defaults():
     assert cfg.journaling is True and cfg.crypto == "auto"
     assert (cfg.lease_seconds, cfg.history_limit, cfg.checkpoint_cutoff) == (
         300, 50, 1024 * 1024)
-    assert extras == {"new_key_file": None, "file": None}
+    assert extras == {"new_key_file": None, "file": None, "copy": (None, None)}
 
 
 def test_config_key_file_defaults_beside_db(tmp_path):
@@ -412,7 +436,7 @@ def test_config_reads_environment(tmp_path):
     assert cfg.journaling is False and cfg.lease_seconds == 7 and cfg.history_limit == 3
     assert cfg.socket_timeout == 2.5 and cfg.org == "acme" and cfg.crypto == "python"
     assert cfg.checkpoint_cutoff == 1234 and cfg.master_key == key
-    assert extras == {"new_key_file": "n.key", "file": None}
+    assert extras == {"new_key_file": "n.key", "file": None, "copy": (None, None)}
 
 
 def test_config_ignores_process_environment(monkeypatch):
@@ -566,8 +590,9 @@ def test_store_pragmas_and_schema(tmp_path):
         store.close()
 
 
-def test_store_write_rolls_back_on_error(tmp_path):
-    store = pb.SQLiteStore(str(tmp_path / "x.db"))
+@both_stores
+def test_store_write_rolls_back_on_error(cfg):
+    store = pb.open_store(cfg.db)
     try:
         with pytest.raises(RuntimeError):
             with store.write() as db:
@@ -596,6 +621,138 @@ def test_store_refuses_unknown_columns_and_newer_schema(tmp_path):
     conn.close()
     with pytest.raises(RuntimeError, match="newer"):
         pb.SQLiteStore(path)
+
+
+@both_stores
+def test_store_records_round_trip(cfg):
+    """The record methods behave alike on both stores (upserts, dedup, order, ids)."""
+    store = pb.open_store(cfg.db)
+    try:
+        with store.write() as db:
+            store.set_meta(db, "k", b"\x00\xff")
+            store.set_meta(db, "k", b"v2")  # INSERT OR REPLACE
+            for name in ("b", "B", "a"):  # byte order pages: 'B' < 'a' < 'b'
+                store.insert_stack(db, {"id": "id-" + name, "org": "o", "project": "p",
+                                        "name": name, "created": 1, "data_key": b"\x01k"})
+            store.put_deployment(db, "id-a", 1, b"gz1", 3, 0)
+            store.put_deployment(db, "id-a", 1, b"gz2", 3, 0)  # replaced
+            store.insert_update(db, {"id": "u1", "stack_id": "id-a", "kind": "update",
+                                     "dry_run": 0, "status": "running", "created": 1})
+            store.append_journal(db, "u1", [(2, b"j2"), (1, b"j1"), (2, b"dup")])
+            store.append_events(db, "u1", [(0, b"e0"), (0, b"dup")])
+            store.put_checkpoint(db, "u1", 1, "full", b"{}", "h1")
+            store.put_checkpoint(db, "u1", 2, "delta", b"[]", "h2")
+            ids = [store.append_audit(db, {"time": t, "event": "e", "outcome": "ok"})
+                   for t in (5, 6)]
+            for i, login in enumerate(("zed", "amy")):  # same second: insertion order
+                store.insert_token(db, {"id": f"t{i}", "hash": f"h{i}", "kind": "org",
+                                        "owner": login, "created": 7})
+            store.insert_team(db, {"name": "devs", "display_name": "", "description": "",
+                                   "created": 1})
+            store.set_grant(db, "devs", "p/*", 1)
+            store.set_grant(db, "devs", "p/*", 2)
+            store.insert_session(db, "s1", "t1", 10, 20)
+            store.insert_session(db, "s2", "t2", 30, 40)  # drops the expired s1
+        with store.read() as db:
+            assert store.get_session(db, "s1") is None and store.get_session(db, "s2")["expires"] == 40
+            assert [tuple(r)[:3] for r in store.console_stacks(db, "o")] == \
+                [("id-B", "p", "B"), ("id-a", "p", "a"), ("id-b", "p", "b")]
+            assert store.latest_updates(db, ["id-a", "id-b"])["id-a"]["status"] == "running"
+            assert store.get_meta(db, "k") == b"v2"
+            assert [s["name"] for s in store.list_stacks(db, "o", None, ("", "", ""), 10)] == \
+                ["B", "a", "b"]
+            assert store.get_stack(db, "o", "p", "a")["data_key"] == b"\x01k"
+            assert store.get_deployment(db, "id-a")["data"] == b"gz2"
+            assert store.journal_entries(db, "u1") == [b"j1", b"j2"]
+            assert store.list_events(db, "u1", -1, 10) == [(0, b"e0")]
+            assert store.last_checkpoint(db, "u1") == (2, "h2")
+            assert ids[1] == ids[0] + 1
+            assert [t["owner"] for t in store.list_tokens(db)] == ["zed", "amy"]
+            assert store.grants(db, ["devs"]) == [("devs", "p/*", 2)]
+            assert store.identity_in_use(db)
+            assert store.list_history(db, "id-a", -1, 0) == []
+    finally:
+        store.close()
+
+
+def test_postgres_schema_migrates_once_and_refuses_newer(pg_url):
+    first, second = pb.open_store(pg_url), pb.open_store(pg_url)  # a second replica starting
+    try:
+        with second.read() as db:
+            assert db.execute("SELECT version FROM schema_version").fetchone()[0] == \
+                len(pb._SCHEMA)
+            assert db.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+            assert db.execute("SELECT attstorage FROM pg_attribute WHERE attrelid = "
+                              "'checkpoints'::regclass AND attname = 'data'").fetchone()[0] \
+                in ("e", b"e")  # stored as sent: no pglz on every checkpoint
+        with first.write() as db:
+            db.execute("UPDATE schema_version SET version = 99")
+    finally:
+        first.close()
+        second.close()
+    with pytest.raises(ValueError, match="newer"):
+        pb.open_store(pg_url)
+
+
+def test_postgres_errors_map_like_sqlite(pg_url):
+    store = pb.open_store(pg_url)
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            with store.write() as db:
+                store.insert_team(db, {"name": "t", "display_name": "", "description": "",
+                                       "created": 1})
+                store.insert_team(db, {"name": "t", "display_name": "", "description": "",
+                                       "created": 1})
+        with store.read() as db:
+            assert store.get_team(db, "t") is None  # rolled back
+        with pytest.raises(sqlite3.OperationalError, match="within a transaction"):
+            with store.write():
+                with store.write():
+                    pass
+        assert pb._storage_error(sqlite3.OperationalError("database busy or unreachable: x")) \
+            .status == 503
+    finally:
+        store.close()
+
+
+def test_postgres_unreachable_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"cannot open database postgresql://u:\*\*\*@127\.0\.0\.1"):
+        pb.open_store(f"postgresql://u:secret@127.0.0.1:{free_tcp_port()}/db")
+
+
+def test_postgres_without_psycopg_names_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg -> ImportError
+    with pytest.raises(ValueError, match=re.escape(pb.PG_INSTALL_HINT)):
+        pb.open_store("postgresql://u@127.0.0.1/db")
+    key = tmp_path / "k"
+    key.write_bytes(bytes(32))
+    proc = subprocess.run([sys.executable, "-c", (
+        "import sys, pulumi_backend as pb; sys.modules['psycopg'] = None; "
+        "sys.exit(pb.main(sys.argv[1:]))"), "--db", "postgresql://u@127.0.0.1/db",
+        "--master-key-file", str(key)], capture_output=True, text=True, cwd=SCRIPT.parent)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and pb.PG_INSTALL_HINT in proc.stderr
+
+
+def test_sqlite_path_never_imports_psycopg(tmp_path):
+    code = ("import sys, pulumi_backend as pb; s = pb.open_store(sys.argv[1]); s.close(); "
+            "print(sorted(m for m in sys.modules if m.startswith('psycopg')))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.db")],
+                         capture_output=True, text=True, cwd=SCRIPT.parent, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_postgres_config_needs_a_shared_key_and_no_backup_dir(tmp_path):
+    url = "postgresql://u@h/db"
+    with pytest.raises(ValueError, match="same key"):
+        pb.parse_config(["--db", url], {})
+    with pytest.raises(ValueError, match="backup-dir"):
+        pb.parse_config(["--db", url, "--master-key-file", "k", "--backup-dir", "b"], {})
+    key = base64.b64encode(bytes(32)).decode()
+    _, cfg, _ = pb.parse_config(["--db", url], {"PULUMI_BACKEND_MASTER_KEY": key})
+    assert cfg.db == url
+    assert pb.main(["backup", str(tmp_path / "out.db"), "--db", url],
+                   {"PULUMI_BACKEND_MASTER_KEY": key}) == 1
 
 
 # ==== 6. Engine: delta application =============================================
@@ -1835,6 +1992,7 @@ def test_create_and_get_stack(srv):
     assert status == 409 and err["code"] == 409 and "already exists" in err["message"]
 
 
+@both_stores
 def test_create_stack_with_initial_state_and_config(srv):
     state = untyped(secrets_providers={"type": "passphrase", "state": {"salt": "v1:x"}})
     srv.create_stack(state=state)
@@ -1852,6 +2010,7 @@ def test_project_exists_head(srv):
     assert srv.request("HEAD", f"/api/stacks/{ORG}/other")[0] == 404
 
 
+@both_stores
 def test_list_stacks_filters(srv):
     srv.create_stack("p1", "a", tags={"env": "prod"})
     srv.create_stack("p1", "b", tags={"env": "dev"})
@@ -1875,6 +2034,7 @@ def test_list_stacks_filters(srv):
     assert status == 400
 
 
+@both_stores
 def test_list_stacks_pages_to_the_end(srv):
     expected = []
     for n in range(205):
@@ -1898,6 +2058,7 @@ def test_list_stacks_pages_to_the_end(srv):
     assert seen == expected and pages == 3
 
 
+@both_stores
 def test_delete_stack(srv):
     path = srv.create_stack()
     srv.import_state(path, untyped([S, A]))
@@ -1914,6 +2075,7 @@ def test_delete_stack(srv):
     assert srv.stack(path)["version"] == 0 and srv.history(path) == []
 
 
+@both_stores
 def test_rename_stack(srv):
     path = srv.create_stack()
     status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"hunter2")})
@@ -1969,6 +2131,7 @@ def test_rename_stack(srv):
     assert srv.stack(moved)["version"] == 1 and srv.stack(sp("proj2", "taken"))["version"] == 0
 
 
+@both_stores
 def test_set_tags_replaces_all(srv):
     path = srv.create_stack(tags={"a": "1", "b": "2"})
     status, _, _ = srv.request("PATCH", path + "/tags", {"c": "3", "pulumi:project": "proj"})
@@ -2049,6 +2212,7 @@ def test_import_creates_version_and_succeeded_update(srv):
     assert info["kind"] == "import" and info["result"] == "succeeded" and info["version"] == 1
 
 
+@both_stores
 def test_export_import_byte_round_trip(srv):
     path = srv.create_stack()
     # Unusual spacing and key order survive: the stored bytes are served verbatim.
@@ -2062,6 +2226,7 @@ def test_export_import_byte_round_trip(srv):
     assert srv.export_bytes(path) == exported and srv.stack(path)["version"] == 2
 
 
+@both_stores
 def test_export_older_version_and_missing_versions(start):
     srv = start(history_limit=2)
     path = srv.create_stack()
@@ -2116,6 +2281,7 @@ def test_import_accepts_version_4_features(srv):
 
 # ==== 9. Handlers: secrets =====================================================
 
+@both_stores
 def test_encrypt_decrypt_round_trip(srv):
     path = srv.create_stack()
     for plain in (b"", b"hunter2", secrets.token_bytes(32), "ünïcødé".encode()):
@@ -2126,6 +2292,7 @@ def test_encrypt_decrypt_round_trip(srv):
         assert status == 200 and base64.b64decode(back["plaintext"]) == plain
 
 
+@both_stores
 def test_batch_encrypt_decrypt_with_duplicates(srv):
     path = srv.create_stack()
     plains = [b"one", b"two", b"one", b""]
@@ -2265,6 +2432,7 @@ def test_previews_never_change_state(srv, kind, dry_run):
     assert srv.begin(path).status == 200
 
 
+@both_stores
 def test_second_update_conflicts_with_exact_message(srv):
     path = srv.create_stack()
     first = srv.begin(path)
@@ -2356,6 +2524,7 @@ def test_lease_token_on_api_routes_is_401(srv):
     assert update.complete()[0] == 200
 
 
+@both_stores
 def test_renew_lease(start):
     srv = start(lease_seconds=120)
     update = srv.begin(srv.create_stack())
@@ -2368,6 +2537,7 @@ def test_renew_lease(start):
     assert status == 400
 
 
+@both_stores
 def test_complete_is_idempotent_and_final(srv):
     update = srv.begin(srv.create_stack())
     assert update.complete()[0] == 200
@@ -2390,6 +2560,7 @@ def test_update_status_while_running(srv):
 
 # ==== 9. Handlers: updates — checkpoints =======================================
 
+@both_stores
 def test_full_checkpoint_then_complete(srv):
     path = srv.create_stack()
     update = srv.begin(path, journal=False)
@@ -2416,6 +2587,7 @@ def test_invalid_checkpoint_is_400_and_is_invalid_keeps_previous(srv):
     assert urns(srv.export(path)) == [A["urn"]]
 
 
+@both_stores
 def test_verbatim_then_delta_worked_example(srv):
     path = srv.create_stack()
     update = srv.begin(path, journal=False)
@@ -2453,6 +2625,7 @@ def test_delta_hash_mismatch_then_verbatim_retry(srv):
     assert srv.export_bytes(path) == NEW_DOC
 
 
+@both_stores
 def test_delta_retries_and_sequence_rules(srv):
     path = srv.create_stack()
     update = srv.begin(path, journal=False)
@@ -2518,6 +2691,7 @@ def test_update_without_saves_keeps_base(srv):
 
 # ==== 9. Handlers: updates — journal ===========================================
 
+@both_stores
 def test_journal_entries_then_complete_exports_replay(srv):
     path = srv.create_stack()
     srv.import_state(path, untyped([S, A]))
@@ -2598,6 +2772,7 @@ def test_export_serves_base_while_update_runs(srv):
     assert urns(json.loads(srv.export_bytes(path))) == [C["urn"], S["urn"]]
 
 
+@both_stores
 def test_journal_duplicate_sequence_ids_are_deduplicated(srv):
     path = srv.create_stack()
     update = srv.begin(path)
@@ -2688,6 +2863,7 @@ def test_failed_update_keeps_saved_state_and_unlocks(srv):
     assert nxt.status == 200 and nxt.start["version"] == 3
 
 
+@both_stores
 def test_cancel_unlocks_and_revokes_lease(srv):
     path = srv.create_stack()
     update = srv.begin(path)
@@ -2723,6 +2899,7 @@ def test_cancel_finished_or_unknown_update(srv):
     assert status == 404
 
 
+@both_stores
 def test_abandoned_update_is_finished_by_next_start(srv, clock):
     path = srv.create_stack()
     first = srv.begin(path)
@@ -2783,6 +2960,7 @@ def test_abandoned_update_base_is_used_for_journal_indexes(srv, clock):
 
 # ==== 9. Handlers: updates — events ============================================
 
+@both_stores
 def test_events_stored_deduplicated_and_paged(srv, monkeypatch):
     monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 4)
     path = srv.create_stack()
@@ -2832,6 +3010,7 @@ def test_events_batch_rejects_bad_shapes(srv, body):
     assert status == 400 and out["code"] == 400
 
 
+@both_stores
 def test_summary_event_resource_changes_in_history(srv):
     path = srv.create_stack()
     update = srv.begin(path)
@@ -2849,6 +3028,7 @@ def test_summary_event_resource_changes_in_history(srv):
 
 # ==== 9. Handlers: updates — history ===========================================
 
+@both_stores
 def test_history_pages_newest_first(srv):
     path = srv.create_stack()
     srv.import_state(path, untyped([S]))
@@ -2877,6 +3057,7 @@ def test_history_pages_newest_first(srv):
         assert srv.request("GET", f"{path}/updates{query}")[0] == 400, query
 
 
+@both_stores
 def test_updates_latest(srv):
     path = srv.create_stack()
     status, _, out = srv.request("GET", path + "/updates/latest")
@@ -2894,6 +3075,7 @@ def test_updates_latest(srv):
     assert out["info"]["environment"] == {"exec.kind": "cli"}
 
 
+@both_stores
 def test_history_pruning(start):
     srv = start(history_limit=3)
     path = srv.create_stack()
@@ -2913,6 +3095,7 @@ def test_history_pruning(start):
     assert srv.request("GET", f"{path}/export/3")[0] == 404
 
 
+@both_stores
 def test_concurrent_calls_of_one_update(srv):
     """One `pulumi up` sends event batches from 3 workers beside journal batches."""
     path = srv.create_stack()
@@ -2940,6 +3123,185 @@ def test_concurrent_calls_of_one_update(srv):
     status, _, out = srv.request("GET", update.url + "/events")
     assert [e["sequence"] for e in out["events"]] == list(range(150))
     assert len(srv.export(path)["deployment"]["resources"]) == 20
+
+
+# ---- PostgreSQL: several replicas on one database ----------------------------
+
+@pytest.fixture
+def replicas(pg_url):
+    """Start servers ("replicas") on one PostgreSQL database: ``replicas(n, **overrides)``."""
+    servers = []
+
+    def _start(n=2, **overrides):
+        new = [Srv(Config(db=pg_url, port=0, master_key=PG_MASTER_KEY, **overrides))
+               for _ in range(n)]
+        servers.extend(new)
+        return new
+
+    yield _start
+    for server in reversed(servers):
+        server.stop()
+
+
+def on(server, update):
+    """The same update, its calls sent to another replica."""
+    return Update(server, update.path, update.id, update.status, update.start)
+
+
+def test_replicas_share_stack_locks_leases_and_journal(replicas, clock):
+    a, b = replicas(2)
+    path = a.create_stack()
+    update = a.begin(path)
+    assert update.status == 200
+    assert b.begin(path).status == 409  # the stack lock is in the database, not in a's memory
+    for n in range(1, 11):
+        replica = on(a if n % 2 else b, update)
+        assert replica.journal(entry(n, 1, n, state=res(f"r{n}")))[0] == 200
+    results = []
+    threads = [threading.Thread(target=lambda s=s: results.append(
+        on(s, update).journal(entry(11, 1, 11, state=res("r11")))[0])) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [200, 200]  # the same sequenceID from two replicas: stored once
+    assert on(b, update).complete()[0] == 200
+    assert on(a, update).complete()[0] == 200  # a retry reaching the other replica
+    assert len(a.export(path)["deployment"]["resources"]) == 11
+
+    # A lapsed lease: replicas race to start the next update; exactly one wins and the
+    # abandoned update is finished once.
+    abandoned = a.begin(path)
+    assert abandoned.journal(entry(1, 1, 1, state=res("late")))[0] == 200
+    clock.advance(pb.DEFAULT_LEASE_SECONDS + 60)
+    created = []
+    for s in (a, b):
+        status, _, out = s.request("POST", f"{path}/update", {"name": "proj", "runtime": "python"})
+        assert status == 200
+        created.append((s, out["updateID"]))
+    barrier, started = threading.Barrier(2), []
+
+    def start(s, update_id):
+        barrier.wait()
+        started.append(s.request("POST", f"{path}/update/{update_id}", {})[0])
+
+    threads = [threading.Thread(target=start, args=c) for c in created]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(started) == [200, 409]
+    history = a.history(path)
+    assert [u["result"] for u in history if u["updateID"] == abandoned.id] == ["failed"]
+    assert len({u["version"] for u in history}) == len(history)  # no version taken twice
+
+
+def test_replicas_validate_the_working_state_cache(replicas):
+    a, b = replicas(2)
+    path = a.create_stack()
+    update = a.begin(path, journal=False)
+    docs = [PREV_DOC.replace(b"10:00:00Z", f"10:00:{n:02d}Z".encode()) for n in range(5)]
+    assert update.verbatim(docs[0], 1)[0] == 200
+
+    def delta(server, seq):
+        prev, new = docs[seq - 2], docs[seq - 1]
+        return on(server, update).delta([_edit(0, len(prev), new.decode())],
+                                        hashlib.sha256(new).hexdigest(), seq)
+
+    assert delta(a, 2)[0] == 200  # a caches checkpoint 2
+    assert delta(b, 3)[0] == 200  # b moves on: a's cache is now stale
+    status, _, out = delta(a, 4)  # a must notice and rebuild from the rows
+    assert status == 200, out
+    assert delta(b, 5)[0] == 200
+    assert on(b, update).complete()[0] == 200
+    assert a.export_bytes(path) == docs[4]
+
+
+def test_replica_with_another_master_key_refuses_to_start(replicas, pg_url):
+    a, = replicas(1)
+    path = a.create_stack()
+    status, _, out = a.request("POST", path + "/encrypt", {"plaintext": b64(b"s3cret")})
+    assert status == 200
+    with pytest.raises(ValueError, match="master key does not match"):
+        pb.build_app(Config(db=pg_url, port=0, master_key=bytes(32)), environ={})
+    b, = replicas(1)  # the right key: the other replica decrypts
+    status, _, back = b.request("POST", path + "/decrypt", {"ciphertext": out["ciphertext"]})
+    assert status == 200 and base64.b64decode(back["plaintext"]) == b"s3cret"
+
+
+def test_postgres_metrics_show_the_pool_and_readyz_the_database(replicas, pg_url, monkeypatch):
+    a, = replicas(1)
+    status, _, text = a.request("GET", "/metrics", raw=True)
+    assert status == 200
+    for gauge in ("size", "available", "waiting"):
+        assert re.search(rf"^pulumi_backend_db_pool_{gauge} \d+$", text.decode(), re.M)
+    assert re.search(r"^pulumi_backend_database_bytes [1-9]\d*$", text.decode(), re.M)
+    assert a.request("GET", "/readyz")[0] == 200
+    monkeypatch.setattr(pb, "READY_CHECK_SECONDS", 0)
+    postgres.server().drop_database(pg_url)  # the database goes away under the server
+    status, _, out = a.request("GET", "/readyz")
+    assert status == 503 and "database" in out["message"]
+
+
+def _fill(server):
+    """Stacks with history, secrets, a user, a token and audit rows; return what to compare."""
+    paths = []
+    for name in ("one", "two"):
+        path = server.create_stack(stack=name)
+        for n in range(2):
+            update = server.begin(path)
+            assert update.journal(entry(1, 1, 1, state=res(f"{name}{n}", stack=name)))[0] == 200
+            assert update.complete()[0] == 200
+        paths.append(path)
+    status, _, sealed = server.request("POST", paths[0] + "/encrypt", {"plaintext": b64(b"pw")})
+    assert status == 200
+    ident = pb.Identity(server.cfg, server.store, pb.AuditLog(server.cfg, server.store))
+    ident.add_user(pb._LOCAL_ADMIN, "alice", role="admin")
+    _, token = ident.create_token(pb._LOCAL_ADMIN, "personal", "alice", name="t")
+    return paths, sealed["ciphertext"], token
+
+
+def _same_data(server, paths, ciphertext, token, exports):
+    for path, exported in zip(paths, exports):
+        assert server.export_bytes(path) == exported
+        assert len(server.history(path)) == 2
+    status, _, back = server.request("POST", paths[0] + "/decrypt", {"ciphertext": ciphertext},
+                                     token=f"token {token}")
+    assert status == 200 and base64.b64decode(back["plaintext"]) == b"pw"
+
+
+def test_copy_sqlite_to_postgres_and_back(tmp_path, pg_url, capsys):
+    key = tmp_path / "key"
+    key.write_bytes(PG_MASTER_KEY)
+    sqlite_cfg = Config(db=str(tmp_path / "a.db"), port=0, master_key_file=str(key),
+                        auth_tokens=("t",))
+    server = Srv(sqlite_cfg)
+    try:
+        paths, ciphertext, token = _fill(server)
+        exports = [server.export_bytes(p) for p in paths]
+    finally:
+        server.stop()
+    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", pg_url]) == 0
+    assert re.search(r"copied 2 stacks, \d+ rows .* 2 export hashes", capsys.readouterr().out)
+    server = Srv(Config(db=pg_url, port=0, master_key=PG_MASTER_KEY, auth_tokens=("t",)))
+    try:
+        _same_data(server, paths, ciphertext, token, exports)
+        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
+        # refused: a server is connected to the database
+        assert pb.main(["copy", "--from", pg_url, "--to", str(tmp_path / "b.db")]) == 1
+        assert "stop every server" in capsys.readouterr().err
+    finally:
+        server.stop()
+    back = str(tmp_path / "b.db")
+    assert pb.main(["copy", "--from", pg_url, "--to", back]) == 0
+    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", back]) == 1  # not empty
+    assert "is not empty" in capsys.readouterr().err
+    server = Srv(dataclasses.replace(sqlite_cfg, db=back))
+    try:
+        _same_data(server, paths, ciphertext, token, exports)
+        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
+    finally:
+        server.stop()
 
 
 class _CommitFailsOnce:
@@ -6715,13 +7077,24 @@ def _module_tree():
     return ast.parse(SCRIPT.read_text(encoding="utf-8"))
 
 
-def test_module_imports_only_stdlib():
+def _imports(tree):
     names = set()
-    for node in ast.walk(_module_tree()):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(node.module.split(".")[0])
+    return names
+
+
+def test_module_imports_only_stdlib():
+    """Only _import_psycopg, run for postgresql:// URLs alone, imports anything else."""
+    tree = _module_tree()
+    lazy = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+            and n.name == "_import_psycopg"]
+    assert len(lazy) == 1 and _imports(lazy[0]) == {"psycopg", "psycopg_pool"}
+    lazy[0].body = []
+    names = _imports(tree)
     assert names, "no imports found"
     outside = sorted(n for n in names if n not in sys.stdlib_module_names and n != "__future__")
     assert outside == []

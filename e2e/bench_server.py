@@ -19,6 +19,14 @@ checkpoints; secrets: batch-encrypt and batch-decrypt of 1,000 values per
 crypto implementation; list stacks with ``--stacks`` (1,000) stacks;
 ``--lifecycles`` (20) concurrent update lifecycles (create, start, journal,
 complete). ``--out`` (default ``bench-server.json``) keeps the results.
+
+``--db-url postgresql://USER@HOST/DB`` (needs psycopg) runs the state sizes, the
+stack list and the concurrent lifecycles again on PostgreSQL, section names
+ending in ``[postgresql]``: each server gets a new database, created through
+that URL and dropped afterwards (the user needs CREATEDB). ``--db-url local``
+starts a throwaway PostgreSQL from the machine's packages (e2e/postgres.py), with
+fsync on as SQLite's FULL synchronous mode.
+The RSS column is the server's only, not PostgreSQL's.
 """
 
 import argparse
@@ -95,13 +103,19 @@ def samples(fn, rounds: int, prepare=None) -> list:
 class Bench:
     def __init__(self, args, root: Path):
         self.args, self.root, self.rows = args, root, []
+        self.store = "sqlite"
+        self.key = root / "master.key"
+        self.key.write_bytes(os.urandom(32))
+        self.databases = []  # PostgreSQL databases made for servers: dropped at the end
 
     def row(self, section: str, what: str, times: list, server: ServerProcess, unit: str = "s",
             per: float = 0.0):
         """Record the median of ``times``; ``per`` items per sample gives a rate too."""
         med = statistics.median(times)
+        if self.store != "sqlite":
+            section += f" [{self.store}]"
         row = {"section": section, "operation": what, "median_s": med, "samples": times,
-               "peak_rss_mb": server.peak_rss_mb()}
+               "peak_rss_mb": server.peak_rss_mb(), "store": self.store}
         if per:
             row["rate_per_s"] = per / med if med > 0 else None
         self.rows.append(row)
@@ -109,12 +123,33 @@ class Bench:
         print(f"{section:22} {what:48} {med * 1000:9.1f} ms", file=sys.stderr, flush=True)
 
     def server(self, name: str, *flags) -> ServerProcess:
-        directory = self.root / name
+        directory = self.root / f"{name}-{self.store}"
         directory.mkdir()
-        server = ServerProcess(directory, list(flags))
+        db = None
+        if self.store == "postgresql":
+            db = self.new_database(name)
+            flags = ("--master-key-file", str(self.key), *flags)
+        server = ServerProcess(directory, list(flags), db=db)
         server.start()
         server.reset_peak()
         return server
+
+    def new_database(self, name: str) -> str:
+        import psycopg
+
+        db = f"bench_{name.replace('.', '_').replace('-', '_')}_{os.getpid()}"
+        with psycopg.connect(self.args.db_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}"')
+            conn.execute(f'CREATE DATABASE "{db}"')
+        self.databases.append(db)
+        return self.args.db_url.rsplit("/", 1)[0] + "/" + db
+
+    def drop_databases(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.args.db_url, autocommit=True) as conn:
+            for db in self.databases:
+                conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
     # -- state size sections ---------------------------------------------------
 
@@ -358,15 +393,33 @@ def main() -> int:
     parser.add_argument("--lifecycles", type=int, default=20,
                         help="concurrent update lifecycles (default 20)")
     parser.add_argument("--out", default="bench-server.json", help="JSON results file")
+    parser.add_argument("--db-url", help="also run on PostgreSQL: a postgresql:// URL whose "
+                        "server the bench may create databases on, or 'local' for a "
+                        "throwaway server")
     args = parser.parse_args()
     started = time.time()
+    local = None
+    if args.db_url == "local":
+        import postgres
+
+        local = postgres.PostgresServer(postgres.find_bindir(), durable=True)
+        args.db_url = local.url()
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         bench = Bench(args, Path(tmp))
-        for mb in (float(x) for x in args.mb.split(",") if x):
-            bench.state(mb)
-        bench.secrets()
-        bench.list_stacks()
-        bench.lifecycles()
+        sizes = [float(x) for x in args.mb.split(",") if x]
+        try:
+            for bench.store in ["sqlite"] + (["postgresql"] if args.db_url else []):
+                for mb in sizes:
+                    bench.state(mb)
+                if bench.store == "sqlite":
+                    bench.secrets()  # no storage in these rows
+                bench.list_stacks()
+                bench.lifecycles()
+        finally:
+            if bench.databases:
+                bench.drop_databases()
+            if local:
+                local.stop()
     result = {"machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
                           "platform": platform.platform(),
                           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

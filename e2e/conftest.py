@@ -166,8 +166,8 @@ class Server(ServerProcess):
 
     base_args = ("--checkpoint-cutoff", str(CHECKPOINT_CUTOFF))
 
-    def __init__(self, directory, args=(), token=TOKEN, cafile=None):
-        super().__init__(directory, args, token=token, cafile=cafile)
+    def __init__(self, directory, args=(), token=TOKEN, cafile=None, db=None):
+        super().__init__(directory, args, token=token, cafile=cafile, db=db)
 
 
 @pytest.fixture(scope="module")

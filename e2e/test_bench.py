@@ -59,6 +59,24 @@ def test_bench_server_smoke(tmp_path):
     assert "| state 0.2 MB" in table and "delta checkpoint" in table
 
 
+def test_bench_server_postgres_smoke(tmp_path):
+    import postgres
+
+    url = postgres.server().url()
+    out = tmp_path / "server.json"
+    table = run_script("bench_server.py", "--mb", "0.2", "--rounds", "2", "--stacks", "20",
+                       "--lifecycles", "3", "--out", str(out), "--db-url", url)
+    rows = json.loads(out.read_text())["rows"]
+    pg = [r for r in rows if r["store"] == "postgresql"]
+    assert {r["section"] for r in pg} == {"state 0.2 MB (12 res.) [postgresql]",
+                                         "20 stacks [postgresql]",
+                                         "3 concurrent updates [postgresql]"}, pg
+    assert len(pg) == 10 and all(r["median_s"] > 0 for r in pg), pg
+    assert "| 3 concurrent updates [postgresql] |" in table
+    dbs = postgres.server().sql("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%'")
+    assert dbs == [], dbs  # the bench dropped what it made
+
+
 def test_bench_import_smoke(tmp_path):
     out = tmp_path / "import.json"
     table = run_script("bench_import.py", "--stacks", "5", "--updates", "2", "--resources", "2",
