@@ -12,18 +12,22 @@ Sections:
   1-2. Constants and configuration
   3.   Errors
   4.   Small utilities
-  5.   Storage
+  5.   Storage (on SQLite and, where a PostgreSQL server is at hand, PostgreSQL)
   6.   Engine: delta application and journal replay (unit tests)
   7.   Crypto
-  8.   HTTP layer: request, response and router
-  9.   Handlers: identity, stacks, state, secrets, updates
- 10.   Server lifecycle, durability and main()
- 10b.  Reliability: hostile input, storage faults, limits, concurrency
- 10c.  Operations: health, metrics, logs, backups, shutdown
- 10d.  Hardening: HTTP framing, bodies and connections
- 10f.  Hardening: configuration, files and keys
- 10g.  Web console: sessions, headers, pages, escaping and secrets
- 11.   Module hygiene
+  8.   Identity and access: tokens, teams, permissions, audit, OIDC
+  9.   HTTP layer: request, response, router and the OpenAPI document
+ 10.   Handlers: identity, stacks, state, secrets, updates
+ 11.   Web console: sessions, headers, pages, escaping and secrets
+ 12.   Backups and replication: scheduled backups
+ 13.   Import from DIY backends
+ 14.   Server lifecycle, durability and main()
+ 14b.  Reliability: hostile input, storage faults, limits, concurrency
+ 14c.  Operations: health, metrics, logs, backups, shutdown
+ 14d.  Hardening: HTTP framing, bodies and connections
+ 14e.  Hardening: strict JSON and unbrickable stacks
+ 14f.  Hardening: configuration, files and keys
+ 15.   Module hygiene
 """
 
 import ast
@@ -66,7 +70,7 @@ USER_AGENT = "pulumi-cli/1 (v3.999.0; linux)"
 CLI_VERSION = "v3.999.0"
 
 
-# ==== Helpers ==================================================================
+# ==== Helpers =================================================================
 
 def sp(project="proj", stack="dev", org=ORG):
     """Path of a stack (the docs' SP)."""
@@ -1332,2018 +1336,7 @@ def test_rotate_keeps_every_secret_readable(start, cfg):
         assert base64.b64decode(out["plaintext"]).decode() == path.rsplit("/", 1)[1]
 
 
-# ==== 8. HTTP layer: request, response and router ==============================
-
-def test_router_literal_segments_win_and_head_falls_back():
-    def h1(req):
-        return None
-
-    def h2(req):
-        return None
-
-    router = pb.Router()
-    router.add("GET", "/a/{x}/{y}", h1)
-    router.add("GET", "/a/updates/latest", h2, auth="none")
-    router.add("POST", "/a/{x}/{y}", h1)
-    assert router.match("GET", "/a/updates/latest")[:2] == (h2, "none")
-    handler, auth, params, body_limit = router.match("HEAD", "/a/x%20y/z")
-    assert handler is h1 and auth == "token" and params == {"x": "x y", "y": "z"}
-    assert body_limit == 0  # added without a body schema: takes none
-    with pytest.raises(pb.MethodNotAllowed) as e:
-        router.match("DELETE", "/a/q/w")
-    assert e.value.headers["Allow"] == "GET, HEAD, POST"
-    with pytest.raises(pb.NotFound):
-        router.match("GET", "/b")
-    with pytest.raises(pb.NotFound):
-        router.match("GET", "/a//z")
-
-
-def test_unknown_path_is_404_with_code(srv):
-    status, headers, out = srv.request("GET", "/api/no/such/route")
-    assert status == 404
-    assert headers["Content-Type"].startswith("application/json")
-    assert out["code"] == 404 and out["message"].startswith("Not Found")
-
-
-def test_wrong_method_is_405_with_allow(srv):
-    status, headers, out = srv.request("DELETE", "/api/user")
-    assert status == 405 and out["code"] == 405
-    assert headers["Allow"] == "GET, HEAD"
-    status, headers, out = srv.request("PUT", sp())
-    assert status == 405 and out["code"] == 405
-    assert set(headers["Allow"].split(", ")) == {"DELETE", "GET", "HEAD"}
-
-
-def test_literal_routes_are_not_taken_for_update_routes(srv):
-    path = srv.create_stack()
-    for n in range(1, 4):
-        srv.import_state(path, untyped([res(f"r{n}")]))
-    status, _, out = srv.request("GET", path + "/updates/latest")
-    assert status == 200, out
-    assert out["info"]["kind"] == "import" and out["info"]["version"] == 3
-    assert urns(srv.export(path, 3)) == [urn("r3")]
-    assert urns(srv.export(path, 2)) == [urn("r2")]
-    for suffix, body in (("/decrypt/log-decryption", {"secretName": "k"}),
-                         ("/decrypt/log-batch-decryption", {"commandName": "pulumi config"})):
-        status, _, out = srv.request("POST", path + suffix, body)
-        assert (status, out) == (200, {})
-
-
-def test_head_falls_back_to_get(srv):
-    status, headers, out = srv.request("HEAD", "/api/user")
-    assert status == 200 and out == b""
-    assert int(headers["Content-Length"]) > 0
-
-
-def test_keep_alive_serves_several_requests_on_one_connection(srv):
-    conn = srv.connection()
-    try:
-        assert srv.request("GET", "/api/user", conn=conn)[0] == 200
-        sock = conn.sock
-        assert sock is not None
-        assert srv.request("GET", "/api/capabilities", conn=conn)[0] == 200
-        assert conn.sock is sock
-        assert srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "ka"},
-                           conn=conn)[0] == 200
-        assert conn.sock is sock
-    finally:
-        conn.close()
-
-
-def test_keep_alive_responses_are_not_delayed(srv):
-    # A response written as two small TCP segments (headers, then body) waits
-    # for the client's delayed ACK (~40 ms on Linux) on a reused connection.
-    conn = srv.connection()
-    try:
-        times = []
-        for _ in range(6):
-            t0 = time.monotonic()
-            assert srv.request("GET", "/api/user", conn=conn)[0] == 200
-            times.append(time.monotonic() - t0)
-    finally:
-        conn.close()
-    assert min(times[1:]) < 0.02, [f"{t * 1000:.0f}ms" for t in times]
-
-
-@pytest.mark.parametrize("accept", ["application/vnd.pulumi+9", "application/vnd.pulumi+8",
-                                    "application/x-tar, application/vnd.pulumi+9"])
-def test_accept_api_versions(srv, accept):
-    status, _, out = srv.request("GET", "/api/user", headers={"Accept": accept})
-    assert status == 200 and out["githubLogin"] == "admin"
-
-
-def test_gzip_request_bodies(srv):
-    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "gz"},
-                                 gzip_body=True)
-    assert status == 200, out
-    assert srv.stack(sp(stack="gz"))["stackName"] == "gz"
-    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", b"\x1f\x8b garbage",
-                                 headers={"Content-Encoding": "gzip"})
-    assert status == 400 and out["code"] == 400
-    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", b"{}",
-                                 headers={"Content-Encoding": "br"})
-    assert status == 400 and out["code"] == 400
-
-
-def test_gzip_bomb_is_413(start):
-    srv = start(max_decompressed=1024 * 1024)
-    path = srv.create_stack()
-    bomb = gzip.compress(bytes(50 * 1024 * 1024), compresslevel=9)
-    assert len(bomb) < 100 * 1024
-    status, _, out = srv.request("POST", path + "/import", bomb,
-                                 headers={"Content-Encoding": "gzip"})
-    assert status == 413 and out["code"] == 413
-    assert srv.stack(path)["version"] == 0
-    # The connection pool is healthy afterwards.
-    assert srv.request("GET", "/api/user")[0] == 200
-
-
-def test_body_over_max_body_is_413(start):
-    srv = start(max_body=1000)
-    conn = srv.connection()
-    try:
-        conn.putrequest("POST", f"/api/stacks/{ORG}/proj")
-        conn.putheader("Authorization", "token t")
-        conn.putheader("Content-Type", "application/json")
-        conn.putheader("Content-Length", "5000000")
-        conn.endheaders()
-        resp = conn.getresponse()
-        body = json.loads(resp.read())
-    finally:
-        conn.close()
-    assert resp.status == 413 and body["code"] == 413
-    assert resp.headers["Connection"] == "close"
-    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "small"})
-    assert status == 200, out
-
-
-def test_chunked_request_body_is_411(srv):
-    conn = srv.connection()
-    try:
-        conn.request("POST", f"/api/stacks/{ORG}/proj", body=iter([b'{"stackName":"c"}']),
-                     headers={"Authorization": "token t", "Transfer-Encoding": "chunked"},
-                     encode_chunked=True)
-        resp = conn.getresponse()
-        body = json.loads(resp.read())
-    finally:
-        conn.close()
-    assert resp.status == 411 and body["code"] == 411
-
-
-def test_response_gzip_only_when_accepted(srv):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([res(f"r{i}") for i in range(20)]))
-    status, headers, body = srv.request("GET", path + "/export", accept_gzip=True, raw=True)
-    assert status == 200 and headers["Content-Encoding"] == "gzip"
-    plain = gzip.decompress(body)
-    for accept in (None, "identity", "br, deflate"):
-        extra = {"Accept-Encoding": accept} if accept else {}
-        status, headers, body = srv.request("GET", path + "/export", headers=extra, raw=True)
-        assert status == 200 and headers.get("Content-Encoding") is None, accept
-        assert body == plain
-    # JSON responses large enough to be worth it are gzipped too, and only as gzip.
-    for n in range(15):
-        srv.create_stack(stack=f"s{n:02}")
-    status, headers, body = srv.request("GET", "/api/user/stacks", accept_gzip=True, raw=True)
-    assert headers.get("Content-Encoding") in (None, "gzip")
-    if headers.get("Content-Encoding"):
-        body = gzip.decompress(body)
-    assert len(json.loads(body)["stacks"]) == 16
-
-
-def test_response_not_gzipped_when_gzip_refused(srv):
-    # RFC 9110 §12.5.3: "gzip;q=0" means gzip is not acceptable.
-    path = srv.create_stack()
-    srv.import_state(path, untyped([res(f"r{i}") for i in range(20)]))
-    status, headers, _ = srv.request("GET", path + "/export",
-                                     headers={"Accept-Encoding": "gzip;q=0, identity"}, raw=True)
-    assert status == 200 and headers.get("Content-Encoding") is None
-
-
-def test_unexpected_exception_is_plain_500(srv, monkeypatch, caplog):
-    def boom(query):
-        raise RuntimeError("sensitive internal detail")
-
-    monkeypatch.setattr(srv.app.engine, "list_stacks", boom)
-    status, headers, body = srv.request("GET", "/api/user/stacks", raw=True)
-    assert status == 500
-    assert b"Traceback" not in body and b"sensitive" not in body and b".py" not in body
-    assert srv.request("GET", "/api/user")[0] == 200
-
-
-def test_missing_authorization_is_401(srv):
-    for token in (None, "token", "Bearer t", "update-token x"):
-        status, _, out = srv.request("GET", "/api/user", token=token)
-        assert status == 401 and out["code"] == 401, token
-
-
-def test_configured_tokens(start):
-    srv = start(auth_tokens=("s3cret", "other"))
-    assert srv.request("GET", "/api/user", token="token wrong")[0] == 401
-    assert srv.request("GET", "/api/user", token="token s3cret2")[0] == 401
-    assert srv.request("GET", "/api/user", token="token s3cret")[0] == 200
-    assert srv.request("GET", "/api/user", token="token other")[0] == 200
-
-
-# ==== 8. HTTP layer: the OpenAPI document ======================================
-
-def openapi_doc(srv, path="/api/openapi/pulumi-spec.json"):
-    status, _, doc = srv.request("GET", path, token=None)  # served without credentials
-    assert status == 200, doc
-    return doc
-
-
-def operations(doc):
-    """``{(METHOD, template): operation}`` of an OpenAPI document."""
-    return {(method.upper(), path): op for path, item in doc["paths"].items()
-            for method, op in item.items() if method != "parameters"}
-
-
-def test_openapi_served_at_both_paths(srv):
-    doc = openapi_doc(srv)
-    assert openapi_doc(srv, "/api/openapi") == doc
-    assert doc["openapi"].startswith("3.0") and doc["info"]["version"] == pb.__version__
-    ops = operations(doc)
-    assert ("GET", "/api/openapi") in ops and ("GET", "/api/openapi/pulumi-spec.json") in ops
-
-
-def test_openapi_operations_are_complete(srv):
-    """What `pulumi api list/describe` and fuzzers read: ids, summaries, tags, parameters."""
-    ops = operations(openapi_doc(srv))
-    ids = [op["operationId"] for op in ops.values()]
-    assert len(set(ids)) == len(ids)
-    for (method, path), op in ops.items():
-        assert op["summary"] and op["tags"], (method, path)
-        declared = [p["name"] for p in op["parameters"] if p["in"] == "path"]
-        assert declared == re.findall(r"\{([^}]+)\}", path), (method, path)
-        if method in ("GET", "HEAD", "DELETE"):
-            assert "requestBody" not in op, (method, path)
-    # Pulumi Cloud's literal kinds, not a {kind} parameter; previews save no state.
-    stack = "/api/stacks/{orgName}/{projectName}/{stackName}"
-    for kind in ("update", "preview", "refresh", "destroy"):
-        assert ("POST", f"{stack}/{kind}/{{updateID}}/complete") in ops
-        has_checkpoints = ("PATCH", f"{stack}/{kind}/{{updateID}}/checkpoint") in ops
-        assert has_checkpoints == (kind != "preview")
-
-
-_JSON_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "boolean": bool}
-
-
-def shape_errors(value, schema, where="$"):
-    """How ``value`` strays from ``schema``: undeclared or missing names, wrong types.
-
-    An object schema with ``properties`` is closed (every name must be
-    declared); one with ``additionalProperties`` is a map; a bare object is free.
-    """
-    if value is None:
-        return [] if schema.get("nullable") else [f"{where} is null"]
-    expected = _JSON_TYPES.get(schema.get("type"))
-    if expected and (not isinstance(value, expected)
-                     or (expected is int and isinstance(value, bool))):
-        return [f"{where} is {type(value).__name__}, declared {schema['type']}"]
-    errors = []
-    if isinstance(value, dict) and "properties" in schema:
-        errors += [f"{where}.{k} is required" for k in schema.get("required", ()) if k not in value]
-        for key, item in value.items():
-            if key not in schema["properties"]:
-                errors.append(f"{where}.{key} is not declared")
-            else:
-                errors += shape_errors(item, schema["properties"][key], f"{where}.{key}")
-    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
-        for key, item in value.items():
-            errors += shape_errors(item, schema["additionalProperties"], f"{where}[{key!r}]")
-    elif isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            errors += shape_errors(item, schema["items"], f"{where}[{i}]")
-    return errors
-
-
-def test_shape_errors_catches_drift():
-    schema = {"type": "object", "required": ["a"], "properties": {
-        "a": {"type": "integer"},
-        "b": {"type": "array", "items": {"type": "object", "properties": {
-            "c": {"type": "string", "nullable": True}}}},
-        "m": {"type": "object", "additionalProperties": {"type": "string"}}}}
-    assert shape_errors({"a": 1, "b": [{"c": None}], "m": {"x": "y"}}, schema) == []
-    assert shape_errors({"b": [{"d": 1}], "a": True, "m": {"x": 2}, "z": 0}, schema) == [
-        "$.b[0].d is not declared", "$.a is bool, declared integer",
-        "$.m['x'] is int, declared string", "$.z is not declared"]
-    assert shape_errors({"b": None}, schema) == ["$.a is required", "$.b is null"]
-
-
-def template_of(doc, method, path):
-    """The documented template serving ``method path`` (literal segments win, as in the router)."""
-    parts = path.split("?")[0].strip("/").split("/")
-    best = None
-    for template, item in doc["paths"].items():
-        segments = template.strip("/").split("/")
-        if method.lower() not in item or len(segments) != len(parts):
-            continue
-        if all(s.startswith("{") or s == p for s, p in zip(segments, parts)):
-            rank = [not s.startswith("{") for s in segments]
-            if best is None or rank > best[0]:
-                best = (rank, template)
-    assert best, f"{method} {path} is not in the OpenAPI document"
-    return best[1]
-
-
-def any_kind(template, spelled="update"):
-    """``template`` with its update kind spelled ``spelled`` (all kinds share their handlers)."""
-    return re.sub(r"^(/api/stacks/[^/]+/[^/]+/[^/]+)/(update|preview|refresh|destroy)(?=/|$)",
-                  rf"\1/{spelled}", template)
-
-
-def test_responses_match_declared_shapes(srv):
-    """Real answers of every /api/ operation against the document's 200 schemas.
-
-    Every JSON answer must fit its route's declared response (no undeclared or
-    missing names, right types), and every documented /api/ route must be
-    called here (update kinds count as one: the same handlers serve them), so a
-    new route or a changed answer cannot leave the document behind.
-    """
-    doc = openapi_doc(srv)
-    seen, errors = set(), []
-
-    def call(method, path, body=None, ok=200, **kw):
-        status, headers, out = srv.request(method, path, body, **kw)
-        assert status == ok, (method, path, status, out)
-        template = template_of(doc, method, path)
-        seen.add((method, any_kind(template)))
-        ok_doc = doc["paths"][template][method.lower()]["responses"]["200"]
-        schema = ok_doc.get("content", {}).get("application/json", {}).get("schema")
-        if method == "HEAD":
-            assert schema is None
-        elif schema is None:
-            errors.append(f"{method} {template}: answers JSON, declares no response")
-        else:
-            assert headers["Content-Type"].startswith("application/json")
-            errors.extend(f"{method} {template}: {e}" for e in shape_errors(out, schema))
-        return out
-
-    for path in ("/api/capabilities", "/api/openapi", "/api/openapi/pulumi-spec.json",
-                 "/api/user", "/api/user/organizations/default"):
-        call("GET", path)
-    call("POST", f"/api/stacks/{ORG}/proj", {"stackName": "dev", "tags": {"team": "a"}})
-    path = sp()
-    call("HEAD", f"/api/stacks/{ORG}/proj")
-    call("PATCH", path + "/tags", {"team": "b"})
-    call("POST", path + "/import", compact(untyped([res("a")])), gzip_body=True)
-    call("GET", path + "/export")
-    call("GET", path + "/export/1")
-    sealed = call("POST", path + "/encrypt", {"plaintext": b64(b"s")})["ciphertext"]
-    call("POST", path + "/decrypt", {"ciphertext": sealed})
-    call("POST", path + "/batch-encrypt", {"plaintexts": [b64(b"t")]})
-    call("POST", path + "/batch-decrypt", {"ciphertexts": [sealed, sealed]})
-    call("POST", path + "/decrypt/log-decryption", {"secretName": "k"})
-    call("POST", path + "/decrypt/log-batch-decryption", {"commandName": "pulumi config"})
-
-    program = {"name": "proj", "runtime": "python", "main": "", "description": "",
-               "options": {"dryRun": False}, "config": {},
-               "metadata": {"message": "m", "environment": {"exec.kind": "cli"}}}
-    for kind in ("update", "preview", "refresh", "destroy"):
-        journal = kind == "update"
-        created = call("POST", f"{path}/{kind}", dict(program, options={
-            "dryRun": kind == "preview"}))
-        up = f"{path}/{kind}/{created['updateID']}"
-        started = call("POST", up, {"tags": {}, "journalVersion": 1 if journal else 0})
-        lease = {"token": f"update-token {started['token']}"}
-        call("GET", path)  # with its currentOperation, unless a preview
-        call("GET", up)
-        call("POST", up + "/renew_lease", {"token": "", "duration": 60}, **lease)
-        call("POST", up + "/events/batch", {"events": [
-            {"sequence": 0, "timestamp": 1, "stdoutEvent": {"message": "hi", "color": "raw"}}]},
-             **lease)
-        call("GET", up + "/events")
-        if journal:
-            call("PATCH", up + "/journalentries", {"entries": [
-                entry(1, 1, 1, state=res("b"))]}, **lease)
-        elif kind != "preview":
-            call("PATCH", up + "/checkpoint", {"isInvalid": False, **untyped([res("c")])},
-                 **lease)
-            call("PATCH", up + "/checkpointverbatim", b'{"version":3,"untypedDeployment":'
-                 + PREV_DOC + b',"sequenceNumber":5}', **lease)
-            call("PATCH", up + "/checkpointdelta", {
-                "version": 3, "checkpointHash": NEW_HASH, "sequenceNumber": 6,
-                "deploymentDelta": DELTA_EDITS}, **lease)
-        call("POST", up + "/complete", {"status": "succeeded"}, **lease)
-        call("GET", up + "/events")  # finished: a null continuationToken
-    created = call("POST", path + "/update", program)
-    call("POST", f"{path}/update/{created['updateID']}", {"tags": {}})
-    call("POST", f"{path}/update/{created['updateID']}/cancel")
-    call("GET", path + "/updates")
-    call("GET", path + "/updates?pageSize=2&page=1")
-    call("GET", path + "/updates/latest")
-    call("GET", "/api/user/stacks")
-    call("POST", path + "/rename", {"newName": "prod"})
-    call("DELETE", sp(stack="prod") + "?force=true")
-    call_access_routes(srv, call)
-
-    assert not errors, "answers that stray from the declared responses:\n" + "\n".join(errors)
-    documented = {(m, any_kind(t)) for m, t in operations(doc) if t.startswith("/api/")}
-    assert documented - seen == set(), "documented /api/ routes this test never calls"
-
-
-def call_access_routes(srv, call):
-    """Every route of section 8, as an org admin with a personal token."""
-    ident = srv.app.identity
-    ident.add_user(pb._LOCAL_ADMIN, "root", role="admin")
-    _, value = ident.create_token(pb._LOCAL_ADMIN, "personal", "root")
-    auth = {"token": f"token {value}"}
-    orgs = f"/api/orgs/{ORG}"
-    call("GET", "/api/user", **auth)
-    call("POST", orgs + "/members/alice", {"role": "member"}, **auth)
-    call("PATCH", orgs + "/members/alice", {"role": "admin"}, **auth)
-    call("GET", orgs + "/members", **auth)
-    call("POST", orgs + "/teams/pulumi", {"name": "devs", "displayName": "Devs",
-                                          "description": "d"}, **auth)
-    call("PATCH", orgs + "/teams/devs", {"memberAction": "add", "member": "alice"}, **auth)
-    call("PATCH", orgs + "/teams/devs", {"addStackPermission": {
-        "projectName": "proj", "stackName": "dev", "permission": 102}}, **auth)
-    call("PATCH", f"/api/console/stacks/{ORG}/proj/dev/teams/devs", {"permissions": 101}, **auth)
-    call("GET", orgs + "/teams", **auth)
-    call("GET", orgs + "/teams/devs", **auth)
-    for base, body in ((orgs + "/tokens", {"name": "ci", "description": "d", "expires": 0,
-                                           "admin": False}),
-                       (orgs + "/teams/devs/tokens", {"name": "ci", "description": "d",
-                                                      "expires": 0}),
-                       ("/api/user/tokens", {"description": "d", "expires": 0})):
-        token_id = call("POST", base, body, **auth)["id"]
-        call("GET", base, **auth)
-        call("DELETE", f"{base}/{token_id}", **auth)
-    call("GET", orgs + "/auditlogs", **auth)
-    call("DELETE", orgs + "/members/alice", **auth)
-    call("DELETE", orgs + "/teams/devs", **auth)
-    folder = Path(srv.cfg.db).parent
-    key = JWTKey(folder, "EC", "k")
-    (folder / "issuers.json").write_text(json.dumps([{
-        "issuer": ISSUER, "audience": "a", "jwks": {"keys": [key.jwk]},
-        "rules": [{"claims": {}, "org": "member"}]}]))
-    srv.app.oidc_issuers = str(folder / "issuers.json")
-    form = urllib.parse.urlencode({
-        "audience": f"urn:pulumi:org:{ORG}", "grant_type": pb._TOKEN_EXCHANGE,
-        "subject_token": key.jwt(claims(aud="a"))})
-    call("POST", "/api/oauth/token", form, token=None,
-         headers={"Content-Type": "application/x-www-form-urlencoded"})
-
-
-# -- the contract with Pulumi Cloud's published spec -------------------------
-
-#: Pulumi Cloud's OpenAPI document, vendored read-only beside the repository.
-REFERENCE_SPEC = Path(__file__).resolve().parent.parent / "shared/reference/pulumi-spec.json"
-
-_SPEC_AS_BYTES = ("Pulumi Cloud types the spec download as an array of bytes (its Go "
-                  "handler returns []byte); we describe the document object it really is")
-_STACK = "/api/stacks/{orgName}/{projectName}/{stackName}"
-
-_VERBATIM = ("Pulumi Cloud types untypedDeployment as a bare object while describing it as an "
-             "apitype.UntypedDeployment; we declare that shape, which the server checks")
-
-_AUDIT_EXTRAS = ("issue 13 asks every audit event for the user agent, the target and the "
-                 "outcome; Pulumi Cloud's AuditLogEvent has no such fields, so they are extras "
-                 "(its own fields are all there)")
-
-#: Every way our document may differ from Pulumi Cloud's, with the reason.
-#: Keys: (method, path template, kind, name); kind is "route" (not upstream),
-#: "operationId", "query" (parameter), "request" or "response" (property,
-#: dotted for nested ones, "[]" for array items). The update kind of a path
-#: is written {kind}: one declaration serves update, preview, refresh and
-#: destroy alike. Only /api/ routes are compared: /healthz, /readyz and
-#: /metrics are this server's own.
-ALLOWED_DIFFERENCES = {
-    ("GET", "/api/openapi", "route", ""):
-        "a short address of our document (issue 8); Pulumi Cloud serves it only at "
-        "/api/openapi/pulumi-spec.json, which we serve too",
-    ("GET", "/api/openapi/pulumi-spec.json", "response", "openapi"): _SPEC_AS_BYTES,
-    ("GET", "/api/openapi/pulumi-spec.json", "response", "info"): _SPEC_AS_BYTES,
-    ("GET", "/api/openapi/pulumi-spec.json", "response", "paths"): _SPEC_AS_BYTES,
-    ("GET", "/api/openapi/pulumi-spec.json", "response", "components"): _SPEC_AS_BYTES,
-    ("GET", _STACK + "/updates", "response", "updates"):
-        "Pulumi Cloud documents GetStackUpdates as a bare object; `updates` is the field of "
-        "apitype.GetHistoryResponse that `pulumi stack history` reads",
-    ("GET", _STACK + "/updates/latest", "response", "info.updateID"):
-        "an extra naming the update inside `info` (as in our history entries); Pulumi Cloud "
-        "names it one level up, and the CLI ignores it",
-    ("PATCH", _STACK + "/{kind}/{updateID}/checkpointverbatim", "request",
-     "untypedDeployment.version"): _VERBATIM,
-    ("PATCH", _STACK + "/{kind}/{updateID}/checkpointverbatim", "request",
-     "untypedDeployment.features"): _VERBATIM,
-    ("PATCH", _STACK + "/{kind}/{updateID}/checkpointverbatim", "request",
-     "untypedDeployment.deployment"): _VERBATIM,
-    ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].userAgent"):
-        _AUDIT_EXTRAS,
-    ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].target"):
-        _AUDIT_EXTRAS,
-    ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].outcome"):
-        _AUDIT_EXTRAS,
-}
-
-
-def resolve(spec, schema):
-    """``schema`` with $ref followed and allOf merged: enough to compare names."""
-    while "$ref" in schema:
-        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
-    if "allOf" in schema:
-        merged = {"type": "object", "properties": {}}
-        for part in schema["allOf"]:
-            merged["properties"].update(resolve(spec, part).get("properties", {}))
-        return merged
-    return schema
-
-
-def json_schema(content):
-    """The schema of a requestBody/response ``content`` (JSON preferred), or None."""
-    if not content:
-        return None
-    media = content.get("application/json") or next(iter(content.values()))
-    return media.get("schema")
-
-
-def ok_schema(op):
-    """The schema of an operation's 200 (else first 2xx) answer, or None."""
-    responses = op.get("responses", {})
-    codes = sorted(c for c in responses if c.startswith("2"))
-    if not codes:
-        return None
-    return json_schema(responses["200" if "200" in codes else codes[0]].get("content"))
-
-
-def name_differences(ours, theirs, spec, prefix=""):
-    """Property names (dotted) that ``ours`` declares and ``theirs`` does not."""
-    theirs = resolve(spec, theirs or {})
-    out = []
-    for name, sub in ours.get("properties", {}).items():
-        if name not in theirs.get("properties", {}):
-            out.append(prefix + name)
-        else:
-            out += name_differences(sub, theirs["properties"][name], spec, f"{prefix}{name}.")
-    if "items" in ours and "items" in theirs:
-        out += name_differences(ours["items"], theirs["items"], spec, prefix + "[].")
-    if isinstance(ours.get("additionalProperties"), dict) and isinstance(
-            theirs.get("additionalProperties"), dict):
-        out += name_differences(ours["additionalProperties"], theirs["additionalProperties"],
-                                spec, prefix + "*.")
-    return out
-
-
-def contract_differences(ours, spec):
-    """``{(method, template, kind, name): detail}`` of our /api/ operations vs upstream's."""
-    upstream = operations(spec)
-    found = {}
-    for (method, path), op in operations(ours).items():
-        if not path.startswith("/api/"):
-            continue  # the server's own endpoints (health, metrics): not Pulumi Cloud's API
-        theirs = upstream.get((method, path))
-        if theirs is None:
-            found[(method, path, "route", "")] = "no such method and path template upstream"
-            continue
-        if op["operationId"] != theirs.get("operationId"):
-            found[(method, path, "operationId", op["operationId"])] = theirs.get("operationId")
-        params = [resolve(spec, p) for p in theirs.get("parameters", [])]
-        their_query = {p["name"] for p in params if p.get("in") == "query"}
-        for p in op.get("parameters", []):
-            if p["in"] == "query" and p["name"] not in their_query:
-                found[(method, path, "query", p["name"])] = f"upstream has {sorted(their_query)}"
-        if "requestBody" in op:
-            their_body = json_schema(theirs.get("requestBody", {}).get("content"))
-            for name in name_differences(json_schema(op["requestBody"]["content"]), their_body,
-                                         spec):
-                found[(method, path, "request", name)] = "not a property of upstream's request"
-        if ok_schema(op) is not None:
-            for name in name_differences(ok_schema(op), ok_schema(theirs), spec):
-                found[(method, path, "response", name)] = "not a property of upstream's answer"
-    return found
-
-
-def test_name_differences_follow_refs_and_nesting():
-    spec = {"components": {"schemas": {
-        "A": {"allOf": [{"$ref": "#/components/schemas/B"},
-                        {"properties": {"x": {"type": "array", "items": {
-                            "$ref": "#/components/schemas/B"}}}}]},
-        "B": {"type": "object", "properties": {"b": {"type": "string"}}}}}}
-    ours = {"type": "object", "properties": {
-        "b": {"type": "string"}, "c": {"type": "string"},
-        "x": {"type": "array", "items": {"type": "object", "properties": {
-            "b": {"type": "string"}, "d": {"type": "string"}}}}}}
-    assert name_differences(ours, {"$ref": "#/components/schemas/A"}, spec) == ["c", "x.[].d"]
-    assert name_differences(ours, None, spec) == ["b", "c", "x"]
-
-
-def test_openapi_matches_pulumi_cloud_spec(srv):
-    """Our /api/ routes exist upstream with the same method, template, operationId,
-    query parameters and property names, except for the listed, explained differences."""
-    if not REFERENCE_SPEC.is_file():
-        pytest.skip(f"Pulumi Cloud's spec is not vendored at {REFERENCE_SPEC}")
-    spec = json.loads(REFERENCE_SPEC.read_text())
-    ours = openapi_doc(srv)
-    found = {(m, any_kind(t, "{kind}"), kind, name): detail
-             for (m, t, kind, name), detail in contract_differences(ours, spec).items()}
-    unexplained = {k: v for k, v in found.items() if k not in ALLOWED_DIFFERENCES}
-    stale = [k for k in ALLOWED_DIFFERENCES if k not in found]
-    assert not unexplained, "differences from Pulumi Cloud's spec without a reason in " \
-        "ALLOWED_DIFFERENCES:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(unexplained.items()))
-    assert not stale, f"ALLOWED_DIFFERENCES entries that no longer occur: {stale}"
-    compared = [k for k in operations(ours) if k in operations(spec)]
-    assert len(compared) > 60, len(compared)
-    assert all(reason for reason in ALLOWED_DIFFERENCES.values())
-
-
-# ==== 9. Handlers: identity ====================================================
-
-def test_user(start):
-    srv = start(user="alice", org="acme")
-    status, _, out = srv.request("GET", "/api/user")
-    assert status == 200
-    assert out["githubLogin"] == "alice"
-    assert [o["githubLogin"] for o in out["organizations"]] == ["acme"]
-
-
-def test_default_organization(srv):
-    status, _, out = srv.request("GET", "/api/user/organizations/default")
-    assert status == 200 and out == {"GitHubLogin": ORG, "Messages": []}
-
-
-def test_capabilities_exact(start):
-    srv = start(checkpoint_cutoff=12345)
-    status, _, out = srv.request("GET", "/api/capabilities")
-    assert status == 200
-    caps = {c["capability"]: c for c in out["capabilities"]}
-    assert len(caps) == len(out["capabilities"]) == 3
-    assert caps == {
-        "delta-checkpoint-uploads-v2": {
-            "capability": "delta-checkpoint-uploads-v2", "version": 2,
-            "configuration": {"checkpointCutoffSizeBytes": 12345}},
-        "batch-encrypt": {"capability": "batch-encrypt"},
-        "deployment-schema-version": {
-            "capability": "deployment-schema-version", "version": 1,
-            "configuration": {"version": 4}},
-    }
-
-
-# ==== 9. Handlers: stacks ======================================================
-
-def test_create_and_get_stack(srv):
-    srv.create_stack(tags={"pulumi:project": "proj"})
-    out = srv.stack(sp())
-    assert out["orgName"] == ORG and out["projectName"] == "proj" and out["stackName"] == "dev"
-    assert out["version"] == 0 and out["activeUpdate"] == ""
-    assert out["tags"] == {"pulumi:project": "proj"}
-    assert "config" not in out and "currentOperation" not in out
-    status, _, err = srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "dev"})
-    assert status == 409 and err["code"] == 409 and "already exists" in err["message"]
-
-
-@both_stores
-def test_create_stack_with_initial_state_and_config(srv):
-    state = untyped(secrets_providers={"type": "passphrase", "state": {"salt": "v1:x"}})
-    srv.create_stack(state=state)
-    assert srv.export(sp())["deployment"]["secrets_providers"]["type"] == "passphrase"
-    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj",
-                                 {"stackName": "remote", "config": {"environment": "proj/remote"}})
-    assert status == 400 and out["code"] == 400
-
-
-def test_project_exists_head(srv):
-    assert srv.request("HEAD", f"/api/stacks/{ORG}/proj")[0] == 404
-    srv.create_stack()
-    status, _, body = srv.request("HEAD", f"/api/stacks/{ORG}/proj")
-    assert status == 200 and body == b""
-    assert srv.request("HEAD", f"/api/stacks/{ORG}/other")[0] == 404
-
-
-@both_stores
-def test_list_stacks_filters(srv):
-    srv.create_stack("p1", "a", tags={"env": "prod"})
-    srv.create_stack("p1", "b", tags={"env": "dev"})
-    srv.create_stack("p2", "c", tags={"env": "prod", "team": "x"})
-
-    def names(query=""):
-        status, _, out = srv.request("GET", "/api/user/stacks" + query)
-        assert status == 200, out
-        assert "continuationToken" in out and out["continuationToken"] is None
-        return [(s["projectName"], s["stackName"]) for s in out["stacks"]]
-
-    assert names() == [("p1", "a"), ("p1", "b"), ("p2", "c")]
-    assert names("?project=p1") == [("p1", "a"), ("p1", "b")]
-    assert names(f"?organization={ORG}&project=p2") == [("p2", "c")]
-    assert names("?organization=someone-else") == []
-    assert names("?tagName=env&tagValue=prod") == [("p1", "a"), ("p2", "c")]
-    assert names("?tagName=team") == [("p2", "c")]
-    assert names("?tagName=env&tagValue=qa") == []
-    assert names("?project=p1&tagName=env&tagValue=dev") == [("p1", "b")]
-    status, _, out = srv.request("GET", "/api/user/stacks?continuationToken=%25%25bad")
-    assert status == 400
-
-
-@both_stores
-def test_list_stacks_pages_to_the_end(srv):
-    expected = []
-    for n in range(205):
-        srv.create_stack("many", f"s{n:03}")
-        expected.append(f"s{n:03}")
-    srv.create_stack("other", "x")
-    seen, token, pages = [], None, 0
-    while True:
-        query = "?project=many" + (f"&continuationToken={token}" if token is not None else "")
-        status, _, out = srv.request("GET", "/api/user/stacks" + query)
-        assert status == 200, out
-        assert "continuationToken" in out and out["continuationToken"] != ""
-        assert len(out["stacks"]) <= pb.STACK_PAGE_SIZE
-        seen += [s["stackName"] for s in out["stacks"]]
-        pages += 1
-        token = out["continuationToken"]
-        if token is None:
-            break
-        assert re.fullmatch(r"[A-Za-z0-9_-]+", token)  # appended to URLs unescaped
-        assert pages < 10
-    assert seen == expected and pages == 3
-
-
-@both_stores
-def test_delete_stack(srv):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([S, A]))
-    status, _, out = srv.request("DELETE", path + "?force=false")
-    assert status == 400 and out == {"code": 400, "message": pb.MSG_STACK_HAS_RESOURCES}
-    assert srv.stack(path)["version"] == 1
-    assert srv.request("DELETE", path + "?force=true")[0] == 200
-    assert srv.request("GET", path)[0] == 404
-    assert srv.request("DELETE", path + "?force=true")[0] == 404
-    empty = srv.create_stack(stack="empty")
-    assert srv.request("DELETE", empty + "?force=false")[0] == 200
-    # The name can be reused and starts from scratch.
-    srv.create_stack()
-    assert srv.stack(path)["version"] == 0 and srv.history(path) == []
-
-
-@both_stores
-def test_rename_stack(srv):
-    path = srv.create_stack()
-    status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"hunter2")})
-    ciphertext = out["ciphertext"]
-    provider = {"type": "service", "state": {"url": srv.url, "owner": ORG, "project": "proj",
-                                             "stack": "dev"}}
-    prov = urn("default", "pulumi:providers:random")
-    state = untyped([
-        S, {"urn": prov, "custom": True, "id": "p-id", "type": "pulumi:providers:random"},
-        res("a", parent=S["urn"], provider=f"{prov}::p-id",
-            outputs={"pw": {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270",
-                            "ciphertext": ciphertext}}),
-        res("b", dependencies=[urn("a")], propertyDependencies={"x": [urn("a")]})],
-        secrets_providers=provider)
-    srv.import_state(path, state)
-
-    assert srv.request("POST", path + "/rename", {"newName": "prod", "newProject": "proj"})[0] == 200
-    assert srv.request("GET", path)[0] == 404
-    new = sp(stack="prod")
-    assert srv.stack(new)["stackName"] == "prod" and srv.stack(new)["version"] == 1
-    assert [u["kind"] for u in srv.history(new)] == ["import"]
-    status, _, out = srv.request("POST", new + "/decrypt", {"ciphertext": ciphertext})
-    assert status == 200 and base64.b64decode(out["plaintext"]) == b"hunter2"
-    doc = srv.export(new)
-    text = json.dumps(doc)
-    assert "urn:pulumi:dev::" not in text
-    # The stack and project parts of every URN change; so does the root stack
-    # resource's name (<project>-<stack>), as the CLI's own rename does.
-    assert urns(doc) == [urn("proj-prod", "pulumi:pulumi:Stack", "prod"),
-                         urn("default", "pulumi:providers:random", "prod"),
-                         urn("a", stack="prod"), urn("b", stack="prod")]
-    a = doc["deployment"]["resources"][2]
-    assert a["parent"] == urn("proj-prod", "pulumi:pulumi:Stack", "prod")
-    assert a["provider"] == urn("default", "pulumi:providers:random", "prod") + "::p-id"
-    assert doc["deployment"]["resources"][3]["dependencies"] == [urn("a", stack="prod")]
-    assert doc["deployment"]["secrets_providers"]["state"] == {
-        "url": srv.url, "owner": ORG, "project": "proj", "stack": "prod"}
-
-    # A project rename rewrites the project part as well.
-    assert srv.request("POST", new + "/rename", {"newName": "prod", "newProject": "proj2"})[0] == 200
-    moved = sp("proj2", "prod")
-    doc = srv.export(moved)
-    assert all(u.startswith("urn:pulumi:prod::proj2::") for u in urns(doc))
-    assert doc["deployment"]["secrets_providers"]["state"]["project"] == "proj2"
-    status, _, out = srv.request("POST", moved + "/decrypt", {"ciphertext": ciphertext})
-    assert status == 200 and base64.b64decode(out["plaintext"]) == b"hunter2"
-
-    # The target exists: 409, nothing changes.
-    srv.create_stack("proj2", "taken")
-    status, _, out = srv.request("POST", moved + "/rename", {"newName": "taken",
-                                                             "newProject": "proj2"})
-    assert status == 409 and out["code"] == 409
-    assert srv.stack(moved)["version"] == 1 and srv.stack(sp("proj2", "taken"))["version"] == 0
-
-
-@both_stores
-def test_set_tags_replaces_all(srv):
-    path = srv.create_stack(tags={"a": "1", "b": "2"})
-    status, _, _ = srv.request("PATCH", path + "/tags", {"c": "3", "pulumi:project": "proj"})
-    assert status == 200
-    assert srv.stack(path)["tags"] == {"c": "3", "pulumi:project": "proj"}
-    for bad in ({"bad name": "x"}, {"a": "x" * 257}, {"a": 5}, ["a"]):
-        status, _, out = srv.request("PATCH", path + "/tags", bad)
-        assert status == 400 and out["code"] == 400, bad
-    assert srv.stack(path)["tags"] == {"c": "3", "pulumi:project": "proj"}
-
-
-@pytest.mark.parametrize("method, path, body", [
-    ("POST", f"/api/stacks/{ORG}/proj", {"stackName": "bad name"}),
-    ("POST", f"/api/stacks/{ORG}/proj", {"stackName": "x" * 101}),
-    ("POST", f"/api/stacks/{ORG}/proj", {}),
-    ("POST", f"/api/stacks/{ORG}/bad%20proj", {"stackName": "dev"}),
-    ("GET", f"/api/stacks/{ORG}/proj/bad%20name", None),
-    ("GET", f"/api/stacks/{ORG}/proj/a%2Fb", None),
-])
-def test_invalid_names_are_400(srv, method, path, body):
-    status, _, out = srv.request(method, path, body)
-    assert status == 400 and out["code"] == 400
-
-
-def test_other_organization_is_404(srv):
-    srv.create_stack()
-    for method, path, body in (("GET", "/api/stacks/someone/proj/dev", None),
-                               ("POST", "/api/stacks/someone/proj", {"stackName": "dev"}),
-                               ("GET", "/api/stacks/someone/proj/dev/export", None)):
-        status, _, out = srv.request(method, path, body)
-        assert status == 404 and out["code"] == 404, path
-    assert srv.request("HEAD", "/api/stacks/someone/proj")[0] == 404
-
-
-def test_stack_summary_fields(srv):
-    path = srv.create_stack()
-
-    def summary():
-        status, _, out = srv.request("GET", "/api/user/stacks")
-        (only,) = out["stacks"]
-        return only
-
-    first = summary()
-    assert "lastUpdate" not in first and first["resourceCount"] == 0
-    assert first["projectName"] == "proj" and first["stackName"] == "dev"
-    before = int(time.time())
-    srv.import_state(path, untyped([S, A, B]))
-    after_import = summary()
-    assert after_import["resourceCount"] == 3
-    assert before <= after_import["lastUpdate"] <= int(time.time())
-    update = srv.begin(path)
-    assert summary()["lastUpdate"] == 0  # "in progress"
-    stack = srv.stack(path)
-    assert stack["activeUpdate"] == update.id
-    assert stack["currentOperation"]["kind"] == "update"
-    assert update.complete()[0] == 200
-    assert summary()["lastUpdate"] > 0 and "currentOperation" not in srv.stack(path)
-
-
-# ==== 9. Handlers: state =======================================================
-
-def test_export_of_new_stack(srv):
-    path = srv.create_stack()
-    doc = srv.export(path)
-    assert doc["version"] == 3 and isinstance(doc["deployment"]["manifest"], dict)
-    assert set(doc["deployment"]["manifest"]) >= {"time", "magic", "version"}
-
-
-def test_import_creates_version_and_succeeded_update(srv):
-    path = srv.create_stack()
-    update_id = srv.import_state(path, untyped([S, A]))
-    assert srv.stack(path)["version"] == 1
-    status, _, out = srv.request("GET", f"{path}/update/{update_id}")
-    assert status == 200 and out["status"] == "succeeded"
-    assert out.get("continuationToken") is None
-    assert urns(srv.export(path)) == [S["urn"], A["urn"]]
-    (info,) = srv.history(path)
-    assert info["kind"] == "import" and info["result"] == "succeeded" and info["version"] == 1
-
-
-@both_stores
-def test_export_import_byte_round_trip(srv):
-    path = srv.create_stack()
-    # Unusual spacing and key order survive: the stored bytes are served verbatim.
-    data = (b'{"deployment": {"resources": [' + compact(A) + b'],  "metadata":{},'
-            b'"manifest":{"version":"","magic":"","time":"2026-01-01T00:00:00Z"}},'
-            b' "version": 3}')
-    srv.import_state(path, data)
-    assert srv.export_bytes(path) == data
-    exported = srv.export_bytes(path)
-    srv.import_state(path, exported)
-    assert srv.export_bytes(path) == exported and srv.stack(path)["version"] == 2
-
-
-@both_stores
-def test_export_older_version_and_missing_versions(start):
-    srv = start(history_limit=2)
-    path = srv.create_stack()
-    docs = [compact(untyped([res(f"r{n}")])) for n in range(1, 5)]
-    for doc in docs:
-        srv.import_state(path, doc)
-    assert srv.export_bytes(path, 4) == docs[3]
-    assert srv.export_bytes(path, 3) == docs[2]
-    for version in (1, 2, 99):  # pruned, pruned, unknown
-        status, _, out = srv.request("GET", f"{path}/export/{version}")
-        assert status == 404 and out["code"] == 404, version
-    for version in ("0", "abc", "-1"):
-        status, _, out = srv.request("GET", f"{path}/export/{version}")
-        assert status == 400 and out["code"] == 400, version
-
-
-def test_export_with_accept_gzip_returns_stored_bytes(srv):
-    path = srv.create_stack()
-    data = compact(untyped([S]))
-    srv.import_state(path, data)
-    status, headers, body = srv.request("GET", path + "/export", accept_gzip=True, raw=True)
-    assert status == 200 and headers["Content-Encoding"] == "gzip"
-    assert body == pb._gzip_bytes(data)
-    assert gzip.decompress(body) == data
-
-
-@pytest.mark.parametrize("doc", [
-    {"version": 5, "deployment": {}},
-    {"version": 0, "deployment": {}},
-    {"version": "3", "deployment": {}},
-    {"version": 4, "features": ["teleport"], "deployment": {}},
-    {"version": 3},
-    {"version": 3, "deployment": {"resources": ["x"]}},
-    [1, 2],
-])
-def test_import_rejects_invalid_deployments(srv, doc):
-    path = srv.create_stack()
-    before = srv.export_bytes(path)
-    status, _, out = srv.request("POST", path + "/import", doc, gzip_body=True)
-    assert status == 400 and out["code"] == 400
-    assert srv.export_bytes(path) == before and srv.stack(path)["version"] == 0
-    status, _, out = srv.request("POST", path + "/import", b"{not json", gzip_body=True)
-    assert status == 400
-
-
-def test_import_accepts_version_4_features(srv):
-    path = srv.create_stack()
-    doc = {"version": 4, "features": ["taint"], "deployment": deployment([res("a", taint=True)])}
-    srv.import_state(path, doc)
-    assert srv.export(path)["features"] == ["taint"]
-
-
-# ==== 9. Handlers: secrets =====================================================
-
-@both_stores
-def test_encrypt_decrypt_round_trip(srv):
-    path = srv.create_stack()
-    for plain in (b"", b"hunter2", secrets.token_bytes(32), "ünïcødé".encode()):
-        status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(plain)})
-        assert status == 200
-        status, _, back = srv.request("POST", path + "/decrypt",
-                                      {"ciphertext": out["ciphertext"]})
-        assert status == 200 and base64.b64decode(back["plaintext"]) == plain
-
-
-@both_stores
-def test_batch_encrypt_decrypt_with_duplicates(srv):
-    path = srv.create_stack()
-    plains = [b"one", b"two", b"one", b""]
-    status, _, out = srv.request("POST", path + "/batch-encrypt",
-                                 {"plaintexts": [b64(p) for p in plains]}, gzip_body=True)
-    assert status == 200
-    cts = out["ciphertexts"]
-    assert len(cts) == 4 and len(set(cts)) == 4
-    asked = [cts[1], cts[0], cts[1], cts[3], cts[0]]
-    status, _, out = srv.request("POST", path + "/batch-decrypt", {"ciphertexts": asked},
-                                 gzip_body=True)
-    assert status == 200
-    assert set(out["plaintexts"]) == set(asked)
-    for ct, plain in zip(cts, plains):
-        if ct in asked:
-            assert base64.b64decode(out["plaintexts"][ct]) == plain
-    status, _, out = srv.request("POST", path + "/batch-decrypt", {"ciphertexts": []},
-                                 gzip_body=True)
-    assert status == 200 and out["plaintexts"] == {}
-
-
-def test_batch_too_large_is_413(srv, monkeypatch):
-    monkeypatch.setattr(pb, "MAX_BATCH_ITEMS", 3)
-    path = srv.create_stack()
-    status, _, out = srv.request("POST", path + "/batch-encrypt",
-                                 {"plaintexts": [b64(b"x")] * 4}, gzip_body=True)
-    assert status == 413 and out["code"] == 413
-
-
-@pytest.mark.parametrize("route, body", [
-    ("/encrypt", {"plaintext": "not base64!"}),
-    ("/encrypt", {"plaintext": 5}),
-    ("/encrypt", {}),
-    ("/decrypt", {"ciphertext": "%%%"}),
-    ("/batch-encrypt", {"plaintexts": ["ok==", "!!"]}),
-    ("/batch-encrypt", {"plaintexts": "x"}),
-    ("/batch-decrypt", {"ciphertexts": ["@@@@"]}),
-])
-def test_bad_base64_is_400(srv, route, body):
-    path = srv.create_stack()
-    status, _, out = srv.request("POST", path + route, body)
-    assert status == 400 and out["code"] == 400
-
-
-def test_other_stack_cannot_decrypt(srv):
-    mine, theirs = srv.create_stack(stack="mine"), srv.create_stack(stack="theirs")
-    _, _, out = srv.request("POST", mine + "/encrypt", {"plaintext": b64(b"secret")})
-    status, _, err = srv.request("POST", theirs + "/decrypt", {"ciphertext": out["ciphertext"]})
-    assert status == 400 and err["code"] == 400
-    status, _, err = srv.request("POST", theirs + "/batch-decrypt",
-                                 {"ciphertexts": [out["ciphertext"]]}, gzip_body=True)
-    assert status == 400
-
-
-def test_tampered_ciphertexts_are_refused(srv):
-    path = srv.create_stack()
-    _, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"top secret")})
-    blob = base64.b64decode(out["ciphertext"])
-    for index in (0, 5, 13, len(blob) - 1):  # version, nonce, ciphertext, tag
-        bad = bytearray(blob)
-        bad[index] ^= 0x80
-        status, _, err = srv.request("POST", path + "/decrypt", {"ciphertext": b64(bytes(bad))})
-        assert status == 400 and err["code"] == 400, index
-    for bad in (blob[:-4], blob[:10], b""):
-        status, _, err = srv.request("POST", path + "/decrypt", {"ciphertext": b64(bad)})
-        assert status == 400, len(bad)
-
-
-def test_secrets_of_unknown_stack_are_404(srv):
-    status, _, out = srv.request("POST", sp(stack="nope") + "/encrypt", {"plaintext": "eA=="})
-    assert status == 404 and out["code"] == 404
-    status, _, out = srv.request("POST", sp(stack="nope") + "/decrypt/log-decryption", {})
-    assert status == 404
-
-
-# ==== 9. Handlers: updates — start, previews, leases ===========================
-
-def test_start_negotiates_journal_version_1(srv):
-    path = srv.create_stack()
-    update = srv.begin(path, journal=True)
-    assert update.status == 200, update.start
-    assert update.start["journalVersion"] == 1 and update.start["version"] == 1
-    assert isinstance(update.token, str) and update.token
-    assert update.start["tokenExpiration"] >= int(time.time()) + 200
-
-
-@pytest.mark.parametrize("offered, answered", [(1, 1), (2, 2), (3, 2)])
-def test_start_answers_the_newest_journal_version_both_know(srv, offered, answered):
-    """A v3.274 CLI offers 2 and journals state migrations only if it gets 2."""
-    update = srv.begin(srv.create_stack(), journal=offered)
-    assert update.status == 200 and update.start["journalVersion"] == answered
-
-
-def test_start_without_journal_request_gets_0(srv):
-    update = srv.begin(srv.create_stack(), journal=False)
-    assert update.status == 200 and update.start["journalVersion"] == 0
-
-
-def test_journaling_off_gets_0(start):
-    srv = start(journaling=False)
-    update = srv.begin(srv.create_stack(), journal=True)
-    assert update.status == 200 and update.start["journalVersion"] == 0
-    status, _, _ = update.journal(entry(1, 6, secretsProvider=PROVIDER))
-    assert status == 400
-
-
-def test_start_replaces_tags_and_refuses_restart(srv):
-    path = srv.create_stack(tags={"old": "1"})
-    update = srv.begin(path, tags={"pulumi:project": "proj", "vcs:kind": "github.com"})
-    assert srv.stack(path)["tags"] == {"pulumi:project": "proj", "vcs:kind": "github.com"}
-    status, _, out = srv.request("POST", update.url, {"journalVersion": 1})
-    assert status == 409 and out["code"] == 409
-    status, _, out = srv.request("POST", f"{path}/update/no-such-update", {})
-    assert status == 404 and out["code"] == 404
-    status, _, out = srv.request("POST", f"{path}/upgrade", {})
-    assert status == 404
-
-
-@pytest.mark.parametrize("kind, dry_run", [("preview", True), ("update", True),
-                                           ("refresh", True), ("destroy", True)])
-def test_previews_never_change_state(srv, kind, dry_run):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([S, A]))
-    before = srv.export_bytes(path)
-    preview = srv.begin(path, kind=kind, dry_run=dry_run, journal=True)
-    assert preview.status == 200, preview.start
-    assert preview.token and preview.start["version"] == 1
-    assert preview.start.get("journalVersion", 0) == 0
-    assert preview.checkpoint(untyped([C]))[0] == 400
-    assert preview.journal(entry(1, 1, 1, state=C))[0] == 400
-    assert preview.events({"sequence": 0, "timestamp": 1, "stdoutEvent": {"message": "hi"}})[0] == 200
-    assert preview.renew()[0] == 200
-    assert preview.complete()[0] == 200
-    assert srv.export_bytes(path) == before
-    assert srv.stack(path)["version"] == 1
-    assert [u["kind"] for u in srv.history(path)] == ["import"]
-    assert srv.begin(path).status == 200
-
-
-@both_stores
-def test_second_update_conflicts_with_exact_message(srv):
-    path = srv.create_stack()
-    first = srv.begin(path)
-    assert first.status == 200
-    for kind in ("update", "refresh", "destroy"):
-        second = srv.begin(path, kind=kind, dry_run=False)
-        assert second.status == 409
-        assert second.start == {"code": 409,
-                                "message": "Conflict: Another update is currently in progress."}
-    assert first.complete()[0] == 200
-    assert srv.begin(path).status == 200
-
-
-def test_preview_runs_beside_an_update(srv):
-    path = srv.create_stack()
-    update = srv.begin(path)
-    preview = srv.begin(path, kind="preview")
-    assert update.status == 200 and preview.status == 200
-    assert preview.complete()[0] == 200
-    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
-    assert update.complete()[0] == 200
-    assert urns(srv.export(path)) == [C["urn"]]
-
-
-def test_import_and_delete_refused_while_update_runs(srv):
-    path = srv.create_stack()
-    update = srv.begin(path)
-    status, _, out = srv.request("POST", path + "/import", compact(untyped([A])), gzip_body=True)
-    assert status == 409 and out["code"] == 409
-    assert srv.request("DELETE", path + "?force=true")[0] == 409
-    assert srv.request("POST", path + "/rename", {"newName": "x", "newProject": "proj"})[0] == 409
-    assert update.complete()[0] == 200
-    assert srv.request("DELETE", path + "?force=true")[0] == 200
-
-
-def test_token_of_another_update_is_403(srv):
-    one, two = srv.create_stack(stack="one"), srv.create_stack(stack="two")
-    u1, u2 = srv.begin(one), srv.begin(two)
-    preview = srv.begin(one, kind="preview")
-    for wrong in (u2.token, preview.token, "made-up"):
-        token = f"update-token {wrong}"
-        assert u1.renew(token=token)[0] == 403
-        assert u1.journal(entry(1, 1, 1, state=C), token=token)[0] == 403
-        assert u1.events({"sequence": 0}, token=token)[0] == 403
-        assert u1.complete(token=token)[0] == 403
-    assert u1.complete()[0] == 200 and u2.complete()[0] == 200
-
-
-def test_expired_lease_is_403(start):
-    srv = start(lease_seconds=1)
-    update = srv.begin(srv.create_stack())
-    assert update.renew()[0] == 200
-    wait_past(update.start["tokenExpiration"] + 1)
-    for status, _, out in (update.renew(), update.journal(entry(1, 1, 1, state=C)),
-                           update.events({"sequence": 0}), update.complete()):
-        assert status == 403 and out["code"] == 403
-
-
-def test_abandoned_update_without_saves_keeps_state(srv, clock):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([S, A]))
-    first = srv.begin(path)
-    clock.advance(srv.cfg.lease_seconds + 2)
-    assert "currentOperation" not in srv.stack(path)  # an expired lease holds nothing
-    second = srv.begin(path)
-    assert second.status == 200 and second.start["version"] == 3
-    assert second.complete()[0] == 200
-    assert urns(srv.export(path)) == [S["urn"], A["urn"]]
-    assert first.renew()[0] == 403
-
-
-def test_api_token_on_update_routes_is_403(srv):
-    update = srv.begin(srv.create_stack())
-    for token in ("token t", "", "update-token", f"token {update.token}"):
-        status, _, out = update.renew(token=token)
-        assert status == 403 and out["code"] == 403, token
-        status, _, out = update.journal(entry(1, 1, 1, state=C), token=token)
-        assert status == 403, token
-
-
-def test_lease_token_on_api_routes_is_401(srv):
-    path = srv.create_stack()
-    update = srv.begin(path)
-    lease = f"update-token {update.token}"
-    for method, route in (("GET", path), ("GET", path + "/export"),
-                          ("POST", update.url + "/cancel")):
-        status, _, out = srv.request(method, route, token=lease)
-        assert status == 401 and out["code"] == 401, route
-    assert update.complete()[0] == 200
-
-
-@both_stores
-def test_renew_lease(start):
-    srv = start(lease_seconds=120)
-    update = srv.begin(srv.create_stack())
-    status, _, out = update.renew(300)
-    assert status == 200 and out["token"] == update.token
-    assert int(time.time()) + 100 <= out["tokenExpiration"] <= int(time.time()) + 121
-    status, _, out = update.renew(10)
-    assert status == 200 and out["tokenExpiration"] <= int(time.time()) + 11
-    status, _, out = update.call("POST", "/renew_lease", {"duration": "long"}, gzip_body=False)
-    assert status == 400
-
-
-@both_stores
-def test_complete_is_idempotent_and_final(srv):
-    update = srv.begin(srv.create_stack())
-    assert update.complete()[0] == 200
-    assert update.complete()[0] == 200  # a retry with the retired lease
-    status, _, out = update.complete("failed")
-    assert status == 409 and out["code"] == 409
-    status, _, out = update.complete("exploded")
-    assert status == 400
-
-
-def test_update_status_while_running(srv):
-    path = srv.create_stack()
-    update = srv.begin(path)
-    status, _, out = srv.request("GET", update.url)
-    assert status == 200 and out["status"] == "running" and out["continuationToken"]
-    update.complete("failed")
-    status, _, out = srv.request("GET", update.url)
-    assert out["status"] == "failed" and out.get("continuationToken") is None
-
-
-# ==== 9. Handlers: updates — checkpoints =======================================
-
-@both_stores
-def test_full_checkpoint_then_complete(srv):
-    path = srv.create_stack()
-    update = srv.begin(path, journal=False)
-    first = untyped([S, A, B])
-    second = {"version": 4, "features": ["taint"], "deployment": deployment([S, res("a", taint=True)])}
-    assert update.checkpoint(first)[0] == 200
-    assert update.checkpoint(second)[0] == 200
-    assert update.checkpoint(second)[0] == 200  # retried: idempotent
-    assert update.complete()[0] == 200
-    assert srv.export(path) == second
-    assert srv.stack(path)["version"] == 1
-    status, _, out = srv.request("GET", "/api/user/stacks")
-    assert out["stacks"][0]["resourceCount"] == 2
-
-
-def test_invalid_checkpoint_is_400_and_is_invalid_keeps_previous(srv):
-    path = srv.create_stack()
-    update = srv.begin(path, journal=False)
-    assert update.checkpoint(untyped([A]))[0] == 200
-    assert update.checkpoint({"version": 9, "deployment": {}})[0] == 400
-    assert update.checkpoint({"version": 3, "deployment": []})[0] == 400
-    assert update.call("PATCH", "/checkpoint", {"isInvalid": True})[0] == 200
-    assert update.complete()[0] == 200
-    assert urns(srv.export(path)) == [A["urn"]]
-
-
-@both_stores
-def test_verbatim_then_delta_worked_example(srv):
-    path = srv.create_stack()
-    update = srv.begin(path, journal=False)
-    assert update.start["journalVersion"] == 0
-    assert update.verbatim(PREV_DOC, 1)[0] == 200
-    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 2)
-    assert status == 200, out
-    assert update.complete()[0] == 200
-    exported = srv.export_bytes(path)
-    assert exported == NEW_DOC
-    assert hashlib.sha256(exported).hexdigest() == NEW_HASH
-
-
-def test_delta_hash_mismatch_leaves_state_then_delta_applies(srv):
-    path = srv.create_stack()
-    update = srv.begin(path, journal=False)
-    assert update.verbatim(PREV_DOC, 1)[0] == 200
-    wrong = [DELTA_EDITS[0], {**DELTA_EDITS[1], "NewText": DELTA_EDITS[1]["NewText"] + " "}]
-    status, _, out = update.delta(wrong, NEW_HASH, 2)
-    assert 400 <= status < 500 and out["code"] == status
-    # Neither the baseline nor the sequence number moved.
-    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
-    assert update.complete()[0] == 200
-    assert srv.export_bytes(path) == NEW_DOC
-
-
-def test_delta_hash_mismatch_then_verbatim_retry(srv):
-    path = srv.create_stack()
-    update = srv.begin(path, journal=False)
-    assert update.verbatim(PREV_DOC, 1)[0] == 200
-    status, _, out = update.delta(DELTA_EDITS, "0" * 64, 2)
-    assert 400 <= status < 500 and out["code"] == status
-    assert update.verbatim(NEW_DOC, 2)[0] == 200  # the CLI's fallback, same sequenceNumber
-    assert update.complete()[0] == 200
-    assert srv.export_bytes(path) == NEW_DOC
-
-
-@both_stores
-def test_delta_retries_and_sequence_rules(srv):
-    path = srv.create_stack()
-    update = srv.begin(path, journal=False)
-    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 1)
-    assert 400 <= status < 500  # no baseline yet
-    assert update.verbatim(PREV_DOC, 1)[0] == 200
-    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
-    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200          # retry: same hash
-    assert update.delta(DELTA_EDITS, NEW_HASH.upper(), 2)[0] == 200  # hex case ignored
-    assert update.delta(DELTA_EDITS, "1" * 64, 2)[0] == 409          # same seq, other hash
-    assert update.delta([], NEW_HASH, 4)[0] == 409                   # gap
-    assert update.verbatim(PREV_DOC, 1)[0] == 409                    # stale verbatim
-    assert update.complete()[0] == 200
-    assert srv.export_bytes(path) == NEW_DOC
-
-
-def test_verbatim_with_other_field_order(srv):
-    path = srv.create_stack()
-    update = srv.begin(path, journal=False)
-    body = b'{"sequenceNumber": 1, "untypedDeployment":  ' + PREV_DOC + b' , "version": 3}'
-    assert update.call("PATCH", "/checkpointverbatim", body)[0] == 200
-    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
-    assert update.complete()[0] == 200
-    assert srv.export_bytes(path) == NEW_DOC
-
-
-def test_legacy_line_based_delta(srv):
-    path = srv.create_stack()
-    prev = ('{\n "version": 3,\n "deployment": {\n  "manifest": {"time": "t1", "magic": "", '
-            '"version": ""},\n  "resources": [\n   ' + json.dumps(A) + ',\n   '
-            + json.dumps(B) + '\n  ]\n }\n}').encode()
-    new = prev.replace(b'"t1"', b'"t2"').replace(b'"v": "b"', b'"v": "bb"')
-    lines = prev.split(b"\n")
-    line_b = 7  # 1-based line of resource b
-    assert b'"b-id"' in lines[line_b - 1]
-    edits = [
-        {"Span": {"uri": "", "start": {"line": 4, "column": 1, "offset": -1},
-                  "end": {"line": 5, "column": 1, "offset": -1}},
-         "NewText": lines[3].replace(b'"t1"', b'"t2"').decode() + "\n"},
-        {"Span": {"uri": "", "start": {"line": line_b, "column": 1, "offset": -1},
-                  "end": {"line": line_b + 1, "column": 1, "offset": -1}},
-         "NewText": lines[line_b - 1].replace(b'"v": "b"', b'"v": "bb"').decode() + "\n"},
-    ]
-    assert pb.apply_delta(prev, edits) == new
-    update = srv.begin(path, journal=False)
-    assert update.verbatim(prev, 1)[0] == 200
-    status, _, out = update.delta(edits, hashlib.sha256(new).hexdigest(), 2)
-    assert status == 200, out
-    assert update.complete()[0] == 200
-    assert srv.export_bytes(path) == new
-
-
-def test_update_without_saves_keeps_base(srv):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([S, A]))
-    base = srv.export_bytes(path)
-    for journal in (True, False):
-        update = srv.begin(path, journal=journal)
-        assert update.complete()[0] == 200
-        assert urns(json.loads(srv.export_bytes(path))) == urns(json.loads(base))
-    assert srv.stack(path)["version"] == 3
-
-
-# ==== 9. Handlers: updates — journal ===========================================
-
-@both_stores
-def test_journal_entries_then_complete_exports_replay(srv):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([S, A]))
-    update = srv.begin(path)
-    a2 = res("a", outputs={"v": "updated"})
-    assert update.journal(
-        entry(1, 6, secretsProvider=PROVIDER),
-        entry(2, 0, 1, operation={"resource": C, "type": "creating"}),
-        entry(3, 1, 1, state=C))[0] == 200
-    assert update.journal(
-        entry(4, 0, 2, operation={"resource": a2, "type": "updating"}),
-        entry(5, 1, 2, state=a2, removeOld=1))[0] == 200
-    assert update.complete()[0] == 200
-    doc = srv.export(path)
-    assert doc["version"] == 3
-    assert doc["deployment"]["resources"] == [C, a2, S]
-    assert doc["deployment"]["secrets_providers"] == PROVIDER
-    assert "pending_operations" not in doc["deployment"]
-    assert doc["deployment"]["manifest"]["version"] == CLI_VERSION
-    assert srv.stack(path)["version"] == 2
-    assert srv.history(path)[0]["resourceCount"] == 3
-
-
-def test_journal_state_migration_over_http(srv):
-    """Journal version 2: a migration renames A to A2 (same physical ID)."""
-    path = srv.create_stack()
-    srv.import_state(path, untyped([S, A, B]))
-    update = srv.begin(path, journal=2)
-    a2 = res("a2", id=A.get("id"))
-    b2 = res("b", dependencies=[a2["urn"]])
-    assert update.journal(
-        entry(1, 6, secretsProvider=PROVIDER),
-        migration(2, lay(0, ("s", 0), 2), [a2],
-                  baseStatePatches=[{"index": 2, "state": b2}]),
-        entry(3, 0, 1), entry(4, 1, 1, state=a2, removeOld=1))[0] == 200
-    assert update.complete()[0] == 200
-    assert srv.export(path)["deployment"]["resources"] == [a2, S, b2]
-
-
-def test_journal_version_follows_the_start(srv):
-    """Entries newer than the version agreed at start, or bad migrations, get 400."""
-    update = srv.begin(srv.create_stack(), journal=1)
-    status, _, out = update.journal(migration(1, lay(("s", 0)), [C]))
-    assert status == 400 and "accepts up to 1" in out["message"]
-    update = srv.begin(srv.create_stack("proj", "two"), journal=2)
-    for bad in (migration(1, lay(("s", 0)), [C], version=1),
-                migration(1, "not a list", [C]),
-                migration(1, [{"baseIndex": "0"}], [C]),
-                migration(1, lay(("s", 0)), [C], newStatePatches=[{"operationID": 1}]),
-                entry(1, 1, 1, state=C, version=3)):
-        assert update.journal(bad)[0] == 400, bad
-    assert update.journal(migration(1, lay(("s", 0)), [C]))[0] == 200
-
-
-def test_journal_replay_with_deletes_over_http(srv):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([S, A, B]))
-    update = srv.begin(path)
-    assert update.journal(entry(1, 0, 1, operation={"resource": B, "type": "deleting"}),
-                          entry(2, 1, 1, removeOld=2),
-                          entry(3, 0, 2, operation={"resource": A, "type": "deleting"}))[0] == 200
-    assert update.complete("failed")[0] == 200
-    doc = srv.export(path)
-    assert urns(doc) == [S["urn"], A["urn"]]
-    assert doc["deployment"]["pending_operations"] == [{"resource": A, "type": "deleting"}]
-
-
-def test_export_serves_base_while_update_runs(srv):
-    path = srv.create_stack()
-    srv.import_state(path, b'{"version":3,"deployment":{"manifest":{"time":"x","magic":"",'
-                           b'"version":""},"resources":[' + compact(S) + b']}}')
-    base = srv.export_bytes(path)
-    update = srv.begin(path)
-    assert srv.export_bytes(path) == base
-    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
-    assert srv.export_bytes(path) == base
-    assert update.complete()[0] == 200
-    assert urns(json.loads(srv.export_bytes(path))) == [C["urn"], S["urn"]]
-
-
-@both_stores
-def test_journal_duplicate_sequence_ids_are_deduplicated(srv):
-    path = srv.create_stack()
-    update = srv.begin(path)
-    batch = [entry(1, 0, 1, operation={"resource": C, "type": "creating"}),
-             entry(2, 1, 1, state=C)]
-    assert update.journal(*batch)[0] == 200
-    assert update.journal(*batch)[0] == 200  # a retried batch
-    changed = res("c", outputs={"v": "second copy"})
-    assert update.journal(entry(2, 1, 1, state=changed), entry(2, 1, 1, state=changed),
-                          entry(3, 1, 2, state=res("d")))[0] == 200
-    assert update.complete()[0] == 200
-    assert srv.export(path)["deployment"]["resources"] == [C, res("d")]
-
-
-def test_journal_entries_out_of_order_within_batch(srv):
-    path = srv.create_stack()
-    update = srv.begin(path)
-    assert update.journal(entry(3, 1, 1, state=C), entry(1, 6, secretsProvider=PROVIDER),
-                          entry(2, 0, 1, operation={"resource": C, "type": "creating"}))[0] == 200
-    assert update.complete()[0] == 200
-    doc = srv.export(path)
-    assert doc["deployment"]["resources"] == [C]
-    assert "pending_operations" not in doc["deployment"]
-
-
-@pytest.mark.parametrize("bad", [
-    entry(0, 1, 1, state=res("x")),
-    entry(-1, 1, 1, state=res("x")),
-    entry(2, 42, 1),
-    entry(2, -1, 1),
-    {**entry(2, 1, 1), "sequenceID": "2"},
-    {**entry(2, 1, 1), "kind": "1"},
-    {**entry(2, 1, 1), "sequenceID": True},
-    {"kind": 1, "operationID": 1},
-    "not an entry",
-], ids=["seq0", "seq-1", "kind42", "kind-1", "seq-str", "kind-str", "seq-bool", "no-seq", "str"])
-def test_journal_rejects_invalid_entries(srv, bad):
-    path = srv.create_stack()
-    update = srv.begin(path)
-    status, _, out = update.journal(entry(1, 1, 1, state=C), bad)
-    assert status == 400 and out["code"] == 400
-    assert update.complete()[0] == 200
-    assert urns(srv.export(path)) == []  # the valid entry of the batch was not stored either
-
-
-@pytest.mark.parametrize("bad", [
-    entry(2, 1, 2, state="not a resource"),
-    entry(2, 0, 2, operation="not an operation"),
-    entry(2, 5, newSnapshot=["not", "a", "deployment"]),
-    entry(2, 1, 2, state={"no": "urn"}),
-], ids=["state-str", "operation-str", "snapshot-list", "state-no-urn"])
-def test_journal_rejects_wrongly_typed_fields(srv, bad):
-    """Payloads that replay cannot use must be refused when they arrive.
-
-    Accepted, the first three make every later complete, cancel and start of
-    the stack fail with 500; the last one stores a state the CLI cannot load.
-    """
-    path = srv.create_stack()
-    update = srv.begin(path)
-    status, _, out = update.journal(entry(1, 1, 1, state=C), bad)
-    assert status == 400, "accepted an entry that breaks replay"
-    assert update.complete()[0] == 200
-    assert urns(srv.export(path)) == []
-
-
-def test_journal_batch_shapes(srv):
-    update = srv.begin(srv.create_stack())
-    for body in ({"entries": "x"}, {}, [entry(1, 1, 1)]):
-        status, _, out = update.call("PATCH", "/journalentries", body)
-        assert status == 400, body
-    assert update.journal()[0] == 200  # an empty batch is fine
-    assert update.call("PATCH", "/journalentries", b"{broken", gzip_body=True)[0] == 400
-
-
-# ==== 9. Handlers: updates — failure, cancel, abandonment ======================
-
-def test_failed_update_keeps_saved_state_and_unlocks(srv):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([S]))
-    update = srv.begin(path)
-    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
-    assert update.complete("failed")[0] == 200
-    assert srv.stack(path)["version"] == 2
-    assert urns(srv.export(path)) == [C["urn"], S["urn"]]
-    assert [(u["version"], u["result"]) for u in srv.history(path)] == [
-        (2, "failed"), (1, "succeeded")]
-    nxt = srv.begin(path)
-    assert nxt.status == 200 and nxt.start["version"] == 3
-
-
-@both_stores
-def test_cancel_unlocks_and_revokes_lease(srv):
-    path = srv.create_stack()
-    update = srv.begin(path)
-    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
-    status, _, out = update.cancel()
-    assert status == 200
-    assert "currentOperation" not in srv.stack(path)
-    assert urns(srv.export(path)) == [C["urn"]] and srv.stack(path)["version"] == 1
-    assert srv.history(path)[0]["result"] == "failed"
-    for status, _, out in (update.renew(), update.journal(entry(2, 1, 2, state=A)),
-                           update.events({"sequence": 0}), update.checkpoint(untyped([A]))):
-        assert status == 403 and out["code"] == 403
-    status, _, out = update.cancel()
-    assert status == 409
-    assert out == {"code": 409, "message": "Conflict: The Update has already completed"}
-    assert srv.begin(path).status == 200
-
-
-def test_complete_after_cancel_is_403(srv):
-    """After cancel the lease is revoked; the CLI's late complete must get 403."""
-    update = srv.begin(srv.create_stack())
-    assert update.cancel()[0] == 200
-    status, _, out = update.complete("failed")
-    assert status == 403 and out["code"] == 403
-
-
-def test_cancel_finished_or_unknown_update(srv):
-    path = srv.create_stack()
-    update = srv.begin(path)
-    assert update.complete()[0] == 200
-    assert update.cancel()[0] == 409
-    status, _, out = srv.request("POST", f"{path}/update/nope/cancel")
-    assert status == 404
-
-
-@both_stores
-def test_abandoned_update_is_finished_by_next_start(srv, clock):
-    path = srv.create_stack()
-    first = srv.begin(path)
-    assert first.journal(entry(1, 1, 1, state=C))[0] == 200
-    assert srv.begin(path).status == 409  # the lease is still alive
-    clock.advance(srv.cfg.lease_seconds + 2)
-    second = srv.begin(path)
-    assert second.status == 200, second.start
-    assert second.start["version"] == 2
-    status, _, out = srv.request("GET", first.url)
-    assert out["status"] == "failed"
-    assert urns(srv.export(path)) == [C["urn"]]        # the abandoned update's saved state
-    assert second.complete()[0] == 200
-    assert srv.stack(path)["version"] == 2
-    # The second update started from the state the first one left.
-    assert urns(srv.export(path)) == [C["urn"]]
-    assert [(u["version"], u["result"]) for u in srv.history(path)] == [
-        (2, "succeeded"), (1, "failed")]
-
-
-def test_export_finishes_an_abandoned_update(srv, clock):
-    """Once the lease lapses, a read of the state already shows the acknowledged work."""
-    path = srv.create_stack()
-    first = srv.begin(path)
-    assert first.journal(entry(1, 1, 1, state=C))[0] == 200
-    assert urns(srv.export(path)) == []          # running: the base is served
-    clock.advance(srv.cfg.lease_seconds + 2)
-    assert urns(srv.export(path)) == [C["urn"]]  # abandoned: finished on read
-    status, _, out = srv.request("GET", first.url)
-    assert out["status"] == "failed" and srv.stack(path)["version"] == 1
-
-
-def test_busy_update_outlives_a_short_lease(start, clock):
-    """The CLI renews late (it assumes 5 minutes): accepted calls extend the lease."""
-    srv = start(lease_seconds=10)
-    path = srv.create_stack()
-    update = srv.begin(path)
-    for seq in range(1, 6):
-        clock.advance(8)
-        assert update.journal(entry(seq, 1, seq, state=res(f"r{seq}")))[0] == 200
-    assert update.complete()[0] == 200
-    assert len(urns(srv.export(path))) == 5
-
-def test_abandoned_update_base_is_used_for_journal_indexes(srv, clock):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([S]))
-    first = srv.begin(path)
-    assert first.journal(entry(1, 1, 1, state=C))[0] == 200
-    clock.advance(srv.cfg.lease_seconds + 2)
-    second = srv.begin(path)
-    base = srv.export(path)  # what the CLI exports right after start
-    assert urns(base) == [C["urn"], S["urn"]]
-    # Delete base index 0 (C) of that export.
-    assert second.journal(entry(1, 1, 1, removeOld=0))[0] == 200
-    assert second.complete()[0] == 200
-    assert urns(srv.export(path)) == [S["urn"]]
-
-
-# ==== 9. Handlers: updates — events ============================================
-
-@both_stores
-def test_events_stored_deduplicated_and_paged(srv, monkeypatch):
-    monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 4)
-    path = srv.create_stack()
-    update = srv.begin(path)
-
-    def event(n):
-        return {"sequence": n, "timestamp": 1700000000 + n,
-                "stdoutEvent": {"message": f"line {n}", "color": "raw"}}
-
-    assert update.events(*[event(n) for n in range(5, 10)])[0] == 200
-    assert update.events(*[event(n) for n in range(0, 5)])[0] == 200
-    assert update.events(event(3), event(4), event(5))[0] == 200  # retried batch
-
-    def page(token=None):
-        query = f"?continuationToken={token}" if token is not None else ""
-        status, _, out = srv.request("GET", f"{update.url}/events{query}")
-        assert status == 200, out
-        assert "continuationToken" in out
-        return out["events"], out["continuationToken"]
-
-    got, token = [], None
-    for _ in range(3):
-        events, token = page(token)
-        got += events
-    assert got == [event(n) for n in range(10)]
-    events, token = page(token)
-    assert events == [] and token is not None  # running: keep polling
-    assert update.complete()[0] == 200
-    events, token = page(token)
-    assert events == [] and token is None
-    everything, token = [], None
-    while True:
-        events, token = page(token)
-        everything += events
-        if token is None:
-            break
-    assert everything == [event(n) for n in range(10)]
-    status, _, out = srv.request("GET", f"{update.url}/events?continuationToken=abc")
-    assert status == 400
-
-
-@pytest.mark.parametrize("body", [{"events": "x"}, {"events": [{"timestamp": 1}]},
-                                  {"events": [{"sequence": -1}]}, {"events": ["x"]}])
-def test_events_batch_rejects_bad_shapes(srv, body):
-    update = srv.begin(srv.create_stack())
-    status, _, out = update.call("POST", "/events/batch", body)
-    assert status == 400 and out["code"] == 400
-
-
-@both_stores
-def test_summary_event_resource_changes_in_history(srv):
-    path = srv.create_stack()
-    update = srv.begin(path)
-    assert update.events(
-        {"sequence": 0, "timestamp": 1, "preludeEvent": {"config": {}}},
-        {"sequence": 1, "timestamp": 2, "summaryEvent": {
-            "maybeCorrupt": False, "durationSeconds": 1, "resourceChanges": {"create": 2, "same": 1},
-            "PolicyPacks": {}, "isPreview": False, "result": "succeeded"}})[0] == 200
-    assert update.journal(entry(1, 1, 1, state=C), entry(2, 1, 2, state=A))[0] == 200
-    assert update.complete()[0] == 200
-    (info,) = srv.history(path)
-    assert info["resourceChanges"] == {"create": 2, "same": 1}
-    assert info["resourceCount"] == 2
-
-
-# ==== 9. Handlers: updates — history ===========================================
-
-@both_stores
-def test_history_pages_newest_first(srv):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([S]))
-    for n in range(2, 6):
-        update = srv.begin(path, kind="refresh" if n == 3 else "update", dry_run=False)
-        assert update.events({"sequence": 0, "timestamp": 1, "summaryEvent": {
-            "resourceChanges": {"same": n}, "result": "succeeded"}})[0] == 200
-        assert update.journal(entry(1, 1, 1, state=res(f"r{n}")))[0] == 200
-        assert update.complete()[0] == 200
-    preview = srv.begin(path, kind="preview")
-    assert preview.complete()[0] == 200
-    pages = [srv.history(path, f"?pageSize=2&page={n}") for n in (1, 2, 3, 4)]
-    assert [[u["version"] for u in p] for p in pages] == [[5, 4], [3, 2], [1], []]
-    assert [u["version"] for u in srv.history(path)] == [5, 4, 3, 2, 1]
-    newest = pages[0][0]
-    assert newest["kind"] == "update" and pages[1][0]["kind"] == "refresh"
-    assert pages[2][0]["kind"] == "import"
-    assert newest["result"] == "succeeded"
-    assert isinstance(newest["startTime"], int) and newest["startTime"] > 0
-    assert newest["endTime"] >= newest["startTime"]
-    assert newest["resourceChanges"] == {"same": 5}
-    assert newest["resourceCount"] == 5
-    assert newest["message"] == "a message" and newest["config"]["aws:region"]["string"] == \
-        "us-west-2"
-    for query in ("?pageSize=x", "?pageSize=2&page=0", "?pageSize=-1"):
-        assert srv.request("GET", f"{path}/updates{query}")[0] == 400, query
-
-
-@both_stores
-def test_updates_latest(srv):
-    path = srv.create_stack()
-    status, _, out = srv.request("GET", path + "/updates/latest")
-    assert status == 404 and out["code"] == 404
-    preview = srv.begin(path, kind="preview")
-    preview.complete()
-    assert srv.request("GET", path + "/updates/latest")[0] == 404
-    update = srv.begin(path)
-    update.complete()
-    status, _, out = srv.request("GET", path + "/updates/latest")
-    assert status == 200
-    assert out["info"]["version"] == 1 and out["info"]["kind"] == "update"
-    assert out["info"]["config"] == {"aws:region": {"string": "us-west-2", "secret": False,
-                                                    "object": False}}
-    assert out["info"]["environment"] == {"exec.kind": "cli"}
-
-
-@both_stores
-def test_history_pruning(start):
-    srv = start(history_limit=3)
-    path = srv.create_stack()
-    for n in range(1, 6):
-        srv.import_state(path, untyped([res(f"r{n}")]))
-    srv.begin(path, kind="preview").complete()
-    for version in (1, 2):
-        assert srv.request("GET", f"{path}/export/{version}")[0] == 404
-    for version in (3, 4, 5):
-        assert urns(srv.export(path, version)) == [urn(f"r{version}")]
-    history = srv.history(path)
-    assert [u["version"] for u in history] == [5, 4, 3]
-    # A later update keeps pruning.
-    update = srv.begin(path)
-    update.complete()
-    assert [u["version"] for u in srv.history(path)] == [6, 5, 4]
-    assert srv.request("GET", f"{path}/export/3")[0] == 404
-
-
-@both_stores
-def test_concurrent_calls_of_one_update(srv):
-    """One `pulumi up` sends event batches from 3 workers beside journal batches."""
-    path = srv.create_stack()
-    update = srv.begin(path)
-    results, errors = [], []
-
-    def events(worker):
-        try:
-            for batch in range(5):
-                first = (worker * 5 + batch) * 10
-                results.append(update.events(*[{"sequence": n, "timestamp": 1}
-                                               for n in range(first, first + 10)])[0])
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=events, args=(w,)) for w in range(3)]
-    for t in threads:
-        t.start()
-    for n in range(1, 21):
-        assert update.journal(entry(n, 1, n, state=res(f"r{n}")))[0] == 200
-    for t in threads:
-        t.join(30)
-    assert not errors and results == [200] * 15
-    assert update.complete()[0] == 200
-    status, _, out = srv.request("GET", update.url + "/events")
-    assert [e["sequence"] for e in out["events"]] == list(range(150))
-    assert len(srv.export(path)["deployment"]["resources"]) == 20
-
-
-# ---- PostgreSQL: several replicas on one database ----------------------------
-
-@pytest.fixture
-def replicas(pg_url):
-    """Start servers ("replicas") on one PostgreSQL database: ``replicas(n, **overrides)``."""
-    servers = []
-
-    def _start(n=2, **overrides):
-        new = [Srv(Config(db=pg_url, port=0, master_key=PG_MASTER_KEY, **overrides))
-               for _ in range(n)]
-        servers.extend(new)
-        return new
-
-    yield _start
-    for server in reversed(servers):
-        server.stop()
-
-
-def on(server, update):
-    """The same update, its calls sent to another replica."""
-    return Update(server, update.path, update.id, update.status, update.start)
-
-
-def test_replicas_share_stack_locks_leases_and_journal(replicas, clock):
-    a, b = replicas(2)
-    path = a.create_stack()
-    update = a.begin(path)
-    assert update.status == 200
-    assert b.begin(path).status == 409  # the stack lock is in the database, not in a's memory
-    for n in range(1, 11):
-        replica = on(a if n % 2 else b, update)
-        assert replica.journal(entry(n, 1, n, state=res(f"r{n}")))[0] == 200
-    results = []
-    threads = [threading.Thread(target=lambda s=s: results.append(
-        on(s, update).journal(entry(11, 1, 11, state=res("r11")))[0])) for s in (a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert results == [200, 200]  # the same sequenceID from two replicas: stored once
-    assert on(b, update).complete()[0] == 200
-    assert on(a, update).complete()[0] == 200  # a retry reaching the other replica
-    assert len(a.export(path)["deployment"]["resources"]) == 11
-
-    # A lapsed lease: replicas race to start the next update; exactly one wins and the
-    # abandoned update is finished once.
-    abandoned = a.begin(path)
-    assert abandoned.journal(entry(1, 1, 1, state=res("late")))[0] == 200
-    clock.advance(pb.DEFAULT_LEASE_SECONDS + 60)
-    created = []
-    for s in (a, b):
-        status, _, out = s.request("POST", f"{path}/update", {"name": "proj", "runtime": "python"})
-        assert status == 200
-        created.append((s, out["updateID"]))
-    barrier, started = threading.Barrier(2), []
-
-    def start(s, update_id):
-        barrier.wait()
-        started.append(s.request("POST", f"{path}/update/{update_id}", {})[0])
-
-    threads = [threading.Thread(target=start, args=c) for c in created]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert sorted(started) == [200, 409]
-    history = a.history(path)
-    assert [u["result"] for u in history if u["updateID"] == abandoned.id] == ["failed"]
-    assert len({u["version"] for u in history}) == len(history)  # no version taken twice
-
-
-def test_replicas_validate_the_working_state_cache(replicas):
-    a, b = replicas(2)
-    path = a.create_stack()
-    update = a.begin(path, journal=False)
-    docs = [PREV_DOC.replace(b"10:00:00Z", f"10:00:{n:02d}Z".encode()) for n in range(5)]
-    assert update.verbatim(docs[0], 1)[0] == 200
-
-    def delta(server, seq):
-        prev, new = docs[seq - 2], docs[seq - 1]
-        return on(server, update).delta([_edit(0, len(prev), new.decode())],
-                                        hashlib.sha256(new).hexdigest(), seq)
-
-    assert delta(a, 2)[0] == 200  # a caches checkpoint 2
-    assert delta(b, 3)[0] == 200  # b moves on: a's cache is now stale
-    status, _, out = delta(a, 4)  # a must notice and rebuild from the rows
-    assert status == 200, out
-    assert delta(b, 5)[0] == 200
-    assert on(b, update).complete()[0] == 200
-    assert a.export_bytes(path) == docs[4]
-
-
-def test_replica_with_another_master_key_refuses_to_start(replicas, pg_url):
-    a, = replicas(1)
-    path = a.create_stack()
-    status, _, out = a.request("POST", path + "/encrypt", {"plaintext": b64(b"s3cret")})
-    assert status == 200
-    with pytest.raises(ValueError, match="master key does not match"):
-        pb.build_app(Config(db=pg_url, port=0, master_key=bytes(32)), environ={})
-    b, = replicas(1)  # the right key: the other replica decrypts
-    status, _, back = b.request("POST", path + "/decrypt", {"ciphertext": out["ciphertext"]})
-    assert status == 200 and base64.b64decode(back["plaintext"]) == b"s3cret"
-
-
-def test_postgres_metrics_show_the_pool_and_readyz_the_database(replicas, pg_url, monkeypatch):
-    a, = replicas(1)
-    status, _, text = a.request("GET", "/metrics", raw=True)
-    assert status == 200
-    for gauge in ("size", "available", "waiting"):
-        assert re.search(rf"^pulumi_backend_db_pool_{gauge} \d+$", text.decode(), re.M)
-    assert re.search(r"^pulumi_backend_database_bytes [1-9]\d*$", text.decode(), re.M)
-    assert a.request("GET", "/readyz")[0] == 200
-    monkeypatch.setattr(pb, "READY_CHECK_SECONDS", 0)
-    postgres.server().drop_database(pg_url)  # the database goes away under the server
-    status, _, out = a.request("GET", "/readyz")
-    assert status == 503 and "database" in out["message"]
-
-
-def _fill(server):
-    """Stacks with history, secrets, a user, a token and audit rows; return what to compare."""
-    paths = []
-    for name in ("one", "two"):
-        path = server.create_stack(stack=name)
-        for n in range(2):
-            update = server.begin(path)
-            assert update.journal(entry(1, 1, 1, state=res(f"{name}{n}", stack=name)))[0] == 200
-            assert update.complete()[0] == 200
-        paths.append(path)
-    status, _, sealed = server.request("POST", paths[0] + "/encrypt", {"plaintext": b64(b"pw")})
-    assert status == 200
-    ident = pb.Identity(server.cfg, server.store, pb.AuditLog(server.cfg, server.store))
-    ident.add_user(pb._LOCAL_ADMIN, "alice", role="admin")
-    _, token = ident.create_token(pb._LOCAL_ADMIN, "personal", "alice", name="t")
-    return paths, sealed["ciphertext"], token
-
-
-def _same_data(server, paths, ciphertext, token, exports):
-    for path, exported in zip(paths, exports):
-        assert server.export_bytes(path) == exported
-        assert len(server.history(path)) == 2
-    status, _, back = server.request("POST", paths[0] + "/decrypt", {"ciphertext": ciphertext},
-                                     token=f"token {token}")
-    assert status == 200 and base64.b64decode(back["plaintext"]) == b"pw"
-
-
-def test_copy_sqlite_to_postgres_and_back(tmp_path, pg_url, capsys):
-    key = tmp_path / "key"
-    key.write_bytes(PG_MASTER_KEY)
-    sqlite_cfg = Config(db=str(tmp_path / "a.db"), port=0, master_key_file=str(key),
-                        auth_tokens=("t",))
-    server = Srv(sqlite_cfg)
-    try:
-        paths, ciphertext, token = _fill(server)
-        exports = [server.export_bytes(p) for p in paths]
-    finally:
-        server.stop()
-    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", pg_url]) == 0
-    assert re.search(r"copied 2 stacks, \d+ rows .* 2 export hashes", capsys.readouterr().out)
-    server = Srv(Config(db=pg_url, port=0, master_key=PG_MASTER_KEY, auth_tokens=("t",)))
-    try:
-        _same_data(server, paths, ciphertext, token, exports)
-        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
-        # refused: a server is connected to the database
-        assert pb.main(["copy", "--from", pg_url, "--to", str(tmp_path / "b.db")]) == 1
-        assert "stop every server" in capsys.readouterr().err
-    finally:
-        server.stop()
-    back = str(tmp_path / "b.db")
-    assert pb.main(["copy", "--from", pg_url, "--to", back]) == 0
-    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", back]) == 1  # not empty
-    assert "is not empty" in capsys.readouterr().err
-    server = Srv(dataclasses.replace(sqlite_cfg, db=back))
-    try:
-        _same_data(server, paths, ciphertext, token, exports)
-        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
-    finally:
-        server.stop()
-
-
-class _CommitFailsOnce:
-    """Wraps the writer connection: the next COMMIT fails as SQLite's busy COMMIT does
-    (the transaction stays open)."""
-
-    def __init__(self, conn):
-        self._conn, self.armed = conn, True
-
-    def execute(self, sql, *args):
-        if sql == "COMMIT" and self.armed:
-            self.armed = False
-            raise sqlite3.OperationalError("database is locked")
-        return self._conn.execute(sql, *args)
-
-    def __getattr__(self, name):
-        return getattr(self._conn, name)
-
-
-def test_failed_commit_is_not_acknowledged_and_retry_works(srv):
-    path = srv.create_stack()
-    update = srv.begin(path, journal=False)
-    assert update.verbatim(PREV_DOC, 1)[0] == 200
-    srv.store._writer = _CommitFailsOnce(srv.store._writer)
-    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 2)
-    assert status == 503 and out["code"] == 503  # retryable, not acknowledged
-    # The CLI retries; the store must be usable again and the delta applied for real.
-    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 2)
-    assert status == 200, out
-    assert update.complete()[0] == 200
-    assert srv.export_bytes(path) == NEW_DOC
-    srv.stop()
-    store = pb.SQLiteStore(srv.cfg.db)  # and it is on disk
-    try:
-        with store.read() as db:
-            row = store.get_deployment(db, store.get_stack(db, ORG, "proj", "dev")["id"])
-        assert gzip.decompress(row["data"]) == NEW_DOC
-    finally:
-        store.close()
-
-
-# ==== 9. Handlers: identity and access =========================================
+# ==== 8. Identity and access: tokens, teams, permissions, audit, OIDC =========
 
 LOCAL = pb._LOCAL_ADMIN
 
@@ -3929,7 +1922,2876 @@ def test_oidc_issuers_file_is_checked_at_start(tmp_path, cfg):
             pb.build_app(dataclasses.replace(cfg, oidc_issuers=str(bad)), environ={})
 
 
-# ==== 10. Server lifecycle, durability and main() ==============================
+# ==== 9. HTTP layer: request, response and router =============================
+
+def test_router_literal_segments_win_and_head_falls_back():
+    def h1(req):
+        return None
+
+    def h2(req):
+        return None
+
+    router = pb.Router()
+    router.add("GET", "/a/{x}/{y}", h1)
+    router.add("GET", "/a/updates/latest", h2, auth="none")
+    router.add("POST", "/a/{x}/{y}", h1)
+    assert router.match("GET", "/a/updates/latest")[:2] == (h2, "none")
+    handler, auth, params, body_limit = router.match("HEAD", "/a/x%20y/z")
+    assert handler is h1 and auth == "token" and params == {"x": "x y", "y": "z"}
+    assert body_limit == 0  # added without a body schema: takes none
+    with pytest.raises(pb.MethodNotAllowed) as e:
+        router.match("DELETE", "/a/q/w")
+    assert e.value.headers["Allow"] == "GET, HEAD, POST"
+    with pytest.raises(pb.NotFound):
+        router.match("GET", "/b")
+    with pytest.raises(pb.NotFound):
+        router.match("GET", "/a//z")
+
+
+def test_unknown_path_is_404_with_code(srv):
+    status, headers, out = srv.request("GET", "/api/no/such/route")
+    assert status == 404
+    assert headers["Content-Type"].startswith("application/json")
+    assert out["code"] == 404 and out["message"].startswith("Not Found")
+
+
+def test_wrong_method_is_405_with_allow(srv):
+    status, headers, out = srv.request("DELETE", "/api/user")
+    assert status == 405 and out["code"] == 405
+    assert headers["Allow"] == "GET, HEAD"
+    status, headers, out = srv.request("PUT", sp())
+    assert status == 405 and out["code"] == 405
+    assert set(headers["Allow"].split(", ")) == {"DELETE", "GET", "HEAD"}
+
+
+def test_literal_routes_are_not_taken_for_update_routes(srv):
+    path = srv.create_stack()
+    for n in range(1, 4):
+        srv.import_state(path, untyped([res(f"r{n}")]))
+    status, _, out = srv.request("GET", path + "/updates/latest")
+    assert status == 200, out
+    assert out["info"]["kind"] == "import" and out["info"]["version"] == 3
+    assert urns(srv.export(path, 3)) == [urn("r3")]
+    assert urns(srv.export(path, 2)) == [urn("r2")]
+    for suffix, body in (("/decrypt/log-decryption", {"secretName": "k"}),
+                         ("/decrypt/log-batch-decryption", {"commandName": "pulumi config"})):
+        status, _, out = srv.request("POST", path + suffix, body)
+        assert (status, out) == (200, {})
+
+
+def test_head_falls_back_to_get(srv):
+    status, headers, out = srv.request("HEAD", "/api/user")
+    assert status == 200 and out == b""
+    assert int(headers["Content-Length"]) > 0
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(srv):
+    conn = srv.connection()
+    try:
+        assert srv.request("GET", "/api/user", conn=conn)[0] == 200
+        sock = conn.sock
+        assert sock is not None
+        assert srv.request("GET", "/api/capabilities", conn=conn)[0] == 200
+        assert conn.sock is sock
+        assert srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "ka"},
+                           conn=conn)[0] == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_keep_alive_responses_are_not_delayed(srv):
+    # A response written as two small TCP segments (headers, then body) waits
+    # for the client's delayed ACK (~40 ms on Linux) on a reused connection.
+    conn = srv.connection()
+    try:
+        times = []
+        for _ in range(6):
+            t0 = time.monotonic()
+            assert srv.request("GET", "/api/user", conn=conn)[0] == 200
+            times.append(time.monotonic() - t0)
+    finally:
+        conn.close()
+    assert min(times[1:]) < 0.02, [f"{t * 1000:.0f}ms" for t in times]
+
+
+@pytest.mark.parametrize("accept", ["application/vnd.pulumi+9", "application/vnd.pulumi+8",
+                                    "application/x-tar, application/vnd.pulumi+9"])
+def test_accept_api_versions(srv, accept):
+    status, _, out = srv.request("GET", "/api/user", headers={"Accept": accept})
+    assert status == 200 and out["githubLogin"] == "admin"
+
+
+def test_gzip_request_bodies(srv):
+    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "gz"},
+                                 gzip_body=True)
+    assert status == 200, out
+    assert srv.stack(sp(stack="gz"))["stackName"] == "gz"
+    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", b"\x1f\x8b garbage",
+                                 headers={"Content-Encoding": "gzip"})
+    assert status == 400 and out["code"] == 400
+    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", b"{}",
+                                 headers={"Content-Encoding": "br"})
+    assert status == 400 and out["code"] == 400
+
+
+def test_gzip_bomb_is_413(start):
+    srv = start(max_decompressed=1024 * 1024)
+    path = srv.create_stack()
+    bomb = gzip.compress(bytes(50 * 1024 * 1024), compresslevel=9)
+    assert len(bomb) < 100 * 1024
+    status, _, out = srv.request("POST", path + "/import", bomb,
+                                 headers={"Content-Encoding": "gzip"})
+    assert status == 413 and out["code"] == 413
+    assert srv.stack(path)["version"] == 0
+    # The connection pool is healthy afterwards.
+    assert srv.request("GET", "/api/user")[0] == 200
+
+
+def test_body_over_max_body_is_413(start):
+    srv = start(max_body=1000)
+    conn = srv.connection()
+    try:
+        conn.putrequest("POST", f"/api/stacks/{ORG}/proj")
+        conn.putheader("Authorization", "token t")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "5000000")
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 413 and body["code"] == 413
+    assert resp.headers["Connection"] == "close"
+    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "small"})
+    assert status == 200, out
+
+
+def test_chunked_request_body_is_411(srv):
+    conn = srv.connection()
+    try:
+        conn.request("POST", f"/api/stacks/{ORG}/proj", body=iter([b'{"stackName":"c"}']),
+                     headers={"Authorization": "token t", "Transfer-Encoding": "chunked"},
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 411 and body["code"] == 411
+
+
+def test_response_gzip_only_when_accepted(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([res(f"r{i}") for i in range(20)]))
+    status, headers, body = srv.request("GET", path + "/export", accept_gzip=True, raw=True)
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    plain = gzip.decompress(body)
+    for accept in (None, "identity", "br, deflate"):
+        extra = {"Accept-Encoding": accept} if accept else {}
+        status, headers, body = srv.request("GET", path + "/export", headers=extra, raw=True)
+        assert status == 200 and headers.get("Content-Encoding") is None, accept
+        assert body == plain
+    # JSON responses large enough to be worth it are gzipped too, and only as gzip.
+    for n in range(15):
+        srv.create_stack(stack=f"s{n:02}")
+    status, headers, body = srv.request("GET", "/api/user/stacks", accept_gzip=True, raw=True)
+    assert headers.get("Content-Encoding") in (None, "gzip")
+    if headers.get("Content-Encoding"):
+        body = gzip.decompress(body)
+    assert len(json.loads(body)["stacks"]) == 16
+
+
+def test_response_not_gzipped_when_gzip_refused(srv):
+    # RFC 9110 §12.5.3: "gzip;q=0" means gzip is not acceptable.
+    path = srv.create_stack()
+    srv.import_state(path, untyped([res(f"r{i}") for i in range(20)]))
+    status, headers, _ = srv.request("GET", path + "/export",
+                                     headers={"Accept-Encoding": "gzip;q=0, identity"}, raw=True)
+    assert status == 200 and headers.get("Content-Encoding") is None
+
+
+def test_unexpected_exception_is_plain_500(srv, monkeypatch, caplog):
+    def boom(query):
+        raise RuntimeError("sensitive internal detail")
+
+    monkeypatch.setattr(srv.app.engine, "list_stacks", boom)
+    status, headers, body = srv.request("GET", "/api/user/stacks", raw=True)
+    assert status == 500
+    assert b"Traceback" not in body and b"sensitive" not in body and b".py" not in body
+    assert srv.request("GET", "/api/user")[0] == 200
+
+
+def test_missing_authorization_is_401(srv):
+    for token in (None, "token", "Bearer t", "update-token x"):
+        status, _, out = srv.request("GET", "/api/user", token=token)
+        assert status == 401 and out["code"] == 401, token
+
+
+def test_configured_tokens(start):
+    srv = start(auth_tokens=("s3cret", "other"))
+    assert srv.request("GET", "/api/user", token="token wrong")[0] == 401
+    assert srv.request("GET", "/api/user", token="token s3cret2")[0] == 401
+    assert srv.request("GET", "/api/user", token="token s3cret")[0] == 200
+    assert srv.request("GET", "/api/user", token="token other")[0] == 200
+
+
+# ==== 9. HTTP layer: the OpenAPI document =====================================
+
+def openapi_doc(srv, path="/api/openapi/pulumi-spec.json"):
+    status, _, doc = srv.request("GET", path, token=None)  # served without credentials
+    assert status == 200, doc
+    return doc
+
+
+def operations(doc):
+    """``{(METHOD, template): operation}`` of an OpenAPI document."""
+    return {(method.upper(), path): op for path, item in doc["paths"].items()
+            for method, op in item.items() if method != "parameters"}
+
+
+def test_openapi_served_at_both_paths(srv):
+    doc = openapi_doc(srv)
+    assert openapi_doc(srv, "/api/openapi") == doc
+    assert doc["openapi"].startswith("3.0") and doc["info"]["version"] == pb.__version__
+    ops = operations(doc)
+    assert ("GET", "/api/openapi") in ops and ("GET", "/api/openapi/pulumi-spec.json") in ops
+
+
+def test_openapi_operations_are_complete(srv):
+    """What `pulumi api list/describe` and fuzzers read: ids, summaries, tags, parameters."""
+    ops = operations(openapi_doc(srv))
+    ids = [op["operationId"] for op in ops.values()]
+    assert len(set(ids)) == len(ids)
+    for (method, path), op in ops.items():
+        assert op["summary"] and op["tags"], (method, path)
+        declared = [p["name"] for p in op["parameters"] if p["in"] == "path"]
+        assert declared == re.findall(r"\{([^}]+)\}", path), (method, path)
+        if method in ("GET", "HEAD", "DELETE"):
+            assert "requestBody" not in op, (method, path)
+    # Pulumi Cloud's literal kinds, not a {kind} parameter; previews save no state.
+    stack = "/api/stacks/{orgName}/{projectName}/{stackName}"
+    for kind in ("update", "preview", "refresh", "destroy"):
+        assert ("POST", f"{stack}/{kind}/{{updateID}}/complete") in ops
+        has_checkpoints = ("PATCH", f"{stack}/{kind}/{{updateID}}/checkpoint") in ops
+        assert has_checkpoints == (kind != "preview")
+
+
+_JSON_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "boolean": bool}
+
+
+def shape_errors(value, schema, where="$"):
+    """How ``value`` strays from ``schema``: undeclared or missing names, wrong types.
+
+    An object schema with ``properties`` is closed (every name must be
+    declared); one with ``additionalProperties`` is a map; a bare object is free.
+    """
+    if value is None:
+        return [] if schema.get("nullable") else [f"{where} is null"]
+    expected = _JSON_TYPES.get(schema.get("type"))
+    if expected and (not isinstance(value, expected)
+                     or (expected is int and isinstance(value, bool))):
+        return [f"{where} is {type(value).__name__}, declared {schema['type']}"]
+    errors = []
+    if isinstance(value, dict) and "properties" in schema:
+        errors += [f"{where}.{k} is required" for k in schema.get("required", ()) if k not in value]
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                errors.append(f"{where}.{key} is not declared")
+            else:
+                errors += shape_errors(item, schema["properties"][key], f"{where}.{key}")
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            errors += shape_errors(item, schema["additionalProperties"], f"{where}[{key!r}]")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += shape_errors(item, schema["items"], f"{where}[{i}]")
+    return errors
+
+
+def test_shape_errors_catches_drift():
+    schema = {"type": "object", "required": ["a"], "properties": {
+        "a": {"type": "integer"},
+        "b": {"type": "array", "items": {"type": "object", "properties": {
+            "c": {"type": "string", "nullable": True}}}},
+        "m": {"type": "object", "additionalProperties": {"type": "string"}}}}
+    assert shape_errors({"a": 1, "b": [{"c": None}], "m": {"x": "y"}}, schema) == []
+    assert shape_errors({"b": [{"d": 1}], "a": True, "m": {"x": 2}, "z": 0}, schema) == [
+        "$.b[0].d is not declared", "$.a is bool, declared integer",
+        "$.m['x'] is int, declared string", "$.z is not declared"]
+    assert shape_errors({"b": None}, schema) == ["$.a is required", "$.b is null"]
+
+
+def template_of(doc, method, path):
+    """The documented template serving ``method path`` (literal segments win, as in the router)."""
+    parts = path.split("?")[0].strip("/").split("/")
+    best = None
+    for template, item in doc["paths"].items():
+        segments = template.strip("/").split("/")
+        if method.lower() not in item or len(segments) != len(parts):
+            continue
+        if all(s.startswith("{") or s == p for s, p in zip(segments, parts)):
+            rank = [not s.startswith("{") for s in segments]
+            if best is None or rank > best[0]:
+                best = (rank, template)
+    assert best, f"{method} {path} is not in the OpenAPI document"
+    return best[1]
+
+
+def any_kind(template, spelled="update"):
+    """``template`` with its update kind spelled ``spelled`` (all kinds share their handlers)."""
+    return re.sub(r"^(/api/stacks/[^/]+/[^/]+/[^/]+)/(update|preview|refresh|destroy)(?=/|$)",
+                  rf"\1/{spelled}", template)
+
+
+def test_responses_match_declared_shapes(srv):
+    """Real answers of every /api/ operation against the document's 200 schemas.
+
+    Every JSON answer must fit its route's declared response (no undeclared or
+    missing names, right types), and every documented /api/ route must be
+    called here (update kinds count as one: the same handlers serve them), so a
+    new route or a changed answer cannot leave the document behind.
+    """
+    doc = openapi_doc(srv)
+    seen, errors = set(), []
+
+    def call(method, path, body=None, ok=200, **kw):
+        status, headers, out = srv.request(method, path, body, **kw)
+        assert status == ok, (method, path, status, out)
+        template = template_of(doc, method, path)
+        seen.add((method, any_kind(template)))
+        ok_doc = doc["paths"][template][method.lower()]["responses"]["200"]
+        schema = ok_doc.get("content", {}).get("application/json", {}).get("schema")
+        if method == "HEAD":
+            assert schema is None
+        elif schema is None:
+            errors.append(f"{method} {template}: answers JSON, declares no response")
+        else:
+            assert headers["Content-Type"].startswith("application/json")
+            errors.extend(f"{method} {template}: {e}" for e in shape_errors(out, schema))
+        return out
+
+    for path in ("/api/capabilities", "/api/openapi", "/api/openapi/pulumi-spec.json",
+                 "/api/user", "/api/user/organizations/default"):
+        call("GET", path)
+    call("POST", f"/api/stacks/{ORG}/proj", {"stackName": "dev", "tags": {"team": "a"}})
+    path = sp()
+    call("HEAD", f"/api/stacks/{ORG}/proj")
+    call("PATCH", path + "/tags", {"team": "b"})
+    call("POST", path + "/import", compact(untyped([res("a")])), gzip_body=True)
+    call("GET", path + "/export")
+    call("GET", path + "/export/1")
+    sealed = call("POST", path + "/encrypt", {"plaintext": b64(b"s")})["ciphertext"]
+    call("POST", path + "/decrypt", {"ciphertext": sealed})
+    call("POST", path + "/batch-encrypt", {"plaintexts": [b64(b"t")]})
+    call("POST", path + "/batch-decrypt", {"ciphertexts": [sealed, sealed]})
+    call("POST", path + "/decrypt/log-decryption", {"secretName": "k"})
+    call("POST", path + "/decrypt/log-batch-decryption", {"commandName": "pulumi config"})
+
+    program = {"name": "proj", "runtime": "python", "main": "", "description": "",
+               "options": {"dryRun": False}, "config": {},
+               "metadata": {"message": "m", "environment": {"exec.kind": "cli"}}}
+    for kind in ("update", "preview", "refresh", "destroy"):
+        journal = kind == "update"
+        created = call("POST", f"{path}/{kind}", dict(program, options={
+            "dryRun": kind == "preview"}))
+        up = f"{path}/{kind}/{created['updateID']}"
+        started = call("POST", up, {"tags": {}, "journalVersion": 1 if journal else 0})
+        lease = {"token": f"update-token {started['token']}"}
+        call("GET", path)  # with its currentOperation, unless a preview
+        call("GET", up)
+        call("POST", up + "/renew_lease", {"token": "", "duration": 60}, **lease)
+        call("POST", up + "/events/batch", {"events": [
+            {"sequence": 0, "timestamp": 1, "stdoutEvent": {"message": "hi", "color": "raw"}}]},
+             **lease)
+        call("GET", up + "/events")
+        if journal:
+            call("PATCH", up + "/journalentries", {"entries": [
+                entry(1, 1, 1, state=res("b"))]}, **lease)
+        elif kind != "preview":
+            call("PATCH", up + "/checkpoint", {"isInvalid": False, **untyped([res("c")])},
+                 **lease)
+            call("PATCH", up + "/checkpointverbatim", b'{"version":3,"untypedDeployment":'
+                 + PREV_DOC + b',"sequenceNumber":5}', **lease)
+            call("PATCH", up + "/checkpointdelta", {
+                "version": 3, "checkpointHash": NEW_HASH, "sequenceNumber": 6,
+                "deploymentDelta": DELTA_EDITS}, **lease)
+        call("POST", up + "/complete", {"status": "succeeded"}, **lease)
+        call("GET", up + "/events")  # finished: a null continuationToken
+    created = call("POST", path + "/update", program)
+    call("POST", f"{path}/update/{created['updateID']}", {"tags": {}})
+    call("POST", f"{path}/update/{created['updateID']}/cancel")
+    call("GET", path + "/updates")
+    call("GET", path + "/updates?pageSize=2&page=1")
+    call("GET", path + "/updates/latest")
+    call("GET", "/api/user/stacks")
+    call("POST", path + "/rename", {"newName": "prod"})
+    call("DELETE", sp(stack="prod") + "?force=true")
+    call_access_routes(srv, call)
+
+    assert not errors, "answers that stray from the declared responses:\n" + "\n".join(errors)
+    documented = {(m, any_kind(t)) for m, t in operations(doc) if t.startswith("/api/")}
+    assert documented - seen == set(), "documented /api/ routes this test never calls"
+
+
+def call_access_routes(srv, call):
+    """Every route of section 8, as an org admin with a personal token."""
+    ident = srv.app.identity
+    ident.add_user(pb._LOCAL_ADMIN, "root", role="admin")
+    _, value = ident.create_token(pb._LOCAL_ADMIN, "personal", "root")
+    auth = {"token": f"token {value}"}
+    orgs = f"/api/orgs/{ORG}"
+    call("GET", "/api/user", **auth)
+    call("POST", orgs + "/members/alice", {"role": "member"}, **auth)
+    call("PATCH", orgs + "/members/alice", {"role": "admin"}, **auth)
+    call("GET", orgs + "/members", **auth)
+    call("POST", orgs + "/teams/pulumi", {"name": "devs", "displayName": "Devs",
+                                          "description": "d"}, **auth)
+    call("PATCH", orgs + "/teams/devs", {"memberAction": "add", "member": "alice"}, **auth)
+    call("PATCH", orgs + "/teams/devs", {"addStackPermission": {
+        "projectName": "proj", "stackName": "dev", "permission": 102}}, **auth)
+    call("PATCH", f"/api/console/stacks/{ORG}/proj/dev/teams/devs", {"permissions": 101}, **auth)
+    call("GET", orgs + "/teams", **auth)
+    call("GET", orgs + "/teams/devs", **auth)
+    for base, body in ((orgs + "/tokens", {"name": "ci", "description": "d", "expires": 0,
+                                           "admin": False}),
+                       (orgs + "/teams/devs/tokens", {"name": "ci", "description": "d",
+                                                      "expires": 0}),
+                       ("/api/user/tokens", {"description": "d", "expires": 0})):
+        token_id = call("POST", base, body, **auth)["id"]
+        call("GET", base, **auth)
+        call("DELETE", f"{base}/{token_id}", **auth)
+    call("GET", orgs + "/auditlogs", **auth)
+    call("DELETE", orgs + "/members/alice", **auth)
+    call("DELETE", orgs + "/teams/devs", **auth)
+    folder = Path(srv.cfg.db).parent
+    key = JWTKey(folder, "EC", "k")
+    (folder / "issuers.json").write_text(json.dumps([{
+        "issuer": ISSUER, "audience": "a", "jwks": {"keys": [key.jwk]},
+        "rules": [{"claims": {}, "org": "member"}]}]))
+    srv.app.oidc_issuers = str(folder / "issuers.json")
+    form = urllib.parse.urlencode({
+        "audience": f"urn:pulumi:org:{ORG}", "grant_type": pb._TOKEN_EXCHANGE,
+        "subject_token": key.jwt(claims(aud="a"))})
+    call("POST", "/api/oauth/token", form, token=None,
+         headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+
+# -- the contract with Pulumi Cloud's published spec -------------------------
+
+#: Pulumi Cloud's OpenAPI document, vendored read-only beside the repository.
+REFERENCE_SPEC = Path(__file__).resolve().parent.parent / "shared/reference/pulumi-spec.json"
+
+_SPEC_AS_BYTES = ("Pulumi Cloud types the spec download as an array of bytes (its Go "
+                  "handler returns []byte); we describe the document object it really is")
+_STACK = "/api/stacks/{orgName}/{projectName}/{stackName}"
+
+_VERBATIM = ("Pulumi Cloud types untypedDeployment as a bare object while describing it as an "
+             "apitype.UntypedDeployment; we declare that shape, which the server checks")
+
+_AUDIT_EXTRAS = ("issue 13 asks every audit event for the user agent, the target and the "
+                 "outcome; Pulumi Cloud's AuditLogEvent has no such fields, so they are extras "
+                 "(its own fields are all there)")
+
+#: Every way our document may differ from Pulumi Cloud's, with the reason.
+#: Keys: (method, path template, kind, name); kind is "route" (not upstream),
+#: "operationId", "query" (parameter), "request" or "response" (property,
+#: dotted for nested ones, "[]" for array items). The update kind of a path
+#: is written {kind}: one declaration serves update, preview, refresh and
+#: destroy alike. Only /api/ routes are compared: /healthz, /readyz and
+#: /metrics are this server's own.
+ALLOWED_DIFFERENCES = {
+    ("GET", "/api/openapi", "route", ""):
+        "a short address of our document (issue 8); Pulumi Cloud serves it only at "
+        "/api/openapi/pulumi-spec.json, which we serve too",
+    ("GET", "/api/openapi/pulumi-spec.json", "response", "openapi"): _SPEC_AS_BYTES,
+    ("GET", "/api/openapi/pulumi-spec.json", "response", "info"): _SPEC_AS_BYTES,
+    ("GET", "/api/openapi/pulumi-spec.json", "response", "paths"): _SPEC_AS_BYTES,
+    ("GET", "/api/openapi/pulumi-spec.json", "response", "components"): _SPEC_AS_BYTES,
+    ("GET", _STACK + "/updates", "response", "updates"):
+        "Pulumi Cloud documents GetStackUpdates as a bare object; `updates` is the field of "
+        "apitype.GetHistoryResponse that `pulumi stack history` reads",
+    ("GET", _STACK + "/updates/latest", "response", "info.updateID"):
+        "an extra naming the update inside `info` (as in our history entries); Pulumi Cloud "
+        "names it one level up, and the CLI ignores it",
+    ("PATCH", _STACK + "/{kind}/{updateID}/checkpointverbatim", "request",
+     "untypedDeployment.version"): _VERBATIM,
+    ("PATCH", _STACK + "/{kind}/{updateID}/checkpointverbatim", "request",
+     "untypedDeployment.features"): _VERBATIM,
+    ("PATCH", _STACK + "/{kind}/{updateID}/checkpointverbatim", "request",
+     "untypedDeployment.deployment"): _VERBATIM,
+    ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].userAgent"):
+        _AUDIT_EXTRAS,
+    ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].target"):
+        _AUDIT_EXTRAS,
+    ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].outcome"):
+        _AUDIT_EXTRAS,
+}
+
+
+def resolve(spec, schema):
+    """``schema`` with $ref followed and allOf merged: enough to compare names."""
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    if "allOf" in schema:
+        merged = {"type": "object", "properties": {}}
+        for part in schema["allOf"]:
+            merged["properties"].update(resolve(spec, part).get("properties", {}))
+        return merged
+    return schema
+
+
+def json_schema(content):
+    """The schema of a requestBody/response ``content`` (JSON preferred), or None."""
+    if not content:
+        return None
+    media = content.get("application/json") or next(iter(content.values()))
+    return media.get("schema")
+
+
+def ok_schema(op):
+    """The schema of an operation's 200 (else first 2xx) answer, or None."""
+    responses = op.get("responses", {})
+    codes = sorted(c for c in responses if c.startswith("2"))
+    if not codes:
+        return None
+    return json_schema(responses["200" if "200" in codes else codes[0]].get("content"))
+
+
+def name_differences(ours, theirs, spec, prefix=""):
+    """Property names (dotted) that ``ours`` declares and ``theirs`` does not."""
+    theirs = resolve(spec, theirs or {})
+    out = []
+    for name, sub in ours.get("properties", {}).items():
+        if name not in theirs.get("properties", {}):
+            out.append(prefix + name)
+        else:
+            out += name_differences(sub, theirs["properties"][name], spec, f"{prefix}{name}.")
+    if "items" in ours and "items" in theirs:
+        out += name_differences(ours["items"], theirs["items"], spec, prefix + "[].")
+    if isinstance(ours.get("additionalProperties"), dict) and isinstance(
+            theirs.get("additionalProperties"), dict):
+        out += name_differences(ours["additionalProperties"], theirs["additionalProperties"],
+                                spec, prefix + "*.")
+    return out
+
+
+def contract_differences(ours, spec):
+    """``{(method, template, kind, name): detail}`` of our /api/ operations vs upstream's."""
+    upstream = operations(spec)
+    found = {}
+    for (method, path), op in operations(ours).items():
+        if not path.startswith("/api/"):
+            continue  # the server's own endpoints (health, metrics): not Pulumi Cloud's API
+        theirs = upstream.get((method, path))
+        if theirs is None:
+            found[(method, path, "route", "")] = "no such method and path template upstream"
+            continue
+        if op["operationId"] != theirs.get("operationId"):
+            found[(method, path, "operationId", op["operationId"])] = theirs.get("operationId")
+        params = [resolve(spec, p) for p in theirs.get("parameters", [])]
+        their_query = {p["name"] for p in params if p.get("in") == "query"}
+        for p in op.get("parameters", []):
+            if p["in"] == "query" and p["name"] not in their_query:
+                found[(method, path, "query", p["name"])] = f"upstream has {sorted(their_query)}"
+        if "requestBody" in op:
+            their_body = json_schema(theirs.get("requestBody", {}).get("content"))
+            for name in name_differences(json_schema(op["requestBody"]["content"]), their_body,
+                                         spec):
+                found[(method, path, "request", name)] = "not a property of upstream's request"
+        if ok_schema(op) is not None:
+            for name in name_differences(ok_schema(op), ok_schema(theirs), spec):
+                found[(method, path, "response", name)] = "not a property of upstream's answer"
+    return found
+
+
+def test_name_differences_follow_refs_and_nesting():
+    spec = {"components": {"schemas": {
+        "A": {"allOf": [{"$ref": "#/components/schemas/B"},
+                        {"properties": {"x": {"type": "array", "items": {
+                            "$ref": "#/components/schemas/B"}}}}]},
+        "B": {"type": "object", "properties": {"b": {"type": "string"}}}}}}
+    ours = {"type": "object", "properties": {
+        "b": {"type": "string"}, "c": {"type": "string"},
+        "x": {"type": "array", "items": {"type": "object", "properties": {
+            "b": {"type": "string"}, "d": {"type": "string"}}}}}}
+    assert name_differences(ours, {"$ref": "#/components/schemas/A"}, spec) == ["c", "x.[].d"]
+    assert name_differences(ours, None, spec) == ["b", "c", "x"]
+
+
+def test_openapi_matches_pulumi_cloud_spec(srv):
+    """Our /api/ routes exist upstream with the same method, template, operationId,
+    query parameters and property names, except for the listed, explained differences."""
+    if not REFERENCE_SPEC.is_file():
+        pytest.skip(f"Pulumi Cloud's spec is not vendored at {REFERENCE_SPEC}")
+    spec = json.loads(REFERENCE_SPEC.read_text())
+    ours = openapi_doc(srv)
+    found = {(m, any_kind(t, "{kind}"), kind, name): detail
+             for (m, t, kind, name), detail in contract_differences(ours, spec).items()}
+    unexplained = {k: v for k, v in found.items() if k not in ALLOWED_DIFFERENCES}
+    stale = [k for k in ALLOWED_DIFFERENCES if k not in found]
+    assert not unexplained, "differences from Pulumi Cloud's spec without a reason in " \
+        "ALLOWED_DIFFERENCES:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(unexplained.items()))
+    assert not stale, f"ALLOWED_DIFFERENCES entries that no longer occur: {stale}"
+    compared = [k for k in operations(ours) if k in operations(spec)]
+    assert len(compared) > 60, len(compared)
+    assert all(reason for reason in ALLOWED_DIFFERENCES.values())
+
+
+# ==== 10. Handlers: identity ==================================================
+
+def test_user(start):
+    srv = start(user="alice", org="acme")
+    status, _, out = srv.request("GET", "/api/user")
+    assert status == 200
+    assert out["githubLogin"] == "alice"
+    assert [o["githubLogin"] for o in out["organizations"]] == ["acme"]
+
+
+def test_default_organization(srv):
+    status, _, out = srv.request("GET", "/api/user/organizations/default")
+    assert status == 200 and out == {"GitHubLogin": ORG, "Messages": []}
+
+
+def test_capabilities_exact(start):
+    srv = start(checkpoint_cutoff=12345)
+    status, _, out = srv.request("GET", "/api/capabilities")
+    assert status == 200
+    caps = {c["capability"]: c for c in out["capabilities"]}
+    assert len(caps) == len(out["capabilities"]) == 3
+    assert caps == {
+        "delta-checkpoint-uploads-v2": {
+            "capability": "delta-checkpoint-uploads-v2", "version": 2,
+            "configuration": {"checkpointCutoffSizeBytes": 12345}},
+        "batch-encrypt": {"capability": "batch-encrypt"},
+        "deployment-schema-version": {
+            "capability": "deployment-schema-version", "version": 1,
+            "configuration": {"version": 4}},
+    }
+
+
+# ==== 10. Handlers: stacks ====================================================
+
+def test_create_and_get_stack(srv):
+    srv.create_stack(tags={"pulumi:project": "proj"})
+    out = srv.stack(sp())
+    assert out["orgName"] == ORG and out["projectName"] == "proj" and out["stackName"] == "dev"
+    assert out["version"] == 0 and out["activeUpdate"] == ""
+    assert out["tags"] == {"pulumi:project": "proj"}
+    assert "config" not in out and "currentOperation" not in out
+    status, _, err = srv.request("POST", f"/api/stacks/{ORG}/proj", {"stackName": "dev"})
+    assert status == 409 and err["code"] == 409 and "already exists" in err["message"]
+
+
+@both_stores
+def test_create_stack_with_initial_state_and_config(srv):
+    state = untyped(secrets_providers={"type": "passphrase", "state": {"salt": "v1:x"}})
+    srv.create_stack(state=state)
+    assert srv.export(sp())["deployment"]["secrets_providers"]["type"] == "passphrase"
+    status, _, out = srv.request("POST", f"/api/stacks/{ORG}/proj",
+                                 {"stackName": "remote", "config": {"environment": "proj/remote"}})
+    assert status == 400 and out["code"] == 400
+
+
+def test_project_exists_head(srv):
+    assert srv.request("HEAD", f"/api/stacks/{ORG}/proj")[0] == 404
+    srv.create_stack()
+    status, _, body = srv.request("HEAD", f"/api/stacks/{ORG}/proj")
+    assert status == 200 and body == b""
+    assert srv.request("HEAD", f"/api/stacks/{ORG}/other")[0] == 404
+
+
+@both_stores
+def test_list_stacks_filters(srv):
+    srv.create_stack("p1", "a", tags={"env": "prod"})
+    srv.create_stack("p1", "b", tags={"env": "dev"})
+    srv.create_stack("p2", "c", tags={"env": "prod", "team": "x"})
+
+    def names(query=""):
+        status, _, out = srv.request("GET", "/api/user/stacks" + query)
+        assert status == 200, out
+        assert "continuationToken" in out and out["continuationToken"] is None
+        return [(s["projectName"], s["stackName"]) for s in out["stacks"]]
+
+    assert names() == [("p1", "a"), ("p1", "b"), ("p2", "c")]
+    assert names("?project=p1") == [("p1", "a"), ("p1", "b")]
+    assert names(f"?organization={ORG}&project=p2") == [("p2", "c")]
+    assert names("?organization=someone-else") == []
+    assert names("?tagName=env&tagValue=prod") == [("p1", "a"), ("p2", "c")]
+    assert names("?tagName=team") == [("p2", "c")]
+    assert names("?tagName=env&tagValue=qa") == []
+    assert names("?project=p1&tagName=env&tagValue=dev") == [("p1", "b")]
+    status, _, out = srv.request("GET", "/api/user/stacks?continuationToken=%25%25bad")
+    assert status == 400
+
+
+@both_stores
+def test_list_stacks_pages_to_the_end(srv):
+    expected = []
+    for n in range(205):
+        srv.create_stack("many", f"s{n:03}")
+        expected.append(f"s{n:03}")
+    srv.create_stack("other", "x")
+    seen, token, pages = [], None, 0
+    while True:
+        query = "?project=many" + (f"&continuationToken={token}" if token is not None else "")
+        status, _, out = srv.request("GET", "/api/user/stacks" + query)
+        assert status == 200, out
+        assert "continuationToken" in out and out["continuationToken"] != ""
+        assert len(out["stacks"]) <= pb.STACK_PAGE_SIZE
+        seen += [s["stackName"] for s in out["stacks"]]
+        pages += 1
+        token = out["continuationToken"]
+        if token is None:
+            break
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", token)  # appended to URLs unescaped
+        assert pages < 10
+    assert seen == expected and pages == 3
+
+
+@both_stores
+def test_delete_stack(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    status, _, out = srv.request("DELETE", path + "?force=false")
+    assert status == 400 and out == {"code": 400, "message": pb.MSG_STACK_HAS_RESOURCES}
+    assert srv.stack(path)["version"] == 1
+    assert srv.request("DELETE", path + "?force=true")[0] == 200
+    assert srv.request("GET", path)[0] == 404
+    assert srv.request("DELETE", path + "?force=true")[0] == 404
+    empty = srv.create_stack(stack="empty")
+    assert srv.request("DELETE", empty + "?force=false")[0] == 200
+    # The name can be reused and starts from scratch.
+    srv.create_stack()
+    assert srv.stack(path)["version"] == 0 and srv.history(path) == []
+
+
+@both_stores
+def test_rename_stack(srv):
+    path = srv.create_stack()
+    status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"hunter2")})
+    ciphertext = out["ciphertext"]
+    provider = {"type": "service", "state": {"url": srv.url, "owner": ORG, "project": "proj",
+                                             "stack": "dev"}}
+    prov = urn("default", "pulumi:providers:random")
+    state = untyped([
+        S, {"urn": prov, "custom": True, "id": "p-id", "type": "pulumi:providers:random"},
+        res("a", parent=S["urn"], provider=f"{prov}::p-id",
+            outputs={"pw": {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270",
+                            "ciphertext": ciphertext}}),
+        res("b", dependencies=[urn("a")], propertyDependencies={"x": [urn("a")]})],
+        secrets_providers=provider)
+    srv.import_state(path, state)
+
+    assert srv.request("POST", path + "/rename", {"newName": "prod", "newProject": "proj"})[0] == 200
+    assert srv.request("GET", path)[0] == 404
+    new = sp(stack="prod")
+    assert srv.stack(new)["stackName"] == "prod" and srv.stack(new)["version"] == 1
+    assert [u["kind"] for u in srv.history(new)] == ["import"]
+    status, _, out = srv.request("POST", new + "/decrypt", {"ciphertext": ciphertext})
+    assert status == 200 and base64.b64decode(out["plaintext"]) == b"hunter2"
+    doc = srv.export(new)
+    text = json.dumps(doc)
+    assert "urn:pulumi:dev::" not in text
+    # The stack and project parts of every URN change; so does the root stack
+    # resource's name (<project>-<stack>), as the CLI's own rename does.
+    assert urns(doc) == [urn("proj-prod", "pulumi:pulumi:Stack", "prod"),
+                         urn("default", "pulumi:providers:random", "prod"),
+                         urn("a", stack="prod"), urn("b", stack="prod")]
+    a = doc["deployment"]["resources"][2]
+    assert a["parent"] == urn("proj-prod", "pulumi:pulumi:Stack", "prod")
+    assert a["provider"] == urn("default", "pulumi:providers:random", "prod") + "::p-id"
+    assert doc["deployment"]["resources"][3]["dependencies"] == [urn("a", stack="prod")]
+    assert doc["deployment"]["secrets_providers"]["state"] == {
+        "url": srv.url, "owner": ORG, "project": "proj", "stack": "prod"}
+
+    # A project rename rewrites the project part as well.
+    assert srv.request("POST", new + "/rename", {"newName": "prod", "newProject": "proj2"})[0] == 200
+    moved = sp("proj2", "prod")
+    doc = srv.export(moved)
+    assert all(u.startswith("urn:pulumi:prod::proj2::") for u in urns(doc))
+    assert doc["deployment"]["secrets_providers"]["state"]["project"] == "proj2"
+    status, _, out = srv.request("POST", moved + "/decrypt", {"ciphertext": ciphertext})
+    assert status == 200 and base64.b64decode(out["plaintext"]) == b"hunter2"
+
+    # The target exists: 409, nothing changes.
+    srv.create_stack("proj2", "taken")
+    status, _, out = srv.request("POST", moved + "/rename", {"newName": "taken",
+                                                             "newProject": "proj2"})
+    assert status == 409 and out["code"] == 409
+    assert srv.stack(moved)["version"] == 1 and srv.stack(sp("proj2", "taken"))["version"] == 0
+
+
+@both_stores
+def test_set_tags_replaces_all(srv):
+    path = srv.create_stack(tags={"a": "1", "b": "2"})
+    status, _, _ = srv.request("PATCH", path + "/tags", {"c": "3", "pulumi:project": "proj"})
+    assert status == 200
+    assert srv.stack(path)["tags"] == {"c": "3", "pulumi:project": "proj"}
+    for bad in ({"bad name": "x"}, {"a": "x" * 257}, {"a": 5}, ["a"]):
+        status, _, out = srv.request("PATCH", path + "/tags", bad)
+        assert status == 400 and out["code"] == 400, bad
+    assert srv.stack(path)["tags"] == {"c": "3", "pulumi:project": "proj"}
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", f"/api/stacks/{ORG}/proj", {"stackName": "bad name"}),
+    ("POST", f"/api/stacks/{ORG}/proj", {"stackName": "x" * 101}),
+    ("POST", f"/api/stacks/{ORG}/proj", {}),
+    ("POST", f"/api/stacks/{ORG}/bad%20proj", {"stackName": "dev"}),
+    ("GET", f"/api/stacks/{ORG}/proj/bad%20name", None),
+    ("GET", f"/api/stacks/{ORG}/proj/a%2Fb", None),
+])
+def test_invalid_names_are_400(srv, method, path, body):
+    status, _, out = srv.request(method, path, body)
+    assert status == 400 and out["code"] == 400
+
+
+def test_other_organization_is_404(srv):
+    srv.create_stack()
+    for method, path, body in (("GET", "/api/stacks/someone/proj/dev", None),
+                               ("POST", "/api/stacks/someone/proj", {"stackName": "dev"}),
+                               ("GET", "/api/stacks/someone/proj/dev/export", None)):
+        status, _, out = srv.request(method, path, body)
+        assert status == 404 and out["code"] == 404, path
+    assert srv.request("HEAD", "/api/stacks/someone/proj")[0] == 404
+
+
+def test_stack_summary_fields(srv):
+    path = srv.create_stack()
+
+    def summary():
+        status, _, out = srv.request("GET", "/api/user/stacks")
+        (only,) = out["stacks"]
+        return only
+
+    first = summary()
+    assert "lastUpdate" not in first and first["resourceCount"] == 0
+    assert first["projectName"] == "proj" and first["stackName"] == "dev"
+    before = int(time.time())
+    srv.import_state(path, untyped([S, A, B]))
+    after_import = summary()
+    assert after_import["resourceCount"] == 3
+    assert before <= after_import["lastUpdate"] <= int(time.time())
+    update = srv.begin(path)
+    assert summary()["lastUpdate"] == 0  # "in progress"
+    stack = srv.stack(path)
+    assert stack["activeUpdate"] == update.id
+    assert stack["currentOperation"]["kind"] == "update"
+    assert update.complete()[0] == 200
+    assert summary()["lastUpdate"] > 0 and "currentOperation" not in srv.stack(path)
+
+
+# ==== 10. Handlers: state =====================================================
+
+def test_export_of_new_stack(srv):
+    path = srv.create_stack()
+    doc = srv.export(path)
+    assert doc["version"] == 3 and isinstance(doc["deployment"]["manifest"], dict)
+    assert set(doc["deployment"]["manifest"]) >= {"time", "magic", "version"}
+
+
+def test_import_creates_version_and_succeeded_update(srv):
+    path = srv.create_stack()
+    update_id = srv.import_state(path, untyped([S, A]))
+    assert srv.stack(path)["version"] == 1
+    status, _, out = srv.request("GET", f"{path}/update/{update_id}")
+    assert status == 200 and out["status"] == "succeeded"
+    assert out.get("continuationToken") is None
+    assert urns(srv.export(path)) == [S["urn"], A["urn"]]
+    (info,) = srv.history(path)
+    assert info["kind"] == "import" and info["result"] == "succeeded" and info["version"] == 1
+
+
+@both_stores
+def test_export_import_byte_round_trip(srv):
+    path = srv.create_stack()
+    # Unusual spacing and key order survive: the stored bytes are served verbatim.
+    data = (b'{"deployment": {"resources": [' + compact(A) + b'],  "metadata":{},'
+            b'"manifest":{"version":"","magic":"","time":"2026-01-01T00:00:00Z"}},'
+            b' "version": 3}')
+    srv.import_state(path, data)
+    assert srv.export_bytes(path) == data
+    exported = srv.export_bytes(path)
+    srv.import_state(path, exported)
+    assert srv.export_bytes(path) == exported and srv.stack(path)["version"] == 2
+
+
+@both_stores
+def test_export_older_version_and_missing_versions(start):
+    srv = start(history_limit=2)
+    path = srv.create_stack()
+    docs = [compact(untyped([res(f"r{n}")])) for n in range(1, 5)]
+    for doc in docs:
+        srv.import_state(path, doc)
+    assert srv.export_bytes(path, 4) == docs[3]
+    assert srv.export_bytes(path, 3) == docs[2]
+    for version in (1, 2, 99):  # pruned, pruned, unknown
+        status, _, out = srv.request("GET", f"{path}/export/{version}")
+        assert status == 404 and out["code"] == 404, version
+    for version in ("0", "abc", "-1"):
+        status, _, out = srv.request("GET", f"{path}/export/{version}")
+        assert status == 400 and out["code"] == 400, version
+
+
+def test_export_with_accept_gzip_returns_stored_bytes(srv):
+    path = srv.create_stack()
+    data = compact(untyped([S]))
+    srv.import_state(path, data)
+    status, headers, body = srv.request("GET", path + "/export", accept_gzip=True, raw=True)
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert body == pb._gzip_bytes(data)
+    assert gzip.decompress(body) == data
+
+
+@pytest.mark.parametrize("doc", [
+    {"version": 5, "deployment": {}},
+    {"version": 0, "deployment": {}},
+    {"version": "3", "deployment": {}},
+    {"version": 4, "features": ["teleport"], "deployment": {}},
+    {"version": 3},
+    {"version": 3, "deployment": {"resources": ["x"]}},
+    [1, 2],
+])
+def test_import_rejects_invalid_deployments(srv, doc):
+    path = srv.create_stack()
+    before = srv.export_bytes(path)
+    status, _, out = srv.request("POST", path + "/import", doc, gzip_body=True)
+    assert status == 400 and out["code"] == 400
+    assert srv.export_bytes(path) == before and srv.stack(path)["version"] == 0
+    status, _, out = srv.request("POST", path + "/import", b"{not json", gzip_body=True)
+    assert status == 400
+
+
+def test_import_accepts_version_4_features(srv):
+    path = srv.create_stack()
+    doc = {"version": 4, "features": ["taint"], "deployment": deployment([res("a", taint=True)])}
+    srv.import_state(path, doc)
+    assert srv.export(path)["features"] == ["taint"]
+
+
+# ==== 10. Handlers: secrets ===================================================
+
+@both_stores
+def test_encrypt_decrypt_round_trip(srv):
+    path = srv.create_stack()
+    for plain in (b"", b"hunter2", secrets.token_bytes(32), "ünïcødé".encode()):
+        status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(plain)})
+        assert status == 200
+        status, _, back = srv.request("POST", path + "/decrypt",
+                                      {"ciphertext": out["ciphertext"]})
+        assert status == 200 and base64.b64decode(back["plaintext"]) == plain
+
+
+@both_stores
+def test_batch_encrypt_decrypt_with_duplicates(srv):
+    path = srv.create_stack()
+    plains = [b"one", b"two", b"one", b""]
+    status, _, out = srv.request("POST", path + "/batch-encrypt",
+                                 {"plaintexts": [b64(p) for p in plains]}, gzip_body=True)
+    assert status == 200
+    cts = out["ciphertexts"]
+    assert len(cts) == 4 and len(set(cts)) == 4
+    asked = [cts[1], cts[0], cts[1], cts[3], cts[0]]
+    status, _, out = srv.request("POST", path + "/batch-decrypt", {"ciphertexts": asked},
+                                 gzip_body=True)
+    assert status == 200
+    assert set(out["plaintexts"]) == set(asked)
+    for ct, plain in zip(cts, plains):
+        if ct in asked:
+            assert base64.b64decode(out["plaintexts"][ct]) == plain
+    status, _, out = srv.request("POST", path + "/batch-decrypt", {"ciphertexts": []},
+                                 gzip_body=True)
+    assert status == 200 and out["plaintexts"] == {}
+
+
+def test_batch_too_large_is_413(srv, monkeypatch):
+    monkeypatch.setattr(pb, "MAX_BATCH_ITEMS", 3)
+    path = srv.create_stack()
+    status, _, out = srv.request("POST", path + "/batch-encrypt",
+                                 {"plaintexts": [b64(b"x")] * 4}, gzip_body=True)
+    assert status == 413 and out["code"] == 413
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/encrypt", {"plaintext": "not base64!"}),
+    ("/encrypt", {"plaintext": 5}),
+    ("/encrypt", {}),
+    ("/decrypt", {"ciphertext": "%%%"}),
+    ("/batch-encrypt", {"plaintexts": ["ok==", "!!"]}),
+    ("/batch-encrypt", {"plaintexts": "x"}),
+    ("/batch-decrypt", {"ciphertexts": ["@@@@"]}),
+])
+def test_bad_base64_is_400(srv, route, body):
+    path = srv.create_stack()
+    status, _, out = srv.request("POST", path + route, body)
+    assert status == 400 and out["code"] == 400
+
+
+def test_other_stack_cannot_decrypt(srv):
+    mine, theirs = srv.create_stack(stack="mine"), srv.create_stack(stack="theirs")
+    _, _, out = srv.request("POST", mine + "/encrypt", {"plaintext": b64(b"secret")})
+    status, _, err = srv.request("POST", theirs + "/decrypt", {"ciphertext": out["ciphertext"]})
+    assert status == 400 and err["code"] == 400
+    status, _, err = srv.request("POST", theirs + "/batch-decrypt",
+                                 {"ciphertexts": [out["ciphertext"]]}, gzip_body=True)
+    assert status == 400
+
+
+def test_tampered_ciphertexts_are_refused(srv):
+    path = srv.create_stack()
+    _, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"top secret")})
+    blob = base64.b64decode(out["ciphertext"])
+    for index in (0, 5, 13, len(blob) - 1):  # version, nonce, ciphertext, tag
+        bad = bytearray(blob)
+        bad[index] ^= 0x80
+        status, _, err = srv.request("POST", path + "/decrypt", {"ciphertext": b64(bytes(bad))})
+        assert status == 400 and err["code"] == 400, index
+    for bad in (blob[:-4], blob[:10], b""):
+        status, _, err = srv.request("POST", path + "/decrypt", {"ciphertext": b64(bad)})
+        assert status == 400, len(bad)
+
+
+def test_secrets_of_unknown_stack_are_404(srv):
+    status, _, out = srv.request("POST", sp(stack="nope") + "/encrypt", {"plaintext": "eA=="})
+    assert status == 404 and out["code"] == 404
+    status, _, out = srv.request("POST", sp(stack="nope") + "/decrypt/log-decryption", {})
+    assert status == 404
+
+
+# ==== 10. Handlers: updates — start, previews, leases =========================
+
+def test_start_negotiates_journal_version_1(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=True)
+    assert update.status == 200, update.start
+    assert update.start["journalVersion"] == 1 and update.start["version"] == 1
+    assert isinstance(update.token, str) and update.token
+    assert update.start["tokenExpiration"] >= int(time.time()) + 200
+
+
+@pytest.mark.parametrize("offered, answered", [(1, 1), (2, 2), (3, 2)])
+def test_start_answers_the_newest_journal_version_both_know(srv, offered, answered):
+    """A v3.274 CLI offers 2 and journals state migrations only if it gets 2."""
+    update = srv.begin(srv.create_stack(), journal=offered)
+    assert update.status == 200 and update.start["journalVersion"] == answered
+
+
+def test_start_without_journal_request_gets_0(srv):
+    update = srv.begin(srv.create_stack(), journal=False)
+    assert update.status == 200 and update.start["journalVersion"] == 0
+
+
+def test_journaling_off_gets_0(start):
+    srv = start(journaling=False)
+    update = srv.begin(srv.create_stack(), journal=True)
+    assert update.status == 200 and update.start["journalVersion"] == 0
+    status, _, _ = update.journal(entry(1, 6, secretsProvider=PROVIDER))
+    assert status == 400
+
+
+def test_start_replaces_tags_and_refuses_restart(srv):
+    path = srv.create_stack(tags={"old": "1"})
+    update = srv.begin(path, tags={"pulumi:project": "proj", "vcs:kind": "github.com"})
+    assert srv.stack(path)["tags"] == {"pulumi:project": "proj", "vcs:kind": "github.com"}
+    status, _, out = srv.request("POST", update.url, {"journalVersion": 1})
+    assert status == 409 and out["code"] == 409
+    status, _, out = srv.request("POST", f"{path}/update/no-such-update", {})
+    assert status == 404 and out["code"] == 404
+    status, _, out = srv.request("POST", f"{path}/upgrade", {})
+    assert status == 404
+
+
+@pytest.mark.parametrize("kind, dry_run", [("preview", True), ("update", True),
+                                           ("refresh", True), ("destroy", True)])
+def test_previews_never_change_state(srv, kind, dry_run):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    before = srv.export_bytes(path)
+    preview = srv.begin(path, kind=kind, dry_run=dry_run, journal=True)
+    assert preview.status == 200, preview.start
+    assert preview.token and preview.start["version"] == 1
+    assert preview.start.get("journalVersion", 0) == 0
+    assert preview.checkpoint(untyped([C]))[0] == 400
+    assert preview.journal(entry(1, 1, 1, state=C))[0] == 400
+    assert preview.events({"sequence": 0, "timestamp": 1, "stdoutEvent": {"message": "hi"}})[0] == 200
+    assert preview.renew()[0] == 200
+    assert preview.complete()[0] == 200
+    assert srv.export_bytes(path) == before
+    assert srv.stack(path)["version"] == 1
+    assert [u["kind"] for u in srv.history(path)] == ["import"]
+    assert srv.begin(path).status == 200
+
+
+@both_stores
+def test_second_update_conflicts_with_exact_message(srv):
+    path = srv.create_stack()
+    first = srv.begin(path)
+    assert first.status == 200
+    for kind in ("update", "refresh", "destroy"):
+        second = srv.begin(path, kind=kind, dry_run=False)
+        assert second.status == 409
+        assert second.start == {"code": 409,
+                                "message": "Conflict: Another update is currently in progress."}
+    assert first.complete()[0] == 200
+    assert srv.begin(path).status == 200
+
+
+def test_preview_runs_beside_an_update(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    preview = srv.begin(path, kind="preview")
+    assert update.status == 200 and preview.status == 200
+    assert preview.complete()[0] == 200
+    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == [C["urn"]]
+
+
+def test_import_and_delete_refused_while_update_runs(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    status, _, out = srv.request("POST", path + "/import", compact(untyped([A])), gzip_body=True)
+    assert status == 409 and out["code"] == 409
+    assert srv.request("DELETE", path + "?force=true")[0] == 409
+    assert srv.request("POST", path + "/rename", {"newName": "x", "newProject": "proj"})[0] == 409
+    assert update.complete()[0] == 200
+    assert srv.request("DELETE", path + "?force=true")[0] == 200
+
+
+def test_token_of_another_update_is_403(srv):
+    one, two = srv.create_stack(stack="one"), srv.create_stack(stack="two")
+    u1, u2 = srv.begin(one), srv.begin(two)
+    preview = srv.begin(one, kind="preview")
+    for wrong in (u2.token, preview.token, "made-up"):
+        token = f"update-token {wrong}"
+        assert u1.renew(token=token)[0] == 403
+        assert u1.journal(entry(1, 1, 1, state=C), token=token)[0] == 403
+        assert u1.events({"sequence": 0}, token=token)[0] == 403
+        assert u1.complete(token=token)[0] == 403
+    assert u1.complete()[0] == 200 and u2.complete()[0] == 200
+
+
+def test_expired_lease_is_403(start):
+    srv = start(lease_seconds=1)
+    update = srv.begin(srv.create_stack())
+    assert update.renew()[0] == 200
+    wait_past(update.start["tokenExpiration"] + 1)
+    for status, _, out in (update.renew(), update.journal(entry(1, 1, 1, state=C)),
+                           update.events({"sequence": 0}), update.complete()):
+        assert status == 403 and out["code"] == 403
+
+
+def test_abandoned_update_without_saves_keeps_state(srv, clock):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    first = srv.begin(path)
+    clock.advance(srv.cfg.lease_seconds + 2)
+    assert "currentOperation" not in srv.stack(path)  # an expired lease holds nothing
+    second = srv.begin(path)
+    assert second.status == 200 and second.start["version"] == 3
+    assert second.complete()[0] == 200
+    assert urns(srv.export(path)) == [S["urn"], A["urn"]]
+    assert first.renew()[0] == 403
+
+
+def test_api_token_on_update_routes_is_403(srv):
+    update = srv.begin(srv.create_stack())
+    for token in ("token t", "", "update-token", f"token {update.token}"):
+        status, _, out = update.renew(token=token)
+        assert status == 403 and out["code"] == 403, token
+        status, _, out = update.journal(entry(1, 1, 1, state=C), token=token)
+        assert status == 403, token
+
+
+def test_lease_token_on_api_routes_is_401(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    lease = f"update-token {update.token}"
+    for method, route in (("GET", path), ("GET", path + "/export"),
+                          ("POST", update.url + "/cancel")):
+        status, _, out = srv.request(method, route, token=lease)
+        assert status == 401 and out["code"] == 401, route
+    assert update.complete()[0] == 200
+
+
+@both_stores
+def test_renew_lease(start):
+    srv = start(lease_seconds=120)
+    update = srv.begin(srv.create_stack())
+    status, _, out = update.renew(300)
+    assert status == 200 and out["token"] == update.token
+    assert int(time.time()) + 100 <= out["tokenExpiration"] <= int(time.time()) + 121
+    status, _, out = update.renew(10)
+    assert status == 200 and out["tokenExpiration"] <= int(time.time()) + 11
+    status, _, out = update.call("POST", "/renew_lease", {"duration": "long"}, gzip_body=False)
+    assert status == 400
+
+
+@both_stores
+def test_complete_is_idempotent_and_final(srv):
+    update = srv.begin(srv.create_stack())
+    assert update.complete()[0] == 200
+    assert update.complete()[0] == 200  # a retry with the retired lease
+    status, _, out = update.complete("failed")
+    assert status == 409 and out["code"] == 409
+    status, _, out = update.complete("exploded")
+    assert status == 400
+
+
+def test_update_status_while_running(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    status, _, out = srv.request("GET", update.url)
+    assert status == 200 and out["status"] == "running" and out["continuationToken"]
+    update.complete("failed")
+    status, _, out = srv.request("GET", update.url)
+    assert out["status"] == "failed" and out.get("continuationToken") is None
+
+
+# ==== 10. Handlers: updates — checkpoints =====================================
+
+@both_stores
+def test_full_checkpoint_then_complete(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    first = untyped([S, A, B])
+    second = {"version": 4, "features": ["taint"], "deployment": deployment([S, res("a", taint=True)])}
+    assert update.checkpoint(first)[0] == 200
+    assert update.checkpoint(second)[0] == 200
+    assert update.checkpoint(second)[0] == 200  # retried: idempotent
+    assert update.complete()[0] == 200
+    assert srv.export(path) == second
+    assert srv.stack(path)["version"] == 1
+    status, _, out = srv.request("GET", "/api/user/stacks")
+    assert out["stacks"][0]["resourceCount"] == 2
+
+
+def test_invalid_checkpoint_is_400_and_is_invalid_keeps_previous(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.checkpoint(untyped([A]))[0] == 200
+    assert update.checkpoint({"version": 9, "deployment": {}})[0] == 400
+    assert update.checkpoint({"version": 3, "deployment": []})[0] == 400
+    assert update.call("PATCH", "/checkpoint", {"isInvalid": True})[0] == 200
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == [A["urn"]]
+
+
+@both_stores
+def test_verbatim_then_delta_worked_example(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.start["journalVersion"] == 0
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 2)
+    assert status == 200, out
+    assert update.complete()[0] == 200
+    exported = srv.export_bytes(path)
+    assert exported == NEW_DOC
+    assert hashlib.sha256(exported).hexdigest() == NEW_HASH
+
+
+def test_delta_hash_mismatch_leaves_state_then_delta_applies(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    wrong = [DELTA_EDITS[0], {**DELTA_EDITS[1], "NewText": DELTA_EDITS[1]["NewText"] + " "}]
+    status, _, out = update.delta(wrong, NEW_HASH, 2)
+    assert 400 <= status < 500 and out["code"] == status
+    # Neither the baseline nor the sequence number moved.
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+
+
+def test_delta_hash_mismatch_then_verbatim_retry(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    status, _, out = update.delta(DELTA_EDITS, "0" * 64, 2)
+    assert 400 <= status < 500 and out["code"] == status
+    assert update.verbatim(NEW_DOC, 2)[0] == 200  # the CLI's fallback, same sequenceNumber
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+
+
+@both_stores
+def test_delta_retries_and_sequence_rules(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 1)
+    assert 400 <= status < 500  # no baseline yet
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200          # retry: same hash
+    assert update.delta(DELTA_EDITS, NEW_HASH.upper(), 2)[0] == 200  # hex case ignored
+    assert update.delta(DELTA_EDITS, "1" * 64, 2)[0] == 409          # same seq, other hash
+    assert update.delta([], NEW_HASH, 4)[0] == 409                   # gap
+    assert update.verbatim(PREV_DOC, 1)[0] == 409                    # stale verbatim
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+
+
+def test_verbatim_with_other_field_order(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    body = b'{"sequenceNumber": 1, "untypedDeployment":  ' + PREV_DOC + b' , "version": 3}'
+    assert update.call("PATCH", "/checkpointverbatim", body)[0] == 200
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+
+
+def test_legacy_line_based_delta(srv):
+    path = srv.create_stack()
+    prev = ('{\n "version": 3,\n "deployment": {\n  "manifest": {"time": "t1", "magic": "", '
+            '"version": ""},\n  "resources": [\n   ' + json.dumps(A) + ',\n   '
+            + json.dumps(B) + '\n  ]\n }\n}').encode()
+    new = prev.replace(b'"t1"', b'"t2"').replace(b'"v": "b"', b'"v": "bb"')
+    lines = prev.split(b"\n")
+    line_b = 7  # 1-based line of resource b
+    assert b'"b-id"' in lines[line_b - 1]
+    edits = [
+        {"Span": {"uri": "", "start": {"line": 4, "column": 1, "offset": -1},
+                  "end": {"line": 5, "column": 1, "offset": -1}},
+         "NewText": lines[3].replace(b'"t1"', b'"t2"').decode() + "\n"},
+        {"Span": {"uri": "", "start": {"line": line_b, "column": 1, "offset": -1},
+                  "end": {"line": line_b + 1, "column": 1, "offset": -1}},
+         "NewText": lines[line_b - 1].replace(b'"v": "b"', b'"v": "bb"').decode() + "\n"},
+    ]
+    assert pb.apply_delta(prev, edits) == new
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(prev, 1)[0] == 200
+    status, _, out = update.delta(edits, hashlib.sha256(new).hexdigest(), 2)
+    assert status == 200, out
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == new
+
+
+def test_update_without_saves_keeps_base(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    base = srv.export_bytes(path)
+    for journal in (True, False):
+        update = srv.begin(path, journal=journal)
+        assert update.complete()[0] == 200
+        assert urns(json.loads(srv.export_bytes(path))) == urns(json.loads(base))
+    assert srv.stack(path)["version"] == 3
+
+
+# ==== 10. Handlers: updates — journal =========================================
+
+@both_stores
+def test_journal_entries_then_complete_exports_replay(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    update = srv.begin(path)
+    a2 = res("a", outputs={"v": "updated"})
+    assert update.journal(
+        entry(1, 6, secretsProvider=PROVIDER),
+        entry(2, 0, 1, operation={"resource": C, "type": "creating"}),
+        entry(3, 1, 1, state=C))[0] == 200
+    assert update.journal(
+        entry(4, 0, 2, operation={"resource": a2, "type": "updating"}),
+        entry(5, 1, 2, state=a2, removeOld=1))[0] == 200
+    assert update.complete()[0] == 200
+    doc = srv.export(path)
+    assert doc["version"] == 3
+    assert doc["deployment"]["resources"] == [C, a2, S]
+    assert doc["deployment"]["secrets_providers"] == PROVIDER
+    assert "pending_operations" not in doc["deployment"]
+    assert doc["deployment"]["manifest"]["version"] == CLI_VERSION
+    assert srv.stack(path)["version"] == 2
+    assert srv.history(path)[0]["resourceCount"] == 3
+
+
+def test_journal_state_migration_over_http(srv):
+    """Journal version 2: a migration renames A to A2 (same physical ID)."""
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A, B]))
+    update = srv.begin(path, journal=2)
+    a2 = res("a2", id=A.get("id"))
+    b2 = res("b", dependencies=[a2["urn"]])
+    assert update.journal(
+        entry(1, 6, secretsProvider=PROVIDER),
+        migration(2, lay(0, ("s", 0), 2), [a2],
+                  baseStatePatches=[{"index": 2, "state": b2}]),
+        entry(3, 0, 1), entry(4, 1, 1, state=a2, removeOld=1))[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.export(path)["deployment"]["resources"] == [a2, S, b2]
+
+
+def test_journal_version_follows_the_start(srv):
+    """Entries newer than the version agreed at start, or bad migrations, get 400."""
+    update = srv.begin(srv.create_stack(), journal=1)
+    status, _, out = update.journal(migration(1, lay(("s", 0)), [C]))
+    assert status == 400 and "accepts up to 1" in out["message"]
+    update = srv.begin(srv.create_stack("proj", "two"), journal=2)
+    for bad in (migration(1, lay(("s", 0)), [C], version=1),
+                migration(1, "not a list", [C]),
+                migration(1, [{"baseIndex": "0"}], [C]),
+                migration(1, lay(("s", 0)), [C], newStatePatches=[{"operationID": 1}]),
+                entry(1, 1, 1, state=C, version=3)):
+        assert update.journal(bad)[0] == 400, bad
+    assert update.journal(migration(1, lay(("s", 0)), [C]))[0] == 200
+
+
+def test_journal_replay_with_deletes_over_http(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A, B]))
+    update = srv.begin(path)
+    assert update.journal(entry(1, 0, 1, operation={"resource": B, "type": "deleting"}),
+                          entry(2, 1, 1, removeOld=2),
+                          entry(3, 0, 2, operation={"resource": A, "type": "deleting"}))[0] == 200
+    assert update.complete("failed")[0] == 200
+    doc = srv.export(path)
+    assert urns(doc) == [S["urn"], A["urn"]]
+    assert doc["deployment"]["pending_operations"] == [{"resource": A, "type": "deleting"}]
+
+
+def test_export_serves_base_while_update_runs(srv):
+    path = srv.create_stack()
+    srv.import_state(path, b'{"version":3,"deployment":{"manifest":{"time":"x","magic":"",'
+                           b'"version":""},"resources":[' + compact(S) + b']}}')
+    base = srv.export_bytes(path)
+    update = srv.begin(path)
+    assert srv.export_bytes(path) == base
+    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert srv.export_bytes(path) == base
+    assert update.complete()[0] == 200
+    assert urns(json.loads(srv.export_bytes(path))) == [C["urn"], S["urn"]]
+
+
+@both_stores
+def test_journal_duplicate_sequence_ids_are_deduplicated(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    batch = [entry(1, 0, 1, operation={"resource": C, "type": "creating"}),
+             entry(2, 1, 1, state=C)]
+    assert update.journal(*batch)[0] == 200
+    assert update.journal(*batch)[0] == 200  # a retried batch
+    changed = res("c", outputs={"v": "second copy"})
+    assert update.journal(entry(2, 1, 1, state=changed), entry(2, 1, 1, state=changed),
+                          entry(3, 1, 2, state=res("d")))[0] == 200
+    assert update.complete()[0] == 200
+    assert srv.export(path)["deployment"]["resources"] == [C, res("d")]
+
+
+def test_journal_entries_out_of_order_within_batch(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.journal(entry(3, 1, 1, state=C), entry(1, 6, secretsProvider=PROVIDER),
+                          entry(2, 0, 1, operation={"resource": C, "type": "creating"}))[0] == 200
+    assert update.complete()[0] == 200
+    doc = srv.export(path)
+    assert doc["deployment"]["resources"] == [C]
+    assert "pending_operations" not in doc["deployment"]
+
+
+@pytest.mark.parametrize("bad", [
+    entry(0, 1, 1, state=res("x")),
+    entry(-1, 1, 1, state=res("x")),
+    entry(2, 42, 1),
+    entry(2, -1, 1),
+    {**entry(2, 1, 1), "sequenceID": "2"},
+    {**entry(2, 1, 1), "kind": "1"},
+    {**entry(2, 1, 1), "sequenceID": True},
+    {"kind": 1, "operationID": 1},
+    "not an entry",
+], ids=["seq0", "seq-1", "kind42", "kind-1", "seq-str", "kind-str", "seq-bool", "no-seq", "str"])
+def test_journal_rejects_invalid_entries(srv, bad):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    status, _, out = update.journal(entry(1, 1, 1, state=C), bad)
+    assert status == 400 and out["code"] == 400
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == []  # the valid entry of the batch was not stored either
+
+
+@pytest.mark.parametrize("bad", [
+    entry(2, 1, 2, state="not a resource"),
+    entry(2, 0, 2, operation="not an operation"),
+    entry(2, 5, newSnapshot=["not", "a", "deployment"]),
+    entry(2, 1, 2, state={"no": "urn"}),
+], ids=["state-str", "operation-str", "snapshot-list", "state-no-urn"])
+def test_journal_rejects_wrongly_typed_fields(srv, bad):
+    """Payloads that replay cannot use must be refused when they arrive.
+
+    Accepted, the first three make every later complete, cancel and start of
+    the stack fail with 500; the last one stores a state the CLI cannot load.
+    """
+    path = srv.create_stack()
+    update = srv.begin(path)
+    status, _, out = update.journal(entry(1, 1, 1, state=C), bad)
+    assert status == 400, "accepted an entry that breaks replay"
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == []
+
+
+def test_journal_batch_shapes(srv):
+    update = srv.begin(srv.create_stack())
+    for body in ({"entries": "x"}, {}, [entry(1, 1, 1)]):
+        status, _, out = update.call("PATCH", "/journalentries", body)
+        assert status == 400, body
+    assert update.journal()[0] == 200  # an empty batch is fine
+    assert update.call("PATCH", "/journalentries", b"{broken", gzip_body=True)[0] == 400
+
+
+# ==== 10. Handlers: updates — failure, cancel, abandonment ====================
+
+def test_failed_update_keeps_saved_state_and_unlocks(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S]))
+    update = srv.begin(path)
+    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert update.complete("failed")[0] == 200
+    assert srv.stack(path)["version"] == 2
+    assert urns(srv.export(path)) == [C["urn"], S["urn"]]
+    assert [(u["version"], u["result"]) for u in srv.history(path)] == [
+        (2, "failed"), (1, "succeeded")]
+    nxt = srv.begin(path)
+    assert nxt.status == 200 and nxt.start["version"] == 3
+
+
+@both_stores
+def test_cancel_unlocks_and_revokes_lease(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
+    status, _, out = update.cancel()
+    assert status == 200
+    assert "currentOperation" not in srv.stack(path)
+    assert urns(srv.export(path)) == [C["urn"]] and srv.stack(path)["version"] == 1
+    assert srv.history(path)[0]["result"] == "failed"
+    for status, _, out in (update.renew(), update.journal(entry(2, 1, 2, state=A)),
+                           update.events({"sequence": 0}), update.checkpoint(untyped([A]))):
+        assert status == 403 and out["code"] == 403
+    status, _, out = update.cancel()
+    assert status == 409
+    assert out == {"code": 409, "message": "Conflict: The Update has already completed"}
+    assert srv.begin(path).status == 200
+
+
+def test_complete_after_cancel_is_403(srv):
+    """After cancel the lease is revoked; the CLI's late complete must get 403."""
+    update = srv.begin(srv.create_stack())
+    assert update.cancel()[0] == 200
+    status, _, out = update.complete("failed")
+    assert status == 403 and out["code"] == 403
+
+
+def test_cancel_finished_or_unknown_update(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.complete()[0] == 200
+    assert update.cancel()[0] == 409
+    status, _, out = srv.request("POST", f"{path}/update/nope/cancel")
+    assert status == 404
+
+
+@both_stores
+def test_abandoned_update_is_finished_by_next_start(srv, clock):
+    path = srv.create_stack()
+    first = srv.begin(path)
+    assert first.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert srv.begin(path).status == 409  # the lease is still alive
+    clock.advance(srv.cfg.lease_seconds + 2)
+    second = srv.begin(path)
+    assert second.status == 200, second.start
+    assert second.start["version"] == 2
+    status, _, out = srv.request("GET", first.url)
+    assert out["status"] == "failed"
+    assert urns(srv.export(path)) == [C["urn"]]        # the abandoned update's saved state
+    assert second.complete()[0] == 200
+    assert srv.stack(path)["version"] == 2
+    # The second update started from the state the first one left.
+    assert urns(srv.export(path)) == [C["urn"]]
+    assert [(u["version"], u["result"]) for u in srv.history(path)] == [
+        (2, "succeeded"), (1, "failed")]
+
+
+def test_export_finishes_an_abandoned_update(srv, clock):
+    """Once the lease lapses, a read of the state already shows the acknowledged work."""
+    path = srv.create_stack()
+    first = srv.begin(path)
+    assert first.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert urns(srv.export(path)) == []          # running: the base is served
+    clock.advance(srv.cfg.lease_seconds + 2)
+    assert urns(srv.export(path)) == [C["urn"]]  # abandoned: finished on read
+    status, _, out = srv.request("GET", first.url)
+    assert out["status"] == "failed" and srv.stack(path)["version"] == 1
+
+
+def test_busy_update_outlives_a_short_lease(start, clock):
+    """The CLI renews late (it assumes 5 minutes): accepted calls extend the lease."""
+    srv = start(lease_seconds=10)
+    path = srv.create_stack()
+    update = srv.begin(path)
+    for seq in range(1, 6):
+        clock.advance(8)
+        assert update.journal(entry(seq, 1, seq, state=res(f"r{seq}")))[0] == 200
+    assert update.complete()[0] == 200
+    assert len(urns(srv.export(path))) == 5
+
+def test_abandoned_update_base_is_used_for_journal_indexes(srv, clock):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S]))
+    first = srv.begin(path)
+    assert first.journal(entry(1, 1, 1, state=C))[0] == 200
+    clock.advance(srv.cfg.lease_seconds + 2)
+    second = srv.begin(path)
+    base = srv.export(path)  # what the CLI exports right after start
+    assert urns(base) == [C["urn"], S["urn"]]
+    # Delete base index 0 (C) of that export.
+    assert second.journal(entry(1, 1, 1, removeOld=0))[0] == 200
+    assert second.complete()[0] == 200
+    assert urns(srv.export(path)) == [S["urn"]]
+
+
+# ==== 10. Handlers: updates — events ==========================================
+
+@both_stores
+def test_events_stored_deduplicated_and_paged(srv, monkeypatch):
+    monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 4)
+    path = srv.create_stack()
+    update = srv.begin(path)
+
+    def event(n):
+        return {"sequence": n, "timestamp": 1700000000 + n,
+                "stdoutEvent": {"message": f"line {n}", "color": "raw"}}
+
+    assert update.events(*[event(n) for n in range(5, 10)])[0] == 200
+    assert update.events(*[event(n) for n in range(0, 5)])[0] == 200
+    assert update.events(event(3), event(4), event(5))[0] == 200  # retried batch
+
+    def page(token=None):
+        query = f"?continuationToken={token}" if token is not None else ""
+        status, _, out = srv.request("GET", f"{update.url}/events{query}")
+        assert status == 200, out
+        assert "continuationToken" in out
+        return out["events"], out["continuationToken"]
+
+    got, token = [], None
+    for _ in range(3):
+        events, token = page(token)
+        got += events
+    assert got == [event(n) for n in range(10)]
+    events, token = page(token)
+    assert events == [] and token is not None  # running: keep polling
+    assert update.complete()[0] == 200
+    events, token = page(token)
+    assert events == [] and token is None
+    everything, token = [], None
+    while True:
+        events, token = page(token)
+        everything += events
+        if token is None:
+            break
+    assert everything == [event(n) for n in range(10)]
+    status, _, out = srv.request("GET", f"{update.url}/events?continuationToken=abc")
+    assert status == 400
+
+
+@pytest.mark.parametrize("body", [{"events": "x"}, {"events": [{"timestamp": 1}]},
+                                  {"events": [{"sequence": -1}]}, {"events": ["x"]}])
+def test_events_batch_rejects_bad_shapes(srv, body):
+    update = srv.begin(srv.create_stack())
+    status, _, out = update.call("POST", "/events/batch", body)
+    assert status == 400 and out["code"] == 400
+
+
+@both_stores
+def test_summary_event_resource_changes_in_history(srv):
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.events(
+        {"sequence": 0, "timestamp": 1, "preludeEvent": {"config": {}}},
+        {"sequence": 1, "timestamp": 2, "summaryEvent": {
+            "maybeCorrupt": False, "durationSeconds": 1, "resourceChanges": {"create": 2, "same": 1},
+            "PolicyPacks": {}, "isPreview": False, "result": "succeeded"}})[0] == 200
+    assert update.journal(entry(1, 1, 1, state=C), entry(2, 1, 2, state=A))[0] == 200
+    assert update.complete()[0] == 200
+    (info,) = srv.history(path)
+    assert info["resourceChanges"] == {"create": 2, "same": 1}
+    assert info["resourceCount"] == 2
+
+
+# ==== 10. Handlers: updates — history =========================================
+
+@both_stores
+def test_history_pages_newest_first(srv):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S]))
+    for n in range(2, 6):
+        update = srv.begin(path, kind="refresh" if n == 3 else "update", dry_run=False)
+        assert update.events({"sequence": 0, "timestamp": 1, "summaryEvent": {
+            "resourceChanges": {"same": n}, "result": "succeeded"}})[0] == 200
+        assert update.journal(entry(1, 1, 1, state=res(f"r{n}")))[0] == 200
+        assert update.complete()[0] == 200
+    preview = srv.begin(path, kind="preview")
+    assert preview.complete()[0] == 200
+    pages = [srv.history(path, f"?pageSize=2&page={n}") for n in (1, 2, 3, 4)]
+    assert [[u["version"] for u in p] for p in pages] == [[5, 4], [3, 2], [1], []]
+    assert [u["version"] for u in srv.history(path)] == [5, 4, 3, 2, 1]
+    newest = pages[0][0]
+    assert newest["kind"] == "update" and pages[1][0]["kind"] == "refresh"
+    assert pages[2][0]["kind"] == "import"
+    assert newest["result"] == "succeeded"
+    assert isinstance(newest["startTime"], int) and newest["startTime"] > 0
+    assert newest["endTime"] >= newest["startTime"]
+    assert newest["resourceChanges"] == {"same": 5}
+    assert newest["resourceCount"] == 5
+    assert newest["message"] == "a message" and newest["config"]["aws:region"]["string"] == \
+        "us-west-2"
+    for query in ("?pageSize=x", "?pageSize=2&page=0", "?pageSize=-1"):
+        assert srv.request("GET", f"{path}/updates{query}")[0] == 400, query
+
+
+@both_stores
+def test_updates_latest(srv):
+    path = srv.create_stack()
+    status, _, out = srv.request("GET", path + "/updates/latest")
+    assert status == 404 and out["code"] == 404
+    preview = srv.begin(path, kind="preview")
+    preview.complete()
+    assert srv.request("GET", path + "/updates/latest")[0] == 404
+    update = srv.begin(path)
+    update.complete()
+    status, _, out = srv.request("GET", path + "/updates/latest")
+    assert status == 200
+    assert out["info"]["version"] == 1 and out["info"]["kind"] == "update"
+    assert out["info"]["config"] == {"aws:region": {"string": "us-west-2", "secret": False,
+                                                    "object": False}}
+    assert out["info"]["environment"] == {"exec.kind": "cli"}
+
+
+@both_stores
+def test_history_pruning(start):
+    srv = start(history_limit=3)
+    path = srv.create_stack()
+    for n in range(1, 6):
+        srv.import_state(path, untyped([res(f"r{n}")]))
+    srv.begin(path, kind="preview").complete()
+    for version in (1, 2):
+        assert srv.request("GET", f"{path}/export/{version}")[0] == 404
+    for version in (3, 4, 5):
+        assert urns(srv.export(path, version)) == [urn(f"r{version}")]
+    history = srv.history(path)
+    assert [u["version"] for u in history] == [5, 4, 3]
+    # A later update keeps pruning.
+    update = srv.begin(path)
+    update.complete()
+    assert [u["version"] for u in srv.history(path)] == [6, 5, 4]
+    assert srv.request("GET", f"{path}/export/3")[0] == 404
+
+
+@both_stores
+def test_concurrent_calls_of_one_update(srv):
+    """One `pulumi up` sends event batches from 3 workers beside journal batches."""
+    path = srv.create_stack()
+    update = srv.begin(path)
+    results, errors = [], []
+
+    def events(worker):
+        try:
+            for batch in range(5):
+                first = (worker * 5 + batch) * 10
+                results.append(update.events(*[{"sequence": n, "timestamp": 1}
+                                               for n in range(first, first + 10)])[0])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=events, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for n in range(1, 21):
+        assert update.journal(entry(n, 1, n, state=res(f"r{n}")))[0] == 200
+    for t in threads:
+        t.join(30)
+    assert not errors and results == [200] * 15
+    assert update.complete()[0] == 200
+    status, _, out = srv.request("GET", update.url + "/events")
+    assert [e["sequence"] for e in out["events"]] == list(range(150))
+    assert len(srv.export(path)["deployment"]["resources"]) == 20
+
+
+# ---- PostgreSQL: several replicas on one database ----------------------------
+
+@pytest.fixture
+def replicas(pg_url):
+    """Start servers ("replicas") on one PostgreSQL database: ``replicas(n, **overrides)``."""
+    servers = []
+
+    def _start(n=2, **overrides):
+        new = [Srv(Config(db=pg_url, port=0, master_key=PG_MASTER_KEY, **overrides))
+               for _ in range(n)]
+        servers.extend(new)
+        return new
+
+    yield _start
+    for server in reversed(servers):
+        server.stop()
+
+
+def on(server, update):
+    """The same update, its calls sent to another replica."""
+    return Update(server, update.path, update.id, update.status, update.start)
+
+
+def test_replicas_share_stack_locks_leases_and_journal(replicas, clock):
+    a, b = replicas(2)
+    path = a.create_stack()
+    update = a.begin(path)
+    assert update.status == 200
+    assert b.begin(path).status == 409  # the stack lock is in the database, not in a's memory
+    for n in range(1, 11):
+        replica = on(a if n % 2 else b, update)
+        assert replica.journal(entry(n, 1, n, state=res(f"r{n}")))[0] == 200
+    results = []
+    threads = [threading.Thread(target=lambda s=s: results.append(
+        on(s, update).journal(entry(11, 1, 11, state=res("r11")))[0])) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [200, 200]  # the same sequenceID from two replicas: stored once
+    assert on(b, update).complete()[0] == 200
+    assert on(a, update).complete()[0] == 200  # a retry reaching the other replica
+    assert len(a.export(path)["deployment"]["resources"]) == 11
+
+    # A lapsed lease: replicas race to start the next update; exactly one wins and the
+    # abandoned update is finished once.
+    abandoned = a.begin(path)
+    assert abandoned.journal(entry(1, 1, 1, state=res("late")))[0] == 200
+    clock.advance(pb.DEFAULT_LEASE_SECONDS + 60)
+    created = []
+    for s in (a, b):
+        status, _, out = s.request("POST", f"{path}/update", {"name": "proj", "runtime": "python"})
+        assert status == 200
+        created.append((s, out["updateID"]))
+    barrier, started = threading.Barrier(2), []
+
+    def start(s, update_id):
+        barrier.wait()
+        started.append(s.request("POST", f"{path}/update/{update_id}", {})[0])
+
+    threads = [threading.Thread(target=start, args=c) for c in created]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(started) == [200, 409]
+    history = a.history(path)
+    assert [u["result"] for u in history if u["updateID"] == abandoned.id] == ["failed"]
+    assert len({u["version"] for u in history}) == len(history)  # no version taken twice
+
+
+def test_replicas_validate_the_working_state_cache(replicas):
+    a, b = replicas(2)
+    path = a.create_stack()
+    update = a.begin(path, journal=False)
+    docs = [PREV_DOC.replace(b"10:00:00Z", f"10:00:{n:02d}Z".encode()) for n in range(5)]
+    assert update.verbatim(docs[0], 1)[0] == 200
+
+    def delta(server, seq):
+        prev, new = docs[seq - 2], docs[seq - 1]
+        return on(server, update).delta([_edit(0, len(prev), new.decode())],
+                                        hashlib.sha256(new).hexdigest(), seq)
+
+    assert delta(a, 2)[0] == 200  # a caches checkpoint 2
+    assert delta(b, 3)[0] == 200  # b moves on: a's cache is now stale
+    status, _, out = delta(a, 4)  # a must notice and rebuild from the rows
+    assert status == 200, out
+    assert delta(b, 5)[0] == 200
+    assert on(b, update).complete()[0] == 200
+    assert a.export_bytes(path) == docs[4]
+
+
+def test_replica_with_another_master_key_refuses_to_start(replicas, pg_url):
+    a, = replicas(1)
+    path = a.create_stack()
+    status, _, out = a.request("POST", path + "/encrypt", {"plaintext": b64(b"s3cret")})
+    assert status == 200
+    with pytest.raises(ValueError, match="master key does not match"):
+        pb.build_app(Config(db=pg_url, port=0, master_key=bytes(32)), environ={})
+    b, = replicas(1)  # the right key: the other replica decrypts
+    status, _, back = b.request("POST", path + "/decrypt", {"ciphertext": out["ciphertext"]})
+    assert status == 200 and base64.b64decode(back["plaintext"]) == b"s3cret"
+
+
+def test_postgres_metrics_show_the_pool_and_readyz_the_database(replicas, pg_url, monkeypatch):
+    a, = replicas(1)
+    status, _, text = a.request("GET", "/metrics", raw=True)
+    assert status == 200
+    for gauge in ("size", "available", "waiting"):
+        assert re.search(rf"^pulumi_backend_db_pool_{gauge} \d+$", text.decode(), re.M)
+    assert re.search(r"^pulumi_backend_database_bytes [1-9]\d*$", text.decode(), re.M)
+    assert a.request("GET", "/readyz")[0] == 200
+    monkeypatch.setattr(pb, "READY_CHECK_SECONDS", 0)
+    postgres.server().drop_database(pg_url)  # the database goes away under the server
+    status, _, out = a.request("GET", "/readyz")
+    assert status == 503 and "database" in out["message"]
+
+
+def _fill(server):
+    """Stacks with history, secrets, a user, a token and audit rows; return what to compare."""
+    paths = []
+    for name in ("one", "two"):
+        path = server.create_stack(stack=name)
+        for n in range(2):
+            update = server.begin(path)
+            assert update.journal(entry(1, 1, 1, state=res(f"{name}{n}", stack=name)))[0] == 200
+            assert update.complete()[0] == 200
+        paths.append(path)
+    status, _, sealed = server.request("POST", paths[0] + "/encrypt", {"plaintext": b64(b"pw")})
+    assert status == 200
+    ident = pb.Identity(server.cfg, server.store, pb.AuditLog(server.cfg, server.store))
+    ident.add_user(pb._LOCAL_ADMIN, "alice", role="admin")
+    _, token = ident.create_token(pb._LOCAL_ADMIN, "personal", "alice", name="t")
+    return paths, sealed["ciphertext"], token
+
+
+def _same_data(server, paths, ciphertext, token, exports):
+    for path, exported in zip(paths, exports):
+        assert server.export_bytes(path) == exported
+        assert len(server.history(path)) == 2
+    status, _, back = server.request("POST", paths[0] + "/decrypt", {"ciphertext": ciphertext},
+                                     token=f"token {token}")
+    assert status == 200 and base64.b64decode(back["plaintext"]) == b"pw"
+
+
+def test_copy_sqlite_to_postgres_and_back(tmp_path, pg_url, capsys):
+    key = tmp_path / "key"
+    key.write_bytes(PG_MASTER_KEY)
+    sqlite_cfg = Config(db=str(tmp_path / "a.db"), port=0, master_key_file=str(key),
+                        auth_tokens=("t",))
+    server = Srv(sqlite_cfg)
+    try:
+        paths, ciphertext, token = _fill(server)
+        exports = [server.export_bytes(p) for p in paths]
+    finally:
+        server.stop()
+    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", pg_url]) == 0
+    assert re.search(r"copied 2 stacks, \d+ rows .* 2 export hashes", capsys.readouterr().out)
+    server = Srv(Config(db=pg_url, port=0, master_key=PG_MASTER_KEY, auth_tokens=("t",)))
+    try:
+        _same_data(server, paths, ciphertext, token, exports)
+        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
+        # refused: a server is connected to the database
+        assert pb.main(["copy", "--from", pg_url, "--to", str(tmp_path / "b.db")]) == 1
+        assert "stop every server" in capsys.readouterr().err
+    finally:
+        server.stop()
+    back = str(tmp_path / "b.db")
+    assert pb.main(["copy", "--from", pg_url, "--to", back]) == 0
+    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", back]) == 1  # not empty
+    assert "is not empty" in capsys.readouterr().err
+    server = Srv(dataclasses.replace(sqlite_cfg, db=back))
+    try:
+        _same_data(server, paths, ciphertext, token, exports)
+        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
+    finally:
+        server.stop()
+
+
+class _CommitFailsOnce:
+    """Wraps the writer connection: the next COMMIT fails as SQLite's busy COMMIT does
+    (the transaction stays open)."""
+
+    def __init__(self, conn):
+        self._conn, self.armed = conn, True
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise sqlite3.OperationalError("database is locked")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def test_failed_commit_is_not_acknowledged_and_retry_works(srv):
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    srv.store._writer = _CommitFailsOnce(srv.store._writer)
+    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 2)
+    assert status == 503 and out["code"] == 503  # retryable, not acknowledged
+    # The CLI retries; the store must be usable again and the delta applied for real.
+    status, _, out = update.delta(DELTA_EDITS, NEW_HASH, 2)
+    assert status == 200, out
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+    srv.stop()
+    store = pb.SQLiteStore(srv.cfg.db)  # and it is on disk
+    try:
+        with store.read() as db:
+            row = store.get_deployment(db, store.get_stack(db, ORG, "proj", "dev")["id"])
+        assert gzip.decompress(row["data"]) == NEW_DOC
+    finally:
+        store.close()
+
+
+# ==== 11. Web console =========================================================
+
+class Browser:
+    """A cookie-keeping client of the web console, as a browser would send its forms."""
+
+    def __init__(self, srv):
+        self.srv, self.cookies = srv, {}
+
+    def send(self, method, path, fields=None, origin="same", headers=None):
+        hdrs = {"User-Agent": "test-browser"}
+        if self.cookies:
+            hdrs["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        data = None
+        if fields is not None:
+            data = urllib.parse.urlencode(fields).encode()
+            hdrs["Content-Type"] = "application/x-www-form-urlencoded"
+        if origin is not None:
+            hdrs["Origin"] = self.srv.url if origin == "same" else origin
+        hdrs.update(headers or {})
+        c = self.srv.connection()
+        try:
+            c.request(method, path, body=data, headers=hdrs)
+            resp = c.getresponse()
+            body = resp.read()
+        finally:
+            c.close()
+        cookie = resp.headers.get("Set-Cookie")
+        if cookie:
+            name, _, value = cookie.split(";")[0].partition("=")
+            if value:
+                self.cookies[name] = value
+            else:
+                self.cookies.pop(name, None)
+        return resp.status, resp.headers, body.decode("utf-8", "replace")
+
+    def get(self, path, **kw):
+        return self.send("GET", path, **kw)
+
+    def csrf(self, path="/"):
+        status, _, page = self.get(path)
+        assert status == 200, page
+        return re.search(r'name="csrf" value="([^"]+)"', page)[1]
+
+    def sign_in(self, token="token t", next_path="/", expect=303):
+        csrf = self.csrf("/login")
+        status, headers, page = self.send("POST", "/login", {
+            "csrf": csrf, "token": token.removeprefix("token "), "next": next_path})
+        assert status == expect, page
+        return headers, page
+
+    def post(self, path, fields=None, csrf_from="/", **kw):
+        fields = dict(fields or {})
+        fields.setdefault("csrf", self.csrf(csrf_from))
+        return self.send("POST", path, fields, **kw)
+
+
+@pytest.fixture
+def browser(srv):
+    b = Browser(srv)
+    b.sign_in()
+    return b
+
+
+def console_stack(srv, project="proj", stack="dev", tags=None, resources=()):
+    path = srv.create_stack(project, stack, tags=tags or {})
+    if resources:
+        srv.import_state(path, untyped(resources))
+    return path
+
+
+_CONSOLE_PAGES = ("/", "/stacks/proj/dev", "/stacks/proj/dev/resources",
+                  "/stacks/proj/dev/activity", "/tokens")
+
+
+def test_console_sign_in_gives_a_strict_http_only_session_kept_as_a_hash(srv):
+    b = Browser(srv)
+    status, headers, _ = b.get("/stacks/proj/dev/activity?page=2")
+    assert status == 303
+    assert headers["Location"] == "/login?next=" + urllib.parse.quote(
+        "/stacks/proj/dev/activity?page=2", safe="")
+    csrf_cookie = None
+    status, headers, page = b.get("/login")
+    csrf_cookie = headers["Set-Cookie"]
+    assert "HttpOnly" in csrf_cookie and "SameSite=Strict" in csrf_cookie
+    headers, _ = b.sign_in(next_path="/tokens")
+    cookie = headers["Set-Cookie"]
+    assert headers["Location"] == "/tokens"
+    assert cookie.startswith("pb_session=") and "; HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie and "Secure" not in cookie  # plain http
+    assert f"Max-Age={pb.CONSOLE_SESSION_SECONDS}" in cookie
+    sid = b.cookies["pb_session"]
+    dump = "\n".join(sqlite3.connect(srv.cfg.db).iterdump())
+    assert sid not in dump and hashlib.sha256(sid.encode()).hexdigest() in dump
+    assert b.get("/")[0] == 200
+    status, headers, _ = b.post("/logout")
+    assert status == 303 and headers["Location"] == "/login"
+    assert "Max-Age=0" in headers["Set-Cookie"]
+    b.cookies["pb_session"] = sid  # a copied cookie is dead too
+    assert b.get("/")[0] == 303
+
+
+def test_console_sign_in_goes_only_to_local_pages(srv):
+    for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example", "/\u00e9",
+                   "/\r\nSet-Cookie: x=y"):
+        headers, _ = Browser(srv).sign_in(next_path=target)
+        assert headers["Location"] == "/"
+
+
+def test_console_cookie_is_secure_under_tls(start, tmp_path):
+    srv = start(public_url="https://backend.example")
+    status, headers, _ = Browser(srv).get("/login")
+    assert status == 200 and "; Secure" in headers["Set-Cookie"]
+
+
+def test_console_refuses_bad_tokens_foreign_origins_and_stale_forms(srv):
+    srv.app.identity.add_user(LOCAL, "alice")
+    good = token_for(srv, "personal", "alice")
+    b = Browser(srv)
+    _, page = b.sign_in("token pul-not-a-token", expect=401)
+    assert "not valid" in page and "pb_session" not in b.cookies
+    csrf = b.csrf("/login")
+    form = {"csrf": csrf, "token": good.split()[1], "next": "/"}
+    for origin in (None, "http://evil.example", "null"):
+        status, _, _ = b.send("POST", "/login", form, origin=origin)
+        assert status == 403 and "pb_session" not in b.cookies
+    status, _, _ = b.send("POST", "/login", dict(form, csrf="x" * 43))
+    assert status == 403 and "pb_session" not in b.cookies
+    b.sign_in(good)
+    assert "pb_session" in b.cookies
+    for fields, origin in (({"csrf": "nope"}, "same"), ({}, "same"), (None, "http://evil")):
+        status, _, _ = b.send("POST", "/logout", fields, origin=origin)
+        assert status == 403
+    assert b.get("/")[0] == 200  # still signed in
+    events = [e["event"] for e in srv.app.audit.store.list_audit(
+        srv.app.audit.store._writer, 10**9, 0, 2**62, None, None, 100)]
+    assert "login_failure" in events and "console_login" in events
+
+
+def test_console_headers_on_every_page(srv, browser):
+    console_stack(srv, resources=[stack_res()])
+    for path in _CONSOLE_PAGES + ("/login", "/stacks/proj/nope", "/stacks/proj/dev/resource"):
+        status, headers, page = browser.get(path)
+        csp = headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Referrer-Policy"] == "same-origin"
+        assert headers["Content-Type"].startswith("text/html")
+        # No inline script: every <script> has a src.
+        assert re.findall(r"<script[^>]*>", page) == ['<script src="/console.js" defer>']
+        assert 'style="' not in page
+    assert browser.get("/stacks/proj/nope")[0] == 404
+    for path, kind in (("/console.css", "text/css"), ("/console.js", "text/javascript")):
+        status, headers, body = Browser(srv).get(path)
+        assert status == 200 and headers["Content-Type"].startswith(kind) and body
+
+
+def test_console_off_gives_404_and_leaves_the_api(start):
+    srv = start(console=False)
+    for path in ("/", "/login", "/console.css", "/tokens"):
+        assert Browser(srv).get(path)[0] == 404
+    assert srv.request("GET", "/api/user")[0] == 200
+    assert pb.parse_config(["--console", "off"], {})[1].console is False
+    assert pb.parse_config([], {"PULUMI_BACKEND_CONSOLE": "off"})[1].console is False
+    assert pb.parse_config([], {})[1].console is True
+
+
+def test_console_stacks_page_groups_searches_filters_and_pages(srv, browser, monkeypatch):
+    console_stack(srv, "web", "prod", {"env": "production", "team": "a"})
+    console_stack(srv, "web", "staging", {"env": "staging"})
+    console_stack(srv, "api", "dev", {"env": "dev"}, [stack_res("dev", "api"), res(
+        "x", stack="dev", project="api")])
+    srv.begin(sp("web", "staging"))  # running
+    status, _, page = browser.get("/")
+    assert status == 200
+    assert page.index("<h2>api</h2>") < page.index("<h2>web</h2>")
+    assert page.count('class="badge run">running') == 1
+    assert '<td class="n">2</td>' in page  # api/dev's resource count
+    assert browser.get("/?q=stag")[2].count("<tr><td>") == 1
+    _, _, page = browser.get("/?tag=env%3Dproduction")
+    assert "/stacks/web/prod" in page and "/stacks/web/staging" not in page
+    _, _, page = browser.get("/?tag=team")
+    assert "/stacks/web/prod" in page and "/stacks/api/dev" not in page
+    monkeypatch.setattr(pb, "CONSOLE_STACK_PAGE", 2)
+    _, _, page = browser.get("/")
+    assert "/stacks/web/staging" not in page and "page=2" in page
+    _, _, page = browser.get("/?page=2")
+    assert "/stacks/web/staging" in page and "/stacks/api/dev" not in page
+
+
+def test_console_stacks_page_tells_a_running_update_from_an_abandoned_one(srv, clock):
+    path = console_stack(srv)
+    srv.begin(path)
+    browser = Browser(srv)
+    browser.sign_in()
+    assert 'class="badge run">running' in browser.get("/")[2]
+    clock.advance(srv.cfg.lease_seconds + 1)  # the CLI went silent; the session lives on
+    _, _, page = browser.get("/")
+    assert 'class="badge bad">abandoned' in page and "badge run" not in page
+
+
+def test_console_shows_only_what_the_principal_may_read(team_srv):
+    dev = Browser(team_srv)
+    dev.sign_in(team_srv.tok["dev"])
+    _, _, page = dev.get("/")
+    assert "/stacks/app/dev" in page and "/stacks/ops/prod" not in page
+    for path in ("/stacks/ops/prod", "/stacks/ops/prod/resources", "/stacks/ops/prod/export",
+                 "/stacks/ops/prod/activity"):
+        status, _, page = dev.get(path)
+        assert status == 403 and "&#x27;read&#x27; permission" in page
+    viewer = Browser(team_srv)
+    viewer.sign_in(team_srv.tok["viewer"])
+    _, _, page = viewer.get("/")
+    assert "/stacks/app/dev" in page and "/stacks/ops/prod" in page
+    assert viewer.get("/stacks/ops/prod/export")[0] == 200
+    # Grants count from the next page: revoke viewer's read and the stack is gone.
+    team_srv.app.identity.grant(LOCAL, "viewers", "*", 0)
+    assert viewer.get("/stacks/ops/prod")[0] == 403
+
+
+HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)> javascript:alert(3)'
+PLAIN = "hunter2-plaintext"
+
+
+def _secret(plain=None):
+    out = {pb._SECRET_SIG: pb._SECRET_VALUE, "ciphertext": "v1:CIPHERTEXTblob"}
+    if plain is not None:
+        out["plaintext"] = json.dumps(plain)
+    return out
+
+
+def _inert(page):
+    """No markup, attribute or URL from the hostile strings made it through unescaped."""
+    assert "<script>alert" not in page and "<img" not in page
+    assert "onerror=alert(2)>" not in page.replace("onerror=alert(2)&gt;", "")
+    assert not re.search(r'(href|src|action)="\s*javascript:', page, re.I)
+    assert PLAIN not in page and "CIPHERTEXTblob" not in page
+
+
+def test_console_escapes_every_value_and_masks_every_secret(srv, browser):
+    name = "pet" + HOSTILE.replace(":", "")
+    root = dict(stack_res(), outputs={"url": HOSTILE, "password": _secret(PLAIN),
+                                       HOSTILE: "x"})
+    pet = res(name, inputs={"prefix": HOSTILE, "token": _secret(PLAIN)},
+              outputs={"id": HOSTILE, "nested": {"k": [_secret(PLAIN)]}}, protect=True,
+              parent=root["urn"])
+    path = console_stack(srv, tags={"owner": HOSTILE, "link": "javascript:alert(4)"},
+                         resources=[root, pet])
+    update = srv.begin(path, tags={"owner": HOSTILE, "link": "javascript:alert(4)"}, program={
+        "message": HOSTILE,
+        "config": {"proj:password": {"string": "v1:CIPHERTEXTblob", "secret": True},
+                   "proj:note": {"string": HOSTILE, "secret": False}},
+        "metadata": {"message": HOSTILE, "environment": {}}})
+    meta = {"op": "update", "urn": pet["urn"], "type": pet["type"],
+            "diffs": ["prefix", "token"], "old": {"inputs": {"prefix": "a", "token": "x"}},
+            "new": {"inputs": {"prefix": HOSTILE, "token": _secret(PLAIN)}}}
+    assert update.events(
+        {"sequence": 1, "timestamp": 1, "resourcePreEvent": {"metadata": meta}},
+        {"sequence": 2, "timestamp": 2, "diagnosticEvent": {
+            "urn": pet["urn"], "severity": "error", "message": HOSTILE, "color": "raw"}},
+        {"sequence": 3, "timestamp": 3, "diagnosticEvent": {
+            "severity": "warning", "message": "<{%fg 1%}>" + HOSTILE, "color": "raw"}},
+        {"sequence": 4, "timestamp": 4, "stdoutEvent": {"message": HOSTILE, "color": "raw"}},
+        {"sequence": 5, "timestamp": 5, "resOutputsEvent": {"metadata": meta}},
+    )[0] == 200
+    assert update.complete()[0] == 200
+    resource = "/stacks/proj/dev/resource?urn=" + urllib.parse.quote(pet["urn"], safe="")
+    update_page = f"/stacks/proj/dev/updates/{update.id}"
+    pages = {}
+    for p in _CONSOLE_PAGES + (resource, update_page, update_page + "/events",
+                               "/?q=" + urllib.parse.quote(HOSTILE),
+                               "/?tag=" + urllib.parse.quote(HOSTILE)):
+        status, _, page = browser.get(p)
+        assert status == 200, (p, page)
+        _inert(page)
+        pages[p] = page
+    escaped = html.escape(HOSTILE)
+    assert escaped in pages["/"]  # the tag, shown as text
+    assert escaped in pages["/stacks/proj/dev"] and "[secret]" in pages["/stacks/proj/dev"]
+    assert html.escape(name) in pages["/stacks/proj/dev/resources"]
+    assert pages[resource].count("[secret]") == 2  # the input token, the nested output
+    assert "[secret]" in pages[update_page] and escaped in pages[update_page]
+    assert "[secret]" in pages[update_page + "/events"]
+    assert "\\u003cscript\\u003e" in pages[update_page + "/events"]  # inert even as HTML
+    assert "&lt;{%" not in pages[update_page]  # the CLI's colour codes are stripped
+
+
+def test_console_overview_shows_outputs_tags_last_update_and_masked_config(srv, browser):
+    path = console_stack(srv, tags={"env": "prod"}, resources=[
+        dict(stack_res(), outputs={"endpoint": "https://x.example", "key": _secret()})])
+    update = srv.begin(path, tags={"env": "prod"}, program={"config": {
+        "proj:db": {"string": "v1:CIPHERTEXTblob", "secret": True},
+        "aws:region": {"string": "eu-west-1", "secret": False}}})
+    status, _, page = browser.get("/stacks/proj/dev")
+    assert "update running" in page
+    assert update.events({"sequence": 1, "timestamp": 1, "summaryEvent": {
+        "maybeCorrupt": False, "durationSeconds": 3,
+        "resourceChanges": {"create": 2, "same": 1}}})[0] == 200
+    assert update.complete()[0] == 200
+    status, _, page = browser.get("/stacks/proj/dev")
+    assert status == 200
+    for text in ("env: prod", "endpoint", "https://x.example", "eu-west-1", "proj:db",
+                 "succeeded", "a message", 'title="create">+2', "/stacks/proj/dev/export"):
+        assert html.escape(text) in page or text in page, text
+    assert "CIPHERTEXTblob" not in page and page.count("[secret]") == 2
+
+
+def test_console_resources_tree_filter_and_resource_page(srv, browser):
+    root = stack_res()
+    provider = res("default", "pulumi:providers:random", parent=root["urn"])
+    comp = dict(res("web", "my:index:Component", parent=root["urn"]), custom=False)
+    del comp["id"]
+    pet = res("pet", parent=comp["urn"], provider=provider["urn"] + "::prov-id",
+              dependencies=[provider["urn"]], protect=True, inputs={"length": 3})
+    console_stack(srv, resources=[root, provider, comp, pet])
+    status, _, page = browser.get("/stacks/proj/dev/resources")
+    assert status == 200 and "4 resources" in page
+    # pet is nested inside the component's list, which is nested inside the stack's.
+    web_at, pet_at = page.index(">web</a>"), page.index(">pet</a>")
+    assert web_at < pet_at and page.count("<ul>") == 2
+    assert "my:index:Component · component" in page
+    _, _, page = browser.get("/stacks/proj/dev/resources?q=RandomPet")
+    assert "1 of 4 resources" in page and ">pet</a>" in page and ">web</a>" not in page
+    _, _, page = browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
+        pet["urn"], safe=""))
+    for text in ("protect", ">web</a>", ">default</a>", "&quot;length&quot;: 3", "pet-id"):
+        assert text in page, text
+    _, _, page = browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
+        comp["urn"], safe=""))
+    assert ">pet</a>" in page  # its child
+    assert browser.get("/stacks/proj/dev/resource?urn=urn:nope")[0] == 404
+
+
+def test_console_activity_pages_updates_and_export_downloads(srv, browser, monkeypatch):
+    path = console_stack(srv)
+    for n in range(3):
+        update = srv.begin(path)
+        assert update.complete()[0] == 200
+    monkeypatch.setattr(pb, "CONSOLE_HISTORY_PAGE", 2)
+    _, _, page = browser.get("/stacks/proj/dev/activity")
+    assert page.count("<tr><td>") == 2 and ">3</a>" in page and "Older" in page
+    _, _, page = browser.get("/stacks/proj/dev/activity?page=2")
+    assert page.count("<tr><td>") == 1 and ">1</a>" in page
+    status, headers, body = browser.get("/stacks/proj/dev/export")
+    assert status == 200
+    assert headers["Content-Disposition"] == 'attachment; filename="proj-dev.json"'
+    assert json.loads(body) == srv.export(path)
+
+
+def _step_event(seq, kind, op, r, old=None, new=None, **meta):
+    metadata = {"op": op, "urn": r["urn"], "type": r["type"],
+                "old": {"inputs": old} if old is not None else None,
+                "new": {"inputs": new} if new is not None else None, **meta}
+    return {"sequence": seq, "timestamp": seq, kind: {"metadata": metadata}}
+
+
+def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(srv, browser):
+    path = console_stack(srv)
+    update = srv.begin(path)
+    a, b, c, d = res("a"), res("b"), res("c"), res("d")
+    assert update.events(
+        _step_event(1, "resourcePreEvent", "update", a, {"size": 1, "keep": 1},
+                    {"size": 2, "keep": 1}, detailedDiff={"size": {"kind": "update"}}),
+        _step_event(2, "resourcePreEvent", "create", b, None, {"name": "bee"}),
+        _step_event(3, "resourcePreEvent", "replace", c, {"zone": "a"}, {"zone": "b"},
+                    diffs=["zone"]),
+        _step_event(4, "resourcePreEvent", "delete", d, {"gone": True}),  # never finishes
+    )[0] == 200
+    page_url = f"/stacks/proj/dev/updates/{update.id}"
+    status, _, page = browser.get(page_url)
+    assert status == 200
+    assert f'<meta http-equiv="refresh" content="{pb.CONSOLE_REFRESH_SECONDS}">' in page
+    assert "in progress" in page
+    assert update.events(
+        _step_event(14, "resOutputsEvent", "update", a, {"size": 1, "keep": 1},
+                    {"size": 2, "keep": 1}, detailedDiff={"size": {"kind": "update"}}),
+        _step_event(15, "resOutputsEvent", "create", b, None, {"name": "bee"}),
+        _step_event(16, "resOpFailedEvent", "replace", c),
+        {"sequence": 17, "timestamp": 17, "diagnosticEvent": {
+            "urn": c["urn"], "severity": "error", "message": "zone is full", "color": "raw"}},
+        {"sequence": 18, "timestamp": 18, "summaryEvent": {
+            "maybeCorrupt": False, "durationSeconds": 9,
+            "resourceChanges": {"update": 1, "create": 1}}},
+    )[0] == 200
+    assert update.complete("failed")[0] == 200
+    _, _, page = browser.get(page_url)
+    assert "http-equiv" not in page and "in progress" not in page
+    steps = re.findall(r'<div class="step op-(\w+)"><span class="sym">([^<]*)</span>', page)
+    assert steps == [("update", "~"), ("create", "+"), ("replace", "+-"), ("delete", "-")]
+    assert '<div class="diff op-update">~ size: 1 → 2</div>' in page
+    assert "keep" not in page  # unchanged inputs are not in the diff
+    assert '<div class="diff op-create">+ name: &quot;bee&quot;</div>' in page
+    assert "~ zone: &quot;a&quot; → &quot;b&quot;" in page
+    assert 'class="badge bad">failed' in page and "zone is full" in page
+    assert page.count("unfinished") == 1 and "- gone: true" in page
+    assert '<div class="diag error"><strong>error</strong>' in page
+    assert "9s" in page
+    status, headers, body = browser.get(page_url + "/events")
+    assert status == 200 and len(json.loads(body)["events"]) == 9
+    assert browser.get(f"/stacks/proj/dev/updates/{'0' * 32}")[0] == 404
+
+
+def test_console_tokens_page_creates_and_revokes_personal_tokens(srv):
+    srv.app.identity.add_user(LOCAL, "alice")
+    b = Browser(srv)
+    b.sign_in(token_for(srv, "personal", "alice"))
+    status, _, page = b.post("/tokens", {"description": "laptop <b>", "expires": "30"},
+                             csrf_from="/tokens")
+    assert status == 200
+    value = re.search(r'id="new-token">(pul-[0-9a-f]+)<', page)[1]
+    assert "laptop &lt;b&gt;" in page
+    assert srv.request("GET", "/api/user", token="token " + value)[0] == 200
+    _, _, page = b.get("/tokens")
+    assert value not in page  # shown once
+    token_id = srv.app.identity.tokens_json("personal", "alice")["tokens"]
+    new_id = next(t["id"] for t in token_id if t["description"] == "laptop <b>")
+    status, headers, _ = b.post(f"/tokens/{new_id}/revoke", csrf_from="/tokens")
+    assert status == 303 and headers["Location"] == "/tokens"
+    assert srv.request("GET", "/api/user", token="token " + value)[0] == 401
+    assert b.post("/tokens", {"description": "x", "csrf": "forged"})[0] == 403
+    assert b.post("/tokens", {"description": "x", "expires": "7"},
+                  csrf_from="/tokens")[0] == 400
+    # The address `pulumi login` offers (CloudConsoleURL + /user/settings/tokens).
+    for path in ("/user/settings/tokens", "/account/tokens"):
+        status, headers, _ = b.get(path)
+        assert status == 303 and headers["Location"] == "/tokens"
+
+
+def test_console_tokens_page_explains_non_user_tokens(srv, browser):
+    status, _, page = browser.get("/tokens")
+    assert status == 200 and "Personal tokens belong to users" in page
+    assert browser.post("/tokens", {"description": "x"})[0] == 403
+
+
+def test_console_session_ends_with_its_token_or_its_time(srv, clock):
+    srv.app.identity.add_user(LOCAL, "alice")
+    token_id, value = srv.app.identity.create_token(LOCAL, "personal", "alice")
+    b = Browser(srv)
+    b.sign_in("token " + value)
+    assert b.get("/")[0] == 200
+    srv.app.identity.revoke_token(LOCAL, token_id)
+    assert b.get("/")[0] == 303
+    b2 = Browser(srv)
+    b2.sign_in(token_for(srv, "personal", "alice"))
+    assert b2.get("/")[0] == 200
+    clock.advance(pb.CONSOLE_SESSION_SECONDS + 1)
+    assert b2.get("/")[0] == 303
+
+
+def test_console_pages_take_no_body_and_forms_a_small_one(srv, browser):
+    status, _, _ = browser.send("POST", "/login", {"token": "x" * (pb.MAX_CONSOLE_FORM + 1)})
+    assert status == 413
+
+
+# ==== 12. Backups and replication: scheduled backups ==========================
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("30s", 30), ("15m", 900), ("1h", 3600),
+                                           ("1d", 86400), ("1.5h", 5400), (" 2M ", 120)])
+def test_parse_duration(text, seconds):
+    assert pb._parse_duration("backup-interval", text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "1w", "-1h", "1h30m", "soon"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError, match="--backup-interval expects a duration"):
+        pb._parse_duration("backup-interval", text)
+
+
+def test_backup_flags_and_environment(tmp_path):
+    _, cfg, _ = pb.parse_config(["--backup-dir", str(tmp_path), "--backup-interval", "15m"],
+                                {"PULUMI_BACKEND_BACKUP_KEEP": "3",
+                                 "PULUMI_BACKEND_BACKUP_INTERVAL": "1d"})
+    assert (cfg.backup_dir, cfg.backup_interval, cfg.backup_keep) == (str(tmp_path), 900, 3)
+    _, cfg, _ = pb.parse_config([], {"PULUMI_BACKEND_BACKUP_INTERVAL": "1d"})
+    assert cfg.backup_interval == 86400 and cfg.backup_dir == ""
+    for argv, message in ((["--backup-interval", "0s"], "at least 1 second"),
+                          (["--backup-keep", "0"], "at least 1"),
+                          (["--backup-interval", "daily"], "expects a duration")):
+        with pytest.raises(ValueError, match=message):
+            pb.parse_config(argv, {})
+
+
+def _scheduler(srv, tmp_path, **overrides):
+    cfg = dataclasses.replace(srv.cfg, backup_dir=str(tmp_path / "backups"), **overrides)
+    return pb.BackupScheduler(cfg, srv.app.engine.metrics)
+
+
+def test_scheduled_backup_is_checked_private_and_old_ones_pruned(srv, tmp_path):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([stack_res(), res("x")]))
+    backups = _scheduler(srv, tmp_path, backup_keep=2)
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    for stamp in ("20250101T000000Z", "20250102T000000Z"):  # as if from earlier days
+        (folder / f"pulumi-backend-{stamp}.db").write_bytes(b"old")
+    (folder / "notes.txt").write_text("not ours")
+    before = time.time()
+    out = backups.backup_now()
+    assert out is not None and Path(out).parent == folder
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    with sqlite3.connect(out) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT count(*) FROM stacks").fetchone()[0] == 1
+    # Named by UTC time; the oldest beyond --backup-keep are gone, other files stay.
+    assert backups.backups() == ["pulumi-backend-20250102T000000Z.db", Path(out).name]
+    assert (folder / "notes.txt").exists()
+    stamp = pb.BackupScheduler._NAME_RE.match(Path(out).name)[1]
+    assert stamp == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(before))) or \
+        stamp == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(before) + 1))
+    samples = scrape(srv)
+    assert int(before) <= sample(
+        samples, "pulumi_backend_last_backup_success_timestamp_seconds") <= time.time()
+
+
+def test_scheduled_backup_failure_is_logged_counted_and_harmless(srv, tmp_path, caplog):
+    path = srv.create_stack()
+    backups = _scheduler(srv, tmp_path)
+    backups.start()  # creates the folder and takes the first backup at once
+    try:
+        wait_for_files = time.monotonic() + 30
+        while not backups.backups():
+            assert time.monotonic() < wait_for_files
+            time.sleep(0.02)
+    finally:
+        backups.stop()
+    assert sample(scrape(srv), "pulumi_backend_backup_failures_total") == 0
+    folder = tmp_path / "backups"
+    for name in os.listdir(folder):
+        os.remove(folder / name)
+    folder.rmdir()
+    folder.write_text("a file where the folder was")  # every write into it now fails
+    with caplog.at_level("ERROR", logger="pulumi_backend"):
+        assert backups.backup_now() is None
+    assert "scheduled backup failed" in caplog.text
+    samples = scrape(srv)
+    assert sample(samples, "pulumi_backend_backup_failures_total") == 1
+    assert sample(samples, "pulumi_backend_last_backup_success_timestamp_seconds") > 0
+    srv.import_state(path, untyped([stack_res()]))  # requests go on
+    assert srv.request("GET", "/readyz", token=None)[0] == 200
+
+
+def test_no_backup_metrics_without_backup_dir(srv):
+    names = {name for name, _ in scrape(srv)}
+    assert "pulumi_backend_backup_failures_total" not in names
+    assert "pulumi_backend_last_backup_success_timestamp_seconds" not in names
+
+
+def test_scheduler_runs_on_its_interval_and_stops_promptly(srv, tmp_path):
+    srv.create_stack()
+    backups = _scheduler(srv, tmp_path, backup_interval=1, backup_keep=2)
+    backups.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(backups.backups()) < 2:  # the first at once, the second a second later
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        t = time.monotonic()
+        backups.stop()
+    assert time.monotonic() - t < 5 and not backups._thread.is_alive()
+    # A restart does not take another at once: the newest is less than an interval old.
+    count = len(backups.backups())
+    again = _scheduler(srv, tmp_path, backup_interval=3600)
+    again.start()
+    again.stop()
+    assert len(again.backups()) == count
+
+
+def test_writes_commit_while_a_backup_copies(srv, cfg, tmp_path):
+    """The backup's single step is one read transaction: WAL lets writers commit meanwhile."""
+    big, small = srv.create_stack(stack="big"), srv.create_stack(stack="small")
+    # ~8 MB of incompressible state, so one copy step takes a while.
+    srv.import_state(big, untyped([stack_res("big")] + [
+        res(f"r{i}", stack="big", outputs={"blob": secrets.token_hex(2048)})
+        for i in range(1000)]))
+    commits, stop = [], threading.Event()
+
+    def write():
+        while not stop.is_set():
+            srv.import_state(small, untyped([stack_res("small"), res(f"r{len(commits)}",
+                                                                     stack="small")]))
+            commits.append(time.monotonic())
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        overlapped, runs = 0, []
+        for i in range(5):
+            t0 = time.monotonic()
+            pb._snapshot(cfg.db, str(tmp_path / f"b{i}.db"))
+            t1 = time.monotonic()
+            runs.append(t1 - t0)
+            overlapped += sum(t0 < c < t1 for c in commits)
+            if overlapped:
+                break
+    finally:
+        stop.set()
+        writer.join()
+    print(f"backup of {os.path.getsize(tmp_path / 'b0.db') / 1e6:.1f} MB: "
+          f"{min(runs) * 1000:.0f} ms; {overlapped} writes committed during it")
+    assert overlapped > 0
+
+
+def test_wal_autocheckpoint_flag_and_no_forced_checkpoints(tmp_path):
+    """Litestream's needs: WAL, busy_timeout >= 5 s, and no checkpoint of ours racing it."""
+    _, cfg, _ = pb.parse_config(["--wal-autocheckpoint", "0"], {})
+    assert cfg.wal_autocheckpoint == 0 and Config().wal_autocheckpoint == 1000
+    with pytest.raises(ValueError, match="wal-autocheckpoint"):
+        pb.parse_config(["--wal-autocheckpoint", "-1"], {})
+    for pages in (0, 1000):
+        store = pb.SQLiteStore(str(tmp_path / f"{pages}.db"), pages)
+        with store.read() as db:
+            assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == pages
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert db.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+        store.close()
+    # The server never asks for a checkpoint itself (a TRUNCATE or RESTART one would
+    # wait on Litestream's read lock and race its WAL copying).
+    assert "wal_checkpoint" not in SCRIPT.read_text(encoding="utf-8")
+
+
+# ==== 13. Import from DIY backends ============================================
+
+T0 = 1_700_000_000  # startTime of the first update of the DIY stacks below
+
+
+def write_diy(root, project, stack, states, gz=False, legacy=False, tags=None, lock=False,
+              provider=None, kinds=None):
+    """Write a stack the way the CLI's DIY backend does; each of ``states`` (lists of
+    resources) is one update's result: a history checkpoint, an update record, and
+    the stack file holding the last one. Return the stack's path on our server."""
+    bk = root / ".pulumi"
+    scoped = () if legacy else (project,)
+    if not legacy:
+        bk.mkdir(parents=True, exist_ok=True)
+        (bk / "meta.yaml").write_text("version: 1\n")
+    ext = ".json.gz" if gz else ".json"
+
+    def put(path, value):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(value, indent=4).encode()
+        path.write_bytes(gzip.compress(data) if gz else data)
+
+    def checkpoint(resources):
+        latest = deployment(resources)
+        if provider:
+            latest["secrets_providers"] = provider
+        return {"version": 3, "checkpoint": {"stack": f"organization/{project}/{stack}",
+                                             "latest": latest}}
+    history = bk.joinpath("history", *scoped, stack)
+    for i, resources in enumerate(states):
+        prefix = f"{stack}-{(T0 + 100 * i) * 10**9 + 123}"
+        put(history / f"{prefix}.checkpoint{ext}", checkpoint(resources))
+        put(history / f"{prefix}.history{ext}", {
+            "kind": (kinds or {}).get(i, "update"), "startTime": T0 + 100 * i,
+            "message": f"change {i}", "environment": {"exec.kind": "cli"},
+            "config": {"aws:region": {"string": "eu-west-1", "secret": False, "object": False}},
+            "result": "failed" if (kinds or {}).get(i) == "failed" else "succeeded",
+            "endTime": T0 + 100 * i + 7, "resourceChanges": {"create": i + 1}})
+    stack_file = bk.joinpath("stacks", *scoped, stack + ext)
+    put(stack_file, checkpoint(states[-1]) if states else
+        {"version": 3, "checkpoint": {"stack": f"organization/{project}/{stack}"}})
+    if tags is not None:
+        stack_file.with_name(stack + ".pulumi-tags").write_text(
+            json.dumps({"version": 1, "tags": tags}))
+    if lock:
+        lock_dir = bk.joinpath("locks", *(("organization", project) if not legacy else ()), stack)
+        lock_dir.mkdir(parents=True)
+        (lock_dir / "7f1e.json").write_text('{"pid":1,"username":"ci","hostname":"runner"}')
+    return sp(project, stack)
+
+
+def diy_states(n, stack="dev", project="proj"):
+    """n growing states: state i has the stack resource and i+1 pets."""
+    return [[stack_res(stack, project)] + [res(f"p{j}", stack=stack, project=project)
+                                           for j in range(i + 1)] for i in range(n)]
+
+
+def run_import(cfg, source, capsys=None, **options):
+    opts = {"dry_run": False, "overwrite": False, "ignore_locks": False, **options}
+    code = pb.import_diy(cfg, str(source), opts, {})
+    out = capsys.readouterr() if capsys else None
+    return code, out
+
+
+def test_import_diy_brings_every_stack_with_its_history(srv, cfg, tmp_path, capsys):
+    """Into a running server: no restart needed, and every version is there."""
+    diy = tmp_path / "diy"
+    web = write_diy(diy, "web", "dev", diy_states(5), tags={"team": "infra"})
+    api = write_diy(diy, "api", "prod", diy_states(3, "prod", "api"), gz=True,
+                    kinds={1: "refresh"})
+    code, out = run_import(cfg, diy, capsys)
+    assert code == 0, out
+    assert out.out.splitlines()[0].startswith(
+        "imported 2 stacks, 8 versions, ") and "skipped 0" in out.out
+    assert "change-secrets-provider default" in out.out
+    status, _, listed = srv.request("GET", "/api/user/stacks")
+    assert sorted((s["projectName"], s["stackName"], s["resourceCount"])
+                  for s in listed["stacks"]) == [("api", "prod", 4), ("web", "dev", 6)]
+    history = srv.history(web)
+    assert [u["version"] for u in history] == [5, 4, 3, 2, 1]
+    oldest = history[-1]
+    assert (oldest["kind"], oldest["result"], oldest["startTime"], oldest["endTime"]) == (
+        "update", "succeeded", T0, T0 + 7)
+    assert oldest["message"] == "change 0" and oldest["resourceChanges"] == {"create": 1}
+    assert oldest["environment"] == {"exec.kind": "cli"}
+    assert oldest["config"]["aws:region"]["string"] == "eu-west-1"
+    assert history[0]["resourceCount"] == 6
+    assert [u["kind"] for u in srv.history(api)] == ["update", "refresh", "update"]
+    for n, state in enumerate(diy_states(5), 1):  # export --version N: that update's state
+        assert srv.export(web, n)["deployment"]["resources"] == state
+    assert srv.export(web) == srv.export(web, 5)
+    assert srv.stack(web)["tags"] == {"team": "infra"} and srv.stack(web)["version"] == 5
+    # The imported stack takes updates like any other.
+    update = srv.begin(web)
+    assert update.complete()[0] == 200 and srv.stack(web)["version"] == 6
+
+
+def test_import_diy_legacy_layout_through_a_file_url(cfg, tmp_path, capsys, start):
+    diy = tmp_path / "old diy"
+    write_diy(diy, "legacy", "dev", diy_states(2, "dev", "legacy"), legacy=True)
+    write_diy(diy, "legacy", "empty", [[]], legacy=True)  # no resources: project unknown
+    code, out = run_import(cfg, "file://" + urllib.request.pathname2url(str(diy)), capsys)
+    assert code == 0
+    assert "skipped organization/?/empty: legacy stack without resources" in out.err
+    assert "imported 1 stacks, 2 versions" in out.out and "skipped 1 (1 legacy stack" in out.out
+    srv = start()
+    assert [u["version"] for u in srv.history(sp("legacy", "dev"))] == [2, 1]
+
+
+def test_import_diy_skips_locked_and_existing_stacks(srv, cfg, tmp_path, capsys):
+    diy = tmp_path / "diy"
+    free = write_diy(diy, "web", "dev", diy_states(2))
+    locked = write_diy(diy, "web", "busy", diy_states(1, "busy"), lock=True)
+    code, out = run_import(cfg, diy, capsys)
+    assert code == 0
+    assert "skipped organization/web/busy: locked (" in out.err and "--ignore-locks" in out.err
+    assert srv.request("GET", locked)[0] == 404
+    # Re-run: what exists is skipped; the lock is ignored only on request.
+    code, out = run_import(cfg, diy, capsys, ignore_locks=True)
+    assert "imported 1 stacks, 1 versions" in out.out
+    assert "skipped organization/web/dev: exists here (give --overwrite" in out.err
+    assert srv.request("GET", locked)[0] == 200
+    old_id = srv.stack(free)["id"]
+    srv.import_state(free, untyped([stack_res()]))  # diverges here
+    code, out = run_import(cfg, diy, capsys, overwrite=True, ignore_locks=True)
+    assert "imported 2 stacks, 3 versions" in out.out, out
+    assert srv.stack(free)["id"] != old_id and srv.stack(free)["version"] == 2
+    assert srv.export(free)["deployment"]["resources"] == diy_states(2)[-1]
+    # A stack with an update running is never replaced.
+    update = srv.begin(free)
+    code, out = run_import(cfg, diy, capsys, overwrite=True)
+    assert "skipped organization/web/dev: exists here with an update running" in out.err
+    assert update.complete()[0] == 200
+
+
+def test_import_diy_dry_run_changes_nothing(cfg, tmp_path, capsys):
+    diy = tmp_path / "diy"
+    write_diy(diy, "web", "dev", diy_states(3))
+    code, out = run_import(cfg, diy, capsys, dry_run=True)
+    assert code == 0
+    assert out.out.startswith("would import organization/web/dev: 3 versions, ")
+    assert "would import 1 stacks, 3 versions" in out.out
+    assert not os.path.exists(cfg.db) and not os.path.exists(cfg.key_file())
+
+
+def test_import_diy_one_transaction_per_stack(srv, cfg, tmp_path, capsys):
+    diy = tmp_path / "diy"
+    good = write_diy(diy, "web", "a", diy_states(2, "a"))
+    bad = write_diy(diy, "web", "b", diy_states(3, "b"))
+    victim = sorted((diy / ".pulumi/history/web/b").glob("*.checkpoint.json"))[1]
+    victim.write_text('{"version": 3, "checkpoint": {"latest": {"resources": 7}}}')
+    code, out = run_import(cfg, diy, capsys)
+    assert code == 1
+    assert f"skipped organization/web/b: failed: {victim}: deployment resources" in out.err
+    assert srv.request("GET", bad)[0] == 404  # nothing of it: no half stack
+    assert srv.stack(good)["version"] == 2
+
+
+def test_import_diy_current_state_beyond_history_and_history_limit(start, cfg, tmp_path,
+                                                                    capsys):
+    diy = tmp_path / "diy"
+    path = write_diy(diy, "web", "dev", diy_states(4))
+    # `pulumi stack import` on a DIY backend rewrites the stack file without history.
+    stack_file = diy / ".pulumi/stacks/web/dev.json"
+    doc = json.loads(stack_file.read_text())
+    doc["checkpoint"]["latest"]["resources"] = [stack_res()]
+    stack_file.write_text(json.dumps(doc))
+    write_diy(diy, "web", "new", [])  # `pulumi stack init` only
+    srv = start(history_limit=3)
+    code, out = run_import(dataclasses.replace(cfg, history_limit=3), diy, capsys)
+    assert code == 0 and "imported 2 stacks, 3 versions" in out.out
+    history = srv.history(path)
+    assert [(u["version"], u["kind"]) for u in history] == [(5, "import"), (4, "update"),
+                                                            (3, "update")]
+    assert srv.export(path)["deployment"]["resources"] == [stack_res()]
+    assert srv.export(path, 4)["deployment"]["resources"] == diy_states(4)[-1]
+    assert srv.request("GET", path + "/export/2")[0] == 404  # beyond --history-limit
+    assert srv.stack(sp("web", "new"))["version"] == 0 and srv.history(sp("web", "new")) == []
+
+
+def test_import_diy_keeps_passphrase_provider(srv, cfg, tmp_path, capsys):
+    provider = {"type": "passphrase", "state": {"salt": "v1:abc:v1:def:ghi"}}
+    secret = {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270",
+              "ciphertext": "v1:Zm9v:YmFy"}
+    states = [[stack_res(), res("p", outputs={"pw": secret})]]
+    path = write_diy(tmp_path / "diy", "web", "dev", states, provider=provider)
+    assert run_import(cfg, tmp_path / "diy", capsys)[0] == 0
+    exported = srv.export(path)
+    assert exported["deployment"]["secrets_providers"] == provider
+    assert exported["deployment"]["resources"][1]["outputs"]["pw"] == secret
+
+
+def test_import_diy_reports_what_it_cannot_read(cfg, tmp_path, capsys):
+    with pytest.raises(ValueError, match="no .pulumi folder there.*sync it to a folder"):
+        pb.import_diy(cfg, str(tmp_path), {}, {})
+    diy = tmp_path / "diy"
+    write_diy(diy, "web", "dev", diy_states(1))
+    (diy / ".pulumi/meta.yaml").write_text("version: 2\n")
+    with pytest.raises(ValueError, match="layout version 2"):
+        pb.import_diy(cfg, str(diy), {}, {})
+    (diy / ".pulumi/meta.yaml").write_text("version: 1\n")
+    (diy / ".pulumi/stacks/web/dev.json").write_bytes(b"\x28\xb5\x2f\xfd" + b"x" * 20)
+    code, out = run_import(cfg, diy, capsys)
+    assert code == 1 and "zstd-compressed" in out.err and "zstd -d" in out.err
+
+
+def test_import_diy_progress_only_on_a_terminal(cfg, tmp_path, capsys, monkeypatch):
+    diy = tmp_path / "diy"
+    for name in ("a", "b"):
+        write_diy(diy, "web", name, diy_states(1, name))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, out = run_import(cfg, diy, capsys, dry_run=True)
+    assert code == 0 and "\r[1/2] web/a" in out.err and "\r[2/2] web/b" in out.err
+    assert "[1/2]" not in out.out  # the summary and plan stay clean on stdout
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert "[1/2]" not in run_import(cfg, diy, capsys, dry_run=True)[1].err
+
+
+def test_import_diy_flags():
+    command, _, extras = pb.parse_config(["import-diy", "SRC", "--overwrite"],
+                                         {"PULUMI_BACKEND_DRY_RUN": "1"})
+    assert (command, extras["file"]) == ("import-diy", "SRC")
+    assert extras["import"] == {"dry_run": True, "overwrite": True, "ignore_locks": False}
+
+
+def test_import_diy_command_line(tmp_path):
+    diy = tmp_path / "diy"
+    write_diy(diy, "web", "dev", diy_states(2))
+    db = tmp_path / "s.db"
+    run = [sys.executable, str(SCRIPT), "import-diy", "--db", str(db), str(diy)]
+    proc = subprocess.run(run + ["--dry-run"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "would import 1 stacks" in proc.stdout, proc.stderr
+    assert not db.exists()
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "imported 1 stacks, 2 versions" in proc.stdout, proc.stderr
+    assert os.stat(db.with_name("s.db.key")).st_mode & 0o777 == 0o600
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert "skipped 1 (1 exists here)" in proc.stdout and proc.returncode == 0
+# ==== 14. Server lifecycle, durability and main() =============================
 
 def test_acknowledged_journal_survives_restart(start):
     first = start()
@@ -4101,7 +4963,7 @@ def test_cli_rotate_master_key(tmp_path, start, cfg):
     assert status == 200 and base64.b64decode(back["plaintext"]) == b"kept"
 
 
-# ==== 10b. Reliability: hostile input, storage faults, limits, concurrency ======
+# ==== 14b. Reliability: hostile input, storage faults, limits, concurrency ====
 
 _TABLES = ("meta", "stacks", "deployments", "updates", "checkpoints", "journal", "events")
 
@@ -4936,7 +5798,7 @@ def test_racing_starts_one_wins_one_conflicts(srv):
         assert srv.stack(path)["version"] == version
 
 
-# ==== 10c. Operations: health, metrics, logs, backups, shutdown ================
+# ==== 14c. Operations: health, metrics, logs, backups, shutdown ===============
 
 def scrape(srv):
     """GET /metrics (no token) and return {(name, frozenset(labels)): value}."""
@@ -5408,7 +6270,7 @@ def test_readme_documents_every_flag():
         assert f"pulumi_backend.py {command}" in readme
 
 
-# ==== 10d. Hardening: HTTP framing, bodies and connections ====================
+# ==== 14d. Hardening: HTTP framing, bodies and connections ====================
 
 def vm_hwm_mb(pid):
     """Peak resident memory (VmHWM) of process ``pid``, in MB (Linux)."""
@@ -5720,655 +6582,7 @@ def test_500_is_json_without_detail(srv, monkeypatch):
         status, headers, out = srv.request("GET", "/api/user/stacks")
         assert status == 500 and headers["Content-Type"] == "application/json"
         assert out == {"code": 500, "message": "Internal Server Error"}
-# ==== 10d. Backups and replication: scheduled backups ===========================
-
-@pytest.mark.parametrize("text, seconds", [("90", 90), ("30s", 30), ("15m", 900), ("1h", 3600),
-                                           ("1d", 86400), ("1.5h", 5400), (" 2M ", 120)])
-def test_parse_duration(text, seconds):
-    assert pb._parse_duration("backup-interval", text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "h", "1w", "-1h", "1h30m", "soon"])
-def test_parse_duration_rejects(text):
-    with pytest.raises(ValueError, match="--backup-interval expects a duration"):
-        pb._parse_duration("backup-interval", text)
-
-
-def test_backup_flags_and_environment(tmp_path):
-    _, cfg, _ = pb.parse_config(["--backup-dir", str(tmp_path), "--backup-interval", "15m"],
-                                {"PULUMI_BACKEND_BACKUP_KEEP": "3",
-                                 "PULUMI_BACKEND_BACKUP_INTERVAL": "1d"})
-    assert (cfg.backup_dir, cfg.backup_interval, cfg.backup_keep) == (str(tmp_path), 900, 3)
-    _, cfg, _ = pb.parse_config([], {"PULUMI_BACKEND_BACKUP_INTERVAL": "1d"})
-    assert cfg.backup_interval == 86400 and cfg.backup_dir == ""
-    for argv, message in ((["--backup-interval", "0s"], "at least 1 second"),
-                          (["--backup-keep", "0"], "at least 1"),
-                          (["--backup-interval", "daily"], "expects a duration")):
-        with pytest.raises(ValueError, match=message):
-            pb.parse_config(argv, {})
-
-
-def _scheduler(srv, tmp_path, **overrides):
-    cfg = dataclasses.replace(srv.cfg, backup_dir=str(tmp_path / "backups"), **overrides)
-    return pb.BackupScheduler(cfg, srv.app.engine.metrics)
-
-
-def test_scheduled_backup_is_checked_private_and_old_ones_pruned(srv, tmp_path):
-    path = srv.create_stack()
-    srv.import_state(path, untyped([stack_res(), res("x")]))
-    backups = _scheduler(srv, tmp_path, backup_keep=2)
-    folder = tmp_path / "backups"
-    folder.mkdir()
-    for stamp in ("20250101T000000Z", "20250102T000000Z"):  # as if from earlier days
-        (folder / f"pulumi-backend-{stamp}.db").write_bytes(b"old")
-    (folder / "notes.txt").write_text("not ours")
-    before = time.time()
-    out = backups.backup_now()
-    assert out is not None and Path(out).parent == folder
-    assert os.stat(out).st_mode & 0o777 == 0o600
-    with sqlite3.connect(out) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert conn.execute("SELECT count(*) FROM stacks").fetchone()[0] == 1
-    # Named by UTC time; the oldest beyond --backup-keep are gone, other files stay.
-    assert backups.backups() == ["pulumi-backend-20250102T000000Z.db", Path(out).name]
-    assert (folder / "notes.txt").exists()
-    stamp = pb.BackupScheduler._NAME_RE.match(Path(out).name)[1]
-    assert stamp == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(before))) or \
-        stamp == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(before) + 1))
-    samples = scrape(srv)
-    assert int(before) <= sample(
-        samples, "pulumi_backend_last_backup_success_timestamp_seconds") <= time.time()
-
-
-def test_scheduled_backup_failure_is_logged_counted_and_harmless(srv, tmp_path, caplog):
-    path = srv.create_stack()
-    backups = _scheduler(srv, tmp_path)
-    backups.start()  # creates the folder and takes the first backup at once
-    try:
-        wait_for_files = time.monotonic() + 30
-        while not backups.backups():
-            assert time.monotonic() < wait_for_files
-            time.sleep(0.02)
-    finally:
-        backups.stop()
-    assert sample(scrape(srv), "pulumi_backend_backup_failures_total") == 0
-    folder = tmp_path / "backups"
-    for name in os.listdir(folder):
-        os.remove(folder / name)
-    folder.rmdir()
-    folder.write_text("a file where the folder was")  # every write into it now fails
-    with caplog.at_level("ERROR", logger="pulumi_backend"):
-        assert backups.backup_now() is None
-    assert "scheduled backup failed" in caplog.text
-    samples = scrape(srv)
-    assert sample(samples, "pulumi_backend_backup_failures_total") == 1
-    assert sample(samples, "pulumi_backend_last_backup_success_timestamp_seconds") > 0
-    srv.import_state(path, untyped([stack_res()]))  # requests go on
-    assert srv.request("GET", "/readyz", token=None)[0] == 200
-
-
-def test_no_backup_metrics_without_backup_dir(srv):
-    names = {name for name, _ in scrape(srv)}
-    assert "pulumi_backend_backup_failures_total" not in names
-    assert "pulumi_backend_last_backup_success_timestamp_seconds" not in names
-
-
-def test_scheduler_runs_on_its_interval_and_stops_promptly(srv, tmp_path):
-    srv.create_stack()
-    backups = _scheduler(srv, tmp_path, backup_interval=1, backup_keep=2)
-    backups.start()
-    try:
-        deadline = time.monotonic() + 30
-        while len(backups.backups()) < 2:  # the first at once, the second a second later
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        t = time.monotonic()
-        backups.stop()
-    assert time.monotonic() - t < 5 and not backups._thread.is_alive()
-    # A restart does not take another at once: the newest is less than an interval old.
-    count = len(backups.backups())
-    again = _scheduler(srv, tmp_path, backup_interval=3600)
-    again.start()
-    again.stop()
-    assert len(again.backups()) == count
-
-
-def test_writes_commit_while_a_backup_copies(srv, cfg, tmp_path):
-    """The backup's single step is one read transaction: WAL lets writers commit meanwhile."""
-    big, small = srv.create_stack(stack="big"), srv.create_stack(stack="small")
-    # ~8 MB of incompressible state, so one copy step takes a while.
-    srv.import_state(big, untyped([stack_res("big")] + [
-        res(f"r{i}", stack="big", outputs={"blob": secrets.token_hex(2048)})
-        for i in range(1000)]))
-    commits, stop = [], threading.Event()
-
-    def write():
-        while not stop.is_set():
-            srv.import_state(small, untyped([stack_res("small"), res(f"r{len(commits)}",
-                                                                     stack="small")]))
-            commits.append(time.monotonic())
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        overlapped, runs = 0, []
-        for i in range(5):
-            t0 = time.monotonic()
-            pb._snapshot(cfg.db, str(tmp_path / f"b{i}.db"))
-            t1 = time.monotonic()
-            runs.append(t1 - t0)
-            overlapped += sum(t0 < c < t1 for c in commits)
-            if overlapped:
-                break
-    finally:
-        stop.set()
-        writer.join()
-    print(f"backup of {os.path.getsize(tmp_path / 'b0.db') / 1e6:.1f} MB: "
-          f"{min(runs) * 1000:.0f} ms; {overlapped} writes committed during it")
-    assert overlapped > 0
-
-
-def test_wal_autocheckpoint_flag_and_no_forced_checkpoints(tmp_path):
-    """Litestream's needs: WAL, busy_timeout >= 5 s, and no checkpoint of ours racing it."""
-    _, cfg, _ = pb.parse_config(["--wal-autocheckpoint", "0"], {})
-    assert cfg.wal_autocheckpoint == 0 and Config().wal_autocheckpoint == 1000
-    with pytest.raises(ValueError, match="wal-autocheckpoint"):
-        pb.parse_config(["--wal-autocheckpoint", "-1"], {})
-    for pages in (0, 1000):
-        store = pb.SQLiteStore(str(tmp_path / f"{pages}.db"), pages)
-        with store.read() as db:
-            assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == pages
-            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert db.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
-        store.close()
-    # The server never asks for a checkpoint itself (a TRUNCATE or RESTART one would
-    # wait on Litestream's read lock and race its WAL copying).
-    assert "wal_checkpoint" not in SCRIPT.read_text(encoding="utf-8")
-
-
-# ==== 10e. Import from DIY backends ============================================
-
-T0 = 1_700_000_000  # startTime of the first update of the DIY stacks below
-
-
-def write_diy(root, project, stack, states, gz=False, legacy=False, tags=None, lock=False,
-              provider=None, kinds=None):
-    """Write a stack the way the CLI's DIY backend does; each of ``states`` (lists of
-    resources) is one update's result: a history checkpoint, an update record, and
-    the stack file holding the last one. Return the stack's path on our server."""
-    bk = root / ".pulumi"
-    scoped = () if legacy else (project,)
-    if not legacy:
-        bk.mkdir(parents=True, exist_ok=True)
-        (bk / "meta.yaml").write_text("version: 1\n")
-    ext = ".json.gz" if gz else ".json"
-
-    def put(path, value):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(value, indent=4).encode()
-        path.write_bytes(gzip.compress(data) if gz else data)
-
-    def checkpoint(resources):
-        latest = deployment(resources)
-        if provider:
-            latest["secrets_providers"] = provider
-        return {"version": 3, "checkpoint": {"stack": f"organization/{project}/{stack}",
-                                             "latest": latest}}
-    history = bk.joinpath("history", *scoped, stack)
-    for i, resources in enumerate(states):
-        prefix = f"{stack}-{(T0 + 100 * i) * 10**9 + 123}"
-        put(history / f"{prefix}.checkpoint{ext}", checkpoint(resources))
-        put(history / f"{prefix}.history{ext}", {
-            "kind": (kinds or {}).get(i, "update"), "startTime": T0 + 100 * i,
-            "message": f"change {i}", "environment": {"exec.kind": "cli"},
-            "config": {"aws:region": {"string": "eu-west-1", "secret": False, "object": False}},
-            "result": "failed" if (kinds or {}).get(i) == "failed" else "succeeded",
-            "endTime": T0 + 100 * i + 7, "resourceChanges": {"create": i + 1}})
-    stack_file = bk.joinpath("stacks", *scoped, stack + ext)
-    put(stack_file, checkpoint(states[-1]) if states else
-        {"version": 3, "checkpoint": {"stack": f"organization/{project}/{stack}"}})
-    if tags is not None:
-        stack_file.with_name(stack + ".pulumi-tags").write_text(
-            json.dumps({"version": 1, "tags": tags}))
-    if lock:
-        lock_dir = bk.joinpath("locks", *(("organization", project) if not legacy else ()), stack)
-        lock_dir.mkdir(parents=True)
-        (lock_dir / "7f1e.json").write_text('{"pid":1,"username":"ci","hostname":"runner"}')
-    return sp(project, stack)
-
-
-def diy_states(n, stack="dev", project="proj"):
-    """n growing states: state i has the stack resource and i+1 pets."""
-    return [[stack_res(stack, project)] + [res(f"p{j}", stack=stack, project=project)
-                                           for j in range(i + 1)] for i in range(n)]
-
-
-def run_import(cfg, source, capsys=None, **options):
-    opts = {"dry_run": False, "overwrite": False, "ignore_locks": False, **options}
-    code = pb.import_diy(cfg, str(source), opts, {})
-    out = capsys.readouterr() if capsys else None
-    return code, out
-
-
-def test_import_diy_brings_every_stack_with_its_history(srv, cfg, tmp_path, capsys):
-    """Into a running server: no restart needed, and every version is there."""
-    diy = tmp_path / "diy"
-    web = write_diy(diy, "web", "dev", diy_states(5), tags={"team": "infra"})
-    api = write_diy(diy, "api", "prod", diy_states(3, "prod", "api"), gz=True,
-                    kinds={1: "refresh"})
-    code, out = run_import(cfg, diy, capsys)
-    assert code == 0, out
-    assert out.out.splitlines()[0].startswith(
-        "imported 2 stacks, 8 versions, ") and "skipped 0" in out.out
-    assert "change-secrets-provider default" in out.out
-    status, _, listed = srv.request("GET", "/api/user/stacks")
-    assert sorted((s["projectName"], s["stackName"], s["resourceCount"])
-                  for s in listed["stacks"]) == [("api", "prod", 4), ("web", "dev", 6)]
-    history = srv.history(web)
-    assert [u["version"] for u in history] == [5, 4, 3, 2, 1]
-    oldest = history[-1]
-    assert (oldest["kind"], oldest["result"], oldest["startTime"], oldest["endTime"]) == (
-        "update", "succeeded", T0, T0 + 7)
-    assert oldest["message"] == "change 0" and oldest["resourceChanges"] == {"create": 1}
-    assert oldest["environment"] == {"exec.kind": "cli"}
-    assert oldest["config"]["aws:region"]["string"] == "eu-west-1"
-    assert history[0]["resourceCount"] == 6
-    assert [u["kind"] for u in srv.history(api)] == ["update", "refresh", "update"]
-    for n, state in enumerate(diy_states(5), 1):  # export --version N: that update's state
-        assert srv.export(web, n)["deployment"]["resources"] == state
-    assert srv.export(web) == srv.export(web, 5)
-    assert srv.stack(web)["tags"] == {"team": "infra"} and srv.stack(web)["version"] == 5
-    # The imported stack takes updates like any other.
-    update = srv.begin(web)
-    assert update.complete()[0] == 200 and srv.stack(web)["version"] == 6
-
-
-def test_import_diy_legacy_layout_through_a_file_url(cfg, tmp_path, capsys, start):
-    diy = tmp_path / "old diy"
-    write_diy(diy, "legacy", "dev", diy_states(2, "dev", "legacy"), legacy=True)
-    write_diy(diy, "legacy", "empty", [[]], legacy=True)  # no resources: project unknown
-    code, out = run_import(cfg, "file://" + urllib.request.pathname2url(str(diy)), capsys)
-    assert code == 0
-    assert "skipped organization/?/empty: legacy stack without resources" in out.err
-    assert "imported 1 stacks, 2 versions" in out.out and "skipped 1 (1 legacy stack" in out.out
-    srv = start()
-    assert [u["version"] for u in srv.history(sp("legacy", "dev"))] == [2, 1]
-
-
-def test_import_diy_skips_locked_and_existing_stacks(srv, cfg, tmp_path, capsys):
-    diy = tmp_path / "diy"
-    free = write_diy(diy, "web", "dev", diy_states(2))
-    locked = write_diy(diy, "web", "busy", diy_states(1, "busy"), lock=True)
-    code, out = run_import(cfg, diy, capsys)
-    assert code == 0
-    assert "skipped organization/web/busy: locked (" in out.err and "--ignore-locks" in out.err
-    assert srv.request("GET", locked)[0] == 404
-    # Re-run: what exists is skipped; the lock is ignored only on request.
-    code, out = run_import(cfg, diy, capsys, ignore_locks=True)
-    assert "imported 1 stacks, 1 versions" in out.out
-    assert "skipped organization/web/dev: exists here (give --overwrite" in out.err
-    assert srv.request("GET", locked)[0] == 200
-    old_id = srv.stack(free)["id"]
-    srv.import_state(free, untyped([stack_res()]))  # diverges here
-    code, out = run_import(cfg, diy, capsys, overwrite=True, ignore_locks=True)
-    assert "imported 2 stacks, 3 versions" in out.out, out
-    assert srv.stack(free)["id"] != old_id and srv.stack(free)["version"] == 2
-    assert srv.export(free)["deployment"]["resources"] == diy_states(2)[-1]
-    # A stack with an update running is never replaced.
-    update = srv.begin(free)
-    code, out = run_import(cfg, diy, capsys, overwrite=True)
-    assert "skipped organization/web/dev: exists here with an update running" in out.err
-    assert update.complete()[0] == 200
-
-
-def test_import_diy_dry_run_changes_nothing(cfg, tmp_path, capsys):
-    diy = tmp_path / "diy"
-    write_diy(diy, "web", "dev", diy_states(3))
-    code, out = run_import(cfg, diy, capsys, dry_run=True)
-    assert code == 0
-    assert out.out.startswith("would import organization/web/dev: 3 versions, ")
-    assert "would import 1 stacks, 3 versions" in out.out
-    assert not os.path.exists(cfg.db) and not os.path.exists(cfg.key_file())
-
-
-def test_import_diy_one_transaction_per_stack(srv, cfg, tmp_path, capsys):
-    diy = tmp_path / "diy"
-    good = write_diy(diy, "web", "a", diy_states(2, "a"))
-    bad = write_diy(diy, "web", "b", diy_states(3, "b"))
-    victim = sorted((diy / ".pulumi/history/web/b").glob("*.checkpoint.json"))[1]
-    victim.write_text('{"version": 3, "checkpoint": {"latest": {"resources": 7}}}')
-    code, out = run_import(cfg, diy, capsys)
-    assert code == 1
-    assert f"skipped organization/web/b: failed: {victim}: deployment resources" in out.err
-    assert srv.request("GET", bad)[0] == 404  # nothing of it: no half stack
-    assert srv.stack(good)["version"] == 2
-
-
-def test_import_diy_current_state_beyond_history_and_history_limit(start, cfg, tmp_path,
-                                                                    capsys):
-    diy = tmp_path / "diy"
-    path = write_diy(diy, "web", "dev", diy_states(4))
-    # `pulumi stack import` on a DIY backend rewrites the stack file without history.
-    stack_file = diy / ".pulumi/stacks/web/dev.json"
-    doc = json.loads(stack_file.read_text())
-    doc["checkpoint"]["latest"]["resources"] = [stack_res()]
-    stack_file.write_text(json.dumps(doc))
-    write_diy(diy, "web", "new", [])  # `pulumi stack init` only
-    srv = start(history_limit=3)
-    code, out = run_import(dataclasses.replace(cfg, history_limit=3), diy, capsys)
-    assert code == 0 and "imported 2 stacks, 3 versions" in out.out
-    history = srv.history(path)
-    assert [(u["version"], u["kind"]) for u in history] == [(5, "import"), (4, "update"),
-                                                            (3, "update")]
-    assert srv.export(path)["deployment"]["resources"] == [stack_res()]
-    assert srv.export(path, 4)["deployment"]["resources"] == diy_states(4)[-1]
-    assert srv.request("GET", path + "/export/2")[0] == 404  # beyond --history-limit
-    assert srv.stack(sp("web", "new"))["version"] == 0 and srv.history(sp("web", "new")) == []
-
-
-def test_import_diy_keeps_passphrase_provider(srv, cfg, tmp_path, capsys):
-    provider = {"type": "passphrase", "state": {"salt": "v1:abc:v1:def:ghi"}}
-    secret = {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270",
-              "ciphertext": "v1:Zm9v:YmFy"}
-    states = [[stack_res(), res("p", outputs={"pw": secret})]]
-    path = write_diy(tmp_path / "diy", "web", "dev", states, provider=provider)
-    assert run_import(cfg, tmp_path / "diy", capsys)[0] == 0
-    exported = srv.export(path)
-    assert exported["deployment"]["secrets_providers"] == provider
-    assert exported["deployment"]["resources"][1]["outputs"]["pw"] == secret
-
-
-def test_import_diy_reports_what_it_cannot_read(cfg, tmp_path, capsys):
-    with pytest.raises(ValueError, match="no .pulumi folder there.*sync it to a folder"):
-        pb.import_diy(cfg, str(tmp_path), {}, {})
-    diy = tmp_path / "diy"
-    write_diy(diy, "web", "dev", diy_states(1))
-    (diy / ".pulumi/meta.yaml").write_text("version: 2\n")
-    with pytest.raises(ValueError, match="layout version 2"):
-        pb.import_diy(cfg, str(diy), {}, {})
-    (diy / ".pulumi/meta.yaml").write_text("version: 1\n")
-    (diy / ".pulumi/stacks/web/dev.json").write_bytes(b"\x28\xb5\x2f\xfd" + b"x" * 20)
-    code, out = run_import(cfg, diy, capsys)
-    assert code == 1 and "zstd-compressed" in out.err and "zstd -d" in out.err
-
-
-def test_import_diy_progress_only_on_a_terminal(cfg, tmp_path, capsys, monkeypatch):
-    diy = tmp_path / "diy"
-    for name in ("a", "b"):
-        write_diy(diy, "web", name, diy_states(1, name))
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    code, out = run_import(cfg, diy, capsys, dry_run=True)
-    assert code == 0 and "\r[1/2] web/a" in out.err and "\r[2/2] web/b" in out.err
-    assert "[1/2]" not in out.out  # the summary and plan stay clean on stdout
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    assert "[1/2]" not in run_import(cfg, diy, capsys, dry_run=True)[1].err
-
-
-def test_import_diy_flags():
-    command, _, extras = pb.parse_config(["import-diy", "SRC", "--overwrite"],
-                                         {"PULUMI_BACKEND_DRY_RUN": "1"})
-    assert (command, extras["file"]) == ("import-diy", "SRC")
-    assert extras["import"] == {"dry_run": True, "overwrite": True, "ignore_locks": False}
-
-
-def test_import_diy_command_line(tmp_path):
-    diy = tmp_path / "diy"
-    write_diy(diy, "web", "dev", diy_states(2))
-    db = tmp_path / "s.db"
-    run = [sys.executable, str(SCRIPT), "import-diy", "--db", str(db), str(diy)]
-    proc = subprocess.run(run + ["--dry-run"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and "would import 1 stacks" in proc.stdout, proc.stderr
-    assert not db.exists()
-    proc = subprocess.run(run, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and "imported 1 stacks, 2 versions" in proc.stdout, proc.stderr
-    assert os.stat(db.with_name("s.db.key")).st_mode & 0o777 == 0o600
-    proc = subprocess.run(run, capture_output=True, text=True, timeout=60)
-    assert "skipped 1 (1 exists here)" in proc.stdout and proc.returncode == 0
-# ==== 10f. Hardening: configuration, files and keys ============================
-
-@pytest.mark.parametrize("content", ["", "\n\n  \n", "# the token goes here\n\n# another\n"])
-def test_token_file_without_a_token_is_a_start_up_error(tmp_path, content):
-    tokens = tmp_path / "tokens"
-    tokens.write_text(content)
-    with pytest.raises(ValueError, match="holds no token") as e:
-        pb.parse_config(["--auth-token-file", str(tokens)], {})  # loopback: fails open today
-    assert str(tokens) in str(e.value) and "\n" not in str(e.value)
-    proc = run_cli(["--port", "0", "--auth-token-file", "tokens"], tmp_path)
-    assert_one_line_error(proc, "tokens", "holds no token")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens"]  # no database made
-
-
-def test_token_file_skips_comments_and_blank_lines(tmp_path):
-    tokens = tmp_path / "tokens"
-    tokens.write_text("# CI tokens, one per line\n\n  first-token-0123456789  \n"
-                      "  # rotated 2026-11\nsecond-token-0123456789\n")
-    _, cfg, _ = pb.parse_config(["--auth-token-file", str(tokens)], {})
-    assert cfg.auth_tokens == ("first-token-0123456789", "second-token-0123456789")
-
-
-@pytest.mark.parametrize("argv, env", [
-    (["--auth-token", ""], {}), (["--auth-token", " , "], {}), (["--auth-token-file", ""], {}),
-    ([], {"PULUMI_BACKEND_AUTH_TOKEN": ""}), ([], {"PULUMI_BACKEND_AUTH_TOKEN": ","}),
-    ([], {"PULUMI_BACKEND_AUTH_TOKEN_FILE": ""}),
-], ids=["flag", "flag-commas", "file-flag", "env", "env-comma", "file-env"])
-def test_explicitly_empty_tokens_do_not_mean_any_token(argv, env):
-    with pytest.raises(ValueError, match="is empty") as e:
-        pb.parse_config(argv, env)
-    assert "\n" not in str(e.value)
-
-
-def test_short_tokens_get_a_warning_that_never_shows_them(tmp_path):
-    short, long_ = "s3cr3t-" + secrets.token_hex(2), secrets.token_hex(16)
-    proc, url = serve_subprocess(tmp_path, "--auth-token", f"{short},{long_}")
-    try:
-        req = urllib.request.Request(url + "/api/user", headers={"Authorization": f"token {short}"})
-        urllib.request.urlopen(req, timeout=10).close()  # still accepted: a warning only
-    finally:
-        assert stop_subprocess(proc) == 0
-    text = (tmp_path / "err.log").read_text()
-    assert "1 of 2 accepted tokens are shorter than 16 characters" in text
-    assert short not in text and long_ not in text
-    assert pb._short_token_count(Config(auth_tokens=(long_,))) == 0
-
-
-def _modes(path):
-    """Permission bits of the database and its -wal, -shm and lock files that exist."""
-    return {suffix: os.stat(path + suffix).st_mode & 0o777
-            for suffix in ("", "-wal", "-shm", ".lock") if os.path.exists(path + suffix)}
-
-
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)  # the usual umask, under which SQLite creates files 0644
-    yield
-    os.umask(old)
-
-
-def test_database_files_are_private_after_start_and_writes(cfg, tmp_path, umask_022):
-    os.chmod(tmp_path, 0o755)
-    with pb._database_lock(cfg.db):
-        srv = Srv(cfg)
-        try:
-            path = srv.create_stack()
-            srv.import_state(path, untyped([stack_res(), A]))  # writes: -wal and -shm in use
-            modes = _modes(cfg.db)
-        finally:
-            srv.stop()
-    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600, ".lock": 0o600}
-    assert os.stat(tmp_path).st_mode & 0o777 == 0o755  # the folder is left as it was
-
-
-def test_database_files_left_readable_by_others_are_tightened(cfg, tmp_path, umask_022):
-    srv = Srv(cfg)
-    srv.create_stack()
-    srv.stop()
-    for suffix in ("", "-wal", "-shm", ".lock"):  # as an older version (or a crash) left them
-        with open(cfg.db + suffix, "ab"):
-            pass
-        os.chmod(cfg.db + suffix, 0o644)
-    with pb._database_lock(cfg.db):
-        srv = Srv(cfg)
-        modes = _modes(cfg.db)
-        srv.stop()
-    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600, ".lock": 0o600}
-
-
-def test_restored_database_is_private(start, cfg, tmp_path, umask_022):
-    srv = start()
-    path = srv.create_stack()
-    srv.stop()
-    backup = tmp_path / "b.db"
-    assert pb.backup_database(cfg, str(backup)) == 0
-    for name in ("new.db", "old.db"):  # a new file, and an existing database left 0644
-        target = dataclasses.replace(cfg, db=str(tmp_path / name), master_key_file=cfg.key_file())
-        if name == "old.db":
-            Srv(target).stop()
-            os.chmod(target.db, 0o644)
-        assert pb.restore_database(target, str(backup), {}) == 0
-        assert _modes(target.db) == {"": 0o600}, name
-        copy = start(db=target.db, master_key_file=target.key_file())
-        copy.request("PATCH", path + "/tags", {"a": "1"})
-        assert set(_modes(target.db).values()) == {0o600}, name
-
-
-def _strip_canary(db):
-    with sqlite3.connect(db) as conn:
-        conn.execute("DELETE FROM meta WHERE key = 'canary'")
-    conn.close()
-
-
-def test_a_key_that_opens_no_stack_key_is_refused_without_a_canary(start, cfg, tmp_path):
-    srv = start()  # key A
-    path = srv.create_stack()
-    status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"hush")})
-    assert status == 200
-    ciphertext = out["ciphertext"]
-    srv.stop()
-    backup = tmp_path / "b.db"
-    assert pb.backup_database(cfg, str(backup)) == 0
-    _strip_canary(backup)  # e.g. a backup of a database from before the canary
-    key_b = tmp_path / "b.key"
-    key_b.write_bytes(secrets.token_bytes(32))
-    target = dataclasses.replace(cfg, db=str(tmp_path / "t.db"), master_key_file=str(key_b))
-    with pytest.raises(ValueError, match="another master key"):
-        pb.restore_database(target, str(backup), {})
-    assert not os.path.exists(target.db)
-    # Start with key B on a database without a canary: refused at start, not 500 later.
-    _strip_canary(cfg.db)
-    with pytest.raises(ValueError, match="master key does not match"):
-        pb.build_app(dataclasses.replace(cfg, master_key_file=str(key_b)), environ={})
-    proc = run_cli(["--port", "0", "--db", cfg.db, "--master-key-file", str(key_b)], tmp_path)
-    assert_one_line_error(proc, "master key does not match")
-    # Key A works on both, and the canary is written (also over one made under key B).
-    restored = dataclasses.replace(target, master_key_file=cfg.key_file())
-    assert pb.restore_database(restored, str(backup), {}) == 0
-    for db in (cfg.db, restored.db):
-        srv = start(db=db, master_key_file=cfg.key_file())
-        status, _, out = srv.request("POST", path + "/decrypt", {"ciphertext": ciphertext})
-        assert status == 200 and base64.b64decode(out["plaintext"]) == b"hush"
-        srv.stop()
-        with sqlite3.connect(db) as conn:
-            assert conn.execute("SELECT count(*) FROM meta WHERE key = 'canary'").fetchone() == (1,)
-        conn.close()
-
-
-def test_a_canary_written_under_the_wrong_key_yields_to_the_stack_keys(start, cfg, tmp_path):
-    srv = start()  # key A
-    path = srv.create_stack()
-    srv.stop()
-    key_b = tmp_path / "b.key"
-    key_b.write_bytes(secrets.token_bytes(32))
-    # What an older version did with key B on a database without a canary.
-    wrong = pb.Crypto("python").seal(key_b.read_bytes(), pb._CANARY)
-    with sqlite3.connect(cfg.db) as conn:
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'canary'", (wrong,))
-    conn.close()
-    with pytest.raises(ValueError, match="master key does not match"):
-        pb.build_app(dataclasses.replace(cfg, master_key_file=str(key_b)), environ={})
-    srv = start()  # key A opens the stack keys: it is the database's key
-    assert srv.request("POST", path + "/encrypt", {"plaintext": b64(b"x")})[0] == 200
-    srv.stop()
-    with pytest.raises(ValueError, match="master key does not match"):  # canary now under A
-        pb.build_app(dataclasses.replace(cfg, master_key_file=str(key_b)), environ={})
-
-
-def legacy_16mb_delta(size=16 * 1024 * 1024):
-    """Return ``(state, edits, new state)``: a pretty-printed state of about ``size``
-    bytes, as CLIs before v3.68 wrote it, and a line/column delta changing its
-    manifest time and its last resource."""
-    def pretty(count):
-        return json.dumps(untyped([stack_res()] + [
-            res(f"r{i}", outputs={"v": f"{i}", "pad": "x" * 300}) for i in range(count)]),
-            indent=4).encode()
-    one = (len(pretty(10)) - len(pretty(0))) // 10
-    prev = pretty(size // one)
-    lines = prev.split(b"\n")
-    time_line = next(i for i, line in enumerate(lines) if b'"time"' in line)
-    last_id = max(i for i, line in enumerate(lines) if b'"id"' in line)
-    changes = {time_line: (b"2026-01-01", b"2026-12-31"), last_id: (b'-id"', b'-id2"')}
-    edits = []
-    for i, (old, new) in sorted(changes.items()):
-        edits.append({"Span": {"uri": "", "start": {"line": i + 1, "column": 1, "offset": -1},
-                               "end": {"line": i + 2, "column": 1, "offset": -1}},
-                      "NewText": lines[i].replace(old, new).decode() + "\n"})
-        lines[i] = lines[i].replace(old, new)
-    return prev, edits, b"\n".join(lines)
-
-
-def test_a_16mb_legacy_delta_does_not_hold_up_other_stacks(srv, monkeypatch):
-    prev, edits, new = legacy_16mb_delta()
-    a, b = srv.create_stack(stack="a"), srv.create_stack(stack="b")
-    update = srv.begin(a, journal=False)
-    body = b'{"version":3,"untypedDeployment":' + prev + b',"sequenceNumber":1}'
-    assert update.call("PATCH", "/checkpointverbatim", body, gzip_body=False)[0] == 200
-    applying, applied, real = threading.Event(), [], pb.apply_delta
-
-    def timed_apply_delta(*args):
-        applying.set()
-        t0 = time.perf_counter()
-        try:
-            return real(*args)
-        finally:
-            applied.append(time.perf_counter() - t0)
-    monkeypatch.setattr(pb, "apply_delta", timed_apply_delta)
-    replies = []
-    sender = threading.Thread(target=lambda: replies.append(
-        update.delta(edits, hashlib.sha256(new).hexdigest(), 2)))
-    sender.start()
-    try:
-        assert applying.wait(60)
-        t0 = time.perf_counter()
-        status, _, _ = srv.request("PATCH", b + "/tags", {"owner": "b"})  # a write on stack B
-        b_seconds = time.perf_counter() - t0
-    finally:
-        sender.join(120)
-    print(f"\n16 MB legacy delta: applied in {applied[0] * 1000:.0f} ms; a write on another "
-          f"stack meanwhile took {b_seconds * 1000:.0f} ms")
-    assert status == 200 and replies[0][0] == 200, replies
-    assert b_seconds < applied[0] / 2  # B did not wait for A's delta
-    assert update.complete()[0] == 200
-    assert srv.export_bytes(a) == new and srv.stack(b)["tags"]["owner"] == "b"
-
-
-def test_a_delta_applied_meanwhile_elsewhere_is_not_applied_twice(srv, monkeypatch):
-    # Two copies of one delta race (a CLI retry): the second finds the base
-    # moved under it, applies again on the new base, and sees its own result.
-    path = srv.create_stack()
-    update = srv.begin(path, journal=False)
-    assert update.verbatim(PREV_DOC, 1)[0] == 200
-    real, calls = pb._next_checkpoint, []
-
-    def racing(base, *args):
-        calls.append(base[0])
-        if len(calls) == 1:  # the other copy commits while this one applies
-            assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
-        return real(base, *args)
-    monkeypatch.setattr(pb, "_next_checkpoint", racing)
-    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
-    assert calls == [1, 1, 2]  # this copy, the other one, this one again on the new base
-    assert update.complete()[0] == 200
-    assert srv.export_bytes(path) == NEW_DOC
-# ==== 10e. Hardening: strict JSON and unbrickable stacks =======================
+# ==== 14e. Hardening: strict JSON and unbrickable stacks ======================
 
 def nested(levels, leaf=1):
     """A value of ``levels`` nested objects and arrays around ``leaf``."""
@@ -6617,461 +6831,251 @@ def test_strict_json_accepts_what_the_cli_sends():
         pb._loads(b'["' + b"]" * 600 + b'",' + b"[" * 600 + b"]" * 600 + b"]")
 
 
-# ==== 10g. Web console =========================================================
+# ==== 14f. Hardening: configuration, files and keys ===========================
 
-class Browser:
-    """A cookie-keeping client of the web console, as a browser would send its forms."""
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "# the token goes here\n\n# another\n"])
+def test_token_file_without_a_token_is_a_start_up_error(tmp_path, content):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(content)
+    with pytest.raises(ValueError, match="holds no token") as e:
+        pb.parse_config(["--auth-token-file", str(tokens)], {})  # loopback: fails open today
+    assert str(tokens) in str(e.value) and "\n" not in str(e.value)
+    proc = run_cli(["--port", "0", "--auth-token-file", "tokens"], tmp_path)
+    assert_one_line_error(proc, "tokens", "holds no token")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens"]  # no database made
 
-    def __init__(self, srv):
-        self.srv, self.cookies = srv, {}
 
-    def send(self, method, path, fields=None, origin="same", headers=None):
-        hdrs = {"User-Agent": "test-browser"}
-        if self.cookies:
-            hdrs["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        data = None
-        if fields is not None:
-            data = urllib.parse.urlencode(fields).encode()
-            hdrs["Content-Type"] = "application/x-www-form-urlencoded"
-        if origin is not None:
-            hdrs["Origin"] = self.srv.url if origin == "same" else origin
-        hdrs.update(headers or {})
-        c = self.srv.connection()
-        try:
-            c.request(method, path, body=data, headers=hdrs)
-            resp = c.getresponse()
-            body = resp.read()
-        finally:
-            c.close()
-        cookie = resp.headers.get("Set-Cookie")
-        if cookie:
-            name, _, value = cookie.split(";")[0].partition("=")
-            if value:
-                self.cookies[name] = value
-            else:
-                self.cookies.pop(name, None)
-        return resp.status, resp.headers, body.decode("utf-8", "replace")
+def test_token_file_skips_comments_and_blank_lines(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# CI tokens, one per line\n\n  first-token-0123456789  \n"
+                      "  # rotated 2026-11\nsecond-token-0123456789\n")
+    _, cfg, _ = pb.parse_config(["--auth-token-file", str(tokens)], {})
+    assert cfg.auth_tokens == ("first-token-0123456789", "second-token-0123456789")
 
-    def get(self, path, **kw):
-        return self.send("GET", path, **kw)
 
-    def csrf(self, path="/"):
-        status, _, page = self.get(path)
-        assert status == 200, page
-        return re.search(r'name="csrf" value="([^"]+)"', page)[1]
+@pytest.mark.parametrize("argv, env", [
+    (["--auth-token", ""], {}), (["--auth-token", " , "], {}), (["--auth-token-file", ""], {}),
+    ([], {"PULUMI_BACKEND_AUTH_TOKEN": ""}), ([], {"PULUMI_BACKEND_AUTH_TOKEN": ","}),
+    ([], {"PULUMI_BACKEND_AUTH_TOKEN_FILE": ""}),
+], ids=["flag", "flag-commas", "file-flag", "env", "env-comma", "file-env"])
+def test_explicitly_empty_tokens_do_not_mean_any_token(argv, env):
+    with pytest.raises(ValueError, match="is empty") as e:
+        pb.parse_config(argv, env)
+    assert "\n" not in str(e.value)
 
-    def sign_in(self, token="token t", next_path="/", expect=303):
-        csrf = self.csrf("/login")
-        status, headers, page = self.send("POST", "/login", {
-            "csrf": csrf, "token": token.removeprefix("token "), "next": next_path})
-        assert status == expect, page
-        return headers, page
 
-    def post(self, path, fields=None, csrf_from="/", **kw):
-        fields = dict(fields or {})
-        fields.setdefault("csrf", self.csrf(csrf_from))
-        return self.send("POST", path, fields, **kw)
+def test_short_tokens_get_a_warning_that_never_shows_them(tmp_path):
+    short, long_ = "s3cr3t-" + secrets.token_hex(2), secrets.token_hex(16)
+    proc, url = serve_subprocess(tmp_path, "--auth-token", f"{short},{long_}")
+    try:
+        req = urllib.request.Request(url + "/api/user", headers={"Authorization": f"token {short}"})
+        urllib.request.urlopen(req, timeout=10).close()  # still accepted: a warning only
+    finally:
+        assert stop_subprocess(proc) == 0
+    text = (tmp_path / "err.log").read_text()
+    assert "1 of 2 accepted tokens are shorter than 16 characters" in text
+    assert short not in text and long_ not in text
+    assert pb._short_token_count(Config(auth_tokens=(long_,))) == 0
+
+
+def _modes(path):
+    """Permission bits of the database and its -wal, -shm and lock files that exist."""
+    return {suffix: os.stat(path + suffix).st_mode & 0o777
+            for suffix in ("", "-wal", "-shm", ".lock") if os.path.exists(path + suffix)}
 
 
 @pytest.fixture
-def browser(srv):
-    b = Browser(srv)
-    b.sign_in()
-    return b
+def umask_022():
+    old = os.umask(0o022)  # the usual umask, under which SQLite creates files 0644
+    yield
+    os.umask(old)
 
 
-def console_stack(srv, project="proj", stack="dev", tags=None, resources=()):
-    path = srv.create_stack(project, stack, tags=tags or {})
-    if resources:
-        srv.import_state(path, untyped(resources))
-    return path
+def test_database_files_are_private_after_start_and_writes(cfg, tmp_path, umask_022):
+    os.chmod(tmp_path, 0o755)
+    with pb._database_lock(cfg.db):
+        srv = Srv(cfg)
+        try:
+            path = srv.create_stack()
+            srv.import_state(path, untyped([stack_res(), A]))  # writes: -wal and -shm in use
+            modes = _modes(cfg.db)
+        finally:
+            srv.stop()
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600, ".lock": 0o600}
+    assert os.stat(tmp_path).st_mode & 0o777 == 0o755  # the folder is left as it was
 
 
-_CONSOLE_PAGES = ("/", "/stacks/proj/dev", "/stacks/proj/dev/resources",
-                  "/stacks/proj/dev/activity", "/tokens")
+def test_database_files_left_readable_by_others_are_tightened(cfg, tmp_path, umask_022):
+    srv = Srv(cfg)
+    srv.create_stack()
+    srv.stop()
+    for suffix in ("", "-wal", "-shm", ".lock"):  # as an older version (or a crash) left them
+        with open(cfg.db + suffix, "ab"):
+            pass
+        os.chmod(cfg.db + suffix, 0o644)
+    with pb._database_lock(cfg.db):
+        srv = Srv(cfg)
+        modes = _modes(cfg.db)
+        srv.stop()
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600, ".lock": 0o600}
 
 
-def test_console_sign_in_gives_a_strict_http_only_session_kept_as_a_hash(srv):
-    b = Browser(srv)
-    status, headers, _ = b.get("/stacks/proj/dev/activity?page=2")
-    assert status == 303
-    assert headers["Location"] == "/login?next=" + urllib.parse.quote(
-        "/stacks/proj/dev/activity?page=2", safe="")
-    csrf_cookie = None
-    status, headers, page = b.get("/login")
-    csrf_cookie = headers["Set-Cookie"]
-    assert "HttpOnly" in csrf_cookie and "SameSite=Strict" in csrf_cookie
-    headers, _ = b.sign_in(next_path="/tokens")
-    cookie = headers["Set-Cookie"]
-    assert headers["Location"] == "/tokens"
-    assert cookie.startswith("pb_session=") and "; HttpOnly" in cookie
-    assert "SameSite=Strict" in cookie and "Secure" not in cookie  # plain http
-    assert f"Max-Age={pb.CONSOLE_SESSION_SECONDS}" in cookie
-    sid = b.cookies["pb_session"]
-    dump = "\n".join(sqlite3.connect(srv.cfg.db).iterdump())
-    assert sid not in dump and hashlib.sha256(sid.encode()).hexdigest() in dump
-    assert b.get("/")[0] == 200
-    status, headers, _ = b.post("/logout")
-    assert status == 303 and headers["Location"] == "/login"
-    assert "Max-Age=0" in headers["Set-Cookie"]
-    b.cookies["pb_session"] = sid  # a copied cookie is dead too
-    assert b.get("/")[0] == 303
+def test_restored_database_is_private(start, cfg, tmp_path, umask_022):
+    srv = start()
+    path = srv.create_stack()
+    srv.stop()
+    backup = tmp_path / "b.db"
+    assert pb.backup_database(cfg, str(backup)) == 0
+    for name in ("new.db", "old.db"):  # a new file, and an existing database left 0644
+        target = dataclasses.replace(cfg, db=str(tmp_path / name), master_key_file=cfg.key_file())
+        if name == "old.db":
+            Srv(target).stop()
+            os.chmod(target.db, 0o644)
+        assert pb.restore_database(target, str(backup), {}) == 0
+        assert _modes(target.db) == {"": 0o600}, name
+        copy = start(db=target.db, master_key_file=target.key_file())
+        copy.request("PATCH", path + "/tags", {"a": "1"})
+        assert set(_modes(target.db).values()) == {0o600}, name
 
 
-def test_console_sign_in_goes_only_to_local_pages(srv):
-    for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example", "/\u00e9",
-                   "/\r\nSet-Cookie: x=y"):
-        headers, _ = Browser(srv).sign_in(next_path=target)
-        assert headers["Location"] == "/"
+def _strip_canary(db):
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'canary'")
+    conn.close()
 
 
-def test_console_cookie_is_secure_under_tls(start, tmp_path):
-    srv = start(public_url="https://backend.example")
-    status, headers, _ = Browser(srv).get("/login")
-    assert status == 200 and "; Secure" in headers["Set-Cookie"]
-
-
-def test_console_refuses_bad_tokens_foreign_origins_and_stale_forms(srv):
-    srv.app.identity.add_user(LOCAL, "alice")
-    good = token_for(srv, "personal", "alice")
-    b = Browser(srv)
-    _, page = b.sign_in("token pul-not-a-token", expect=401)
-    assert "not valid" in page and "pb_session" not in b.cookies
-    csrf = b.csrf("/login")
-    form = {"csrf": csrf, "token": good.split()[1], "next": "/"}
-    for origin in (None, "http://evil.example", "null"):
-        status, _, _ = b.send("POST", "/login", form, origin=origin)
-        assert status == 403 and "pb_session" not in b.cookies
-    status, _, _ = b.send("POST", "/login", dict(form, csrf="x" * 43))
-    assert status == 403 and "pb_session" not in b.cookies
-    b.sign_in(good)
-    assert "pb_session" in b.cookies
-    for fields, origin in (({"csrf": "nope"}, "same"), ({}, "same"), (None, "http://evil")):
-        status, _, _ = b.send("POST", "/logout", fields, origin=origin)
-        assert status == 403
-    assert b.get("/")[0] == 200  # still signed in
-    events = [e["event"] for e in srv.app.audit.store.list_audit(
-        srv.app.audit.store._writer, 10**9, 0, 2**62, None, None, 100)]
-    assert "login_failure" in events and "console_login" in events
-
-
-def test_console_headers_on_every_page(srv, browser):
-    console_stack(srv, resources=[stack_res()])
-    for path in _CONSOLE_PAGES + ("/login", "/stacks/proj/nope", "/stacks/proj/dev/resource"):
-        status, headers, page = browser.get(path)
-        csp = headers["Content-Security-Policy"]
-        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
-        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp
-        assert headers["X-Content-Type-Options"] == "nosniff"
-        assert headers["Referrer-Policy"] == "same-origin"
-        assert headers["Content-Type"].startswith("text/html")
-        # No inline script: every <script> has a src.
-        assert re.findall(r"<script[^>]*>", page) == ['<script src="/console.js" defer>']
-        assert 'style="' not in page
-    assert browser.get("/stacks/proj/nope")[0] == 404
-    for path, kind in (("/console.css", "text/css"), ("/console.js", "text/javascript")):
-        status, headers, body = Browser(srv).get(path)
-        assert status == 200 and headers["Content-Type"].startswith(kind) and body
-
-
-def test_console_off_gives_404_and_leaves_the_api(start):
-    srv = start(console=False)
-    for path in ("/", "/login", "/console.css", "/tokens"):
-        assert Browser(srv).get(path)[0] == 404
-    assert srv.request("GET", "/api/user")[0] == 200
-    assert pb.parse_config(["--console", "off"], {})[1].console is False
-    assert pb.parse_config([], {"PULUMI_BACKEND_CONSOLE": "off"})[1].console is False
-    assert pb.parse_config([], {})[1].console is True
-
-
-def test_console_stacks_page_groups_searches_filters_and_pages(srv, browser, monkeypatch):
-    console_stack(srv, "web", "prod", {"env": "production", "team": "a"})
-    console_stack(srv, "web", "staging", {"env": "staging"})
-    console_stack(srv, "api", "dev", {"env": "dev"}, [stack_res("dev", "api"), res(
-        "x", stack="dev", project="api")])
-    srv.begin(sp("web", "staging"))  # running
-    status, _, page = browser.get("/")
+def test_a_key_that_opens_no_stack_key_is_refused_without_a_canary(start, cfg, tmp_path):
+    srv = start()  # key A
+    path = srv.create_stack()
+    status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"hush")})
     assert status == 200
-    assert page.index("<h2>api</h2>") < page.index("<h2>web</h2>")
-    assert page.count('class="badge run">running') == 1
-    assert '<td class="n">2</td>' in page  # api/dev's resource count
-    assert browser.get("/?q=stag")[2].count("<tr><td>") == 1
-    _, _, page = browser.get("/?tag=env%3Dproduction")
-    assert "/stacks/web/prod" in page and "/stacks/web/staging" not in page
-    _, _, page = browser.get("/?tag=team")
-    assert "/stacks/web/prod" in page and "/stacks/api/dev" not in page
-    monkeypatch.setattr(pb, "CONSOLE_STACK_PAGE", 2)
-    _, _, page = browser.get("/")
-    assert "/stacks/web/staging" not in page and "page=2" in page
-    _, _, page = browser.get("/?page=2")
-    assert "/stacks/web/staging" in page and "/stacks/api/dev" not in page
+    ciphertext = out["ciphertext"]
+    srv.stop()
+    backup = tmp_path / "b.db"
+    assert pb.backup_database(cfg, str(backup)) == 0
+    _strip_canary(backup)  # e.g. a backup of a database from before the canary
+    key_b = tmp_path / "b.key"
+    key_b.write_bytes(secrets.token_bytes(32))
+    target = dataclasses.replace(cfg, db=str(tmp_path / "t.db"), master_key_file=str(key_b))
+    with pytest.raises(ValueError, match="another master key"):
+        pb.restore_database(target, str(backup), {})
+    assert not os.path.exists(target.db)
+    # Start with key B on a database without a canary: refused at start, not 500 later.
+    _strip_canary(cfg.db)
+    with pytest.raises(ValueError, match="master key does not match"):
+        pb.build_app(dataclasses.replace(cfg, master_key_file=str(key_b)), environ={})
+    proc = run_cli(["--port", "0", "--db", cfg.db, "--master-key-file", str(key_b)], tmp_path)
+    assert_one_line_error(proc, "master key does not match")
+    # Key A works on both, and the canary is written (also over one made under key B).
+    restored = dataclasses.replace(target, master_key_file=cfg.key_file())
+    assert pb.restore_database(restored, str(backup), {}) == 0
+    for db in (cfg.db, restored.db):
+        srv = start(db=db, master_key_file=cfg.key_file())
+        status, _, out = srv.request("POST", path + "/decrypt", {"ciphertext": ciphertext})
+        assert status == 200 and base64.b64decode(out["plaintext"]) == b"hush"
+        srv.stop()
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM meta WHERE key = 'canary'").fetchone() == (1,)
+        conn.close()
 
 
-def test_console_stacks_page_tells_a_running_update_from_an_abandoned_one(srv, clock):
-    path = console_stack(srv)
-    srv.begin(path)
-    browser = Browser(srv)
-    browser.sign_in()
-    assert 'class="badge run">running' in browser.get("/")[2]
-    clock.advance(srv.cfg.lease_seconds + 1)  # the CLI went silent; the session lives on
-    _, _, page = browser.get("/")
-    assert 'class="badge bad">abandoned' in page and "badge run" not in page
+def test_a_canary_written_under_the_wrong_key_yields_to_the_stack_keys(start, cfg, tmp_path):
+    srv = start()  # key A
+    path = srv.create_stack()
+    srv.stop()
+    key_b = tmp_path / "b.key"
+    key_b.write_bytes(secrets.token_bytes(32))
+    # What an older version did with key B on a database without a canary.
+    wrong = pb.Crypto("python").seal(key_b.read_bytes(), pb._CANARY)
+    with sqlite3.connect(cfg.db) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'canary'", (wrong,))
+    conn.close()
+    with pytest.raises(ValueError, match="master key does not match"):
+        pb.build_app(dataclasses.replace(cfg, master_key_file=str(key_b)), environ={})
+    srv = start()  # key A opens the stack keys: it is the database's key
+    assert srv.request("POST", path + "/encrypt", {"plaintext": b64(b"x")})[0] == 200
+    srv.stop()
+    with pytest.raises(ValueError, match="master key does not match"):  # canary now under A
+        pb.build_app(dataclasses.replace(cfg, master_key_file=str(key_b)), environ={})
 
 
-def test_console_shows_only_what_the_principal_may_read(team_srv):
-    dev = Browser(team_srv)
-    dev.sign_in(team_srv.tok["dev"])
-    _, _, page = dev.get("/")
-    assert "/stacks/app/dev" in page and "/stacks/ops/prod" not in page
-    for path in ("/stacks/ops/prod", "/stacks/ops/prod/resources", "/stacks/ops/prod/export",
-                 "/stacks/ops/prod/activity"):
-        status, _, page = dev.get(path)
-        assert status == 403 and "&#x27;read&#x27; permission" in page
-    viewer = Browser(team_srv)
-    viewer.sign_in(team_srv.tok["viewer"])
-    _, _, page = viewer.get("/")
-    assert "/stacks/app/dev" in page and "/stacks/ops/prod" in page
-    assert viewer.get("/stacks/ops/prod/export")[0] == 200
-    # Grants count from the next page: revoke viewer's read and the stack is gone.
-    team_srv.app.identity.grant(LOCAL, "viewers", "*", 0)
-    assert viewer.get("/stacks/ops/prod")[0] == 403
+def legacy_16mb_delta(size=16 * 1024 * 1024):
+    """Return ``(state, edits, new state)``: a pretty-printed state of about ``size``
+    bytes, as CLIs before v3.68 wrote it, and a line/column delta changing its
+    manifest time and its last resource."""
+    def pretty(count):
+        return json.dumps(untyped([stack_res()] + [
+            res(f"r{i}", outputs={"v": f"{i}", "pad": "x" * 300}) for i in range(count)]),
+            indent=4).encode()
+    one = (len(pretty(10)) - len(pretty(0))) // 10
+    prev = pretty(size // one)
+    lines = prev.split(b"\n")
+    time_line = next(i for i, line in enumerate(lines) if b'"time"' in line)
+    last_id = max(i for i, line in enumerate(lines) if b'"id"' in line)
+    changes = {time_line: (b"2026-01-01", b"2026-12-31"), last_id: (b'-id"', b'-id2"')}
+    edits = []
+    for i, (old, new) in sorted(changes.items()):
+        edits.append({"Span": {"uri": "", "start": {"line": i + 1, "column": 1, "offset": -1},
+                               "end": {"line": i + 2, "column": 1, "offset": -1}},
+                      "NewText": lines[i].replace(old, new).decode() + "\n"})
+        lines[i] = lines[i].replace(old, new)
+    return prev, edits, b"\n".join(lines)
 
 
-HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)> javascript:alert(3)'
-PLAIN = "hunter2-plaintext"
+def test_a_16mb_legacy_delta_does_not_hold_up_other_stacks(srv, monkeypatch):
+    prev, edits, new = legacy_16mb_delta()
+    a, b = srv.create_stack(stack="a"), srv.create_stack(stack="b")
+    update = srv.begin(a, journal=False)
+    body = b'{"version":3,"untypedDeployment":' + prev + b',"sequenceNumber":1}'
+    assert update.call("PATCH", "/checkpointverbatim", body, gzip_body=False)[0] == 200
+    applying, applied, real = threading.Event(), [], pb.apply_delta
 
-
-def _secret(plain=None):
-    out = {pb._SECRET_SIG: pb._SECRET_VALUE, "ciphertext": "v1:CIPHERTEXTblob"}
-    if plain is not None:
-        out["plaintext"] = json.dumps(plain)
-    return out
-
-
-def _inert(page):
-    """No markup, attribute or URL from the hostile strings made it through unescaped."""
-    assert "<script>alert" not in page and "<img" not in page
-    assert "onerror=alert(2)>" not in page.replace("onerror=alert(2)&gt;", "")
-    assert not re.search(r'(href|src|action)="\s*javascript:', page, re.I)
-    assert PLAIN not in page and "CIPHERTEXTblob" not in page
-
-
-def test_console_escapes_every_value_and_masks_every_secret(srv, browser):
-    name = "pet" + HOSTILE.replace(":", "")
-    root = dict(stack_res(), outputs={"url": HOSTILE, "password": _secret(PLAIN),
-                                       HOSTILE: "x"})
-    pet = res(name, inputs={"prefix": HOSTILE, "token": _secret(PLAIN)},
-              outputs={"id": HOSTILE, "nested": {"k": [_secret(PLAIN)]}}, protect=True,
-              parent=root["urn"])
-    path = console_stack(srv, tags={"owner": HOSTILE, "link": "javascript:alert(4)"},
-                         resources=[root, pet])
-    update = srv.begin(path, tags={"owner": HOSTILE, "link": "javascript:alert(4)"}, program={
-        "message": HOSTILE,
-        "config": {"proj:password": {"string": "v1:CIPHERTEXTblob", "secret": True},
-                   "proj:note": {"string": HOSTILE, "secret": False}},
-        "metadata": {"message": HOSTILE, "environment": {}}})
-    meta = {"op": "update", "urn": pet["urn"], "type": pet["type"],
-            "diffs": ["prefix", "token"], "old": {"inputs": {"prefix": "a", "token": "x"}},
-            "new": {"inputs": {"prefix": HOSTILE, "token": _secret(PLAIN)}}}
-    assert update.events(
-        {"sequence": 1, "timestamp": 1, "resourcePreEvent": {"metadata": meta}},
-        {"sequence": 2, "timestamp": 2, "diagnosticEvent": {
-            "urn": pet["urn"], "severity": "error", "message": HOSTILE, "color": "raw"}},
-        {"sequence": 3, "timestamp": 3, "diagnosticEvent": {
-            "severity": "warning", "message": "<{%fg 1%}>" + HOSTILE, "color": "raw"}},
-        {"sequence": 4, "timestamp": 4, "stdoutEvent": {"message": HOSTILE, "color": "raw"}},
-        {"sequence": 5, "timestamp": 5, "resOutputsEvent": {"metadata": meta}},
-    )[0] == 200
+    def timed_apply_delta(*args):
+        applying.set()
+        t0 = time.perf_counter()
+        try:
+            return real(*args)
+        finally:
+            applied.append(time.perf_counter() - t0)
+    monkeypatch.setattr(pb, "apply_delta", timed_apply_delta)
+    replies = []
+    sender = threading.Thread(target=lambda: replies.append(
+        update.delta(edits, hashlib.sha256(new).hexdigest(), 2)))
+    sender.start()
+    try:
+        assert applying.wait(60)
+        t0 = time.perf_counter()
+        status, _, _ = srv.request("PATCH", b + "/tags", {"owner": "b"})  # a write on stack B
+        b_seconds = time.perf_counter() - t0
+    finally:
+        sender.join(120)
+    print(f"\n16 MB legacy delta: applied in {applied[0] * 1000:.0f} ms; a write on another "
+          f"stack meanwhile took {b_seconds * 1000:.0f} ms")
+    assert status == 200 and replies[0][0] == 200, replies
+    assert b_seconds < applied[0] / 2  # B did not wait for A's delta
     assert update.complete()[0] == 200
-    resource = "/stacks/proj/dev/resource?urn=" + urllib.parse.quote(pet["urn"], safe="")
-    update_page = f"/stacks/proj/dev/updates/{update.id}"
-    pages = {}
-    for p in _CONSOLE_PAGES + (resource, update_page, update_page + "/events",
-                               "/?q=" + urllib.parse.quote(HOSTILE),
-                               "/?tag=" + urllib.parse.quote(HOSTILE)):
-        status, _, page = browser.get(p)
-        assert status == 200, (p, page)
-        _inert(page)
-        pages[p] = page
-    escaped = html.escape(HOSTILE)
-    assert escaped in pages["/"]  # the tag, shown as text
-    assert escaped in pages["/stacks/proj/dev"] and "[secret]" in pages["/stacks/proj/dev"]
-    assert html.escape(name) in pages["/stacks/proj/dev/resources"]
-    assert pages[resource].count("[secret]") == 2  # the input token, the nested output
-    assert "[secret]" in pages[update_page] and escaped in pages[update_page]
-    assert "[secret]" in pages[update_page + "/events"]
-    assert "\\u003cscript\\u003e" in pages[update_page + "/events"]  # inert even as HTML
-    assert "&lt;{%" not in pages[update_page]  # the CLI's colour codes are stripped
+    assert srv.export_bytes(a) == new and srv.stack(b)["tags"]["owner"] == "b"
 
 
-def test_console_overview_shows_outputs_tags_last_update_and_masked_config(srv, browser):
-    path = console_stack(srv, tags={"env": "prod"}, resources=[
-        dict(stack_res(), outputs={"endpoint": "https://x.example", "key": _secret()})])
-    update = srv.begin(path, tags={"env": "prod"}, program={"config": {
-        "proj:db": {"string": "v1:CIPHERTEXTblob", "secret": True},
-        "aws:region": {"string": "eu-west-1", "secret": False}}})
-    status, _, page = browser.get("/stacks/proj/dev")
-    assert "update running" in page
-    assert update.events({"sequence": 1, "timestamp": 1, "summaryEvent": {
-        "maybeCorrupt": False, "durationSeconds": 3,
-        "resourceChanges": {"create": 2, "same": 1}}})[0] == 200
+def test_a_delta_applied_meanwhile_elsewhere_is_not_applied_twice(srv, monkeypatch):
+    # Two copies of one delta race (a CLI retry): the second finds the base
+    # moved under it, applies again on the new base, and sees its own result.
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    real, calls = pb._next_checkpoint, []
+
+    def racing(base, *args):
+        calls.append(base[0])
+        if len(calls) == 1:  # the other copy commits while this one applies
+            assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+        return real(base, *args)
+    monkeypatch.setattr(pb, "_next_checkpoint", racing)
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert calls == [1, 1, 2]  # this copy, the other one, this one again on the new base
     assert update.complete()[0] == 200
-    status, _, page = browser.get("/stacks/proj/dev")
-    assert status == 200
-    for text in ("env: prod", "endpoint", "https://x.example", "eu-west-1", "proj:db",
-                 "succeeded", "a message", 'title="create">+2', "/stacks/proj/dev/export"):
-        assert html.escape(text) in page or text in page, text
-    assert "CIPHERTEXTblob" not in page and page.count("[secret]") == 2
-
-
-def test_console_resources_tree_filter_and_resource_page(srv, browser):
-    root = stack_res()
-    provider = res("default", "pulumi:providers:random", parent=root["urn"])
-    comp = dict(res("web", "my:index:Component", parent=root["urn"]), custom=False)
-    del comp["id"]
-    pet = res("pet", parent=comp["urn"], provider=provider["urn"] + "::prov-id",
-              dependencies=[provider["urn"]], protect=True, inputs={"length": 3})
-    console_stack(srv, resources=[root, provider, comp, pet])
-    status, _, page = browser.get("/stacks/proj/dev/resources")
-    assert status == 200 and "4 resources" in page
-    # pet is nested inside the component's list, which is nested inside the stack's.
-    web_at, pet_at = page.index(">web</a>"), page.index(">pet</a>")
-    assert web_at < pet_at and page.count("<ul>") == 2
-    assert "my:index:Component · component" in page
-    _, _, page = browser.get("/stacks/proj/dev/resources?q=RandomPet")
-    assert "1 of 4 resources" in page and ">pet</a>" in page and ">web</a>" not in page
-    _, _, page = browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
-        pet["urn"], safe=""))
-    for text in ("protect", ">web</a>", ">default</a>", "&quot;length&quot;: 3", "pet-id"):
-        assert text in page, text
-    _, _, page = browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
-        comp["urn"], safe=""))
-    assert ">pet</a>" in page  # its child
-    assert browser.get("/stacks/proj/dev/resource?urn=urn:nope")[0] == 404
-
-
-def test_console_activity_pages_updates_and_export_downloads(srv, browser, monkeypatch):
-    path = console_stack(srv)
-    for n in range(3):
-        update = srv.begin(path)
-        assert update.complete()[0] == 200
-    monkeypatch.setattr(pb, "CONSOLE_HISTORY_PAGE", 2)
-    _, _, page = browser.get("/stacks/proj/dev/activity")
-    assert page.count("<tr><td>") == 2 and ">3</a>" in page and "Older" in page
-    _, _, page = browser.get("/stacks/proj/dev/activity?page=2")
-    assert page.count("<tr><td>") == 1 and ">1</a>" in page
-    status, headers, body = browser.get("/stacks/proj/dev/export")
-    assert status == 200
-    assert headers["Content-Disposition"] == 'attachment; filename="proj-dev.json"'
-    assert json.loads(body) == srv.export(path)
-
-
-def _step_event(seq, kind, op, r, old=None, new=None, **meta):
-    metadata = {"op": op, "urn": r["urn"], "type": r["type"],
-                "old": {"inputs": old} if old is not None else None,
-                "new": {"inputs": new} if new is not None else None, **meta}
-    return {"sequence": seq, "timestamp": seq, kind: {"metadata": metadata}}
-
-
-def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(srv, browser):
-    path = console_stack(srv)
-    update = srv.begin(path)
-    a, b, c, d = res("a"), res("b"), res("c"), res("d")
-    assert update.events(
-        _step_event(1, "resourcePreEvent", "update", a, {"size": 1, "keep": 1},
-                    {"size": 2, "keep": 1}, detailedDiff={"size": {"kind": "update"}}),
-        _step_event(2, "resourcePreEvent", "create", b, None, {"name": "bee"}),
-        _step_event(3, "resourcePreEvent", "replace", c, {"zone": "a"}, {"zone": "b"},
-                    diffs=["zone"]),
-        _step_event(4, "resourcePreEvent", "delete", d, {"gone": True}),  # never finishes
-    )[0] == 200
-    page_url = f"/stacks/proj/dev/updates/{update.id}"
-    status, _, page = browser.get(page_url)
-    assert status == 200
-    assert f'<meta http-equiv="refresh" content="{pb.CONSOLE_REFRESH_SECONDS}">' in page
-    assert "in progress" in page
-    assert update.events(
-        _step_event(14, "resOutputsEvent", "update", a, {"size": 1, "keep": 1},
-                    {"size": 2, "keep": 1}, detailedDiff={"size": {"kind": "update"}}),
-        _step_event(15, "resOutputsEvent", "create", b, None, {"name": "bee"}),
-        _step_event(16, "resOpFailedEvent", "replace", c),
-        {"sequence": 17, "timestamp": 17, "diagnosticEvent": {
-            "urn": c["urn"], "severity": "error", "message": "zone is full", "color": "raw"}},
-        {"sequence": 18, "timestamp": 18, "summaryEvent": {
-            "maybeCorrupt": False, "durationSeconds": 9,
-            "resourceChanges": {"update": 1, "create": 1}}},
-    )[0] == 200
-    assert update.complete("failed")[0] == 200
-    _, _, page = browser.get(page_url)
-    assert "http-equiv" not in page and "in progress" not in page
-    steps = re.findall(r'<div class="step op-(\w+)"><span class="sym">([^<]*)</span>', page)
-    assert steps == [("update", "~"), ("create", "+"), ("replace", "+-"), ("delete", "-")]
-    assert '<div class="diff op-update">~ size: 1 → 2</div>' in page
-    assert "keep" not in page  # unchanged inputs are not in the diff
-    assert '<div class="diff op-create">+ name: &quot;bee&quot;</div>' in page
-    assert "~ zone: &quot;a&quot; → &quot;b&quot;" in page
-    assert 'class="badge bad">failed' in page and "zone is full" in page
-    assert page.count("unfinished") == 1 and "- gone: true" in page
-    assert '<div class="diag error"><strong>error</strong>' in page
-    assert "9s" in page
-    status, headers, body = browser.get(page_url + "/events")
-    assert status == 200 and len(json.loads(body)["events"]) == 9
-    assert browser.get(f"/stacks/proj/dev/updates/{'0' * 32}")[0] == 404
-
-
-def test_console_tokens_page_creates_and_revokes_personal_tokens(srv):
-    srv.app.identity.add_user(LOCAL, "alice")
-    b = Browser(srv)
-    b.sign_in(token_for(srv, "personal", "alice"))
-    status, _, page = b.post("/tokens", {"description": "laptop <b>", "expires": "30"},
-                             csrf_from="/tokens")
-    assert status == 200
-    value = re.search(r'id="new-token">(pul-[0-9a-f]+)<', page)[1]
-    assert "laptop &lt;b&gt;" in page
-    assert srv.request("GET", "/api/user", token="token " + value)[0] == 200
-    _, _, page = b.get("/tokens")
-    assert value not in page  # shown once
-    token_id = srv.app.identity.tokens_json("personal", "alice")["tokens"]
-    new_id = next(t["id"] for t in token_id if t["description"] == "laptop <b>")
-    status, headers, _ = b.post(f"/tokens/{new_id}/revoke", csrf_from="/tokens")
-    assert status == 303 and headers["Location"] == "/tokens"
-    assert srv.request("GET", "/api/user", token="token " + value)[0] == 401
-    assert b.post("/tokens", {"description": "x", "csrf": "forged"})[0] == 403
-    assert b.post("/tokens", {"description": "x", "expires": "7"},
-                  csrf_from="/tokens")[0] == 400
-    # The address `pulumi login` offers (CloudConsoleURL + /user/settings/tokens).
-    for path in ("/user/settings/tokens", "/account/tokens"):
-        status, headers, _ = b.get(path)
-        assert status == 303 and headers["Location"] == "/tokens"
-
-
-def test_console_tokens_page_explains_non_user_tokens(srv, browser):
-    status, _, page = browser.get("/tokens")
-    assert status == 200 and "Personal tokens belong to users" in page
-    assert browser.post("/tokens", {"description": "x"})[0] == 403
-
-
-def test_console_session_ends_with_its_token_or_its_time(srv, clock):
-    srv.app.identity.add_user(LOCAL, "alice")
-    token_id, value = srv.app.identity.create_token(LOCAL, "personal", "alice")
-    b = Browser(srv)
-    b.sign_in("token " + value)
-    assert b.get("/")[0] == 200
-    srv.app.identity.revoke_token(LOCAL, token_id)
-    assert b.get("/")[0] == 303
-    b2 = Browser(srv)
-    b2.sign_in(token_for(srv, "personal", "alice"))
-    assert b2.get("/")[0] == 200
-    clock.advance(pb.CONSOLE_SESSION_SECONDS + 1)
-    assert b2.get("/")[0] == 303
-
-
-def test_console_pages_take_no_body_and_forms_a_small_one(srv, browser):
-    status, _, _ = browser.send("POST", "/login", {"token": "x" * (pb.MAX_CONSOLE_FORM + 1)})
-    assert status == 413
-
-
-# ==== 11. Module hygiene =======================================================
+    assert srv.export_bytes(path) == NEW_DOC
+# ==== 15. Module hygiene ======================================================
 
 def _module_tree():
     return ast.parse(SCRIPT.read_text(encoding="utf-8"))
