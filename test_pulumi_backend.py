@@ -32,6 +32,7 @@ Sections:
 
 import ast
 import base64
+import collections
 import dataclasses
 import gzip
 import hashlib
@@ -4153,7 +4154,7 @@ def test_console_shows_only_what_the_principal_may_read(team_srv):
     assert viewer.get("/stacks/ops/prod")[0] == 403
 
 
-HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)> javascript:alert(3)'
+HOSTILE_TEXT = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)> javascript:alert(3)'
 PLAIN = "hunter2-plaintext"
 
 
@@ -4173,29 +4174,29 @@ def _inert(page):
 
 
 def test_console_escapes_every_value_and_masks_every_secret(srv, browser):
-    name = "pet" + HOSTILE.replace(":", "")
-    root = dict(stack_res(), outputs={"url": HOSTILE, "password": _secret(PLAIN),
-                                       HOSTILE: "x"})
-    pet = res(name, inputs={"prefix": HOSTILE, "token": _secret(PLAIN)},
-              outputs={"id": HOSTILE, "nested": {"k": [_secret(PLAIN)]}}, protect=True,
+    name = "pet" + HOSTILE_TEXT.replace(":", "")
+    root = dict(stack_res(), outputs={"url": HOSTILE_TEXT, "password": _secret(PLAIN),
+                                       HOSTILE_TEXT: "x"})
+    pet = res(name, inputs={"prefix": HOSTILE_TEXT, "token": _secret(PLAIN)},
+              outputs={"id": HOSTILE_TEXT, "nested": {"k": [_secret(PLAIN)]}}, protect=True,
               parent=root["urn"])
-    path = console_stack(srv, tags={"owner": HOSTILE, "link": "javascript:alert(4)"},
+    path = console_stack(srv, tags={"owner": HOSTILE_TEXT, "link": "javascript:alert(4)"},
                          resources=[root, pet])
-    update = srv.begin(path, tags={"owner": HOSTILE, "link": "javascript:alert(4)"}, program={
-        "message": HOSTILE,
+    update = srv.begin(path, tags={"owner": HOSTILE_TEXT, "link": "javascript:alert(4)"}, program={
+        "message": HOSTILE_TEXT,
         "config": {"proj:password": {"string": "v1:CIPHERTEXTblob", "secret": True},
-                   "proj:note": {"string": HOSTILE, "secret": False}},
-        "metadata": {"message": HOSTILE, "environment": {}}})
+                   "proj:note": {"string": HOSTILE_TEXT, "secret": False}},
+        "metadata": {"message": HOSTILE_TEXT, "environment": {}}})
     meta = {"op": "update", "urn": pet["urn"], "type": pet["type"],
             "diffs": ["prefix", "token"], "old": {"inputs": {"prefix": "a", "token": "x"}},
-            "new": {"inputs": {"prefix": HOSTILE, "token": _secret(PLAIN)}}}
+            "new": {"inputs": {"prefix": HOSTILE_TEXT, "token": _secret(PLAIN)}}}
     assert update.events(
         {"sequence": 1, "timestamp": 1, "resourcePreEvent": {"metadata": meta}},
         {"sequence": 2, "timestamp": 2, "diagnosticEvent": {
-            "urn": pet["urn"], "severity": "error", "message": HOSTILE, "color": "raw"}},
+            "urn": pet["urn"], "severity": "error", "message": HOSTILE_TEXT, "color": "raw"}},
         {"sequence": 3, "timestamp": 3, "diagnosticEvent": {
-            "severity": "warning", "message": "<{%fg 1%}>" + HOSTILE, "color": "raw"}},
-        {"sequence": 4, "timestamp": 4, "stdoutEvent": {"message": HOSTILE, "color": "raw"}},
+            "severity": "warning", "message": "<{%fg 1%}>" + HOSTILE_TEXT, "color": "raw"}},
+        {"sequence": 4, "timestamp": 4, "stdoutEvent": {"message": HOSTILE_TEXT, "color": "raw"}},
         {"sequence": 5, "timestamp": 5, "resOutputsEvent": {"metadata": meta}},
     )[0] == 200
     assert update.complete()[0] == 200
@@ -4203,13 +4204,13 @@ def test_console_escapes_every_value_and_masks_every_secret(srv, browser):
     update_page = f"/stacks/proj/dev/updates/{update.id}"
     pages = {}
     for p in _CONSOLE_PAGES + (resource, update_page, update_page + "/events",
-                               "/?q=" + urllib.parse.quote(HOSTILE),
-                               "/?tag=" + urllib.parse.quote(HOSTILE)):
+                               "/?q=" + urllib.parse.quote(HOSTILE_TEXT),
+                               "/?tag=" + urllib.parse.quote(HOSTILE_TEXT)):
         status, _, page = browser.get(p)
         assert status == 200, (p, page)
         _inert(page)
         pages[p] = page
-    escaped = html.escape(HOSTILE)
+    escaped = html.escape(HOSTILE_TEXT)
     assert escaped in pages["/"]  # the tag, shown as text
     assert escaped in pages["/stacks/proj/dev"] and "[secret]" in pages["/stacks/proj/dev"]
     assert html.escape(name) in pages["/stacks/proj/dev/resources"]
@@ -7145,3 +7146,16 @@ def test_module_parses_as_python_3_10():
     assert isinstance(tree.body[-1], ast.If)
     with pytest.raises(SyntaxError):  # the check does see newer syntax
         ast.parse("try:\n    pass\nexcept* ValueError:\n    pass\n", feature_version=(3, 10))
+
+
+@pytest.mark.parametrize("path", [SCRIPT, Path(__file__)], ids=["module", "tests"])
+def test_no_top_level_name_is_defined_twice(path):
+    """A second definition silently replaces the first for every caller (two test
+    sections once both had a HOSTILE, and one section's tests got the other's)."""
+    names = collections.Counter()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names[node.name] += 1
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    assert [name for name, count in names.items() if count > 1] == []
