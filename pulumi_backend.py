@@ -1282,6 +1282,29 @@ class _SQLRecords(Store):
     """The record methods of both stores: SQL that SQLite runs as written and
     PostgreSQL runs through ``_PGHandle`` (``?`` placeholders, ``INSERT OR ...``)."""
 
+    def _migrate(self) -> None:
+        """Create or upgrade the schema; RuntimeError if the database is newer than us.
+
+        In one write transaction, so two servers (or replicas) starting at once
+        migrate once.
+        """
+        with self.write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            current = row[0] if row else 0
+            if current > len(_SCHEMA):
+                raise RuntimeError(f"database schema {current} is newer than this server "
+                                   f"({len(_SCHEMA)}); upgrade pulumi_backend.py")
+            for version in range(current, len(_SCHEMA)):
+                for stmt in self._schema_statements(version):
+                    db.execute(stmt)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
+
+    def _schema_statements(self, version: int) -> list:
+        """The statements that bring the schema from ``version`` to the next one."""
+        return [stmt for stmt in _SCHEMA[version].split(";") if stmt.strip()]
+
     def _count_written(self, table: str, size: int) -> None:
         # Called inside a write transaction; counted only once it commits.
         self._uncommitted_bytes[table] = self._uncommitted_bytes.get(table, 0) + size
@@ -1707,21 +1730,6 @@ class SQLiteStore(_SQLRecords):
         conn.row_factory = sqlite3.Row
         return conn
 
-    def _migrate(self) -> None:
-        with self.write() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            current = row[0] if row else 0
-            if current > len(_SCHEMA):
-                raise RuntimeError(f"database schema {current} is newer than this server "
-                                   f"({len(_SCHEMA)}); upgrade pulumi_backend.py")
-            for version in range(current, len(_SCHEMA)):
-                for stmt in _SCHEMA[version].split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-            db.execute("DELETE FROM schema_version")
-            db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
-
     class _Txn:
         def __init__(self, store: "SQLiteStore"):
             self.store = store
@@ -1986,22 +1994,9 @@ class PostgresStore(_SQLRecords):
             self.pool.close()
             raise
 
-    def _migrate(self) -> None:
-        with self.write() as db:  # the write lock: two replicas starting at once migrate once
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            current = row[0] if row else 0
-            if current > len(_SCHEMA):
-                raise RuntimeError(f"database schema {current} is newer than this server "
-                                   f"({len(_SCHEMA)}); upgrade pulumi_backend.py")
-            for version in range(current, len(_SCHEMA)):
-                for stmt in _SCHEMA[version].split(";"):
-                    if stmt.strip():
-                        db.execute(_pg_ddl(stmt))
-                for stmt in _PG_AFTER_SCHEMA.get(version, ()):
-                    db.execute(stmt)
-            db.execute("DELETE FROM schema_version")
-            db.execute("INSERT INTO schema_version VALUES (?)", (len(_SCHEMA),))
+    def _schema_statements(self, version: int) -> list:
+        return ([_pg_ddl(stmt) for stmt in super()._schema_statements(version)]
+                + list(_PG_AFTER_SCHEMA.get(version, ())))
 
     @contextlib.contextmanager
     def write(self):
