@@ -73,6 +73,15 @@ CLI_VERSION = "v3.999.0"
 
 # ==== Helpers =================================================================
 
+@pytest.fixture(autouse=True)
+def _module_logger_restored():
+    """main() points the module's logger at the stderr of its moment; a test that
+    runs main() in-process must not leave later tests logging to a closed capture."""
+    saved = (pb.log.handlers[:], pb.log.level, pb.log.propagate)
+    yield
+    pb.log.handlers[:], pb.log.level, pb.log.propagate = saved
+
+
 def sp(project="proj", stack="dev", org=ORG):
     """Path of a stack (the docs' SP)."""
     return f"/api/stacks/{org}/{project}/{stack}"
