@@ -13,7 +13,7 @@
 #   throwaway server), installed with apt-get when absent;
 # - Debian's chromium at /usr/bin/chromium (apt-get, only when it is missing);
 # - a virtualenv beside it for each CPython 3.10-3.13 that e2e/pythons.py
-#   finds (VENV-py3.10 ...) with pytest and the pulumi SDK, for
+#   finds (VENV-py3.10 ...) with pytest, the pulumi SDK and psycopg, for
 #   e2e/test_pythons.py;
 # - the CLIs of CLI_VERSIONS (keep in step with e2e/conftest.py), built from
 #   the Go module proxy by e2e/build_cli.sh into ~/.cache/pulumi-backend-cli.
@@ -63,7 +63,9 @@ make_venv "$venv" "$python" "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSI
   "playwright==$PLAYWRIGHT_VERSION" "psycopg==$PSYCOPG_VERSION" \
   "psycopg-binary==$PSYCOPG_VERSION" "psycopg-pool==$PSYCOPG_POOL_VERSION"
 while read -r minor interpreter; do
-  make_venv "$venv-py$minor" "$interpreter" "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION"
+  make_venv "$venv-py$minor" "$interpreter" "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION" \
+    "psycopg==$PSYCOPG_VERSION" "psycopg-binary==$PSYCOPG_VERSION" \
+    "psycopg-pool==$PSYCOPG_POOL_VERSION"  # the unit suite's PostgreSQL tests
 done < <(PULUMI_BACKEND_VENV="$venv" "$python" "$here/pythons.py")
 
 if [ ! -x /usr/bin/chromium ]; then  # the browser of e2e/test_console.py
