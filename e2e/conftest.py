@@ -356,7 +356,9 @@ def e2e(cli, server, tmp_path, request, monkeypatch):
     limit = getattr(request.node.get_closest_marker("timeout_seconds"), "args", [TEST_TIMEOUT])[0]
     watchdog = threading.Timer(limit, _timeout, [sandbox, str(tmp_path)])
     watchdog.start()
-    before = (matrix.counters(server), log_size(server)) if matrix_out else None
+    # The matrix is of one server process per CLI (not of test_replicas' cluster).
+    recorded = matrix_out and isinstance(server, ServerProcess)
+    before = (matrix.counters(server), log_size(server)) if recorded else None
     yield sandbox
     watchdog.cancel()
     if before and server.proc and server.proc.poll() is None:  # the module's server
