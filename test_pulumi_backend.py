@@ -6740,9 +6740,10 @@ def test_documents_nested_to_the_limit_go_through_every_step(start):
     assert srv.export_bytes(path) == exported
 
 
-def _poison(levels=3000):
-    """JSON bytes nested far deeper than any parser here goes: stored only by going
-    around the checks (as rows written by an older version could be)."""
+def _poison(levels=100_000):
+    """JSON bytes nested far deeper than any parser here goes (3.12+ parse 3,000 levels;
+    none parses 100,000): stored only by going around the checks (as rows written by
+    an older version could be)."""
     return b'{"version":1,"kind":1,"sequenceID":1,"operationID":1,"state":{"urn":"u","x":' + \
         b"[" * levels + b"]" * levels + b"}}"
 
@@ -6752,7 +6753,7 @@ def _plant(srv, update, journal=True):
         if journal:
             srv.store.append_journal(db, update.id, [(1, _poison())])
         else:
-            data = b'{"version":3,"deployment":{"x":' + b"[" * 3000 + b"]" * 3000 + b"}}"
+            data = b'{"version":3,"deployment":{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
             srv.store.put_checkpoint(db, update.id, 1, "full", data, "0" * 64)
 
 
