@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """The server's hot paths without the CLI; prints markdown tables of p50 and p95.
 
     python3 e2e/bench_server.py [--mb 1,10,50] [--rounds 10] [--out FILE]
@@ -38,34 +39,6 @@ starts a throwaway PostgreSQL from the machine's packages (e2e/postgres.py), wit
 fsync on as SQLite's FULL synchronous mode.
 The RSS column is the server's only, not PostgreSQL's; its storage rows have the
 database's size (/metrics) and the bytes written, not SQLite's page figures.
-"""The server's hot paths without the CLI; prints a markdown table of medians.
-
-    python3 e2e/bench_server.py [--mb 1,10,50] [--rounds 10] [--out FILE]
-
-Each section starts its own ``pulumi_backend.py`` process (default flags but
---db, --port and, for the secrets rows, --crypto) and talks HTTP to it over
-loopback with keep-alive, as the CLI does. A figure is the median wall time of
-``--rounds`` requests seen by the client, so it includes HTTP parsing, gzip and
-the SQLite commit. "peak RSS" is the server process's VmHWM while that row ran
-(reset before each row through /proc/PID/clear_refs; where the kernel refuses,
-the peak so far). Machines are noisy: compare rows of
-one run, not runs of different days. Benchmarks assert nothing.
-
-Sections: per state size (``--mb``): import, export (stored gzip passed
-through, and decoded for a client without gzip), journal batches of 100
-entries (entries/s) and the completing replay, a verbatim checkpoint and delta
-checkpoints; secrets: batch-encrypt and batch-decrypt of 1,000 values per
-crypto implementation; list stacks with ``--stacks`` (1,000) stacks;
-``--lifecycles`` (20) concurrent update lifecycles (create, start, journal,
-complete). ``--out`` (default ``bench-server.json``) keeps the results.
-
-``--db-url postgresql://USER@HOST/DB`` (needs psycopg) runs the state sizes, the
-stack list and the concurrent lifecycles again on PostgreSQL, section names
-ending in ``[postgresql]``: each server gets a new database, created through
-that URL and dropped afterwards (the user needs CREATEDB). ``--db-url local``
-starts a throwaway PostgreSQL from the machine's packages (e2e/postgres.py), with
-fsync on as SQLite's FULL synchronous mode.
-The RSS column is the server's only, not PostgreSQL's.
 """
 
 import argparse
