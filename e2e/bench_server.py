@@ -55,6 +55,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cli import padding  # noqa: E402
@@ -104,14 +105,12 @@ class Client:
         self.conn.close()
 
 
-def samples(fn, rounds: int, prepare=None) -> list:
-    """Wall times of ``rounds`` calls of fn(); with ``prepare``, of fn(prepare()),
-    so that the client's own work (JSON, gzip, hashing) stays outside the timing."""
+def samples(fn, rounds: int) -> list:
+    """Wall times of ``rounds`` calls of fn()."""
     out = []
     for _ in range(rounds):
-        arg = prepare() if prepare else None
         t = time.perf_counter()
-        fn(arg) if prepare else fn()
+        fn()
         out.append(time.perf_counter() - t)
     return out
 
@@ -125,19 +124,32 @@ class Bench:
         self.databases = []  # PostgreSQL databases made for servers: dropped at the end
 
     def row(self, section: str, what: str, times: list, server: ServerProcess,
-            per: float = 0.0):
-        """Record p50 and p95 of ``times``; ``per`` items per sample gives a rate too."""
+            per: float = 0.0, peak: Optional[float] = None):
+        """Record p50 and p95 of ``times``; ``per`` items per sample gives a rate too.
+        ``peak``: the server's peak RSS of these samples, when other rows' ran between
+        them (see ``once``); otherwise the peak since the previous row."""
         p50, p95 = percentile(times, 50), percentile(times, 95)
         if self.store != "sqlite":
             section += f" [{self.store}]"
         row = {"section": section, "operation": what, "p50_s": p50, "p95_s": p95,
-               "samples": times, "peak_rss_mb": server.peak_rss_mb(), "store": self.store}
+               "samples": times,
+               "peak_rss_mb": server.peak_rss_mb() if peak is None else peak, "store": self.store}
         if per:
             row["rate_per_s"] = per / p50 if p50 > 0 else None
         self.rows.append(row)
         server.reset_peak()  # the next row's peak is its own
         print(f"{section:22} {what:48} p50 {p50 * 1000:9.1f} ms  p95 {p95 * 1000:9.1f} ms"
               f"  ({len(times)})", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def once(server: ServerProcess, peaks: dict, key: str, fn) -> float:
+        """Wall time of one fn(); the server's peak RSS during it raises peaks[key]."""
+        server.reset_peak()
+        t = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t
+        peaks[key] = max(peaks.get(key, 0.0), server.peak_rss_mb())
+        return elapsed
 
     def server(self, name: str, *flags) -> ServerProcess:
         directory = self.root / f"{name}-{self.store}"
@@ -202,21 +214,24 @@ class Bench:
         """``--rounds`` updates, each on the base state imported again (so that the
         state does not grow from round to round): JOURNAL_BATCHES batches of 100
         entries creating 50 new resources each, then ``complete``."""
-        imports, batches, completes = [], [], []
+        imports, batches, completes, peaks = [], [], [], {}
         bodies = [journal_body(count, b) for b in range(JOURNAL_BATCHES)]  # not timed
         for _ in range(self.args.rounds):
             gz = gzip.compress(raw, 1)
-            imports += samples(lambda: c.call("POST", sp + "/import", gz, gzipped=True), 1)
+            imports.append(self.once(server, peaks, "import", lambda: c.call(
+                "POST", sp + "/import", gz, gzipped=True)))
             uid, tok = start_update(c, sp, journal=True)
             for body in bodies:
-                batches += samples(lambda: c.call(
+                batches.append(self.once(server, peaks, "batch", lambda: c.call(
                     "PATCH", f"{sp}/update/{uid}/journalentries", body, token=tok,
-                    gzipped=True), 1)
-            completes += samples(lambda: complete(c, sp, uid, tok), 1)
-        self.row(section, "import (gzip body)", imports, server)
-        self.row(section, "journal batch of 100 entries (entries/s)", batches, server, per=100)
+                    gzipped=True)))
+            completes.append(self.once(server, peaks, "complete",
+                                       lambda: complete(c, sp, uid, tok)))
+        self.row(section, "import (gzip body)", imports, server, peak=peaks["import"])
+        self.row(section, "journal batch of 100 entries (entries/s)", batches, server, per=100,
+                 peak=peaks["batch"])
         self.row(section, f"complete: replay {JOURNAL_BATCHES * 100} entries, store",
-                 completes, server)
+                 completes, server, peak=peaks["complete"])
 
     def checkpoint_rounds(self, c: Client, sp: str, section: str, count: int,
                           server: ServerProcess) -> None:
@@ -226,7 +241,7 @@ class Bench:
         doc = [json.dumps(json.loads(c.call("GET", sp + "/export")), separators=(",", ":"))
                .encode()]
         edits = [0]  # deltas so far: which resource the next one edits
-        verbatims, deltas, completes = [], [], []
+        verbatims, deltas, completes, peaks = [], [], [], {}
 
         def verbatim_body(seq: int) -> bytes:
             return gzip.compress(b'{"version":3,"untypedDeployment":' + doc[0] +
@@ -252,16 +267,20 @@ class Bench:
             uid, tok = start_update(c, sp, journal=False)
             up = f"{sp}/update/{uid}"
             body = verbatim_body(1)
-            verbatims += samples(lambda: c.call("PATCH", up + "/checkpointverbatim", body,
-                                                token=tok, gzipped=True), 1)
+            verbatims.append(self.once(server, peaks, "verbatim", lambda: c.call(
+                "PATCH", up + "/checkpointverbatim", body, token=tok, gzipped=True)))
             for seq in range(2, 2 + CHECKPOINT_DELTAS):
                 body = delta_body(seq)
-                deltas += samples(lambda: c.call("PATCH", up + "/checkpointdelta", body,
-                                                 token=tok, gzipped=True), 1)
-            completes += samples(lambda: complete(c, sp, uid, tok), 1)
-        self.row(section, "verbatim checkpoint (whole state)", verbatims, server)
-        self.row(section, "delta checkpoint (header + one resource)", deltas, server)
-        self.row(section, "complete (checkpoint path)", completes, server)
+                deltas.append(self.once(server, peaks, "delta", lambda: c.call(
+                    "PATCH", up + "/checkpointdelta", body, token=tok, gzipped=True)))
+            completes.append(self.once(server, peaks, "complete",
+                                       lambda: complete(c, sp, uid, tok)))
+        self.row(section, "verbatim checkpoint (whole state)", verbatims, server,
+                 peak=peaks["verbatim"])
+        self.row(section, "delta checkpoint (header + one resource)", deltas, server,
+                 peak=peaks["delta"])
+        self.row(section, "complete (checkpoint path)", completes, server,
+                 peak=peaks["complete"])
 
     def events(self, c: Client, sp: str, section: str, count: int,
                server: ServerProcess) -> None:
@@ -270,18 +289,19 @@ class Bench:
         takes to reach ``--rounds`` batches; then every page of them read back
         (gzip accepted, as the CLI does), until ``--rounds`` pages were timed."""
         per_update = -(-2 * count // EVENT_BATCH)
-        updates, batches = [], []
+        updates, batches, peaks = [], [], {}
         while len(batches) < self.args.rounds:
             uid, tok = start_update(c, sp, journal=True)
             for b in range(per_update):
                 body = events_body(count, b)  # built outside the timing
-                batches += samples(lambda: c.call("POST", f"{sp}/update/{uid}/events/batch",
-                                                  body, token=tok, gzipped=True), 1)
+                batches.append(self.once(server, peaks, "events", lambda: c.call(
+                    "POST", f"{sp}/update/{uid}/events/batch", body, token=tok, gzipped=True)))
             complete(c, sp, uid, tok)
             updates.append(uid)
         per_batch = 2 * count * len(updates) / len(batches)  # the last one may be short
         self.row(section, f"engine events batch of up to {EVENT_BATCH} (events/s)", batches,
-                 server, per=per_batch)
+                 server, per=per_batch, peak=peaks["events"])
+        server.reset_peak()  # the pages' own peak, below
         pages, sizes = [], []
         while len(pages) < self.args.rounds:
             for uid in updates:
