@@ -957,6 +957,15 @@ def _gzip_bytes(data: bytes, level: int = 1) -> bytes:
     return gzip.compress(data, compresslevel=level, mtime=0)
 
 
+def _gunzip_stored(data: bytes) -> bytes:
+    """Decompress gzip bytes this server stored (a state) into one buffer.
+
+    gzip.decompress grows its output in blocks and joins them: it peaks near
+    three times the state, _gunzip_bounded at one.
+    """
+    return _gunzip_bounded(data, sys.maxsize)
+
+
 def _b64decode_strict(value: Any, what: str) -> bytes:
     """Decode standard padded base64 or raise BadRequest."""
     if not isinstance(value, str):
@@ -3215,8 +3224,9 @@ class Engine:
             self.store.after_commit(lambda: self.working.put(update_id, seq, data, digest))
         self.metrics.inc("pulumi_backend_checkpoints_total", form="full")
 
-    def checkpoint_verbatim(self, org, project, name, update_id, token, body: bytes) -> None:
-        seq, data = _split_verbatim(body)
+    def checkpoint_verbatim(self, org, project, name, update_id, token, seq: int,
+                            data: bytes) -> None:
+        """Save ``data``, the untypedDeployment of a verbatim upload (see _split_verbatim)."""
         _check_untyped_deployment(_loads(data, "untypedDeployment"))
         digest = hashlib.sha256(data).hexdigest()
         with self.store.write() as db:
@@ -5561,7 +5571,7 @@ class App:
                           description=f"version {version}" if version is not None else "")
         if req.accepts_gzip:
             return Response(200, data, gzipped=True)  # stored bytes, as they are
-        return Response(200, gzip.decompress(data))
+        return Response(200, _gunzip_stored(data))
 
     def import_state(self, req: Request) -> dict:
         """Replace the stack's state; recorded as an "import" update."""
@@ -5670,8 +5680,11 @@ class App:
 
     def checkpoint_verbatim(self, req: Request) -> None:
         """Save the update's working state, as the CLI serialized it."""
-        self.engine.checkpoint_verbatim(*self._up(req), req.token, req.body)
-        log.debug("verbatim checkpoint (%d bytes) for %s", len(req.body), req.params["updateID"])
+        size = len(req.body)
+        seq, data = _split_verbatim(req.body)
+        req.body = b""  # the state is in ``data``: the whole body need not stay in memory
+        self.engine.checkpoint_verbatim(*self._up(req), req.token, seq, data)
+        log.debug("verbatim checkpoint (%d bytes) for %s", size, req.params["updateID"])
 
     def checkpoint_delta(self, req: Request) -> None:
         """Save the update's working state, as edits of the last one."""
@@ -6777,7 +6790,7 @@ class Console:
     def export_download(self, req: Request) -> Response:
         """The stack's state, as `pulumi stack export` writes it, as a download."""
         org, project, name = self._read(req)
-        data = gzip.decompress(self.engine.export(org, project, name, None))
+        data = _gunzip_stored(self.engine.export(org, project, name, None))
         self.audit.record("stack_exported", req=req, target=f"{org}/{project}/{name}",
                           description="console download")
         # Names match _NAME_RE ([A-Za-z0-9_.-]): safe in a quoted filename.
@@ -8177,6 +8190,7 @@ def serve(cfg: Config, environ: dict) -> int:
     try:
         if backups is not None:
             backups.start()
+        gc.freeze()  # start-up objects live as long as the server: no collection walks them
         print(f"pulumi-backend listening on {server.url}", flush=True)
         server.serve_forever(poll_interval=0.25)
     finally:

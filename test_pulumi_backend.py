@@ -34,6 +34,7 @@ import ast
 import base64
 import collections
 import dataclasses
+import gc
 import gzip
 import hashlib
 import html
@@ -41,6 +42,7 @@ import http.client
 import http.server
 import json
 import os
+import random
 import re
 import secrets
 import signal
@@ -568,6 +570,95 @@ def test_gzip_bytes_is_deterministic():
     assert gzip.decompress(pb._gzip_bytes(b"abc")) == b"abc"
 
 
+def test_gunzip_stored_keeps_one_copy_and_reads_every_member():
+    data = bytes(range(256)) * 32768  # 8 MiB
+    packed = pb._gzip_bytes(data)
+    tracemalloc.start()
+    try:
+        out = pb._gunzip_stored(packed)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out == data
+    assert peak < len(data) * 1.25 + (2 << 20), peak  # gzip.decompress: ~3 times
+    assert pb._gunzip_stored(gzip.compress(b"ab") + gzip.compress(b"ab")) == b"abab"
+
+
+def _shape_reference(value):
+    """(nesting depth, object members) of a parsed JSON value, by walking it."""
+    depth = members = 0
+    todo = [(value, 0)]
+    while todo:
+        value, level = todo.pop()
+        if isinstance(value, (dict, list)):
+            depth = max(depth, level + 1)
+            members += len(value) if isinstance(value, dict) else 0
+            todo += [(v, level + 1) for v in (value.values() if isinstance(value, dict)
+                                               else value)]
+    return depth, members
+
+
+def test_json_shape_matches_a_walk_of_the_parsed_value():
+    """Escapes, marks inside strings, whitespace, deep nests: the byte scans agree with
+    a walk (members exactly; depth exactly past 32, else a bound on the right side)."""
+    rnd = random.Random(17)
+    alphabet = 'ab"\\/{}[]:,\n\t u\u00e9\U0001F600<>&nrtbf'
+
+    def text():
+        return "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 8)))
+
+    def value(depth):
+        k = rnd.random()
+        if depth and k < 0.3:
+            return {text(): value(depth - 1) for _ in range(rnd.randint(0, 4))}
+        if depth and k < 0.55:
+            return [value(depth - 1) for _ in range(rnd.randint(0, 4))]
+        return rnd.choice([text(), 1, -2.5, True, None, "x"])
+
+    def nest(levels):
+        v = 1
+        for _ in range(levels):
+            v = [v] if rnd.random() < 0.5 else {"k": v, "s": "[{\\\"}"}
+        return v
+
+    for i in range(3000):
+        v = value(rnd.randint(0, 7)) if i % 10 else nest(rnd.choice([33, 300, 512, 513]))
+        data = json.dumps(v, ensure_ascii=i % 2 == 0,
+                          separators=rnd.choice([(",", ":"), (", ", " : ")])).encode()
+        depth, members = _shape_reference(v)
+        # As if a repeated key had collapsed: always the full scan.
+        got_depth, got_members = pb._json_shape(data, members - 1)
+        assert got_members == members, data
+        assert (got_depth > pb.MAX_JSON_DEPTH) == (depth > pb.MAX_JSON_DEPTH), data
+        assert got_depth == depth if depth > 32 else depth <= got_depth <= 32, data
+
+
+def test_loads_holds_the_gc_off_only_while_parsing_a_big_body(monkeypatch):
+    seen = []
+    real = json.loads
+    monkeypatch.setattr(pb.json, "loads", lambda *a, **k: seen.append(gc.isenabled()) or
+                        real(*a, **k))
+    big = json.dumps({"k": ["x" * 100] * (pb._GC_PAUSE_BYTES // 100)}).encode()
+    assert pb._loads(big)["k"][0] == "x" * 100 and pb._loads(b"{}") == {}
+    assert seen == [False, True] and gc.isenabled()
+    with pytest.raises(pb.BadRequest):  # an error turns it back on as well
+        pb._loads(big[:-1])
+    assert gc.isenabled()
+    # Overlapping holders: on again only after the last; off stays off.
+    with pb._gc_paused():
+        with pb._gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pb._gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_b64decode_strict():
     assert pb._b64decode_strict("YWJj", "x") == b"abc"
     for bad in ("YWJ", "YW Jj", "!!!!", 5, None):
@@ -805,6 +896,24 @@ def test_apply_delta_legacy_line_points():
     edit = {"Span": {"start": {"line": 3, "column": 3, "offset": 0},
                      "end": {"line": 3, "column": 6, "offset": 0}}, "NewText": '"c"'}
     assert pb.apply_delta(prev, [edit]) == b'{\n  "a": 1,\n  "c": 2\n}'
+
+
+def test_apply_delta_copies_the_state_once():
+    prev = b"x" * (8 << 20)
+    edits = [_edit(0, 1, "y"), _edit(4 << 20, 4 << 20, "z")]
+    tracemalloc.start()
+    try:
+        out = pb.apply_delta(prev, edits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out == b"y" + b"x" * ((4 << 20) - 1) + b"z" + b"x" * (4 << 20)
+    assert peak < len(prev) * 1.25, peak  # slices, a bytearray and bytes(): 3 copies
+
+
+def test_line_starts_of_lf_and_crlf_text():
+    for data in (b"", b"a", b"a\nbc\n\n", b"\r\n{\r\n  \"a\": 1\r\n}\n", b"\n" * 5):
+        assert pb._line_starts(data) == [0] + [i + 1 for i, b in enumerate(data) if b == 10]
 
 
 @pytest.mark.parametrize("edits", [
