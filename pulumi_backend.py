@@ -888,16 +888,25 @@ def _json_shape(data: bytes, members: int) -> tuple:
     if b"\\" in data:
         # Only the marks and escapes are kept (no copy of the whole body): each
         # backslash still has the byte it escapes right after it.
-        marks = data.translate(None, _NOT_MARK_OR_ESCAPE)
+        marks = _kept_bytes(data, _NOT_MARK_OR_ESCAPE)
         marks = marks.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, b"\\/bfnrtu")
     else:
-        marks = data.translate(None, _NOT_JSON_MARK)
+        marks = _kept_bytes(data, _NOT_JSON_MARK)
     # Escapes hold no bracket or colon: these counts are the whole body's.
     if marks.count(b"[") + marks.count(b"{") <= MAX_JSON_DEPTH and marks.count(b":") == members:
         return 0, members
     marks = marks.replace(b'""', b"")
     outside = b"".join(marks.split(b'"')[0::2])
     return _nesting_depth(outside.translate(None, b":")), outside.count(b":")
+
+
+def _kept_bytes(data: bytes, delete: bytes) -> bytes:
+    """Return ``data.translate(None, delete)``, which first allocates all of ``data``:
+    256 KiB at a time, that copy stays small."""
+    step = 1 << 18
+    if len(data) <= step:
+        return data.translate(None, delete)
+    return b"".join(data[i:i + step].translate(None, delete) for i in range(0, len(data), step))
 
 
 def _nesting_depth(brackets: bytes) -> int:
@@ -2689,6 +2698,108 @@ def _check_untyped_deployment(doc: Any) -> dict:
     return doc
 
 
+_JSON_WS_RE = re.compile(r"[ \t\n\r]*")
+
+
+class _Unusual(Exception):
+    """The streaming check met something it leaves to the full parse."""
+
+
+def _check_deployment_bytes(data: bytes, what: str) -> int:
+    """Validate UntypedDeployment bytes as ``_check_untyped_deployment(_loads(data,
+    what))`` does; return the number of its resources.
+
+    A parsed state takes one to ten times its JSON in memory; this holds only
+    the envelope (version, manifest, ...) and one resource at a time. It only
+    ever accepts: anything it does not accept outright goes to the full parse,
+    so refusals and their messages stay the same.
+    """
+    try:
+        if not _SURROGATE_ESCAPE_RE.search(data):  # else the full parse looks closer
+            with _gc_paused() if len(data) >= _GC_PAUSE_BYTES else contextlib.nullcontext():
+                doc, members, resources = _scan_deployment(data.decode("utf-8"))
+            depth, pairs = _json_shape(data, members)  # the text is gone by now
+            if depth <= MAX_JSON_DEPTH and pairs == members:
+                _check_untyped_deployment(doc)
+                return resources
+    except (UnicodeDecodeError, ValueError, RecursionError, HTTPError, _Unusual):
+        pass
+    return _count_resources(_check_untyped_deployment(_loads(data, what)))
+
+
+def _scan_deployment(text: str) -> tuple:
+    """Return ``(envelope, object members, resources)`` of an UntypedDeployment's JSON
+    text, its resources checked one by one and left out; raise to hand over to
+    the full parse."""
+    members = 0
+
+    def count(obj: dict) -> dict:
+        nonlocal members
+        members += len(obj)
+        return obj
+
+    decode = json.JSONDecoder(parse_constant=_json_constant, parse_float=_json_float,
+                              parse_int=_json_int, object_hook=count).raw_decode
+    resources = 0
+
+    def resources_at(pos: int) -> tuple:
+        nonlocal resources
+        if text[pos:pos + 1] != "[":
+            return decode(text, pos)
+        pos = _JSON_WS_RE.match(text, pos + 1).end()
+        while text[pos:pos + 1] != "]":
+            if resources:
+                if text[pos:pos + 1] != ",":
+                    raise _Unusual
+                pos = _JSON_WS_RE.match(text, pos + 1).end()
+            res, pos = decode(text, pos)
+            if not isinstance(res, dict):
+                raise _Unusual
+            _check_field_names(res, "a deployment resource")
+            resources += 1
+            pos = _JSON_WS_RE.match(text, pos).end()
+        return [], pos + 1  # checked: the envelope keeps an empty list
+
+    def top_at(key: str, pos: int) -> tuple:
+        if key == "deployment" and text[pos:pos + 1] == "{":
+            return _scan_object(text, pos, lambda key, at: (
+                resources_at(at) if key == "resources" else decode(text, at)))
+        return decode(text, pos)
+
+    doc, end = _scan_object(text, _JSON_WS_RE.match(text).end(), top_at)
+    if _JSON_WS_RE.match(text, end).end() != len(text):
+        raise _Unusual  # more after the document
+    members += len(doc) + (len(doc["deployment"]) if isinstance(doc.get("deployment"), dict)
+                           else 0)
+    return doc, members, resources
+
+
+def _scan_object(text: str, pos: int, value_at: Callable) -> tuple:
+    """Return ``(dict, end)`` of the JSON object at ``text[pos]``, each value parsed
+    by ``value_at(key, pos)`` -> ``(value, end)``; a repeated key keeps the last
+    (the caller compares member counts)."""
+    if text[pos:pos + 1] != "{":
+        raise _Unusual
+    obj: dict = {}
+    pos = _JSON_WS_RE.match(text, pos + 1).end()
+    if text[pos:pos + 1] == "}":
+        return obj, pos + 1
+    while True:
+        if text[pos:pos + 1] != '"':
+            raise _Unusual
+        key, pos = json.decoder.scanstring(text, pos + 1, True)
+        pos = _JSON_WS_RE.match(text, pos).end()
+        if text[pos:pos + 1] != ":":
+            raise _Unusual
+        obj[key], pos = value_at(key, _JSON_WS_RE.match(text, pos + 1).end())
+        pos = _JSON_WS_RE.match(text, pos).end()
+        if text[pos:pos + 1] == "}":
+            return obj, pos + 1
+        if text[pos:pos + 1] != ",":
+            raise _Unusual
+        pos = _JSON_WS_RE.match(text, pos + 1).end()
+
+
 def _count_resources(doc: dict) -> int:
     return len(doc.get("deployment", {}).get("resources") or [])
 
@@ -2972,7 +3083,7 @@ class Engine:
 
     def import_deployment(self, org: str, project: str, name: str, body: bytes,
                           cli_version: str, requested_by: str = "") -> str:
-        doc = _check_untyped_deployment(_loads(body))
+        resources = _check_deployment_bytes(body, "request body")
         data = body.strip()
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
@@ -2983,8 +3094,8 @@ class Engine:
                 "id": update_id, "stack_id": row["id"], "kind": "import", "dry_run": 0,
                 "status": "succeeded", "created": t, "started": t, "ended": t,
                 "version": version, "base_version": row["version"], "cli_version": cli_version,
-                "resource_count": _count_resources(doc), "requested_by": requested_by})
-            self._save_version(db, row, version, data, _count_resources(doc))
+                "resource_count": resources, "requested_by": requested_by})
+            self._save_version(db, row, version, data, resources)
         log.info("imported state into %s/%s/%s as version %d", org, project, name, version)
         return update_id
 
@@ -3227,7 +3338,7 @@ class Engine:
     def checkpoint_verbatim(self, org, project, name, update_id, token, seq: int,
                             data: bytes) -> None:
         """Save ``data``, the untypedDeployment of a verbatim upload (see _split_verbatim)."""
-        _check_untyped_deployment(_loads(data, "untypedDeployment"))
+        _check_deployment_bytes(data, "untypedDeployment")
         digest = hashlib.sha256(data).hexdigest()
         with self.store.write() as db:
             self._checkpointed_update(db, org, project, name, update_id, token)

@@ -6955,6 +6955,89 @@ def test_strict_json_accepts_what_the_cli_sends():
         pb._loads(b'["' + b"]" * 600 + b'",' + b"[" * 600 + b"]" * 600 + b"]")
 
 
+def _deployment_variants():
+    """(bytes, the streaming check must accept it) of UntypedDeployments, good and bad."""
+    good = json.dumps(untyped([S, A, res("b", outputs={"q": ']]}"[', "e": "é <&>"})],
+                              pending_operations=[{"resource": A, "type": "creating"}]))
+    one = good.encode()
+    yield one, True
+    yield json.dumps(json.loads(good), indent=2).encode(), True
+    yield b' \n{"deployment":{"resources":[],"manifest":{}} , "version":3}\t', True
+    for resources in (b"null", b"[]", b"[ ]", b'[{"urn":"u"}  ,\n{"urn":"v"}]'):
+        yield b'{"version":3,"deployment":{"resources":' + resources + b"}}", True
+    yield b'{"version":3,"features":["taint"],"deployment":{}}', True
+    yield b'{"version":3,"deployment":{"resources":[' + json.dumps(
+        deep_res(pb.MAX_JSON_DEPTH - 4)).encode() + b"]}}", True  # 512 levels
+    for bad in (
+            b'{"version":3,"version":3,"deployment":{}}',                   # repeated keys
+            b'{"version":3,"deployment":{"resources":[],"resources":[]}}',
+            b'{"version":3,"deployment":{"resources":[{"urn":"u","urn":"v"}]}}',
+            b'{"version":3,"deployment":{"resources":[{"o":{"k":1,"k":2}}]}}',
+            b'{"version":3,"deployment":{"manifest":{"k":1,"k":2}}}',
+            one + b" x", one + b"{}", b'{"version":3,"deployment":{}',     # framing
+            b'{"version":3,"deployment":{"resources":[{},]}}',
+            b'{"version":3,"deployment":{"resources":[{} {}]}}',
+            b'{"version":3,"deployment":{"resources":[1]}}',                # shapes
+            b'{"version":3,"deployment":{"resources":{}}}',
+            b'{"version":3,"deployment":[]}', b"[]", b'"x"', b"",
+            b'{"version":3,"deployment":{"resources":[{"URN":"u"}]}}',      # field names
+            b'{"version":3,"deployment":{"Resources":[]}}', b'{"Version":3,"deployment":{}}',
+            b'{"version":9,"deployment":{}}', b'{"deployment":{}}',
+            b'{"version":3,"deployment":{"resources":[{"n":NaN}]}}',        # numbers
+            b'{"version":3,"deployment":{"resources":[{"n":1e999}]}}',
+            b'{"version":3,"deployment":{"resources":[{"n":' + b"9" * 400 + b"}]}}",
+            b'{"version":3,"deployment":{"resources":[{"s":"\\ud800"}]}}',  # text
+            b'\xef\xbb\xbf{"version":3,"deployment":{}}', b'{"version":3,"x":"\xff"}',
+            b'{"version":3,"deployment":{"resources":["\x01"]}}',
+            b'{"version":3,"deployment":{"resources":[' + json.dumps(
+                deep_res(pb.MAX_JSON_DEPTH + 1)).encode() + b"]}}",
+            b'{"version":3,"deployment":{"resources":[' + b"[" * 5000 + b"]" * 5000 + b"]}}"):
+        yield bad, False
+
+
+@pytest.mark.parametrize("data,streamed", list(_deployment_variants()))
+def test_streaming_deployment_check_agrees_with_the_full_parse(data, streamed, monkeypatch):
+    """Verbatim uploads and imports hold one resource at a time: same verdicts, same
+    messages, same resource counts as parsing the whole document."""
+    try:
+        expected = pb._count_resources(pb._check_untyped_deployment(pb._loads(data, "state")))
+    except pb.BadRequest as e:
+        expected = e.message
+    if streamed:  # accepted without the full parse
+        monkeypatch.setattr(pb, "_loads", None)
+    try:
+        got = pb._check_deployment_bytes(data, "state")
+    except pb.BadRequest as e:
+        got = e.message
+    assert got == expected
+    assert isinstance(expected, int) == streamed
+
+
+def test_verbatim_upload_holds_one_resource_parsed_at_a_time(srv):
+    """Issue 17: the body, its untypedDeployment and the parsed tree were all in memory."""
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    pad = "ab" * 4096
+    doc = json.dumps(untyped([S] + [res(f"r{i}", outputs={"p": pad}) for i in range(800)]),
+                     separators=(",", ":")).encode()
+    body = b'{"version":3,"untypedDeployment":' + doc + b',"sequenceNumber":1}'
+    req = pb.Request("PATCH", update.url + "/checkpointverbatim", {}, {}, body=body)
+    _, org, project, name = path.rsplit("/", 3)
+    req.params = {"orgName": org, "projectName": project, "stackName": name,
+                  "updateID": update.id}
+    req.token = update.token
+    del body
+    tracemalloc.start()
+    try:
+        srv.app.checkpoint_verbatim(req)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert update.complete()[0] == 200 and len(srv.export(path)["deployment"]["resources"]) == 801
+    # The state (kept for deltas) and its text while checked; before: body, state, text, tree.
+    assert peak < len(doc) * 2.4, (peak, len(doc))
+
+
 # ==== 14f. Hardening: configuration, files and keys ===========================
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n", "# the token goes here\n\n# another\n"])
