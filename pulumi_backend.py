@@ -3544,8 +3544,7 @@ class Engine:
         if working is None:
             return self._base_state(db, update)
         # Deltas are applied to bytes unparsed: check what they made as strictly as an upload.
-        doc = _check_untyped_deployment(_loads(working[1], "the last checkpoint"))
-        return working[1], _count_resources(doc)
+        return working[1], _check_deployment_bytes(working[1], "the last checkpoint")
 
     # -- updates: reading ---------------------------------------------------
 
