@@ -3325,6 +3325,7 @@ class Engine:
         if req.get("features"):
             doc["features"] = req["features"]
         doc["deployment"] = req.get("deployment")
+        self.working.discard(update_id)  # as in checkpoint_verbatim
         data = _dumps(_check_untyped_deployment(doc))
         digest = hashlib.sha256(data).hexdigest()
         with self.store.write() as db:
@@ -3338,6 +3339,9 @@ class Engine:
     def checkpoint_verbatim(self, org, project, name, update_id, token, seq: int,
                             data: bytes) -> None:
         """Save ``data``, the untypedDeployment of a verbatim upload (see _split_verbatim)."""
+        # The state it replaces need not stay in memory beside it (a delta that
+        # still needs it, after a refusal, rebuilds it from the stored rows).
+        self.working.discard(update_id)
         _check_deployment_bytes(data, "untypedDeployment")
         digest = hashlib.sha256(data).hexdigest()
         with self.store.write() as db:

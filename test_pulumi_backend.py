@@ -3300,6 +3300,20 @@ def test_invalid_checkpoint_is_400_and_is_invalid_keeps_previous(srv):
     assert urns(srv.export(path)) == [A["urn"]]
 
 
+def test_verbatim_upload_drops_the_state_it_replaces_from_memory_first(srv):
+    """Issue 17: the old state stayed cached beside the new one while it was checked
+    and stored; a delta after a refused upload rebuilds the old one from its row."""
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200
+    assert srv.app.engine.working.get(update.id)[1] == PREV_DOC
+    assert update.verbatim(b'{"version":3,"deployment":[]}', 2)[0] == 400
+    assert srv.app.engine.working.get(update.id) is None
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
+    assert srv.app.engine.working.get(update.id)[1] == NEW_DOC
+    assert update.complete()[0] == 200 and srv.export(path) == json.loads(NEW_DOC)
+
+
 @both_stores
 def test_verbatim_then_delta_worked_example(srv):
     path = srv.create_stack()
