@@ -5935,6 +5935,21 @@ def test_racing_starts_one_wins_one_conflicts(srv):
         assert srv.stack(path)["version"] == version
 
 
+def test_the_heap_is_trimmed_after_whole_state_requests_only(srv, monkeypatch):
+    """Issue 17: holes left by a state's buffers kept the resident size up (10 MB of
+    state: 188 MB at the verbatim uploads' peak, 153 MB at the deltas' after them)."""
+    assert pb._release_free_memory() is None  # glibc's malloc_trim, or nothing elsewhere
+    routes = []
+    monkeypatch.setattr(pb, "_release_free_memory", lambda: routes.append("trim"))
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    assert update.verbatim(PREV_DOC, 1)[0] == 200 and routes == ["trim"]
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200 and routes == ["trim"]
+    assert update.complete()[0] == 200 and routes == ["trim"] * 2
+    srv.export(path)
+    assert routes == ["trim"] * 3
+
+
 # ==== 14c. Operations: health, metrics, logs, backups, shutdown ===============
 
 def scrape(srv):
