@@ -275,6 +275,8 @@ _STACK_TYPE = "pulumi:pulumi:Stack"
 #: Most compressed bytes fed to zlib at once when a request body is gunzipped
 #: (it returns at most 16 times as much per call).
 _GUNZIP_INPUT_STEP = 64 * 1024
+#: Bodies from this size on are parsed with the cyclic GC held off (see _gc_paused).
+_GC_PAUSE_BYTES = 256 * 1024
 #: Newest journal-entry format we replay: 2 adds state-migration entries (kind 10).
 JOURNAL_VERSION = 2
 
@@ -766,8 +768,6 @@ _NOT_JSON_MARK = bytes(sorted(set(range(256)) - set(b'"[]{}:')))
 #: With escapes: the marks, a backslash and every byte a backslash can escape.
 _NOT_MARK_OR_ESCAPE = bytes(sorted(set(range(256)) - set(b'"[]{}:\\/bfnrtu')))
 _NESTING_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
-#: Bodies from this size on are parsed with the cyclic GC held off (see _gc_paused).
-_GC_PAUSE_BYTES = 256 * 1024
 
 
 def _loads(data: bytes, what: str = "request body") -> Any:
