@@ -3103,6 +3103,11 @@ class Engine:
     def _save_compressed(self, db, row: dict, version: int, data_gz: bytes, size: int,
                          resources: int) -> None:
         self.store.put_deployment(db, row["id"], version, data_gz, size, resources)
+        self._make_latest(db, row, version, resources)
+
+    def _make_latest(self, db, row: dict, version: int, resources: int) -> None:
+        """Make ``version`` the stack's latest and forget history beyond the limit (the
+        newest stored state always stays: a pending version's base)."""
         self.store.update_stack(db, row["id"], version=version, resource_count=resources,
                                 last_update=_now())
         self.store.prune_versions(db, row["id"], version - self.cfg.history_limit + 1,
@@ -3530,8 +3535,7 @@ class Engine:
             fields["resource_count"] = count
             if later:  # the stack shows the new version at once; readers store it first
                 fields["pending"] = 1
-                self.store.update_stack(db, row["id"], version=update["version"],
-                                        resource_count=count, last_update=_now())
+                self._make_latest(db, row, update["version"], count)
                 self.store.after_commit(lambda: self._store_in_background(
                     later, update["id"], final, count))
             else:

@@ -3454,6 +3454,111 @@ def test_journal_batch_shapes(srv):
     assert update.call("PATCH", "/journalentries", b"{broken", gzip_body=True)[0] == 400
 
 
+# -- journal: batches stored as sent, the live replay, the final state stored after ----------
+
+def _journal_rows(srv, update_id):
+    with srv.store.read() as db:
+        return srv.store.journal_rows(db, update_id)
+
+
+def test_journal_batch_is_stored_as_it_came(srv):
+    """One row per batch, the gzip bytes the client sent (no re-serialization)."""
+    path = srv.create_stack()
+    update = srv.begin(path)
+    body = gzip.compress(compact({"entries": [entry(1, 1, 1, state=C)]}))
+    assert srv.request("PATCH", update.url + "/journalentries", body, token=f"update-token "
+                       f"{update.token}", headers={"Content-Encoding": "gzip"})[0] == 200
+    assert update.call("PATCH", "/journalentries", {"entries": [entry(2, 1, 2, state=A)]},
+                       gzip_body=False)[0] == 200
+    assert _journal_rows(srv, update.id) == [
+        (1, body), (1, json.dumps({"entries": [entry(2, 1, 2, state=A)]}).encode())]
+
+
+def _without_stored_replay(monkeypatch):
+    def refuse(*_):
+        raise AssertionError("the stored journal was replayed")
+    monkeypatch.setattr(pb, "_stored_journal", refuse)
+
+
+@both_stores
+def test_complete_uses_the_live_replay(srv, monkeypatch):
+    """Batches are replayed as they commit: complete does not read the stored journal."""
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    update = srv.begin(path)
+    assert update.journal(entry(1, 0, 1, operation={"resource": C, "type": "creating"}),
+                          entry(2, 1, 1, state=C))[0] == 200
+    assert update.journal(entry(2, 1, 1, state=C), entry(3, 1, 2, state=B))[0] == 200  # a retry
+    _without_stored_replay(monkeypatch)
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == [C["urn"], B["urn"], S["urn"], A["urn"]]
+    assert srv.history(path)[0]["resourceCount"] == 4
+
+
+@pytest.mark.parametrize("second", [[entry(1, 1, 1, state=C)], "unseen"],
+                         ids=["out-of-order", "row-it-never-saw"])
+def test_complete_replays_the_stored_rows_when_the_live_replay_cannot_vouch(srv, second):
+    """Entries arriving out of sequence order, or a row stored beside the live replay:
+    complete replays the stored rows (sorted by sequenceID), with the same result."""
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.journal(entry(2, 1, 2, state=A))[0] == 200
+    if second == "unseen":
+        with srv.store.write() as db:
+            srv.store.append_journal(db, update.id, compact({"entries": [entry(1, 1, 1,
+                                                                                 state=C)]}))
+    else:
+        assert update.journal(*second)[0] == 200
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == [C["urn"], A["urn"]]
+
+
+def _store_nothing_after_complete(srv, monkeypatch):
+    """As if the process were killed right after `complete` answered."""
+    monkeypatch.setattr(srv.app.engine, "_store_in_background", lambda *args: None)
+
+
+def test_final_state_pending_after_complete_is_stored_by_the_next_reader(srv, monkeypatch):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S]))
+    update = srv.begin(path)
+    assert update.journal(entry(1, 1, 1, state=A))[0] == 200
+    _store_nothing_after_complete(srv, monkeypatch)
+    assert update.complete()[0] == 200
+    with srv.store.read() as db:  # acknowledged: the journal is what stays durable
+        assert srv.store.get_update(db, update.id)["pending"] == 1
+        assert srv.store.count_journal(db, update.id) == 1
+        assert srv.store.get_deployment(db, srv.stack(path)["id"])["version"] == 1
+    assert srv.stack(path)["version"] == 2 and srv.history(path)[0]["result"] == "succeeded"
+    assert urns(srv.export(path)) == [A["urn"], S["urn"]]  # the reader stores it first
+    with srv.store.read() as db:
+        assert srv.store.get_update(db, update.id)["pending"] == 0
+        assert srv.store.count_journal(db, update.id) == 0
+        assert srv.store.get_deployment(db, srv.stack(path)["id"])["version"] == 2
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "checkpoint"])
+def test_final_state_pending_at_a_restart_is_stored_before_the_next_update(start, monkeypatch,
+                                                                           journal):
+    srv = start()
+    path = srv.create_stack()
+    update = srv.begin(path, journal=journal)
+    if journal:
+        assert update.journal(entry(1, 1, 1, state=A))[0] == 200
+    else:
+        assert update.checkpoint(untyped([A]))[0] == 200
+    _store_nothing_after_complete(srv, monkeypatch)
+    assert update.complete()[0] == 200
+    srv.stop()
+    srv = start()  # the same database
+    following = srv.begin(path)  # starts from the pending state, stored first
+    assert following.status == 200 and following.start["version"] == 2
+    assert following.journal(entry(1, 1, 1, state=B))[0] == 200
+    assert following.complete()[0] == 200
+    assert urns(srv.export(path)) == [B["urn"], A["urn"]]
+    assert [u["version"] for u in srv.history(path)] == [2, 1]
+
+
 # ==== 10. Handlers: updates — failure, cancel, abandonment ====================
 
 def test_failed_update_keeps_saved_state_and_unlocks(srv):
