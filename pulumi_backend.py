@@ -168,8 +168,16 @@ DELTA_CHAIN_LIMIT = 64
 #: A checkpoint delta is applied outside the write lock; if the working state
 #: changed meanwhile it is applied again, up to this many times in all (then 409).
 DELTA_ATTEMPTS = 3
-#: Bytes of working checkpoints kept in memory for delta application.
+#: Bytes of working checkpoints kept in memory for delta application; also the
+#: most journal bytes one update's replay keeps in memory while it runs.
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+#: Journaled updates replayed in memory as their batches arrive, at most at once
+#: (more are replayed from the stored rows when they complete).
+LIVE_REPLAYS = 8
+#: Seconds `complete` waits for an in-memory replay to catch up before it
+#: replays the stored rows instead; and that a reader of the state waits for a
+#: final state being stored in the background.
+LIVE_REPLAY_WAIT = 30.0
 #: Idle or slow clients are disconnected after this many seconds.
 DEFAULT_SOCKET_TIMEOUT = 120.0
 #: Seconds a client has for its request line and headers (from connecting, or
@@ -748,6 +756,44 @@ def _dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
+def _dumps_chunks(value: Any, depth: int = 3) -> Iterator:
+    """Yield ``_dumps(value)`` in pieces: the top ``depth`` levels of objects and
+    arrays are taken apart, deeper values are serialized whole (a state: one piece
+    per resource).
+
+    Serializing a 10 MB state in one call holds the GIL for ~100 ms, stalling
+    every request thread; pieces let them in, and a consumer that compresses them
+    as they come never holds the whole text.
+    """
+    if depth and isinstance(value, dict):
+        yield b"{"
+        for i, (key, item) in enumerate(value.items()):
+            yield (b"," if i else b"") + _dumps(key) + b":"
+            yield from _dumps_chunks(item, depth - 1)
+        yield b"}"
+    elif depth and isinstance(value, list):
+        yield b"["
+        for i, item in enumerate(value):
+            if i:
+                yield b","
+            yield from _dumps_chunks(item, depth - 1)
+        yield b"]"
+    else:
+        yield _dumps(value)
+
+
+def _gzip_chunks(chunks: Iterable, level: int = 1) -> tuple:
+    """Return ``(gzip bytes, uncompressed size)`` of the concatenated ``chunks``, as
+    ``_gzip_bytes`` would compress them (fixed header time)."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: a gzip header and trailer
+    out, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        out.append(compressor.compress(chunk))
+    out.append(compressor.flush())
+    return b"".join(out), size
+
+
 #: Field names the server reads from the objects the CLI sends and reads back.
 #: Go's decoder matches struct fields case-insensitively, so "Deployment" is
 #: refused at those levels: the CLI would read it where the server did not.
@@ -1186,7 +1232,7 @@ class Store:
     # deployments: get_deployment, put_deployment, prune_versions
     # updates: get_update, insert_update, update_update, count_running_updates, list_history
     # checkpoints: put_checkpoint, last_checkpoint, checkpoint_rows, clear_checkpoints
-    # journal: append_journal, journal_entries, clear_journal
+    # journal: append_journal, journal_rows, count_journal, clear_journal
     # events: append_events, list_events
     # identity (section 8): users, teams, team members, grants, tokens, audit
     # console (section 11): insert_session, get_session, delete_session,
@@ -1309,6 +1355,12 @@ _SCHEMA = [
         token_hash TEXT NOT NULL,
         created INTEGER NOT NULL,
         expires INTEGER NOT NULL);
+    """,
+    # version 4: a journal row holds a whole batch as the CLI sent it (batch = 1); an
+    # update whose final state is still being stored after `complete` answered (pending = 1)
+    """
+    ALTER TABLE journal ADD COLUMN batch INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE updates ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 
@@ -1539,16 +1591,26 @@ class _SQLRecords(Store):
 
     # -- journal ------------------------------------------------------------
 
-    def append_journal(self, db, update_id: str, entries: Iterable) -> None:
-        """Store ``(sequenceID, json bytes)`` pairs; a repeated sequenceID keeps the first."""
-        entries = list(entries)
-        db.executemany("INSERT OR IGNORE INTO journal (update_id, seq, data) VALUES (?, ?, ?)",
-                       ((update_id, seq, data) for seq, data in entries))
-        self._count_written("journal", sum(len(data) for _, data in entries))
+    def append_journal(self, db, update_id: str, batch: bytes) -> None:
+        """Store one batch of entries (a request body, maybe gzip) after the update's others.
 
-    def journal_entries(self, db, update_id: str) -> list:
-        return [r[0] for r in db.execute(
-            "SELECT data FROM journal WHERE update_id = ? ORDER BY seq", (update_id,))]
+        Rows are numbered in arrival order; the replay sorts entries by sequenceID
+        and keeps the first copy of a repeated one.
+        """
+        db.execute("INSERT INTO journal (update_id, seq, data, batch) VALUES (?, (SELECT "
+                   "COALESCE(MAX(seq), 0) + 1 FROM journal WHERE update_id = ?), ?, 1)",
+                   (update_id, update_id, batch))
+        self._count_written("journal", len(batch))
+
+    def journal_rows(self, db, update_id: str) -> list:
+        """Return ``(batch, data)`` of the update's journal rows in arrival order (rows of
+        versions before 4 hold one entry each, ``batch`` 0)."""
+        return [(r[0], r[1]) for r in db.execute(
+            "SELECT batch, data FROM journal WHERE update_id = ? ORDER BY seq", (update_id,))]
+
+    def count_journal(self, db, update_id: str) -> int:
+        return db.execute("SELECT count(*) FROM journal WHERE update_id = ?",
+                          (update_id,)).fetchone()[0]
 
     def clear_journal(self, db, update_id: str) -> None:
         db.execute("DELETE FROM journal WHERE update_id = ?", (update_id,))
@@ -2188,7 +2250,7 @@ _STACK_COLUMNS = frozenset({"org", "project", "name", "tags", "version", "active
                             "resource_count", "last_update", "data_key"})
 _UPDATE_COLUMNS = frozenset({"status", "started", "ended", "version", "base_version", "journal",
                              "lease_token", "lease_expires", "cli_version", "resource_changes",
-                             "resource_count", "program", "requested_by"})
+                             "resource_count", "program", "requested_by", "pending"})
 
 
 #: Every table with its columns, parents before children (the order ``copy`` fills them).
@@ -2198,7 +2260,7 @@ _TABLE_COLUMNS = {
     "deployments": frozenset({"stack_id", "version", "data", "size", "resource_count"}),
     "updates": _UPDATE_COLUMNS | {"id", "stack_id", "kind", "dry_run", "created"},
     "checkpoints": frozenset({"update_id", "seq", "kind", "data", "hash"}),
-    "journal": frozenset({"update_id", "seq", "data"}),
+    "journal": frozenset({"update_id", "seq", "data", "batch"}),
     "events": frozenset({"update_id", "seq", "data"}),
     "users": frozenset({"login", "name", "email", "role", "created"}),
     "teams": frozenset({"name", "display_name", "description", "created"}),
@@ -2897,6 +2959,119 @@ def _split_verbatim(body: bytes) -> tuple:
     return _int_field(req, "sequenceNumber"), text[start:end].encode("utf-8")
 
 
+class _LiveReplay:
+    """The journal replay of one running update, kept current as its batches commit.
+
+    A thread of its own parses the base state and applies each committed batch
+    in commit order, so that ``complete`` finds the replay done instead of
+    parsing the base and every entry while the CLI waits. It only accelerates:
+    when it cannot vouch for giving what replaying the stored rows gives
+    (entries out of sequence order, a batch it never saw, an error, too many
+    bytes), ``complete`` replays the stored rows as before.
+    """
+
+    def __init__(self, load_base: Callable[[], dict], max_bytes: int):
+        self._cond = threading.Condition()
+        self._inbox: list = []
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._seen: set = set()  # sequenceIDs applied
+        self._last_seq = 0
+        self.fed = 0  # batches handed over, one per committed journal row
+        self.applied = 0
+        self.replayer: Optional[_JournalReplayer] = None
+        self.unusable = ""  # why the stored rows must be replayed instead
+        threading.Thread(target=self._run, args=(load_base,), daemon=True,
+                         name="live-replay").start()
+
+    def feed(self, entries: list, size: int) -> None:
+        """Hand over the entries of a batch that has just committed."""
+        with self._cond:
+            self.fed += 1
+            self._bytes += size
+            if self._bytes > self._max_bytes:
+                self._give_up(f"more than {self._max_bytes} bytes of journal")
+            elif not self.unusable:
+                self._inbox.append(entries)
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._give_up("closed")
+
+    def _give_up(self, why: str) -> None:  # called holding _cond
+        if not self.unusable:
+            self.unusable = why
+        self._inbox, self.replayer = [], None  # the memory goes now
+        self._cond.notify_all()
+
+    def catch_up(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds) until every batch handed over is applied."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.unusable or self.applied == self.fed, timeout)
+
+    def replayer_for(self, rows: int) -> Optional[_JournalReplayer]:
+        """Return the replayer if it has applied exactly the ``rows`` stored batches."""
+        with self._cond:
+            if self.unusable or not self.applied == self.fed == rows:
+                return None
+            return self.replayer
+
+    def _run(self, load_base: Callable[[], dict]) -> None:
+        try:
+            replayer = _JournalReplayer(load_base())
+        except Exception as e:  # noqa: BLE001 - the stored rows will tell at complete
+            with self._cond:
+                self._give_up(f"base state: {type(e).__name__}")
+            return
+        with self._cond:
+            self.replayer = None if self.unusable else replayer
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self.unusable or self._inbox)
+                if self.unusable:
+                    return
+                entries = self._inbox.pop(0)
+            try:
+                self._apply(replayer, entries)
+            except Exception as e:  # noqa: BLE001 - as above
+                with self._cond:
+                    self._give_up(f"{type(e).__name__}: {e}")
+                return
+            with self._cond:
+                self.applied += 1
+                self._cond.notify_all()
+
+    def _apply(self, replayer: _JournalReplayer, entries: list) -> None:
+        """Apply a batch as the stored replay would: in sequenceID order, the first copy
+        of each; an entry older than one already applied means another order."""
+        for entry in entries:
+            seq = entry["sequenceID"]
+            if seq in self._seen:
+                continue  # a retried batch: the first copy stays
+            if seq < self._last_seq:
+                raise ValueError(f"entry {seq} arrived after {self._last_seq}")
+            self._seen.add(seq)
+            self._last_seq = seq
+            replayer.add(entry)
+
+
+def _stored_journal(rows: list, max_bytes: int) -> list:
+    """Return the entries of stored journal rows (``journal_rows``) sorted by
+    sequenceID, the first stored copy of each."""
+    entries: list = []
+    for batch, data in rows:
+        if not batch:  # a row of a version before 4: one entry
+            entries.append(json.loads(data))
+            continue
+        if data[:2] == b"\x1f\x8b":
+            data = _gunzip_bounded(data, max_bytes)
+        entries += json.loads(data)["entries"]  # checked in full when it came
+    entries.sort(key=lambda e: e["sequenceID"])  # stable: first copies stay first
+    return [e for i, e in enumerate(entries)
+            if i == 0 or e["sequenceID"] != entries[i - 1]["sequenceID"]]
+
+
 class Engine:
     """Operations of the API on stacks, state, updates and secrets."""
 
@@ -2905,6 +3080,12 @@ class Engine:
         self.store = store
         self.keys = keys
         self.working = _WorkingCache(cfg.cache_bytes)
+        self._live: dict = {}  # update id -> _LiveReplay of a running journaled update
+        self._live_lock = threading.Lock()
+        # (org, project, stack) -> Event set once the final state a `complete` left to
+        # the background is stored; readers of that stack's state wait for it.
+        self._storing: dict = {}
+        self._storing_lock = threading.Lock()
         self._data_keys: dict = {}
         self._data_keys_lock = threading.Lock()
         self.metrics = Metrics()
@@ -3019,6 +3200,7 @@ class Engine:
             return self.store.project_exists(db, org, project)
 
     def delete_stack(self, org: str, project: str, name: str, force: bool) -> None:
+        self._await_final_state(org, project, name)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
             self._lock_stack(db, row)
@@ -3034,6 +3216,7 @@ class Engine:
         if not isinstance(new_name, str) or not isinstance(new_project, str):
             raise BadRequest("newName and newProject must be strings")
         self._check_names(org, new_project, new_name)
+        self._await_final_state(org, project, name)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
             if (new_project, new_name) == (project, name):
@@ -3069,11 +3252,12 @@ class Engine:
         """Return the gzip bytes of the stack's latest (or given) deployment."""
         if version is not None and version < 1:
             raise BadRequest("version must be a positive integer")
+        self._await_final_state(org, project, name)
         with self.store.read() as db:
             row = self.stack(db, org, project, name)
-            abandoned = self._abandoned_update(db, row) is not None
-        if abandoned:  # its acknowledged work becomes the latest state first
-            self._finish_abandoned(org, project, name)
+            unsettled = (self._abandoned_update(db, row) or self._pending_update(db, row))
+        if unsettled:  # its acknowledged work becomes the latest state first
+            self._settle(org, project, name)
         with self.store.read() as db:
             row = self.stack(db, org, project, name)
             dep = self.store.get_deployment(db, row["id"], version)
@@ -3085,6 +3269,7 @@ class Engine:
                           cli_version: str, requested_by: str = "") -> str:
         resources = _check_deployment_bytes(body, "request body")
         data = body.strip()
+        self._await_final_state(org, project, name)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
             self._lock_stack(db, row)
@@ -3101,7 +3286,16 @@ class Engine:
 
     def _save_version(self, db, row: dict, version: int, data: bytes, resources: int) -> None:
         """Store ``data`` as ``version`` of the stack and make it the latest."""
-        self.store.put_deployment(db, row["id"], version, _gzip_bytes(data), len(data), resources)
+        self._save_compressed(db, row, version, _gzip_bytes(data), len(data), resources)
+
+    def _save_compressed(self, db, row: dict, version: int, data_gz: bytes, size: int,
+                         resources: int) -> None:
+        self.store.put_deployment(db, row["id"], version, data_gz, size, resources)
+        self._make_latest(db, row, version, resources)
+
+    def _make_latest(self, db, row: dict, version: int, resources: int) -> None:
+        """Make ``version`` the stack's latest and forget history beyond the limit (the
+        newest stored state always stays: a pending version's base)."""
         self.store.update_stack(db, row["id"], version=version, resource_count=resources,
                                 last_update=_now())
         self.store.prune_versions(db, row["id"], version - self.cfg.history_limit + 1,
@@ -3158,8 +3352,20 @@ class Engine:
             return None
         return update
 
+    def _pending_update(self, db, row: dict) -> Optional[dict]:
+        """Return the stack's completed update whose final state is not stored yet."""
+        if not row["active_update"]:
+            return None
+        update = self.store.get_update(db, row["active_update"])
+        return update if update is not None and update["pending"] else None
+
     def _lock_stack(self, db, row: dict) -> None:
-        """Raise Conflict while another update holds the stack; finish an abandoned one."""
+        """Raise Conflict while another update holds the stack; finish an abandoned one,
+        and store a completed one's final state if that is still pending."""
+        pending = self._pending_update(db, row)
+        if pending is not None:
+            self._store_pending(db, row, pending)
+            row.update(self.store.get_stack_by_id(db, row["id"]))
         abandoned = self._abandoned_update(db, row)
         if abandoned is not None:
             log.warning("update %s abandoned (lease expired); finishing it as failed",
@@ -3169,10 +3375,11 @@ class Engine:
         elif self._running_update(db, row) is not None:
             raise Conflict(MSG_UPDATE_CONFLICT)
 
-    def _finish_abandoned(self, org: str, project: str, name: str) -> None:
+    def _settle(self, org: str, project: str, name: str) -> None:
+        """Finish the stack's abandoned update, or store its pending final state."""
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
-            if self._abandoned_update(db, row) is not None:
+            if self._abandoned_update(db, row) or self._pending_update(db, row):
                 self._lock_stack(db, row)
 
     def create_update(self, org: str, project: str, name: str, kind: str, body: dict,
@@ -3200,6 +3407,7 @@ class Engine:
         if tags is not None:
             tags = _check_tags(tags)
         wants_journal = body.get("journalVersion") or 0
+        self._await_final_state(org, project, name)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
@@ -3222,6 +3430,8 @@ class Engine:
             if tags is not None:
                 self.store.update_stack(db, row["id"], tags=json.dumps(tags))
             self.store.update_update(db, update_id, **fields)
+        if fields.get("journal"):
+            self._start_live_replay(update_id, row["id"], fields["base_version"])
         log.info("started %s %s on %s/%s/%s (version %d, %s)", update["kind"], update_id, org,
                  project, name, fields["version"],
                  "dry run" if update["dry_run"] else
@@ -3390,13 +3600,16 @@ class Engine:
             return
         raise Conflict("the checkpoint kept changing while the delta was applied; send it again")
 
-    def journal_append(self, org, project, name, update_id, token, body: bytes) -> int:
+    def journal_append(self, org, project, name, update_id, token, body: bytes,
+                       wire: bytes = b"") -> int:
+        """Check a batch of entries and store it as it came (``wire``: the body as
+        received, e.g. still gzip; by default ``body``)."""
         req = _loads_body(body)
         entries = req.get("entries")
         if not isinstance(entries, list):
             raise BadRequest("entries must be a list")
         entries = [_check_journal_entry(entry) for entry in entries]
-        rows = [(entry["sequenceID"], _dumps(entry)) for entry in entries]
+        wire = wire or body
         with self.store.write() as db:
             _, update = self._checkpointed_update(db, org, project, name, update_id, token)
             if not update["journal"]:
@@ -3406,9 +3619,12 @@ class Engine:
                     raise BadRequest(f"journal entry {entry['sequenceID']} has version "
                                      f"{entry['version']}; this update accepts up to "
                                      f"{update['journal']}")
-            self.store.append_journal(db, update_id, rows)
-        self.metrics.inc("pulumi_backend_journal_entries_total", len(rows))
-        return len(rows)
+            self.store.append_journal(db, update_id, wire)
+            live = self._live.get(update_id)
+            if live is not None:  # in commit order: the order of the stored rows
+                self.store.after_commit(lambda: live.feed(entries, len(body)))
+        self.metrics.inc("pulumi_backend_journal_entries_total", len(entries))
+        return len(entries)
 
     # -- updates: events ----------------------------------------------------
 
@@ -3454,9 +3670,16 @@ class Engine:
     # -- updates: completion ------------------------------------------------
 
     def complete(self, org, project, name, update_id, token, body: dict) -> None:
+        """End the update. Its final state is built before the answer (from the live
+        replay when there is one) and stored by a background thread after it: until
+        then the update is ``pending`` and its journal or checkpoints stay, so that a
+        reader of the stack, or the next start after a crash, stores it first."""
         status = body.get("status")
         if status not in ("succeeded", "failed", "cancelled"):
             raise BadRequest("status must be succeeded, failed or cancelled")
+        live = self._live.get(update_id)
+        if live is not None:  # not under the write lock: batches still apply meanwhile
+            live.catch_up(LIVE_REPLAY_WAIT)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
@@ -3466,7 +3689,7 @@ class Engine:
                     return  # a retried complete
                 raise Conflict("The Update has already completed")
             row, update = self._leased_update(db, org, project, name, update_id, token)
-            self._finish(db, row, update, status)
+            self._finish(db, row, update, status, live, later=(org, project, name))
 
     def cancel(self, org, project, name, update_id) -> None:
         with self.store.write() as db:
@@ -3478,8 +3701,11 @@ class Engine:
             self.store.update_update(db, update_id, lease_token="")  # revoked: later calls 403
         log.info("cancelled update %s of %s/%s/%s", update_id, org, project, name)
 
-    def _finish(self, db, row: dict, update: dict, status: str) -> None:
-        """End ``update`` with ``status``; for a real update, store its final state.
+    def _finish(self, db, row: dict, update: dict, status: str,
+                live: Optional[_LiveReplay] = None, later: Optional[tuple] = None) -> None:
+        """End ``update`` with ``status``; for a real update, build its final state and
+        store it now, or with ``later`` (the stack's names) once this transaction
+        has committed, in the background.
 
         If that state cannot be built, a completing update gets Conflict (and
         stays open, its journal intact); a cancelled or abandoned one ends as
@@ -3490,23 +3716,118 @@ class Engine:
             "pulumi_backend_updates_total", kind=update["kind"], status=status))
         if not update["dry_run"] and update["status"] == "running":
             try:
-                data, count = self._final_state(db, update)
+                final, count = self._final_state(db, update, live)
             except Conflict as e:
                 if status == "succeeded":
                     raise
                 log.error("update %s ends without a new version: %s", update["id"], e.message)
+                self._drop_live_replay(update["id"])
                 self.store.update_update(db, update["id"], **fields)
                 return
+            self._drop_live_replay(update["id"])
             fields["resource_count"] = count
-            self._save_version(db, row, update["version"], data, count)
-            self.store.clear_checkpoints(db, update["id"])
-            self.store.clear_journal(db, update["id"])
-            self.working.discard(update["id"])
+            if later:  # the stack shows the new version at once; readers store it first
+                fields["pending"] = 1
+                self._make_latest(db, row, update["version"], count)
+                self.store.after_commit(lambda: self._store_in_background(
+                    later, update["id"], final, count))
+            else:
+                self._store_final(db, row, update, final, count)
         self.store.update_update(db, update["id"], **fields)
 
-    def _final_state(self, db, update: dict) -> tuple:
-        """Return ``(bytes, resource count)`` of the state an update produced (its base
-        if it saved none), or raise Conflict.
+    def _store_final(self, db, row: dict, update: dict, final: Any, count: int) -> None:
+        """Make ``final`` (a deployment, its bytes, or ``(gzip bytes, size)`` of them)
+        the update's new version and drop the rows it was built from."""
+        if isinstance(final, tuple):
+            data_gz, size = final
+        else:
+            data_gz, size = _gzip_chunks([final] if isinstance(final, bytes)
+                                         else _dumps_chunks(final))
+        self._save_compressed(db, row, update["version"], data_gz, size, count)
+        self.store.clear_checkpoints(db, update["id"])
+        self.store.clear_journal(db, update["id"])
+        self.store.update_update(db, update["id"], pending=0)
+        self.working.discard(update["id"])
+
+    def _store_in_background(self, names: tuple, update_id: str, final: Any,
+                             count: int) -> None:
+        """Serialize, compress and store a completed update's final state in a thread;
+        readers of the stack wait for it (``_await_final_state``)."""
+        done = threading.Event()
+        with self._storing_lock:
+            self._storing[names] = done
+
+        def run(final: Any) -> None:
+            try:
+                data_gz, size = _gzip_chunks([final] if isinstance(final, bytes)
+                                             else _dumps_chunks(final))
+                del final  # the parsed state goes before the write
+                with self.store.write() as db:
+                    update = self.store.get_update(db, update_id)
+                    if update is not None and update["pending"]:  # else a reader stored it
+                        row = self.store.get_stack_by_id(db, update["stack_id"])
+                        self._store_final(db, row, update, (data_gz, size), count)
+            except Exception:  # noqa: BLE001 - the next reader of the stack stores it
+                log.exception("storing the final state of update %s failed; it is stored "
+                              "when the stack is next used", update_id)
+            finally:
+                with self._storing_lock:
+                    if self._storing.get(names) is done:
+                        del self._storing[names]
+                done.set()
+
+        threading.Thread(target=run, args=(final,), daemon=True, name="store-final").start()
+
+    def _await_final_state(self, org: str, project: str, name: str) -> None:
+        """Wait until a final state this process is storing for the stack is stored."""
+        done = self._storing.get((org, project, name))
+        if done is not None:
+            done.wait(LIVE_REPLAY_WAIT)
+
+    def drain(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds in all) for final states being stored."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._storing_lock:
+                pending = list(self._storing.values())
+            if not pending:
+                return
+            pending[0].wait(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                return
+
+    def _store_pending(self, db, row: dict, update: dict) -> None:
+        """Store a completed update's final state that nobody stored (this process was
+        stopped first, or another replica completed it)."""
+        try:
+            final, count = self._final_state(db, update)
+        except Conflict as e:  # it was built once already: only damage gets here
+            log.error("update %s: its final state cannot be stored (%s); the stack keeps "
+                      "version %d", update["id"], e.message, row["version"])
+            self.store.update_update(db, update["id"], pending=0, status="failed")
+            return
+        self._store_final(db, row, update, final, count)
+
+    def _start_live_replay(self, update_id: str, stack_id: str, base_version: int) -> None:
+        def load_base() -> dict:
+            with self.store.read() as db:
+                update = {"stack_id": stack_id, "base_version": base_version}
+                data, _ = self._base_state(db, update)
+            return json.loads(data).get("deployment") or {}
+
+        with self._live_lock:
+            if len(self._live) < LIVE_REPLAYS:
+                self._live[update_id] = _LiveReplay(load_base, self.cfg.cache_bytes)
+
+    def _drop_live_replay(self, update_id: str) -> None:
+        with self._live_lock:
+            live = self._live.pop(update_id, None)
+        if live is not None:
+            live.close()
+
+    def _final_state(self, db, update: dict, live: Optional[_LiveReplay] = None) -> tuple:
+        """Return ``(deployment or its bytes, resource count)`` of the state an update
+        produced (its base if it saved none), or raise Conflict.
 
         Nothing stored may raise anything else here (rows stored before input was
         strict, a delta chain ending in a bad document, a broken row): finishing an
@@ -3514,7 +3835,7 @@ class Engine:
         """
         try:
             if update["journal"]:
-                return self._replayed_state(db, update)
+                return self._replayed_state(db, update, live)
             return self._checkpointed_state(db, update)
         except (HTTPError, ValueError, LookupError, TypeError, AttributeError, RecursionError,
                 zlib.error, EOFError, gzip.BadGzipFile) as e:
@@ -3529,19 +3850,23 @@ class Engine:
             return _empty_deployment(), 0
         return gzip.decompress(base["data"]), base["resource_count"]
 
-    def _replayed_state(self, db, update: dict) -> tuple:
-        entries = [json.loads(e) for e in self.store.journal_entries(db, update["id"])]
-        base_bytes, base_count = self._base_state(db, update)
-        if not entries:
-            return base_bytes, base_count
-        # The parsed base is ours alone: replay over it without replay_journal's
-        # copy (a 10 MB state is ~10 MB of Python objects per copy).
-        replayer = _JournalReplayer(json.loads(base_bytes).get("deployment") or {})
-        for entry in entries:
-            replayer.add(entry)
+    def _replayed_state(self, db, update: dict, live: Optional[_LiveReplay]) -> tuple:
+        rows = self.store.count_journal(db, update["id"])
+        if not rows:
+            return self._base_state(db, update)
+        replayer = live.replayer_for(rows) if live is not None else None
+        if replayer is None:  # replay the stored rows
+            entries = _stored_journal(self.store.journal_rows(db, update["id"]),
+                                      self.cfg.max_decompressed)
+            # The parsed base is ours alone: replay over it without replay_journal's
+            # copy (a 10 MB state is ~10 MB of Python objects per copy).
+            base_bytes, _ = self._base_state(db, update)
+            replayer = _JournalReplayer(json.loads(base_bytes).get("deployment") or {})
+            for entry in entries:
+                replayer.add(entry)
+            del entries  # replaced base resources and begin entries: free them
         doc = replayer.generate(update["cli_version"])
-        del entries, replayer  # replaced base resources and begin entries: free them
-        return _dumps(doc), _count_resources(doc)
+        return doc, _count_resources(doc)
 
     def _checkpointed_state(self, db, update: dict) -> tuple:
         working = self._working(db, update["id"])
@@ -5014,6 +5339,7 @@ class Request:
     query: dict
     headers: Any
     body: bytes = b""
+    wire: bytes = b""  # the body as it came, when it came compressed
     params: dict = dataclasses.field(default_factory=dict)
     route: str = ""  # the handler's name once routed: the route label of metrics
     # Once routed: the largest body the route takes, 0 for none, None for --max-body.
@@ -5807,7 +6133,7 @@ class App:
 
     def journal_entries(self, req: Request) -> None:
         """Append to the update's journal (replayed at the end)."""
-        count = self.engine.journal_append(*self._up(req), req.token, req.body)
+        count = self.engine.journal_append(*self._up(req), req.token, req.body, req.wire)
         log.debug("%d journal entries (%d bytes) for %s", count, len(req.body),
                   req.params["updateID"])
 
@@ -7530,8 +7856,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         digits = text.lstrip("0") or "0"
         return int(digits) if len(digits) < 19 else sys.maxsize  # int() refuses 4300 digits
 
-    def _read_body(self, body_limit: Optional[int]) -> bytes:
-        """Read (and gunzip) the body of a routed, authenticated request.
+    def _read_body(self, body_limit: Optional[int]) -> tuple:
+        """Read (and gunzip) the body of a routed, authenticated request; return it and,
+        if it came compressed, the bytes as they came (else b"").
 
         A route that takes no body reads at most MAX_IGNORED_BODY bytes and
         ignores them. An error leaves the rest unread; _serve closes the connection.
@@ -7547,7 +7874,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise PayloadTooLarge(f"request body exceeds {limit} bytes" if limit
                                   else "this route takes no request body")
         if not length:
-            return b""
+            return b"", b""
         if self._continue_pending:
             self.send_response_only(100)
             self.end_headers()
@@ -7558,13 +7885,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if len(body) != length:
             raise BadRequest("request body shorter than Content-Length")
         if not limit:
-            return b""  # e.g. "{}": never parsed, never decompressed
+            return b"", b""  # e.g. "{}": never parsed, never decompressed
         encoding = (self.headers.get("Content-Encoding") or "").strip().lower()
         if encoding in ("gzip", "x-gzip"):
-            body = _gunzip_bounded(body, cfg.max_decompressed if body_limit is None else limit)
-        elif encoding not in ("", "identity"):
+            return _gunzip_bounded(body, cfg.max_decompressed if body_limit is None
+                                   else limit), body
+        if encoding not in ("", "identity"):
             raise BadRequest(f"unsupported Content-Encoding {encoding!r}")
-        return body
+        return body, b""
 
     def _serve(self) -> None:
         started = time.monotonic()
@@ -7575,7 +7903,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req.remote = self.client_address[0] if self.client_address else ""
         try:
             handler = self.server.app.resolve(req)  # nothing is read before this passes
-            req.body = self._read_body(req.body_limit)
+            req.body, req.wire = self._read_body(req.body_limit)
             self.server.unwatch(self.request)  # the request is in: handling may take long
             resp = self.server.app.dispatch(req, handler)
         except HTTPError as e:
@@ -8330,6 +8658,7 @@ def serve(cfg: Config, environ: dict) -> int:
         if backups is not None:
             backups.stop()
         server.server_close()  # waits (bounded) for in-flight requests
+        app.engine.drain(cfg.shutdown_timeout)  # final states being stored after `complete`
         store.close()
         log.info("stopped")
     return 0

@@ -176,6 +176,7 @@ class Srv:
         self.stopped = True
         self.server.stop()
         self.server.server_close()
+        self.app.engine.drain(10)  # as serve() does: final states stored after `complete`
         self.store.close()
         self.thread.join(10)
         assert not self.thread.is_alive()
@@ -743,7 +744,8 @@ def test_store_records_round_trip(cfg):
             store.put_deployment(db, "id-a", 1, b"gz2", 3, 0)  # replaced
             store.insert_update(db, {"id": "u1", "stack_id": "id-a", "kind": "update",
                                      "dry_run": 0, "status": "running", "created": 1})
-            store.append_journal(db, "u1", [(2, b"j2"), (1, b"j1"), (2, b"dup")])
+            store.append_journal(db, "u1", b'{"entries":[]}')
+            store.append_journal(db, "u1", b"\x1f\x8b gzip")  # batches in arrival order
             store.append_events(db, "u1", [(0, b"e0"), (0, b"dup")])
             store.put_checkpoint(db, "u1", 1, "full", b"{}", "h1")
             store.put_checkpoint(db, "u1", 2, "delta", b"[]", "h2")
@@ -768,7 +770,8 @@ def test_store_records_round_trip(cfg):
                 ["B", "a", "b"]
             assert store.get_stack(db, "o", "p", "a")["data_key"] == b"\x01k"
             assert store.get_deployment(db, "id-a")["data"] == b"gz2"
-            assert store.journal_entries(db, "u1") == [b"j1", b"j2"]
+            assert store.journal_rows(db, "u1") == [(1, b'{"entries":[]}'), (1, b"\x1f\x8b gzip")]
+            assert store.count_journal(db, "u1") == 2
             assert store.list_events(db, "u1", -1, 10) == [(0, b"e0")]
             assert store.last_checkpoint(db, "u1") == (2, "h2")
             assert ids[1] == ids[0] + 1
@@ -3574,6 +3577,111 @@ def test_journal_batch_shapes(srv):
     assert update.call("PATCH", "/journalentries", b"{broken", gzip_body=True)[0] == 400
 
 
+# -- journal: batches stored as sent, the live replay, the final state stored after ----------
+
+def _journal_rows(srv, update_id):
+    with srv.store.read() as db:
+        return srv.store.journal_rows(db, update_id)
+
+
+def test_journal_batch_is_stored_as_it_came(srv):
+    """One row per batch, the gzip bytes the client sent (no re-serialization)."""
+    path = srv.create_stack()
+    update = srv.begin(path)
+    body = gzip.compress(compact({"entries": [entry(1, 1, 1, state=C)]}))
+    assert srv.request("PATCH", update.url + "/journalentries", body, token=f"update-token "
+                       f"{update.token}", headers={"Content-Encoding": "gzip"})[0] == 200
+    assert update.call("PATCH", "/journalentries", {"entries": [entry(2, 1, 2, state=A)]},
+                       gzip_body=False)[0] == 200
+    assert _journal_rows(srv, update.id) == [
+        (1, body), (1, json.dumps({"entries": [entry(2, 1, 2, state=A)]}).encode())]
+
+
+def _without_stored_replay(monkeypatch):
+    def refuse(*_):
+        raise AssertionError("the stored journal was replayed")
+    monkeypatch.setattr(pb, "_stored_journal", refuse)
+
+
+@both_stores
+def test_complete_uses_the_live_replay(srv, monkeypatch):
+    """Batches are replayed as they commit: complete does not read the stored journal."""
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S, A]))
+    update = srv.begin(path)
+    assert update.journal(entry(1, 0, 1, operation={"resource": C, "type": "creating"}),
+                          entry(2, 1, 1, state=C))[0] == 200
+    assert update.journal(entry(2, 1, 1, state=C), entry(3, 1, 2, state=B))[0] == 200  # a retry
+    _without_stored_replay(monkeypatch)
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == [C["urn"], B["urn"], S["urn"], A["urn"]]
+    assert srv.history(path)[0]["resourceCount"] == 4
+
+
+@pytest.mark.parametrize("second", [[entry(1, 1, 1, state=C)], "unseen"],
+                         ids=["out-of-order", "row-it-never-saw"])
+def test_complete_replays_the_stored_rows_when_the_live_replay_cannot_vouch(srv, second):
+    """Entries arriving out of sequence order, or a row stored beside the live replay:
+    complete replays the stored rows (sorted by sequenceID), with the same result."""
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.journal(entry(2, 1, 2, state=A))[0] == 200
+    if second == "unseen":
+        with srv.store.write() as db:
+            srv.store.append_journal(db, update.id, compact({"entries": [entry(1, 1, 1,
+                                                                                 state=C)]}))
+    else:
+        assert update.journal(*second)[0] == 200
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == [C["urn"], A["urn"]]
+
+
+def _store_nothing_after_complete(srv, monkeypatch):
+    """As if the process were killed right after `complete` answered."""
+    monkeypatch.setattr(srv.app.engine, "_store_in_background", lambda *args: None)
+
+
+def test_final_state_pending_after_complete_is_stored_by_the_next_reader(srv, monkeypatch):
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S]))
+    update = srv.begin(path)
+    assert update.journal(entry(1, 1, 1, state=A))[0] == 200
+    _store_nothing_after_complete(srv, monkeypatch)
+    assert update.complete()[0] == 200
+    with srv.store.read() as db:  # acknowledged: the journal is what stays durable
+        assert srv.store.get_update(db, update.id)["pending"] == 1
+        assert srv.store.count_journal(db, update.id) == 1
+        assert srv.store.get_deployment(db, srv.stack(path)["id"])["version"] == 1
+    assert srv.stack(path)["version"] == 2 and srv.history(path)[0]["result"] == "succeeded"
+    assert urns(srv.export(path)) == [A["urn"], S["urn"]]  # the reader stores it first
+    with srv.store.read() as db:
+        assert srv.store.get_update(db, update.id)["pending"] == 0
+        assert srv.store.count_journal(db, update.id) == 0
+        assert srv.store.get_deployment(db, srv.stack(path)["id"])["version"] == 2
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "checkpoint"])
+def test_final_state_pending_at_a_restart_is_stored_before_the_next_update(start, monkeypatch,
+                                                                           journal):
+    srv = start()
+    path = srv.create_stack()
+    update = srv.begin(path, journal=journal)
+    if journal:
+        assert update.journal(entry(1, 1, 1, state=A))[0] == 200
+    else:
+        assert update.checkpoint(untyped([A]))[0] == 200
+    _store_nothing_after_complete(srv, monkeypatch)
+    assert update.complete()[0] == 200
+    srv.stop()
+    srv = start()  # the same database
+    following = srv.begin(path)  # starts from the pending state, stored first
+    assert following.status == 200 and following.start["version"] == 2
+    assert following.journal(entry(1, 1, 1, state=B))[0] == 200
+    assert following.complete()[0] == 200
+    assert urns(srv.export(path)) == [B["urn"], A["urn"]]
+    assert [u["version"] for u in srv.history(path)] == [2, 1]
+
+
 # ==== 10. Handlers: updates — failure, cancel, abandonment ====================
 
 def test_failed_update_keeps_saved_state_and_unlocks(srv):
@@ -5414,8 +5522,6 @@ HOSTILE = [
         {"Span": {"start": {"line": 10**30, "offset": -1}, "end": {"line": 1, "offset": -1}},
          "NewText": "x"}]), "4xx"),
     # -- journal sequence numbers
-    ("journal-duplicates-out-of-order", lambda v: v.upd.journal(
-        entry(2, 1, 1, state=res("changed")), entry(1, 1, 1, state=res("changed"))), 200),
     ("journal-out-of-order-with-invalid", lambda v: v.upd.journal(
         entry(4, 1, 2, state=A), entry(3, 0, 2, operation={"resource": A, "type": "creating"}),
         entry(0, 1, 1, state=B)), "4xx"),
@@ -5572,14 +5678,27 @@ def test_hostile_input_leaves_state_byte_identical(victim, send, expected):
     assert v.srv.stack(v.path)["version"] == 2 and v.srv.stack(v.ck)["version"] == 1
 
 
+def stored_journal(db, update_id):
+    """The update's journal entries as the replay reads them from the database file."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT batch, data FROM journal WHERE update_id = ? ORDER BY seq",
+                            (update_id,)).fetchall()
+    finally:
+        conn.close()
+    return {e["sequenceID"]: e for e in pb._stored_journal(rows, 1 << 30)}
+
+
 def test_duplicate_journal_sequence_ids_keep_the_stored_entry(victim):
-    """A repeated sequenceID is accepted as a retry; the stored entry keeps its content."""
+    """A repeated sequenceID is accepted as a retry (also out of order); the first stored
+    entry keeps its content."""
     v = victim
-    journal = db_rows(v.db)["journal"]
-    assert [json.loads(row[2])["state"]["urn"] for row in journal if row[1] == 2] == [C["urn"]]
+    assert stored_journal(v.db, v.upd.id)[2]["state"] == C
+    assert v.upd.journal(entry(2, 1, 1, state=res("changed")),
+                         entry(1, 1, 1, state=res("changed")))[0] == 200
     assert v.upd.journal(entry(2, 1, 1, state=res("changed")),
                          entry(3, 1, 2, state=res("new")))[0] == 200
-    after = {row[1]: json.loads(row[2]) for row in db_rows(v.db)["journal"]}
+    after = stored_journal(v.db, v.upd.id)
     assert after[2]["state"] == C and after[3]["state"] == res("new")
     assert v.upd.complete()[0] == 200
     assert urns(v.srv.export(v.path)) == [C["urn"], urn("new"), S["urn"], A["urn"]]
@@ -5819,7 +5938,7 @@ def test_unreplayable_journal_is_never_acknowledged(srv):
     assert update.cancel()[0] == 200
     assert srv.stack(path)["version"] == 1 and urns(srv.export(path)) == [A["urn"]]
     with srv.store.read() as db:
-        assert len(srv.store.journal_entries(db, update.id)) == 2
+        assert len(pb._stored_journal(srv.store.journal_rows(db, update.id), 1 << 30)) == 2
 
 
 def test_unauthenticated_gzip_body_is_refused_before_decompression(start):
@@ -6889,7 +7008,7 @@ def _poison(levels=100_000):
 def _plant(srv, update, journal=True):
     with srv.store.write() as db:
         if journal:
-            srv.store.append_journal(db, update.id, [(1, _poison())])
+            srv.store.append_journal(db, update.id, b'{"entries":[' + _poison() + b"]}")
         else:
             data = b'{"version":3,"deployment":{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
             srv.store.put_checkpoint(db, update.id, 1, "full", data, "0" * 64)

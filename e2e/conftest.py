@@ -16,6 +16,7 @@ Missing CLI or pulumi SDK: the tests skip with a hint (``bash e2e/setup.sh``),
 or fail when PULUMI_BACKEND_E2E_REQUIRED=1.
 """
 
+import gzip
 import json
 import os
 import re
@@ -96,6 +97,21 @@ def pytest_collection_modifyitems(items):
         param = getattr(getattr(item, "callspec", None), "params", {}).get("cli", CLI_VERSIONS[0])
         return param != CLI_VERSIONS[0]
     items.sort(key=older)
+
+
+def journal_entries(rows):
+    """The entries of an update's stored journal rows ``(batch, data)`` in row order: a
+    row holds a batch as the CLI sent it (gzip or not), or, from servers before
+    schema 4, one entry."""
+    entries = []
+    for batch, data in rows:
+        data = bytes(data)
+        if not batch:
+            entries.append(json.loads(data))
+        else:
+            entries += json.loads(gzip.decompress(data) if data[:2] == b"\x1f\x8b"
+                                  else data)["entries"]
+    return entries
 
 
 def wait_for(predicate, what, timeout=90, step=0.05):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ORG, _kill_marked, unavailable, wait_for
+from conftest import ORG, _kill_marked, journal_entries, unavailable, wait_for
 
 ACCESS_LINE = re.compile(r"\b(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) (\S+) (\d{3}) \d+ [\d.]+ms$",
                          re.M)
@@ -80,15 +80,18 @@ def running_update(db_path):
     return rows[0] if rows else None
 
 
+def stored_entries(con, update_id):
+    return journal_entries(con.execute("SELECT batch, data FROM journal WHERE update_id = ? "
+                                       "ORDER BY seq", (update_id,)))
+
+
 def journal_truth(db_path, update_id):
     """URNs of the committed success entries (kind 1 with a state) of an update."""
-    rows = query(db_path, "SELECT data FROM journal WHERE update_id = ? ORDER BY seq", update_id)
-    urns = set()
-    for (data,) in rows:
-        entry = json.loads(data)
-        if entry.get("kind") == 1 and (entry.get("state") or {}).get("urn"):
-            urns.add(entry["state"]["urn"])
-    return urns, len(rows)
+    with contextlib.closing(sqlite3.connect(db_path)) as con:
+        entries = stored_entries(con, update_id)
+    urns = {e["state"]["urn"] for e in entries
+            if e.get("kind") == 1 and (e.get("state") or {}).get("urn")}
+    return urns, len(entries)
 
 
 def checkpoint_truth(db_path, update_id):
@@ -146,10 +149,10 @@ KILL_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.02,
 
 def committed_successes(con):
     """(update id, committed success entries) of the running update, or None."""
-    return con.execute(
-        "SELECT u.id, (SELECT count(*) FROM journal j WHERE j.update_id = u.id"
-        " AND json_extract(CAST(j.data AS TEXT), '$.kind') = 1)"
-        " FROM updates u WHERE u.status = 'running'").fetchone()
+    row = con.execute("SELECT id FROM updates WHERE status = 'running'").fetchone()
+    if row is None:
+        return None
+    return row[0], sum(e.get("kind") == 1 for e in stored_entries(con, row[0]))
 
 
 def up_until_committed(e2e, srv, stack, program, target):

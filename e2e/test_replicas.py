@@ -13,7 +13,7 @@ import time
 import pytest
 
 import postgres
-from conftest import ORG, TOKEN, Server, unavailable, wait_for
+from conftest import ORG, TOKEN, Server, journal_entries, unavailable, wait_for
 from server_process import SERVER_SCRIPT
 from tcp_proxy import RoundRobinProxy
 from test_cli import (  # noqa: F401 - the core scenarios, collected again on the replicas
@@ -106,12 +106,10 @@ def committed_successes(db_url):
                            "AND kind = 'update'").fetchone()
         if row is None:
             return None
-        urns = set()
-        for (data,) in conn.execute("SELECT data FROM journal WHERE update_id = %s", row):
-            entry = json.loads(data)
-            if entry.get("kind") == 1 and (entry.get("state") or {}).get("urn"):
-                urns.add(entry["state"]["urn"])
-        return row[0], urns
+        entries = journal_entries(conn.execute("SELECT batch, data FROM journal WHERE "
+                                               "update_id = %s ORDER BY seq", row))
+        return row[0], {e["state"]["urn"] for e in entries
+                        if e.get("kind") == 1 and (e.get("state") or {}).get("urn")}
 
 
 @pytest.mark.cli_versions("v3.276.0")
