@@ -1335,6 +1335,15 @@ def _event_skeleton(value: Any, values: dict) -> Any:
     return value
 
 
+def _stored_event(data: bytes) -> Any:
+    """Parse an event row of schema version 1, also one stored before input was
+    strict (a lone surrogate, a repeated key); BadRequest if it is not JSON."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return _loads(data, "stored event")  # raises, naming what is wrong
+
+
 def _chunks(items: list, size: int = 500) -> Iterator:
     """Yield slices of ``items`` short enough for one statement's bound parameters."""
     for i in range(0, len(items), size):
@@ -1604,7 +1613,7 @@ class _SQLRecords(Store):
         if not legacy:
             return events
         # Stored before schema version 4, one uncompressed row per event.
-        merged = {r[0]: _loads(r[1], "stored event") for r in legacy}
+        merged = {r[0]: _stored_event(r[1]) for r in legacy}
         for seq, event in events:
             merged.setdefault(seq, event)
         return sorted(merged.items(), key=lambda item: item[0])[:limit]
@@ -1887,7 +1896,10 @@ class SQLiteStore(_SQLRecords):
 
     def _give_back_space(self, db) -> None:
         # Bounded: a free list left by a big deletion drains over several prunes.
-        db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_PRUNE})").fetchall()
+        # One page per step, and Python's sqlite3 steps this pragma only once.
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        for _ in range(min(free, VACUUM_PAGES_PER_PRUNE)):
+            db.execute("PRAGMA incremental_vacuum(1)")
 
     class _Txn:
         def __init__(self, store: "SQLiteStore"):

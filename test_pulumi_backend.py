@@ -54,6 +54,7 @@ import time
 import tracemalloc
 import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -3604,6 +3605,129 @@ def test_events_stored_deduplicated_and_paged(srv, monkeypatch):
     assert everything == [event(n) for n in range(10)]
     status, _, out = srv.request("GET", f"{update.url}/events?continuationToken=abc")
     assert status == 400
+
+
+def all_events(srv, update):
+    """Every event of ``update`` through the API's pages."""
+    out, token = [], None
+    while True:
+        query = f"?continuationToken={token}" if token is not None else ""
+        status, _, page = srv.request("GET", f"{update.url}/events{query}")
+        assert status == 200, page
+        out += page["events"]
+        token = page["continuationToken"]
+        if token is None or not page["events"]:
+            return out
+
+
+def noop_update(srv, path, pads, extra=()):
+    """A finished update whose events carry ``pads`` as resource inputs and outputs."""
+    update = srv.begin(path)
+    events = [{"sequence": n, "timestamp": n, "resOutputsEvent": {"metadata": {
+        "op": "same", "urn": urn(f"r{n}"), "type": "test:index:Thing",
+        "old": {"inputs": {"pad": pad}, "outputs": {"pad": pad}},
+        "new": {"inputs": {"pad": pad}, "outputs": {"pad": pad}}}}}
+        for n, pad in enumerate(pads)] + list(extra)
+    assert update.events(*events)[0] == 200
+    assert update.complete()[0] == 200
+    return update, events
+
+
+def rows(srv, sql, *args):
+    with srv.store.read() as db:
+        return [tuple(r) for r in db.execute(sql, args)]
+
+
+@both_stores
+def test_events_stored_compressed_long_strings_once_per_stack(start, monkeypatch):
+    monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 3)
+    srv = start(history_limit=2)
+    path = srv.create_stack()
+    shared, gone = "a1" * 4000, "b2" * 4000
+    odd = {"sequence": 9, "timestamp": 9, "diagnosticEvent": {
+        "message": "\u0000" + "ab" * 32, "color": "raw", "severity": "info",
+        "\u0000" + "cd" * 32: ["\u0000", "\u0000x", "[\"\u0000" + "ef" * 32 + "\"]"]}}
+    first, sent = noop_update(srv, path, [shared, gone], [odd])
+    assert all_events(srv, first) == sent  # NUL-led strings and keys come back as sent
+    assert rows(srv, "SELECT count(*) FROM events") == [(0,)]
+    ((first_seq, last, data),) = rows(srv, "SELECT first_seq, seq, data FROM event_batches")
+    assert (first_seq, last) == (0, 9)
+    batch = zlib.decompress(data)
+    assert len(data) < 1000 and shared.encode() not in batch and b"a1a1" not in data
+    second, sent2 = noop_update(srv, path, [shared])
+    assert all_events(srv, second) == sent2
+    (stack_id,) = {r[0] for r in rows(srv, "SELECT stack_id FROM updates")}
+    # One row per distinct long (or NUL-led) string of the stack, whatever its uses.
+    assert len(rows(srv, "SELECT hash FROM event_values WHERE stack_id = ?", stack_id)) == 5
+    for _ in range(2):  # the first update leaves the history: its own strings go with it
+        noop_update(srv, path, [shared])
+    assert rows(srv, "SELECT count(*) FROM updates WHERE id = ?", first.id) == [(0,)]
+    values = rows(srv, "SELECT hash FROM event_values")
+    assert values == [(hashlib.sha256(shared.encode()).hexdigest(),)]
+    assert rows(srv, "SELECT DISTINCT update_id FROM event_refs ORDER BY update_id") == \
+        sorted(rows(srv, "SELECT id FROM updates WHERE version > 2"))
+
+
+@both_stores
+def test_events_overlapping_batches_keep_first_copies_in_order(srv, monkeypatch):
+    monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 2)
+    update = srv.begin(srv.create_stack())
+
+    def event(n, text="first"):
+        return {"sequence": n, "timestamp": n, "stdoutEvent": {"message": text, "color": "raw"}}
+
+    assert update.events(event(10), event(12))[0] == 200
+    assert update.events(event(0), event(2), event(4))[0] == 200
+    assert update.events(event(5), event(1), event(3, "late"), event(3, "later"))[0] == 200
+    assert update.events(event(4, "again"), event(6), event(5, "again"))[0] == 200
+    assert update.events(event(0), event(2), event(4))[0] == 200  # a retried batch
+    assert update.complete()[0] == 200
+    want = [event(n) for n in (0, 1, 2)] + [event(3, "late")] + \
+        [event(n) for n in (4, 5, 6, 10, 12)]
+    assert all_events(srv, update) == want
+    ranges = rows(srv, "SELECT first_seq, seq FROM event_batches ORDER BY seq")
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:])), ranges  # never interleave
+    for after in range(-1, 13):
+        status, _, page = srv.request("GET", f"{update.url}/events?continuationToken={after}"
+                                      if after >= 0 else f"{update.url}/events")
+        assert page["events"] == [e for e in want if e["sequence"] > after][:2]
+
+
+@both_stores
+def test_events_stored_before_schema_4_still_read(srv):
+    """Rows of the version 1 table (one uncompressed event each, some from before
+    input was strict) page back with newer batches of the same update."""
+    update = srv.begin(srv.create_stack())
+    assert update.events({"sequence": 2, "timestamp": 2, "stdoutEvent": {"message": "new"}},
+                         {"sequence": 3, "timestamp": 3, "stdoutEvent": {"message": "new"}})[0] == 200
+    old = [(0, b'{"sequence":0,"timestamp":0,"stdoutEvent":{"message":"\\ud800 lone"}}'),
+           (1, b'{"sequence":1,"timestamp":1,"Sequence":7}'),
+           (3, b'{"sequence":3,"timestamp":3,"stdoutEvent":{"message":"old"}}')]
+    with srv.store.write() as db:
+        db.executemany("INSERT INTO events (update_id, seq, data) VALUES (?, ?, ?)",
+                       [(update.id, seq, data) for seq, data in old])
+    assert update.complete()[0] == 200
+    got = all_events(srv, update)
+    assert [e["sequence"] for e in got] == [0, 1, 2, 3]
+    assert got[0]["stdoutEvent"]["message"] == "\ud800 lone"
+    assert got[3]["stdoutEvent"]["message"] == "old"  # stored first, kept
+
+
+def test_pruned_history_gives_space_back(start):
+    srv = start(history_limit=2)
+    path = srv.create_stack()
+
+    def pages():
+        return [rows(srv, f"PRAGMA {p}")[0][0] for p in ("page_count", "freelist_count")]
+
+    assert rows(srv, "PRAGMA auto_vacuum") == [(2,)]  # incremental, set before any table
+    for n in range(3):  # 3 MB of strings no later update repeats
+        noop_update(srv, path, [os.urandom(500_000).hex() for _ in range(3)])
+    peak, _ = pages()
+    for n in range(3):
+        noop_update(srv, path, ["small"])
+    count, free = pages()
+    assert count < peak / 4 and free < 100, (peak, count, free)
 
 
 @pytest.mark.parametrize("body", [{"events": "x"}, {"events": [{"timestamp": 1}]},
