@@ -193,6 +193,10 @@ DEFAULT_MAX_CONNECTIONS = 256
 STACK_PAGE_SIZE = 100
 #: Events per page of GET .../events.
 EVENT_PAGE_SIZE = 1000
+#: A page of GET .../events also ends after the stored batch that takes it past
+#: this many bytes of JSON: big events (a 600-resource update's are ~30 KB each)
+#: come back in more pages of a few milliseconds each, not one of 30 MB.
+EVENT_PAGE_BYTES = 1024 * 1024
 #: Strings at least this long in engine events are stored once per stack, by
 #: their SHA-256: every update repeats each resource's inputs and outputs.
 EVENT_VALUE_MIN_CHARS = 512
@@ -1120,7 +1124,7 @@ class Store:
     # updates: get_update, insert_update, update_update, count_running_updates, list_history
     # checkpoints: put_checkpoint, last_checkpoint, checkpoint_rows, clear_checkpoints
     # journal: append_journal, journal_entries, clear_journal
-    # events: append_events, list_events
+    # events: append_events, list_events, events_after
     # identity (section 8): users, teams, team members, grants, tokens, audit
     # console (section 11): insert_session, get_session, delete_session,
     #   console_stacks, latest_updates
@@ -1605,9 +1609,11 @@ class _SQLRecords(Store):
                    (update_id, ordered[-1][0], ordered[0][0],
                     zlib.compress(_dumps([e for _, e in ordered]), EVENT_ZLIB_LEVEL)))
 
-    def list_events(self, db, update_id: str, after: int, limit: int) -> list:
-        """Return up to ``limit`` ``(sequence, event)`` pairs after ``after``, in order."""
-        events = self._batched_events(db, update_id, after, limit)
+    def list_events(self, db, update_id: str, after: int, limit: int,
+                    max_bytes: float = math.inf) -> list:
+        """Return up to ``limit`` ``(sequence, event)`` pairs after ``after``, in order,
+        ending early after the stored batch that takes them past ``max_bytes`` of JSON."""
+        events = self._batched_events(db, update_id, after, limit, max_bytes)
         legacy = db.execute("SELECT seq, data FROM events WHERE update_id = ? AND seq > ? "
                             "ORDER BY seq LIMIT ?", (update_id, after, limit)).fetchall()
         if not legacy:
@@ -1618,22 +1624,29 @@ class _SQLRecords(Store):
             merged.setdefault(seq, event)
         return sorted(merged.items(), key=lambda item: item[0])[:limit]
 
-    def _batched_events(self, db, update_id: str, after: int, limit: int) -> list:
+    def events_after(self, db, update_id: str, seq: int) -> bool:
+        """Return whether the update has an event stored with a sequence after ``seq``."""
+        return any(db.execute(f"SELECT 1 FROM {table} WHERE update_id = ? AND seq > ? LIMIT 1",
+                              (update_id, seq)).fetchone() for table in ("event_batches", "events"))
+
+    def _batched_events(self, db, update_id: str, after: int, limit: int,
+                        max_bytes: float) -> list:
         out: list = []
-        last = after
-        while len(out) < limit:
+        last, size = after, 0
+        while len(out) < limit and size < max_bytes:
             rows = db.execute("SELECT seq, data FROM event_batches WHERE update_id = ? "
                               "AND seq > ? ORDER BY seq LIMIT 16", (update_id, last)).fetchall()
             if not rows:
                 break
-            texts = [zlib.decompress(r[1]) for r in rows]
-            values = self._event_values(db, update_id, {m[2] for text in texts
-                                                        for m in _EVENT_REF_RE.finditer(text)})
-            for text in texts:
+            for seq, data in rows:
+                text = zlib.decompress(data)
+                values = self._event_values(db, update_id,
+                                            {m[2] for m in _EVENT_REF_RE.finditer(text)})
                 text = _EVENT_REF_RE.sub(lambda m: m[1] + values.get(m[2], b"null"), text)
-                out.extend((e["sequence"], e) for e in json.loads(text)
-                           if e["sequence"] > after)
-            last = rows[-1][0]
+                out.extend((e["sequence"], e) for e in json.loads(text) if e["sequence"] > after)
+                last, size = seq, size + len(text)
+                if len(out) >= limit or size >= max_bytes:
+                    break
         return out[:limit]
 
     def _event_values(self, db, update_id: str, hashes: set) -> dict:
@@ -3427,11 +3440,12 @@ class Engine:
         with self.store.read() as db:
             row = self.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
-            page = self.store.list_events(db, update_id, after, EVENT_PAGE_SIZE)
+            page = self.store.list_events(db, update_id, after, EVENT_PAGE_SIZE,
+                                          EVENT_PAGE_BYTES)
+            last = page[-1][0] if page else after
+            running = update["status"] in ("not started", "running")
+            more = running or (bool(page) and self.store.events_after(db, update_id, last))
         events = [event for _, event in page]
-        last = page[-1][0] if page else after
-        running = update["status"] in ("not started", "running")
-        more = running or len(page) == EVENT_PAGE_SIZE
         return {"events": events, "continuationToken": str(last) if more else None}
 
     # -- updates: completion ------------------------------------------------

@@ -654,7 +654,8 @@ def test_store_records_round_trip(cfg):
             store.insert_update(db, {"id": "u1", "stack_id": "id-a", "kind": "update",
                                      "dry_run": 0, "status": "running", "created": 1})
             store.append_journal(db, "u1", [(2, b"j2"), (1, b"j1"), (2, b"dup")])
-            store.append_events(db, "u1", [(0, b"e0"), (0, b"dup")])
+            store.append_events(db, "id-a", "u1", [(0, {"sequence": 0}),
+                                                   (0, {"sequence": 0, "dup": 1})])
             store.put_checkpoint(db, "u1", 1, "full", b"{}", "h1")
             store.put_checkpoint(db, "u1", 2, "delta", b"[]", "h2")
             ids = [store.append_audit(db, {"time": t, "event": "e", "outcome": "ok"})
@@ -679,7 +680,7 @@ def test_store_records_round_trip(cfg):
             assert store.get_stack(db, "o", "p", "a")["data_key"] == b"\x01k"
             assert store.get_deployment(db, "id-a")["data"] == b"gz2"
             assert store.journal_entries(db, "u1") == [b"j1", b"j2"]
-            assert store.list_events(db, "u1", -1, 10) == [(0, b"e0")]
+            assert store.list_events(db, "u1", -1, 10) == [(0, {"sequence": 0})]
             assert store.last_checkpoint(db, "u1") == (2, "h2")
             assert ids[1] == ids[0] + 1
             assert [t["owner"] for t in store.list_tokens(db)] == ["zed", "amy"]
@@ -3691,6 +3692,25 @@ def test_events_overlapping_batches_keep_first_copies_in_order(srv, monkeypatch)
         status, _, page = srv.request("GET", f"{update.url}/events?continuationToken={after}"
                                       if after >= 0 else f"{update.url}/events")
         assert page["events"] == [e for e in want if e["sequence"] > after][:2]
+
+
+def test_events_pages_end_after_a_batch_past_the_byte_budget(srv, monkeypatch):
+    monkeypatch.setattr(pb, "EVENT_PAGE_BYTES", 1)
+    update = srv.begin(srv.create_stack())
+    batches = [[{"sequence": n, "timestamp": n, "stdoutEvent": {"message": "x" * 600}}
+                for n in range(b * 3, b * 3 + 3)] for b in range(3)]
+    for batch in batches:
+        assert update.events(*batch)[0] == 200
+    assert update.complete()[0] == 200
+    token, pages = None, []
+    while True:
+        query = f"?continuationToken={token}" if token is not None else ""
+        status, _, page = srv.request("GET", f"{update.url}/events{query}")
+        pages.append(page["events"])
+        token = page["continuationToken"]
+        if token is None:
+            break
+    assert pages == batches  # one stored batch a page; the last says there is no more
 
 
 @both_stores
