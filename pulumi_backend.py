@@ -193,10 +193,10 @@ DEFAULT_MAX_CONNECTIONS = 256
 STACK_PAGE_SIZE = 100
 #: Events per page of GET .../events.
 EVENT_PAGE_SIZE = 1000
-#: A page of GET .../events also ends after the stored batch that takes it past
-#: this many bytes of JSON: big events (a 600-resource update's are ~30 KB each)
-#: come back in more pages of a few milliseconds each, not one of 30 MB.
-EVENT_PAGE_BYTES = 1024 * 1024
+#: A page of GET .../events also ends at about this many bytes of JSON: big
+#: events (a 600-resource update's are ~30 KB each) come back in more pages of
+#: a few milliseconds each, not one of 30 MB.
+EVENT_PAGE_BYTES = 512 * 1024
 #: Strings at least this long in engine events are stored once per stack, by
 #: their SHA-256: every update repeats each resource's inputs and outputs.
 EVENT_VALUE_MIN_CHARS = 512
@@ -1612,7 +1612,7 @@ class _SQLRecords(Store):
     def list_events(self, db, update_id: str, after: int, limit: int,
                     max_bytes: float = math.inf) -> list:
         """Return up to ``limit`` ``(sequence, event)`` pairs after ``after``, in order,
-        ending early after the stored batch that takes them past ``max_bytes`` of JSON."""
+        ending early at about ``max_bytes`` of JSON (at least one event)."""
         events = self._batched_events(db, update_id, after, limit, max_bytes)
         legacy = db.execute("SELECT seq, data FROM events WHERE update_id = ? AND seq > ? "
                             "ORDER BY seq LIMIT ?", (update_id, after, limit)).fetchall()
@@ -1632,22 +1632,26 @@ class _SQLRecords(Store):
     def _batched_events(self, db, update_id: str, after: int, limit: int,
                         max_bytes: float) -> list:
         out: list = []
-        last, size = after, 0
-        while len(out) < limit and size < max_bytes:
+        last, size = after, 0.0
+        while True:
             rows = db.execute("SELECT seq, data FROM event_batches WHERE update_id = ? "
                               "AND seq > ? ORDER BY seq LIMIT 16", (update_id, last)).fetchall()
-            if not rows:
-                break
-            for seq, data in rows:
+            for last, data in rows:
                 text = zlib.decompress(data)
                 values = self._event_values(db, update_id,
                                             {m[2] for m in _EVENT_REF_RE.finditer(text)})
                 text = _EVENT_REF_RE.sub(lambda m: m[1] + values.get(m[2], b"null"), text)
-                out.extend((e["sequence"], e) for e in json.loads(text) if e["sequence"] > after)
-                last, size = seq, size + len(text)
-                if len(out) >= limit or size >= max_bytes:
-                    break
-        return out[:limit]
+                batch = json.loads(text)
+                events = [(e["sequence"], e) for e in batch if e["sequence"] > after]
+                # Big events: only as many as the budget has room for (a page has one).
+                each = len(text) / len(batch)
+                room = min(limit - len(out), int((max_bytes - size) / each) or (0 if out else 1))
+                out.extend(events[:room])
+                size += each * min(room, len(events))
+                if len(out) >= limit or size >= max_bytes or room < len(events):
+                    return out
+            if not rows:
+                return out
 
     def _event_values(self, db, update_id: str, hashes: set) -> dict:
         """Return the stored JSON of the event values ``hashes`` (bytes hash -> bytes)."""

@@ -3694,8 +3694,9 @@ def test_events_overlapping_batches_keep_first_copies_in_order(srv, monkeypatch)
         assert page["events"] == [e for e in want if e["sequence"] > after][:2]
 
 
-def test_events_pages_end_after_a_batch_past_the_byte_budget(srv, monkeypatch):
-    monkeypatch.setattr(pb, "EVENT_PAGE_BYTES", 1)
+@pytest.mark.parametrize("budget, per_page", [(1, 1), (1500, 2), (10 ** 6, 9)])
+def test_events_pages_end_near_the_byte_budget(srv, monkeypatch, budget, per_page):
+    monkeypatch.setattr(pb, "EVENT_PAGE_BYTES", budget)
     update = srv.begin(srv.create_stack())
     batches = [[{"sequence": n, "timestamp": n, "stdoutEvent": {"message": "x" * 600}}
                 for n in range(b * 3, b * 3 + 3)] for b in range(3)]
@@ -3710,7 +3711,9 @@ def test_events_pages_end_after_a_batch_past_the_byte_budget(srv, monkeypatch):
         token = page["continuationToken"]
         if token is None:
             break
-    assert pages == batches  # one stored batch a page; the last says there is no more
+    events = [e for batch in batches for e in batch]
+    # Whole pages of about the budget (at least one event); the last says it is the last.
+    assert pages == [events[i:i + per_page] for i in range(0, 9, per_page)]
 
 
 @both_stores
