@@ -1610,7 +1610,7 @@ class _SQLRecords(Store):
                     zlib.compress(_dumps([e for _, e in ordered]), EVENT_ZLIB_LEVEL)))
 
     def list_events(self, db, update_id: str, after: int, limit: int,
-                    max_bytes: float = math.inf) -> list:
+                    max_bytes: int = 1 << 62) -> list:
         """Return up to ``limit`` ``(sequence, event)`` pairs after ``after``, in order,
         ending early at about ``max_bytes`` of JSON (at least one event)."""
         events = self._batched_events(db, update_id, after, limit, max_bytes)
@@ -1630,7 +1630,7 @@ class _SQLRecords(Store):
                               (update_id, seq)).fetchone() for table in ("event_batches", "events"))
 
     def _batched_events(self, db, update_id: str, after: int, limit: int,
-                        max_bytes: float) -> list:
+                        max_bytes: int) -> list:
         out: list = []
         last, size = after, 0.0
         while True:
@@ -1645,7 +1645,8 @@ class _SQLRecords(Store):
                 events = [(e["sequence"], e) for e in batch if e["sequence"] > after]
                 # Big events: only as many as the budget has room for (a page has one).
                 each = len(text) / len(batch)
-                room = min(limit - len(out), int((max_bytes - size) / each) or (0 if out else 1))
+                room = min(limit - len(out), int((max_bytes - size) / each))
+                room = room or (0 if out else 1)
                 out.extend(events[:room])
                 size += each * min(room, len(events))
                 if len(out) >= limit or size >= max_bytes or room < len(events):
