@@ -1597,15 +1597,17 @@ class _SQLRecords(Store):
         known: set = set()
         for chunk in _chunks(list(values)):
             known.update(r[0] for r in db.execute(
-                f"SELECT hash FROM event_values WHERE stack_id = ? "
+                "SELECT hash FROM event_values WHERE stack_id = ? "
                 f"AND hash IN ({','.join('?' * len(chunk))})", (stack_id, *chunk)))
-        db.executemany("INSERT OR IGNORE INTO event_values (stack_id, hash, data) VALUES (?, ?, ?)",
+        db.executemany("INSERT OR IGNORE INTO event_values (stack_id, hash, data) "
+                       "VALUES (?, ?, ?)",
                        [(stack_id, h, zlib.compress(_dumps(v), EVENT_ZLIB_LEVEL))
                         for h, v in values.items() if h not in known])
         db.executemany("INSERT OR IGNORE INTO event_refs (update_id, hash) VALUES (?, ?)",
                        [(update_id, h) for h in values])
         ordered = sorted(batch.items(), key=lambda item: item[0])
-        db.execute("INSERT INTO event_batches (update_id, seq, first_seq, data) VALUES (?, ?, ?, ?)",
+        db.execute("INSERT INTO event_batches (update_id, seq, first_seq, data) "
+                   "VALUES (?, ?, ?, ?)",
                    (update_id, ordered[-1][0], ordered[0][0],
                     zlib.compress(_dumps([e for _, e in ordered]), EVENT_ZLIB_LEVEL)))
 
@@ -1627,7 +1629,8 @@ class _SQLRecords(Store):
     def events_after(self, db, update_id: str, seq: int) -> bool:
         """Return whether the update has an event stored with a sequence after ``seq``."""
         return any(db.execute(f"SELECT 1 FROM {table} WHERE update_id = ? AND seq > ? LIMIT 1",
-                              (update_id, seq)).fetchone() for table in ("event_batches", "events"))
+                              (update_id, seq)).fetchone()
+                   for table in ("event_batches", "events"))
 
     def _batched_events(self, db, update_id: str, after: int, limit: int,
                         max_bytes: int) -> list:
