@@ -1636,13 +1636,14 @@ class _SQLRecords(Store):
                         max_bytes: int) -> list:
         out: list = []
         last, size = after, 0.0
+        values: dict = {}  # a resource's values recur in its events of later batches
         while True:
             rows = db.execute("SELECT seq, data FROM event_batches WHERE update_id = ? "
                               "AND seq > ? ORDER BY seq LIMIT 16", (update_id, last)).fetchall()
             for last, data in rows:
                 text = zlib.decompress(data)
-                values = self._event_values(db, update_id,
-                                            {m[2] for m in _EVENT_REF_RE.finditer(text)})
+                values.update(self._event_values(db, update_id, {
+                    m[2] for m in _EVENT_REF_RE.finditer(text) if m[2] not in values}))
                 text = _EVENT_REF_RE.sub(lambda m: m[1] + values.get(m[2], b"null"), text)
                 batch = json.loads(text)
                 events = [(e["sequence"], e) for e in batch if e["sequence"] > after]
