@@ -1332,10 +1332,11 @@ def _event_skeleton(value: Any, values: dict) -> Any:
         digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
         values[digest] = value
         return "\0" + digest
+    # One frame per level (comprehensions would add one): MAX_JSON_DEPTH must fit.
     if isinstance(value, dict):
-        return {k: _event_skeleton(v, values) for k, v in value.items()}
+        return dict(zip(value, map(_event_skeleton, value.values(), itertools.repeat(values))))
     if isinstance(value, list):
-        return [_event_skeleton(v, values) for v in value]
+        return list(map(_event_skeleton, value, itertools.repeat(values)))
     return value
 
 
