@@ -4002,6 +4002,7 @@ def _fill(server):
         for n in range(2):
             update = server.begin(path)
             assert update.journal(entry(1, 1, 1, state=res(f"{name}{n}", stack=name)))[0] == 200
+            assert update.events(*_copied_events(name))[0] == 200
             assert update.complete()[0] == 200
         paths.append(path)
     status, _, sealed = server.request("POST", paths[0] + "/encrypt", {"plaintext": b64(b"pw")})
@@ -4012,10 +4013,19 @@ def _fill(server):
     return paths, sealed["ciphertext"], token
 
 
+def _copied_events(name):
+    """Events with a long string (stored once per stack) and a short one."""
+    return [{"sequence": 0, "timestamp": 1, "stdoutEvent": {"message": name * 300}},
+            {"sequence": 1, "timestamp": 2, "stdoutEvent": {"message": name}}]
+
+
 def _same_data(server, paths, ciphertext, token, exports):
     for path, exported in zip(paths, exports):
         assert server.export_bytes(path) == exported
         assert len(server.history(path)) == 2
+        for info in server.history(path):
+            status, _, out = server.request("GET", f"{path}/update/{info['updateID']}/events")
+            assert status == 200 and out["events"] == _copied_events(path.rsplit("/", 1)[1])
     status, _, back = server.request("POST", paths[0] + "/decrypt", {"ciphertext": ciphertext},
                                      token=f"token {token}")
     assert status == 200 and base64.b64decode(back["plaintext"]) == b"pw"
