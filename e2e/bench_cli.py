@@ -20,8 +20,14 @@ Operations per run: create, no-op, no-op again, add 2 resources,
 ``pulumi stack export``, destroy. Cases alternate (ours, file, floor, ours, ...)
 so that noise hits all alike; the table quotes medians of the seconds and of
 the server's CPU seconds per operation, and the largest server peak RSS of an
-operation (VmHWM, reset before each operation). Prints a markdown
-table; ``--out`` (default ``bench-cli.json``) keeps every sample and the machine.
+operation (VmHWM, reset before each operation). Storage, read after each
+operation outside its timing: "stored" is what the operation added, for ours
+the bytes of the database's pages in use (a read-only SQLite connection; free
+pages not counted), for file and floor the bytes of their state folder
+(checkpoints, history, backups); "ours' database after" is the database's
+main file + WAL on disk after the operation, so the destroy row is its size
+after the run. Prints a markdown table; ``--out`` (default ``bench-cli.json``)
+keeps every sample and the machine.
 
 Needs the pulumi SDK (``bash e2e/setup.sh``); under another python the script
 re-runs itself with the virtualenv's python. Benchmarks assert nothing.
@@ -33,6 +39,7 @@ import json
 import os
 import platform
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -102,7 +109,39 @@ def build_program(kind: str, count: int, pad_kb: float, files_dir: str):
     return program
 
 
-# -- the server ---------------------------------------------------------------
+# -- what is stored ------------------------------------------------------------
+
+def files_bytes(*paths: Path) -> int:
+    """Bytes of the files among ``paths`` that exist."""
+    return sum(p.stat().st_size for p in paths if p.exists())
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder`` (the DIY backend's state, history, backups)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def used_bytes(db: Path) -> int:
+    """Bytes of the SQLite database's pages in use (free pages not counted),
+    through a read-only connection: what is committed, WAL included."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        size, count, free = (conn.execute(f"PRAGMA {p}").fetchone()[0]
+                             for p in ("page_size", "page_count", "freelist_count"))
+    finally:
+        conn.close()
+    return size * (count - free)
+
+
+def storage(server, state: Path) -> tuple:
+    """(bytes stored, bytes on disk): ours, the database's pages in use and its
+    main file + WAL; file and floor, their state folder for both."""
+    if server:
+        db = Path(server.db)
+        return used_bytes(db), files_bytes(db, Path(f"{db}-wal"))
+    size = folder_bytes(state)
+    return size, size
+
 
 # -- one run ------------------------------------------------------------------
 
@@ -137,13 +176,15 @@ def run_case(backend: str, kind: str, count: int, args, root: Path) -> dict:
         if backend == "floor":
             env["PULUMI_SKIP_CHECKPOINTS"] = "true"
     sample: dict = {"backend": backend, "program": kind, "resources": count, "seconds": {},
-                    "changes": {}, "server_cpu": {}, "server_rss_mb": {}}
+                    "changes": {}, "server_cpu": {}, "server_rss_mb": {},
+                    "stored_bytes": {}, "disk_bytes": {}}
     try:
         opts = auto.LocalWorkspaceOptions(work_dir=str(work), pulumi_home=env["PULUMI_HOME"],
                                           env_vars=env, pulumi_command=args.command)
         program = build_program(kind, count, args.pad_kb, str(files))
         stack = auto.create_stack(STACK, PROJECT, program, opts=opts)
         cpu = server.cpu_seconds() if server else 0.0
+        stored, _ = storage(server, state)
         for op in OPERATIONS:
             if server:
                 server.reset_peak()
@@ -168,6 +209,9 @@ def run_case(backend: str, kind: str, count: int, args, root: Path) -> dict:
                 now = server.cpu_seconds()
                 sample["server_cpu"][op], cpu = now - cpu, now
                 sample["server_rss_mb"][op] = server.peak_rss_mb()
+            held, sample["disk_bytes"][op] = storage(server, state)  # outside the timing
+            sample["stored_bytes"][op], stored = held - stored, held
+        sample["disk_bytes_after_run"] = sample["disk_bytes"][OPERATIONS[-1]]
     finally:
         if server:
             server.stop()
@@ -199,8 +243,16 @@ def summarize(samples: list) -> list:
             row["ours/file"] = row["ours"] / row["file"] if row["ours"] and row["file"] else None
             row["ours/floor"] = (row["ours"] / row["floor"]
                                  if row["ours"] and row["floor"] else None)
+            for b in BACKENDS:  # MB stored by the operation
+                row[f"{b}_stored_mb"] = mb(median(
+                    s["stored_bytes"].get(op) for s in group if s["backend"] == b))
+            row["ours_database_mb"] = mb(median(s["disk_bytes"].get(op) for s in ours))
             rows.append(row)
     return rows
+
+
+def mb(value):
+    return None if value is None else value / 1e6
 
 
 def table(rows: list) -> str:
@@ -208,14 +260,17 @@ def table(rows: list) -> str:
         return "–" if v is None else format(v, fmt)
 
     lines = ["| program | resources | operation | ours (s) | file (s) | floor (s) | ours/file "
-             "| ours/floor | server CPU (s) | server peak RSS (MB) |",
-             "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+             "| ours/floor | server CPU (s) | server peak RSS (MB) | stored, ours (MB) "
+             "| stored, file (MB) | stored, floor (MB) | ours' database after (MB) |",
+             "|---|--:|---|" + "--:|" * 11]
     for r in rows:
         lines.append(
             f"| {r['program']} | {r['resources']} | {OP_LABELS[r['operation']]} "
             f"| {f(r['ours'], '.2f')} | {f(r['file'], '.2f')} | {f(r['floor'], '.2f')} "
             f"| {f(r['ours/file'], '.2f')} | {f(r['ours/floor'], '.2f')} "
-            f"| {f(r['server_cpu'], '.2f')} | {f(r['server_rss_mb'], '.0f')} |")
+            f"| {f(r['server_cpu'], '.2f')} | {f(r['server_rss_mb'], '.0f')} "
+            f"| {f(r['ours_stored_mb'], '.2f')} | {f(r['file_stored_mb'], '.2f')} "
+            f"| {f(r['floor_stored_mb'], '.2f')} | {f(r['ours_database_mb'], '.1f')} |")
     return "\n".join(lines)
 
 

@@ -41,22 +41,57 @@ def test_bench_cli_smoke(cli, tmp_path):
         assert s["changes"]["add2"].get("create") == 2, s
         if s["backend"] == "ours":
             assert sum(s["server_cpu"].values()) > 0 and s["server_rss_mb"]["destroy"] > 0, s
+        # Storage, in bytes: the create stores something, the export next to nothing.
+        assert all(isinstance(v, int) for v in [*s["stored_bytes"].values(),
+                                                 *s["disk_bytes"].values()]), s
+        assert s["stored_bytes"]["create"] > 0 and abs(s["stored_bytes"]["export"]) < 65536, s
+        assert s["disk_bytes_after_run"] == s["disk_bytes"]["destroy"] > 0, s
     assert len(result["medians"]) == 2 * len(ops)
     assert all(r["ours/file"] > 0 and r["ours/floor"] > 0 for r in result["medians"])
+    for r in result["medians"]:
+        assert all(isinstance(r[f"{b}_stored_mb"], float) for b in ("ours", "file", "floor")), r
+        assert r["ours_database_mb"] > 0, r
     assert table.count("\n| bulk | 10 |") == len(ops) and "| dynamic | 10 | destroy |" in table
+    header = table.splitlines()[0]
+    assert "| stored, ours (MB) | stored, file (MB) | stored, floor (MB) " \
+           "| ours' database after (MB) |" in header, header
+    cells = [line.split("|")[-5:-1] for line in table.splitlines()[2:2 + 2 * len(ops)]]
+    assert all(float(c) >= -1e6 for row in cells for c in row), cells  # numbers, no dashes
 
 
 def test_bench_server_smoke(tmp_path):
     out = tmp_path / "server.json"
     table = run_script("bench_server.py", "--mb", "0.2", "--rounds", "2", "--stacks", "20",
                        "--lifecycles", "3", "--out", str(out))
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     sections = {r["section"].split(" (")[0] for r in rows}
     assert {"state 0.2 MB", "secrets", "20 stacks", "3 concurrent updates"} <= sections, sections
-    assert len(rows) >= 11, rows
-    assert all(r["median_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows), rows
+    assert len(rows) >= 13, rows
+    assert all(0 < r["p50_s"] <= r["p95_s"] <= max(r["samples"]) and r["peak_rss_mb"] > 0
+               for r in rows), rows
     assert all(r["rate_per_s"] > 0 for r in rows if "rate_per_s" in r), rows
+    # Every row of a state size has at least --rounds samples (2): complete too.
+    state = {r["operation"].split(" (")[0].split(":")[0]: len(r["samples"]) for r in rows
+             if r["section"].startswith("state 0.2 MB")}
+    assert {"import", "complete", "journal batch of 100 entries", "verbatim checkpoint",
+            "delta checkpoint", "engine events batch of up to 50",
+            "events page back, up to 24 events"} <= state.keys(), state
+    assert min(state.values()) >= 2, state
     assert "| state 0.2 MB" in table and "delta checkpoint" in table
+    assert "| samples | p50 | p95 |" in table and "| events page back, up to 24 events" in table
+    # The storage figures: one per state size, in the JSON and as a second table.
+    [fig] = result["storage"]
+    assert fig["section"] == "state 0.2 MB (12 res.)", fig
+    assert fig["database_bytes"] >= fig["main_bytes"] > 0 and fig["page_size"] > 0, fig
+    assert fig["page_count"] * fig["page_size"] <= fig["main_bytes"] + fig["wal_bytes"], fig
+    assert fig["table_bytes"]["events"] > 0 and fig["table_bytes"]["deployments"] > 0, fig
+    assert {"deployments", "checkpoints", "journal"} <= fig["written_bytes"].keys(), fig
+    assert all(v > 0 for v in fig["written_bytes"].values()), fig
+    storage = table.split("\n\n")[1]
+    assert storage.startswith("| section | database (MB) |"), storage
+    [line] = [x for x in storage.splitlines() if x.startswith("| state 0.2 MB")]
+    assert all(float(c.replace(",", "")) >= 0 for c in line.split("|")[2:-1]), line
 
 
 def test_bench_server_postgres_smoke(tmp_path):
@@ -71,8 +106,11 @@ def test_bench_server_postgres_smoke(tmp_path):
     assert {r["section"] for r in pg} == {"state 0.2 MB (12 res.) [postgresql]",
                                          "20 stacks [postgresql]",
                                          "3 concurrent updates [postgresql]"}, pg
-    assert len(pg) == 10 and all(r["median_s"] > 0 for r in pg), pg
+    assert len(pg) == 12 and all(r["p95_s"] >= r["p50_s"] > 0 for r in pg), pg
     assert "| 3 concurrent updates [postgresql] |" in table
+    [fig] = [f for f in json.loads(out.read_text())["storage"] if f["store"] == "postgresql"]
+    assert fig["database_bytes"] > 0 and fig["written_bytes"]["deployments"] > 0, fig
+    assert "| state 0.2 MB (12 res.) [postgresql] |" in table.split("\n\n")[1]
     dbs = postgres.server().sql("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%'")
     assert dbs == [], dbs  # the bench dropped what it made
 
