@@ -1920,6 +1920,8 @@ class SQLiteStore(_SQLRecords):
     def _give_back_space(self, db) -> None:
         # Bounded: a free list left by a big deletion drains over several prunes.
         # One page per step, and Python's sqlite3 steps this pragma only once.
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # made before schema 4
+            return
         free = db.execute("PRAGMA freelist_count").fetchone()[0]
         for _ in range(min(free, VACUUM_PAGES_PER_PRUNE)):
             db.execute("PRAGMA incremental_vacuum(1)")

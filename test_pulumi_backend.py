@@ -3694,6 +3694,28 @@ def test_events_overlapping_batches_keep_first_copies_in_order(srv, monkeypatch)
         assert page["events"] == [e for e in want if e["sequence"] > after][:2]
 
 
+def test_database_made_before_schema_4_gives_space_back_after_a_vacuum(start, tmp_path):
+    """Its free pages stay for reuse (auto_vacuum is fixed once a table exists) until
+    the README's one-off VACUUM converts it."""
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE made_before (x)")
+    conn.close()
+    srv = start(db=path, history_limit=1)
+    stack = srv.create_stack()
+    noop_update(srv, stack, [os.urandom(300_000).hex()])
+    noop_update(srv, stack, ["small"])  # prunes the first
+    assert rows(srv, "PRAGMA auto_vacuum") == [(0,)]
+    assert rows(srv, "PRAGMA freelist_count")[0][0] > 50
+    srv.stop()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    conn.execute("VACUUM")
+    assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+    assert conn.execute("PRAGMA freelist_count").fetchone() == (0,)
+    conn.close()
+
+
 @pytest.mark.parametrize("budget, per_page", [(1, 1), (1500, 2), (10 ** 6, 9)])
 def test_events_pages_end_near_the_byte_budget(srv, monkeypatch, budget, per_page):
     monkeypatch.setattr(pb, "EVENT_PAGE_BYTES", budget)
