@@ -204,9 +204,10 @@ EVENT_VALUE_MIN_CHARS = 512
 #: CLI's critical path; the big repeats are taken out by hash, not by zlib).
 EVENT_ZLIB_LEVEL = 1
 #: Most free pages one write transaction gives back to the file system
-#: (SQLite's incremental vacuum after history is pruned), so that no single
-#: request pays for a huge free list: 16 MB of 4 KB pages.
-VACUUM_PAGES_PER_PRUNE = 4096
+#: (SQLite's incremental vacuum after history is pruned): 2 MB of 4 KB pages.
+#: Moving a page costs ~50 us, so no completing update pays more than ~25 ms for
+#: a big free list; SQLite reuses free pages for new rows meanwhile.
+VACUUM_PAGES_PER_PRUNE = 512
 #: Responses smaller than this are never gzip-compressed.
 GZIP_MIN_RESPONSE = 1024
 #: Deepest nesting of arrays and objects accepted in a JSON document. Real states
