@@ -202,6 +202,21 @@ DEFAULT_MAX_CONNECTIONS = 256
 STACK_PAGE_SIZE = 100
 #: Events per page of GET .../events.
 EVENT_PAGE_SIZE = 1000
+#: A page of GET .../events also ends at about this many bytes of JSON: big
+#: events (a 600-resource update's are ~30 KB each) come back in more pages of
+#: a few milliseconds each, not one of 30 MB.
+EVENT_PAGE_BYTES = 512 * 1024
+#: Strings at least this long in engine events are stored once per stack, by
+#: their SHA-256: every update repeats each resource's inputs and outputs.
+EVENT_VALUE_MIN_CHARS = 512
+#: zlib level of stored engine event batches and values (1: cheapest CPU on the
+#: CLI's critical path; the big repeats are taken out by hash, not by zlib).
+EVENT_ZLIB_LEVEL = 1
+#: Most free pages one write transaction gives back to the file system
+#: (SQLite's incremental vacuum after history is pruned): 2 MB of 4 KB pages.
+#: Moving a page costs ~50 us, so no completing update pays more than ~25 ms for
+#: a big free list; SQLite reuses free pages for new rows meanwhile.
+VACUUM_PAGES_PER_PRUNE = 512
 #: Responses smaller than this are never gzip-compressed.
 GZIP_MIN_RESPONSE = 1024
 #: Deepest nesting of arrays and objects accepted in a JSON document. Real states
@@ -1233,7 +1248,7 @@ class Store:
     # updates: get_update, insert_update, update_update, count_running_updates, list_history
     # checkpoints: put_checkpoint, last_checkpoint, checkpoint_rows, clear_checkpoints
     # journal: append_journal, journal_rows, count_journal, clear_journal
-    # events: append_events, list_events
+    # events: append_events, list_events, events_after
     # identity (section 8): users, teams, team members, grants, tokens, audit
     # console (section 11): insert_session, get_session, delete_session,
     #   console_stacks, latest_updates
@@ -1356,7 +1371,32 @@ _SCHEMA = [
         created INTEGER NOT NULL,
         expires INTEGER NOT NULL);
     """,
-    # version 4: a journal row holds a whole batch as the CLI sent it (batch = 1); an
+    # version 4: engine events stored compressed. A row of event_batches holds
+    # the events first_seq..seq (the last) of one update, zlib of a JSON array
+    # sorted by sequence; rows of one update never overlap. Strings of at least
+    # EVENT_VALUE_MIN_CHARS in them are "\0" + the SHA-256 of an event_values
+    # row of the stack (each update repeats every resource's inputs and
+    # outputs); event_refs says which updates use which, so pruned history
+    # takes its values along. Rows of the version 1 events table stay readable.
+    """
+    CREATE TABLE event_batches (
+        update_id TEXT NOT NULL REFERENCES updates(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        first_seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (update_id, seq));
+    CREATE TABLE event_values (
+        stack_id TEXT NOT NULL REFERENCES stacks(id) ON DELETE CASCADE,
+        hash TEXT NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (stack_id, hash));
+    CREATE TABLE event_refs (
+        update_id TEXT NOT NULL REFERENCES updates(id) ON DELETE CASCADE,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (update_id, hash));
+    CREATE INDEX event_refs_by_hash ON event_refs (hash);
+    """,
+    # version 5: a journal row holds a whole batch as the CLI sent it (batch = 1); an
     # update whose final state is still being stored after `complete` answered (pending = 1)
     """
     ALTER TABLE journal ADD COLUMN batch INTEGER NOT NULL DEFAULT 0;
@@ -1405,6 +1445,44 @@ def _private_database(path: str) -> None:
     _private_file(real, create=True)
     for suffix in ("-wal", "-shm"):
         _private_file(real + suffix)
+
+
+#: A stored event value's reference in a batch's JSON: a string "\0" + SHA-256
+#: (group 2) where a value starts (after group 1). Object keys are never references.
+_EVENT_REF_RE = re.compile(rb'([\[,:])"\\u0000([0-9a-f]{64})"(?!:)')
+
+
+def _event_skeleton(value: Any, values: dict) -> Any:
+    """Return ``value`` with its long strings replaced by references, collected in
+    ``values`` (hash -> string). A string that starts with NUL is always one, so
+    that no string of the event reads as a reference."""
+    if isinstance(value, str):
+        if len(value) < EVENT_VALUE_MIN_CHARS and not value.startswith("\0"):
+            return value
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+        values[digest] = value
+        return "\0" + digest
+    # One frame per level (comprehensions would add one): MAX_JSON_DEPTH must fit.
+    if isinstance(value, dict):
+        return dict(zip(value, map(_event_skeleton, value.values(), itertools.repeat(values))))
+    if isinstance(value, list):
+        return list(map(_event_skeleton, value, itertools.repeat(values)))
+    return value
+
+
+def _stored_event(data: bytes) -> Any:
+    """Parse an event row of schema version 1, also one stored before input was
+    strict (a lone surrogate, a repeated key); BadRequest if it is not JSON."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return _loads(data, "stored event")  # raises, naming what is wrong
+
+
+def _chunks(items: list, size: int = 500) -> Iterator:
+    """Yield slices of ``items`` short enough for one statement's bound parameters."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 class _SQLRecords(Store):
@@ -1524,17 +1602,33 @@ class _SQLRecords(Store):
 
         The newest deployment is always kept, whatever its number; of finished
         previews (which have no version) the newest ``keep_previews`` are kept.
+        Event values no kept update uses go with them, and some of the space
+        freed goes back to the file system.
         """
         db.execute("DELETE FROM deployments WHERE stack_id = ? AND version < ? AND version < "
                    "(SELECT MAX(version) FROM deployments WHERE stack_id = ?)",
                    (stack_id, keep_from, stack_id))
-        db.execute("DELETE FROM updates WHERE stack_id = ? AND dry_run = 0 AND version < ? "
-                   "AND status NOT IN ('not started', 'running')", (stack_id, keep_from))
-        db.execute("DELETE FROM updates WHERE stack_id = ? AND dry_run = 1 "
-                   "AND status NOT IN ('not started', 'running') AND id NOT IN ("
-                   "SELECT id FROM updates WHERE stack_id = ? AND dry_run = 1 "
-                   "ORDER BY created DESC LIMIT ?)",
-                   (stack_id, stack_id, keep_previews))
+        doomed = [r[0] for r in db.execute(
+            "SELECT id FROM updates WHERE stack_id = ? "
+            "AND status NOT IN ('not started', 'running') AND ("
+            "(dry_run = 0 AND version < ?) OR (dry_run = 1 AND id NOT IN ("
+            "SELECT id FROM updates WHERE stack_id = ? AND dry_run = 1 "
+            "ORDER BY created DESC LIMIT ?)))", (stack_id, keep_from, stack_id, keep_previews))]
+        hashes: set = set()
+        for chunk in _chunks(doomed):
+            marks = ",".join("?" * len(chunk))
+            hashes.update(r[0] for r in db.execute(
+                f"SELECT hash FROM event_refs WHERE update_id IN ({marks})", chunk))
+            db.execute(f"DELETE FROM updates WHERE id IN ({marks})", chunk)
+        db.executemany(
+            "DELETE FROM event_values WHERE stack_id = ? AND hash = ? AND NOT EXISTS ("
+            "SELECT 1 FROM event_refs r JOIN updates u ON u.id = r.update_id "
+            "WHERE r.hash = ? AND u.stack_id = ?)",
+            [(stack_id, h, h, stack_id) for h in sorted(hashes)])
+        self._give_back_space(db)
+
+    def _give_back_space(self, db) -> None:
+        """Return free pages to the file system, if the store needs telling (SQLite)."""
 
     # -- updates ------------------------------------------------------------
 
@@ -1617,15 +1711,106 @@ class _SQLRecords(Store):
 
     # -- events -------------------------------------------------------------
 
-    def append_events(self, db, update_id: str, events: Iterable) -> None:
-        db.executemany("INSERT OR IGNORE INTO events (update_id, seq, data) VALUES (?, ?, ?)",
-                       ((update_id, seq, data) for seq, data in events))
+    def append_events(self, db, stack_id: str, update_id: str, events: Iterable) -> None:
+        """Store ``(sequence, event)`` pairs as one compressed batch (schema version 4).
 
-    def list_events(self, db, update_id: str, after: int, limit: int) -> list:
-        return [(r[0], r[1]) for r in db.execute(
-            "SELECT seq, data FROM events WHERE update_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (update_id, after, limit))]
+        A sequence already stored keeps its first copy. A batch overlapping
+        stored ones (not the CLI's: it numbers its batches apart) is merged
+        with them into one row, so that rows never interleave and a page reads
+        them in the order of their last sequence.
+        """
+        batch: dict = {}
+        for seq, event in events:
+            batch.setdefault(seq, event)
+        if not batch:
+            return
+        values: dict = {}
+        batch = {seq: _event_skeleton(event, values) for seq, event in batch.items()}
+        first, last = min(batch), max(batch)
+        stored = db.execute("SELECT seq, first_seq, data FROM event_batches WHERE update_id = ? "
+                            "AND seq >= ? AND first_seq <= ?", (update_id, first, last)).fetchall()
+        if any(r[0] == last and r[1] == first for r in stored):
+            return  # the same batch again (a retry): the first copy stays
+        for r in stored:
+            batch.update((e["sequence"], e) for e in json.loads(zlib.decompress(r[2])))
+            db.execute("DELETE FROM event_batches WHERE update_id = ? AND seq = ?",
+                       (update_id, r[0]))
+        known: set = set()
+        for chunk in _chunks(list(values)):
+            known.update(r[0] for r in db.execute(
+                "SELECT hash FROM event_values WHERE stack_id = ? "
+                f"AND hash IN ({','.join('?' * len(chunk))})", (stack_id, *chunk)))
+        db.executemany("INSERT OR IGNORE INTO event_values (stack_id, hash, data) "
+                       "VALUES (?, ?, ?)",
+                       [(stack_id, h, zlib.compress(_dumps(v), EVENT_ZLIB_LEVEL))
+                        for h, v in values.items() if h not in known])
+        db.executemany("INSERT OR IGNORE INTO event_refs (update_id, hash) VALUES (?, ?)",
+                       [(update_id, h) for h in values])
+        ordered = sorted(batch.items(), key=lambda item: item[0])
+        db.execute("INSERT INTO event_batches (update_id, seq, first_seq, data) "
+                   "VALUES (?, ?, ?, ?)",
+                   (update_id, ordered[-1][0], ordered[0][0],
+                    zlib.compress(_dumps([e for _, e in ordered]), EVENT_ZLIB_LEVEL)))
 
+    def list_events(self, db, update_id: str, after: int, limit: int,
+                    max_bytes: int = 1 << 62) -> list:
+        """Return up to ``limit`` ``(sequence, event)`` pairs after ``after``, in order,
+        ending early at about ``max_bytes`` of JSON (at least one event)."""
+        events = self._batched_events(db, update_id, after, limit, max_bytes)
+        legacy = db.execute("SELECT seq, data FROM events WHERE update_id = ? AND seq > ? "
+                            "ORDER BY seq LIMIT ?", (update_id, after, limit)).fetchall()
+        if not legacy:
+            return events
+        # Stored before schema version 4, one uncompressed row per event.
+        merged = {r[0]: _stored_event(r[1]) for r in legacy}
+        for seq, event in events:
+            merged.setdefault(seq, event)
+        return sorted(merged.items(), key=lambda item: item[0])[:limit]
+
+    def events_after(self, db, update_id: str, seq: int) -> bool:
+        """Return whether the update has an event stored with a sequence after ``seq``."""
+        return any(db.execute(f"SELECT 1 FROM {table} WHERE update_id = ? AND seq > ? LIMIT 1",
+                              (update_id, seq)).fetchone()
+                   for table in ("event_batches", "events"))
+
+    def _batched_events(self, db, update_id: str, after: int, limit: int,
+                        max_bytes: int) -> list:
+        out: list = []
+        last, size = after, 0.0
+        values: dict = {}  # a resource's values recur in its events of later batches
+        while True:
+            rows = db.execute("SELECT seq, data FROM event_batches WHERE update_id = ? "
+                              "AND seq > ? ORDER BY seq LIMIT 16", (update_id, last)).fetchall()
+            for last, data in rows:
+                text = zlib.decompress(data)
+                values.update(self._event_values(db, update_id, {
+                    m[2] for m in _EVENT_REF_RE.finditer(text) if m[2] not in values}))
+                text = _EVENT_REF_RE.sub(lambda m: m[1] + values.get(m[2], b"null"), text)
+                batch = json.loads(text)
+                events = [(e["sequence"], e) for e in batch if e["sequence"] > after]
+                # Big events: only as many as the budget has room for (a page has one).
+                each = len(text) / len(batch)
+                room = min(limit - len(out), int((max_bytes - size) / each))
+                room = room or (0 if out else 1)
+                out.extend(events[:room])
+                size += each * min(room, len(events))
+                if len(out) >= limit or size >= max_bytes or room < len(events):
+                    return out
+            if not rows:
+                return out
+
+    def _event_values(self, db, update_id: str, hashes: set) -> dict:
+        """Return the stored JSON of the event values ``hashes`` (bytes hash -> bytes)."""
+        found: dict = {}
+        for chunk in _chunks(sorted(h.decode() for h in hashes)):
+            found.update((r[0].encode(), zlib.decompress(r[1])) for r in db.execute(
+                "SELECT v.hash, v.data FROM event_values v JOIN updates u "
+                "ON v.stack_id = u.stack_id WHERE u.id = ? "
+                f"AND v.hash IN ({','.join('?' * len(chunk))})", (update_id, *chunk)))
+        if len(found) < len(hashes):  # never expected: the event reads null there
+            log.error("update %s: %d stored event values are missing", update_id,
+                      len(hashes) - len(found))
+        return found
 
     # -- identity: users, teams, grants, tokens, audit ------------------------
 
@@ -1859,6 +2044,9 @@ class SQLiteStore(_SQLRecords):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # Free pages can go back to the file system (_give_back_space). Takes
+        # effect only before the first table is made (or by a VACUUM: README).
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         # Only ever PASSIVE checkpoints (never TRUNCATE/RESTART, which would race
         # Litestream); 0 leaves them all to Litestream (see README, Replication).
@@ -1868,6 +2056,15 @@ class SQLiteStore(_SQLRecords):
         conn.execute("PRAGMA foreign_keys = ON")
         conn.row_factory = sqlite3.Row
         return conn
+
+    def _give_back_space(self, db) -> None:
+        # Bounded: a free list left by a big deletion drains over several prunes.
+        # One page per step, and Python's sqlite3 steps this pragma only once.
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # made before schema 4
+            return
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        for _ in range(min(free, VACUUM_PAGES_PER_PRUNE)):
+            db.execute("PRAGMA incremental_vacuum(1)")
 
     class _Txn:
         def __init__(self, store: "SQLiteStore"):
@@ -1993,7 +2190,9 @@ _PG_TYPES = [(re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b"), "BIGSERIAL P
 # through TOAST's compression (pglz on a 10 MB JSON state doubled the time of a write;
 # deployments are gzip already).
 _PG_AFTER_SCHEMA = {0: [f"ALTER TABLE {t} ALTER COLUMN data SET STORAGE EXTERNAL"
-                        for t in ("deployments", "checkpoints", "journal", "events")]}
+                        for t in ("deployments", "checkpoints", "journal", "events")],
+                    3: [f"ALTER TABLE {t} ALTER COLUMN data SET STORAGE EXTERNAL"
+                        for t in ("event_batches", "event_values")]}
 _PG_CONFLICT_KEYS = {"meta": "key", "deployments": "stack_id, version",
                      "checkpoints": "update_id, seq", "grants": "team, pattern"}
 _INSERT_OR_RE = re.compile(r"INSERT OR (REPLACE|IGNORE) INTO (\w+) \(([^)]*)\)(.*)", re.S)
@@ -2262,6 +2461,9 @@ _TABLE_COLUMNS = {
     "checkpoints": frozenset({"update_id", "seq", "kind", "data", "hash"}),
     "journal": frozenset({"update_id", "seq", "data", "batch"}),
     "events": frozenset({"update_id", "seq", "data"}),
+    "event_batches": frozenset({"update_id", "seq", "first_seq", "data"}),
+    "event_values": frozenset({"stack_id", "hash", "data"}),
+    "event_refs": frozenset({"update_id", "hash"}),
     "users": frozenset({"login", "name", "email", "role", "created"}),
     "teams": frozenset({"name", "display_name", "description", "created"}),
     "team_members": frozenset({"team", "login"}),
@@ -3644,10 +3846,10 @@ class Engine:
                 _check_field_names(summary, "summaryEvent")
                 if summary.get("resourceChanges") is not None:
                     changes = _check_resource_changes(summary["resourceChanges"])
-            rows.append((seq, _dumps(event)))
+            rows.append((seq, event))
         with self.store.write() as db:
-            self._leased_update(db, org, project, name, update_id, token)
-            self.store.append_events(db, update_id, rows)
+            row, _ = self._leased_update(db, org, project, name, update_id, token)
+            self.store.append_events(db, row["id"], update_id, rows)
             if changes is not None:
                 self.store.update_update(db, update_id, resource_changes=json.dumps(changes))
 
@@ -3660,11 +3862,12 @@ class Engine:
         with self.store.read() as db:
             row = self.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
-            page = self.store.list_events(db, update_id, after, EVENT_PAGE_SIZE)
-        events = [_loads(data, "stored event") for _, data in page]
-        last = page[-1][0] if page else after
-        running = update["status"] in ("not started", "running")
-        more = running or len(page) == EVENT_PAGE_SIZE
+            page = self.store.list_events(db, update_id, after, EVENT_PAGE_SIZE,
+                                          EVENT_PAGE_BYTES)
+            last = page[-1][0] if page else after
+            running = update["status"] in ("not started", "running")
+            more = running or (bool(page) and self.store.events_after(db, update_id, last))
+        events = [event for _, event in page]
         return {"events": events, "continuationToken": str(last) if more else None}
 
     # -- updates: completion ------------------------------------------------
@@ -3948,9 +4151,7 @@ class Engine:
             row = self.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
             page = self.store.list_events(db, update_id, -1, CONSOLE_MAX_EVENTS)
-        # One parse of all of them: a 600-resource update has ~2,000 events.
-        events = json.loads(b"[" + b",".join(data for _, data in page) + b"]")
-        return self._update_info(update), events
+        return self._update_info(update), [event for _, event in page]
 
     def update_requester(self, org, project, name, update_id) -> str:
         """Return who requested the update ('' if unknown); NotFound if there is none."""

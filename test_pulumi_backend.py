@@ -56,6 +56,7 @@ import time
 import tracemalloc
 import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -746,7 +747,8 @@ def test_store_records_round_trip(cfg):
                                      "dry_run": 0, "status": "running", "created": 1})
             store.append_journal(db, "u1", b'{"entries":[]}')
             store.append_journal(db, "u1", b"\x1f\x8b gzip")  # batches in arrival order
-            store.append_events(db, "u1", [(0, b"e0"), (0, b"dup")])
+            store.append_events(db, "id-a", "u1", [(0, {"sequence": 0}),
+                                                   (0, {"sequence": 0, "dup": 1})])
             store.put_checkpoint(db, "u1", 1, "full", b"{}", "h1")
             store.put_checkpoint(db, "u1", 2, "delta", b"[]", "h2")
             ids = [store.append_audit(db, {"time": t, "event": "e", "outcome": "ok"})
@@ -772,7 +774,7 @@ def test_store_records_round_trip(cfg):
             assert store.get_deployment(db, "id-a")["data"] == b"gz2"
             assert store.journal_rows(db, "u1") == [(1, b'{"entries":[]}'), (1, b"\x1f\x8b gzip")]
             assert store.count_journal(db, "u1") == 2
-            assert store.list_events(db, "u1", -1, 10) == [(0, b"e0")]
+            assert store.list_events(db, "u1", -1, 10) == [(0, {"sequence": 0})]
             assert store.last_checkpoint(db, "u1") == (2, "h2")
             assert ids[1] == ids[0] + 1
             assert [t["owner"] for t in store.list_tokens(db)] == ["zed", "amy"]
@@ -3837,6 +3839,178 @@ def test_events_stored_deduplicated_and_paged(srv, monkeypatch):
     assert status == 400
 
 
+def all_events(srv, update):
+    """Every event of ``update`` through the API's pages."""
+    out, token = [], None
+    while True:
+        query = f"?continuationToken={token}" if token is not None else ""
+        status, _, page = srv.request("GET", f"{update.url}/events{query}")
+        assert status == 200, page
+        out += page["events"]
+        token = page["continuationToken"]
+        if token is None or not page["events"]:
+            return out
+
+
+def noop_update(srv, path, pads, extra=()):
+    """A finished update whose events carry ``pads`` as resource inputs and outputs."""
+    update = srv.begin(path)
+    events = [{"sequence": n, "timestamp": n, "resOutputsEvent": {"metadata": {
+        "op": "same", "urn": urn(f"r{n}"), "type": "test:index:Thing",
+        "old": {"inputs": {"pad": pad}, "outputs": {"pad": pad}},
+        "new": {"inputs": {"pad": pad}, "outputs": {"pad": pad}}}}}
+        for n, pad in enumerate(pads)] + list(extra)
+    assert update.events(*events)[0] == 200
+    assert update.complete()[0] == 200
+    return update, events
+
+
+def rows(srv, sql, *args):
+    with srv.store.read() as db:
+        return [tuple(r) for r in db.execute(sql, args)]
+
+
+@both_stores
+def test_events_stored_compressed_long_strings_once_per_stack(start, monkeypatch):
+    monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 3)
+    srv = start(history_limit=2)
+    path = srv.create_stack()
+    shared, gone = "a1" * 4000, "b2" * 4000
+    odd = {"sequence": 9, "timestamp": 9, "diagnosticEvent": {
+        "message": "\u0000" + "ab" * 32, "color": "raw", "severity": "info",
+        "\u0000" + "cd" * 32: ["\u0000", "\u0000x", "[\"\u0000" + "ef" * 32 + "\"]"]}}
+    first, sent = noop_update(srv, path, [shared, gone], [odd])
+    assert all_events(srv, first) == sent  # NUL-led strings and keys come back as sent
+    assert rows(srv, "SELECT count(*) FROM events") == [(0,)]
+    ((first_seq, last, data),) = rows(srv, "SELECT first_seq, seq, data FROM event_batches")
+    assert (first_seq, last) == (0, 9)
+    batch = zlib.decompress(data)
+    assert len(data) < 1000 and shared.encode() not in batch and b"a1a1" not in data
+    second, sent2 = noop_update(srv, path, [shared])
+    assert all_events(srv, second) == sent2
+    (stack_id,) = {r[0] for r in rows(srv, "SELECT stack_id FROM updates")}
+    # One row per distinct long (or NUL-led) string of the stack, whatever its uses.
+    assert len(rows(srv, "SELECT hash FROM event_values WHERE stack_id = ?", stack_id)) == 5
+    for _ in range(2):  # the first update leaves the history: its own strings go with it
+        noop_update(srv, path, [shared])
+    assert rows(srv, "SELECT count(*) FROM updates WHERE id = ?", first.id) == [(0,)]
+    values = rows(srv, "SELECT hash FROM event_values")
+    assert values == [(hashlib.sha256(shared.encode()).hexdigest(),)]
+    assert rows(srv, "SELECT DISTINCT update_id FROM event_refs ORDER BY update_id") == \
+        sorted(rows(srv, "SELECT id FROM updates WHERE version > 2"))
+
+
+@both_stores
+def test_events_overlapping_batches_keep_first_copies_in_order(srv, monkeypatch):
+    monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 2)
+    update = srv.begin(srv.create_stack())
+
+    def event(n, text="first"):
+        return {"sequence": n, "timestamp": n, "stdoutEvent": {"message": text, "color": "raw"}}
+
+    assert update.events(event(10), event(12))[0] == 200
+    assert update.events(event(0), event(2), event(4))[0] == 200
+    assert update.events(event(5), event(1), event(3, "late"), event(3, "later"))[0] == 200
+    assert update.events(event(4, "again"), event(6), event(5, "again"))[0] == 200
+    assert update.events(event(0), event(2), event(4))[0] == 200  # a retried batch
+    assert update.complete()[0] == 200
+    want = [event(n) for n in (0, 1, 2)] + [event(3, "late")] + \
+        [event(n) for n in (4, 5, 6, 10, 12)]
+    assert all_events(srv, update) == want
+    ranges = rows(srv, "SELECT first_seq, seq FROM event_batches ORDER BY seq")
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:])), ranges  # never interleave
+    for after in range(-1, 13):
+        status, _, page = srv.request("GET", f"{update.url}/events?continuationToken={after}"
+                                      if after >= 0 else f"{update.url}/events")
+        assert page["events"] == [e for e in want if e["sequence"] > after][:2]
+
+
+def test_database_made_before_schema_4_gives_space_back_after_a_vacuum(start, tmp_path):
+    """Its free pages stay for reuse (auto_vacuum is fixed once a table exists) until
+    the README's one-off VACUUM converts it."""
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE made_before (x)")
+    conn.close()
+    srv = start(db=path, history_limit=1)
+    stack = srv.create_stack()
+    noop_update(srv, stack, [os.urandom(300_000).hex()])
+    noop_update(srv, stack, ["small"])  # prunes the first
+    assert rows(srv, "PRAGMA auto_vacuum") == [(0,)]
+    assert rows(srv, "PRAGMA freelist_count")[0][0] > 50
+    srv.stop()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    conn.execute("VACUUM")
+    assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+    assert conn.execute("PRAGMA freelist_count").fetchone() == (0,)
+    conn.close()
+
+
+@pytest.mark.parametrize("budget, per_page", [(1, 1), (1500, 2), (10 ** 6, 9)])
+def test_events_pages_end_near_the_byte_budget(srv, monkeypatch, budget, per_page):
+    monkeypatch.setattr(pb, "EVENT_PAGE_BYTES", budget)
+    update = srv.begin(srv.create_stack())
+    batches = [[{"sequence": n, "timestamp": n, "stdoutEvent": {"message": "x" * 600}}
+                for n in range(b * 3, b * 3 + 3)] for b in range(3)]
+    for batch in batches:
+        assert update.events(*batch)[0] == 200
+    assert update.complete()[0] == 200
+    token, pages = None, []
+    while True:
+        query = f"?continuationToken={token}" if token is not None else ""
+        status, _, page = srv.request("GET", f"{update.url}/events{query}")
+        pages.append(page["events"])
+        token = page["continuationToken"]
+        if token is None:
+            break
+    events = [e for batch in batches for e in batch]
+    # Whole pages of about the budget (at least one event); the last says it is the last.
+    assert pages == [events[i:i + per_page] for i in range(0, 9, per_page)]
+
+
+@both_stores
+def test_events_stored_before_schema_4_still_read(srv):
+    """Rows of the version 1 table (one uncompressed event each, some from before
+    input was strict) page back with newer batches of the same update."""
+    update = srv.begin(srv.create_stack())
+    assert update.events({"sequence": 2, "timestamp": 2, "stdoutEvent": {"message": "new"}},
+                         {"sequence": 3, "timestamp": 3, "stdoutEvent": {"message": "new"}})[0] == 200
+    old = [(0, b'{"sequence":0,"timestamp":0,"stdoutEvent":{"message":"\\ud800 lone"}}'),
+           (1, b'{"sequence":1,"timestamp":1,"Sequence":7}'),
+           (3, b'{"sequence":3,"timestamp":3,"stdoutEvent":{"message":"old"}}')]
+    with srv.store.write() as db:
+        db.executemany("INSERT INTO events (update_id, seq, data) VALUES (?, ?, ?)",
+                       [(update.id, seq, data) for seq, data in old])
+    assert update.complete()[0] == 200
+    got = all_events(srv, update)
+    assert [e["sequence"] for e in got] == [0, 1, 2, 3]
+    assert got[0]["stdoutEvent"]["message"] == "\ud800 lone"
+    assert got[3]["stdoutEvent"]["message"] == "old"  # stored first, kept
+
+
+def test_pruned_history_gives_space_back(start, monkeypatch):
+    monkeypatch.setattr(pb, "VACUUM_PAGES_PER_PRUNE", 200)
+    srv = start(history_limit=2)
+    path = srv.create_stack()
+
+    def pages():
+        return [rows(srv, f"PRAGMA {p}")[0][0] for p in ("page_count", "freelist_count")]
+
+    assert rows(srv, "PRAGMA auto_vacuum") == [(2,)]  # incremental, set before any table
+    for n in range(3):  # 3 MB of strings no later update repeats
+        noop_update(srv, path, [os.urandom(500_000).hex() for _ in range(3)])
+    counts = [pages()]
+    for n in range(10):
+        noop_update(srv, path, ["small"])
+        counts.append(pages())
+    # About 200 pages a prune (pointer-map pages go along), until none is left: no
+    # update pays for the whole free list.
+    assert all(0 <= a[0] - b[0] <= 205 for a, b in zip(counts, counts[1:])), counts
+    peak, (count, free) = counts[0][0], counts[-1]
+    assert count < peak / 4 and free == 0, counts
+
+
 @pytest.mark.parametrize("body", [{"events": "x"}, {"events": [{"timestamp": 1}]},
                                   {"events": [{"sequence": -1}]}, {"events": ["x"]}])
 def test_events_batch_rejects_bad_shapes(srv, body):
@@ -4086,6 +4260,7 @@ def _fill(server):
         for n in range(2):
             update = server.begin(path)
             assert update.journal(entry(1, 1, 1, state=res(f"{name}{n}", stack=name)))[0] == 200
+            assert update.events(*_copied_events(name))[0] == 200
             assert update.complete()[0] == 200
         paths.append(path)
     status, _, sealed = server.request("POST", paths[0] + "/encrypt", {"plaintext": b64(b"pw")})
@@ -4096,10 +4271,19 @@ def _fill(server):
     return paths, sealed["ciphertext"], token
 
 
+def _copied_events(name):
+    """Events with a long string (stored once per stack) and a short one."""
+    return [{"sequence": 0, "timestamp": 1, "stdoutEvent": {"message": name * 300}},
+            {"sequence": 1, "timestamp": 2, "stdoutEvent": {"message": name}}]
+
+
 def _same_data(server, paths, ciphertext, token, exports):
     for path, exported in zip(paths, exports):
         assert server.export_bytes(path) == exported
         assert len(server.history(path)) == 2
+        for info in server.history(path):
+            status, _, out = server.request("GET", f"{path}/update/{info['updateID']}/events")
+            assert status == 200 and out["events"] == _copied_events(path.rsplit("/", 1)[1])
     status, _, back = server.request("POST", paths[0] + "/decrypt", {"ciphertext": ciphertext},
                                      token=f"token {token}")
     assert status == 200 and base64.b64decode(back["plaintext"]) == b"pw"

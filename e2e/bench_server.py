@@ -520,6 +520,7 @@ def sqlite_figures(path: str) -> dict:
         by_table: dict = {}
         for name, size in stat:
             table = tables.get(name, name)
+            table = "events" if table.startswith("event_") else table  # schema 4's event tables
             by_table[table] = by_table.get(table, 0) + size
         fig["table_bytes"] = by_table
     finally:
