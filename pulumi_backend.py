@@ -1244,11 +1244,11 @@ class Store:
     # meta: get_meta, set_meta
     # stacks: get_stack, get_stack_by_id, list_stacks, insert_stack, update_stack,
     #   delete_stack, project_exists, count_stacks, all_data_keys, one_data_key
-    # deployments: get_deployment, put_deployment, prune_versions
+    # deployments: get_deployment, put_deployment, drop_full_copies, prune_versions
     # updates: get_update, insert_update, update_update, count_running_updates, list_history
     # checkpoints: put_checkpoint, last_checkpoint, checkpoint_rows, clear_checkpoints
     # journal: append_journal, journal_rows, count_journal, clear_journal
-    # events: append_events, list_events, events_after
+    # events: append_events, list_events, events_after, put_values, stack_values
     # identity (section 8): users, teams, team members, grants, tokens, audit
     # console (section 11): insert_session, get_session, delete_session,
     #   console_stacks, latest_updates
@@ -1397,10 +1397,14 @@ _SCHEMA = [
     CREATE INDEX event_refs_by_hash ON event_refs (hash);
     """,
     # version 5: a journal row holds a whole batch as the CLI sent it (batch = 1); an
-    # update whose final state is still being stored after `complete` answered (pending = 1)
+    # update whose final state is still being stored after `complete` answered
+    # (pending = 1); a state built from a journal also keeps a skeleton (zlib of its
+    # JSON with long strings as event_values references, as events are): once a
+    # newer version is stored, that is all a history version keeps (data = '')
     """
     ALTER TABLE journal ADD COLUMN batch INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE updates ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deployments ADD COLUMN skeleton BLOB;
     """,
 ]
 
@@ -1591,11 +1595,17 @@ class _SQLRecords(Store):
         return dict(row) if row else None
 
     def put_deployment(self, db, stack_id: str, version: int, data_gz: bytes, size: int,
-                       resource_count: int) -> None:
+                       resource_count: int, skeleton: Optional[bytes] = None) -> None:
         db.execute("INSERT OR REPLACE INTO deployments "
-                   "(stack_id, version, data, size, resource_count) VALUES (?, ?, ?, ?, ?)",
-                   (stack_id, version, data_gz, size, resource_count))
-        self._count_written("deployments", len(data_gz))
+                   "(stack_id, version, data, size, resource_count, skeleton) "
+                   "VALUES (?, ?, ?, ?, ?, ?)",
+                   (stack_id, version, data_gz, size, resource_count, skeleton))
+        self._count_written("deployments", len(data_gz) + len(skeleton or b""))
+
+    def drop_full_copies(self, db, stack_id: str, below: int) -> None:
+        """Empty the gzip copy of the stack's versions below ``below`` that have a skeleton."""
+        db.execute("UPDATE deployments SET data = ? WHERE stack_id = ? AND version < ? "
+                   "AND skeleton IS NOT NULL AND length(data) > 0", (b"", stack_id, below))
 
     def prune_versions(self, db, stack_id: str, keep_from: int, keep_previews: int) -> None:
         """Forget deployments and finished updates older than version ``keep_from``.
@@ -1735,6 +1745,16 @@ class _SQLRecords(Store):
             batch.update((e["sequence"], e) for e in json.loads(zlib.decompress(r[2])))
             db.execute("DELETE FROM event_batches WHERE update_id = ? AND seq = ?",
                        (update_id, r[0]))
+        self.put_values(db, stack_id, update_id, values)
+        ordered = sorted(batch.items(), key=lambda item: item[0])
+        db.execute("INSERT INTO event_batches (update_id, seq, first_seq, data) "
+                   "VALUES (?, ?, ?, ?)",
+                   (update_id, ordered[-1][0], ordered[0][0],
+                    zlib.compress(_dumps([e for _, e in ordered]), EVENT_ZLIB_LEVEL)))
+
+    def put_values(self, db, stack_id: str, update_id: str, values: dict) -> None:
+        """Store long strings (SHA-256 -> string) once per stack, and that ``update_id``
+        uses them (its events or its state: pruning it lets them go)."""
         known: set = set()
         for chunk in _chunks(list(values)):
             known.update(r[0] for r in db.execute(
@@ -1746,11 +1766,15 @@ class _SQLRecords(Store):
                         for h, v in values.items() if h not in known])
         db.executemany("INSERT OR IGNORE INTO event_refs (update_id, hash) VALUES (?, ?)",
                        [(update_id, h) for h in values])
-        ordered = sorted(batch.items(), key=lambda item: item[0])
-        db.execute("INSERT INTO event_batches (update_id, seq, first_seq, data) "
-                   "VALUES (?, ?, ?, ?)",
-                   (update_id, ordered[-1][0], ordered[0][0],
-                    zlib.compress(_dumps([e for _, e in ordered]), EVENT_ZLIB_LEVEL)))
+
+    def stack_values(self, db, stack_id: str, hashes: Iterable) -> dict:
+        """Return the stored JSON of the stack's values ``hashes`` (bytes hash -> bytes)."""
+        found: dict = {}
+        for chunk in _chunks(sorted(hashes)):
+            found.update((r[0].encode(), zlib.decompress(r[1])) for r in db.execute(
+                "SELECT hash, data FROM event_values WHERE stack_id = ? "
+                f"AND hash IN ({','.join('?' * len(chunk))})", (stack_id, *chunk)))
+        return found
 
     def list_events(self, db, update_id: str, after: int, limit: int,
                     max_bytes: int = 1 << 62) -> list:
@@ -2456,7 +2480,8 @@ _UPDATE_COLUMNS = frozenset({"status", "started", "ended", "version", "base_vers
 _TABLE_COLUMNS = {
     "meta": frozenset({"key", "value"}),
     "stacks": _STACK_COLUMNS | {"id", "created"},
-    "deployments": frozenset({"stack_id", "version", "data", "size", "resource_count"}),
+    "deployments": frozenset({"stack_id", "version", "data", "size", "resource_count",
+                              "skeleton"}),
     "updates": _UPDATE_COLUMNS | {"id", "stack_id", "kind", "dry_run", "created"},
     "checkpoints": frozenset({"update_id", "seq", "kind", "data", "hash"}),
     "journal": frozenset({"update_id", "seq", "data", "batch"}),
@@ -3463,9 +3488,22 @@ class Engine:
         with self.store.read() as db:
             row = self.stack(db, org, project, name)
             dep = self.store.get_deployment(db, row["id"], version)
-        if dep is None:
-            raise NotFound(f"version {version} of stack '{org}/{project}/{name}' not found")
-        return dep["data"]
+            if dep is None:
+                raise NotFound(f"version {version} of stack '{org}/{project}/{name}' not found")
+            if dep["data"]:
+                return dep["data"]
+            data = self._history_state(db, dep)
+        return _gzip_bytes(data)
+
+    def _history_state(self, db, dep: dict) -> bytes:
+        """Rebuild a history version kept as a skeleton (section 5, schema version 5)."""
+        text = zlib.decompress(dep["skeleton"])
+        hashes = {m[2].decode() for m in _EVENT_REF_RE.finditer(text)}
+        values = self.store.stack_values(db, dep["stack_id"], hashes)
+        if len(values) < len(hashes):  # never expected: pruning keeps what kept versions use
+            raise Conflict(f"version {dep['version']} of the stack cannot be rebuilt: "
+                           f"{len(hashes) - len(values)} of its stored values are missing")
+        return _EVENT_REF_RE.sub(lambda m: m[1] + values[m[2]], text)
 
     def import_deployment(self, org: str, project: str, name: str, body: bytes,
                           cli_version: str, requested_by: str = "") -> str:
@@ -3491,8 +3529,11 @@ class Engine:
         self._save_compressed(db, row, version, _gzip_bytes(data), len(data), resources)
 
     def _save_compressed(self, db, row: dict, version: int, data_gz: bytes, size: int,
-                         resources: int) -> None:
-        self.store.put_deployment(db, row["id"], version, data_gz, size, resources)
+                         resources: int, skeleton: Optional[bytes] = None) -> None:
+        self.store.put_deployment(db, row["id"], version, data_gz, size, resources, skeleton)
+        # Older versions with a skeleton keep only that: a no-op's version costs its
+        # skeleton, not another copy of every resource's inputs and outputs.
+        self.store.drop_full_copies(db, row["id"], version)
         self._make_latest(db, row, version, resources)
 
     def _make_latest(self, db, row: dict, version: int, resources: int) -> None:
@@ -3939,14 +3980,13 @@ class Engine:
         self.store.update_update(db, update["id"], **fields)
 
     def _store_final(self, db, row: dict, update: dict, final: Any, count: int) -> None:
-        """Make ``final`` (a deployment, its bytes, or ``(gzip bytes, size)`` of them)
-        the update's new version and drop the rows it was built from."""
-        if isinstance(final, tuple):
-            data_gz, size = final
-        else:
-            data_gz, size = _gzip_chunks([final] if isinstance(final, bytes)
-                                         else _dumps_chunks(final))
-        self._save_compressed(db, row, update["version"], data_gz, size, count)
+        """Make ``final`` (a deployment, its bytes, or ``_compress_final`` of them) the
+        update's new version and drop the rows it was built from."""
+        data_gz, size, skeleton, values = (final if isinstance(final, tuple)
+                                           else _compress_final(final))
+        if skeleton is not None:
+            self.store.put_values(db, row["id"], update["id"], values)
+        self._save_compressed(db, row, update["version"], data_gz, size, count, skeleton)
         self.store.clear_checkpoints(db, update["id"])
         self.store.clear_journal(db, update["id"])
         self.store.update_update(db, update["id"], pending=0)
@@ -3962,14 +4002,13 @@ class Engine:
 
         def run(final: Any) -> None:
             try:
-                data_gz, size = _gzip_chunks([final] if isinstance(final, bytes)
-                                             else _dumps_chunks(final))
+                prepared = _compress_final(final)
                 del final  # the parsed state goes before the write
                 with self.store.write() as db:
                     update = self.store.get_update(db, update_id)
                     if update is not None and update["pending"]:  # else a reader stored it
                         row = self.store.get_stack_by_id(db, update["stack_id"])
-                        self._store_final(db, row, update, (data_gz, size), count)
+                        self._store_final(db, row, update, prepared, count)
             except Exception:  # noqa: BLE001 - the next reader of the stack stores it
                 log.exception("storing the final state of update %s failed; it is stored "
                               "when the stack is next used", update_id)
@@ -4051,7 +4090,8 @@ class Engine:
         base = self.store.get_deployment(db, update["stack_id"], update["base_version"])
         if base is None:
             return _empty_deployment(), 0
-        return gzip.decompress(base["data"]), base["resource_count"]
+        data = _gunzip_stored(base["data"]) if base["data"] else self._history_state(db, base)
+        return data, base["resource_count"]
 
     def _replayed_state(self, db, update: dict, live: Optional[_LiveReplay]) -> tuple:
         rows = self.store.count_journal(db, update["id"])
@@ -4216,6 +4256,16 @@ def _next_checkpoint(base: Optional[tuple], seq: int, expected: str,
     if not hmac.compare_digest(digest, expected):
         raise Conflict("checkpointHash does not match the state after applying the delta")
     return data, digest
+
+
+def _compress_final(final: Any) -> tuple:
+    """Return ``(gzip bytes, size, skeleton or None, values)`` of an update's final
+    state: a deployment (which gets a skeleton, section 5) or its bytes."""
+    if isinstance(final, bytes):
+        return (*_gzip_chunks([final]), None, {})
+    values: dict = {}
+    skeleton = zlib.compress(_dumps(_event_skeleton(final, values)), EVENT_ZLIB_LEVEL)
+    return (*_gzip_chunks(_dumps_chunks(final)), skeleton, values)
 
 
 def _check_resource(value: Any, what: str) -> None:
