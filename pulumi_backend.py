@@ -1825,12 +1825,8 @@ class _SQLRecords(Store):
 
     def _event_values(self, db, update_id: str, hashes: set) -> dict:
         """Return the stored JSON of the event values ``hashes`` (bytes hash -> bytes)."""
-        found: dict = {}
-        for chunk in _chunks(sorted(h.decode() for h in hashes)):
-            found.update((r[0].encode(), zlib.decompress(r[1])) for r in db.execute(
-                "SELECT v.hash, v.data FROM event_values v JOIN updates u "
-                "ON v.stack_id = u.stack_id WHERE u.id = ? "
-                f"AND v.hash IN ({','.join('?' * len(chunk))})", (update_id, *chunk)))
+        row = db.execute("SELECT stack_id FROM updates WHERE id = ?", (update_id,)).fetchone()
+        found = self.stack_values(db, row[0], (h.decode() for h in hashes)) if row else {}
         if len(found) < len(hashes):  # never expected: the event reads null there
             log.error("update %s: %d stored event values are missing", update_id,
                       len(hashes) - len(found))

@@ -3909,6 +3909,7 @@ def noop_update(srv, path, pads, extra=()):
         for n, pad in enumerate(pads)] + list(extra)
     assert update.events(*events)[0] == 200
     assert update.complete()[0] == 200
+    srv.app.engine.drain(10)  # its state too, stored in the background after `complete`
     return update, events
 
 
