@@ -9,7 +9,13 @@ Backends, each run with its own PULUMI_HOME, project folder and state:
          its CPU seconds and peak RSS are read from /proc before it stops);
 - file:  ``file://DIR``, the DIY backend that rewrites the whole state per step;
 - floor: ``file://DIR`` with ``PULUMI_SKIP_CHECKPOINTS=true``: nothing is
-         persisted during an update, only the final state.
+         persisted during an update, only the final state;
+- instant (only when asked, e.g. ``--backends ours,instant,floor``): ours
+         started through e2e/instant_server.py, which answers journal entries,
+         checkpoints, engine events and lease renewals at once and stores them
+         behind the CLI's back (benchmark only: it acknowledges before storing).
+         It shows what the CLI takes when the server's answer time is zero;
+         measured like ours, and a queued call that fails fails the case.
 
 Programs (Automation API, inline): ``bulk`` registers N component resources,
 ``dynamic`` N resources of a Python dynamic provider (e2e_programs.FileProvider,
@@ -17,7 +23,8 @@ so provider calls are included). Each resource carries ``--pad-kb`` (16) KB of
 hex padding in its state: 600 resources make about 10 MB.
 
 Operations per run: create, no-op, no-op again, add 2 resources,
-``pulumi stack export``, destroy. Cases alternate (ours, file, floor, ours, ...)
+``pulumi stack export`` (its resource count is kept), destroy. Cases alternate
+(ours, file, floor, ours, ...)
 so that noise hits all alike; the table quotes medians of the seconds and of
 the server's CPU seconds per operation, and the largest server peak RSS of an
 operation (VmHWM, reset before each operation). Storage, read after each
@@ -52,7 +59,11 @@ VENV = Path(os.environ.get("PULUMI_BACKEND_VENV") or Path.home() / ".cache/pulum
 CLI_CACHE = Path(os.environ.get("PULUMI_BACKEND_CLI_CACHE")
                  or Path.home() / ".cache/pulumi-backend-cli")
 DEFAULT_CLI = "v3.276.0"  # the newest of CLI_VERSIONS (conftest.py)
-BACKENDS = ("ours", "file", "floor")
+BACKENDS = ("ours", "instant", "file", "floor")  # the order cases alternate in
+DEFAULT_BACKENDS = ("ours", "file", "floor")
+SERVERS = ("ours", "instant")  # backends that are a pulumi_backend.py process
+#: Ratios of the table's seconds, (numerator, denominator), shown when both ran.
+RATIOS = (("ours", "file"), ("ours", "floor"), ("ours", "instant"), ("instant", "floor"))
 PROGRAMS = ("bulk", "dynamic")
 OPERATIONS = ("create", "noop", "noop2", "add2", "export", "destroy")
 OP_LABELS = {"create": "create", "noop": "no-op after create", "noop2": "no-op again",
@@ -62,7 +73,10 @@ PASSPHRASE = "bench-passphrase"
 
 sys.path.insert(0, str(E2E_DIR))  # e2e_programs: the dynamic provider pickles by reference
 
+from instant_server import FAILED as INSTANT_FAILED  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
+
+INSTANT_SCRIPT = E2E_DIR / "instant_server.py"
 
 
 def ensure_sdk() -> None:
@@ -167,8 +181,10 @@ def run_case(backend: str, kind: str, count: int, args, root: Path) -> dict:
     }
     env.update(item.split("=", 1) for item in args.cli_env)
     server = None
-    if backend == "ours":
+    if backend in SERVERS:
         server = ServerProcess(tmp, args.server_flag, token=TOKEN)
+        if backend == "instant":
+            server.script = INSTANT_SCRIPT
         server.start()
         env.update(PULUMI_BACKEND_URL=server.url, PULUMI_ACCESS_TOKEN=TOKEN)
     else:
@@ -204,6 +220,9 @@ def run_case(backend: str, kind: str, count: int, args, root: Path) -> dict:
             else:
                 changes = stack.destroy().summary.resource_changes
             sample["seconds"][op] = time.perf_counter() - t
+            if op == "export":  # outside the timing
+                changes["resources"] = len(json.loads(out.read_bytes())["deployment"]
+                                           .get("resources") or [])
             sample["changes"][op] = changes
             if server:
                 now = server.cpu_seconds()
@@ -212,6 +231,9 @@ def run_case(backend: str, kind: str, count: int, args, root: Path) -> dict:
             held, sample["disk_bytes"][op] = storage(server, state)  # outside the timing
             sample["stored_bytes"][op], stored = held - stored, held
         sample["disk_bytes_after_run"] = sample["disk_bytes"][OPERATIONS[-1]]
+        if backend == "instant" and INSTANT_FAILED in server.log_tail(10**6):
+            raise RuntimeError(f"a call instant_server.py acknowledged failed: the case is "
+                               f"void\n{server.log_tail()}")
     finally:
         if server:
             server.stop()
@@ -236,17 +258,16 @@ def summarize(samples: list) -> list:
         for op in OPERATIONS:
             row = {"program": kind, "resources": count, "operation": op}
             for b in BACKENDS:
-                row[b] = median(s["seconds"].get(op) for s in group if s["backend"] == b)
-            ours = [s for s in group if s["backend"] == "ours"]
-            row["server_cpu"] = median(s["server_cpu"].get(op) for s in ours)
-            row["server_rss_mb"] = max((s["server_rss_mb"][op] for s in ours), default=None)
-            row["ours/file"] = row["ours"] / row["file"] if row["ours"] and row["file"] else None
-            row["ours/floor"] = (row["ours"] / row["floor"]
-                                 if row["ours"] and row["floor"] else None)
-            for b in BACKENDS:  # MB stored by the operation
-                row[f"{b}_stored_mb"] = mb(median(
-                    s["stored_bytes"].get(op) for s in group if s["backend"] == b))
-            row["ours_database_mb"] = mb(median(s["disk_bytes"].get(op) for s in ours))
+                mine = [s for s in group if s["backend"] == b]
+                row[b] = median(s["seconds"].get(op) for s in mine)
+                row[f"{b}_stored_mb"] = mb(median(s["stored_bytes"].get(op) for s in mine))
+                if b in SERVERS:
+                    row[f"{b}_server_cpu"] = median(s["server_cpu"].get(op) for s in mine)
+                    row[f"{b}_server_rss_mb"] = max((s["server_rss_mb"][op] for s in mine),
+                                                    default=None)
+                    row[f"{b}_database_mb"] = mb(median(s["disk_bytes"].get(op) for s in mine))
+            for num, den in RATIOS:
+                row[f"{num}/{den}"] = row[num] / row[den] if row[num] and row[den] else None
             rows.append(row)
     return rows
 
@@ -255,22 +276,31 @@ def mb(value):
     return None if value is None else value / 1e6
 
 
-def table(rows: list) -> str:
-    def f(v, fmt):
-        return "–" if v is None else format(v, fmt)
+def columns(backends: list) -> list:
+    """The table's (header, row key, format) after the first three, for ``backends``."""
+    cols = [(f"{b} (s)", b, ".2f") for b in backends]
+    cols += [(f"{n}/{d}", f"{n}/{d}", ".2f") for n, d in RATIOS
+             if n in backends and d in backends]
+    for b in (b for b in SERVERS if b in backends):
+        which = "" if b == "ours" else f", {b}"  # ours keeps the headers it always had
+        cols += [(f"server CPU{which} (s)", f"{b}_server_cpu", ".2f"),
+                 (f"server peak RSS{which} (MB)", f"{b}_server_rss_mb", ".0f")]
+    cols += [(f"stored, {b} (MB)", f"{b}_stored_mb", ".2f") for b in backends]
+    cols += [("ours' database after (MB)" if b == "ours" else f"{b}'s database after (MB)",
+              f"{b}_database_mb", ".1f") for b in SERVERS if b in backends]
+    return cols
 
-    lines = ["| program | resources | operation | ours (s) | file (s) | floor (s) | ours/file "
-             "| ours/floor | server CPU (s) | server peak RSS (MB) | stored, ours (MB) "
-             "| stored, file (MB) | stored, floor (MB) | ours' database after (MB) |",
-             "|---|--:|---|" + "--:|" * 11]
+
+def table(rows: list) -> str:
+    """Markdown: the columns of the backends that ran (a number in a row of them)."""
+    backends = [b for b in BACKENDS if any(r[b] is not None for r in rows)]
+    cols = columns(backends)
+    lines = ["| program | resources | operation | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|--:|---|" + "--:|" * len(cols)]
     for r in rows:
-        lines.append(
-            f"| {r['program']} | {r['resources']} | {OP_LABELS[r['operation']]} "
-            f"| {f(r['ours'], '.2f')} | {f(r['file'], '.2f')} | {f(r['floor'], '.2f')} "
-            f"| {f(r['ours/file'], '.2f')} | {f(r['ours/floor'], '.2f')} "
-            f"| {f(r['server_cpu'], '.2f')} | {f(r['server_rss_mb'], '.0f')} "
-            f"| {f(r['ours_stored_mb'], '.2f')} | {f(r['file_stored_mb'], '.2f')} "
-            f"| {f(r['floor_stored_mb'], '.2f')} | {f(r['ours_database_mb'], '.1f')} |")
+        cells = ["–" if r[key] is None else format(r[key], fmt) for _, key, fmt in cols]
+        lines.append(f"| {r['program']} | {r['resources']} | {OP_LABELS[r['operation']]} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -291,8 +321,8 @@ def main() -> int:
                         help="resource counts, comma-separated (default 10,200,600)")
     parser.add_argument("--programs", default=",".join(PROGRAMS),
                         help="bulk and/or dynamic (default both)")
-    parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help="ours, file and/or floor (default all three)")
+    parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                        help="ours, instant, file and/or floor (default ours,file,floor)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case (default 3)")
     parser.add_argument("--pad-kb", type=float, default=16, help="KB of state per resource")
     parser.add_argument("--cli-version", default=DEFAULT_CLI,
@@ -355,7 +385,7 @@ def main() -> int:
                         sample["repeat"] = rep
                         samples.append(sample)
                         save()
-                        print(f"{kind:7} {count:4} #{rep + 1} {backend:5} "
+                        print(f"{kind:7} {count:4} #{rep + 1} {backend:7} "
                               f"{time.perf_counter() - t:7.1f} s  {line}",
                               file=sys.stderr, flush=True)
     rows = result["medians"]

@@ -25,6 +25,8 @@ class ServerProcess:
 
     #: Flags every start gets before ``args``.
     base_args: tuple = ()
+    #: The script started (bench_cli.py's ``instant`` backend starts instant_server.py).
+    script: Path = SERVER_SCRIPT
 
     def __init__(self, directory, args=(), token="", cafile=None, db=None):
         self.db = db or directory / "backend.db"  # db: e.g. a postgresql:// URL
@@ -37,7 +39,7 @@ class ServerProcess:
     def start(self):
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(SERVER_SCRIPT), "--db", str(self.db),
+                [sys.executable, str(self.script), "--db", str(self.db),
                  "--host", "127.0.0.1", "--port", str(self.port), *self.base_args, *self.args],
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                 env={k: v for k, v in os.environ.items() if not k.startswith("PULUMI_")})

@@ -52,12 +52,37 @@ def test_bench_cli_smoke(cli, tmp_path):
     for r in result["medians"]:
         assert all(isinstance(r[f"{b}_stored_mb"], float) for b in ("ours", "file", "floor")), r
         assert r["ours_database_mb"] > 0, r
+    assert "instant (s)" not in table  # only when asked for
     assert table.count("\n| bulk | 10 |") == len(ops) and "| dynamic | 10 | destroy |" in table
     header = table.splitlines()[0]
     assert "| stored, ours (MB) | stored, file (MB) | stored, floor (MB) " \
            "| ours' database after (MB) |" in header, header
     cells = [line.split("|")[-5:-1] for line in table.splitlines()[2:2 + 2 * len(ops)]]
     assert all(float(c) >= -1e6 for row in cells for c in row), cells  # numbers, no dashes
+
+
+def test_bench_cli_instant_smoke(cli, tmp_path):
+    """The instant backend (e2e/instant_server.py) runs every operation and stores what ours
+    stores; ours/instant and instant/floor come out in the table."""
+    out = tmp_path / "cli.json"
+    table = run_script("bench_cli.py", "--sizes", "2", "--repeats", "1", "--programs", "bulk",
+                       "--backends", "ours,instant,floor", "--cli-version", cli.version,
+                       "--out", str(out))
+    samples = {s["backend"]: s for s in json.loads(out.read_text())["samples"]}
+    assert samples.keys() == {"ours", "instant", "floor"} and not any(
+        "error" in s for s in samples.values()), samples
+    ours, instant = samples["ours"], samples["instant"]
+    for op in ("create", "noop", "noop2", "add2", "destroy"):
+        assert instant["changes"][op] == ours["changes"][op], op
+    # What ours and instant store is the same state: the stack and 2 + 2 components.
+    assert instant["changes"]["export"]["resources"] == ours["changes"]["export"]["resources"] \
+        == 5, (instant["changes"], ours["changes"])
+    assert sum(instant["server_cpu"].values()) > 0 and instant["stored_bytes"]["create"] > 0
+    [row] = [r for r in json.loads(out.read_text())["medians"] if r["operation"] == "create"]
+    assert row["ours/instant"] > 0 and row["instant/floor"] > 0 and row["instant_database_mb"] > 0
+    header = table.splitlines()[0]
+    assert "| ours (s) | instant (s) | floor (s) | ours/floor | ours/instant | instant/floor |" \
+        in header and "file" not in header, header
 
 
 def test_bench_server_smoke(tmp_path):
