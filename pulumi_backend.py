@@ -178,6 +178,8 @@ LIVE_REPLAYS = 8
 #: replays the stored rows instead; and that a reader of the state waits for a
 #: final state being stored in the background.
 LIVE_REPLAY_WAIT = 30.0
+#: An update's uploads from this size on are handled one at a time (_GATED_ROUTES).
+INGEST_GATE_BYTES = 256 * 1024
 #: Idle or slow clients are disconnected after this many seconds.
 DEFAULT_SOCKET_TIMEOUT = 120.0
 #: Seconds a client has for its request line and headers (from connecting, or
@@ -8152,7 +8154,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             handler = self.server.app.resolve(req)  # nothing is read before this passes
             req.body, req.wire = self._read_body(req.body_limit)
             self.server.unwatch(self.request)  # the request is in: handling may take long
-            resp = self.server.app.dispatch(req, handler)
+            with self._ingest_turn(req):
+                resp = self.server.app.dispatch(req, handler)
         except HTTPError as e:
             if (self._body_left_unread
                     or self.headers.get("Content-Length", "0").strip() not in ("", "0")
@@ -8170,6 +8173,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._log_access(req, resp, seconds)
         if self.server.stopping.is_set():
             self.close_connection = True
+
+    def _ingest_turn(self, req: Request):
+        """The server's ingest lock for a big upload of an update, else nothing."""
+        if req.route in _GATED_ROUTES and len(req.body) >= INGEST_GATE_BYTES:
+            return self.server.ingest_lock
+        return contextlib.nullcontext()
 
     def _log_access(self, req: Request, resp: Response, seconds: float) -> None:
         # The path only: no query string, headers or body, so no token or secret.
@@ -8238,6 +8247,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.cfg = cfg
         self.app = app
         self.stopping = threading.Event()
+        self.ingest_lock = threading.Lock()  # see _GATED_ROUTES
         self._active_lock = threading.Lock()
         self._idle = threading.Condition(self._active_lock)  # notified as connections end
         self._connections: set = set()  # sockets being served, under _active_lock
@@ -8839,6 +8849,14 @@ def _run_admin(cfg: Config, command: str, words: list, opts: dict) -> int:
 #: Routes that hold a whole state in memory; afterwards the server gives back what they freed.
 _WHOLE_STATE_ROUTES = frozenset({"import_state", "export", "checkpoint", "checkpoint_verbatim",
                                  "complete"})
+
+
+#: An update's uploads that are handled one at a time once their (decompressed) body
+#: has INGEST_GATE_BYTES: the CLI posts engine events beside journal batches on
+#: several connections, and their parsed trees (several times their JSON) added up to
+#: the server's peak RSS. The GIL parses one at a time anyway: they take as long.
+_GATED_ROUTES = frozenset({"journal_entries", "events_batch", "checkpoint",
+                           "checkpoint_verbatim", "checkpoint_delta"})
 
 
 def _release_free_memory() -> None:

@@ -6312,6 +6312,44 @@ def test_the_heap_is_trimmed_after_whole_state_requests_only(srv, monkeypatch):
     assert len(routes) == 3  # none for the stack's summary either
 
 
+
+def test_big_uploads_of_updates_take_turns_small_ones_do_not(srv, monkeypatch):
+    """Issue 17: the CLI posts engine events beside journal batches on several
+    connections; their parsed trees added up to the server's peak RSS."""
+    lock, running, most = threading.Lock(), [0], [0]
+    real_append = pb.Engine.events_append
+
+    def slow_append(self, *args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)  # long enough for the other request to arrive meanwhile
+        try:
+            return real_append(self, *args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(pb.Engine, "events_append", slow_append)
+    update = srv.begin(srv.create_stack())
+
+    statuses = []
+
+    def post(seq, size):
+        statuses.append(update.events({"sequence": seq, "timestamp": 1, "stdoutEvent": {
+            "message": "x" * size, "color": "raw"}})[0])
+
+    for first, size, together in ((0, pb.INGEST_GATE_BYTES, 1), (2, 1000, 2)):
+        most[0] = 0
+        threads = [threading.Thread(target=post, args=(seq, size))
+                   for seq in (first, first + 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert most[0] == together
+    assert statuses == [200] * 4
+
 # ==== 14c. Operations: health, metrics, logs, backups, shutdown ===============
 
 def scrape(srv):

@@ -16,7 +16,9 @@ different days. Benchmarks assert nothing.
 Sections: per state size (``--mb``): ``--rounds`` journal updates, each on the
 base state imported again (import timed) so that the state does not grow: 3
 batches of 100 journal entries (50 new 16 KB resources, begin and success) and
-``complete``; export (stored gzip passed through, and decoded for a client
+``complete``, sent back to back (the worst case: ``complete`` waits for the
+replay of the base state and the batches), then again paced as a real update
+(``PACE`` seconds before each batch and ``complete``); export (stored gzip passed through, and decoded for a client
 without gzip); ``--rounds`` checkpoint updates (older CLIs): one verbatim
 checkpoint, 3 delta checkpoints, ``complete``; engine events of no-op updates as
 the CLI posts them (batches of 50: a resourcePreEvent and a resOutputsEvent per
@@ -69,6 +71,10 @@ STACK_URN = "urn:pulumi:s::bench::pulumi:pulumi:Stack::bench-s"
 PROVIDER = "urn:pulumi:s::bench::pulumi:providers:test::default::provider-id"
 JOURNAL_BATCHES = 3  # batches of 100 journal entries per sampled journal update
 CHECKPOINT_DELTAS = 3  # delta checkpoints after the verbatim one, per checkpoint update
+#: Seconds before each journal batch and ``complete`` in the paced rows: the CLI sends a
+#: batch at most every 50 ms, after steps that take time, and ``complete`` seconds after
+#: the start, so the server has replayed the batches (and parsed the base) by then.
+PACE = 0.25
 EVENT_BATCH = 50  # engine events per POST, as the CLI batches them (httpstate/state.go)
 
 
@@ -213,25 +219,30 @@ class Bench:
                        server: ServerProcess) -> None:
         """``--rounds`` updates, each on the base state imported again (so that the
         state does not grow from round to round): JOURNAL_BATCHES batches of 100
-        entries creating 50 new resources each, then ``complete``."""
-        imports, batches, completes, peaks = [], [], [], {}
+        entries creating 50 new resources each, then ``complete``; sent back to
+        back, then again with the pauses of a real update (``PACE``)."""
         bodies = [journal_body(count, b) for b in range(JOURNAL_BATCHES)]  # not timed
-        for _ in range(self.args.rounds):
-            gz = gzip.compress(raw, 1)
-            imports.append(self.once(server, peaks, "import", lambda: c.call(
-                "POST", sp + "/import", gz, gzipped=True)))
-            uid, tok = start_update(c, sp, journal=True)
-            for body in bodies:
-                batches.append(self.once(server, peaks, "batch", lambda: c.call(
-                    "PATCH", f"{sp}/update/{uid}/journalentries", body, token=tok,
-                    gzipped=True)))
-            completes.append(self.once(server, peaks, "complete",
-                                       lambda: complete(c, sp, uid, tok)))
-        self.row(section, "import (gzip body)", imports, server, peak=peaks["import"])
-        self.row(section, "journal batch of 100 entries (entries/s)", batches, server, per=100,
-                 peak=peaks["batch"])
-        self.row(section, f"complete: replay {JOURNAL_BATCHES * 100} entries, store",
-                 completes, server, peak=peaks["complete"])
+        for pace, label in ((0.0, ""), (PACE, f", paced {PACE:g} s")):
+            imports, batches, completes, peaks = [], [], [], {}
+            for _ in range(self.args.rounds):
+                gz = gzip.compress(raw, 1)
+                imports.append(self.once(server, peaks, "import", lambda: c.call(
+                    "POST", sp + "/import", gz, gzipped=True)))
+                uid, tok = start_update(c, sp, journal=True)
+                for body in bodies:
+                    time.sleep(pace)
+                    batches.append(self.once(server, peaks, "batch", lambda: c.call(
+                        "PATCH", f"{sp}/update/{uid}/journalentries", body, token=tok,
+                        gzipped=True)))
+                time.sleep(pace)
+                completes.append(self.once(server, peaks, "complete",
+                                           lambda: complete(c, sp, uid, tok)))
+            if not pace:
+                self.row(section, "import (gzip body)", imports, server, peak=peaks["import"])
+            self.row(section, f"journal batch of 100 entries{label} (entries/s)", batches,
+                     server, per=100, peak=peaks["batch"])
+            self.row(section, f"complete: replay {JOURNAL_BATCHES * 100} entries, store{label}",
+                     completes, server, peak=peaks["complete"])
 
     def checkpoint_rounds(self, c: Client, sp: str, section: str, count: int,
                           server: ServerProcess) -> None:
