@@ -27,7 +27,7 @@ import pulumi_backend as pb  # noqa: E402
 #: Handlers (by route name) answered at once; their real work is queued.
 QUEUED = frozenset({"journal_entries", "checkpoint", "checkpoint_verbatim", "checkpoint_delta",
                     "events_batch", "renew_lease"})
-#: Marks a queued call that failed in the log (bench_cli.py looks for it).
+#: Marks a queued call that failed in the log (bench_cli.py's INSTANT_FAILED).
 FAILED = "INSTANT_FAILED"
 
 _work: "queue.Queue" = queue.Queue()
