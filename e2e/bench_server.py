@@ -18,8 +18,8 @@ base state imported again (import timed) so that the state does not grow: 3
 batches of 100 journal entries (50 new 16 KB resources, begin and success) and
 ``complete``, sent back to back (the worst case: ``complete`` waits for the
 replay of the base state and the batches), then again paced as a real update
-(``PACE`` seconds before each batch and ``complete``); export (stored gzip passed through, and decoded for a client
-without gzip); ``--rounds`` checkpoint updates (older CLIs): one verbatim
+(``PACE`` seconds before each batch and ``complete``); export (stored gzip passed
+through, and decoded for a client without gzip); ``--rounds`` checkpoint updates (older CLIs): one verbatim
 checkpoint, 3 delta checkpoints, ``complete``; engine events of no-op updates as
 the CLI posts them (batches of 50: a resourcePreEvent and a resOutputsEvent per
 resource, metadata with old and new inputs and outputs), then read back page by
