@@ -123,7 +123,7 @@ __all__ = [
     "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "Unimplemented",
     "Unavailable",
     "Store", "SQLiteStore", "PostgresStore", "open_store", "is_postgres_url",
-    "Engine", "apply_delta", "replay_journal",
+    "Engine", "UpdateLifecycle", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
     "Principal", "Identity", "AuditLog",
     "Request", "Response", "Router", "App", "Console",
@@ -3298,28 +3298,20 @@ def _stored_journal(rows: list, max_bytes: int) -> list:
 
 
 class Engine:
-    """Operations of the API on stacks, state, updates and secrets."""
+    """Operations of the API on stacks, state, secrets and update history; the update
+    lifecycle is ``self.updates`` (UpdateLifecycle, below)."""
 
     def __init__(self, cfg: Config, store: Store, keys: "KeyManager"):
         self.cfg = cfg
         self.store = store
         self.keys = keys
-        self.working = _WorkingCache(cfg.cache_bytes)
-        self._live: dict = {}  # update id -> _LiveReplay of a running journaled update
-        self._live_lock = threading.Lock()
-        # (org, project, stack) -> Event set once the final state a `complete` left to
-        # the background is stored; readers of that stack's state wait for it.
-        self._storing: dict = {}
-        self._storing_lock = threading.Lock()
         self._data_keys: dict = {}
         self._data_keys_lock = threading.Lock()
         self.metrics = Metrics()
         self._ready_lock = threading.Lock()
         self._ready_checked = -math.inf  # monotonic time of the last write probe
         self._ready_error: Optional[sqlite3.Error] = None
-        for form in ("full", "verbatim", "delta"):  # present from the first scrape
-            self.metrics.inc("pulumi_backend_checkpoints_total", 0, form=form)
-        self.metrics.inc("pulumi_backend_journal_entries_total", 0)
+        self.updates = UpdateLifecycle(self)
 
     # -- stacks -------------------------------------------------------------
 
@@ -3364,7 +3356,7 @@ class Engine:
         return {}
 
     def stack_json(self, db, row: dict) -> dict:
-        update = self._running_update(db, row)
+        update = self.updates._running_update(db, row)
         out = {"id": row["id"], "orgName": row["org"], "projectName": row["project"],
                "stackName": row["name"], "activeUpdate": row["active_update"],
                "tags": json.loads(row["tags"]), "version": row["version"]}
@@ -3377,7 +3369,7 @@ class Engine:
     def stack_summary(self, db, row: dict) -> dict:
         out = {"id": row["id"], "orgName": row["org"], "projectName": row["project"],
                "stackName": row["name"], "resourceCount": row["resource_count"]}
-        if self._running_update(db, row) is not None:
+        if self.updates._running_update(db, row) is not None:
             out["lastUpdate"] = 0  # the CLI shows "in progress"
         elif row["last_update"] is not None:
             out["lastUpdate"] = row["last_update"]
@@ -3425,10 +3417,10 @@ class Engine:
             return self.store.project_exists(db, org, project)
 
     def delete_stack(self, org: str, project: str, name: str, force: bool) -> None:
-        self._await_final_state(org, project, name)
+        self.updates._await_final_state(org, project, name)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
-            self._lock_stack(db, row)
+            self.updates._lock_stack(db, row)
             if row["resource_count"] > 0 and not force:
                 raise BadRequest(MSG_STACK_HAS_RESOURCES)
             self.store.delete_stack(db, row["id"])
@@ -3441,12 +3433,12 @@ class Engine:
         if not isinstance(new_name, str) or not isinstance(new_project, str):
             raise BadRequest("newName and newProject must be strings")
         self._check_names(org, new_project, new_name)
-        self._await_final_state(org, project, name)
+        self.updates._await_final_state(org, project, name)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
             if (new_project, new_name) == (project, name):
                 return
-            self._lock_stack(db, row)
+            self.updates._lock_stack(db, row)
             if self.store.get_stack(db, org, new_project, new_name) is not None:
                 raise Conflict(f"stack '{org}/{new_project}/{new_name}' already exists")
             self.store.update_stack(db, row["id"], project=new_project, name=new_name)
@@ -3477,12 +3469,13 @@ class Engine:
         """Return the gzip bytes of the stack's latest (or given) deployment."""
         if version is not None and version < 1:
             raise BadRequest("version must be a positive integer")
-        self._await_final_state(org, project, name)
+        self.updates._await_final_state(org, project, name)
         with self.store.read() as db:
             row = self.stack(db, org, project, name)
-            unsettled = (self._abandoned_update(db, row) or self._pending_update(db, row))
+            unsettled = (self.updates._abandoned_update(db, row)
+                         or self.updates._pending_update(db, row))
         if unsettled:  # its acknowledged work becomes the latest state first
-            self._settle(org, project, name)
+            self.updates._settle(org, project, name)
         with self.store.read() as db:
             row = self.stack(db, org, project, name)
             dep = self.store.get_deployment(db, row["id"], version)
@@ -3507,10 +3500,10 @@ class Engine:
                           cli_version: str, requested_by: str = "") -> str:
         resources = _check_deployment_bytes(body, "request body")
         data = body.strip()
-        self._await_final_state(org, project, name)
+        self.updates._await_final_state(org, project, name)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
-            self._lock_stack(db, row)
+            self.updates._lock_stack(db, row)
             update_id, version = _new_id(), row["version"] + 1
             t = _now()
             self.store.insert_update(db, {
@@ -3571,6 +3564,163 @@ class Engine:
                     from None
         return out
 
+    # -- updates: reading ---------------------------------------------------
+
+    def update_results(self, org, project, name, update_id) -> dict:
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            update = self.updates._update_of(db, row, update_id)
+        status = {"cancelled": "failed"}.get(update["status"], update["status"])
+        out: dict = {"status": status, "events": []}
+        if update["status"] in ("not started", "running"):
+            out["continuationToken"] = update_id
+        return out
+
+    def history(self, org, project, name, page_size: int, page: int) -> dict:
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            if page_size > 0:
+                updates = self.store.list_history(db, row["id"], page_size,
+                                                  (max(page, 1) - 1) * page_size)
+            else:
+                updates = self.store.list_history(db, row["id"], -1, 0)
+        infos = [self._update_info(u) for u in updates]
+        for info in infos:
+            if "requestedBy" in info:  # `pulumi stack history` shows the environment only
+                info["environment"] = dict(info["environment"],
+                                           requestedBy=info["requestedBy"]["githubLogin"])
+        return {"updates": infos}
+
+    def latest_update(self, org, project, name) -> dict:
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            updates = self.store.list_history(db, row["id"], 1, 0)
+        if not updates:
+            raise NotFound(f"stack '{org}/{project}/{name}' has no updates")
+        return {"info": self._update_info(updates[0])}
+
+    @staticmethod
+    def _update_info(update: dict) -> dict:
+        program = json.loads(update["program"] or "{}")
+        metadata = program.get("metadata")
+        metadata = metadata if isinstance(metadata, dict) else {}  # stored before it was checked
+        result = {"running": "in-progress", "not started": "not-started",
+                  "cancelled": "failed"}.get(update["status"], update["status"])
+        info = {"kind": update["kind"], "startTime": update["started"] or update["created"],
+                "message": metadata.get("message") or "",
+                "environment": metadata.get("environment") or {},
+                "config": program.get("config") or {}, "result": result,
+                "endTime": update["ended"] or 0, "version": update["version"],
+                "updateID": update["id"]}
+        if update["resource_changes"]:
+            info["resourceChanges"] = json.loads(update["resource_changes"])
+        if update["resource_count"]:
+            info["resourceCount"] = update["resource_count"]
+        if update["requested_by"]:
+            info["requestedBy"] = {"name": update["requested_by"], "avatarUrl": "",
+                                   "githubLogin": update["requested_by"]}
+        return info
+
+    def console_stacks(self) -> list:
+        """Every stack, as ``(id, project, name, tags, resource_count)``, for the console."""
+        with self.store.read() as db:
+            return self.store.console_stacks(db, self.cfg.org)
+
+    def latest_updates(self, stack_ids: list) -> dict:
+        """The newest non-preview update row of each of ``stack_ids`` that has one."""
+        with self.store.read() as db:
+            return self.store.latest_updates(db, stack_ids)
+
+    def update_with_events(self, org, project, name, update_id) -> tuple:
+        """Return ``(update info, engine events)`` of one update (at most CONSOLE_MAX_EVENTS)."""
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            update = self.updates._update_of(db, row, update_id)
+            page = self.store.list_events(db, update_id, -1, CONSOLE_MAX_EVENTS)
+        return self._update_info(update), [event for _, event in page]
+
+    def update_requester(self, org, project, name, update_id) -> str:
+        """Return who requested the update ('' if unknown); NotFound if there is none."""
+        with self.store.read() as db:
+            row = self.stack(db, org, project, name)
+            return self.updates._update_of(db, row, update_id)["requested_by"]
+
+    # -- operations ---------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Raise sqlite3.Error unless a tiny write commits.
+
+        The outcome is reused for READY_CHECK_SECONDS, so probes (which need
+        no token) cannot queue writes and fsyncs in front of real updates.
+        """
+        with self._ready_lock:
+            if time.monotonic() - self._ready_checked >= READY_CHECK_SECONDS:
+                try:
+                    with self.store.write() as db:
+                        self.store.set_meta(db, "ready_check", str(_now()).encode())
+                    self._ready_error = None
+                except sqlite3.Error as e:
+                    self._ready_error = e
+                self._ready_checked = time.monotonic()
+            if self._ready_error is not None:
+                raise self._ready_error
+
+    def gauges(self) -> dict:
+        """Return the current values of the gauges /metrics exposes."""
+        with self.store.read() as db:
+            stacks = self.store.count_stacks(db)
+            running = self.store.count_running_updates(db, _now())
+        written = {(("table", t),): n for t, n in self.store.bytes_written.items()}
+        gauges = {"pulumi_backend_stacks": stacks, "pulumi_backend_active_updates": running,
+                  "pulumi_backend_database_bytes": self.store.database_bytes(),
+                  "pulumi_backend_state_bytes_written_total": written}
+        if isinstance(self.store, PostgresStore):  # this replica's connections
+            for name, value in self.store.pool_stats().items():
+                gauges[f"pulumi_backend_db_pool_{name}"] = value
+        return gauges
+
+
+# The update lifecycle, a class of its own: every method works on one update of
+# one stack (org, project, name, update id), with state no stack operation touches.
+# It owns the cache of working checkpoints, the live journal replays and the final
+# states being stored in the background, with their locks. Engine owns the config,
+# store, keys and metrics (read here through ``self.engine``) and the stacks; the
+# lifecycle calls only engine.stack(), _history_state, _save_compressed and
+# _make_latest. Stack operations (Engine, the DIY import of section 13) call it
+# only to settle an update first (_await_final_state, _lock_stack, _settle,
+# _running_update, _abandoned_update, _pending_update) and for _update_of.
+class UpdateLifecycle:
+    """An update from create to its stored final state: leases, checkpoints (full,
+    verbatim, delta), journal entries and their live replay, engine events, complete
+    and cancel, abandoned updates, and the final state stored after complete."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.working = _WorkingCache(engine.cfg.cache_bytes)
+        self._live: dict = {}  # update id -> _LiveReplay of a running journaled update
+        self._live_lock = threading.Lock()
+        # (org, project, stack) -> Event set once the final state a `complete` left to
+        # the background is stored; readers of that stack's state wait for it.
+        self._storing: dict = {}
+        self._storing_lock = threading.Lock()
+        for form in ("full", "verbatim", "delta"):  # present from the first scrape
+            self.metrics.inc("pulumi_backend_checkpoints_total", 0, form=form)
+        self.metrics.inc("pulumi_backend_journal_entries_total", 0)
+
+    # The engine's, read through it: each has one owner.
+
+    @property
+    def cfg(self) -> Config:
+        return self.engine.cfg
+
+    @property
+    def store(self) -> Store:
+        return self.engine.store
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.engine.metrics
+
     # -- updates: create, start, lease ---------------------------------------
 
     def _running_update(self, db, row: dict) -> Optional[dict]:
@@ -3619,7 +3769,7 @@ class Engine:
     def _settle(self, org: str, project: str, name: str) -> None:
         """Finish the stack's abandoned update, or store its pending final state."""
         with self.store.write() as db:
-            row = self.stack(db, org, project, name)
+            row = self.engine.stack(db, org, project, name)
             if self._abandoned_update(db, row) or self._pending_update(db, row):
                 self._lock_stack(db, row)
 
@@ -3634,7 +3784,7 @@ class Engine:
         dry_run = kind == "preview" or bool(options.get("dryRun"))
         program = _check_program(body)
         with self.store.write() as db:
-            row = self.stack(db, org, project, name)
+            row = self.engine.stack(db, org, project, name)
             update_id = _new_id()
             self.store.insert_update(db, {
                 "id": update_id, "stack_id": row["id"], "kind": kind, "dry_run": int(dry_run),
@@ -3650,7 +3800,7 @@ class Engine:
         wants_journal = body.get("journalVersion") or 0
         self._await_final_state(org, project, name)
         with self.store.write() as db:
-            row = self.stack(db, org, project, name)
+            row = self.engine.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
             if update["status"] != "not started":
                 raise Conflict("the update has already been started")
@@ -3693,7 +3843,7 @@ class Engine:
 
         With ``renew`` (a write transaction) the lease is also extended.
         """
-        row = self.stack(db, org, project, name)
+        row = self.engine.stack(db, org, project, name)
         update = self._update_of(db, row, update_id)
         if not update["lease_token"] or not hmac.compare_digest(
                 update["lease_token"].encode(), token.encode()):
@@ -3719,7 +3869,7 @@ class Engine:
         Liveness (running, not expired) is checked by each call under the write lock.
         """
         with self.store.read() as db:
-            row = self.stack(db, org, project, name)
+            row = self.engine.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
         if not update["lease_token"] or not hmac.compare_digest(
                 update["lease_token"].encode(), token.encode()):
@@ -3899,7 +4049,7 @@ class Engine:
                 raise BadRequest("invalid continuationToken")
             after = int(token)
         with self.store.read() as db:
-            row = self.stack(db, org, project, name)
+            row = self.engine.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
             page = self.store.list_events(db, update_id, after, EVENT_PAGE_SIZE,
                                           EVENT_PAGE_BYTES)
@@ -3923,7 +4073,7 @@ class Engine:
         if live is not None:  # not under the write lock: batches still apply meanwhile
             live.catch_up(LIVE_REPLAY_WAIT)
         with self.store.write() as db:
-            row = self.stack(db, org, project, name)
+            row = self.engine.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
             if update["status"] != "running" and update["lease_token"] and hmac.compare_digest(
                     update["lease_token"].encode(), token.encode()):
@@ -3935,7 +4085,7 @@ class Engine:
 
     def cancel(self, org, project, name, update_id) -> None:
         with self.store.write() as db:
-            row = self.stack(db, org, project, name)
+            row = self.engine.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
             if update["status"] not in ("not started", "running"):
                 raise Conflict("The Update has already completed")
@@ -3970,7 +4120,7 @@ class Engine:
             fields["resource_count"] = count
             if later:  # the stack shows the new version at once; readers store it first
                 fields["pending"] = 1
-                self._make_latest(db, row, update["version"], count)
+                self.engine._make_latest(db, row, update["version"], count)
                 self.store.after_commit(lambda: self._store_in_background(
                     later, update["id"], final, count))
             else:
@@ -3984,7 +4134,7 @@ class Engine:
                                            else _compress_final(final))
         if skeleton is not None:
             self.store.put_values(db, row["id"], update["id"], values)
-        self._save_compressed(db, row, update["version"], data_gz, size, count, skeleton)
+        self.engine._save_compressed(db, row, update["version"], data_gz, size, count, skeleton)
         self.store.clear_checkpoints(db, update["id"])
         self.store.clear_journal(db, update["id"])
         self.store.update_update(db, update["id"], pending=0)
@@ -4088,7 +4238,8 @@ class Engine:
         base = self.store.get_deployment(db, update["stack_id"], update["base_version"])
         if base is None:
             return _empty_deployment(), 0
-        data = _gunzip_stored(base["data"]) if base["data"] else self._history_state(db, base)
+        data = (_gunzip_stored(base["data"]) if base["data"]
+                else self.engine._history_state(db, base))
         return data, base["resource_count"]
 
     def _replayed_state(self, db, update: dict, live: Optional[_LiveReplay]) -> tuple:
@@ -4115,121 +4266,6 @@ class Engine:
             return self._base_state(db, update)
         # Deltas are applied to bytes unparsed: check what they made as strictly as an upload.
         return working[1], _check_deployment_bytes(working[1], "the last checkpoint")
-
-    # -- updates: reading ---------------------------------------------------
-
-    def update_results(self, org, project, name, update_id) -> dict:
-        with self.store.read() as db:
-            row = self.stack(db, org, project, name)
-            update = self._update_of(db, row, update_id)
-        status = {"cancelled": "failed"}.get(update["status"], update["status"])
-        out: dict = {"status": status, "events": []}
-        if update["status"] in ("not started", "running"):
-            out["continuationToken"] = update_id
-        return out
-
-    def history(self, org, project, name, page_size: int, page: int) -> dict:
-        with self.store.read() as db:
-            row = self.stack(db, org, project, name)
-            if page_size > 0:
-                updates = self.store.list_history(db, row["id"], page_size,
-                                                  (max(page, 1) - 1) * page_size)
-            else:
-                updates = self.store.list_history(db, row["id"], -1, 0)
-        infos = [self._update_info(u) for u in updates]
-        for info in infos:
-            if "requestedBy" in info:  # `pulumi stack history` shows the environment only
-                info["environment"] = dict(info["environment"],
-                                           requestedBy=info["requestedBy"]["githubLogin"])
-        return {"updates": infos}
-
-    def latest_update(self, org, project, name) -> dict:
-        with self.store.read() as db:
-            row = self.stack(db, org, project, name)
-            updates = self.store.list_history(db, row["id"], 1, 0)
-        if not updates:
-            raise NotFound(f"stack '{org}/{project}/{name}' has no updates")
-        return {"info": self._update_info(updates[0])}
-
-    @staticmethod
-    def _update_info(update: dict) -> dict:
-        program = json.loads(update["program"] or "{}")
-        metadata = program.get("metadata")
-        metadata = metadata if isinstance(metadata, dict) else {}  # stored before it was checked
-        result = {"running": "in-progress", "not started": "not-started",
-                  "cancelled": "failed"}.get(update["status"], update["status"])
-        info = {"kind": update["kind"], "startTime": update["started"] or update["created"],
-                "message": metadata.get("message") or "",
-                "environment": metadata.get("environment") or {},
-                "config": program.get("config") or {}, "result": result,
-                "endTime": update["ended"] or 0, "version": update["version"],
-                "updateID": update["id"]}
-        if update["resource_changes"]:
-            info["resourceChanges"] = json.loads(update["resource_changes"])
-        if update["resource_count"]:
-            info["resourceCount"] = update["resource_count"]
-        if update["requested_by"]:
-            info["requestedBy"] = {"name": update["requested_by"], "avatarUrl": "",
-                                   "githubLogin": update["requested_by"]}
-        return info
-
-    def console_stacks(self) -> list:
-        """Every stack, as ``(id, project, name, tags, resource_count)``, for the console."""
-        with self.store.read() as db:
-            return self.store.console_stacks(db, self.cfg.org)
-
-    def latest_updates(self, stack_ids: list) -> dict:
-        """The newest non-preview update row of each of ``stack_ids`` that has one."""
-        with self.store.read() as db:
-            return self.store.latest_updates(db, stack_ids)
-
-    def update_with_events(self, org, project, name, update_id) -> tuple:
-        """Return ``(update info, engine events)`` of one update (at most CONSOLE_MAX_EVENTS)."""
-        with self.store.read() as db:
-            row = self.stack(db, org, project, name)
-            update = self._update_of(db, row, update_id)
-            page = self.store.list_events(db, update_id, -1, CONSOLE_MAX_EVENTS)
-        return self._update_info(update), [event for _, event in page]
-
-    def update_requester(self, org, project, name, update_id) -> str:
-        """Return who requested the update ('' if unknown); NotFound if there is none."""
-        with self.store.read() as db:
-            row = self.stack(db, org, project, name)
-            return self._update_of(db, row, update_id)["requested_by"]
-
-    # -- operations ---------------------------------------------------------
-
-    def check_writable(self) -> None:
-        """Raise sqlite3.Error unless a tiny write commits.
-
-        The outcome is reused for READY_CHECK_SECONDS, so probes (which need
-        no token) cannot queue writes and fsyncs in front of real updates.
-        """
-        with self._ready_lock:
-            if time.monotonic() - self._ready_checked >= READY_CHECK_SECONDS:
-                try:
-                    with self.store.write() as db:
-                        self.store.set_meta(db, "ready_check", str(_now()).encode())
-                    self._ready_error = None
-                except sqlite3.Error as e:
-                    self._ready_error = e
-                self._ready_checked = time.monotonic()
-            if self._ready_error is not None:
-                raise self._ready_error
-
-    def gauges(self) -> dict:
-        """Return the current values of the gauges /metrics exposes."""
-        with self.store.read() as db:
-            stacks = self.store.count_stacks(db)
-            running = self.store.count_running_updates(db, _now())
-        written = {(("table", t),): n for t, n in self.store.bytes_written.items()}
-        gauges = {"pulumi_backend_stacks": stacks, "pulumi_backend_active_updates": running,
-                  "pulumi_backend_database_bytes": self.store.database_bytes(),
-                  "pulumi_backend_state_bytes_written_total": written}
-        if isinstance(self.store, PostgresStore):  # this replica's connections
-            for name, value in self.store.pool_stats().items():
-                gauges[f"pulumi_backend_db_pool_{name}"] = value
-        return gauges
 
 
 def _next_checkpoint(base: Optional[tuple], seq: int, expected: str,
@@ -6084,7 +6120,7 @@ class App:
                 raise Forbidden("this call needs the update's lease token")
             # A cheap read before the body is read and parsed: a made-up lease
             # token costs us no more than one lookup.
-            self.engine.check_lease_token(*self._up(req), token)
+            self.engine.updates.check_lease_token(*self._up(req), token)
         else:
             if scheme != "token" or not token:
                 raise Unauthorized(_MSG_BAD_TOKEN)
@@ -6330,14 +6366,14 @@ class App:
     def _create_update(self, kind: str) -> Callable:
         """The handler creating updates of ``kind`` (its route names the kind)."""
         def create_update(req: Request) -> dict:
-            return self.engine.create_update(*self._sp(req), kind, req.json(),
-                                             req.principal.actor)
+            return self.engine.updates.create_update(*self._sp(req), kind, req.json(),
+                                                     req.principal.actor)
         create_update.__doc__ = f"Create an update of kind {kind}; a second call starts it."
         return create_update
 
     def start_update(self, req: Request) -> dict:
         """Start the update (locking the stack) and hand out its lease."""
-        out = self.engine.start_update(*self._up(req), req.json(), req.cli_version)
+        out = self.engine.updates.start_update(*self._up(req), req.json(), req.cli_version)
         self.audit.record("update_started", req=req, target="/".join(self._up(req)),
                           description=f"version {out['version']}")
         return out
@@ -6348,7 +6384,7 @@ class App:
 
     def list_events(self, req: Request) -> dict:
         """One page of the update's engine events."""
-        return self.engine.list_events(*self._up(req), req.q("continuationToken"))
+        return self.engine.updates.list_events(*self._up(req), req.q("continuationToken"))
 
     def cancel_update(self, req: Request) -> None:
         """Cancel the update and unlock the stack (writers: their own; stack admins: any)."""
@@ -6356,44 +6392,44 @@ class App:
         if self.identity.stack_permission(p, project, name) < PERM_ADMIN \
                 and self.engine.update_requester(*self._up(req)) != p.actor:
             self._require(req, PERM_ADMIN, project, name)
-        self.engine.cancel(*self._up(req))
+        self.engine.updates.cancel(*self._up(req))
         self.audit.record("update_cancelled", req=req, target="/".join(self._up(req)))
 
     def renew_lease(self, req: Request) -> dict:
         """Extend the update's lease."""
-        return self.engine.renew_lease(*self._up(req), req.token, req.json())
+        return self.engine.updates.renew_lease(*self._up(req), req.token, req.json())
 
     def checkpoint(self, req: Request) -> None:
         """Save the update's working state, as a whole deployment."""
-        self.engine.checkpoint_full(*self._up(req), req.token, req.body)
+        self.engine.updates.checkpoint_full(*self._up(req), req.token, req.body)
 
     def checkpoint_verbatim(self, req: Request) -> None:
         """Save the update's working state, as the CLI serialized it."""
         size = len(req.body)
         seq, data = _split_verbatim(req.body)
         req.body = b""  # the state is in ``data``: the whole body need not stay in memory
-        self.engine.checkpoint_verbatim(*self._up(req), req.token, seq, data)
+        self.engine.updates.checkpoint_verbatim(*self._up(req), req.token, seq, data)
         log.debug("verbatim checkpoint (%d bytes) for %s", size, req.params["updateID"])
 
     def checkpoint_delta(self, req: Request) -> None:
         """Save the update's working state, as edits of the last one."""
-        self.engine.checkpoint_delta(*self._up(req), req.token, req.body)
+        self.engine.updates.checkpoint_delta(*self._up(req), req.token, req.body)
         log.debug("delta checkpoint (%d bytes) for %s", len(req.body), req.params["updateID"])
 
     def journal_entries(self, req: Request) -> None:
         """Append to the update's journal (replayed at the end)."""
-        count = self.engine.journal_append(*self._up(req), req.token, req.body, req.wire)
+        count = self.engine.updates.journal_append(*self._up(req), req.token, req.body, req.wire)
         log.debug("%d journal entries (%d bytes) for %s", count, len(req.body),
                   req.params["updateID"])
 
     def events_batch(self, req: Request) -> None:
         """Record a batch of the update's engine events."""
-        self.engine.events_append(*self._up(req), req.token, req.body)
+        self.engine.updates.events_append(*self._up(req), req.token, req.body)
 
     def complete(self, req: Request) -> None:
         """Finish the update: save its state and unlock the stack."""
         body = req.json()
-        self.engine.complete(*self._up(req), req.token, body)
+        self.engine.updates.complete(*self._up(req), req.token, body)
         # The lease token stands for whoever started the update.
         actor = self.engine.update_requester(*self._up(req)) or self.cfg.user
         self.audit.record("update_completed", Principal(actor, "user", False), req,
@@ -7943,7 +7979,7 @@ def _import_stack(engine: Engine, org: str, stack: _DIYStack, versions: list, ta
         if row is not None:
             if not overwrite:
                 return "exists here (give --overwrite to replace it)"
-            if engine._running_update(db, row) is not None:
+            if engine.updates._running_update(db, row) is not None:
                 return "exists here with an update running"
             store.delete_stack(db, row["id"])
         first = versions[0][1]["created"] if versions else _now()
@@ -8923,7 +8959,7 @@ def serve(cfg: Config, environ: dict) -> int:
         if backups is not None:
             backups.stop()
         server.server_close()  # waits (bounded) for in-flight requests
-        app.engine.drain(cfg.shutdown_timeout)  # final states being stored after `complete`
+        app.engine.updates.drain(cfg.shutdown_timeout)  # final states stored after `complete`
         store.close()
         log.info("stopped")
     return 0

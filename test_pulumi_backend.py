@@ -177,7 +177,7 @@ class Srv:
         self.stopped = True
         self.server.stop()
         self.server.server_close()
-        self.app.engine.drain(10)  # as serve() does: final states stored after `complete`
+        self.app.engine.updates.drain(10)  # as serve() does: final states stored after `complete`
         self.store.close()
         self.thread.join(10)
         assert not self.thread.is_alive()
@@ -3311,11 +3311,11 @@ def test_verbatim_upload_drops_the_state_it_replaces_from_memory_first(srv):
     path = srv.create_stack()
     update = srv.begin(path, journal=False)
     assert update.verbatim(PREV_DOC, 1)[0] == 200
-    assert srv.app.engine.working.get(update.id)[1] == PREV_DOC
+    assert srv.app.engine.updates.working.get(update.id)[1] == PREV_DOC
     assert update.verbatim(b'{"version":3,"deployment":[]}', 2)[0] == 400
-    assert srv.app.engine.working.get(update.id) is None
+    assert srv.app.engine.updates.working.get(update.id) is None
     assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200
-    assert srv.app.engine.working.get(update.id)[1] == NEW_DOC
+    assert srv.app.engine.updates.working.get(update.id)[1] == NEW_DOC
     assert update.complete()[0] == 200 and srv.export(path) == json.loads(NEW_DOC)
 
 
@@ -3640,7 +3640,7 @@ def test_complete_replays_the_stored_rows_when_the_live_replay_cannot_vouch(srv,
 
 def _store_nothing_after_complete(srv, monkeypatch):
     """As if the process were killed right after `complete` answered."""
-    monkeypatch.setattr(srv.app.engine, "_store_in_background", lambda *args: None)
+    monkeypatch.setattr(srv.app.engine.updates, "_store_in_background", lambda *args: None)
 
 
 def test_final_state_pending_after_complete_is_stored_by_the_next_reader(srv, monkeypatch):
@@ -3909,7 +3909,7 @@ def noop_update(srv, path, pads, extra=()):
         for n, pad in enumerate(pads)] + list(extra)
     assert update.events(*events)[0] == 200
     assert update.complete()[0] == 200
-    srv.app.engine.drain(10)  # its state too, stored in the background after `complete`
+    srv.app.engine.updates.drain(10)  # its state too, stored in the background after `complete`
     return update, events
 
 
@@ -6317,7 +6317,7 @@ def test_big_uploads_of_updates_take_turns_small_ones_do_not(srv, monkeypatch):
     """Issue 17: the CLI posts engine events beside journal batches on several
     connections; their parsed trees added up to the server's peak RSS."""
     lock, running, most = threading.Lock(), [0], [0]
-    real_append = pb.Engine.events_append
+    real_append = pb.UpdateLifecycle.events_append
 
     def slow_append(self, *args):
         with lock:
@@ -6330,7 +6330,7 @@ def test_big_uploads_of_updates_take_turns_small_ones_do_not(srv, monkeypatch):
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(pb.Engine, "events_append", slow_append)
+    monkeypatch.setattr(pb.UpdateLifecycle, "events_append", slow_append)
     update = srv.begin(srv.create_stack())
 
     statuses = []

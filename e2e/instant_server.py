@@ -31,7 +31,7 @@ QUEUED = frozenset({"journal_entries", "checkpoint", "checkpoint_verbatim", "che
 FAILED = "INSTANT_FAILED"
 
 _work: "queue.Queue" = queue.Queue()
-_real_dispatch, _real_drain = pb.App.dispatch, pb.Engine.drain
+_real_dispatch, _real_drain = pb.App.dispatch, pb.UpdateLifecycle.drain
 
 
 def _answer(app, req) -> "pb.Response":
@@ -67,12 +67,12 @@ def _worker() -> None:
             _work.task_done()
 
 
-def _drain(engine, timeout: float) -> None:
+def _drain(updates, timeout: float) -> None:
     _work.join()  # on shutdown, store what was acknowledged before the store closes
-    _real_drain(engine, timeout)
+    _real_drain(updates, timeout)
 
 
 if __name__ == "__main__":
-    pb.App.dispatch, pb.Engine.drain = _dispatch, _drain
+    pb.App.dispatch, pb.UpdateLifecycle.drain = _dispatch, _drain
     threading.Thread(target=_worker, name="instant-worker", daemon=True).start()
     sys.exit(pb.main())
