@@ -5669,15 +5669,17 @@ _NEEDS = frozenset({"none", "lease", "signed-in", "read", "write", "admin", "cre
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Route:
-    """One route, declared once: everything the router, authorization, the
-    transport (section 14) and the OpenAPI document know of it.
+    """One route, declared once: all that the rest of the server knows of it.
 
-    ``need`` defaults to the strictest, so a route that forgets it needs an
-    org admin; a route without credentials (``auth="none"``) must say
-    ``need="none"`` and the update routes (``auth="update"``) ``need="lease"``,
-    or declaring it raises ValueError. A route takes a body of up to
-    ``--max-body`` bytes when it has a ``body`` schema, of ``body_limit`` bytes
-    when that is given, else none.
+    The router matches to it, App._authorize checks its ``need``, the
+    transport (_Handler, section 14) reads its body limit and flags, and the
+    OpenAPI document describes it. Nothing is looked up by a handler's name:
+    ``name`` only labels metrics and the access log. ``need`` defaults to the
+    strictest, so a route that forgets it needs an org admin; a route without
+    credentials (``auth="none"``) must say ``need="none"`` and the update
+    routes (``auth="update"``) ``need="lease"``, or declaring it raises
+    ValueError. A route takes a body of up to ``--max-body`` bytes when it has
+    a ``body`` schema, of ``body_limit`` bytes when that is given, else none.
     """
 
     method: str
