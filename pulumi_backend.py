@@ -126,7 +126,7 @@ __all__ = [
     "Engine", "UpdateLifecycle", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
     "Principal", "Identity", "AuditLog",
-    "Request", "Response", "Router", "App", "Console",
+    "Request", "Response", "Route", "Router", "App", "Console",
     "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
     "copy_database",
     "BackupScheduler", "import_diy",
@@ -178,7 +178,7 @@ LIVE_REPLAYS = 8
 #: replays the stored rows instead; and that a reader of the state waits for a
 #: final state being stored in the background.
 LIVE_REPLAY_WAIT = 30.0
-#: An update's uploads from this size on are handled one at a time (_GATED_ROUTES).
+#: An update's uploads from this size on are handled one at a time (Route.gated).
 INGEST_GATE_BYTES = 256 * 1024
 #: Idle or slow clients are disconnected after this many seconds.
 DEFAULT_SOCKET_TIMEOUT = 120.0
@@ -5626,9 +5626,7 @@ class Request:
     body: bytes = b""
     wire: bytes = b""  # the body as it came, when it came compressed
     params: dict = dataclasses.field(default_factory=dict)
-    route: str = ""  # the handler's name once routed: the route label of metrics
-    # Once routed: the largest body the route takes, 0 for none, None for --max-body.
-    body_limit: Optional[int] = None
+    route: Optional["Route"] = None  # once routed: everything about the route
     auth_kind: str = ""
     token: str = ""
     principal: Optional[Principal] = None  # who the API token acts as (section 8)
@@ -5696,6 +5694,62 @@ _UNTYPED_DEPLOYMENT = _obj(("version", "deployment"), version=_INT, features=_li
                            deployment=_ANY_OBJECT)
 
 
+#: What a route's caller needs (App._authorize, section 10): "none" (a public
+#: route), "lease" (the update's lease token, which authentication checks),
+#: "signed-in" (any valid token or console session), a permission on the path's
+#: stack ("read", "write", "admin"), "create" (write somewhere; the handler
+#: checks the new stack's name from the body) or "org-admin".
+_NEEDS = frozenset({"none", "lease", "signed-in", "read", "write", "admin", "create",
+                    "org-admin"})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Route:
+    """One route, declared once: all that the rest of the server knows of it.
+
+    The router matches to it, App._authorize checks its ``need``, the
+    transport (_Handler, section 14) reads its body limit and flags, and the
+    OpenAPI document describes it. Nothing is looked up by a handler's name:
+    ``name`` only labels metrics and the access log. ``need`` defaults to the
+    strictest, so a route that forgets it needs an org admin; a route without
+    credentials (``auth="none"``) must say ``need="none"`` and the update
+    routes (``auth="update"``) ``need="lease"``, or declaring it raises
+    ValueError. A route takes a body of up to ``--max-body`` bytes when it has
+    a ``body`` schema, of ``body_limit`` bytes when that is given, else none.
+    """
+
+    method: str
+    pattern: str  # segments such as /api/stacks/{orgName}/{projectName}
+    handler: Callable
+    auth: str = "token"  # "token", "update", "none" or an App.authenticators name
+    need: str = "org-admin"  # one of _NEEDS
+    body_limit: Optional[int] = None  # the largest body: 0 for none, None for --max-body
+    body: Optional[dict] = None  # JSON schema of the request body, for OpenAPI
+    query: tuple = ()  # the query parameters it reads, for OpenAPI
+    response: Optional[dict] = None  # JSON schema of the 200 answer (None: not JSON)
+    op: str = ""  # operationId (Pulumi Cloud's, so `pulumi api <op>` works); default name
+    tag: str = "Miscellaneous"  # groups the OpenAPI listing
+    doc: bool = True  # False leaves it out of the OpenAPI document (web pages)
+    # Big bodies (INGEST_GATE_BYTES) take the server's ingest turn (section 14).
+    gated: bool = False
+    # It holds a whole state in memory: afterwards the server gives back what it freed.
+    trim: bool = False
+    name: str = ""  # metrics' and the access log's route label: the handler's name
+
+    def __post_init__(self):
+        if self.need not in _NEEDS:
+            raise ValueError(f"{self.method} {self.pattern}: unknown need {self.need!r}")
+        if (self.auth == "none" and self.need != "none"
+                or (self.auth == "update") != (self.need == "lease")
+                or self.auth == "token" and self.need == "none"):
+            raise ValueError(f"{self.method} {self.pattern}: need {self.need!r} does not go "
+                             f"with auth {self.auth!r}")
+        if self.body_limit is None and self.body is None:
+            object.__setattr__(self, "body_limit", 0)
+        if not self.name:
+            object.__setattr__(self, "name", self.handler.__name__)
+
+
 class Router:
     """A small explicit route table.
 
@@ -5707,42 +5761,31 @@ class Router:
     """
 
     def __init__(self):
-        self._routes: list = []
-        self._docs: list = []
+        self._routes: list = []  # (specificity, segments, route), most specific first
+        self.routes: list = []  # every Route, as declared
 
-    def add(self, method: str, pattern: str, handler: Callable, auth: str = "token",
-            body: Optional[dict] = None, query: tuple = (), response: Optional[dict] = None,
-            op: str = "", tag: str = "Miscellaneous", body_limit: Optional[int] = None,
-            doc: bool = True) -> None:
-        """Route ``method pattern`` to ``handler``; the rest describes it for OpenAPI.
-
-        ``body``/``response`` are JSON schemas of the request and of the 200
-        answer (None: no JSON body); ``op`` is the operationId (Pulumi Cloud's,
-        so ``pulumi api <op>`` works here too) and ``tag`` groups the listing.
-        A route takes a body of up to ``--max-body`` bytes when it has a
-        ``body`` schema, of ``body_limit`` bytes when that is given, else none.
-        ``doc=False`` leaves the route out of the OpenAPI document (web pages).
-        """
-        if body_limit is None and body is None:
-            body_limit = 0
+    def add(self, method: str, pattern: str, handler: Callable, **fields: Any) -> Route:
+        """Route ``method pattern`` to ``handler``; ``fields`` are the rest of the Route."""
+        route = Route(method, pattern, handler, **fields)
         segments = tuple(pattern.strip("/").split("/"))
         specificity = tuple(0 if s.startswith("{") else 1 for s in segments)
-        self._routes.append((specificity, segments, method, handler, auth, body_limit))
+        self._routes.append((specificity, segments, route))
         self._routes.sort(key=lambda r: r[0], reverse=True)
-        if doc:
-            self._docs.append((method, pattern, handler, auth, body, query, response,
-                               op or handler.__name__, tag))
+        self.routes.append(route)
+        return route
 
     def openapi(self, title: str, version: str) -> dict:
         """Return an OpenAPI 3.0 document describing every route."""
         paths: dict = {}
         seen: set = set()
-        for method, pattern, handler, auth, body, query, response, op_id, tag in self._docs:
+        for route in self.routes:
+            if not route.doc:
+                continue
+            op_id = route.op or route.name
             while op_id in seen:
                 op_id += "_"
             seen.add(op_id)
-            paths.setdefault(pattern, {})[method.lower()] = _operation(
-                pattern, handler, auth, body, query, response, op_id, tag)
+            paths.setdefault(route.pattern, {})[route.method.lower()] = _operation(route, op_id)
         auth_scheme = {"type": "apiKey", "in": "header", "name": "Authorization"}
         return {"openapi": "3.0.3", "info": {"title": title, "version": version},
                 "paths": paths, "components": {"securitySchemes": {
@@ -5750,41 +5793,41 @@ class Router:
                     "updateAuth": dict(auth_scheme, description="update-token <lease token>")}}}
 
     def match(self, method: str, path: str) -> tuple:
-        """Return ``(handler, auth, params, body_limit)``; raise NotFound or MethodNotAllowed."""
+        """Return ``(route, params)``; raise NotFound or MethodNotAllowed."""
         parts = tuple(urllib.parse.unquote(p) for p in path.strip("/").split("/"))
         allowed: set = set()
-        for _, segments, route_method, handler, auth, body_limit in self._routes:
+        for _, segments, route in self._routes:
             params = _match_segments(segments, parts)
             if params is None:
                 continue
-            if route_method == method or (method == "HEAD" and route_method == "GET"):
-                return handler, auth, params, body_limit
-            allowed.add(route_method)
+            if route.method == method or (method == "HEAD" and route.method == "GET"):
+                return route, params
+            allowed.add(route.method)
         if allowed:
             allow = ", ".join(sorted(allowed | ({"HEAD"} if "GET" in allowed else set())))
             raise MethodNotAllowed(f"{method} is not allowed here", {"Allow": allow})
         raise NotFound(f"no route for {path}")
 
 
-def _operation(pattern: str, handler: Callable, auth: str, body: Optional[dict], query: tuple,
-               response: Optional[dict], op_id: str, tag: str) -> dict:
+def _operation(route: Route, op_id: str) -> dict:
     """One OpenAPI operation object; ``pulumi api list`` shows its tag and summary."""
-    doc = (handler.__doc__ or "").strip()
+    doc = (route.handler.__doc__ or "").strip()
     params = [{"name": p[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
-              for p in pattern.split("/") if p.startswith("{")]
+              for p in route.pattern.split("/") if p.startswith("{")]
     params += [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
-               for q in query]
+               for q in route.query]
     ok: dict = {"description": "OK"}
-    if response is not None:
-        ok["content"] = {"application/json": {"schema": response}}
+    if route.response is not None:
+        ok["content"] = {"application/json": {"schema": route.response}}
     op: dict = {"operationId": op_id, "summary": doc.splitlines()[0] if doc else op_id,
-                "tags": [tag], "parameters": params, "responses": {
+                "tags": [route.tag], "parameters": params, "responses": {
                     "200": ok, "default": {"description": "error", "content": {
                         "application/json": {"schema": _ERROR_SCHEMA}}}}}
-    if auth != "none":
-        op["security"] = [{auth + "Auth": []}]
-    if body is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if route.auth != "none":
+        op["security"] = [{route.auth + "Auth": []}]
+    if route.body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": route.body}}}
     return op
 
 
@@ -5858,22 +5901,6 @@ _AUDIT_EVENTS = _obj(("auditLogEvents",), continuationToken=_NULLABLE_STR,
                          user=_USER_INFO, actorName=_STR, tokenID=_STR, tokenName=_STR,
                          authFailure=_BOOL, userAgent=_STR, target=_STR, outcome=_STR)))
 
-#: What each token route needs (by handler name): "signed-in" (any valid token),
-#: a stack permission ("read", "write", "admin" on the path's stack), "create"
-#: (write somewhere; the handler checks the new stack's name from the body) or
-#: "org-admin". A route not listed needs an org admin.
-_ROUTE_NEEDS = {
-    **dict.fromkeys(("user", "default_org", "list_stacks", "project_exists",
-                     "list_personal_tokens", "create_personal_token", "delete_personal_token",
-                     "list_members", "list_teams", "get_team"), "signed-in"),
-    **dict.fromkeys(("get_stack", "export", "history", "latest_update", "update_status",
-                     "list_events", "log_decryption"), "read"),
-    **dict.fromkeys(("set_tags", "encrypt", "decrypt", "batch_encrypt", "batch_decrypt",
-                     "create_update", "start_update", "cancel_update"), "write"),
-    **dict.fromkeys(("delete_stack", "rename_stack", "import_state",
-                     "update_team_stack_permissions"), "admin"),
-    "create_stack": "create",
-}
 _OPENAPI_DOC = _obj(("openapi", "info", "paths"), openapi=_STR, info=_ANY_OBJECT,
                     paths=_ANY_OBJECT, components=_ANY_OBJECT)
 
@@ -5899,64 +5926,68 @@ class App:
         # Path parameters carry Pulumi Cloud's names, and operationIds are
         # its ones, so the document lines up with the published spec.
         SP = "/api/stacks/{orgName}/{projectName}/{stackName}"
-        r = functools.partial(self.router.add, tag="Operations", auth="none")
+        r = functools.partial(self.router.add, tag="Operations", auth="none", need="none")
         r("GET", "/healthz", self.healthz, op="Healthz", response=_obj(("status",), status=_STR))
         r("GET", "/readyz", self.readyz, op="Readyz", response=_obj(("status",), status=_STR))
         r("GET", "/metrics", self.metrics, op="Metrics")
         r = functools.partial(self.router.add, tag="Service")
         r("GET", "/api/capabilities", self.capabilities, auth="none", op="Capabilities",
-          response=_CAPABILITIES)
+          response=_CAPABILITIES, need="none")
         r("GET", "/api/openapi/pulumi-spec.json", self.openapi, auth="none",
-          op="FetchRestSpecification", response=_OPENAPI_DOC)
+          op="FetchRestSpecification", response=_OPENAPI_DOC, need="none")
         r("GET", "/api/openapi", self.openapi, auth="none", op="GetOpenAPIDocument",
-          response=_OPENAPI_DOC)
+          response=_OPENAPI_DOC, need="none")
         r = functools.partial(self.router.add, tag="Users")
-        r("GET", "/api/user", self.user, op="GetCurrentUser", response=_USER)
+        r("GET", "/api/user", self.user, op="GetCurrentUser", response=_USER, need="signed-in")
         r("GET", "/api/user/organizations/default", self.default_org,
-          op="GetDefaultOrganization", response=_DEFAULT_ORG)
+          op="GetDefaultOrganization", response=_DEFAULT_ORG, need="signed-in")
         r("GET", "/api/user/stacks", self.list_stacks, op="ListUserStacks", query=(
             "organization", "project", "tagName", "tagValue", "continuationToken"),
-          response=_STACK_LIST)
+          response=_STACK_LIST, need="signed-in")
         r = functools.partial(self.router.add, tag="Stacks")
-        r("HEAD", "/api/stacks/{orgName}/{projectName}", self.project_exists, op="ProjectExists")
+        r("HEAD", "/api/stacks/{orgName}/{projectName}", self.project_exists, op="ProjectExists",
+          need="signed-in")
         r("POST", "/api/stacks/{orgName}/{projectName}", self.create_stack, op="CreateStack",
           body=_obj(("stackName",), stackName=_STR, tags=_STR_MAP, teams=_list_of(_STR),
-                    state=_UNTYPED_DEPLOYMENT), response=_EMPTY)
-        r("GET", SP, self.get_stack, op="GetStack", response=_STACK)
-        r("DELETE", SP, self.delete_stack, op="DeleteStack", query=("force",), response=_EMPTY)
+                    state=_UNTYPED_DEPLOYMENT), response=_EMPTY, need="create")
+        r("GET", SP, self.get_stack, op="GetStack", response=_STACK, need="read")
+        r("DELETE", SP, self.delete_stack, op="DeleteStack", query=("force",), response=_EMPTY,
+          need="admin")
         r("POST", SP + "/rename", self.rename_stack, op="RenameStack",
-          body=_obj(newName=_STR, newProject=_STR), response=_EMPTY)
+          body=_obj(newName=_STR, newProject=_STR), response=_EMPTY, need="admin")
         r("PATCH", SP + "/tags", self.set_tags, op="UpdateStackTags", body=_STR_MAP,
-          response=_EMPTY)
+          response=_EMPTY, need="write")
         r = functools.partial(self.router.add, tag="State")
-        r("GET", SP + "/export", self.export, op="ExportStack", response=_UNTYPED_DEPLOYMENT)
+        r("GET", SP + "/export", self.export, op="ExportStack", response=_UNTYPED_DEPLOYMENT,
+          need="read", trim=True)
         r("GET", SP + "/export/{version}", self.export, op="ExportStackAtVersion",
-          response=_UNTYPED_DEPLOYMENT)
+          response=_UNTYPED_DEPLOYMENT, need="read", trim=True)
         r("POST", SP + "/import", self.import_state, op="ImportStack", body=_UNTYPED_DEPLOYMENT,
-          response=_obj(("updateId",), updateId=_STR))
+          response=_obj(("updateId",), updateId=_STR), need="admin", trim=True)
         r = functools.partial(self.router.add, tag="Secrets")
         r("POST", SP + "/encrypt", self.encrypt, op="EncryptValue",
           body=_obj(("plaintext",), plaintext=_STR),
-          response=_obj(("ciphertext",), ciphertext=_STR))
+          response=_obj(("ciphertext",), ciphertext=_STR), need="write")
         r("POST", SP + "/decrypt", self.decrypt, op="DecryptValue",
           body=_obj(("ciphertext",), ciphertext=_STR),
-          response=_obj(("plaintext",), plaintext=_STR))
+          response=_obj(("plaintext",), plaintext=_STR), need="write")
         r("POST", SP + "/batch-encrypt", self.batch_encrypt, op="BatchEncryptValue",
           body=_obj(("plaintexts",), plaintexts=_list_of(_STR)),
-          response=_obj(("ciphertexts",), ciphertexts=_list_of(_STR)))
+          response=_obj(("ciphertexts",), ciphertexts=_list_of(_STR)), need="write")
         r("POST", SP + "/batch-decrypt", self.batch_decrypt, op="BatchDecryptValue",
           body=_obj(("ciphertexts",), ciphertexts=_list_of(_STR)),
-          response=_obj(("plaintexts",), plaintexts=_STR_MAP))
+          response=_obj(("plaintexts",), plaintexts=_STR_MAP), need="write")
         r("POST", SP + "/decrypt/log-decryption", self.log_decryption, op="LogOnlyDecryptValue",
-          body=_obj(secretName=_STR), response=_EMPTY)
+          body=_obj(secretName=_STR), response=_EMPTY, need="read")
         r("POST", SP + "/decrypt/log-batch-decryption", self.log_decryption,
-          op="LogOnlyBatchDecryptValue", body=_obj(commandName=_STR), response=_EMPTY)
+          op="LogOnlyBatchDecryptValue", body=_obj(commandName=_STR), response=_EMPTY,
+          need="read")
         r = functools.partial(self.router.add, tag="Updates")
         r("GET", SP + "/updates", self.history, op="GetStackUpdates", query=("pageSize", "page"),
           response=_obj(("updates",), updates=_list_of(_obj(
-              **_UPDATE_INFO["properties"], requestedBy=_USER_INFO))))
+              **_UPDATE_INFO["properties"], requestedBy=_USER_INFO))), need="read")
         r("GET", SP + "/updates/latest", self.latest_update, op="GetLatestStackUpdate",
-          response=_obj(("info",), info=_UPDATE_INFO, requestedBy=_USER_INFO))
+          response=_obj(("info",), info=_UPDATE_INFO, requestedBy=_USER_INFO), need="read")
         for kind in _UPDATE_KINDS:
             self._add_update_routes(r, SP, kind)
         self._add_access_routes()
@@ -5968,11 +5999,11 @@ class App:
                                       expires=_INT)
         r = functools.partial(self.router.add, tag="AccessTokens")
         r("GET", "/api/user/tokens", self.list_personal_tokens, op="ListPersonalTokens",
-          response=_TOKEN_LIST)
+          response=_TOKEN_LIST, need="signed-in")
         r("POST", "/api/user/tokens", self.create_personal_token, op="CreatePersonalToken",
-          body=new_token(), response=_NEW_TOKEN)
+          body=new_token(), response=_NEW_TOKEN, need="signed-in")
         r("DELETE", "/api/user/tokens/{tokenId}", self.delete_personal_token,
-          op="DeletePersonalToken", response=_EMPTY)
+          op="DeletePersonalToken", response=_EMPTY, need="signed-in")
         r("GET", ORG + "/tokens", self.list_org_tokens, op="ListOrgTokens", response=_TOKEN_LIST)
         r("POST", ORG + "/tokens", self.create_org_token, op="CreateOrgToken",
           body=new_token(name=_STR, admin=_BOOL), response=_NEW_TOKEN)
@@ -5987,7 +6018,7 @@ class App:
         r = functools.partial(self.router.add, tag="Organizations")
         r("GET", ORG + "/members", self.list_members, op="ListOrganizationMembers",
           response=_obj(("members",), members=_list_of(_MEMBER),
-                        continuationToken=_NULLABLE_STR))
+                        continuationToken=_NULLABLE_STR), need="signed-in")
         r("POST", ORG + "/members/{userLogin}", self.add_org_member, op="AddOrganizationMember",
           body=_obj(("role",), role=_STR), response=_MEMBER)
         r("PATCH", ORG + "/members/{userLogin}", self.update_org_member,
@@ -5996,18 +6027,18 @@ class App:
           op="DeleteOrganizationMember", response=_EMPTY)
         r = functools.partial(self.router.add, tag="Teams")
         r("GET", ORG + "/teams", self.list_teams, op="ListTeams",
-          response=_obj(("teams",), teams=_list_of(_TEAM)))
+          response=_obj(("teams",), teams=_list_of(_TEAM)), need="signed-in")
         r("POST", ORG + "/teams/pulumi", self.create_team, op="CreatePulumiTeam",
           body=_obj(("name",), name=_STR, displayName=_STR, description=_STR),
           response=_TEAM)
-        r("GET", TEAM, self.get_team, op="GetTeam", response=_TEAM)
+        r("GET", TEAM, self.get_team, op="GetTeam", response=_TEAM, need="signed-in")
         r("PATCH", TEAM, self.update_team, op="UpdateTeam", body=_UPDATE_TEAM, response=_EMPTY)
         r("DELETE", TEAM, self.delete_team, op="DeleteTeam", response=_EMPTY)
         r("PATCH", "/api/console/stacks/{orgName}/{projectName}/{stackName}/teams/{teamName}",
           self.update_team_stack_permissions, op="UpdateTeamStackPermissions",
-          body=_obj(("permissions",), permissions=_INT), response=_EMPTY)
+          body=_obj(("permissions",), permissions=_INT), response=_EMPTY, need="admin")
         self.router.add("POST", "/api/oauth/token", self.oauth_token, auth="none", op="Token",
-                        tag="OAuth", body_limit=MAX_ANONYMOUS_BODY, response=_obj(
+                        tag="OAuth", body_limit=MAX_ANONYMOUS_BODY, need="none", response=_obj(
                             ("access_token", "issued_token_type", "token_type", "expires_in",
                              "scope"), access_token=_STR, issued_token_type=_STR,
                             token_type=_STR, expires_in=_INT, scope=_STR))
@@ -6024,46 +6055,53 @@ class App:
         """
         up = f"{sp}/{kind}/{{updateID}}"
         r("POST", f"{sp}/{kind}", self._create_update(kind), op="CreateUpdateFor" + kind.title(),
-          body=_UPDATE_PROGRAM, response=_obj(("updateID",), updateID=_STR))
+          body=_UPDATE_PROGRAM, response=_obj(("updateID",), updateID=_STR), need="write")
         r("POST", up, self.start_update, op="StartUpdateFor" + kind.title(),
           body=_obj(tags=_STR_MAP, journalVersion=_INT),
-          response=_obj(("version",), version=_INT, journalVersion=_INT, **_LEASE))
+          response=_obj(("version",), version=_INT, journalVersion=_INT, **_LEASE),
+          need="write")
         r("GET", up, self.update_status, op="GetUpdateStatusFor" + kind.title(),
           query=("continuationToken",), response=_obj(
               ("status", "events"), status=_STR, events=_list_of(_ANY_OBJECT),
-              continuationToken=_STR))
+              continuationToken=_STR), need="read")
         r("GET", up + "/events", self.list_events, op="GetEngineEvents_" + kind,
-          query=("continuationToken",), response=_EVENTS)
-        r("POST", up + "/cancel", self.cancel_update, op="CancelUpdate_" + kind, response=_EMPTY)
+          query=("continuationToken",), response=_EVENTS, need="read")
+        r("POST", up + "/cancel", self.cancel_update, op="CancelUpdate_" + kind, response=_EMPTY,
+          need="write")
         r("POST", up + "/renew_lease", self.renew_lease, auth="update",
           op="RenewUpdateLease_" + kind, body=_obj(token=_STR, duration=_INT),
-          response=_obj(tuple(_LEASE), **_LEASE))
+          response=_obj(tuple(_LEASE), **_LEASE), need="lease")
         # Previews save no state (the engine would answer 400), and Pulumi
         # Cloud has no checkpoint routes for them either.
         if kind != "preview":
             r("PATCH", up + "/checkpoint", self.checkpoint, auth="update",
               op="PatchUpdateCheckpoint_" + kind, body=_obj(
                   ("version", "deployment"), isInvalid=_BOOL, version=_INT,
-                  features=_list_of(_STR), deployment=_ANY_OBJECT), response=_EMPTY)
+                  features=_list_of(_STR), deployment=_ANY_OBJECT), response=_EMPTY,
+              need="lease", gated=True, trim=True)
             r("PATCH", up + "/checkpointverbatim", self.checkpoint_verbatim, auth="update",
               op="PatchUpdateVerbatimCheckpoint_" + kind, body=_obj(
                   ("version", "untypedDeployment", "sequenceNumber"), version=_INT,
-                  untypedDeployment=_UNTYPED_DEPLOYMENT, sequenceNumber=_INT), response=_EMPTY)
+                  untypedDeployment=_UNTYPED_DEPLOYMENT, sequenceNumber=_INT), response=_EMPTY,
+              need="lease", gated=True, trim=True)
             r("PATCH", up + "/checkpointdelta", self.checkpoint_delta, auth="update",
               op="PatchUpdateCheckpointDelta_" + kind, body=_obj(
                   ("version", "checkpointHash", "sequenceNumber", "deploymentDelta"),
                   version=_INT, checkpointHash=_STR, sequenceNumber=_INT,
-                  deploymentDelta=_list_of(_ANY_OBJECT)), response=_EMPTY)
+                  deploymentDelta=_list_of(_ANY_OBJECT)), response=_EMPTY,
+              need="lease", gated=True)
         r("PATCH", up + "/journalentries", self.journal_entries, auth="update",
           op="CreateJournalEntries_" + kind,
-          body=_obj(("entries",), entries=_list_of(_ANY_OBJECT)), response=_EMPTY)
+          body=_obj(("entries",), entries=_list_of(_ANY_OBJECT)), response=_EMPTY,
+          need="lease", gated=True)
         r("POST", up + "/events/batch", self.events_batch, auth="update",
           op="RecordEngineEventBatch_" + kind,
-          body=_obj(("events",), events=_list_of(_ANY_OBJECT)), response=_EMPTY)
+          body=_obj(("events",), events=_list_of(_ANY_OBJECT)), response=_EMPTY,
+          need="lease", gated=True)
         r("POST", up + "/complete", self.complete, auth="update", op="CompleteUpdate_" + kind,
           body=_obj(("status",), status={"type": "string",
                                          "enum": ["succeeded", "failed", "cancelled"]}),
-          response=_EMPTY)
+          response=_EMPTY, need="lease", trim=True)
 
     # -- dispatch -----------------------------------------------------------
 
@@ -6073,12 +6111,10 @@ class App:
         Needs only the request line and headers, so the server refuses unknown
         routes and callers before it reads (and decompresses) any body.
         """
-        handler, auth, req.params, req.body_limit = self.router.match(req.method, req.path)
-        req.route = handler.__name__
-        self._authenticate(req, auth)
-        if auth == "token":
-            self._authorize(req)
-        return handler
+        req.route, req.params = self.router.match(req.method, req.path)
+        self._authenticate(req, req.route.auth)
+        self._authorize(req)
+        return req.route.handler
 
     def dispatch(self, req: Request, handler: Optional[Callable] = None) -> Response:
         """Route (unless ``handler`` is given) and run ``req``; failures become error responses."""
@@ -6135,14 +6171,17 @@ class App:
     def _authorize(self, req: Request) -> None:
         """Refuse (403, audited) a caller without the permission the route needs.
 
-        Runs before the body is read. Routes name their need in _ROUTE_NEEDS;
-        one missing from it needs an org admin, so a new route fails closed.
+        Runs before the body is read. Each route declares its need (Route.need,
+        section 9); one that does not needs an org admin, so a new route fails closed.
         """
-        p, params = req.principal, req.params
+        p, params, need = req.principal, req.params, req.route.need
+        if need in ("none", "lease"):  # public, or the lease _authenticate checked
+            return
+        if p is None:  # an authentication naming no caller cannot meet a need
+            raise Forbidden(f"this needs a signed-in caller ({need})")
         org = params.get("orgName")
         if org is not None and org != self.cfg.org:
             raise NotFound(f"organization '{org}' not found")
-        need = _ROUTE_NEEDS.get(req.route, "org-admin")
         try:
             if need in ("read", "write", "admin"):
                 self.identity.require(p, _PERM_BY_NAME[need], params["projectName"],
@@ -6186,7 +6225,7 @@ class App:
 
     def record(self, req: Request, status: int, seconds: float) -> None:
         """Count a finished request for /metrics."""
-        route = req.route or "unmatched"
+        route = req.route.name if req.route else "unmatched"
         method = req.method if req.method in _HTTP_METHODS else "other"  # bounded labels
         self.engine.metrics.inc("pulumi_backend_http_requests_total", route=route,
                                 method=method, status=str(status))
@@ -6940,13 +6979,13 @@ class Console:
     def install(self) -> None:
         """Add the console's routes and its "session" and "origin" authentication."""
         self.app.authenticators.update(session=self._session, origin=self._check_origin)
-        add = functools.partial(self.app.router.add, doc=False, auth="session")
+        add = functools.partial(self.app.router.add, doc=False, auth="session", need="signed-in")
         form = functools.partial(add, body_limit=MAX_CONSOLE_FORM)
         stack = "/stacks/{projectName}/{stackName}"
-        add("GET", "/console.css", self.stylesheet, auth="none")
-        add("GET", "/console.js", self.script, auth="none")
-        add("GET", "/login", self._page(self.login_page), auth="none")
-        form("POST", "/login", self._page(self.sign_in), auth="origin")
+        add("GET", "/console.css", self.stylesheet, auth="none", need="none")
+        add("GET", "/console.js", self.script, auth="none", need="none")
+        add("GET", "/login", self._page(self.login_page), auth="none", need="none")
+        form("POST", "/login", self._page(self.sign_in), auth="origin", need="none")
         form("POST", "/logout", self._page(self.sign_out))
         add("GET", "/", self._page(self.stacks_page))
         add("GET", stack, self._page(self.overview_page))
@@ -8188,7 +8227,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req.remote = self.client_address[0] if self.client_address else ""
         try:
             handler = self.server.app.resolve(req)  # nothing is read before this passes
-            req.body, req.wire = self._read_body(req.body_limit)
+            req.body, req.wire = self._read_body(req.route.body_limit)
             self.server.unwatch(self.request)  # the request is in: handling may take long
             with self._ingest_turn(req):
                 resp = self.server.app.dispatch(req, handler)
@@ -8202,7 +8241,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             self._send(req, resp)
         finally:  # also when the client went away before the answer
-            if req.route in _WHOLE_STATE_ROUTES:
+            if req.route is not None and req.route.trim:
                 _release_free_memory()
             seconds = time.monotonic() - started
             self.server.app.record(req, resp.status, seconds)
@@ -8211,8 +8250,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _ingest_turn(self, req: Request):
-        """The server's ingest lock for a big upload of an update, else nothing."""
-        if req.route in _GATED_ROUTES and len(req.body) >= INGEST_GATE_BYTES:
+        """The server's ingest lock for a big upload of an update, else nothing.
+
+        The uploads of an update (Route.gated) are handled one at a time once
+        their (decompressed) body has INGEST_GATE_BYTES: the CLI posts engine
+        events beside journal batches on several connections, and their parsed
+        trees (several times their JSON) added up to the server's peak RSS. The
+        GIL parses one at a time anyway: they take as long.
+        """
+        if req.route is not None and req.route.gated and len(req.body) >= INGEST_GATE_BYTES:
             return self.server.ingest_lock
         return contextlib.nullcontext()
 
@@ -8222,7 +8268,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.info("%s %s %s %d %d %.1fms", self.client_address[0], req.method, path,
                  resp.status, len(resp.body), seconds * 1000, extra={"fields": {
                      "remote": self.client_address[0], "method": req.method, "path": path,
-                     "route": req.route, "status": resp.status, "bytes": len(resp.body),
+                     "route": req.route.name if req.route else "", "status": resp.status,
+                     "bytes": len(resp.body),
                      "ms": round(seconds * 1000, 1)}})
 
     def _send(self, req: Request, resp: Response) -> None:
@@ -8283,7 +8330,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.cfg = cfg
         self.app = app
         self.stopping = threading.Event()
-        self.ingest_lock = threading.Lock()  # see _GATED_ROUTES
+        self.ingest_lock = threading.Lock()  # see _Handler._ingest_turn
         self._active_lock = threading.Lock()
         self._idle = threading.Condition(self._active_lock)  # notified as connections end
         self._connections: set = set()  # sockets being served, under _active_lock
@@ -8880,19 +8927,6 @@ def _run_admin(cfg: Config, command: str, words: list, opts: dict) -> int:
         raise ValueError(e.message) from None
     finally:
         store.close()
-
-
-#: Routes that hold a whole state in memory; afterwards the server gives back what they freed.
-_WHOLE_STATE_ROUTES = frozenset({"import_state", "export", "checkpoint", "checkpoint_verbatim",
-                                 "complete"})
-
-
-#: An update's uploads that are handled one at a time once their (decompressed) body
-#: has INGEST_GATE_BYTES: the CLI posts engine events beside journal batches on
-#: several connections, and their parsed trees (several times their JSON) added up to
-#: the server's peak RSS. The GIL parses one at a time anyway: they take as long.
-_GATED_ROUTES = frozenset({"journal_entries", "events_batch", "checkpoint",
-                           "checkpoint_verbatim", "checkpoint_delta"})
 
 
 def _release_free_memory() -> None:

@@ -40,6 +40,7 @@ import hashlib
 import html
 import http.client
 import http.server
+import inspect
 import json
 import os
 import random
@@ -1808,18 +1809,6 @@ def test_audit_retention_drops_old_events(start, clock):
     assert names == ["new_event"]
 
 
-def test_every_token_route_declares_its_need(srv):
-    """A new route must say what it needs (or it silently needs an org admin)."""
-    routes = {handler.__name__ for _, _, _, handler, auth, _ in srv.app.router._routes
-              if auth == "token"}
-    org_admin = {"list_org_tokens", "create_org_token", "delete_org_token", "list_team_tokens",
-                 "create_team_token", "delete_team_token", "add_org_member",
-                 "update_org_member", "remove_org_member", "create_team", "update_team", "delete_team",
-                 "list_audit_logs"}
-    assert routes - set(pb._ROUTE_NEEDS) == org_admin
-    assert set(pb._ROUTE_NEEDS) <= routes
-
-
 # -- OIDC token exchange -------------------------------------------------------
 
 def b64url(data):
@@ -2061,12 +2050,14 @@ def test_router_literal_segments_win_and_head_falls_back():
 
     router = pb.Router()
     router.add("GET", "/a/{x}/{y}", h1)
-    router.add("GET", "/a/updates/latest", h2, auth="none")
+    latest = router.add("GET", "/a/updates/latest", h2, auth="none", need="none")
     router.add("POST", "/a/{x}/{y}", h1)
-    assert router.match("GET", "/a/updates/latest")[:2] == (h2, "none")
-    handler, auth, params, body_limit = router.match("HEAD", "/a/x%20y/z")
-    assert handler is h1 and auth == "token" and params == {"x": "x y", "y": "z"}
-    assert body_limit == 0  # added without a body schema: takes none
+    assert router.match("GET", "/a/updates/latest") == (latest, {})
+    assert (latest.handler, latest.auth) == (h2, "none")
+    route, params = router.match("HEAD", "/a/x%20y/z")
+    assert route.handler is h1 and route.method == "GET" and route.auth == "token"
+    assert params == {"x": "x y", "y": "z"}
+    assert route.body_limit == 0  # added without a body schema: takes none
     with pytest.raises(pb.MethodNotAllowed) as e:
         router.match("DELETE", "/a/q/w")
     assert e.value.headers["Allow"] == "GET, HEAD, POST"
@@ -2074,6 +2065,171 @@ def test_router_literal_segments_win_and_head_falls_back():
         router.match("GET", "/b")
     with pytest.raises(pb.NotFound):
         router.match("GET", "/a//z")
+
+
+_SP = "/api/stacks/{orgName}/{projectName}/{stackName}"
+
+#: What each route needs (Route.need), written out so that a change of permission
+#: shows in a diff. The update routes are in _UPDATE_ROUTE_NEEDS.
+_ROUTE_NEED_TABLE = {
+    ("GET", "/healthz"): "none",
+    ("GET", "/readyz"): "none",
+    ("GET", "/metrics"): "none",
+    ("GET", "/api/capabilities"): "none",
+    ("GET", "/api/openapi/pulumi-spec.json"): "none",
+    ("GET", "/api/openapi"): "none",
+    ("POST", "/api/oauth/token"): "none",
+    ("GET", "/api/user"): "signed-in",
+    ("GET", "/api/user/organizations/default"): "signed-in",
+    ("GET", "/api/user/stacks"): "signed-in",
+    ("HEAD", "/api/stacks/{orgName}/{projectName}"): "signed-in",
+    ("POST", "/api/stacks/{orgName}/{projectName}"): "create",
+    ("GET", _SP): "read",
+    ("DELETE", _SP): "admin",
+    ("POST", _SP + "/rename"): "admin",
+    ("PATCH", _SP + "/tags"): "write",
+    ("GET", _SP + "/export"): "read",
+    ("GET", _SP + "/export/{version}"): "read",
+    ("POST", _SP + "/import"): "admin",
+    ("POST", _SP + "/encrypt"): "write",
+    ("POST", _SP + "/decrypt"): "write",
+    ("POST", _SP + "/batch-encrypt"): "write",
+    ("POST", _SP + "/batch-decrypt"): "write",
+    ("POST", _SP + "/decrypt/log-decryption"): "read",
+    ("POST", _SP + "/decrypt/log-batch-decryption"): "read",
+    ("GET", _SP + "/updates"): "read",
+    ("GET", _SP + "/updates/latest"): "read",
+    ("GET", "/api/user/tokens"): "signed-in",
+    ("POST", "/api/user/tokens"): "signed-in",
+    ("DELETE", "/api/user/tokens/{tokenId}"): "signed-in",
+    ("GET", "/api/orgs/{orgName}/tokens"): "org-admin",
+    ("POST", "/api/orgs/{orgName}/tokens"): "org-admin",
+    ("DELETE", "/api/orgs/{orgName}/tokens/{tokenId}"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/teams/{teamName}/tokens"): "org-admin",
+    ("POST", "/api/orgs/{orgName}/teams/{teamName}/tokens"): "org-admin",
+    ("DELETE", "/api/orgs/{orgName}/teams/{teamName}/tokens/{tokenId}"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/members"): "signed-in",
+    ("POST", "/api/orgs/{orgName}/members/{userLogin}"): "org-admin",
+    ("PATCH", "/api/orgs/{orgName}/members/{userLogin}"): "org-admin",
+    ("DELETE", "/api/orgs/{orgName}/members/{userLogin}"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/teams"): "signed-in",
+    ("POST", "/api/orgs/{orgName}/teams/pulumi"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/teams/{teamName}"): "signed-in",
+    ("PATCH", "/api/orgs/{orgName}/teams/{teamName}"): "org-admin",
+    ("DELETE", "/api/orgs/{orgName}/teams/{teamName}"): "org-admin",
+    ("PATCH", "/api/console/stacks/{orgName}/{projectName}/{stackName}/teams/{teamName}"):
+        "admin",
+    ("GET", "/api/orgs/{orgName}/auditlogs"): "org-admin",
+    # The web console (section 11): its pages check stack permissions themselves.
+    ("GET", "/console.css"): "none",
+    ("GET", "/console.js"): "none",
+    ("GET", "/login"): "none",
+    ("POST", "/login"): "none",
+    ("POST", "/logout"): "signed-in",
+    ("GET", "/"): "signed-in",
+    ("GET", "/stacks/{projectName}/{stackName}"): "signed-in",
+    ("GET", "/stacks/{projectName}/{stackName}/resources"): "signed-in",
+    ("GET", "/stacks/{projectName}/{stackName}/resource"): "signed-in",
+    ("GET", "/stacks/{projectName}/{stackName}/activity"): "signed-in",
+    ("GET", "/stacks/{projectName}/{stackName}/updates/{updateID}"): "signed-in",
+    ("GET", "/stacks/{projectName}/{stackName}/updates/{updateID}/events"): "signed-in",
+    ("GET", "/stacks/{projectName}/{stackName}/export"): "signed-in",
+    ("GET", "/tokens"): "signed-in",
+    ("POST", "/tokens"): "signed-in",
+    ("POST", "/tokens/{tokenId}/revoke"): "signed-in",
+    ("GET", "/user/settings/tokens"): "signed-in",
+    ("GET", "/account/tokens"): "signed-in",
+}
+#: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
+_UPDATE_ROUTE_NEEDS = {
+    ("POST", ""): "write",
+    ("POST", "/{updateID}"): "write",
+    ("GET", "/{updateID}"): "read",
+    ("GET", "/{updateID}/events"): "read",
+    ("POST", "/{updateID}/cancel"): "write",
+    ("POST", "/{updateID}/renew_lease"): "lease",
+    ("PATCH", "/{updateID}/checkpoint"): "lease",  # not for previews: they save no state
+    ("PATCH", "/{updateID}/checkpointverbatim"): "lease",
+    ("PATCH", "/{updateID}/checkpointdelta"): "lease",
+    ("PATCH", "/{updateID}/journalentries"): "lease",
+    ("POST", "/{updateID}/events/batch"): "lease",
+    ("POST", "/{updateID}/complete"): "lease",
+}
+#: Handlers that more than one route reaches.
+_SHARED_HANDLERS = {"openapi", "export", "log_decryption", "to_tokens", "create_update",
+                    "start_update", "update_status", "list_events", "cancel_update",
+                    "renew_lease", "checkpoint", "checkpoint_verbatim", "checkpoint_delta",
+                    "journal_entries", "events_batch", "complete"}
+
+
+def test_every_route_declares_the_need_of_this_table(srv):
+    """A change of permission is a diff of _ROUTE_NEED_TABLE; so is a new route."""
+    expected = dict(_ROUTE_NEED_TABLE)
+    for kind in pb._UPDATE_KINDS:
+        for (method, tail), need in _UPDATE_ROUTE_NEEDS.items():
+            if not (kind == "preview" and "/checkpoint" in tail):
+                expected[method, f"{_SP}/{kind}{tail}"] = need
+    routes = srv.app.router.routes
+    assert {(r.method, r.pattern): r.need for r in routes} == expected
+    # What the transport does with each (section 14), by route name.
+    assert {r.name for r in routes if r.gated} == {
+        "checkpoint", "checkpoint_verbatim", "checkpoint_delta", "journal_entries",
+        "events_batch"}
+    assert {r.name for r in routes if r.trim} == {
+        "export", "import_state", "checkpoint", "checkpoint_verbatim", "complete"}
+
+
+def test_each_route_is_declared_once_and_every_handler_is_reachable(srv):
+    routes = srv.app.router.routes
+    keys = collections.Counter((r.method, r.pattern) for r in routes)
+    assert [key for key, count in keys.items() if count > 1] == []
+    names = collections.Counter(r.name for r in routes)
+    assert {name for name, count in names.items() if count > 1} == _SHARED_HANDLERS
+    # A handler is a public method called with just the request (App's dispatch aside).
+    reached = {getattr(r.handler, "__wrapped__", r.handler) for r in routes}
+    handlers = []
+    for obj in (srv.app, pb.Console(srv.app)):
+        for name, method in inspect.getmembers(obj, inspect.ismethod):
+            params = list(inspect.signature(method).parameters.values())
+            if (not name.startswith("_") and name not in ("resolve", "dispatch") and params
+                    and params[0].name == "req"
+                    and all(p.default is not p.empty for p in params[1:])):
+                handlers.append(name)
+                assert any(getattr(h, "__func__", None) is method.__func__
+                           for h in reached), name
+    assert {"user", "checkpoint", "stacks_page", "login_page"} <= set(handlers)  # all kinds
+
+
+def test_a_route_that_forgets_its_need_needs_an_org_admin(team_srv):
+    srv = team_srv
+    route = srv.app.router.add("GET", "/api/forgotten", lambda req: {"ok": True})
+    assert route.need == "org-admin" and route.name == "<lambda>"
+    assert srv.request("GET", "/api/forgotten", token=srv.tok["root"])[0] == 200
+    status, _, out = srv.request("GET", "/api/forgotten", token=srv.tok["viewer"])
+    assert status == 403 and "organization admin" in out["message"]
+    # The console's routes too: a page that forgets its need is refused to a member.
+    srv.app.router.add("GET", "/forgotten", lambda req: pb.Response(200, b"page"),
+                       auth="session", doc=False)
+    member, admin = Browser(srv), Browser(srv)
+    member.sign_in(srv.tok["viewer"])
+    admin.sign_in(srv.tok["root"])
+    assert member.get("/forgotten")[0] == 403
+    status, _, page = admin.get("/forgotten")
+    assert (status, page) == (200, "page")
+
+
+def test_a_route_cannot_declare_a_need_its_authentication_cannot_check():
+    def h(req):
+        return None
+
+    for fields in ({"need": "reed"}, {"auth": "none"}, {"auth": "none", "need": "read"},
+                   {"auth": "update"}, {"auth": "update", "need": "write"},
+                   {"need": "lease"}, {"need": "none"}):
+        with pytest.raises(ValueError):
+            pb.Route("GET", "/x", h, **fields)
+    assert pb.Route("GET", "/x", h, auth="update", need="lease").name == "h"
+    assert pb.Route("GET", "/x", h, auth="none", need="none").body_limit == 0
+    assert pb.Route("POST", "/x", h, body={"type": "object"}).body_limit is None  # --max-body
 
 
 def test_unknown_path_is_404_with_code(srv):

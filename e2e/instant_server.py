@@ -36,7 +36,7 @@ _real_dispatch, _real_drain = pb.App.dispatch, pb.UpdateLifecycle.drain
 
 def _answer(app, req) -> "pb.Response":
     """The success answer the real handler would give (all but renew_lease: ``{}``)."""
-    if req.route != "renew_lease":
+    if req.route.name != "renew_lease":
         return pb._json_response({})
     duration = pb._int_field(req.json(), "duration", app.cfg.lease_seconds)
     expires = pb._now() + max(1, min(duration, app.cfg.lease_seconds))
@@ -44,7 +44,7 @@ def _answer(app, req) -> "pb.Response":
 
 
 def _dispatch(app, req, handler=None):
-    if handler is not None and req.route in QUEUED:  # resolved, body read: acknowledge
+    if handler is not None and req.route.name in QUEUED:  # resolved, body read: acknowledge
         try:
             resp = _answer(app, req)
         except pb.HTTPError:  # e.g. a renewal body the real handler would refuse too
