@@ -1902,7 +1902,7 @@ def oidc_srv(start, tmp_path, jwt_keys):
         "rules": [{"claims": {"project_path": "infra/app-*", "ref": "main"}, "team": "ci"},
                   {"claims": {"sub": "bot-*"}, "user": "bot"}]}, {
         "issuer": ISSUER + "/ec", "audience": "pulumi-backend", "jwksFile": "jwks.json",
-        "rules": [{"claims": {"sub": "*"}, "org": "member"}]}]}))
+        "rules": [{"claims": {"sub": "**"}, "org": "member"}]}]}))  # "*" stops at a "/"
     srv = start(oidc_issuers=str(tmp_path / "issuers.json"))
     srv.app.identity.add_user(LOCAL, "bot")
     srv.app.identity.create_team(LOCAL, "ci")
