@@ -5588,7 +5588,7 @@ def _download_jwks(url: str, allow_link_local: bool) -> list:
     deadline = time.monotonic() + JWKS_FETCH_SECONDS
     opener = urllib.request.OpenerDirector()  # no redirect, file: or http: handler
     for handler in (urllib.request.ProxyHandler(), _JWKSHTTPSHandler(allow_link_local),
-                    urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
                     urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     try:
