@@ -88,6 +88,7 @@ import gzip
 import hashlib
 import hmac
 import html
+import http.client
 import http.server
 import io
 import ipaddress
@@ -274,6 +275,17 @@ MAX_JWT_BYTES = 16 * 1024
 JWKS_CACHE_SECONDS = 300
 #: Largest JWKS document fetched from a ``jwksUrl`` (bytes).
 MAX_JWKS_BYTES = 1024 * 1024
+#: Seconds a failed JWKS fetch is remembered: exchanges meanwhile are refused without one.
+JWKS_FAILURE_SECONDS = 30
+#: Shortest time between two fetches of a ``jwksUrl`` for tokens whose ``kid`` it lacks
+#: (a rotation), so that tokens with made-up key ids cannot drive fetches (seconds).
+JWKS_REFETCH_SECONDS = 60
+#: Seconds a JWKS fetch may take in all (connection, TLS, reading), and an exchange waits.
+JWKS_FETCH_SECONDS = 5
+#: Deepest nesting of a JWT's header or claims, checked before parsing them.
+MAX_JWT_DEPTH = 32
+#: Largest OIDC ``exp``, ``nbf`` or ``iat`` taken for a time (9999-12-31T23:59:59Z).
+MAX_JWT_TIME = 253402300799
 #: Audit events per page of GET /api/orgs/{orgName}/auditlogs.
 AUDIT_PAGE_SIZE = 100
 #: Seconds a web console session lasts after sign-in (section 11).
@@ -5473,6 +5485,15 @@ def _check_issuer(item: Any, path: str, i: int) -> dict:
     if url is not None and (jwks is not None or "jwksFile" in item
                             or not str(url).startswith("https://")):
         raise ValueError(f"{where}: jwksUrl must be an https:// URL, and the only key source")
+    allow_link_local = item.get("allowLinkLocalAddress", False)
+    if not isinstance(allow_link_local, bool):
+        raise ValueError(f"{where}: allowLinkLocalAddress must be true or false")
+    if url is not None and not allow_link_local:
+        address = _literal_ip(urllib.parse.urlsplit(str(url)).hostname or "")
+        if address is not None and _is_link_local_or_metadata(address):
+            raise ValueError(f"{where}: jwksUrl {url} names a link-local or cloud metadata "
+                             f"address ({address}); if the issuer really serves its keys "
+                             "there, add \"allowLinkLocalAddress\": true")
     if "jwksFile" in item:
         jwks_path = os.path.join(os.path.dirname(os.path.abspath(path)), str(item["jwksFile"]))
         try:
@@ -5499,38 +5520,281 @@ def _check_issuer(item: Any, path: str, i: int) -> dict:
                 isinstance(v, str) for v in rule["claims"].values()):
             raise ValueError(f"{where}: each rule needs \"claims\" (name: glob) and one of "
                              "\"team\", \"user\" or \"org\"")
+        for glob in rule["claims"].values():
+            try:
+                _glob_regex(glob)
+            except re.error as e:
+                raise ValueError(f"{where}: claim glob {glob!r} is not valid: {e}") from None
     return {"issuer": item["issuer"], "audience": item["audience"], "keys": keys,
             "jwks_url": url,  # fetched when a token needs it
+            "allow_link_local": allow_link_local,
             "max_seconds": max_seconds or OIDC_DEFAULT_SECONDS, "rules": rules}
 
 
-_jwks_cache: dict = {}  # jwksUrl -> (monotonic time fetched, keys)
-_jwks_lock = threading.Lock()
+#: Cloud metadata services outside the link-local ranges (Alibaba; AWS and GCP over IPv6;
+#: Oracle's older one), refused like 169.254.169.254 (see _is_link_local_or_metadata).
+_METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
+    "100.100.100.200", "fd00:ec2::254", "fd20:ce::254", "192.0.0.192"))
+_NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 
 
-def _fetched_keys(url: str) -> list:
-    """Return the keys at ``url`` (https, system trust store), reused JWKS_CACHE_SECONDS."""
-    with _jwks_lock:
-        cached = _jwks_cache.get(url)
-        if cached and time.monotonic() - cached[0] < JWKS_CACHE_SECONDS:
-            return cached[1]
+def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Return the address ``host`` spells (also the old numeric IPv4 forms that
+    resolvers take, e.g. ``2852039166``), or None for a name."""
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            data = resp.read(MAX_JWKS_BYTES + 1)
-        keys = json.loads(data).get("keys") if len(data) <= MAX_JWKS_BYTES else None
-    except (OSError, ValueError, AttributeError) as e:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.ip_address(socket.inet_aton(host))
+    except (OSError, ValueError, UnicodeError):
+        return None
+
+
+def _is_link_local_or_metadata(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for 169.254.0.0/16, fe80::/10 and the cloud metadata addresses, also
+    when written as an IPv4-mapped or NAT64 IPv6 address."""
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address in _NAT64_PREFIX:
+            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        else:
+            address = ipaddress.IPv6Address(address.compressed.split("%")[0])  # no zone
+    return address.is_link_local or address in _METADATA_ADDRESSES
+
+
+class _JWKSConnection(http.client.HTTPSConnection):
+    """HTTPS to a jwksUrl that connects only to an address it has checked.
+
+    The name is resolved once, every address it gives is checked, and the
+    socket goes to one of those same addresses (a second lookup could answer
+    differently). Behind a proxy the operator configured (``https_proxy``),
+    the proxy resolves the issuer and only the literal check at load applies.
+    """
+
+    def __init__(self, *args: Any, allow_link_local: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._allow_link_local = allow_link_local
+        self._create_connection = self._checked_connection
+
+    def _checked_connection(self, address: tuple, timeout: Any,
+                            source_address: Any = None) -> socket.socket:
+        if self._tunnel_host:
+            return socket.create_connection(address, timeout, source_address)
+        host, port = address
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for *_, sockaddr in found:
+            if not self._allow_link_local \
+                    and _is_link_local_or_metadata(ipaddress.ip_address(sockaddr[0])):
+                raise OSError(f"{host} resolves to {sockaddr[0]}, a link-local or cloud "
+                              "metadata address (the issuer has no allowLinkLocalAddress)")
+        error: OSError = OSError(f"{host} resolves to no address")
+        for family, kind, proto, _, sockaddr in found:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error
+
+
+class _JWKSHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allow_link_local: bool):
+        super().__init__()
+        self._allow_link_local = allow_link_local
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(functools.partial(
+            _JWKSConnection, allow_link_local=self._allow_link_local), req, context=self._context)
+
+
+def _download_jwks(url: str, allow_link_local: bool) -> list:
+    """Fetch the key list at ``url`` within JWKS_FETCH_SECONDS; raise _OIDCRefused.
+
+    https only (system trust store, or SSL_CERT_FILE), the proxy of the
+    environment if any, no redirect followed (a redirect could go to plain
+    http or elsewhere: jwksUrl names the final URL), at most MAX_JWKS_BYTES.
+    """
+    deadline = time.monotonic() + JWKS_FETCH_SECONDS
+    opener = urllib.request.OpenerDirector()  # no redirect, file: or http: handler
+    for handler in (urllib.request.ProxyHandler(), _JWKSHTTPSHandler(allow_link_local),
+                    urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    try:
+        with opener.open(url, timeout=JWKS_FETCH_SECONDS) as resp:
+            data = b""  # read1: a trickle of bytes cannot outlast the deadline by much
+            while len(data) <= MAX_JWKS_BYTES and time.monotonic() < deadline:
+                chunk = resp.read1(MAX_JWKS_BYTES + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            else:
+                raise _OIDCRefused(f"the JWKS at {url} is over {MAX_JWKS_BYTES} bytes"
+                                   if len(data) > MAX_JWKS_BYTES else
+                                   f"the JWKS at {url} took more than {JWKS_FETCH_SECONDS} s")
+    except urllib.request.HTTPError as e:
+        e.close()
+        if 300 <= e.code < 400:
+            raise _OIDCRefused(
+                f"the JWKS at {url} answered {e.code} (redirect to "
+                f"{str(e.headers.get('Location'))[:200]}): redirects are not followed, "
+                "jwksUrl must name the final URL") from None
         raise _OIDCRefused(f"cannot fetch the JWKS at {url}: {e}") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise _OIDCRefused(f"cannot fetch the JWKS at {url}: {e}") from None
+    try:
+        doc = _loads(data, "JWKS")
+    except BadRequest as e:
+        raise _OIDCRefused(f"the JWKS at {url}: {e.message}") from None
+    keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
         raise _OIDCRefused(f"the JWKS at {url} has no key list")
-    with _jwks_lock:
-        _jwks_cache[url] = (time.monotonic(), keys)
     return keys
 
 
+class _JWKSEntry:
+    """What is known of one jwksUrl: the keys last fetched, and the fetch in flight."""
+
+    def __init__(self) -> None:
+        self.keys: Optional[list] = None
+        self.fetched = -math.inf  # monotonic time of the last successful fetch
+        self.started = -math.inf  # monotonic time the last fetch started
+        self.error: Optional[str] = None  # why the last fetch failed
+        self.done = threading.Event()  # clear while a fetch is in flight
+        self.done.set()
+
+
+# Fetches are driven by unauthenticated requests, so they are rationed: one
+# fetch in flight per URL, in a thread of its own that every exchange needing
+# it waits for (at most JWKS_FETCH_SECONDS from its start, so a slow issuer
+# holds no connection for longer); keys reused JWKS_CACHE_SECONDS; a failure
+# remembered JWKS_FAILURE_SECONDS; an unknown kid fetches again at most every
+# JWKS_REFETCH_SECONDS. The lock guards the dict and every entry's fields.
+_jwks_cache: dict = {}  # (jwksUrl, allow_link_local) -> _JWKSEntry
+_jwks_lock = threading.Lock()
+
+
+def _fetched_keys(url: str, kid: Any = None, allow_link_local: bool = False) -> list:
+    """Return the keys at ``url`` for a token signed with key ``kid`` (None: any),
+    fetched or reused as rationed above; raise _OIDCRefused when there are none."""
+    now = time.monotonic()
+    with _jwks_lock:
+        entry = _jwks_cache.setdefault((url, allow_link_local), _JWKSEntry())
+        fresh = entry.keys is not None and now - entry.fetched < JWKS_CACHE_SECONDS
+        if fresh and (kid is None or any(k.get("kid") == kid for k in entry.keys)):
+            return entry.keys
+        if entry.done.is_set():  # none in flight: reuse what is known, or fetch
+            if fresh and now - entry.started < JWKS_REFETCH_SECONDS:
+                return entry.keys  # the kid is unknown, and was looked for lately
+            if entry.error is not None and now - entry.started < JWKS_FAILURE_SECONDS:
+                raise _OIDCRefused(f"{entry.error} (a recent failure, not retried yet)")
+            entry.started, entry.done = now, threading.Event()
+            threading.Thread(target=_fetch_jwks_into, args=(entry, url, allow_link_local),
+                             name="jwks-fetch", daemon=True).start()
+        done, started = entry.done, entry.started
+    done.wait(max(0.0, started + JWKS_FETCH_SECONDS - time.monotonic()))
+    with _jwks_lock:
+        if not done.is_set():
+            raise _OIDCRefused(f"the JWKS at {url} took more than {JWKS_FETCH_SECONDS} s")
+        if entry.error is not None:
+            raise _OIDCRefused(entry.error)
+        return entry.keys
+
+
+def _fetch_jwks_into(entry: _JWKSEntry, url: str, allow_link_local: bool) -> None:
+    """The body of a fetch thread: fill ``entry``, then wake who waits."""
+    keys, error = None, None
+    try:
+        keys = _download_jwks(url, allow_link_local)
+    except _OIDCRefused as e:
+        error = e.check
+    except Exception:  # a bug: logged, and the exchanges waiting are refused
+        log.exception("fetching the JWKS at %s failed", url)
+        error = f"cannot fetch the JWKS at {url}: internal error"
+    finally:
+        with _jwks_lock:
+            if error is None:
+                entry.keys, entry.fetched = keys, time.monotonic()
+            entry.error = error
+            entry.done.set()
+
+
+@functools.lru_cache(maxsize=256)
+def _glob_regex(glob: str) -> re.Pattern:
+    """Compile an OIDC rule's claim glob: ``*`` any text without ``/``, ``**`` any
+    text, ``?`` one character but ``/``, ``[...]``/``[!...]`` one character of a
+    class (never ``/``); all else literal. Raise re.error for a bad class."""
+    out, i, n = [], 0, len(glob)
+    while i < n:
+        c = glob[i]
+        i += 1
+        if c == "*":
+            if glob.startswith("*", i):
+                while glob.startswith("*", i):
+                    i += 1
+                out.append(".*")
+            else:
+                out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = i + 1 if glob.startswith("!", i) else i
+            j += glob.startswith("]", j)  # a ] first in the class is one of its characters
+            j = glob.find("]", j)
+            if j < 0:  # no class: a literal [
+                out.append(re.escape(c))
+                continue
+            body, i = glob[i:j], j + 1
+            negate = body.startswith("!")
+            body = re.sub(r"([\\\[\]&~|^])", r"\\\1", body[negate:])
+            out.append(f"(?!/)[{'^' if negate else ''}{body}]")
+        else:
+            out.append(re.escape(c))
+    return re.compile("".join(out), re.DOTALL)
+
+
 def _claim_matches(value: Any, pattern: str) -> bool:
-    values = value if isinstance(value, list) else [value]
-    return any(isinstance(v, (str, int)) and not isinstance(v, bool)
-               and fnmatch.fnmatchcase(str(v), pattern) for v in values)
+    """True if a claim ``value`` matches the rule's glob ``pattern`` (see _glob_regex).
+
+    A string matches by its text, an integer by its decimal digits; a list when
+    any of its strings does (an empty list never; its other elements are
+    ignored); anything else (null, a boolean, a float, an object) never.
+    """
+    if isinstance(value, list):
+        values = [v for v in value if isinstance(v, str)]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        values = [str(value)]
+    else:
+        values = [value] if isinstance(value, str) else []
+    return any(_glob_regex(pattern).fullmatch(v) is not None for v in values)
+
+
+def _jwt_json(segment: str) -> Any:
+    """Parse a JWT's header or claims segment, bounded (MAX_JWT_DEPTH) before the
+    parse and strict (see _loads); raise _OIDCRefused("malformed token ...")."""
+    try:
+        data = _b64url(segment)
+    except ValueError:
+        raise _OIDCRefused("malformed token") from None
+    if _json_shape(data, -1)[0] > MAX_JWT_DEPTH:  # -1: no shortcut, the depth itself
+        raise _OIDCRefused(f"malformed token: nests deeper than {MAX_JWT_DEPTH} levels")
+    try:
+        return _loads(data, "token")
+    except BadRequest as e:
+        raise _OIDCRefused(f"malformed token: {e.message[:200]}") from None
+
+
+def _is_jwt_time(value: Any) -> bool:
+    """True for a NumericDate we take: an int or finite float in 0..MAX_JWT_TIME."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and 0 <= value <= MAX_JWT_TIME  # NaN fails every comparison
 
 
 def _verified_claims(jwt: str, issuers: list, now: int) -> tuple:
@@ -5538,10 +5802,10 @@ def _verified_claims(jwt: str, issuers: list, now: int) -> tuple:
     parts = jwt.split(".")
     if len(jwt) > MAX_JWT_BYTES or len(parts) != 3:
         raise _OIDCRefused("malformed token")
+    header, claims = _jwt_json(parts[0]), _jwt_json(parts[1])
     try:
-        header, claims = json.loads(_b64url(parts[0])), json.loads(_b64url(parts[1]))
         sig = _b64url(parts[2])
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:
         raise _OIDCRefused("malformed token") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise _OIDCRefused("malformed token")
@@ -5551,7 +5815,8 @@ def _verified_claims(jwt: str, issuers: list, now: int) -> tuple:
     alg, kid = header.get("alg"), header.get("kid")
     if alg not in ("RS256", "ES256"):
         raise _OIDCRefused(f"unsupported alg {str(alg)[:20]!r}")
-    known = _fetched_keys(issuer["jwks_url"]) if issuer["jwks_url"] else issuer["keys"]
+    known = (_fetched_keys(issuer["jwks_url"], kid, issuer["allow_link_local"])
+             if issuer["jwks_url"] else issuer["keys"])
     keys = [k for k in known if k.get("kid") == kid] if kid is not None else known
     if len(keys) != 1:
         raise _OIDCRefused(f"unknown key id {str(kid)[:100]!r}")
@@ -5561,8 +5826,9 @@ def _verified_claims(jwt: str, issuers: list, now: int) -> tuple:
     if issuer["audience"] not in (aud if isinstance(aud, list) else [aud]):
         raise _OIDCRefused(f"wrong audience {str(aud)[:200]!r}")
     exp, nbf, iat = claims.get("exp"), claims.get("nbf", 0), claims.get("iat", 0)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, nbf, iat)):
-        raise _OIDCRefused("exp missing, or exp, nbf or iat not a number")
+    if not all(_is_jwt_time(v) for v in (exp, nbf, iat)):
+        raise _OIDCRefused("exp missing, or exp, nbf or iat not a finite number of seconds "
+                           f"in 0..{MAX_JWT_TIME}")
     if now > exp + OIDC_CLOCK_SKEW:
         raise _OIDCRefused("expired (exp)")
     if nbf > now + OIDC_CLOCK_SKEW:

@@ -42,6 +42,7 @@ import http.client
 import http.server
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -1891,7 +1892,7 @@ def oidc_srv(start, tmp_path, jwt_keys):
         "rules": [{"claims": {"project_path": "infra/app-*", "ref": "main"}, "team": "ci"},
                   {"claims": {"sub": "bot-*"}, "user": "bot"}]}, {
         "issuer": ISSUER + "/ec", "audience": "pulumi-backend", "jwksFile": "jwks.json",
-        "rules": [{"claims": {"sub": "*"}, "org": "member"}]}]}))
+        "rules": [{"claims": {"sub": "**"}, "org": "member"}]}]}))  # "*" stops at a "/"
     srv = start(oidc_issuers=str(tmp_path / "issuers.json"))
     srv.app.identity.add_user(LOCAL, "bot")
     srv.app.identity.create_team(LOCAL, "ci")
@@ -1945,7 +1946,8 @@ def test_oidc_exchange_gives_short_lived_tokens(oidc_srv, jwt_keys):
     ("audience", "wrong audience"), ("issuer", "unknown issuer"), ("expired", "expired"),
     ("signature", "bad signature"), ("kid", "unknown key id"), ("nbf", "not valid yet"),
     ("rule", "no rule matches"), ("scope", "no rule matches"), ("org", "not this organization"),
-    ("garbage", "malformed token"), ("missing-user", "does not exist")])
+    ("garbage", "malformed token"), ("missing-user", "does not exist"),
+    ("glob", "no rule matches")])
 def test_oidc_refusals_are_401_and_audited(oidc_srv, jwt_keys, case, check):
     key, scope, org = jwt_keys["RSA"], "team:ci", ORG
     now = int(time.time())
@@ -1959,7 +1961,9 @@ def test_oidc_refusals_are_401_and_audited(oidc_srv, jwt_keys, case, check):
            "scope": lambda: key.jwt(claims()),
            "org": lambda: key.jwt(claims()),
            "garbage": lambda: "not.a-jwt",
-           "missing-user": lambda: key.jwt(claims(sub="bot-1"))}[case]()
+           "missing-user": lambda: key.jwt(claims(sub="bot-1")),
+           # "infra/app-*": a "*" stops at a "/"
+           "glob": lambda: key.jwt(claims(project_path="infra/app-sandbox/anyone"))}[case]()
     if case == "scope":
         scope = "team:admins"
     if case == "org":
@@ -2038,6 +2042,269 @@ def test_oidc_issuers_file_is_checked_at_start(tmp_path, cfg):
         with pytest.raises(ValueError, match=words):
             pb.build_app(dataclasses.replace(cfg, oidc_issuers=str(bad)), environ={})
 
+
+
+def oidc_events(srv):
+    return srv.app.audit.page(None, 0, 2 ** 62, "token_exchange", None)["auditLogEvents"]
+
+
+@pytest.mark.parametrize("part", ["header", "claims"])
+def test_oidc_deeply_nested_jwt_is_a_clean_401(oidc_srv, jwt_keys, caplog, part):
+    deep = "[" * 5000 + "]" * 5000
+    head = b64url(json.dumps({"alg": "RS256", "kid": "rsa-1"}).encode())
+    body = b64url(json.dumps(claims()).encode())
+    if part == "header":
+        head = b64url(deep.encode())
+    else:
+        body = b64url(json.dumps(claims(groups="X")).replace('"X"', deep).encode())
+    with caplog.at_level("ERROR", logger="pulumi_backend"):
+        status, _, out = oidc_login(oidc_srv, f"{head}.{body}.{b64url(b'sig')}", "team:ci")
+    assert status == 401, out
+    assert "malformed token: nests deeper than 32" in oidc_events(oidc_srv)[0]["description"]
+    assert "Traceback" not in caplog.text and not caplog.records
+
+
+@pytest.mark.parametrize("name, value", [
+    ("exp", math.nan), ("exp", math.inf), ("exp", 1e300), ("exp", 2 ** 64), ("exp", True),
+    ("exp", "9999999999"), ("nbf", -math.inf), ("nbf", math.nan), ("iat", math.nan),
+    ("iat", -1e300)])
+def test_oidc_times_must_be_finite_numbers(oidc_srv, jwt_keys, name, value):
+    jwt = jwt_keys["RSA"].jwt(claims(**{name: value}))
+    assert oidc_login(oidc_srv, jwt, "team:ci")[0] == 401
+    check = oidc_events(oidc_srv)[0]["description"]
+    assert "not a finite number" in check or "malformed token" in check, check
+    exp = time.time() + 300.5  # a float within range is a time
+    assert oidc_login(oidc_srv, jwt_keys["RSA"].jwt(claims(exp=exp)), "team:ci")[0] == 200
+
+
+@pytest.mark.parametrize("glob, value, matches", [
+    ("infra/app-*", "infra/app-1", True), ("infra/app-*", "infra/app-sandbox/anyone", False),
+    ("infra/app-**", "infra/app-sandbox/anyone", True), ("infra/**", "infra/a/b/c", True),
+    ("repo:acme/tools:*", "repo:acme/tools:ref:refs/heads/main", False),
+    ("repo:acme/tools:**", "repo:acme/tools:ref:refs/heads/main", True),
+    ("repo:acme/tools:ref:refs/heads/*", "repo:acme/tools:ref:refs/heads/main", True),
+    ("*", "a/b", False), ("**", "a/b", True), ("**", "", True), ("a?c", "abc", True),
+    ("a?c", "a/c", False), ("v[0-9]*", "v12", True), ("v[!0-9]*", "vx", True),
+    ("a[!x]c", "a/c", False), ("a[/]c", "a/c", False), ("a.c", "abc", False),
+    ("a[b", "a[b", True), ("[]]", "]", True), ("MAIN", "main", False),
+    ("*", ["x/y", "z"], True), ("*", ["x/y"], False), ("*", [], False), ("**", [], False),
+    ("1", [1, True, None, ["1"], {"1": 1}], False), ("1", ["2", 1, "1"], True),
+    ("7", 7, True), ("True", True, False), ("*", None, False), ("1.5", 1.5, False)])
+def test_oidc_claim_globs(glob, value, matches):
+    """``*`` and ``?`` stop at ``/``, ``**`` crosses it; a list matches by any string in it."""
+    assert pb._claim_matches(value, glob) is matches
+
+
+def test_oidc_bad_claim_glob_is_refused_at_load(tmp_path):
+    path = tmp_path / "issuers.json"
+    path.write_text(json.dumps([{"issuer": ISSUER, "audience": "a", "jwks": {"keys": [{}]},
+                                 "rules": [{"claims": {"ref": "v[z-a]"}, "team": "t"}]}]))
+    with pytest.raises(ValueError, match="claim glob 'v\\[z-a\\]' is not valid"):
+        pb._load_issuers(str(path))
+
+
+@pytest.mark.parametrize("url", [
+    "https://169.254.169.254/jwks", "https://169.254.170.2/v2/jwks", "https://[fe80::1]/jwks",
+    "https://[fe80::1%25eth0]:8443/jwks", "https://100.100.100.200/jwks",
+    "https://[fd00:ec2::254]/jwks", "https://[::ffff:169.254.169.254]/jwks",
+    "https://2852039166/jwks"])
+def test_oidc_link_local_jwks_url_is_refused_at_load(tmp_path, cfg, url):
+    path = tmp_path / "issuers.json"
+    issuer = {"issuer": ISSUER, "audience": "a", "jwksUrl": url,
+              "rules": [{"claims": {"ref": "main"}, "team": "t"}]}
+    path.write_text(json.dumps([issuer]))
+    with pytest.raises(ValueError, match="link-local or cloud metadata address"):
+        pb.build_app(dataclasses.replace(cfg, oidc_issuers=str(path)), environ={})
+    path.write_text(json.dumps([{**issuer, "allowLinkLocalAddress": True}]))
+    assert pb._load_issuers(str(path))[0]["allow_link_local"] is True
+    path.write_text(json.dumps([{**issuer, "allowLinkLocalAddress": "yes"}]))
+    with pytest.raises(ValueError, match="allowLinkLocalAddress must be true or false"):
+        pb._load_issuers(str(path))
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+                    "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+class JWKSServer:
+    """A jwksUrl on 127.0.0.1: each GET is counted in ``hits`` and answered by
+    ``reply(handler)`` (by default the key set ``keys``), after ``delay`` seconds."""
+
+    def __init__(self, cert=None, key=None):
+        self.hits, self.keys, self.delay, self.reply = [], [], 0.0, self.send_keys
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.hits.append(self.path)
+                time.sleep(outer.delay)
+                outer.reply(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True  # a slow reply is not waited for at the end
+        if cert:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(cert), str(key))
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        scheme = "https" if cert else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/jwks"
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.05})
+        self.thread.start()
+
+    def send_keys(self, handler, status=200, extra=()):
+        body = json.dumps({"keys": [k.jwk for k in self.keys]}).encode()
+        handler.send_response(status)
+        for name, value in extra:
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def jwks_server(tls_cert, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_cert[0]))  # trust the test's certificate
+    monkeypatch.setattr(pb, "_jwks_cache", {})
+    server = JWKSServer(*tls_cert)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def url_srv(start, tmp_path):
+    """``url_srv(jwksUrl, **issuer fields)``: a server trusting one issuer whose keys
+    are at ``jwksUrl`` (a rule: ref main gives team ci)."""
+
+    def _start(url, **fields):
+        (tmp_path / "issuers.json").write_text(json.dumps([{
+            "issuer": ISSUER, "audience": "pulumi-backend", "jwksUrl": url, **fields,
+            "rules": [{"claims": {"ref": "main"}, "team": "ci"}]}]))
+        srv = start(oidc_issuers=str(tmp_path / "issuers.json"))
+        srv.app.identity.create_team(LOCAL, "ci")
+        return srv
+    return _start
+
+
+def test_oidc_jwks_failures_are_remembered(jwks_server, url_srv, jwt_keys):
+    """20 bogus exchanges (any kid) while the issuer fails make one fetch, not 20."""
+    jwks_server.reply = lambda handler: jwks_server.send_keys(handler, 500)
+    srv = url_srv(jwks_server.url)
+    for i in range(20):
+        jwt = jwt_keys["RSA"].jwt(claims(), kid=f"made-up-{i}")
+        assert oidc_login(srv, jwt, "team:ci")[0] == 401
+    assert jwks_server.hits == ["/jwks"]
+    checks = [e["description"] for e in oidc_events(srv)]
+    assert "HTTP Error 500" in checks[-1] and "a recent failure, not retried yet" in checks[0]
+
+
+def test_oidc_concurrent_jwks_fetches_are_shared(jwks_server, jwt_keys):
+    jwks_server.keys, jwks_server.delay = [jwt_keys["RSA"]], 0.5
+    results, barrier = [], threading.Barrier(8)
+
+    def fetch():
+        barrier.wait()
+        results.append(pb._fetched_keys(jwks_server.url))
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [[jwt_keys["RSA"].jwk]] * 8 and jwks_server.hits == ["/jwks"]
+
+
+def test_oidc_slow_jwks_is_refused_within_the_fetch_bound(jwks_server, url_srv, jwt_keys,
+                                                          monkeypatch):
+    monkeypatch.setattr(pb, "JWKS_FETCH_SECONDS", 0.5)
+    jwks_server.keys, jwks_server.delay = [jwt_keys["RSA"]], 3
+    srv = url_srv(jwks_server.url)
+    began = time.monotonic()
+    assert oidc_login(srv, jwt_keys["RSA"].jwt(claims()), "team:ci")[0] == 401
+    assert oidc_login(srv, jwt_keys["RSA"].jwt(claims()), "team:ci")[0] == 401  # no wait
+    assert time.monotonic() - began < 2.5 and jwks_server.hits == ["/jwks"]
+    for event in oidc_events(srv):  # the waiter or the fetch gave up first
+        assert "took more than 0.5 s" in event["description"] \
+            or "The read operation timed out" in event["description"], event
+
+
+def test_oidc_unknown_kid_fetches_again_at_most_once_per_interval(jwks_server, url_srv,
+                                                                  jwt_keys, monkeypatch):
+    monkeypatch.setattr(pb, "JWKS_REFETCH_SECONDS", 1.0)
+    jwks_server.keys = [jwt_keys["RSA"]]
+    srv = url_srv(jwks_server.url)
+    assert oidc_login(srv, jwt_keys["RSA"].jwt(claims()), "team:ci")[0] == 200
+    jwks_server.keys = [jwt_keys["RSA"], jwt_keys["EC"]]  # the issuer adds a key
+    time.sleep(1.1)
+    assert oidc_login(srv, jwt_keys["EC"].jwt(claims()), "team:ci")[0] == 200
+    assert len(jwks_server.hits) == 2
+    for i in range(10):  # made-up kids within the interval: no fetch
+        jwt = jwt_keys["RSA"].jwt(claims(), kid=f"made-up-{i}")
+        assert oidc_login(srv, jwt, "team:ci")[0] == 401
+    assert len(jwks_server.hits) == 2
+    assert oidc_login(srv, jwt_keys["RSA"].jwt(claims()), "team:ci")[0] == 200
+
+
+def test_oidc_jwks_redirects_are_not_followed(jwks_server, url_srv, jwt_keys):
+    plain = JWKSServer()  # http: a redirect there would be a downgrade
+    try:
+        plain.keys = [jwt_keys["RSA"]]
+        jwks_server.reply = lambda handler: jwks_server.send_keys(
+            handler, 302, [("Location", plain.url)])
+        srv = url_srv(jwks_server.url)
+        assert oidc_login(srv, jwt_keys["RSA"].jwt(claims()), "team:ci")[0] == 401
+        assert plain.hits == [] and jwks_server.hits == ["/jwks"]
+        assert "answered 302 (redirect to http://127.0.0.1:" in oidc_events(srv)[0][
+            "description"]
+    finally:
+        plain.close()
+
+
+def test_oidc_jwks_host_resolving_to_link_local_is_refused(url_srv, tmp_path, jwt_keys,
+                                                           monkeypatch):
+    """The resolved address is checked at fetch time (no network: resolution is faked)."""
+    monkeypatch.setattr(pb, "_jwks_cache", {})
+    real_getaddrinfo, real_connect, lookups = socket.getaddrinfo, socket.socket.connect, []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != "issuer.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
+
+    def connect(sock, address):
+        if address[0] == "169.254.169.254":
+            raise OSError("test: a connection to 169.254.169.254 was attempted")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    srv = url_srv("https://issuer.test/jwks")
+    assert oidc_login(srv, jwt_keys["RSA"].jwt(claims()), "team:ci")[0] == 401
+    check = oidc_events(srv)[0]["description"]
+    assert "issuer.test resolves to 169.254.169.254, a link-local" in check, check
+    assert lookups == ["issuer.test"]
+    monkeypatch.setattr(pb, "_jwks_cache", {})
+    path = tmp_path / "issuers.json"  # re-read at each exchange
+    path.write_text(json.dumps([{**json.loads(path.read_text())[0],
+                                 "allowLinkLocalAddress": True}]))
+    assert oidc_login(srv, jwt_keys["RSA"].jwt(claims()), "team:ci")[0] == 401
+    assert "connection to 169.254.169.254 was attempted" in oidc_events(srv)[0]["description"]
 
 # ==== 9. HTTP layer: request, response and router =============================
 
