@@ -6623,6 +6623,9 @@ _STEP_OPS = {
 _RESULT_CLASS = {"succeeded": "ok", "failed": "bad", "in-progress": "run",
                  "not-started": "run", "cancelled": "bad"}
 _CHANGE_ORDER = ("create", "update", "replace", "delete", "same")
+#: Levels of a stored value that pages show (the pure-Python indenting encoder takes
+#: a frame per level); deeper ones read "…", the events JSON and the export keep them.
+_CONSOLE_JSON_DEPTH = 100
 
 _CONSOLE_CSS = """
 :root{--bg:#fff;--fg:#1d2127;--mut:#5d6673;--line:#dde1e6;--card:#f6f7f9;--acc:#4d5bd9;
@@ -6735,15 +6738,41 @@ def _q_urn(urn: str) -> str:
     return urllib.parse.quote(urn, safe=":/$")
 
 
-def _masked(value: Any) -> Any:
-    """``value`` with every secret (a ciphertext object) replaced by "[secret]"."""
-    if isinstance(value, dict):
-        if value.get(_SECRET_SIG) == _SECRET_VALUE:
-            return "[secret]"
-        return {k: _masked(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_masked(v) for v in value]
-    return value
+def _masked(value: Any, depth: int = 0) -> Any:
+    """``value`` with every secret (a ciphertext object) replaced by "[secret]" and,
+    when ``depth`` is given, every object or array nested deeper than that by "…".
+
+    Without recursion: stored values nest up to MAX_JSON_DEPTH levels, and a frame
+    per level (two with comprehensions) ran out of Python's recursion limit.
+    """
+    root: list = [None]
+    todo = [(root, 0, value, 1)]
+    while todo:
+        target, key, item, level = todo.pop()
+        if isinstance(item, dict):
+            if item.get(_SECRET_SIG) == _SECRET_VALUE:
+                item = "[secret]"
+            elif depth and level > depth:
+                item = "…"
+            else:
+                copy = dict.fromkeys(item)  # keeps the keys' order
+                for k, v in item.items():
+                    if isinstance(v, (dict, list)):
+                        todo.append((copy, k, v, level + 1))
+                    else:
+                        copy[k] = v
+                item = copy
+        elif isinstance(item, list):
+            if depth and level > depth:
+                item = "…"
+            else:
+                copy = list(item)
+                for i, v in enumerate(item):
+                    if isinstance(v, (dict, list)):
+                        todo.append((copy, i, v, level + 1))
+                item = copy
+        target[key] = item
+    return root[0]
 
 
 def _masked_config(config: Any) -> dict:
@@ -6760,22 +6789,27 @@ def _masked_config(config: Any) -> dict:
 
 
 def _pretty(value: Any) -> str:
-    """Masked ``value`` as escaped, indented JSON."""
-    return _h(json.dumps(_masked(value), indent=2, sort_keys=True, ensure_ascii=False,
-                         default=str))
+    """Masked ``value`` as escaped, indented JSON ("…" below _CONSOLE_JSON_DEPTH levels)."""
+    return _h(json.dumps(_masked(value, _CONSOLE_JSON_DEPTH), indent=2, sort_keys=True,
+                         ensure_ascii=False, default=str))
 
 
 def _short(value: Any, limit: int = 300) -> str:
     """Masked ``value`` as escaped one-line JSON, cut at ``limit`` characters."""
-    text = json.dumps(_masked(value), sort_keys=True, ensure_ascii=False, default=str)
+    text = json.dumps(_masked(value, _CONSOLE_JSON_DEPTH), sort_keys=True, ensure_ascii=False,
+                      default=str)
     return _h(text if len(text) <= limit else text[:limit] + "…")
 
 
 def _when(t: Any) -> str:
+    """A Unix time as a <time> element; the number itself when no date has it."""
     if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
         return '<span class="mut">never</span>'
-    day, clock = datetime.datetime.fromtimestamp(int(t), datetime.timezone.utc) \
-        .isoformat()[:19].split("T")
+    try:  # import takes a DIY history's startTime as it is, 10**18 too
+        day, clock = datetime.datetime.fromtimestamp(int(t), datetime.timezone.utc) \
+            .isoformat()[:19].split("T")
+    except (ValueError, OverflowError, OSError):
+        return _h(t)
     return f'<time datetime="{day}T{clock}Z">{day} {clock} UTC</time>'
 
 

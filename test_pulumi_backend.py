@@ -4865,6 +4865,54 @@ def test_console_pages_take_no_body_and_forms_a_small_one(srv, browser):
     assert status == 413
 
 
+def test_console_renders_values_nested_to_the_limit(srv, browser):
+    """Whatever the API stored renders: nesting to MAX_JSON_DEPTH in a resource's inputs
+    and outputs and in an update's events (its pages show "…" below a depth; the events
+    JSON has all of it)."""
+    limit = pb.MAX_JSON_DEPTH
+    deep = res("deep", inputs={"v": nested(limit - 5)}, outputs={"v": nested(limit - 5)})
+    path = console_stack(srv, resources=[stack_res(), deep])
+    update = srv.begin(path)
+    a, b = res("a"), res("b")
+    assert update.events(  # in the batch body: 7 levels above the values
+        _step_event(1, "resourcePreEvent", "update", a, {"k": nested(limit - 7)},
+                    {"k": nested(limit - 7, 2)}, diffs=["k"]),
+        _step_event(2, "resourcePreEvent", "create", b, None, {"k": nested(limit - 7)}),
+    )[0] == 200
+    assert update.complete()[0] == 200
+    page_url = f"/stacks/proj/dev/updates/{update.id}"
+    status, _, page = browser.get("/stacks/proj/dev/resource?urn="
+                                  + urllib.parse.quote(deep["urn"], safe=""))
+    assert status == 200, page[-500:]
+    assert page.count("&quot;…&quot;") == 2  # in the inputs and in the outputs
+    status, _, page = browser.get(page_url)
+    assert status == 200, page[-500:]
+    assert '<div class="diff op-update">~ k: [' in page and '<div class="diff op-create">' in page
+    status, _, body = browser.get(page_url + "/events")
+    assert status == 200, body[-500:]
+    events = json.loads(body)["events"]
+    assert events[0]["resourcePreEvent"]["metadata"]["new"]["inputs"]["k"] == nested(limit - 7, 2)
+
+
+def test_console_renders_times_out_of_range(srv, cfg, browser, tmp_path, capsys):
+    """A DIY history's startTime of 10**18 (import takes it) shows as the number on every
+    page instead of failing them for every reader."""
+    diy = tmp_path / "diy"
+    path = write_diy(diy, "proj", "dev", diy_states(1))
+    (record,) = (diy / ".pulumi" / "history").rglob("*.history.json")
+    info = json.loads(record.read_text())
+    record.write_text(json.dumps(dict(info, startTime=10**18, endTime=10**18 + 5)))
+    assert run_import(cfg, diy, capsys)[0] == 0
+    update_id = srv.history(path)[0]["updateID"]
+    for url in ("/", "/stacks/proj/dev", "/stacks/proj/dev/activity",
+                f"/stacks/proj/dev/updates/{update_id}"):
+        status, _, page = browser.get(url)
+        assert status == 200, (url, page[-500:])
+        assert "100000000000000000" in page, url  # 10**18 or 10**18 + 5 (its end)
+    assert pb._when(10**18) == str(10**18) and pb._when(float("inf")) == "inf"
+    assert pb._duration(10**18, 10**18 + 5) == "5s"
+
+
 # ==== 12. Backups and replication: scheduled backups ==========================
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("30s", 30), ("15m", 900), ("1h", 3600),
