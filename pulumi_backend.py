@@ -8729,6 +8729,35 @@ def import_diy(cfg: Config, source: Optional[str], options: dict, environ: dict)
         print("Stacks with a passphrase or cloud KMS secrets provider keep it: run `pulumi stack "
               "change-secrets-provider default` on each to move it to this server's keys.")
     return 1 if failed else 0
+
+
+def _tty(value: Any) -> str:
+    """``value`` as text for an admin's terminal, where what members chose (token names,
+    user agents) must not move the cursor, retitle the window or forge rows.
+
+    Every character str.isprintable() refuses but the space (C0 with newline and tab,
+    DEL, C1 with CSI \\x9b, bidi overrides, line separators, unassigned code points)
+    becomes a \\xNN, \\uNNNN or \\UNNNNNNNN escape; a backslash is doubled, so that an
+    escape in the output was one in the text.
+    """
+    out = []
+    for char in str(value):
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable() or char == " ":
+            out.append(char)
+        else:
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _say(*fields: Any) -> None:
+    """Print one line of the administration commands: ``fields`` escaped, tab-separated."""
+    print("\t".join(_tty(f) for f in fields), flush=True)
+
+
 def _want(args: list, n: int, usage: str) -> list:
     if len(args) != n:
         raise ValueError(f"usage: pulumi_backend.py {usage}")
@@ -8740,22 +8769,22 @@ def _admin_user(ident: Identity, action: str, args: list, opts: dict) -> None:
         login, = _want(args, 1, "user add LOGIN [--name NAME] [--email E] [--role admin|member]")
         user = ident.add_user(_LOCAL_ADMIN, login, opts["name"] or "", opts["email"] or "",
                               opts["role"] or "member")
-        print(f"added user {login} ({user['role']}); give them a token: "
-              f"pulumi_backend.py token create --user {login}")
+        _say(f"added user {login} ({user['role']}); give them a token: "
+             f"pulumi_backend.py token create --user {login}")
     elif action == "remove":
         login, = _want(args, 1, "user remove LOGIN")
         ident.remove_user(_LOCAL_ADMIN, login)
-        print(f"removed user {login} and their personal tokens")
+        _say(f"removed user {login} and their personal tokens")
     elif action == "set-role":
         login, role = _want(args, 2, "user set-role LOGIN admin|member")
         ident.set_role(_LOCAL_ADMIN, login, role)
-        print(f"{login} is now {role}")
+        _say(f"{login} is now {role}")
     elif action == "list":
         _want(args, 0, "user list")
         with ident.store.read() as db:
             for u in ident.store.list_users(db):
                 teams = ",".join(ident.store.user_teams(db, u["login"])) or "-"
-                print(f"{u['login']}\t{u['role']}\tteams={teams}\t{u['name']}")
+                _say(u["login"], u["role"], f"teams={teams}", u["name"])
     else:
         raise ValueError("user actions: add, list, remove, set-role")
 
@@ -8764,23 +8793,23 @@ def _admin_team(ident: Identity, action: str, args: list, opts: dict) -> None:
     if action == "create":
         team, = _want(args, 1, "team create TEAM [--description TEXT]")
         ident.create_team(_LOCAL_ADMIN, team, description=opts["description"] or "")
-        print(f"created team {team}")
+        _say(f"created team {team}")
     elif action == "remove":
         team, = _want(args, 1, "team remove TEAM")
         ident.delete_team(_LOCAL_ADMIN, team)
-        print(f"removed team {team} with its grants and tokens")
+        _say(f"removed team {team} with its grants and tokens")
     elif action in ("add-member", "remove-member"):
         team, login = _want(args, 2, f"team {action} TEAM LOGIN")
         (ident.add_member if action == "add-member" else ident.remove_member)(
             _LOCAL_ADMIN, team, login)
-        print(f"{'added' if action == 'add-member' else 'removed'} {login} "
-              f"{'to' if action == 'add-member' else 'from'} team {team}")
+        _say(f"{'added' if action == 'add-member' else 'removed'} {login} "
+             f"{'to' if action == 'add-member' else 'from'} team {team}")
     elif action == "grant":
         team, pattern, perm = _want(args, 3, "team grant TEAM PATTERN none|read|write|admin")
         if perm not in _PERM_BY_NAME:
             raise ValueError(f"permission must be none, read, write or admin, not {perm!r}")
         pattern = ident.grant(_LOCAL_ADMIN, team, pattern, _PERM_BY_NAME[perm])
-        print(f"team {team}: {perm} on {pattern}")
+        _say(f"team {team}: {perm} on {pattern}")
     elif action == "list":
         _want(args, 0, "team list")
         for team in ident.teams_json():
@@ -8788,7 +8817,7 @@ def _admin_team(ident: Identity, action: str, args: list, opts: dict) -> None:
             members = ",".join(m["githubLogin"] for m in full["members"]) or "-"
             grants = ",".join(f"{s['projectName']}/{s['stackName']}="
                               f"{_PERM_NAMES[s['permission']]}" for s in full["stacks"]) or "-"
-            print(f"{team['name']}\tmembers={members}\tgrants={grants}")
+            _say(team["name"], f"members={members}", f"grants={grants}")
     else:
         raise ValueError("team actions: create, list, remove, add-member, remove-member, grant")
 
@@ -8806,9 +8835,9 @@ def _admin_token(ident: Identity, action: str, args: list, opts: dict) -> None:
         token_id, value = ident.create_token(
             _LOCAL_ADMIN, *owners[0], opts["name"] or "", opts["description"] or "",
             _now() + seconds if seconds else 0, bool(opts["admin"]))
-        print(f"created token {token_id} for {owners[0][0]} {owners[0][1]}; it is shown only "
-              "now:", file=sys.stderr)
-        print(value, flush=True)
+        print(_tty(f"created token {token_id} for {owners[0][0]} {owners[0][1]}; it is "
+                   "shown only now:"), file=sys.stderr)
+        _say(value)
     elif action == "list":
         _want(args, 0, "token list")
         for t in ident.tokens_json()["tokens"]:
@@ -8816,12 +8845,12 @@ def _admin_token(ident: Identity, action: str, args: list, opts: dict) -> None:
                 row = ident.store.get_token(db, t["id"])
             used = _rfc3339(t["lastUsed"]) if t["lastUsed"] else "never"
             expires = _rfc3339(t["expires"]) if t["expires"] else "never"
-            print(f"{t['id']}\t{row['kind']}:{row['owner']}\tname={t['name']}\t"
-                  f"created={t['created']}\tlast-used={used}\texpires={expires}")
+            _say(t["id"], f"{row['kind']}:{row['owner']}", f"name={t['name']}",
+                 f"created={t['created']}", f"last-used={used}", f"expires={expires}")
     elif action == "revoke":
         token_id, = _want(args, 1, "token revoke TOKEN_ID")
         ident.revoke_token(_LOCAL_ADMIN, token_id)
-        print(f"revoked token {token_id}")
+        _say(f"revoked token {token_id}")
     else:
         raise ValueError("token actions: create, list, revoke")
 
@@ -8848,8 +8877,9 @@ def _admin_audit(store: Store, args: list, opts: dict) -> None:
     while True:
         with store.read() as db:
             rows = store.list_audit(db, after, since, 2 ** 62, None, None, 1000, ascending=True)
-        for row in rows:
-            sys.stdout.write(json.dumps(_audit_line(row), ensure_ascii=True) + "\n")
+        for row in rows:  # \u-escapes for C0 and all non-ASCII (C1 too); DEL by hand
+            sys.stdout.write(json.dumps(_audit_line(row), ensure_ascii=True)
+                             .replace("\x7f", "\\u007f") + "\n")
         if len(rows) < 1000:
             break
         after = rows[-1]["id"]
@@ -8875,7 +8905,7 @@ def _run_admin(cfg: Config, command: str, words: list, opts: dict) -> int:
             ident, action, args, opts)
         return 0
     except HTTPError as e:
-        raise ValueError(e.message) from None
+        raise ValueError(_tty(e.message)) from None
     finally:
         store.close()
 

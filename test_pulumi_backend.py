@@ -1727,6 +1727,41 @@ def test_admin_commands_work_while_the_server_runs(team_srv, tmp_path):
         proc = run_cli(["user", "remove", "nobody", "--db", db], tmp_path)
         assert_one_line_error(proc, "nobody")
 
+#: What a member may write where the administration commands print it: terminal escapes
+#: (OSC retitle, CSI clear, the one-byte C1 CSI), DEL, a bidi override, and a forged row.
+TERMINAL_HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x9b31m\x7f\u202egnp.exe\r\nfake\tpersonal:root"
+
+
+def test_admin_commands_escape_what_members_wrote(team_srv, capsys):
+    srv, ident = team_srv, team_srv.app.identity
+    ident.add_user(LOCAL, "eve", name=TERMINAL_HOSTILE)
+    ident.add_member(LOCAL, "devs", "eve")
+    eve = token_for(srv, "personal", "eve")
+    assert srv.request("POST", "/api/user/tokens", {"description": TERMINAL_HOSTILE},
+                       token=eve)[0] == 200
+    srv.app.audit.record("stack_exported", LOCAL, None, TERMINAL_HOSTILE,
+                         description=TERMINAL_HOSTILE)
+    capsys.readouterr()
+    outputs = {}
+    for command, rows, tabs in ((["user", "list"], 4, 3), (["team", "list"], 2, 2),
+                                (["token", "list"], 5, 5), (["audit"], None, 0)):
+        assert pb.main([*command, "--db", srv.cfg.db]) == 0
+        out = outputs[command[0]] = capsys.readouterr().out
+        assert all(c.isprintable() or c in " \t\n" for c in out), (command, out)
+        lines = out.splitlines()
+        assert rows is None or len(lines) == rows, (command, out)
+        assert all(line.count("\t") == tabs for line in lines), (command, out)
+    escaped = "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\x7f\\u202egnp.exe\\x0d\\x0afake\\x09personal:root"
+    for command in ("user", "token"):
+        assert escaped in outputs[command]
+    audit = [json.loads(line) for line in outputs["audit"].splitlines()]
+    assert outputs["audit"].isascii() and "\x7f" not in outputs["audit"]
+    assert audit[-1]["description"] == audit[-1]["target"] == TERMINAL_HOSTILE
+    assert pb._tty("a\\x1b") == "a\\\\x1b"  # a backslash in the text is doubled
+    # An error the commands print is one line too.
+    assert pb.main(["user", "remove", "nobody", "--db", srv.cfg.db]) == 1
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
 
 def test_audit_log_records_actions_without_secrets(start, tmp_path):
     log_file = tmp_path / "audit.jsonl"
