@@ -3419,10 +3419,20 @@ class Engine:
         with self.store.read() as db:
             return self.stack_json(db, self.stack(db, org, project, name))
 
-    def project_exists(self, org: str, project: str) -> bool:
+    def project_exists(self, org: str, project: str, visible: Optional[Callable] = None) -> bool:
+        """Does the project have a stack (one that ``visible(project, stack)`` accepts)?"""
         self._check_names(org, project)
         with self.store.read() as db:
-            return self.store.project_exists(db, org, project)
+            if visible is None:
+                return self.store.project_exists(db, org, project)
+            after = (org, project, "")
+            while True:
+                rows = self.store.list_stacks(db, org, project, after, STACK_PAGE_SIZE)
+                if any(visible(project, row["name"]) for row in rows):
+                    return True
+                if len(rows) < STACK_PAGE_SIZE:
+                    return False
+                after = (org, project, rows[-1]["name"])
 
     def delete_stack(self, org: str, project: str, name: str, force: bool) -> None:
         self._await_final_state(org, project, name)
@@ -6205,9 +6215,13 @@ class App:
             self.identity.visible(req.principal))
 
     def project_exists(self, req: Request) -> Response:
-        """200 if the project has a stack, else 404."""
+        """200 if the project has a stack the caller may read (any, for org admins), else 404.
+
+        A member learns of no project through this that they cannot see a stack of.
+        """
         org, project = req.params["orgName"], req.params["projectName"]
-        if not self.engine.project_exists(org, project):
+        visible = None if req.principal.admin else self.identity.visible(req.principal)
+        if not self.engine.project_exists(org, project, visible):
             raise NotFound(f"project '{org}/{project}' not found")
         return Response(200, b"")
 
@@ -6471,9 +6485,21 @@ class App:
         self.identity.revoke_token(req.principal, req.params["tokenId"], "team",
                                    req.params["teamName"], req)
 
+    @staticmethod
+    def _emails_shown(p: Principal, users: Iterable) -> None:
+        """Drop the email of each of ``users`` (UserInfo dicts) but ``p``'s own, unless ``p``
+        is an org admin: members see each other's logins and names, not their addresses."""
+        if p.admin:
+            return
+        for user in users:
+            if not (p.kind == "user" and user.get("githubLogin") == p.login):
+                user.pop("email", None)
+
     def list_members(self, req: Request) -> dict:
-        """The organization's members and their roles."""
-        return {"members": self.identity.members_json(), "continuationToken": None}
+        """The organization's members and their roles (emails: see _emails_shown)."""
+        members = self.identity.members_json()
+        self._emails_shown(req.principal, (m["user"] for m in members))
+        return {"members": members, "continuationToken": None}
 
     def add_org_member(self, req: Request) -> dict:
         """Add a user to the organization with a role (admin or member)."""
@@ -6492,8 +6518,10 @@ class App:
         self.identity.remove_user(req.principal, req.params["userLogin"], req)
 
     def list_teams(self, req: Request) -> dict:
-        """The organization's teams."""
-        return {"teams": self.identity.teams_json()}
+        """The organization's teams: all for org admins, a member's own for the others."""
+        p = req.principal
+        return {"teams": [t for t in self.identity.teams_json()
+                          if p.admin or t["name"] in p.teams]}
 
     def create_team(self, req: Request) -> dict:
         """Create a team."""
@@ -6504,8 +6532,14 @@ class App:
         return self.identity.team_json(name)
 
     def get_team(self, req: Request) -> dict:
-        """The team, its members and its stack permissions."""
-        return self.identity.team_json(req.params["teamName"])
+        """The team, its members and its stack permissions: for org admins and its members
+        (to anyone else, a team that exists is as not found as one that does not)."""
+        name, p = req.params["teamName"], req.principal
+        if not p.admin and name not in p.teams:
+            raise NotFound(f"team '{name}' not found")
+        team = self.identity.team_json(name)
+        self._emails_shown(p, team["members"])
+        return team
 
     def update_team(self, req: Request) -> None:
         """Change a team: members, name and description, stack permissions."""

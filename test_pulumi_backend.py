@@ -1610,10 +1610,76 @@ def test_members_and_teams_api(team_srv):
                                                        "stackName": "prod"}}, **root)[0] == 200
     assert srv.request("GET", sp("ops", "prod"), **dev)[0] == 403
     assert [t["name"] for t in srv.request("GET", f"/api/orgs/{ORG}/teams", **dev)[2]["teams"]] \
-        == ["devs", "viewers"]
+        == ["devs"]  # a member's own teams only
     status, _, out = srv.request("PATCH", team, {"memberAction": "promote", "member": "eve"},
                                  **root)
     assert status == 400
+
+def test_members_see_logins_and_names_admins_emails_and_each_their_own(team_srv):
+    srv, ident = team_srv, team_srv.app.identity
+    ident.add_user(LOCAL, "nogrant", email="nogrant@example.com")
+    ident.add_user(LOCAL, "boss", name="The Boss", email="boss@example.com", role="admin")
+    members = f"/api/orgs/{ORG}/members"
+    for who in ("nogrant", "dev"):
+        listed = srv.request("GET", members, token=token_for(srv, "personal", who))[2]["members"]
+        assert {m["user"]["githubLogin"]: m["user"].get("email") for m in listed} == {
+            "root": None, "viewer": None, "dev": None, "boss": None, "nogrant": None,
+            who: "nogrant@example.com" if who == "nogrant" else ""}
+        assert {m["user"]["name"] for m in listed} >= {"The Boss", "root"}
+    for token in (srv.tok["root"], token_for(srv, "org", ORG, admin=True)):
+        listed = srv.request("GET", members, token=token)[2]["members"]
+        assert {m["user"]["githubLogin"]: m["user"]["email"] for m in listed}["boss"] \
+            == "boss@example.com"
+    listed = srv.request("GET", members, token=token_for(srv, "team", "devs"))[2]["members"]
+    assert all("email" not in m["user"] for m in listed)
+
+
+def test_members_see_only_their_own_teams(team_srv):
+    srv, ident = team_srv, team_srv.app.identity
+    ident.add_user(LOCAL, "nogrant")
+    ident.add_user(LOCAL, "dev2", email="dev2@example.com")
+    ident.add_member(LOCAL, "devs", "dev2")
+    teams = f"/api/orgs/{ORG}/teams"
+    nogrant, dev = token_for(srv, "personal", "nogrant"), srv.tok["dev"]
+    assert srv.request("GET", teams, token=nogrant)[2] == {"teams": []}
+    for name in ("devs", "viewers", "nope"):  # a team that exists reads as one that does not
+        status, _, out = srv.request("GET", f"{teams}/{name}", token=nogrant)
+        assert (status, out["message"]) == (404, f"Not Found: team '{name}' not found")
+    assert [t["name"] for t in srv.request("GET", teams, token=dev)[2]["teams"]] == ["devs"]
+    assert srv.request("GET", f"{teams}/viewers", token=dev)[0] == 404
+    status, _, out = srv.request("GET", f"{teams}/devs", token=dev)
+    assert status == 200 and [m["githubLogin"] for m in out["members"]] == ["dev", "dev2"]
+    assert [s["projectName"] for s in out["stacks"]] == ["app"]
+    assert "email" not in out["members"][1]  # dev2's address is for admins and dev2
+    team_token = token_for(srv, "team", "devs")
+    assert [t["name"] for t in srv.request("GET", teams, token=team_token)[2]["teams"]] == [
+        "devs"]
+    for token in (srv.tok["root"], token_for(srv, "org", ORG, admin=True)):
+        assert [t["name"] for t in srv.request("GET", teams, token=token)[2]["teams"]] == [
+            "devs", "viewers"]
+        out = srv.request("GET", f"{teams}/devs", token=token)[2]
+        assert out["members"][1]["email"] == "dev2@example.com"
+
+
+def test_project_exists_only_for_who_may_read_a_stack_of_it(team_srv, monkeypatch):
+    srv, ident = team_srv, team_srv.app.identity
+    ident.add_user(LOCAL, "nogrant")
+    head = f"/api/stacks/{ORG}/ops"
+    assert srv.request("HEAD", head, token=token_for(srv, "personal", "nogrant"))[0] == 404
+    assert srv.request("HEAD", head, token=srv.tok["dev"])[0] == 404  # write on app/* only
+    assert srv.request("HEAD", f"/api/stacks/{ORG}/app", token=srv.tok["dev"])[0] == 200
+    for who in ("viewer", "root"):
+        assert srv.request("HEAD", head, token=srv.tok[who])[0] == 200
+    assert srv.request("HEAD", f"/api/stacks/{ORG}/none", token=srv.tok["root"])[0] == 404
+    # One readable stack among many that are not is found past the first page.
+    monkeypatch.setattr(pb, "STACK_PAGE_SIZE", 2)
+    for n in range(3):
+        assert srv.request("POST", head, {"stackName": f"a{n}"}, token=srv.tok["root"])[0] == 200
+    ident.create_team(LOCAL, "late")
+    ident.add_member(LOCAL, "late", "nogrant")
+    ident.grant(LOCAL, "late", "ops/prod", pb.PERM_READ)
+    nogrant = token_for(srv, "personal", "nogrant")
+    assert srv.request("HEAD", head, token=nogrant)[0] == 200
 
 
 def test_stack_permissions_read_write_admin(team_srv):
