@@ -6645,6 +6645,8 @@ _CONSOLE_HEADERS = {
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 _COLOR_CODES_RE = re.compile(r"<\{%[^%]*%\}>|\x1b\[[0-9;]*[A-Za-z]")
+#: Explicit bidirectional formatting characters: in a name they only ever disguise it.
+_BIDI_CONTROLS_RE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 #: The CLI's symbol and colour of each step operation (pkg/display).
 _STEP_OPS = {
     "same": (" ", "same"), "create": ("+", "create"), "update": ("~", "update"),
@@ -6719,7 +6721,7 @@ ul.tree li{padding:.15rem 0}ul.tree ul{border-left:1px dashed var(--line)}
 .sym{display:inline-block;width:2.2em;font:700 14px ui-monospace,monospace}
 .op-create{color:var(--ok)}.op-delete{color:var(--bad)}.op-update{color:var(--warn)}
 .op-replace{color:var(--rep)}.op-read{color:var(--read)}.op-import{color:var(--run)}
-.op-same{color:var(--mut)}
+.op-same{color:var(--mut)}.gone{color:var(--mut)}
 .diff{margin:.2rem 0 .2rem 2.2em;font:13px/1.5 ui-monospace,monospace;
 word-break:break-word}
 .diag{margin:.2rem 0 .2rem 2.2em;padding:.2rem .5rem;border-left:3px solid var(--line);
@@ -6760,6 +6762,18 @@ class _SignIn(HTTPError):
 def _h(value: Any) -> str:
     """``value`` as HTML text or attribute value (quotes escaped too)."""
     return html.escape(str(value), quote=True)
+
+
+def _name(value: Any) -> str:
+    """A name someone chose (stack, project, resource, URN, type, user, team, token
+    description, tag) as HTML: escaped, in a <bdi> so that right-to-left text in it
+    cannot reorder what is around it, and with its explicit bidi controls shown as
+    U+XXXX rather than obeyed ("\\u202egnp.exe" would read "exe.png")."""
+    text = _h(value)
+    if _BIDI_CONTROLS_RE.search(text):
+        text = _BIDI_CONTROLS_RE.sub(lambda m: f'<span class="bad">U+{ord(m[0]):04X}</span>',
+                                     text)
+    return f"<bdi>{text}</bdi>"
 
 
 def _q(segment: str) -> str:
@@ -6822,16 +6836,22 @@ def _masked_config(config: Any) -> dict:
     return out
 
 
+def _json_text(value: Any, indent: Optional[int] = None) -> str:
+    """Masked ``value`` as JSON ("…" below _CONSOLE_JSON_DEPTH levels), with bidi controls
+    as \\u escapes: in a string of it they would reorder the rest of its line."""
+    text = json.dumps(_masked(value, _CONSOLE_JSON_DEPTH), indent=indent, sort_keys=True,
+                      ensure_ascii=False, default=str)
+    return _BIDI_CONTROLS_RE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
 def _pretty(value: Any) -> str:
-    """Masked ``value`` as escaped, indented JSON ("…" below _CONSOLE_JSON_DEPTH levels)."""
-    return _h(json.dumps(_masked(value, _CONSOLE_JSON_DEPTH), indent=2, sort_keys=True,
-                         ensure_ascii=False, default=str))
+    """Masked ``value`` as escaped, indented JSON (see _json_text)."""
+    return _h(_json_text(value, 2))
 
 
 def _short(value: Any, limit: int = 300) -> str:
-    """Masked ``value`` as escaped one-line JSON, cut at ``limit`` characters."""
-    text = json.dumps(_masked(value, _CONSOLE_JSON_DEPTH), sort_keys=True, ensure_ascii=False,
-                      default=str)
+    """Masked ``value`` as escaped one-line JSON (see _json_text), cut at ``limit`` characters."""
+    text = _json_text(value)
     return _h(text if len(text) <= limit else text[:limit] + "…")
 
 
@@ -6882,11 +6902,12 @@ def _dict(value: Any) -> dict:
 
 
 def _tags_html(tags: dict) -> str:
-    return "".join(f'<span class="tag">{_h(k)}: {_h(v)}</span>' for k, v in sorted(tags.items()))
+    return "".join(f'<span class="tag">{_name(k)}: {_name(v)}</span>'
+                   for k, v in sorted(tags.items()))
 
 
 def _kv(rows: Iterable) -> str:
-    return '<dl class="kv">' + "".join(f"<dt>{_h(k)}</dt><dd>{v}</dd>" for k, v in rows) \
+    return '<dl class="kv">' + "".join(f"<dt>{_name(k)}</dt><dd>{v}</dd>" for k, v in rows) \
         + "</dl>"
 
 
@@ -7022,11 +7043,13 @@ class Console:
         nav = ""
         if p is not None:
             nav = ('<nav><a href="/">Stacks</a><a href="/tokens">Tokens</a></nav>'
-                   f'<span class="who">{_h(p.actor)}</span>'
+                   f'<span class="who">{_name(p.actor)}</span>'
                    '<form method="post" action="/logout">'
                    f'<input type="hidden" name="csrf" value="{_h(self._csrf(req))}">'
                    '<button type="submit">Sign out</button></form>')
         meta = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh else ""
+        # Plain text: no <bdi> in a title, so a resource name's bidi controls show as U+XXXX.
+        title = _BIDI_CONTROLS_RE.sub(lambda m: f"U+{ord(m[0]):04X}", title)
         doc = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
                '<meta name="viewport" content="width=device-width, initial-scale=1">'
                f'{meta}<title>{_h(title)} · pulumi-backend</title>'
@@ -7117,8 +7140,8 @@ class Console:
                        f'{label}</a>' for key, label, suffix in (
                            ("overview", "Overview", ""), ("resources", "Resources", "/resources"),
                            ("activity", "Activity", "/activity")))
-        return (f'<div class="crumbs">{_h(org)} / <a href="/?q={_h(_q(project))}">'
-                f'{_h(project)}</a></div><h1>{_h(name)}</h1><div class="tabs">{tabs}</div>')
+        return (f'<div class="crumbs">{_name(org)} / <a href="/?q={_h(_q(project))}">'
+                f'{_name(project)}</a></div><h1>{_name(name)}</h1><div class="tabs">{tabs}</div>')
 
     # -- static files, sign in and out --------------------------------------
 
@@ -7233,7 +7256,7 @@ class Console:
                        'makes one.</p>' if not text and not tag else
                        '<p class="mut">No stack matches.</p>')
         for project, group in itertools.groupby(shown, key=lambda r: r[1]):
-            out.append(f'<h2>{_h(project)}</h2><div class="scroll"><table><thead><tr>'
+            out.append(f'<h2>{_name(project)}</h2><div class="scroll"><table><thead><tr>'
                        '<th>Stack</th><th>Last update</th><th class="w">By</th>'
                        '<th class="n">Resources</th><th class="w">Tags</th></tr></thead><tbody>')
             out.extend(self._stack_row(row, updates.get(row[0]) or {}, now) for row in group)
@@ -7254,8 +7277,8 @@ class Console:
         else:
             result = {"cancelled": "failed"}.get(status, status)
             state = f"{_result_badge(result)} {_when(update['ended'] or update['started'])}"
-        return (f'<tr><td><a href="{_h(url)}">{_h(name)}</a></td><td>{state}</td>'
-                f'<td class="w">{_h(update.get("requested_by") or "")}</td>'
+        return (f'<tr><td><a href="{_h(url)}">{_name(name)}</a></td><td>{state}</td>'
+                f'<td class="w">{_name(update.get("requested_by") or "")}</td>'
                 f'<td class="n">{resource_count}</td>'
                 f'<td class="w">{_tags_html(json.loads(tags))}</td></tr>')
 
@@ -7282,7 +7305,7 @@ class Console:
         if "currentOperation" in stack:
             op = stack["currentOperation"]
             out.append(f'<p><span class="badge run">{_h(op["kind"])} running</span> '
-                       f'by {_h(op["author"])} since {_when(op["started"])}</p>')
+                       f'by {_name(op["author"])} since {_when(op["started"])}</p>')
         out.append('<div class="card">' + _kv([
             ("Tags", _tags_html(stack["tags"]) or '<span class="mut">none</span>'),
             ("Resources", _h(len(state.get("resources") or ()))),
@@ -7300,7 +7323,7 @@ class Console:
             out.append('<div class="card">' + _kv([
                 ("Update", f'<a href="{_h(url)}">#{_h(info["version"])} {_h(info["kind"])}</a>'),
                 ("Result", _result_badge(info["result"])),
-                ("By", _h(_dict(info.get("requestedBy")).get("name", ""))),
+                ("By", _name(_dict(info.get("requestedBy")).get("name", ""))),
                 ("When", _when(info["startTime"])),
                 ("Duration", _h(_duration(info["startTime"], info["endTime"]))),
                 ("Changes", _changes(info.get("resourceChanges")) or "none"),
@@ -7334,8 +7357,8 @@ class Console:
             out.append(f'<p class="mut">{len(hits)} of {len(resources)} resources</p>'
                        '<div class="scroll"><table><thead><tr><th>Name</th><th>Type</th>'
                        '<th class="w">Provider</th><th class="w">Kind</th></tr></thead><tbody>')
-            out.extend(f'<tr><td>{link(r)}</td><td class="t">{_h(r.get("type", ""))}</td>'
-                       f'<td class="w t">{_h(self._provider_name(r))}</td>'
+            out.extend(f'<tr><td>{link(r)}</td><td class="t">{_name(r.get("type", ""))}</td>'
+                       f'<td class="w t">{_name(self._provider_name(r))}</td>'
                        f'<td class="w">{"custom" if r.get("custom") else "component"}</td></tr>'
                        for r in hits)
             out.append("</tbody></table></div>")
@@ -7344,12 +7367,17 @@ class Console:
             out.append(self._tree(resources, link))
         return self._html(req, f"{project}/{name} resources", "".join(out))
 
-    def _linker(self, project: str, name: str) -> Callable:
-        """Return ``f(resource)``: a link to its page (the stack's part computed once)."""
+    def _linker(self, project: str, name: str, present: Optional[set] = None) -> Callable:
+        """Return ``f(resource)``: a link to its page (the stack's part computed once), or
+        its name as plain text when it is not among the URNs ``present`` (when given) of
+        the latest state, which has no page of it."""
         base = _h(self._stack_url(project, name, "/resource?urn="))
 
         def link(res: dict) -> str:
-            return f'<a href="{base}{_h(_q_urn(res["urn"]))}">{_h(_urn_name(res["urn"]))}</a>'
+            if present is not None and res["urn"] not in present:
+                return (f'<span class="gone" title="not in the latest state">'
+                        f'{_name(_urn_name(res["urn"]))}</span>')
+            return f'<a href="{base}{_h(_q_urn(res["urn"]))}">{_name(_urn_name(res["urn"]))}</a>'
         return link
 
     @staticmethod
@@ -7380,8 +7408,8 @@ class Console:
             if about is None:  # resources of a tree share few types and providers
                 provider = self._provider_name(r)
                 about = abouts[key] = (
-                    f' <span class="t">{_h(r.get("type", ""))}'
-                    f'{" · " + _h(provider) if provider else ""} · '
+                    f' <span class="t">{_name(r.get("type", ""))}'
+                    f'{" · " + _name(provider) if provider else ""} · '
                     f'{"custom" if r.get("custom") else "component"}</span>')
             out.append(f"<li>{link(r)}{about}")
             kids = children.get(r["urn"])
@@ -7408,7 +7436,7 @@ class Console:
         by_urn = {r["urn"]: r for r in resources}
 
         def links(urns: Iterable) -> str:
-            items = [link(by_urn[u]) if u in by_urn else _h(u) for u in urns
+            items = [link(by_urn[u]) if u in by_urn else _name(u) for u in urns
                      if isinstance(u, str)]
             return ", ".join(items) or '<span class="mut">none</span>'
 
@@ -7416,10 +7444,11 @@ class Console:
         flags = [f for f in ("protect", "retainOnDelete", "external", "delete",
                              "pendingReplacement", "taint") if res.get(f)]
         provider = res.get("provider") if isinstance(res.get("provider"), str) else ""
-        out = [self._stack_head(req, "resources"), f"<h2>{_h(_urn_name(urn))}</h2>",
+        out = [self._stack_head(req, "resources"), f"<h2>{_name(_urn_name(urn))}</h2>",
                '<div class="card">' + _kv([
-                   ("Type", _h(res.get("type", ""))), ("URN", f"<code>{_h(urn)}</code>"),
-                   ("ID", _h(res.get("id", "")) or '<span class="mut">none</span>'),
+                   ("Type", _name(res.get("type", ""))), ("URN", f"<code>{_name(urn)}</code>"),
+                   ("ID", _name(res.get("id")) if res.get("id") else
+                    '<span class="mut">none</span>'),
                    ("Kind", "custom" if res.get("custom") else "component"),
                    ("Provider", links([provider.rsplit("::", 1)[0]]) if provider else
                     '<span class="mut">default</span>'),
@@ -7456,7 +7485,7 @@ class Console:
                     f'<tr><td><a href="{_h(url)}">{_h(info["version"])}</a></td>'
                     f'<td><a href="{_h(url)}">{_h(info["kind"])}</a></td>'
                     f'<td>{_result_badge(info["result"])}</td>'
-                    f'<td class="w">{_h(_dict(info.get("requestedBy")).get("name", ""))}</td>'
+                    f'<td class="w">{_name(_dict(info.get("requestedBy")).get("name", ""))}</td>'
                     f'<td>{_when(info["startTime"])}</td>'
                     f'<td class="w">{_h(_duration(info["startTime"], info["endTime"]))}</td>'
                     f'<td>{_changes(info.get("resourceChanges"))}</td>'
@@ -7476,7 +7505,7 @@ class Console:
         out = [self._stack_head(req, "activity"),
                f'<h2>Update #{_h(info["version"])}: {_h(info["kind"])} '
                f'{_result_badge(info["result"])}</h2>', '<div class="card">' + _kv([
-                   ("By", _h(_dict(info.get("requestedBy")).get("name", ""))),
+                   ("By", _name(_dict(info.get("requestedBy")).get("name", ""))),
                    ("Started", _when(info["startTime"])),
                    ("Duration", _h(_duration(info["startTime"], info["endTime"]))
                     or ('<span class="run">running…</span>' if running else "")),
@@ -7488,7 +7517,10 @@ class Console:
             out.append(f'<p class="run">This update is running; the page reloads every '
                        f'{CONSOLE_REFRESH_SECONDS} seconds.</p>')
         out.append("<h2>Steps</h2>")
-        link = self._linker(project, name)
+        # A resource the update deleted has no page: its name is plain text.
+        present = {r["urn"] for r in self._state(org, project, name).get("resources") or ()
+                   if isinstance(r, dict) and isinstance(r.get("urn"), str)}
+        link = self._linker(project, name, present)
         out.append("".join(self._step_html(link, s, running) for s in steps)
                    or '<p class="mut">No resource steps recorded.</p>')
         if general:
@@ -7510,7 +7542,7 @@ class Console:
                  "running": ' <span class="badge run">in progress</span>' if running
                  else ' <span class="badge mut">unfinished</span>'}.get(step.get("state"), "")
         out = [f'<div class="step op-{cls}"><span class="sym">{_h(sym)}</span>'
-               f'<span class="t">{_h(meta.get("type", ""))}</span> {link(step)} '
+               f'<span class="t">{_name(meta.get("type", ""))}</span> {link(step)} '
                f'<span class="mut">{_h(op)}</span>{state}']
         if op != "same":
             for sign, key, old, new in _property_diff(op, meta):
@@ -7520,7 +7552,7 @@ class Console:
                     value, scls = _short(new), "create"
                 else:
                     value, scls = _short(old), "delete"
-                out.append(f'<div class="diff op-{scls}">{sign} {_h(key)}: {value}</div>')
+                out.append(f'<div class="diff op-{scls}">{sign} {_name(key)}: {value}</div>')
         out.extend(self._diag_html(d) for d in step["diags"])
         out.append("</div>")
         return "".join(out)
@@ -7594,7 +7626,7 @@ class Console:
             for t in rows:
                 action = f"/tokens/{_q(t['id'])}/revoke"
                 out.append(
-                    f'<tr><td>{_h(t["description"] or t["name"])} <span class="t">'
+                    f'<tr><td>{_name(t["description"] or t["name"])} <span class="t">'
                     f'{_h(t["id"])}</span></td><td class="w">{_h(t["created"])}</td>'
                     f'<td>{_when(t["lastUsed"])}</td><td class="w">{_when(t["expires"])}</td>'
                     f'<td><form method="post" action="{_h(action)}" data-confirm="Revoke this '

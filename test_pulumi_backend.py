@@ -4575,6 +4575,11 @@ def browser(srv):
     return b
 
 
+def unbdi(page):
+    """``page`` without the <bdi> elements that isolate each name (see _name)."""
+    return page.replace("<bdi>", "").replace("</bdi>", "")
+
+
 def console_stack(srv, project="proj", stack="dev", tags=None, resources=()):
     path = srv.create_stack(project, stack, tags=tags or {})
     if resources:
@@ -4687,7 +4692,7 @@ def test_console_stacks_page_groups_searches_filters_and_pages(srv, browser, mon
     srv.begin(sp("web", "staging"))  # running
     status, _, page = browser.get("/")
     assert status == 200
-    assert page.index("<h2>api</h2>") < page.index("<h2>web</h2>")
+    assert page.index("<h2><bdi>api</bdi></h2>") < page.index("<h2><bdi>web</bdi></h2>")
     assert page.count('class="badge run">running') == 1
     assert '<td class="n">2</td>' in page  # api/dev's resource count
     assert browser.get("/?q=stag")[2].count("<tr><td>") == 1
@@ -4813,6 +4818,7 @@ def test_console_overview_shows_outputs_tags_last_update_and_masked_config(srv, 
     assert update.complete()[0] == 200
     status, _, page = browser.get("/stacks/proj/dev")
     assert status == 200
+    page = unbdi(page)
     for text in ("env: prod", "endpoint", "https://x.example", "eu-west-1", "proj:db",
                  "succeeded", "a message", 'title="create">+2', "/stacks/proj/dev/export"):
         assert html.escape(text) in page or text in page, text
@@ -4828,19 +4834,20 @@ def test_console_resources_tree_filter_and_resource_page(srv, browser):
               dependencies=[provider["urn"]], protect=True, inputs={"length": 3})
     console_stack(srv, resources=[root, provider, comp, pet])
     status, _, page = browser.get("/stacks/proj/dev/resources")
+    page = unbdi(page)
     assert status == 200 and "4 resources" in page
     # pet is nested inside the component's list, which is nested inside the stack's.
     web_at, pet_at = page.index(">web</a>"), page.index(">pet</a>")
     assert web_at < pet_at and page.count("<ul>") == 2
     assert "my:index:Component · component" in page
-    _, _, page = browser.get("/stacks/proj/dev/resources?q=RandomPet")
+    page = unbdi(browser.get("/stacks/proj/dev/resources?q=RandomPet")[2])
     assert "1 of 4 resources" in page and ">pet</a>" in page and ">web</a>" not in page
-    _, _, page = browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
-        pet["urn"], safe=""))
+    page = unbdi(browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
+        pet["urn"], safe=""))[2])
     for text in ("protect", ">web</a>", ">default</a>", "&quot;length&quot;: 3", "pet-id"):
         assert text in page, text
-    _, _, page = browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
-        comp["urn"], safe=""))
+    page = unbdi(browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
+        comp["urn"], safe=""))[2])
     assert ">pet</a>" in page  # its child
     assert browser.get("/stacks/proj/dev/resource?urn=urn:nope")[0] == 404
 
@@ -4897,7 +4904,7 @@ def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(s
             "resourceChanges": {"update": 1, "create": 1}}},
     )[0] == 200
     assert update.complete("failed")[0] == 200
-    _, _, page = browser.get(page_url)
+    page = unbdi(browser.get(page_url)[2])
     assert "http-equiv" not in page and "in progress" not in page
     steps = re.findall(r'<div class="step op-(\w+)"><span class="sym">([^<]*)</span>', page)
     assert steps == [("update", "~"), ("create", "+"), ("replace", "+-"), ("delete", "-")]
@@ -4912,6 +4919,50 @@ def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(s
     status, headers, body = browser.get(page_url + "/events")
     assert status == 200 and len(json.loads(body)["events"]) == 9
     assert browser.get(f"/stacks/proj/dev/updates/{'0' * 32}")[0] == 404
+
+def test_console_update_page_links_only_resources_still_in_the_state(srv, browser):
+    keep, gone = res("keep"), res("gone")
+    path = console_stack(srv, resources=[stack_res(), keep, gone])
+    update = srv.begin(path)
+    assert update.events(_step_event(1, "resOutputsEvent", "update", keep, {"a": 1}, {"a": 2}),
+                         _step_event(2, "resOutputsEvent", "delete", gone, {"a": 1}))[0] == 200
+    assert update.complete()[0] == 200
+    srv.import_state(path, untyped([stack_res(), keep]))  # the state without "gone"
+    _, _, page = browser.get(f"/stacks/proj/dev/updates/{update.id}")
+    links = re.findall(r'<a href="(/stacks/proj/dev/resource\?urn=[^"]+)">(?:<bdi>)?(\w+)',
+                       page)
+    assert [name for _, name in links] == ["keep"]
+    assert browser.get(html.unescape(links[0][0]))[0] == 200
+    assert '<span class="gone" title="not in the latest state"><bdi>gone</bdi></span>' in page
+
+
+def test_console_isolates_names_and_shows_their_bidi_controls(srv):
+    """A right-to-left override in a name ("\\u202egnp.exe" reads "exe.png") is shown as
+    U+202E, and every name is a <bdi> so that its text cannot reorder the page's."""
+    rlo = "\u202egnp.exe"
+    pet = res(rlo, type_="my:index/\u2067Evil:Evil", inputs={rlo: 1})
+    path = console_stack(srv, tags={"name": rlo}, resources=[stack_res(), pet])
+    srv.app.identity.add_user(LOCAL, "mallory", role="admin")
+    token = token_for(srv, "personal", "mallory")
+    b = Browser(srv)
+    b.sign_in(token)
+    update = srv.request("POST", path + "/update", {"options": {}}, token=token)[2]["updateID"]
+    assert srv.request("POST", f"{path}/update/{update}", {"tags": {"name": rlo}},
+                       token=token)[0] == 200
+    assert b.post("/tokens", {"description": rlo, "expires": "0"}, csrf_from="/tokens")[0] == 200
+    resource = "/stacks/proj/dev/resource?urn=" + urllib.parse.quote(pet["urn"], safe="")
+    shown = '<bdi><span class="bad">U+202E</span>gnp.exe</bdi>'
+    for url, count in (("/", 1), ("/stacks/proj/dev", 1), ("/stacks/proj/dev/resources", 1),
+                       (resource, 1), ("/tokens", 1)):  # a tag, a tag, a name, a name, a token
+        status, _, page = b.get(url)
+        assert status == 200, (url, page)
+        assert not re.search("[\u202a-\u202e\u2066-\u2069]", page), url
+        assert page.count(shown) == count, (url, page)
+    page = b.get(resource)[2]
+    assert "<title>U+202Egnp.exe · proj/dev · pulumi-backend</title>" in page
+    assert 'my:index/<span class="bad">U+2067</span>Evil:Evil</bdi>' in page  # the type
+    assert "<code><bdi>urn:pulumi:" in page  # the URN
+    assert "&quot;\\u202egnp.exe&quot;: 1" in page  # in JSON: an escape
 
 
 def test_console_tokens_page_creates_and_revokes_personal_tokens(srv):
@@ -4988,7 +5039,8 @@ def test_console_renders_values_nested_to_the_limit(srv, browser):
     assert page.count("&quot;…&quot;") == 2  # in the inputs and in the outputs
     status, _, page = browser.get(page_url)
     assert status == 200, page[-500:]
-    assert '<div class="diff op-update">~ k: [' in page and '<div class="diff op-create">' in page
+    assert '<div class="diff op-update">~ <bdi>k</bdi>: [' in page
+    assert '<div class="diff op-create">+ <bdi>k</bdi>: [' in page
     status, _, body = browser.get(page_url + "/events")
     assert status == 200, body[-500:]
     events = json.loads(body)["events"]
