@@ -3423,10 +3423,20 @@ class Engine:
         with self.store.read() as db:
             return self.stack_json(db, self.stack(db, org, project, name))
 
-    def project_exists(self, org: str, project: str) -> bool:
+    def project_exists(self, org: str, project: str, visible: Optional[Callable] = None) -> bool:
+        """Does the project have a stack (one that ``visible(project, stack)`` accepts)?"""
         self._check_names(org, project)
         with self.store.read() as db:
-            return self.store.project_exists(db, org, project)
+            if visible is None:
+                return self.store.project_exists(db, org, project)
+            after = (org, project, "")
+            while True:
+                rows = self.store.list_stacks(db, org, project, after, STACK_PAGE_SIZE)
+                if any(visible(project, row["name"]) for row in rows):
+                    return True
+                if len(rows) < STACK_PAGE_SIZE:
+                    return False
+                after = (org, project, rows[-1]["name"])
 
     def delete_stack(self, org: str, project: str, name: str, force: bool) -> None:
         self.updates._await_final_state(org, project, name)
@@ -6546,9 +6556,13 @@ class App:
             self.identity.visible(req.principal))
 
     def project_exists(self, req: Request) -> Response:
-        """200 if the project has a stack, else 404."""
+        """200 if the project has a stack the caller may read (any, for org admins), else 404.
+
+        A member learns of no project through this that they cannot see a stack of.
+        """
         org, project = req.params["orgName"], req.params["projectName"]
-        if not self.engine.project_exists(org, project):
+        visible = None if req.principal.admin else self.identity.visible(req.principal)
+        if not self.engine.project_exists(org, project, visible):
             raise NotFound(f"project '{org}/{project}' not found")
         return Response(200, b"")
 
@@ -6812,9 +6826,21 @@ class App:
         self.identity.revoke_token(req.principal, req.params["tokenId"], "team",
                                    req.params["teamName"], req)
 
+    @staticmethod
+    def _emails_shown(p: Principal, users: Iterable) -> None:
+        """Drop the email of each of ``users`` (UserInfo dicts) but ``p``'s own, unless ``p``
+        is an org admin: members see each other's logins and names, not their addresses."""
+        if p.admin:
+            return
+        for user in users:
+            if not (p.kind == "user" and user.get("githubLogin") == p.login):
+                user.pop("email", None)
+
     def list_members(self, req: Request) -> dict:
-        """The organization's members and their roles."""
-        return {"members": self.identity.members_json(), "continuationToken": None}
+        """The organization's members and their roles (emails: see _emails_shown)."""
+        members = self.identity.members_json()
+        self._emails_shown(req.principal, (m["user"] for m in members))
+        return {"members": members, "continuationToken": None}
 
     def add_org_member(self, req: Request) -> dict:
         """Add a user to the organization with a role (admin or member)."""
@@ -6833,8 +6859,10 @@ class App:
         self.identity.remove_user(req.principal, req.params["userLogin"], req)
 
     def list_teams(self, req: Request) -> dict:
-        """The organization's teams."""
-        return {"teams": self.identity.teams_json()}
+        """The organization's teams: all for org admins, a member's own for the others."""
+        p = req.principal
+        return {"teams": [t for t in self.identity.teams_json()
+                          if p.admin or t["name"] in p.teams]}
 
     def create_team(self, req: Request) -> dict:
         """Create a team."""
@@ -6845,8 +6873,14 @@ class App:
         return self.identity.team_json(name)
 
     def get_team(self, req: Request) -> dict:
-        """The team, its members and its stack permissions."""
-        return self.identity.team_json(req.params["teamName"])
+        """The team, its members and its stack permissions: for org admins and its members
+        (to anyone else, a team that exists is as not found as one that does not)."""
+        name, p = req.params["teamName"], req.principal
+        if not p.admin and name not in p.teams:
+            raise NotFound(f"team '{name}' not found")
+        team = self.identity.team_json(name)
+        self._emails_shown(p, team["members"])
+        return team
 
     def update_team(self, req: Request) -> None:
         """Change a team: members, name and description, stack permissions."""
@@ -6952,6 +6986,8 @@ _CONSOLE_HEADERS = {
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 _COLOR_CODES_RE = re.compile(r"<\{%[^%]*%\}>|\x1b\[[0-9;]*[A-Za-z]")
+#: Explicit bidirectional formatting characters: in a name they only ever disguise it.
+_BIDI_CONTROLS_RE = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 #: The CLI's symbol and colour of each step operation (pkg/display).
 _STEP_OPS = {
     "same": (" ", "same"), "create": ("+", "create"), "update": ("~", "update"),
@@ -6964,6 +7000,9 @@ _STEP_OPS = {
 _RESULT_CLASS = {"succeeded": "ok", "failed": "bad", "in-progress": "run",
                  "not-started": "run", "cancelled": "bad"}
 _CHANGE_ORDER = ("create", "update", "replace", "delete", "same")
+#: Levels of a stored value that pages show (the pure-Python indenting encoder takes
+#: a frame per level); deeper ones read "…", the events JSON and the export keep them.
+_CONSOLE_JSON_DEPTH = 100
 
 _CONSOLE_CSS = """
 :root{--bg:#fff;--fg:#1d2127;--mut:#5d6673;--line:#dde1e6;--card:#f6f7f9;--acc:#4d5bd9;
@@ -7023,7 +7062,7 @@ ul.tree li{padding:.15rem 0}ul.tree ul{border-left:1px dashed var(--line)}
 .sym{display:inline-block;width:2.2em;font:700 14px ui-monospace,monospace}
 .op-create{color:var(--ok)}.op-delete{color:var(--bad)}.op-update{color:var(--warn)}
 .op-replace{color:var(--rep)}.op-read{color:var(--read)}.op-import{color:var(--run)}
-.op-same{color:var(--mut)}
+.op-same{color:var(--mut)}.gone{color:var(--mut)}
 .diff{margin:.2rem 0 .2rem 2.2em;font:13px/1.5 ui-monospace,monospace;
 word-break:break-word}
 .diag{margin:.2rem 0 .2rem 2.2em;padding:.2rem .5rem;border-left:3px solid var(--line);
@@ -7066,6 +7105,18 @@ def _h(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _name(value: Any) -> str:
+    """A name someone chose (stack, project, resource, URN, type, user, team, token
+    description, tag) as HTML: escaped, in a <bdi> so that right-to-left text in it
+    cannot reorder what is around it, and with its explicit bidi controls shown as
+    U+XXXX rather than obeyed ("\\u202egnp.exe" would read "exe.png")."""
+    text = _h(value)
+    if _BIDI_CONTROLS_RE.search(text):
+        text = _BIDI_CONTROLS_RE.sub(lambda m: f'<span class="bad">U+{ord(m[0]):04X}</span>',
+                                     text)
+    return f"<bdi>{text}</bdi>"
+
+
 def _q(segment: str) -> str:
     return urllib.parse.quote(segment, safe="")
 
@@ -7076,15 +7127,41 @@ def _q_urn(urn: str) -> str:
     return urllib.parse.quote(urn, safe=":/$")
 
 
-def _masked(value: Any) -> Any:
-    """``value`` with every secret (a ciphertext object) replaced by "[secret]"."""
-    if isinstance(value, dict):
-        if value.get(_SECRET_SIG) == _SECRET_VALUE:
-            return "[secret]"
-        return {k: _masked(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_masked(v) for v in value]
-    return value
+def _masked(value: Any, depth: int = 0) -> Any:
+    """``value`` with every secret (a ciphertext object) replaced by "[secret]" and,
+    when ``depth`` is given, every object or array nested deeper than that by "…".
+
+    Without recursion: stored values nest up to MAX_JSON_DEPTH levels, and a frame
+    per level (two with comprehensions) ran out of Python's recursion limit.
+    """
+    root: list = [None]
+    todo = [(root, 0, value, 1)]
+    while todo:
+        target, key, item, level = todo.pop()
+        if isinstance(item, dict):
+            if item.get(_SECRET_SIG) == _SECRET_VALUE:
+                item = "[secret]"
+            elif depth and level > depth:
+                item = "…"
+            else:
+                copy = dict.fromkeys(item)  # keeps the keys' order
+                for k, v in item.items():
+                    if isinstance(v, (dict, list)):
+                        todo.append((copy, k, v, level + 1))
+                    else:
+                        copy[k] = v
+                item = copy
+        elif isinstance(item, list):
+            if depth and level > depth:
+                item = "…"
+            else:
+                copy = list(item)
+                for i, v in enumerate(item):
+                    if isinstance(v, (dict, list)):
+                        todo.append((copy, i, v, level + 1))
+                item = copy
+        target[key] = item
+    return root[0]
 
 
 def _masked_config(config: Any) -> dict:
@@ -7100,23 +7177,34 @@ def _masked_config(config: Any) -> dict:
     return out
 
 
+def _json_text(value: Any, indent: Optional[int] = None) -> str:
+    """Masked ``value`` as JSON ("…" below _CONSOLE_JSON_DEPTH levels), with bidi controls
+    as \\u escapes: in a string of it they would reorder the rest of its line."""
+    text = json.dumps(_masked(value, _CONSOLE_JSON_DEPTH), indent=indent, sort_keys=True,
+                      ensure_ascii=False, default=str)
+    return _BIDI_CONTROLS_RE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
 def _pretty(value: Any) -> str:
-    """Masked ``value`` as escaped, indented JSON."""
-    return _h(json.dumps(_masked(value), indent=2, sort_keys=True, ensure_ascii=False,
-                         default=str))
+    """Masked ``value`` as escaped, indented JSON (see _json_text)."""
+    return _h(_json_text(value, 2))
 
 
 def _short(value: Any, limit: int = 300) -> str:
-    """Masked ``value`` as escaped one-line JSON, cut at ``limit`` characters."""
-    text = json.dumps(_masked(value), sort_keys=True, ensure_ascii=False, default=str)
+    """Masked ``value`` as escaped one-line JSON (see _json_text), cut at ``limit`` characters."""
+    text = _json_text(value)
     return _h(text if len(text) <= limit else text[:limit] + "…")
 
 
 def _when(t: Any) -> str:
+    """A Unix time as a <time> element; the number itself when no date has it."""
     if not isinstance(t, (int, float)) or isinstance(t, bool) or t <= 0:
         return '<span class="mut">never</span>'
-    day, clock = datetime.datetime.fromtimestamp(int(t), datetime.timezone.utc) \
-        .isoformat()[:19].split("T")
+    try:  # import takes a DIY history's startTime as it is, 10**18 too
+        day, clock = datetime.datetime.fromtimestamp(int(t), datetime.timezone.utc) \
+            .isoformat()[:19].split("T")
+    except (ValueError, OverflowError, OSError):
+        return _h(t)
     return f'<time datetime="{day}T{clock}Z">{day} {clock} UTC</time>'
 
 
@@ -7155,11 +7243,12 @@ def _dict(value: Any) -> dict:
 
 
 def _tags_html(tags: dict) -> str:
-    return "".join(f'<span class="tag">{_h(k)}: {_h(v)}</span>' for k, v in sorted(tags.items()))
+    return "".join(f'<span class="tag">{_name(k)}: {_name(v)}</span>'
+                   for k, v in sorted(tags.items()))
 
 
 def _kv(rows: Iterable) -> str:
-    return '<dl class="kv">' + "".join(f"<dt>{_h(k)}</dt><dd>{v}</dd>" for k, v in rows) \
+    return '<dl class="kv">' + "".join(f"<dt>{_name(k)}</dt><dd>{v}</dd>" for k, v in rows) \
         + "</dl>"
 
 
@@ -7295,11 +7384,13 @@ class Console:
         nav = ""
         if p is not None:
             nav = ('<nav><a href="/">Stacks</a><a href="/tokens">Tokens</a></nav>'
-                   f'<span class="who">{_h(p.actor)}</span>'
+                   f'<span class="who">{_name(p.actor)}</span>'
                    '<form method="post" action="/logout">'
                    f'<input type="hidden" name="csrf" value="{_h(self._csrf(req))}">'
                    '<button type="submit">Sign out</button></form>')
         meta = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh else ""
+        # Plain text: no <bdi> in a title, so a resource name's bidi controls show as U+XXXX.
+        title = _BIDI_CONTROLS_RE.sub(lambda m: f"U+{ord(m[0]):04X}", title)
         doc = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
                '<meta name="viewport" content="width=device-width, initial-scale=1">'
                f'{meta}<title>{_h(title)} · pulumi-backend</title>'
@@ -7390,8 +7481,8 @@ class Console:
                        f'{label}</a>' for key, label, suffix in (
                            ("overview", "Overview", ""), ("resources", "Resources", "/resources"),
                            ("activity", "Activity", "/activity")))
-        return (f'<div class="crumbs">{_h(org)} / <a href="/?q={_h(_q(project))}">'
-                f'{_h(project)}</a></div><h1>{_h(name)}</h1><div class="tabs">{tabs}</div>')
+        return (f'<div class="crumbs">{_name(org)} / <a href="/?q={_h(_q(project))}">'
+                f'{_name(project)}</a></div><h1>{_name(name)}</h1><div class="tabs">{tabs}</div>')
 
     # -- static files, sign in and out --------------------------------------
 
@@ -7506,7 +7597,7 @@ class Console:
                        'makes one.</p>' if not text and not tag else
                        '<p class="mut">No stack matches.</p>')
         for project, group in itertools.groupby(shown, key=lambda r: r[1]):
-            out.append(f'<h2>{_h(project)}</h2><div class="scroll"><table><thead><tr>'
+            out.append(f'<h2>{_name(project)}</h2><div class="scroll"><table><thead><tr>'
                        '<th>Stack</th><th>Last update</th><th class="w">By</th>'
                        '<th class="n">Resources</th><th class="w">Tags</th></tr></thead><tbody>')
             out.extend(self._stack_row(row, updates.get(row[0]) or {}, now) for row in group)
@@ -7527,8 +7618,8 @@ class Console:
         else:
             result = {"cancelled": "failed"}.get(status, status)
             state = f"{_result_badge(result)} {_when(update['ended'] or update['started'])}"
-        return (f'<tr><td><a href="{_h(url)}">{_h(name)}</a></td><td>{state}</td>'
-                f'<td class="w">{_h(update.get("requested_by") or "")}</td>'
+        return (f'<tr><td><a href="{_h(url)}">{_name(name)}</a></td><td>{state}</td>'
+                f'<td class="w">{_name(update.get("requested_by") or "")}</td>'
                 f'<td class="n">{resource_count}</td>'
                 f'<td class="w">{_tags_html(json.loads(tags))}</td></tr>')
 
@@ -7555,7 +7646,7 @@ class Console:
         if "currentOperation" in stack:
             op = stack["currentOperation"]
             out.append(f'<p><span class="badge run">{_h(op["kind"])} running</span> '
-                       f'by {_h(op["author"])} since {_when(op["started"])}</p>')
+                       f'by {_name(op["author"])} since {_when(op["started"])}</p>')
         out.append('<div class="card">' + _kv([
             ("Tags", _tags_html(stack["tags"]) or '<span class="mut">none</span>'),
             ("Resources", _h(len(state.get("resources") or ()))),
@@ -7573,7 +7664,7 @@ class Console:
             out.append('<div class="card">' + _kv([
                 ("Update", f'<a href="{_h(url)}">#{_h(info["version"])} {_h(info["kind"])}</a>'),
                 ("Result", _result_badge(info["result"])),
-                ("By", _h(_dict(info.get("requestedBy")).get("name", ""))),
+                ("By", _name(_dict(info.get("requestedBy")).get("name", ""))),
                 ("When", _when(info["startTime"])),
                 ("Duration", _h(_duration(info["startTime"], info["endTime"]))),
                 ("Changes", _changes(info.get("resourceChanges")) or "none"),
@@ -7607,8 +7698,8 @@ class Console:
             out.append(f'<p class="mut">{len(hits)} of {len(resources)} resources</p>'
                        '<div class="scroll"><table><thead><tr><th>Name</th><th>Type</th>'
                        '<th class="w">Provider</th><th class="w">Kind</th></tr></thead><tbody>')
-            out.extend(f'<tr><td>{link(r)}</td><td class="t">{_h(r.get("type", ""))}</td>'
-                       f'<td class="w t">{_h(self._provider_name(r))}</td>'
+            out.extend(f'<tr><td>{link(r)}</td><td class="t">{_name(r.get("type", ""))}</td>'
+                       f'<td class="w t">{_name(self._provider_name(r))}</td>'
                        f'<td class="w">{"custom" if r.get("custom") else "component"}</td></tr>'
                        for r in hits)
             out.append("</tbody></table></div>")
@@ -7617,12 +7708,17 @@ class Console:
             out.append(self._tree(resources, link))
         return self._html(req, f"{project}/{name} resources", "".join(out))
 
-    def _linker(self, project: str, name: str) -> Callable:
-        """Return ``f(resource)``: a link to its page (the stack's part computed once)."""
+    def _linker(self, project: str, name: str, present: Optional[set] = None) -> Callable:
+        """Return ``f(resource)``: a link to its page (the stack's part computed once), or
+        its name as plain text when it is not among the URNs ``present`` (when given) of
+        the latest state, which has no page of it."""
         base = _h(self._stack_url(project, name, "/resource?urn="))
 
         def link(res: dict) -> str:
-            return f'<a href="{base}{_h(_q_urn(res["urn"]))}">{_h(_urn_name(res["urn"]))}</a>'
+            if present is not None and res["urn"] not in present:
+                return (f'<span class="gone" title="not in the latest state">'
+                        f'{_name(_urn_name(res["urn"]))}</span>')
+            return f'<a href="{base}{_h(_q_urn(res["urn"]))}">{_name(_urn_name(res["urn"]))}</a>'
         return link
 
     @staticmethod
@@ -7653,8 +7749,8 @@ class Console:
             if about is None:  # resources of a tree share few types and providers
                 provider = self._provider_name(r)
                 about = abouts[key] = (
-                    f' <span class="t">{_h(r.get("type", ""))}'
-                    f'{" · " + _h(provider) if provider else ""} · '
+                    f' <span class="t">{_name(r.get("type", ""))}'
+                    f'{" · " + _name(provider) if provider else ""} · '
                     f'{"custom" if r.get("custom") else "component"}</span>')
             out.append(f"<li>{link(r)}{about}")
             kids = children.get(r["urn"])
@@ -7681,7 +7777,7 @@ class Console:
         by_urn = {r["urn"]: r for r in resources}
 
         def links(urns: Iterable) -> str:
-            items = [link(by_urn[u]) if u in by_urn else _h(u) for u in urns
+            items = [link(by_urn[u]) if u in by_urn else _name(u) for u in urns
                      if isinstance(u, str)]
             return ", ".join(items) or '<span class="mut">none</span>'
 
@@ -7689,10 +7785,11 @@ class Console:
         flags = [f for f in ("protect", "retainOnDelete", "external", "delete",
                              "pendingReplacement", "taint") if res.get(f)]
         provider = res.get("provider") if isinstance(res.get("provider"), str) else ""
-        out = [self._stack_head(req, "resources"), f"<h2>{_h(_urn_name(urn))}</h2>",
+        out = [self._stack_head(req, "resources"), f"<h2>{_name(_urn_name(urn))}</h2>",
                '<div class="card">' + _kv([
-                   ("Type", _h(res.get("type", ""))), ("URN", f"<code>{_h(urn)}</code>"),
-                   ("ID", _h(res.get("id", "")) or '<span class="mut">none</span>'),
+                   ("Type", _name(res.get("type", ""))), ("URN", f"<code>{_name(urn)}</code>"),
+                   ("ID", _name(res.get("id")) if res.get("id") else
+                    '<span class="mut">none</span>'),
                    ("Kind", "custom" if res.get("custom") else "component"),
                    ("Provider", links([provider.rsplit("::", 1)[0]]) if provider else
                     '<span class="mut">default</span>'),
@@ -7729,7 +7826,7 @@ class Console:
                     f'<tr><td><a href="{_h(url)}">{_h(info["version"])}</a></td>'
                     f'<td><a href="{_h(url)}">{_h(info["kind"])}</a></td>'
                     f'<td>{_result_badge(info["result"])}</td>'
-                    f'<td class="w">{_h(_dict(info.get("requestedBy")).get("name", ""))}</td>'
+                    f'<td class="w">{_name(_dict(info.get("requestedBy")).get("name", ""))}</td>'
                     f'<td>{_when(info["startTime"])}</td>'
                     f'<td class="w">{_h(_duration(info["startTime"], info["endTime"]))}</td>'
                     f'<td>{_changes(info.get("resourceChanges"))}</td>'
@@ -7749,7 +7846,7 @@ class Console:
         out = [self._stack_head(req, "activity"),
                f'<h2>Update #{_h(info["version"])}: {_h(info["kind"])} '
                f'{_result_badge(info["result"])}</h2>', '<div class="card">' + _kv([
-                   ("By", _h(_dict(info.get("requestedBy")).get("name", ""))),
+                   ("By", _name(_dict(info.get("requestedBy")).get("name", ""))),
                    ("Started", _when(info["startTime"])),
                    ("Duration", _h(_duration(info["startTime"], info["endTime"]))
                     or ('<span class="run">running…</span>' if running else "")),
@@ -7761,7 +7858,10 @@ class Console:
             out.append(f'<p class="run">This update is running; the page reloads every '
                        f'{CONSOLE_REFRESH_SECONDS} seconds.</p>')
         out.append("<h2>Steps</h2>")
-        link = self._linker(project, name)
+        # A resource the update deleted has no page: its name is plain text.
+        present = {r["urn"] for r in self._state(org, project, name).get("resources") or ()
+                   if isinstance(r, dict) and isinstance(r.get("urn"), str)}
+        link = self._linker(project, name, present)
         out.append("".join(self._step_html(link, s, running) for s in steps)
                    or '<p class="mut">No resource steps recorded.</p>')
         if general:
@@ -7783,7 +7883,7 @@ class Console:
                  "running": ' <span class="badge run">in progress</span>' if running
                  else ' <span class="badge mut">unfinished</span>'}.get(step.get("state"), "")
         out = [f'<div class="step op-{cls}"><span class="sym">{_h(sym)}</span>'
-               f'<span class="t">{_h(meta.get("type", ""))}</span> {link(step)} '
+               f'<span class="t">{_name(meta.get("type", ""))}</span> {link(step)} '
                f'<span class="mut">{_h(op)}</span>{state}']
         if op != "same":
             for sign, key, old, new in _property_diff(op, meta):
@@ -7793,7 +7893,7 @@ class Console:
                     value, scls = _short(new), "create"
                 else:
                     value, scls = _short(old), "delete"
-                out.append(f'<div class="diff op-{scls}">{sign} {_h(key)}: {value}</div>')
+                out.append(f'<div class="diff op-{scls}">{sign} {_name(key)}: {value}</div>')
         out.extend(self._diag_html(d) for d in step["diags"])
         out.append("</div>")
         return "".join(out)
@@ -7867,7 +7967,7 @@ class Console:
             for t in rows:
                 action = f"/tokens/{_q(t['id'])}/revoke"
                 out.append(
-                    f'<tr><td>{_h(t["description"] or t["name"])} <span class="t">'
+                    f'<tr><td>{_name(t["description"] or t["name"])} <span class="t">'
                     f'{_h(t["id"])}</span></td><td class="w">{_h(t["created"])}</td>'
                     f'<td>{_when(t["lastUsed"])}</td><td class="w">{_when(t["expires"])}</td>'
                     f'<td><form method="post" action="{_h(action)}" data-confirm="Revoke this '
@@ -9044,6 +9144,35 @@ def import_diy(cfg: Config, source: Optional[str], options: dict, environ: dict)
         print("Stacks with a passphrase or cloud KMS secrets provider keep it: run `pulumi stack "
               "change-secrets-provider default` on each to move it to this server's keys.")
     return 1 if failed else 0
+
+
+def _tty(value: Any) -> str:
+    """``value`` as text for an admin's terminal, where what members chose (token names,
+    user agents) must not move the cursor, retitle the window or forge rows.
+
+    Every character str.isprintable() refuses but the space (C0 with newline and tab,
+    DEL, C1 with CSI \\x9b, bidi overrides, line separators, unassigned code points)
+    becomes a \\xNN, \\uNNNN or \\UNNNNNNNN escape; a backslash is doubled, so that an
+    escape in the output was one in the text.
+    """
+    out = []
+    for char in str(value):
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable() or char == " ":
+            out.append(char)
+        else:
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _say(*fields: Any) -> None:
+    """Print one line of the administration commands: ``fields`` escaped, tab-separated."""
+    print("\t".join(_tty(f) for f in fields), flush=True)
+
+
 def _want(args: list, n: int, usage: str) -> list:
     if len(args) != n:
         raise ValueError(f"usage: pulumi_backend.py {usage}")
@@ -9055,22 +9184,22 @@ def _admin_user(ident: Identity, action: str, args: list, opts: dict) -> None:
         login, = _want(args, 1, "user add LOGIN [--name NAME] [--email E] [--role admin|member]")
         user = ident.add_user(_LOCAL_ADMIN, login, opts["name"] or "", opts["email"] or "",
                               opts["role"] or "member")
-        print(f"added user {login} ({user['role']}); give them a token: "
-              f"pulumi_backend.py token create --user {login}")
+        _say(f"added user {login} ({user['role']}); give them a token: "
+             f"pulumi_backend.py token create --user {login}")
     elif action == "remove":
         login, = _want(args, 1, "user remove LOGIN")
         ident.remove_user(_LOCAL_ADMIN, login)
-        print(f"removed user {login} and their personal tokens")
+        _say(f"removed user {login} and their personal tokens")
     elif action == "set-role":
         login, role = _want(args, 2, "user set-role LOGIN admin|member")
         ident.set_role(_LOCAL_ADMIN, login, role)
-        print(f"{login} is now {role}")
+        _say(f"{login} is now {role}")
     elif action == "list":
         _want(args, 0, "user list")
         with ident.store.read() as db:
             for u in ident.store.list_users(db):
                 teams = ",".join(ident.store.user_teams(db, u["login"])) or "-"
-                print(f"{u['login']}\t{u['role']}\tteams={teams}\t{u['name']}")
+                _say(u["login"], u["role"], f"teams={teams}", u["name"])
     else:
         raise ValueError("user actions: add, list, remove, set-role")
 
@@ -9079,23 +9208,23 @@ def _admin_team(ident: Identity, action: str, args: list, opts: dict) -> None:
     if action == "create":
         team, = _want(args, 1, "team create TEAM [--description TEXT]")
         ident.create_team(_LOCAL_ADMIN, team, description=opts["description"] or "")
-        print(f"created team {team}")
+        _say(f"created team {team}")
     elif action == "remove":
         team, = _want(args, 1, "team remove TEAM")
         ident.delete_team(_LOCAL_ADMIN, team)
-        print(f"removed team {team} with its grants and tokens")
+        _say(f"removed team {team} with its grants and tokens")
     elif action in ("add-member", "remove-member"):
         team, login = _want(args, 2, f"team {action} TEAM LOGIN")
         (ident.add_member if action == "add-member" else ident.remove_member)(
             _LOCAL_ADMIN, team, login)
-        print(f"{'added' if action == 'add-member' else 'removed'} {login} "
-              f"{'to' if action == 'add-member' else 'from'} team {team}")
+        _say(f"{'added' if action == 'add-member' else 'removed'} {login} "
+             f"{'to' if action == 'add-member' else 'from'} team {team}")
     elif action == "grant":
         team, pattern, perm = _want(args, 3, "team grant TEAM PATTERN none|read|write|admin")
         if perm not in _PERM_BY_NAME:
             raise ValueError(f"permission must be none, read, write or admin, not {perm!r}")
         pattern = ident.grant(_LOCAL_ADMIN, team, pattern, _PERM_BY_NAME[perm])
-        print(f"team {team}: {perm} on {pattern}")
+        _say(f"team {team}: {perm} on {pattern}")
     elif action == "list":
         _want(args, 0, "team list")
         for team in ident.teams_json():
@@ -9103,7 +9232,7 @@ def _admin_team(ident: Identity, action: str, args: list, opts: dict) -> None:
             members = ",".join(m["githubLogin"] for m in full["members"]) or "-"
             grants = ",".join(f"{s['projectName']}/{s['stackName']}="
                               f"{_PERM_NAMES[s['permission']]}" for s in full["stacks"]) or "-"
-            print(f"{team['name']}\tmembers={members}\tgrants={grants}")
+            _say(team["name"], f"members={members}", f"grants={grants}")
     else:
         raise ValueError("team actions: create, list, remove, add-member, remove-member, grant")
 
@@ -9121,9 +9250,9 @@ def _admin_token(ident: Identity, action: str, args: list, opts: dict) -> None:
         token_id, value = ident.create_token(
             _LOCAL_ADMIN, *owners[0], opts["name"] or "", opts["description"] or "",
             _now() + seconds if seconds else 0, bool(opts["admin"]))
-        print(f"created token {token_id} for {owners[0][0]} {owners[0][1]}; it is shown only "
-              "now:", file=sys.stderr)
-        print(value, flush=True)
+        print(_tty(f"created token {token_id} for {owners[0][0]} {owners[0][1]}; it is "
+                   "shown only now:"), file=sys.stderr)
+        _say(value)
     elif action == "list":
         _want(args, 0, "token list")
         for t in ident.tokens_json()["tokens"]:
@@ -9131,12 +9260,12 @@ def _admin_token(ident: Identity, action: str, args: list, opts: dict) -> None:
                 row = ident.store.get_token(db, t["id"])
             used = _rfc3339(t["lastUsed"]) if t["lastUsed"] else "never"
             expires = _rfc3339(t["expires"]) if t["expires"] else "never"
-            print(f"{t['id']}\t{row['kind']}:{row['owner']}\tname={t['name']}\t"
-                  f"created={t['created']}\tlast-used={used}\texpires={expires}")
+            _say(t["id"], f"{row['kind']}:{row['owner']}", f"name={t['name']}",
+                 f"created={t['created']}", f"last-used={used}", f"expires={expires}")
     elif action == "revoke":
         token_id, = _want(args, 1, "token revoke TOKEN_ID")
         ident.revoke_token(_LOCAL_ADMIN, token_id)
-        print(f"revoked token {token_id}")
+        _say(f"revoked token {token_id}")
     else:
         raise ValueError("token actions: create, list, revoke")
 
@@ -9163,8 +9292,9 @@ def _admin_audit(store: Store, args: list, opts: dict) -> None:
     while True:
         with store.read() as db:
             rows = store.list_audit(db, after, since, 2 ** 62, None, None, 1000, ascending=True)
-        for row in rows:
-            sys.stdout.write(json.dumps(_audit_line(row), ensure_ascii=True) + "\n")
+        for row in rows:  # \u-escapes for C0 and all non-ASCII (C1 too); DEL by hand
+            sys.stdout.write(json.dumps(_audit_line(row), ensure_ascii=True)
+                             .replace("\x7f", "\\u007f") + "\n")
         if len(rows) < 1000:
             break
         after = rows[-1]["id"]
@@ -9190,7 +9320,7 @@ def _run_admin(cfg: Config, command: str, words: list, opts: dict) -> int:
             ident, action, args, opts)
         return 0
     except HTTPError as e:
-        raise ValueError(e.message) from None
+        raise ValueError(_tty(e.message)) from None
     finally:
         store.close()
 

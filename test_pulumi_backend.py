@@ -1612,10 +1612,76 @@ def test_members_and_teams_api(team_srv):
                                                        "stackName": "prod"}}, **root)[0] == 200
     assert srv.request("GET", sp("ops", "prod"), **dev)[0] == 403
     assert [t["name"] for t in srv.request("GET", f"/api/orgs/{ORG}/teams", **dev)[2]["teams"]] \
-        == ["devs", "viewers"]
+        == ["devs"]  # a member's own teams only
     status, _, out = srv.request("PATCH", team, {"memberAction": "promote", "member": "eve"},
                                  **root)
     assert status == 400
+
+def test_members_see_logins_and_names_admins_emails_and_each_their_own(team_srv):
+    srv, ident = team_srv, team_srv.app.identity
+    ident.add_user(LOCAL, "nogrant", email="nogrant@example.com")
+    ident.add_user(LOCAL, "boss", name="The Boss", email="boss@example.com", role="admin")
+    members = f"/api/orgs/{ORG}/members"
+    for who in ("nogrant", "dev"):
+        listed = srv.request("GET", members, token=token_for(srv, "personal", who))[2]["members"]
+        assert {m["user"]["githubLogin"]: m["user"].get("email") for m in listed} == {
+            "root": None, "viewer": None, "dev": None, "boss": None, "nogrant": None,
+            who: "nogrant@example.com" if who == "nogrant" else ""}
+        assert {m["user"]["name"] for m in listed} >= {"The Boss", "root"}
+    for token in (srv.tok["root"], token_for(srv, "org", ORG, admin=True)):
+        listed = srv.request("GET", members, token=token)[2]["members"]
+        assert {m["user"]["githubLogin"]: m["user"]["email"] for m in listed}["boss"] \
+            == "boss@example.com"
+    listed = srv.request("GET", members, token=token_for(srv, "team", "devs"))[2]["members"]
+    assert all("email" not in m["user"] for m in listed)
+
+
+def test_members_see_only_their_own_teams(team_srv):
+    srv, ident = team_srv, team_srv.app.identity
+    ident.add_user(LOCAL, "nogrant")
+    ident.add_user(LOCAL, "dev2", email="dev2@example.com")
+    ident.add_member(LOCAL, "devs", "dev2")
+    teams = f"/api/orgs/{ORG}/teams"
+    nogrant, dev = token_for(srv, "personal", "nogrant"), srv.tok["dev"]
+    assert srv.request("GET", teams, token=nogrant)[2] == {"teams": []}
+    for name in ("devs", "viewers", "nope"):  # a team that exists reads as one that does not
+        status, _, out = srv.request("GET", f"{teams}/{name}", token=nogrant)
+        assert (status, out["message"]) == (404, f"Not Found: team '{name}' not found")
+    assert [t["name"] for t in srv.request("GET", teams, token=dev)[2]["teams"]] == ["devs"]
+    assert srv.request("GET", f"{teams}/viewers", token=dev)[0] == 404
+    status, _, out = srv.request("GET", f"{teams}/devs", token=dev)
+    assert status == 200 and [m["githubLogin"] for m in out["members"]] == ["dev", "dev2"]
+    assert [s["projectName"] for s in out["stacks"]] == ["app"]
+    assert "email" not in out["members"][1]  # dev2's address is for admins and dev2
+    team_token = token_for(srv, "team", "devs")
+    assert [t["name"] for t in srv.request("GET", teams, token=team_token)[2]["teams"]] == [
+        "devs"]
+    for token in (srv.tok["root"], token_for(srv, "org", ORG, admin=True)):
+        assert [t["name"] for t in srv.request("GET", teams, token=token)[2]["teams"]] == [
+            "devs", "viewers"]
+        out = srv.request("GET", f"{teams}/devs", token=token)[2]
+        assert out["members"][1]["email"] == "dev2@example.com"
+
+
+def test_project_exists_only_for_who_may_read_a_stack_of_it(team_srv, monkeypatch):
+    srv, ident = team_srv, team_srv.app.identity
+    ident.add_user(LOCAL, "nogrant")
+    head = f"/api/stacks/{ORG}/ops"
+    assert srv.request("HEAD", head, token=token_for(srv, "personal", "nogrant"))[0] == 404
+    assert srv.request("HEAD", head, token=srv.tok["dev"])[0] == 404  # write on app/* only
+    assert srv.request("HEAD", f"/api/stacks/{ORG}/app", token=srv.tok["dev"])[0] == 200
+    for who in ("viewer", "root"):
+        assert srv.request("HEAD", head, token=srv.tok[who])[0] == 200
+    assert srv.request("HEAD", f"/api/stacks/{ORG}/none", token=srv.tok["root"])[0] == 404
+    # One readable stack among many that are not is found past the first page.
+    monkeypatch.setattr(pb, "STACK_PAGE_SIZE", 2)
+    for n in range(3):
+        assert srv.request("POST", head, {"stackName": f"a{n}"}, token=srv.tok["root"])[0] == 200
+    ident.create_team(LOCAL, "late")
+    ident.add_member(LOCAL, "late", "nogrant")
+    ident.grant(LOCAL, "late", "ops/prod", pb.PERM_READ)
+    nogrant = token_for(srv, "personal", "nogrant")
+    assert srv.request("HEAD", head, token=nogrant)[0] == 200
 
 
 def test_stack_permissions_read_write_admin(team_srv):
@@ -1728,6 +1794,41 @@ def test_admin_commands_work_while_the_server_runs(team_srv, tmp_path):
         assert_one_line_error(proc, "none, read, write or admin")
         proc = run_cli(["user", "remove", "nobody", "--db", db], tmp_path)
         assert_one_line_error(proc, "nobody")
+
+#: What a member may write where the administration commands print it: terminal escapes
+#: (OSC retitle, CSI clear, the one-byte C1 CSI), DEL, a bidi override, and a forged row.
+TERMINAL_HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x9b31m\x7f\u202egnp.exe\r\nfake\tpersonal:root"
+
+
+def test_admin_commands_escape_what_members_wrote(team_srv, capsys):
+    srv, ident = team_srv, team_srv.app.identity
+    ident.add_user(LOCAL, "eve", name=TERMINAL_HOSTILE)
+    ident.add_member(LOCAL, "devs", "eve")
+    eve = token_for(srv, "personal", "eve")
+    assert srv.request("POST", "/api/user/tokens", {"description": TERMINAL_HOSTILE},
+                       token=eve)[0] == 200
+    srv.app.audit.record("stack_exported", LOCAL, None, TERMINAL_HOSTILE,
+                         description=TERMINAL_HOSTILE)
+    capsys.readouterr()
+    outputs = {}
+    for command, rows, tabs in ((["user", "list"], 4, 3), (["team", "list"], 2, 2),
+                                (["token", "list"], 5, 5), (["audit"], None, 0)):
+        assert pb.main([*command, "--db", srv.cfg.db]) == 0
+        out = outputs[command[0]] = capsys.readouterr().out
+        assert all(c.isprintable() or c in " \t\n" for c in out), (command, out)
+        lines = out.splitlines()
+        assert rows is None or len(lines) == rows, (command, out)
+        assert all(line.count("\t") == tabs for line in lines), (command, out)
+    escaped = "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\x7f\\u202egnp.exe\\x0d\\x0afake\\x09personal:root"
+    for command in ("user", "token"):
+        assert escaped in outputs[command]
+    audit = [json.loads(line) for line in outputs["audit"].splitlines()]
+    assert outputs["audit"].isascii() and "\x7f" not in outputs["audit"]
+    assert audit[-1]["description"] == audit[-1]["target"] == TERMINAL_HOSTILE
+    assert pb._tty("a\\x1b") == "a\\\\x1b"  # a backslash in the text is doubled
+    # An error the commands print is one line too.
+    assert pb.main(["user", "remove", "nobody", "--db", srv.cfg.db]) == 1
+    assert len(capsys.readouterr().err.splitlines()) == 1
 
 
 def test_audit_log_records_actions_without_secrets(start, tmp_path):
@@ -4897,6 +4998,11 @@ def browser(srv):
     return b
 
 
+def unbdi(page):
+    """``page`` without the <bdi> elements that isolate each name (see _name)."""
+    return page.replace("<bdi>", "").replace("</bdi>", "")
+
+
 def console_stack(srv, project="proj", stack="dev", tags=None, resources=()):
     path = srv.create_stack(project, stack, tags=tags or {})
     if resources:
@@ -5009,7 +5115,7 @@ def test_console_stacks_page_groups_searches_filters_and_pages(srv, browser, mon
     srv.begin(sp("web", "staging"))  # running
     status, _, page = browser.get("/")
     assert status == 200
-    assert page.index("<h2>api</h2>") < page.index("<h2>web</h2>")
+    assert page.index("<h2><bdi>api</bdi></h2>") < page.index("<h2><bdi>web</bdi></h2>")
     assert page.count('class="badge run">running') == 1
     assert '<td class="n">2</td>' in page  # api/dev's resource count
     assert browser.get("/?q=stag")[2].count("<tr><td>") == 1
@@ -5135,6 +5241,7 @@ def test_console_overview_shows_outputs_tags_last_update_and_masked_config(srv, 
     assert update.complete()[0] == 200
     status, _, page = browser.get("/stacks/proj/dev")
     assert status == 200
+    page = unbdi(page)
     for text in ("env: prod", "endpoint", "https://x.example", "eu-west-1", "proj:db",
                  "succeeded", "a message", 'title="create">+2', "/stacks/proj/dev/export"):
         assert html.escape(text) in page or text in page, text
@@ -5150,19 +5257,20 @@ def test_console_resources_tree_filter_and_resource_page(srv, browser):
               dependencies=[provider["urn"]], protect=True, inputs={"length": 3})
     console_stack(srv, resources=[root, provider, comp, pet])
     status, _, page = browser.get("/stacks/proj/dev/resources")
+    page = unbdi(page)
     assert status == 200 and "4 resources" in page
     # pet is nested inside the component's list, which is nested inside the stack's.
     web_at, pet_at = page.index(">web</a>"), page.index(">pet</a>")
     assert web_at < pet_at and page.count("<ul>") == 2
     assert "my:index:Component · component" in page
-    _, _, page = browser.get("/stacks/proj/dev/resources?q=RandomPet")
+    page = unbdi(browser.get("/stacks/proj/dev/resources?q=RandomPet")[2])
     assert "1 of 4 resources" in page and ">pet</a>" in page and ">web</a>" not in page
-    _, _, page = browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
-        pet["urn"], safe=""))
+    page = unbdi(browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
+        pet["urn"], safe=""))[2])
     for text in ("protect", ">web</a>", ">default</a>", "&quot;length&quot;: 3", "pet-id"):
         assert text in page, text
-    _, _, page = browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
-        comp["urn"], safe=""))
+    page = unbdi(browser.get("/stacks/proj/dev/resource?urn=" + urllib.parse.quote(
+        comp["urn"], safe=""))[2])
     assert ">pet</a>" in page  # its child
     assert browser.get("/stacks/proj/dev/resource?urn=urn:nope")[0] == 404
 
@@ -5219,7 +5327,7 @@ def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(s
             "resourceChanges": {"update": 1, "create": 1}}},
     )[0] == 200
     assert update.complete("failed")[0] == 200
-    _, _, page = browser.get(page_url)
+    page = unbdi(browser.get(page_url)[2])
     assert "http-equiv" not in page and "in progress" not in page
     steps = re.findall(r'<div class="step op-(\w+)"><span class="sym">([^<]*)</span>', page)
     assert steps == [("update", "~"), ("create", "+"), ("replace", "+-"), ("delete", "-")]
@@ -5234,6 +5342,50 @@ def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(s
     status, headers, body = browser.get(page_url + "/events")
     assert status == 200 and len(json.loads(body)["events"]) == 9
     assert browser.get(f"/stacks/proj/dev/updates/{'0' * 32}")[0] == 404
+
+def test_console_update_page_links_only_resources_still_in_the_state(srv, browser):
+    keep, gone = res("keep"), res("gone")
+    path = console_stack(srv, resources=[stack_res(), keep, gone])
+    update = srv.begin(path)
+    assert update.events(_step_event(1, "resOutputsEvent", "update", keep, {"a": 1}, {"a": 2}),
+                         _step_event(2, "resOutputsEvent", "delete", gone, {"a": 1}))[0] == 200
+    assert update.complete()[0] == 200
+    srv.import_state(path, untyped([stack_res(), keep]))  # the state without "gone"
+    _, _, page = browser.get(f"/stacks/proj/dev/updates/{update.id}")
+    links = re.findall(r'<a href="(/stacks/proj/dev/resource\?urn=[^"]+)">(?:<bdi>)?(\w+)',
+                       page)
+    assert [name for _, name in links] == ["keep"]
+    assert browser.get(html.unescape(links[0][0]))[0] == 200
+    assert '<span class="gone" title="not in the latest state"><bdi>gone</bdi></span>' in page
+
+
+def test_console_isolates_names_and_shows_their_bidi_controls(srv):
+    """A right-to-left override in a name ("\\u202egnp.exe" reads "exe.png") is shown as
+    U+202E, and every name is a <bdi> so that its text cannot reorder the page's."""
+    rlo = "\u202egnp.exe"
+    pet = res(rlo, type_="my:index/\u2067Evil:Evil", inputs={rlo: 1})
+    path = console_stack(srv, tags={"name": rlo}, resources=[stack_res(), pet])
+    srv.app.identity.add_user(LOCAL, "mallory", role="admin")
+    token = token_for(srv, "personal", "mallory")
+    b = Browser(srv)
+    b.sign_in(token)
+    update = srv.request("POST", path + "/update", {"options": {}}, token=token)[2]["updateID"]
+    assert srv.request("POST", f"{path}/update/{update}", {"tags": {"name": rlo}},
+                       token=token)[0] == 200
+    assert b.post("/tokens", {"description": rlo, "expires": "0"}, csrf_from="/tokens")[0] == 200
+    resource = "/stacks/proj/dev/resource?urn=" + urllib.parse.quote(pet["urn"], safe="")
+    shown = '<bdi><span class="bad">U+202E</span>gnp.exe</bdi>'
+    for url, count in (("/", 1), ("/stacks/proj/dev", 1), ("/stacks/proj/dev/resources", 1),
+                       (resource, 1), ("/tokens", 1)):  # a tag, a tag, a name, a name, a token
+        status, _, page = b.get(url)
+        assert status == 200, (url, page)
+        assert not re.search("[\u202a-\u202e\u2066-\u2069]", page), url
+        assert page.count(shown) == count, (url, page)
+    page = b.get(resource)[2]
+    assert "<title>U+202Egnp.exe · proj/dev · pulumi-backend</title>" in page
+    assert 'my:index/<span class="bad">U+2067</span>Evil:Evil</bdi>' in page  # the type
+    assert "<code><bdi>urn:pulumi:" in page  # the URN
+    assert "&quot;\\u202egnp.exe&quot;: 1" in page  # in JSON: an escape
 
 
 def test_console_tokens_page_creates_and_revokes_personal_tokens(srv):
@@ -5286,6 +5438,55 @@ def test_console_session_ends_with_its_token_or_its_time(srv, clock):
 def test_console_pages_take_no_body_and_forms_a_small_one(srv, browser):
     status, _, _ = browser.send("POST", "/login", {"token": "x" * (pb.MAX_CONSOLE_FORM + 1)})
     assert status == 413
+
+
+def test_console_renders_values_nested_to_the_limit(srv, browser):
+    """Whatever the API stored renders: nesting to MAX_JSON_DEPTH in a resource's inputs
+    and outputs and in an update's events (its pages show "…" below a depth; the events
+    JSON has all of it)."""
+    limit = pb.MAX_JSON_DEPTH
+    deep = res("deep", inputs={"v": nested(limit - 5)}, outputs={"v": nested(limit - 5)})
+    path = console_stack(srv, resources=[stack_res(), deep])
+    update = srv.begin(path)
+    a, b = res("a"), res("b")
+    assert update.events(  # in the batch body: 7 levels above the values
+        _step_event(1, "resourcePreEvent", "update", a, {"k": nested(limit - 7)},
+                    {"k": nested(limit - 7, 2)}, diffs=["k"]),
+        _step_event(2, "resourcePreEvent", "create", b, None, {"k": nested(limit - 7)}),
+    )[0] == 200
+    assert update.complete()[0] == 200
+    page_url = f"/stacks/proj/dev/updates/{update.id}"
+    status, _, page = browser.get("/stacks/proj/dev/resource?urn="
+                                  + urllib.parse.quote(deep["urn"], safe=""))
+    assert status == 200, page[-500:]
+    assert page.count("&quot;…&quot;") == 2  # in the inputs and in the outputs
+    status, _, page = browser.get(page_url)
+    assert status == 200, page[-500:]
+    assert '<div class="diff op-update">~ <bdi>k</bdi>: [' in page
+    assert '<div class="diff op-create">+ <bdi>k</bdi>: [' in page
+    status, _, body = browser.get(page_url + "/events")
+    assert status == 200, body[-500:]
+    events = json.loads(body)["events"]
+    assert events[0]["resourcePreEvent"]["metadata"]["new"]["inputs"]["k"] == nested(limit - 7, 2)
+
+
+def test_console_renders_times_out_of_range(srv, cfg, browser, tmp_path, capsys):
+    """A DIY history's startTime of 10**18 (import takes it) shows as the number on every
+    page instead of failing them for every reader."""
+    diy = tmp_path / "diy"
+    path = write_diy(diy, "proj", "dev", diy_states(1))
+    (record,) = (diy / ".pulumi" / "history").rglob("*.history.json")
+    info = json.loads(record.read_text())
+    record.write_text(json.dumps(dict(info, startTime=10**18, endTime=10**18 + 5)))
+    assert run_import(cfg, diy, capsys)[0] == 0
+    update_id = srv.history(path)[0]["updateID"]
+    for url in ("/", "/stacks/proj/dev", "/stacks/proj/dev/activity",
+                f"/stacks/proj/dev/updates/{update_id}"):
+        status, _, page = browser.get(url)
+        assert status == 200, (url, page[-500:])
+        assert "100000000000000000" in page, url  # 10**18 or 10**18 + 5 (its end)
+    assert pb._when(10**18) == str(10**18) and pb._when(float("inf")) == "inf"
+    assert pb._duration(10**18, 10**18 + 5) == "5s"
 
 
 # ==== 12. Backups and replication: scheduled backups ==========================

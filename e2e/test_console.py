@@ -121,7 +121,7 @@ def test_console_in_a_browser(e2e, browser, tmp_path):
     page.click("text=web")
     page.wait_for_url(re.compile(r".*/stacks/.+/web$"))
     overview = page.content()
-    assert "[secret]" in overview and "owner: console-e2e" in overview
+    assert "[secret]" in overview and "owner: console-e2e" in page.inner_text("main")
     assert "dbpass" in overview and "https://example.com/&lt;b&gt;" in overview
     shots.take(page, "overview")
 
