@@ -865,6 +865,82 @@ def test_postgres_config_needs_a_shared_key_and_no_backup_dir(tmp_path):
                    {"PULUMI_BACKEND_MASTER_KEY": key}) == 1
 
 
+def _declared_store_members():
+    """Store's declared contract: its abstract methods and its attributes."""
+    return set(pb.Store.__abstractmethods__) | {
+        n for n in vars(pb.Store) if not n.startswith("_")} | set(pb.Store.__annotations__)
+
+
+def _store_uses_outside_section_5():
+    """Return {member: [line, ...]} of every ``<store>.member`` after section 5 of the
+    module, where a store is ``<anything>.store``, a name ``store``, a name bound to
+    ``open_store(...)`` or a parameter annotated ``Store`` in the enclosing function."""
+    text = SCRIPT.read_text(encoding="utf-8")
+    start = text[:text.index("\n# ==== 6. ")].count("\n") + 2  # first line after section 5
+    tree = ast.parse(text)
+    uses = collections.defaultdict(list)
+
+    def store_names(func):
+        names = {"store"}
+        for node in ast.walk(func):
+            if isinstance(node, ast.arg) and node.annotation is not None and \
+                    ast.unparse(node.annotation).strip("'\"") == "Store":
+                names.add(node.arg)
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                    ast.unparse(node.value.func) in ("open_store", "SQLiteStore",
+                                                     "PostgresStore"):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        return names
+
+    funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+             and n.lineno >= start]
+    seen = set()
+    for func in funcs:
+        names = store_names(func)
+        for node in ast.walk(func):
+            if not isinstance(node, ast.Attribute) or id(node) in seen:
+                continue
+            value = node.value
+            if (isinstance(value, ast.Attribute) and value.attr == "store") or \
+                    (isinstance(value, ast.Name) and value.id in names):
+                seen.add(id(node))
+                uses[node.attr].append(node.lineno)
+    return uses
+
+
+def test_store_declares_every_method_used_outside_storage():
+    """House style: the storage contract is declared. Everything sections 6-14 call on a
+    store is a member of Store (an abstract method, or ``shared``/``bytes_written``)."""
+    uses = _store_uses_outside_section_5()
+    assert len(uses) > 70 and {"write", "read", "count_rows", "insert_rows", "other_servers",
+                               "delete_expired_tokens", "list_history"} <= set(uses)
+    undeclared = {name: lines for name, lines in uses.items()
+                  if name not in _declared_store_members()}
+    assert undeclared == {}
+    methods = {name for name in uses if name not in ("shared", "bytes_written")}
+    assert methods == set(pb.Store.__abstractmethods__)  # and nothing unused is declared
+
+
+@pytest.mark.parametrize("cls", [pb.SQLiteStore, pb.PostgresStore],
+                         ids=["sqlite", "postgres"])
+def test_store_implementations_have_every_declared_method(cls):
+    """Each store implements every method of the contract with its parameters."""
+    import inspect
+    assert inspect.isabstract(pb.Store) and len(pb.Store.__abstractmethods__) > 70
+    assert not inspect.isabstract(cls) and cls.__abstractmethods__ == frozenset()
+
+    def params(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    for name in sorted(pb.Store.__abstractmethods__):
+        declared, impl = getattr(pb.Store, name), getattr(cls, name)
+        assert not getattr(impl, "__isabstractmethod__", False), name
+        assert impl is not declared and declared.__doc__, name
+        assert params(impl) == params(declared), name
+    for name in ("shared", "bytes_written"):
+        assert name in pb.Store.__annotations__ or name in vars(pb.Store)
+
+
 # ==== 6. Engine: delta application =============================================
 
 def _edit(start, end, text, legacy=None):
