@@ -4487,7 +4487,7 @@ class Engine:
         info = {"kind": update["kind"], "startTime": update["started"] or update["created"],
                 "message": metadata.get("message") or "",
                 "environment": metadata.get("environment") or {},
-                "config": program.get("config") or {}, "result": result,
+                "config": _program_config(program), "result": result,
                 "endTime": update["ended"] or 0, "version": update["version"],
                 "updateID": update["id"]}
         if update["resource_changes"]:
@@ -4691,6 +4691,90 @@ def _check_program(body: dict) -> dict:
             raise BadRequest("metadata needs a string message and an environment of strings")
     program.update(config=config, metadata=metadata)
     return program
+
+
+def _go_json(value: Any) -> str:
+    """Return JSON ``value`` as the CLI's Go encoder writes it: keys sorted, no spaces,
+    ``<``, ``>``, ``&``, U+2028 and U+2029 escaped, numbers in Go's forms (an int
+    beyond int64 and a whole float as Go's float64, ``1e-7``, ``0.000015``)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_go_json(k)}:{_go_json(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(map(_go_json, value)) + "]"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                             ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+            text = text.replace(char, escape)
+        return text
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int) and -2**63 <= value < 2**63:
+        return str(value)
+    number = float(value)  # Go decodes config numbers to an int64, else a float64
+    if number == 0:
+        return "-0" if math.copysign(1, number) < 0 else "0"
+    text = repr(number)
+    mantissa, _, exponent = text.partition("e")
+    if not 1e-6 <= abs(number) < 1e21:  # Go's 'e' format: 1e+21, 1.5e-7, 1e-10
+        return f"{mantissa}e{int(exponent):+d}"
+    if not exponent:
+        return text[:-2] if text.endswith(".0") else text
+    sign, mantissa = ("-", mantissa[1:]) if mantissa.startswith("-") else ("", mantissa)
+    whole, _, fraction = mantissa.partition(".")
+    digits, point = whole + fraction, len(whole) + int(exponent)
+    if point <= 0:
+        return f"{sign}0.{'0' * -point}{digits}"
+    if point >= len(digits):
+        return sign + digits + "0" * (point - len(digits))
+    return f"{sign}{digits[:point]}.{digits[point:]}"
+
+
+def _is_secure_value(value: Any) -> bool:
+    """Return whether a config value in config.Value's JSON is ``{"secure": ciphertext}``."""
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("secure"), str)
+
+
+def _has_secure_value(value: Any) -> bool:
+    """Return whether a config object holds a ``{"secure": ciphertext}`` anywhere."""
+    if _is_secure_value(value):
+        return True
+    if isinstance(value, dict):
+        return any(map(_has_secure_value, value.values()))
+    return isinstance(value, list) and any(map(_has_secure_value, value))
+
+
+def _config_value(value: Any) -> dict:
+    """Return one value of a config.Map's JSON (a DIY history's ``config``: a string,
+    ``{"secure": ciphertext}``, or an object or list) as the apitype.ConfigValue
+    ``{"string", "secret", "object"}`` the service serves, as the CLI converts it
+    (config.Value's UnmarshalJSON, then CreateUpdate): an object becomes its JSON
+    text, secret when a secure value is inside it."""
+    if isinstance(value, str):
+        return {"string": value, "secret": False, "object": False}
+    if _is_secure_value(value):
+        return {"string": value["secure"], "secret": True, "object": False}
+    if isinstance(value, (dict, list)) or value is None:
+        return {"string": _go_json(value), "secret": _has_secure_value(value), "object": True}
+    return {"string": _go_json(value), "secret": False, "object": False}  # a number or bool
+
+
+def _service_config(config: Any) -> dict:
+    """Return a config.Map's JSON (``{"proj:key": value}``) as apitype.ConfigValues."""
+    return {k: _config_value(v) for k, v in config.items()} if isinstance(config, dict) else {}
+
+
+def _program_config(program: dict) -> dict:
+    """Return the config of a stored update program as apitype.ConfigValues.
+
+    Programs of updates the CLI made hold them as checked (``_check_program``
+    writes every program key, "runtime" among them). ``import-diy`` wrote its
+    programs without "runtime" and, before issue 23, with the DIY history's
+    config.Map as it was, which the CLI cannot decode: those are converted here.
+    """
+    if "runtime" in program:
+        return program.get("config") or {}
+    return _service_config(program.get("config"))
 
 
 def _check_resource_changes(changes: Any) -> dict:
@@ -8200,7 +8284,11 @@ def _diy_update(history_path: Optional[str], nanos: int, kind_default: str) -> d
     changes = info.get("resourceChanges")
     return {"kind": kind[:40], "status": _DIY_RESULTS.get(info.get("result"), "failed"),
             "created": start, "started": start, "ended": end,
-            "program": json.dumps({"config": info.get("config") or {}, "metadata": metadata}),
+            # Every key an update request's program has (_check_program): its config is
+            # then read as the apitype.ConfigValues it holds (_program_config).
+            "program": json.dumps({"name": None, "runtime": None, "main": None,
+                                   "description": None, "config": _service_config(
+                                       info.get("config")), "metadata": metadata}),
             "resource_changes": json.dumps(changes) if isinstance(changes, dict) else None}
 
 
