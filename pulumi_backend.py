@@ -70,6 +70,7 @@ Sections:
 
 from __future__ import annotations
 
+import abc
 import argparse
 import array
 import base64
@@ -1225,47 +1226,363 @@ def _histogram_lines(name: str, key: tuple, h: list, bounds: tuple) -> list:
 
 # ==== 5. Storage ============================================================
 
-class Store:
-    """What the engine needs from persistent storage.
+class Store(abc.ABC):
+    """What the engine needs from persistent storage: every method that code
+    outside this section calls on a store. SQLiteStore and PostgresStore
+    implement them all (the record methods once, in _SQLRecords); a test checks
+    both against this list and the module's calls against it.
 
     The engine opens a transaction with ``write()`` (exclusive, committed
     durably when the block exits without error) or ``read()`` (a consistent
     snapshot), and passes the handle it gets to the record methods below. So a
     read-check-write sequence such as "is the stack locked? then lock it" is one
-    atomic transaction, and no SQL leaves this section.
+    atomic transaction, and no SQL leaves this section. Any method may raise
+    ``sqlite3.Error`` (PostgreSQL's errors are raised as the same classes:
+    IntegrityError for a duplicate, OperationalError when busy or unreachable).
     """
 
     #: True when other processes may write the same database (PostgreSQL
     #: replicas): in-memory caches of stored rows must then be validated.
     shared = False
+    #: Bytes of state committed, by table ("deployments", "checkpoints",
+    #: "journal"), for /metrics.
+    bytes_written: dict
 
-    def write(self):  # pragma: no cover - interface
+    # -- transactions and the database as a whole ----------------------------
+
+    @abc.abstractmethod
+    def write(self):
         """Return a context manager yielding a handle for one exclusive transaction."""
-        raise NotImplementedError
 
-    def read(self):  # pragma: no cover - interface
+    @abc.abstractmethod
+    def read(self):
         """Return a context manager yielding a handle for reads (no writes through it)."""
-        raise NotImplementedError
 
-    def after_commit(self, fn: Callable) -> None:  # pragma: no cover - interface
+    @abc.abstractmethod
+    def after_commit(self, fn: Callable) -> None:
         """Run ``fn`` after the current write transaction commits, before other writers."""
-        raise NotImplementedError
 
-    def close(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close every connection; the store is unusable afterwards."""
 
-    # Record methods, implemented once by _SQLRecords for both stores (handle first):
-    # meta: get_meta, set_meta
-    # stacks: get_stack, get_stack_by_id, list_stacks, insert_stack, update_stack,
-    #   delete_stack, project_exists, count_stacks, all_data_keys, one_data_key
-    # deployments: get_deployment, put_deployment, drop_full_copies, prune_versions
-    # updates: get_update, insert_update, update_update, count_running_updates, list_history
-    # checkpoints: put_checkpoint, last_checkpoint, checkpoint_rows, clear_checkpoints
-    # journal: append_journal, journal_rows, count_journal, clear_journal
-    # events: append_events, list_events, events_after, put_values, stack_values
-    # identity (section 8): users, teams, team members, grants, tokens, audit
-    # console (section 11): insert_session, get_session, delete_session,
-    #   console_stacks, latest_updates
+    @abc.abstractmethod
+    def database_bytes(self) -> int:
+        """Return the size of the database on disk in bytes, for /metrics."""
+
+    @abc.abstractmethod
+    def pool_stats(self) -> dict:
+        """Return the connection pool's gauges by name ({} without a pool), for /metrics."""
+
+    @abc.abstractmethod
+    def other_servers(self, db) -> int:
+        """Return how many other servers are connected to the database (0 if it cannot tell)."""
+
+    # -- meta ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_meta(self, db, key: str) -> Optional[bytes]:
+        """Return the value stored under ``key``, or None."""
+
+    @abc.abstractmethod
+    def set_meta(self, db, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key``, replacing any value there."""
+
+    # -- stacks -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_stack(self, db, org: str, project: str, name: str) -> Optional[dict]:
+        """Return the stack's row, or None."""
+
+    @abc.abstractmethod
+    def get_stack_by_id(self, db, stack_id: str) -> Optional[dict]:
+        """Return the row of the stack with id ``stack_id``, or None."""
+
+    @abc.abstractmethod
+    def list_stacks(self, db, org: Optional[str], project: Optional[str], after: tuple,
+                    limit: int) -> list:
+        """Return up to ``limit`` stack rows ordered by (org, project, name) after ``after``."""
+
+    @abc.abstractmethod
+    def insert_stack(self, db, stack: dict) -> None:
+        """Insert a stack row (column -> value); IntegrityError if the name is taken."""
+
+    @abc.abstractmethod
+    def update_stack(self, db, stack_id: str, **fields: Any) -> None:
+        """Set ``fields`` of the stack; ValueError for a column that is not the stack's."""
+
+    @abc.abstractmethod
+    def delete_stack(self, db, stack_id: str) -> None:
+        """Delete the stack with its deployments, updates and everything of theirs."""
+
+    @abc.abstractmethod
+    def project_exists(self, db, org: str, project: str) -> bool:
+        """Return whether ``org`` has a stack in ``project``."""
+
+    @abc.abstractmethod
+    def count_stacks(self, db) -> int:
+        """Return the number of stacks."""
+
+    @abc.abstractmethod
+    def all_data_keys(self, db) -> list:
+        """Return ``(stack id, wrapped data key)`` of every stack."""
+
+    @abc.abstractmethod
+    def one_data_key(self, db) -> Optional[tuple]:
+        """Return ``(stack id, wrapped data key)`` of some stack, or None if there is none."""
+
+    # -- deployments --------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_deployment(self, db, stack_id: str, version: Optional[int] = None) -> Optional[dict]:
+        """Return the row of ``version`` (or the newest) with its gzip ``data``, or None."""
+
+    @abc.abstractmethod
+    def put_deployment(self, db, stack_id: str, version: int, data_gz: bytes, size: int,
+                       resource_count: int, skeleton: Optional[bytes] = None) -> None:
+        """Store (or replace) the stack's state ``version``."""
+
+    @abc.abstractmethod
+    def drop_full_copies(self, db, stack_id: str, below: int) -> None:
+        """Empty the gzip copy of the stack's versions below ``below`` that have a skeleton."""
+
+    @abc.abstractmethod
+    def prune_versions(self, db, stack_id: str, keep_from: int, keep_previews: int) -> None:
+        """Forget deployments and finished updates older than version ``keep_from``."""
+
+    # -- updates ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_update(self, db, update_id: str) -> Optional[dict]:
+        """Return the update's row, or None."""
+
+    @abc.abstractmethod
+    def insert_update(self, db, update: dict) -> None:
+        """Insert an update row (column -> value); IntegrityError if the id exists."""
+
+    @abc.abstractmethod
+    def update_update(self, db, update_id: str, **fields: Any) -> None:
+        """Set ``fields`` of the update; ValueError for a column that is not an update's."""
+
+    @abc.abstractmethod
+    def count_running_updates(self, db, now: int) -> int:
+        """Return how many updates are running with a live lease at Unix time ``now``."""
+
+    @abc.abstractmethod
+    def list_history(self, db, stack_id: str, limit: int, offset: int) -> list:
+        """Return finished non-preview update rows, newest first (all when ``limit < 0``)."""
+
+    # -- checkpoints --------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_checkpoint(self, db, update_id: str, seq: int, kind: str, data: bytes,
+                       digest: str) -> None:
+        """Store checkpoint ``seq`` of the update (a "full" one drops those before it)."""
+
+    @abc.abstractmethod
+    def last_checkpoint(self, db, update_id: str) -> Optional[tuple]:
+        """Return ``(seq, hash)`` of the update's latest checkpoint row, or None."""
+
+    @abc.abstractmethod
+    def checkpoint_rows(self, db, update_id: str) -> list:
+        """Return the update's checkpoint rows (seq, kind, data, hash) in order."""
+
+    @abc.abstractmethod
+    def clear_checkpoints(self, db, update_id: str) -> None:
+        """Delete the update's checkpoints."""
+
+    # -- journal ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def append_journal(self, db, update_id: str, batch: bytes) -> None:
+        """Store one batch of journal entries after the update's others."""
+
+    @abc.abstractmethod
+    def journal_rows(self, db, update_id: str) -> list:
+        """Return ``(batch, data)`` of the update's journal rows in arrival order."""
+
+    @abc.abstractmethod
+    def count_journal(self, db, update_id: str) -> int:
+        """Return the number of the update's journal rows."""
+
+    @abc.abstractmethod
+    def clear_journal(self, db, update_id: str) -> None:
+        """Delete the update's journal rows."""
+
+    # -- events -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def append_events(self, db, stack_id: str, update_id: str, events: Iterable) -> None:
+        """Store ``(sequence, event)`` pairs; a sequence already stored keeps its first copy."""
+
+    @abc.abstractmethod
+    def put_values(self, db, stack_id: str, update_id: str, values: dict) -> None:
+        """Store long strings (SHA-256 -> string) once per stack, used by ``update_id``."""
+
+    @abc.abstractmethod
+    def stack_values(self, db, stack_id: str, hashes: Iterable) -> dict:
+        """Return the stored JSON of the stack's values ``hashes`` (bytes hash -> bytes)."""
+
+    @abc.abstractmethod
+    def list_events(self, db, update_id: str, after: int, limit: int,
+                    max_bytes: int = 1 << 62) -> list:
+        """Return up to ``limit`` ``(sequence, event)`` pairs after ``after``, in order."""
+
+    @abc.abstractmethod
+    def events_after(self, db, update_id: str, seq: int) -> bool:
+        """Return whether the update has an event stored with a sequence after ``seq``."""
+
+    # -- identity (section 8): users, teams, grants, tokens, audit ------------
+
+    @abc.abstractmethod
+    def identity_in_use(self, db) -> bool:
+        """Return whether any user or stored token exists."""
+
+    @abc.abstractmethod
+    def get_user(self, db, login: str) -> Optional[dict]:
+        """Return the user's row, or None."""
+
+    @abc.abstractmethod
+    def list_users(self, db) -> list:
+        """Return every user row, by login."""
+
+    @abc.abstractmethod
+    def insert_user(self, db, user: dict) -> None:
+        """Insert a user; IntegrityError if the login exists."""
+
+    @abc.abstractmethod
+    def set_user_role(self, db, login: str, role: str) -> None:
+        """Set the user's role."""
+
+    @abc.abstractmethod
+    def delete_user(self, db, login: str) -> None:
+        """Delete the user with its personal tokens and memberships."""
+
+    @abc.abstractmethod
+    def get_team(self, db, name: str) -> Optional[dict]:
+        """Return the team's row, or None."""
+
+    @abc.abstractmethod
+    def list_teams(self, db) -> list:
+        """Return every team row, by name."""
+
+    @abc.abstractmethod
+    def insert_team(self, db, team: dict) -> None:
+        """Insert a team; IntegrityError if the name exists."""
+
+    @abc.abstractmethod
+    def update_team(self, db, name: str, display_name: str, description: str) -> None:
+        """Set the team's display name and description."""
+
+    @abc.abstractmethod
+    def delete_team(self, db, name: str) -> None:
+        """Delete the team with its tokens, members and grants."""
+
+    @abc.abstractmethod
+    def team_members(self, db, team: str) -> list:
+        """Return the user rows of the team's members, by login."""
+
+    @abc.abstractmethod
+    def user_teams(self, db, login: str) -> list:
+        """Return the names of the user's teams, sorted."""
+
+    @abc.abstractmethod
+    def add_member(self, db, team: str, login: str) -> None:
+        """Make the user a member of the team (nothing if it is one)."""
+
+    @abc.abstractmethod
+    def remove_member(self, db, team: str, login: str) -> bool:
+        """Remove the user from the team; return whether it was a member."""
+
+    @abc.abstractmethod
+    def grants(self, db, teams: Iterable) -> list:
+        """Return ``(team, pattern, permission)`` of every grant to one of ``teams``."""
+
+    @abc.abstractmethod
+    def set_grant(self, db, team: str, pattern: str, permission: int) -> None:
+        """Grant ``permission`` on ``pattern`` to ``team``; 0 removes the grant."""
+
+    @abc.abstractmethod
+    def token_by_hash(self, db, digest: str) -> Optional[dict]:
+        """Return the row of the token whose SHA-256 is ``digest``, or None."""
+
+    @abc.abstractmethod
+    def get_token(self, db, token_id: str) -> Optional[dict]:
+        """Return the token's row, or None."""
+
+    @abc.abstractmethod
+    def list_tokens(self, db, kind: Optional[str] = None, owner: Optional[str] = None) -> list:
+        """Return the token rows of ``kind`` and ``owner`` (None: any), oldest first."""
+
+    @abc.abstractmethod
+    def insert_token(self, db, token: dict) -> None:
+        """Insert a token row (column -> value); IntegrityError if id or hash exists."""
+
+    @abc.abstractmethod
+    def delete_token(self, db, token_id: str) -> bool:
+        """Delete the token; return whether it existed."""
+
+    @abc.abstractmethod
+    def touch_token(self, db, token_id: str, when: int) -> None:
+        """Record that the token was used at Unix time ``when``."""
+
+    @abc.abstractmethod
+    def delete_expired_tokens(self, db, now: int, created_by_prefix: str) -> int:
+        """Delete expired tokens whose creator starts with the prefix; return how many."""
+
+    @abc.abstractmethod
+    def append_audit(self, db, event: dict) -> int:
+        """Append one audit event; return its id."""
+
+    @abc.abstractmethod
+    def list_audit(self, db, before_id: int, since: int, until: int, event: Optional[str],
+                   actor: Optional[str], limit: int, ascending: bool = False) -> list:
+        """Return up to ``limit`` audit rows with ``since <= time <= until``, by id."""
+
+    @abc.abstractmethod
+    def prune_audit(self, db, before: int) -> int:
+        """Delete audit events older than ``before``; return how many."""
+
+    # -- console sessions (section 11) ----------------------------------------
+
+    @abc.abstractmethod
+    def insert_session(self, db, digest: str, token_hash: str, created: int,
+                       expires: int) -> None:
+        """Store a console session (by the SHA-256 of its id), dropping expired ones."""
+
+    @abc.abstractmethod
+    def get_session(self, db, digest: str) -> Optional[dict]:
+        """Return the console session's row, or None."""
+
+    @abc.abstractmethod
+    def delete_session(self, db, digest: str) -> None:
+        """Delete the console session."""
+
+    @abc.abstractmethod
+    def console_stacks(self, db, org: str) -> list:
+        """Return ``(id, project, name, tags, resource_count)`` of every stack of ``org``."""
+
+    @abc.abstractmethod
+    def latest_updates(self, db, stack_ids: list) -> dict:
+        """Return the newest non-preview update of each stack (by id) that has one."""
+
+    # -- whole-database copy (the ``copy`` command, section 14) ---------------
+
+    @abc.abstractmethod
+    def count_rows(self, db, table: str) -> int:
+        """Return the number of rows of ``table``; ValueError for an unknown table."""
+
+    @abc.abstractmethod
+    def table_batches(self, db, table: str, size: int = 500) -> Iterator:
+        """Yield ``(columns, rows)`` batches of every row of ``table``."""
+
+    @abc.abstractmethod
+    def insert_rows(self, db, table: str, columns: list, rows: list) -> None:
+        """Insert ``rows`` into ``table``; ValueError for an unknown table or column."""
+
+    @abc.abstractmethod
+    def after_copy(self, db) -> None:
+        """Bring id counters past rows copied in with their ids."""
 
 
 _SCHEMA = [
@@ -2185,6 +2502,15 @@ class SQLiteStore(_SQLRecords):
             except OSError:
                 pass
         return total
+
+    def pool_stats(self) -> dict:
+        """Return {}: readers are pooled here, but /metrics shows PostgreSQL's pool only."""
+        return {}
+
+    def other_servers(self, db) -> int:
+        """Return 0: a SQLite database does not know who has it open (the ``copy``
+        command takes the file's lock instead)."""
+        return 0
 
 
 def is_postgres_url(db: str) -> bool:
@@ -3631,7 +3957,7 @@ class Engine:
         info = {"kind": update["kind"], "startTime": update["started"] or update["created"],
                 "message": metadata.get("message") or "",
                 "environment": metadata.get("environment") or {},
-                "config": program.get("config") or {}, "result": result,
+                "config": _program_config(program), "result": result,
                 "endTime": update["ended"] or 0, "version": update["version"],
                 "updateID": update["id"]}
         if update["resource_changes"]:
@@ -4423,6 +4749,90 @@ def _check_program(body: dict) -> dict:
             raise BadRequest("metadata needs a string message and an environment of strings")
     program.update(config=config, metadata=metadata)
     return program
+
+
+def _go_json(value: Any) -> str:
+    """Return JSON ``value`` as the CLI's Go encoder writes it: keys sorted, no spaces,
+    ``<``, ``>``, ``&``, U+2028 and U+2029 escaped, numbers in Go's forms (an int
+    beyond int64 and a whole float as Go's float64, ``1e-7``, ``0.000015``)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_go_json(k)}:{_go_json(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(map(_go_json, value)) + "]"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                             ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+            text = text.replace(char, escape)
+        return text
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int) and -2**63 <= value < 2**63:
+        return str(value)
+    number = float(value)  # Go decodes config numbers to an int64, else a float64
+    if number == 0:
+        return "-0" if math.copysign(1, number) < 0 else "0"
+    text = repr(number)
+    mantissa, _, exponent = text.partition("e")
+    if not 1e-6 <= abs(number) < 1e21:  # Go's 'e' format: 1e+21, 1.5e-7, 1e-10
+        return f"{mantissa}e{int(exponent):+d}"
+    if not exponent:
+        return text[:-2] if text.endswith(".0") else text
+    sign, mantissa = ("-", mantissa[1:]) if mantissa.startswith("-") else ("", mantissa)
+    whole, _, fraction = mantissa.partition(".")
+    digits, point = whole + fraction, len(whole) + int(exponent)
+    if point <= 0:
+        return f"{sign}0.{'0' * -point}{digits}"
+    if point >= len(digits):
+        return sign + digits + "0" * (point - len(digits))
+    return f"{sign}{digits[:point]}.{digits[point:]}"
+
+
+def _is_secure_value(value: Any) -> bool:
+    """Return whether a config value in config.Value's JSON is ``{"secure": ciphertext}``."""
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("secure"), str)
+
+
+def _has_secure_value(value: Any) -> bool:
+    """Return whether a config object holds a ``{"secure": ciphertext}`` anywhere."""
+    if _is_secure_value(value):
+        return True
+    if isinstance(value, dict):
+        return any(map(_has_secure_value, value.values()))
+    return isinstance(value, list) and any(map(_has_secure_value, value))
+
+
+def _config_value(value: Any) -> dict:
+    """Return one value of a config.Map's JSON (a DIY history's ``config``: a string,
+    ``{"secure": ciphertext}``, or an object or list) as the apitype.ConfigValue
+    ``{"string", "secret", "object"}`` the service serves, as the CLI converts it
+    (config.Value's UnmarshalJSON, then CreateUpdate): an object becomes its JSON
+    text, secret when a secure value is inside it."""
+    if isinstance(value, str):
+        return {"string": value, "secret": False, "object": False}
+    if _is_secure_value(value):
+        return {"string": value["secure"], "secret": True, "object": False}
+    if isinstance(value, (dict, list)) or value is None:
+        return {"string": _go_json(value), "secret": _has_secure_value(value), "object": True}
+    return {"string": _go_json(value), "secret": False, "object": False}  # a number or bool
+
+
+def _service_config(config: Any) -> dict:
+    """Return a config.Map's JSON (``{"proj:key": value}``) as apitype.ConfigValues."""
+    return {k: _config_value(v) for k, v in config.items()} if isinstance(config, dict) else {}
+
+
+def _program_config(program: dict) -> dict:
+    """Return the config of a stored update program as apitype.ConfigValues.
+
+    Programs of updates the CLI made hold them as checked (``_check_program``
+    writes every program key, "runtime" among them). ``import-diy`` wrote its
+    programs without "runtime" and, before issue 23, with the DIY history's
+    config.Map as it was, which the CLI cannot decode: those are converted here.
+    """
+    if "runtime" in program:
+        return program.get("config") or {}
+    return _service_config(program.get("config"))
 
 
 def _check_resource_changes(changes: Any) -> dict:
@@ -8315,7 +8725,11 @@ def _diy_update(history_path: Optional[str], nanos: int, kind_default: str) -> d
     changes = info.get("resourceChanges")
     return {"kind": kind[:40], "status": _DIY_RESULTS.get(info.get("result"), "failed"),
             "created": start, "started": start, "ended": end,
-            "program": json.dumps({"config": info.get("config") or {}, "metadata": metadata}),
+            # Every key an update request's program has (_check_program): its config is
+            # then read as the apitype.ConfigValues it holds (_program_config).
+            "program": json.dumps({"name": None, "runtime": None, "main": None,
+                                   "description": None, "config": _service_config(
+                                       info.get("config")), "metadata": metadata}),
             "resource_changes": json.dumps(changes) if isinstance(changes, dict) else None}
 
 

@@ -867,6 +867,82 @@ def test_postgres_config_needs_a_shared_key_and_no_backup_dir(tmp_path):
                    {"PULUMI_BACKEND_MASTER_KEY": key}) == 1
 
 
+def _declared_store_members():
+    """Store's declared contract: its abstract methods and its attributes."""
+    return set(pb.Store.__abstractmethods__) | {
+        n for n in vars(pb.Store) if not n.startswith("_")} | set(pb.Store.__annotations__)
+
+
+def _store_uses_outside_section_5():
+    """Return {member: [line, ...]} of every ``<store>.member`` after section 5 of the
+    module, where a store is ``<anything>.store``, a name ``store``, a name bound to
+    ``open_store(...)`` or a parameter annotated ``Store`` in the enclosing function."""
+    text = SCRIPT.read_text(encoding="utf-8")
+    start = text[:text.index("\n# ==== 6. ")].count("\n") + 2  # first line after section 5
+    tree = ast.parse(text)
+    uses = collections.defaultdict(list)
+
+    def store_names(func):
+        names = {"store"}
+        for node in ast.walk(func):
+            if isinstance(node, ast.arg) and node.annotation is not None and \
+                    ast.unparse(node.annotation).strip("'\"") == "Store":
+                names.add(node.arg)
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                    ast.unparse(node.value.func) in ("open_store", "SQLiteStore",
+                                                     "PostgresStore"):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        return names
+
+    funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+             and n.lineno >= start]
+    seen = set()
+    for func in funcs:
+        names = store_names(func)
+        for node in ast.walk(func):
+            if not isinstance(node, ast.Attribute) or id(node) in seen:
+                continue
+            value = node.value
+            if (isinstance(value, ast.Attribute) and value.attr == "store") or \
+                    (isinstance(value, ast.Name) and value.id in names):
+                seen.add(id(node))
+                uses[node.attr].append(node.lineno)
+    return uses
+
+
+def test_store_declares_every_method_used_outside_storage():
+    """House style: the storage contract is declared. Everything sections 6-14 call on a
+    store is a member of Store (an abstract method, or ``shared``/``bytes_written``)."""
+    uses = _store_uses_outside_section_5()
+    assert len(uses) > 70 and {"write", "read", "count_rows", "insert_rows", "other_servers",
+                               "delete_expired_tokens", "list_history"} <= set(uses)
+    undeclared = {name: lines for name, lines in uses.items()
+                  if name not in _declared_store_members()}
+    assert undeclared == {}
+    methods = {name for name in uses if name not in ("shared", "bytes_written")}
+    assert methods == set(pb.Store.__abstractmethods__)  # and nothing unused is declared
+
+
+@pytest.mark.parametrize("cls", [pb.SQLiteStore, pb.PostgresStore],
+                         ids=["sqlite", "postgres"])
+def test_store_implementations_have_every_declared_method(cls):
+    """Each store implements every method of the contract with its parameters."""
+    import inspect
+    assert inspect.isabstract(pb.Store) and len(pb.Store.__abstractmethods__) > 70
+    assert not inspect.isabstract(cls) and cls.__abstractmethods__ == frozenset()
+
+    def params(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    for name in sorted(pb.Store.__abstractmethods__):
+        declared, impl = getattr(pb.Store, name), getattr(cls, name)
+        assert not getattr(impl, "__isabstractmethod__", False), name
+        assert impl is not declared and declared.__doc__, name
+        assert params(impl) == params(declared), name
+    for name in ("shared", "bytes_written"):
+        assert name in pb.Store.__annotations__ or name in vars(pb.Store)
+
+
 # ==== 6. Engine: delta application =============================================
 
 def _edit(start, end, text, legacy=None):
@@ -4657,6 +4733,24 @@ def test_updates_latest(srv):
     assert out["info"]["environment"] == {"exec.kind": "cli"}
 
 
+def test_history_converts_config_of_updates_imported_before_issue_23(srv):
+    """import-diy once stored a DIY history's config as it was (config.Map's JSON):
+    such rows are served as apitype.ConfigValues, which the CLI can decode."""
+    path = srv.create_stack()
+    srv.begin(path).complete()  # a CLI update: its config is served as it came
+    with srv.store.write() as db:
+        row = srv.store.get_stack(db, ORG, "proj", "dev")
+        srv.store.insert_update(db, {
+            "id": "old-import", "stack_id": row["id"], "kind": "update", "dry_run": 0,
+            "status": "succeeded", "created": 1, "started": 1, "ended": 2, "version": 2,
+            "program": json.dumps({"config": DIY_CONFIG, "metadata": {"message": "m"}})})
+    history = srv.history(path)
+    assert [u["config"] for u in history] == [SERVICE_CONFIG, {"aws:region": {
+        "string": "us-west-2", "secret": False, "object": False}}]
+    status, _, out = srv.request("GET", path + "/updates/latest")
+    assert status == 200 and out["info"]["config"] == SERVICE_CONFIG
+
+
 @both_stores
 def test_history_pruning(start):
     srv = start(history_limit=3)
@@ -5661,10 +5755,11 @@ T0 = 1_700_000_000  # startTime of the first update of the DIY stacks below
 
 
 def write_diy(root, project, stack, states, gz=False, legacy=False, tags=None, lock=False,
-              provider=None, kinds=None):
+              provider=None, kinds=None, config=None):
     """Write a stack the way the CLI's DIY backend does; each of ``states`` (lists of
-    resources) is one update's result: a history checkpoint, an update record, and
-    the stack file holding the last one. Return the stack's path on our server."""
+    resources) is one update's result: a history checkpoint, an update record (its
+    ``config`` a config.Map's JSON), and the stack file holding the last one. Return
+    the stack's path on our server."""
     bk = root / ".pulumi"
     scoped = () if legacy else (project,)
     if not legacy:
@@ -5690,7 +5785,7 @@ def write_diy(root, project, stack, states, gz=False, legacy=False, tags=None, l
         put(history / f"{prefix}.history{ext}", {
             "kind": (kinds or {}).get(i, "update"), "startTime": T0 + 100 * i,
             "message": f"change {i}", "environment": {"exec.kind": "cli"},
-            "config": {"aws:region": {"string": "eu-west-1", "secret": False, "object": False}},
+            "config": {"aws:region": "eu-west-1"} if config is None else config,
             "result": "failed" if (kinds or {}).get(i) == "failed" else "succeeded",
             "endTime": T0 + 100 * i + 7, "resourceChanges": {"create": i + 1}})
     stack_file = bk.joinpath("stacks", *scoped, stack + ext)
@@ -5750,6 +5845,44 @@ def test_import_diy_brings_every_stack_with_its_history(srv, cfg, tmp_path, caps
     # The imported stack takes updates like any other.
     update = srv.begin(web)
     assert update.complete()[0] == 200 and srv.stack(web)["version"] == 6
+
+
+#: A DIY history's config (config.Map's JSON, as `pulumi config set [--secret] [--path]`
+#: writes it) and the apitype.ConfigValues the CLI makes of it for the service.
+DIY_CONFIG = {"proj:plain": "hello <b>", "proj:count": "3",
+              "proj:password": {"secure": "v1:c2VjcmV0"},
+              "proj:obj": {"b": [1, 2.5, True, None], "a": {"secure": "v1:aW5uZXI="}},
+              "proj:list": ["x", "y"], "proj:nested": {"inner": {"k": "v&w"}}}
+SERVICE_CONFIG = {
+    "proj:plain": {"string": "hello <b>", "secret": False, "object": False},
+    "proj:count": {"string": "3", "secret": False, "object": False},
+    "proj:password": {"string": "v1:c2VjcmV0", "secret": True, "object": False},
+    "proj:obj": {"string": '{"a":{"secure":"v1:aW5uZXI="},"b":[1,2.5,true,null]}',
+                 "secret": True, "object": True},
+    "proj:list": {"string": '["x","y"]', "secret": False, "object": True},
+    "proj:nested": {"string": '{"inner":{"k":"v\\u0026w"}}', "secret": False, "object": True}}
+
+
+def test_import_diy_history_config_becomes_config_values(srv, cfg, tmp_path, capsys):
+    """Issue 23: the CLI decodes each history config value as an apitype.ConfigValue;
+    a DIY history's plain string made `pulumi stack history` fail."""
+    diy = tmp_path / "diy"
+    web = write_diy(diy, "proj", "dev", diy_states(2), config=DIY_CONFIG)
+    assert run_import(cfg, diy, capsys)[0] == 0
+    assert [u["config"] for u in srv.history(web)] == [SERVICE_CONFIG] * 2
+    status, _, out = srv.request("GET", web + "/updates/latest")
+    assert status == 200 and out["info"]["config"] == SERVICE_CONFIG
+
+
+def test_config_values_are_written_as_go_writes_them():
+    """Objects become the JSON text Go's encoder writes (as the CLI sends them)."""
+    assert pb._config_value(12) == {"string": "12", "secret": False, "object": False}
+    assert pb._config_value(None) == {"string": "null", "secret": False, "object": True}
+    assert pb._config_value({"secure": 1})["object"]  # not a secure value: an object
+    assert pb._go_json([1e-7, 1.5e-5, 1e21, 1e16, float(2**63), 2**63, 1.0, -0.0, 0.1,
+                        1.7976931348623157e308, {"b": "\u2028<", "a": "é\n"}]) == (
+        '[1e-7,0.000015,1e+21,10000000000000000,9223372036854776000,9223372036854776000,'
+        '1,-0,0.1,1.7976931348623157e+308,{"a":"é\\n","b":"\\u2028\\u003c"}]')
 
 
 def test_import_diy_legacy_layout_through_a_file_url(cfg, tmp_path, capsys, start):

@@ -8,12 +8,17 @@
   history's states, ``stack output --show-secrets`` decrypts with the
   passphrase, ``up`` is a no-op, and after ``change-secrets-provider default``
   the secrets read without the passphrase.
+- History config: a DIY stack with plain, secret and object config (one with a
+  secret inside) and 2 updates, imported; ``stack history --json`` (and with
+  ``--show-secrets``) on our server shows what the DIY backend shows, also from
+  rows stored the way import-diy stored them before (converted as they are read).
 - ``pulumi stack migrate`` (the CLI's own one-stack move, without history):
   from the ``file://`` backend into ours; from another server of ours the CLI
   refuses (it cannot tell two self-hosted servers apart), which is pinned here.
 """
 
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -119,3 +124,62 @@ def test_import_diy_brings_stacks_with_history(e2e, make_server, tmp_path):
     e2e.use_server(other)
     e2e.fails("stack", "migrate", srv.url, "secret", "--yes",
               match=r"source and target backends are the same \(\)")
+
+
+def shown_history(e2e, name, *flags):
+    """What `pulumi stack history --json` shows of each update (newest first)."""
+    out = json.loads(e2e.run("stack", "history", "--stack", name, "--json", *flags).stdout)
+    return [{k: u.get(k) for k in ("config", "kind", "result", "message", "resourceChanges")}
+            for u in out]
+
+
+@pytest.mark.timeout_seconds(240)
+def test_import_diy_history_config_reads_as_on_the_diy_backend(e2e, make_server, tmp_path):
+    """Issue 23: a DIY history keeps config as config.Map's JSON (a plain value is a bare
+    string); imported as it was, `pulumi stack history` against our server failed with
+    "cannot unmarshal string into Go struct field ... of type apitype.ConfigValue"."""
+    diy = tmp_path / "diy"
+    diy.mkdir()
+    e2e.env["PULUMI_BACKEND_URL"] = f"file://{diy}"
+    e2e.env["PULUMI_CONFIG_PASSPHRASE"] = PASSPHRASE
+    stack = e2e.stack("cfg")
+    for args in (("greeting", "hello"), ("--secret", "password", SECRET),
+                 ("--path", "obj.list[0]", "x"), ("--path", "obj.n", "3"),
+                 ("--path", "--secret", "obj.key", "nested-secret"),
+                 ("--path", "plain.text", "a<b & c>d")):
+        e2e.run("config", "set", "--stack", "cfg", *args)
+    for i in range(2):
+        e2e.run("config", "set", "--stack", "cfg", "greeting", f"hello {i}")
+        e2e.call(stack.up, program=e2e_programs.build(spec("plain", i)), message=f"round {i}")
+    diy_history = shown_history(e2e, "cfg")
+    diy_shown = shown_history(e2e, "cfg", "--show-secrets")
+    config = diy_history[0]["config"]  # every kind of value is there
+    key = f"{e2e.project}:"
+    assert config[key + "greeting"] == {"value": "hello 1", "secret": False}
+    assert config[key + "password"]["secret"] and config[key + "obj"]["secret"]
+    assert not config[key + "plain"]["secret"] and "objectValue" in config[key + "plain"]
+    assert diy_shown[0]["config"][key + "password"]["value"] == SECRET
+    assert diy_shown[0]["config"][key + "obj"]["objectValue"]["key"] == "nested-secret"
+    assert diy_history[1]["config"][key + "greeting"]["value"] == "hello 0"
+
+    srv = make_server()
+    proc = subprocess.run([sys.executable, str(SERVER_SCRIPT), "import-diy", "--db", str(srv.db),
+                           f"file://{diy}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    e2e.use_server(srv)
+    assert shown_history(e2e, "cfg") == diy_history
+    assert shown_history(e2e, "cfg", "--show-secrets") == diy_shown
+
+    # Rows that import-diy wrote before the fix (the DIY config as it was, no "runtime"
+    # in the program) are converted as they are read.
+    records = [json.loads(f.read_text()) for f in sorted(
+        (diy / ".pulumi/history" / e2e.project / "cfg").glob("*.history.json"))]
+    conn = sqlite3.connect(srv.db)
+    with conn:
+        for version, record in enumerate(records, 1):
+            assert conn.execute("UPDATE updates SET program = ? WHERE version = ?", (
+                json.dumps({"config": record["config"], "metadata": {
+                    "message": record["message"]}}), version)).rowcount == 1
+    conn.close()
+    assert shown_history(e2e, "cfg") == diy_history
+    assert shown_history(e2e, "cfg", "--show-secrets") == diy_shown
