@@ -3975,7 +3975,7 @@ def test_events_overlapping_batches_keep_first_copies_in_order(srv, monkeypatch)
 
 def test_database_made_before_schema_4_gives_space_back_after_a_vacuum(start, tmp_path):
     """Its free pages stay for reuse (auto_vacuum is fixed once a table exists) until
-    the README's one-off VACUUM converts it."""
+    the one-off VACUUM of docs/operations.md converts it."""
     path = str(tmp_path / "old.db")
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE made_before (x)")
