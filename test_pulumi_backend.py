@@ -4575,7 +4575,7 @@ def test_events_overlapping_batches_keep_first_copies_in_order(srv, monkeypatch)
 
 def test_database_made_before_schema_4_gives_space_back_after_a_vacuum(start, tmp_path):
     """Its free pages stay for reuse (auto_vacuum is fixed once a table exists) until
-    the README's one-off VACUUM converts it."""
+    the one-off VACUUM of docs/operations.md converts it."""
     path = str(tmp_path / "old.db")
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE made_before (x)")
@@ -8533,6 +8533,66 @@ def test_sections_are_numbered_in_order_and_main_guard_is_last():
     assert toc == banners
     last = _module_tree().body[-1]
     assert isinstance(last, ast.If) and "__name__" in ast.unparse(last.test)
+
+
+_SECTION_REF = re.compile(
+    r"\bsections?\s+(\d+[a-z]?(?:(?:\s*,\s*|\s+(?:and|or|to)\s+|\s*[-–]\s*)\d+[a-z]?)*)\b",
+    re.I)
+
+
+def _section_labels(text):
+    """The labels of the file's banners: '1', ..., '14', and '14b' for a lettered one."""
+    return set(re.findall(r"^# ==== (\d+[a-z]?)\. ", text, re.M))
+
+
+def _stale_section_refs(text, labels):
+    """(line, label) of each "section N" / "sections N and M" / "(section N)" in a
+    comment or docstring of ``text`` whose N is not in ``labels``. Consecutive comment
+    lines are read as one text, so a reference wrapped over two lines counts too."""
+    import io
+    import tokenize
+    texts = []  # (first line, text)
+    block, block_start, prev = [], 0, -1
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            if tok.start[0] != prev + 1 and block:
+                texts.append((block_start, "\n".join(block)))
+                block = []
+            if not block:
+                block_start = tok.start[0]
+            block.append(tok.string.lstrip("#").strip())
+            prev = tok.start[0]
+    if block:
+        texts.append((block_start, "\n".join(block)))
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                texts.append((node.body[0].lineno, doc))
+    stale = []
+    for line, chunk in texts:
+        for match in _SECTION_REF.finditer(chunk):
+            for label in re.findall(r"\d+[a-z]?", match[1]):
+                if label.lower() not in labels:
+                    stale.append((line + chunk.count("\n", 0, match.start()), label))
+    return sorted(stale)
+
+
+def test_stale_section_refs_finds_wrong_numbers():
+    text = ('"""See section 2 (section 14b)."""\n# sections 1 and 3, see\n# section 9\n'
+            'X = 1  # (section 4)\ndef f():\n    """Sections 2, 5 or 14c."""\n')
+    assert _stale_section_refs(text, {"1", "2", "3", "4", "14b"}) == [
+        (3, "9"), (6, "14c"), (6, "5")]
+
+
+@pytest.mark.parametrize("path", [SCRIPT, Path(__file__)], ids=["module", "tests"])
+def test_section_references_in_comments_name_existing_sections(path):
+    """House style: "see section 12" is a link, checked like the banners. The tests'
+    own comments may name a section of the module or of this file."""
+    labels = _section_labels(SCRIPT.read_text(encoding="utf-8"))
+    if path != SCRIPT:
+        labels |= _section_labels(path.read_text(encoding="utf-8"))
+    assert _stale_section_refs(path.read_text(encoding="utf-8"), labels) == []
 
 
 def test_module_parses_as_python_3_10():

@@ -2,8 +2,8 @@
 
 Each script runs once at its smallest size with one repeat; the tests check
 that the table and the JSON came out with every case and sane numbers. They
-assert nothing about speed (the benchmarks are run by hand: see the README's
-Performance section).
+assert nothing about speed (the benchmarks are run by hand: see
+docs/performance.md).
 """
 
 import json

@@ -1,7 +1,7 @@
 """Continuous replication with Litestream, judged with the real `pulumi` CLI.
 
 The server (``--wal-autocheckpoint 0``) and ``litestream replicate`` (the
-README's ``litestream.yml``, with a file replica) run while the CLI does a
+``litestream.yml`` of docs/operations.md, with a file replica) run while the CLI does a
 200-resource ``up`` and then a ``destroy``. Meanwhile a probe commits the time
 into the database every 0.2 s and the replica is restored about once a second:
 the age of the newest probe in each restored copy is the replication lag, what
@@ -35,9 +35,9 @@ PROBE_SECONDS = 0.2
 
 
 def litestream_config(path, db, replica):
-    """The README's litestream.yml, pointed at this test's database and replica."""
-    readme = (E2E_DIR.parent / "README.md").read_text()
-    yml = re.search(r"```yaml\n# /etc/litestream.yml\n(.*?)```", readme, re.S)[1]
+    """The litestream.yml of docs/operations.md, pointed at this test's database and replica."""
+    doc = (E2E_DIR.parent / "docs" / "operations.md").read_text()
+    yml = re.search(r"```yaml\n# /etc/litestream.yml\n(.*?)```", doc, re.S)[1]
     assert "/var/lib/pulumi/state.db" in yml and "s3://my-bucket/pulumi-backend" in yml
     path.write_text(yml.replace("/var/lib/pulumi/state.db", str(db))
                     .replace("s3://my-bucket/pulumi-backend", replica))
