@@ -546,6 +546,10 @@ def parse_config(argv: list, environ: dict) -> tuple:
     import_options = {key: _parse_bool(key.replace("_", "-"), str(values.pop(key, "0")))
                       for key in ("dry_run", "overwrite", "ignore_locks")}
     kw: dict = {"auth_tokens": tuple(tokens)}
+    if args.command != "serve" and "audit_retention_days" not in values:
+        # The default retention is the server's: `user add` or `import-diy` run
+        # without the server's flags must not prune what it keeps.
+        kw["audit_retention_days"] = 0
     for key, value in values.items():
         if key in ("allow_any_token", "journaling", "console"):
             value = _parse_bool(key.replace("_", "-"), str(value))
@@ -4830,8 +4834,9 @@ class Principal:
 
     ``kind`` is "user" (a personal token), "team" or "org" (their tokens; then
     ``login`` is the team or organization name), "admin" (an --auth-token) or
-    "anonymous" (any token while no user or stored token exists: an admin that
-    may not create identities, so that no API caller can lock the others out).
+    "anonymous" (any token while no user or stored token has ever existed: an
+    admin that may not create identities, so that no API caller can lock the
+    others out). ``expires`` is the token's expiry: tokens it creates end by then.
     """
 
     login: str
@@ -4842,7 +4847,7 @@ class Principal:
     teams: tuple = ()
     token_id: str = ""
     token_name: str = ""
-    expires: int = 0  # the token's expiry (0: never); tokens it creates expire by then
+    expires: int = 0
 
     @property
     def actor(self) -> str:
@@ -4908,6 +4913,8 @@ class _FailureWindows:
 
     def current(self, address: str) -> tuple:
         """Return ``(failures, seconds left)`` of ``address``'s window (0s when none)."""
+        if not self._windows:  # every request asks: no parsing while nobody failed
+            return 0, 0
         key, now = _address_key(address), time.monotonic()
         with self._lock:
             w = self._windows.get(key)

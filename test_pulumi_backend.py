@@ -1872,6 +1872,10 @@ def test_audit_retention_has_a_default():
     assert Config().audit_retention_days == pb.DEFAULT_AUDIT_RETENTION_DAYS == 90
     assert pb.parse_config([], {})[1].audit_retention_days == 90
     assert pb.parse_config(["--audit-retention-days", "0"], {})[1].audit_retention_days == 0
+    # the shell's commands prune only with an explicit retention (the server's may differ)
+    assert pb.parse_config(["user", "list"], {})[1].audit_retention_days == 0
+    env = {"PULUMI_BACKEND_AUDIT_RETENTION_DAYS": "30"}
+    assert pb.parse_config(["user", "list"], env)[1].audit_retention_days == 30
 
 
 def test_failed_sign_ins_are_throttled_per_address(start):
