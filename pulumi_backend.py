@@ -37,7 +37,9 @@ libcrypto to load.
 Security notes: with no ``--auth-token`` configured and no users or stored
 tokens, any token is accepted as the admin, which is only allowed while bound to a
 loopback address (or with ``--allow-any-token``). Once users or stored tokens
-exist, only they and ``--auth-token`` tokens (org admins) get in; stored tokens
+exist, only they and ``--auth-token`` tokens (org admins) get in, for good: the
+database remembers it, and with every identity removed nobody gets in. Refused
+tokens are throttled per address (``--auth-failure-limit``, then 429); stored tokens
 are SHA-256 hashes, and stack permissions come from team grants (section 8).
 A token option given but empty (or a token file with only blank and ``#``
 lines) is an error, never "any token". Secrets are AES-256-GCM with a data key
@@ -122,8 +124,8 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "Config", "build_parser", "parse_config",
     "HTTPError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "MethodNotAllowed",
-    "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "Unimplemented",
-    "Unavailable",
+    "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "TooManyRequests",
+    "Unimplemented", "Unavailable",
     "Store", "SQLiteStore", "PostgresStore", "open_store", "is_postgres_url",
     "Engine", "UpdateLifecycle", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
@@ -289,6 +291,23 @@ MAX_JWT_DEPTH = 32
 MAX_JWT_TIME = 253402300799
 #: Audit events per page of GET /api/orgs/{orgName}/auditlogs.
 AUDIT_PAGE_SIZE = 100
+#: Days audit events are kept by default (--audit-retention-days; 0 keeps them all).
+DEFAULT_AUDIT_RETENTION_DAYS = 90
+#: Longest target, user agent and description an audit row keeps (characters).
+MAX_AUDIT_FIELD = 1024
+#: ... and of a row written for a caller nobody knows (a refused token or sign-in).
+MAX_AUDIT_FAILURE_FIELD = 200
+#: Refused credentials recorded per client address and minute; more are counted
+#: and recorded as one row ("N more failures") when the minute is over.
+AUDIT_FAILURES_PER_MINUTE = 10
+#: Refused tokens and sign-ins one client address may have per minute before it
+#: is answered 429 until the minute is over (--auth-failure-limit; 0: no limit).
+DEFAULT_AUTH_FAILURE_LIMIT = 20
+#: Seconds of the windows in which failures per address are counted.
+AUTH_FAILURE_WINDOW = 60.0
+#: Client addresses whose failures are tracked at once (IPv6 ones by /64); the
+#: oldest window is dropped beyond this, so a flood of addresses costs bounded memory.
+MAX_TRACKED_ADDRESSES = 10000
 #: Seconds a web console session lasts after sign-in (section 11).
 CONSOLE_SESSION_SECONDS = 12 * 3600
 #: Largest form the console takes (sign in, tokens), in bytes.
@@ -359,7 +378,8 @@ class Config:
     default_stack_permission: str = "none"
     oidc_issuers: str = ""
     audit_log: str = ""
-    audit_retention_days: int = 0
+    audit_retention_days: int = DEFAULT_AUDIT_RETENTION_DAYS
+    auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
     console: bool = True
 
     def key_file(self) -> str:
@@ -461,8 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "oidc-issuers", "JSON file of trusted OIDC issuers for `pulumi login --oidc-token`")
     _flag(p, "audit-log", "also append every audit event to this file as a JSON line")
     _flag(p, "console", "serve the read-only web console at /: on or off (default on)")
-    _flag(p, "audit-retention-days", "drop audit events older than this many days "
-          "(default 0: keep them all)", type=int)
+    _flag(p, "audit-retention-days", "drop audit events older than this many days; 0 keeps "
+          f"them all (default {DEFAULT_AUDIT_RETENTION_DAYS})", type=int)
+    _flag(p, "auth-failure-limit", "refused tokens and sign-ins per client address and minute "
+          f"before it gets 429 for the rest of the minute; 0: no limit (default "
+          f"{DEFAULT_AUTH_FAILURE_LIMIT})", type=int)
     # Options of the administration commands (no PULUMI_BACKEND_* variables).
     p.add_argument("--name", dest="adm_name", help="user add: display name; token create: "
                    "the token's name")
@@ -536,6 +559,10 @@ def parse_config(argv: list, environ: dict) -> tuple:
     import_options = {key: _parse_bool(key.replace("_", "-"), str(values.pop(key, "0")))
                       for key in ("dry_run", "overwrite", "ignore_locks")}
     kw: dict = {"auth_tokens": tuple(tokens)}
+    if args.command != "serve" and "audit_retention_days" not in values:
+        # The default retention is the server's: `user add` or `import-diy` run
+        # without the server's flags must not prune what it keeps.
+        kw["audit_retention_days"] = 0
     for key, value in values.items():
         if key in ("allow_any_token", "journaling", "console"):
             value = _parse_bool(key.replace("_", "-"), str(value))
@@ -630,6 +657,8 @@ def _validate_config(cfg: Config) -> None:
                          f"not {cfg.default_stack_permission!r}")
     if cfg.audit_retention_days < 0:
         raise ValueError("--audit-retention-days must be 0 (keep all) or more")
+    if cfg.auth_failure_limit < 0:
+        raise ValueError("--auth-failure-limit must be 0 (no limit) or more")
     if is_postgres_url(cfg.db):
         _validate_postgres_config(cfg)
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -712,6 +741,15 @@ class RequestTimeout(HTTPError):
 
 class PayloadTooLarge(HTTPError):
     status, reason = 413, "Payload Too Large"
+
+
+class TooManyRequests(HTTPError):
+    """429: the client failed too often; ``Retry-After`` says when to come back."""
+
+    status, reason = 429, "Too Many Requests"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, {"Retry-After": str(max(1, int(retry_after)))})
 
 
 class Unimplemented(HTTPError):
@@ -5228,7 +5266,10 @@ class KeyManager:
 # grant changed by `pulumi_backend.py token revoke` (another process, server
 # running) counts from the next request. Tokens from --auth-token act as org
 # admins; with neither those nor users and stored tokens, any token is the
-# admin, as before users existed (allowed on loopback only, see section 2).
+# admin, as before users existed (allowed on loopback only, see section 2) --
+# but only until the first user or stored token is created: the database then
+# remembers that identities existed (_IDENTITIES_META), and a server left with
+# none refuses everyone instead of going back to "any token".
 
 #: Pulumi Cloud's stack permissions.
 PERM_NONE, PERM_READ, PERM_WRITE, PERM_ADMIN = 0, 101, 102, 103
@@ -5238,13 +5279,20 @@ _LOGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z")
 _PATTERN_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,100}(/[A-Za-z0-9_.*?\[\]!-]{1,100})?\Z")
 _TOKEN_PREFIX = "pul-"
 _MSG_BAD_TOKEN = "No credentials provided or are invalid."
+#: Meta row set when the first user or stored token is created (and at start
+#: for a database that has some): from then on "any token" never comes back.
+_IDENTITIES_META = "identities_existed"
+_MSG_NO_IDENTITY = ("no user or token is left and this server no longer accepts any token: "
+                    "add an admin with `pulumi_backend.py user add NAME --role admin` and "
+                    "give them a token with `pulumi_backend.py token create --user NAME`")
 
 
 class _AuthFailure(Unauthorized):
-    """A refused token: the client gets the generic 401, the audit log the reason."""
+    """A refused token: the client gets the generic 401 (or ``message``), the audit
+    log the reason."""
 
-    def __init__(self, why: str):
-        super().__init__(_MSG_BAD_TOKEN)
+    def __init__(self, why: str, message: str = _MSG_BAD_TOKEN):
+        super().__init__(message)
         self.why = why
 
 
@@ -5254,8 +5302,9 @@ class Principal:
 
     ``kind`` is "user" (a personal token), "team" or "org" (their tokens; then
     ``login`` is the team or organization name), "admin" (an --auth-token) or
-    "anonymous" (any token while no user or stored token exists: an admin that
-    may not create identities, so that no API caller can lock the others out).
+    "anonymous" (any token while no user or stored token has ever existed: an
+    admin that may not create identities, so that no API caller can lock the
+    others out). ``expires`` is the token's expiry: tokens it creates end by then.
     """
 
     login: str
@@ -5266,6 +5315,7 @@ class Principal:
     teams: tuple = ()
     token_id: str = ""
     token_name: str = ""
+    expires: int = 0
 
     @property
     def actor(self) -> str:
@@ -5276,6 +5326,81 @@ class Principal:
 
 #: The actor of changes made with the server's own command line.
 _LOCAL_ADMIN = Principal("local-admin", "admin", True, name="pulumi_backend.py")
+#: The actor of refused credentials (nobody is known yet).
+_ANONYMOUS = Principal("anonymous", "user", False)
+
+
+def _address_key(address: str) -> str:
+    """The key failures of a client address count under: IPv6 by its /64 (one host
+    usually holds a whole /64), anything else as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+class _FailureWindows:
+    """Failures per client address, counted in fixed windows of AUTH_FAILURE_WINDOW.
+
+    Thread-safe and bounded: past MAX_TRACKED_ADDRESSES the oldest window is
+    dropped. With ``keep_ended``, windows that are over are kept (with their
+    count) until ``ended()`` takes them, for the audit log's summary rows.
+    """
+
+    def __init__(self, keep_ended: bool = False, seconds: float = AUTH_FAILURE_WINDOW):
+        self.seconds, self.keep_ended = seconds, keep_ended
+        self._lock = threading.Lock()
+        self._windows: dict = {}  # key -> [monotonic start, failures]; oldest first
+        self._ended: list = []  # (key, failures) of windows over, while keep_ended
+        self._swept = time.monotonic()
+
+    def _end(self, key: str) -> None:
+        count = self._windows.pop(key)[1]
+        if self.keep_ended:
+            self._ended.append((key, count))
+
+    def add(self, address: str) -> int:
+        """Count one failure of ``address``; return its failures in the current window."""
+        key, now = _address_key(address), time.monotonic()
+        with self._lock:
+            w = self._windows.get(key)
+            if w is not None and now - w[0] >= self.seconds:
+                self._end(key)
+                w = None
+            if w is None:
+                if len(self._windows) >= MAX_TRACKED_ADDRESSES:
+                    self._end(next(iter(self._windows)))
+                w = self._windows[key] = [now, 0]
+            w[1] += 1
+            return w[1]
+
+    def current(self, address: str) -> tuple:
+        """Return ``(failures, seconds left)`` of ``address``'s window (0s when none)."""
+        if not self._windows:  # every request asks: no parsing while nobody failed
+            return 0, 0
+        key, now = _address_key(address), time.monotonic()
+        with self._lock:
+            w = self._windows.get(key)
+            if w is None or now - w[0] >= self.seconds:
+                return 0, 0
+            return w[1], math.ceil(w[0] + self.seconds - now)
+
+    def ended(self) -> list:
+        """Return and forget ``(address, failures)`` of the windows that are over
+        (looking through all of them at most once a second)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._swept >= 1.0:
+                self._swept = now
+                for key in [k for k, w in self._windows.items() if now - w[0] >= self.seconds]:
+                    self._end(key)
+            out, self._ended = self._ended, []
+        return out
 
 
 def _token_hash(token: str) -> str:
@@ -5304,6 +5429,14 @@ def _normalize_pattern(pattern: str) -> str:
         raise BadRequest(f"invalid stack pattern {pattern!r}: use project/stack with * and ? "
                          "wildcards, such as app/* or */prod")
     return pattern if "/" in pattern else pattern + "/*"
+
+
+def _check_stack_names(project: Any, stack: Any) -> None:
+    """Raise BadRequest unless both are valid names (_NAME_RE, as the engine checks)."""
+    if not isinstance(project, str) or not _NAME_RE.match(project):
+        raise BadRequest(f"invalid project name {str(project)[:200]!r}")
+    if not isinstance(stack, str) or not _NAME_RE.match(stack):
+        raise BadRequest(f"invalid stack name {str(stack)[:200]!r}")
 
 
 def _perm_value(value: Any) -> int:
@@ -5335,27 +5468,64 @@ class AuditLog:
         self.retention = cfg.audit_retention_days * 86400
         self._file_lock = threading.Lock()
         self._pruned = -math.inf
+        self._failures = _FailureWindows(keep_ended=True)
 
     def record(self, event: str, actor: Optional[Principal] = None, req: Any = None,
                target: str = "", outcome: str = "success", description: str = "") -> None:
-        """Append one event (its own transaction, committed before this returns)."""
+        """Append one event (its own transaction, committed before this returns).
+
+        Fields are cut to MAX_AUDIT_FIELD characters; events older than the
+        retention are pruned here, at most once an hour.
+        """
         actor = actor or (req.principal if req is not None else None) or _LOCAL_ADMIN
         row = {"time": _now(), "actor": actor.actor, "token_id": actor.token_id,
                "token_name": actor.token_name,
                "source_ip": getattr(req, "remote", "") if req is not None else "local",
-               "user_agent": (req.headers.get("User-Agent") or "")[:200] if req is not None
-               else "pulumi_backend.py", "event": event, "target": target,
-               "outcome": outcome, "description": description}
+               "user_agent": (req.headers.get("User-Agent") or "")[:MAX_AUDIT_FAILURE_FIELD]
+               if req is not None else "pulumi_backend.py",
+               "event": event, "target": target[:MAX_AUDIT_FIELD],
+               "outcome": outcome, "description": description[:MAX_AUDIT_FIELD]}
+        self._append([*self._failure_summaries(), row])
+
+    def login_failure(self, req: Any, target: str, why: str,
+                      event: str = "login_failure") -> None:
+        """Record credentials refused to an unknown caller, within bounds: an attacker
+        must not grow the table at will. Fields are cut to MAX_AUDIT_FAILURE_FIELD;
+        past AUDIT_FAILURES_PER_MINUTE rows per address and minute the failures are
+        only counted, and one "N more" row says how many once the minute is over."""
+        count = self._failures.add(getattr(req, "remote", ""))
+        if count <= AUDIT_FAILURES_PER_MINUTE:
+            cut = MAX_AUDIT_FAILURE_FIELD  # the User-Agent is cut to it by record()
+            self.record(event, _ANONYMOUS, req, target[:cut], "failure", why[:cut])
+        else:
+            self._append(self._failure_summaries())
+
+    def _failure_summaries(self) -> list:
+        """Rows for the windows that ended with failures not recorded one by one."""
+        return [{"time": _now(), "actor": _ANONYMOUS.actor, "token_id": "", "token_name": "",
+                 "source_ip": key, "user_agent": "", "event": "login_failure", "target": "",
+                 "outcome": "failure",
+                 "description": f"{count - AUDIT_FAILURES_PER_MINUTE} more failures from this "
+                                f"address within {AUTH_FAILURE_WINDOW:g}s, not recorded one "
+                                "by one"}
+                for key, count in self._failures.ended() if count > AUDIT_FAILURES_PER_MINUTE]
+
+    def _append(self, rows: list) -> None:
+        if not rows:
+            return
         try:
             with self.store.write() as db:
-                self.store.append_audit(db, row)
+                for row in rows:
+                    self.store.append_audit(db, row)
                 if self.retention and time.monotonic() - self._pruned > 3600:
                     self._pruned = time.monotonic()
-                    self.store.prune_audit(db, row["time"] - self.retention)
+                    self.store.prune_audit(db, rows[-1]["time"] - self.retention)
         except sqlite3.Error as e:  # reads keep working on a read-only or full database
-            log.error("cannot write the audit event %s on %s: %s", event, _escape_log(target), e)
+            log.error("cannot write the audit event %s on %s: %s", rows[-1]["event"],
+                      _escape_log(rows[-1]["target"]), e)
         if self.path:
-            self._append_file(row)
+            for row in rows:
+                self._append_file(row)
 
     def _append_file(self, row: dict) -> None:
         line = _dumps(_audit_line(row)) + b"\n"
@@ -5417,14 +5587,43 @@ class Identity:
         self.default = _PERM_BY_NAME[cfg.default_stack_permission]
         self._touched: dict = {}  # token id -> monotonic time lastUsed was last written
         self._touch_lock = threading.Lock()
+        self._failures = _FailureWindows()  # refused credentials per address (throttling)
+        self._no_identity_logged = -math.inf
 
     # -- authentication -----------------------------------------------------
 
     def admin_principal(self, token_name: str = "", kind: str = "admin") -> Principal:
         return Principal(self.cfg.user, kind, True, name=self.cfg.user, token_name=token_name)
 
-    def authenticate(self, token: str) -> Principal:
-        """Return who ``token`` acts as; raise _AuthFailure (401) if it is not valid now."""
+    def authenticate(self, token: str, address: str = "") -> Principal:
+        """Return who ``token`` acts as; raise _AuthFailure (401) if it is not valid now.
+
+        A client ``address`` with --auth-failure-limit refused credentials in the
+        current minute gets TooManyRequests (429) instead, before its token is
+        looked at: short tokens cannot be guessed at network speed.
+        """
+        self.check_throttle(address)
+        try:
+            return self._authenticate(token)
+        except _AuthFailure:
+            self.note_failure(address)
+            raise
+
+    def check_throttle(self, address: str) -> None:
+        """Raise TooManyRequests while ``address`` has failed too often this minute."""
+        limit = self.cfg.auth_failure_limit
+        if limit and address:
+            failures, left = self._failures.current(address)
+            if failures >= limit:
+                raise TooManyRequests(f"{failures} failed sign-ins from your address within "
+                                      f"{AUTH_FAILURE_WINDOW:g}s: retry in {left}s", left)
+
+    def note_failure(self, address: str) -> None:
+        """Count one refused credential of ``address`` (for check_throttle)."""
+        if self.cfg.auth_failure_limit and address:
+            self._failures.add(address)
+
+    def _authenticate(self, token: str) -> Principal:
         raw, match = token.encode("utf-8", "surrogateescape"), False
         for known in self._static:  # compare with every token: no early exit
             match |= hmac.compare_digest(known, raw)
@@ -5443,7 +5642,10 @@ class Identity:
             row = self.store.token_by_hash(db, digest)
             if row is None:
                 if not self._static and not self.store.identity_in_use(db):
-                    return self.admin_principal(kind="anonymous")
+                    if self.store.get_meta(db, _IDENTITIES_META) is None:
+                        return self.admin_principal(kind="anonymous")
+                    self._log_no_identity()
+                    raise _AuthFailure("no user or stored token is left", _MSG_NO_IDENTITY)
                 raise _AuthFailure("unknown or revoked token")
             if row["expires"] and row["expires"] <= _now():
                 raise _AuthFailure(f"token {row['id']} expired")
@@ -5451,8 +5653,36 @@ class Identity:
         self._touch(row["id"])
         return principal
 
+    def _log_no_identity(self) -> None:
+        if time.monotonic() - self._no_identity_logged > 60:  # once a minute, not per request
+            self._no_identity_logged = time.monotonic()
+            log.error("refusing every token: %s", _MSG_NO_IDENTITY)
+
+    def check_at_start(self) -> None:
+        """At server start: remember that identities exist (a database from before
+        _IDENTITIES_META), warn about users holding a reserved login, and say how to
+        get back in when every identity is gone."""
+        with self.store.read() as db:
+            in_use = self.store.identity_in_use(db)
+            existed = self.store.get_meta(db, _IDENTITIES_META) is not None
+            clashes = [u for u in self.reserved_logins() if self.store.get_user(db, u)]
+        if in_use and not existed:
+            with self.store.write() as db:
+                self.store.set_meta(db, _IDENTITIES_META, b"1")
+        for login in clashes:
+            log.warning("user %s has a reserved login (--user, the name --auth-token callers "
+                        "act as, or the command line's): history and the audit log cannot tell "
+                        "them apart; add them again under another login and remove this one",
+                        login)
+        if existed and not in_use and not self._static:
+            log.error("refusing every token: %s", _MSG_NO_IDENTITY)
+
+    def reserved_logins(self) -> tuple:
+        """Logins no user may have: the names other callers act under."""
+        return (self.cfg.user, _LOCAL_ADMIN.login, _ANONYMOUS.login)
+
     def _principal_of(self, db, row: dict) -> Principal:
-        ids = {"token_id": row["id"], "token_name": row["name"]}
+        ids = {"token_id": row["id"], "token_name": row["name"], "expires": row["expires"]}
         if row["kind"] == "personal":
             user = self.store.get_user(db, row["owner"])
             if user is None:
@@ -5507,7 +5737,9 @@ class Identity:
                                                             grants) >= PERM_READ
 
     def require(self, p: Principal, need: int, project: str, stack: str) -> None:
-        """Raise Forbidden naming the missing permission unless ``p`` has ``need``."""
+        """Raise Forbidden naming the missing permission unless ``p`` has ``need``;
+        BadRequest for names that are not stack names (a glob must never meet a grant)."""
+        _check_stack_names(project, stack)
         have = self.stack_permission(p, project, stack)
         if have < need:
             raise Forbidden(f"this needs the '{_PERM_NAMES[need]}' permission on stack "
@@ -5539,6 +5771,9 @@ class Identity:
     def add_user(self, actor: Principal, login: str, name: str = "", email: str = "",
                  role: str = "member", req: Any = None) -> dict:
         self._check_login(login)
+        if login in self.reserved_logins():
+            raise BadRequest(f"the login {login!r} is reserved: --auth-token callers or the "
+                             "command line act under it; choose another")
         if role not in ("admin", "member"):
             raise BadRequest(f"role must be admin or member, not {role!r}")
         user = {"login": login, "name": name or login, "email": email or "", "role": role,
@@ -5547,6 +5782,7 @@ class Identity:
             if self.store.get_user(db, login) is not None:
                 raise Conflict(f"user '{login}' already exists")
             self.store.insert_user(db, user)
+            self.store.set_meta(db, _IDENTITIES_META, b"1")
         self.audit.record("member_added", actor, req, login, description=f"role {role}")
         return user
 
@@ -5618,6 +5854,13 @@ class Identity:
                           description=f"team {team}: {_PERM_NAMES[permission]} on {pattern}")
         return pattern
 
+    def grant_stack(self, actor: Principal, team: str, project: str, stack: str,
+                    permission: int, req: Any = None) -> str:
+        """Grant ``permission`` on the one stack ``project/stack``: names, never patterns
+        (stack names hold no glob character, so the stored grant matches only it)."""
+        _check_stack_names(project, stack)
+        return self.grant(actor, team, f"{project}/{stack}", permission, req)
+
     def team_json(self, name: str, full: bool = True) -> dict:
         """A team in Pulumi Cloud's shape (members and stacks when ``full``)."""
         with self.store.read() as db:
@@ -5644,6 +5887,9 @@ class Identity:
         if expires and not _now() < expires <= _now() + MAX_TOKEN_SECONDS:
             raise BadRequest("expires must be in the future, within "
                              f"{MAX_TOKEN_SECONDS // 86400} days")
+        capped = bool(actor.expires) and not 0 < expires <= actor.expires
+        if capped:  # a token made with a token never outlives it (an OIDC hour stays one)
+            expires = actor.expires
         value, token_id = _new_token(), _new_id()
         with self.store.write() as db:
             if kind == "personal":
@@ -5655,9 +5901,11 @@ class Identity:
                 "name": name[:200] or description[:200], "description": description[:1000],
                 "admin": int(bool(admin)), "created_by": actor.actor, "created": _now(),
                 "expires": expires})
+            self.store.set_meta(db, _IDENTITIES_META, b"1")
         self.audit.record(event, actor, req, f"{kind}:{owner}",
                           description=f"token {token_id}" + (
-                              f" expires {_rfc3339(expires)}" if expires else ""))
+                              f" expires {_rfc3339(expires)}" if expires else "") + (
+                              " (the creating token's expiry)" if capped else ""))
         return token_id, value
 
     def revoke_token(self, actor: Principal, token_id: str, kind: Optional[str] = None,
@@ -6847,10 +7095,9 @@ class App:
             if scheme != "token" or not token:
                 raise Unauthorized(_MSG_BAD_TOKEN)
             try:
-                req.principal = self.identity.authenticate(token)
+                req.principal = self.identity.authenticate(token, req.remote)
             except _AuthFailure as e:
-                self.audit.record("login_failure", Principal("anonymous", "user", False), req,
-                                  req.path, "failure", e.why)
+                self.audit.login_failure(req, req.path, e.why)
                 raise
         req.auth_kind, req.token = scheme, token
 
@@ -7319,11 +7566,12 @@ class App:
         """Set a team's permission on this stack (0 removes it)."""
         _, project, stack = self._sp(req)
         perm = _perm_value(req.json().get("permissions"))
-        self.identity.grant(req.principal, req.params["teamName"], f"{project}/{stack}", perm,
-                            req)
+        self.identity.grant_stack(req.principal, req.params["teamName"], project, stack, perm,
+                                  req)
 
     def oauth_token(self, req: Request) -> dict:
         """Exchange a CI system's OIDC ID token for a short-lived access token (RFC 8693)."""
+        self.identity.check_throttle(req.remote)
         try:
             if not self.oidc_issuers:
                 raise _OIDCRefused("no --oidc-issuers configured")
@@ -7331,8 +7579,8 @@ class App:
             return _oidc_exchange(self.identity, _load_issuers(self.oidc_issuers), form, req)
         except (_OIDCRefused, ValueError) as e:
             check = e.check if isinstance(e, _OIDCRefused) else str(e)
-            self.audit.record("token_exchange", Principal("anonymous", "user", False), req,
-                              outcome="failure", description=f"refused: {check}")
+            self.identity.note_failure(req.remote)
+            self.audit.login_failure(req, "", f"refused: {check}", "token_exchange")
             raise Unauthorized("the OIDC token exchange was refused") from None
 
     def list_audit_logs(self, req: Request) -> dict:
@@ -7945,11 +8193,11 @@ class Console:
         try:
             if not token:
                 raise _AuthFailure("empty token")
-            principal = self.identity.authenticate(token)
+            principal = self.identity.authenticate(token, req.remote)
         except _AuthFailure as e:
-            self.audit.record("login_failure", Principal("anonymous", "user", False), req,
-                              "console", "failure", e.why)
-            return self.login_page(req, "That token is not valid.", 401)
+            self.audit.login_failure(req, "console", e.why)
+            return self.login_page(req, "That token is not valid." if e.message == _MSG_BAD_TOKEN
+                                   else e.message, 401)
         sid, now = secrets.token_urlsafe(32), _now()
         with self.store.write() as db:
             self.store.insert_session(db, _token_hash(sid), _token_hash(token), now,
@@ -9269,6 +9517,7 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
         store.close()
         raise
     app = App(cfg, Engine(cfg, store, keys))
+    app.identity.check_at_start()
     if cfg.console:
         Console(app).install()
     return store, app

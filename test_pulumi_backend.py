@@ -1987,6 +1987,162 @@ def test_audit_retention_drops_old_events(start, clock):
     assert names == ["new_event"]
 
 
+def test_any_token_never_returns_once_identities_existed(start, tmp_path, caplog):
+    """Issue 23.1: removing the last user, the last team holding tokens, or purging expired
+    tokens must not turn a server with --allow-any-token back into "any token is admin"."""
+    srv = start()
+    ident = srv.app.identity
+    ident.add_user(LOCAL, "alice")
+    ident.remove_user(LOCAL, "alice")
+    status, _, out = srv.request("GET", "/api/user", token="token made-up")
+    assert status == 401 and "user add NAME --role admin" in out["message"]
+    assert "token create --user NAME" in out["message"]
+    assert "refusing every token" in caplog.text and "user add NAME --role admin" in caplog.text
+    # ... after a team and its tokens go, too (a fresh database each time)
+    other = start(db=str(tmp_path / "team.db"))
+    other.app.identity.create_team(LOCAL, "ci")
+    token_for(other, "team", "ci")
+    assert other.request("GET", "/api/user", token="token made-up")[0] == 401
+    other.app.identity.delete_team(LOCAL, "ci")
+    assert other.request("GET", "/api/user", token="token made-up")[0] == 401
+    # a database that had users before the flag existed gets it at start
+    old = tmp_path / "old.db"
+    first = start(db=str(old))
+    first.app.identity.add_user(LOCAL, "bob")
+    with first.store.write() as db:
+        db.execute("DELETE FROM meta WHERE key = 'identities_existed'")
+    first.stop()
+    again = start(db=str(old))
+    with again.store.read() as db:
+        assert again.store.get_meta(db, "identities_existed") == b"1"
+    again.app.identity.remove_user(LOCAL, "bob")
+    assert again.request("GET", "/api/user", token="token made-up")[0] == 401
+    # a database that never had one still takes any token (loopback set-up)
+    fresh = start(db=str(tmp_path / "fresh.db"))
+    assert fresh.request("GET", "/api/user", token="token made-up")[0] == 200
+
+
+def test_audit_rows_of_unknown_callers_are_bounded(srv):
+    """Issue 23.3: a bad-token request wrote its whole path (~60 KB) as a row, every time."""
+    srv.app.identity.add_user(LOCAL, "alice")
+    long_path = sp("proj", "x" * 30000)
+    for _ in range(pb.AUDIT_FAILURES_PER_MINUTE + 5):
+        status, _, _ = srv.request("GET", long_path, token="token bad",
+                                   headers={"User-Agent": "u" * 5000})
+        assert status in (401, 429)
+    rows = srv.app.audit.page(None, 0, 2 ** 62, "login_failure", None)["auditLogEvents"]
+    assert len(rows) == pb.AUDIT_FAILURES_PER_MINUTE
+    for row in rows:
+        assert len(row["target"]) <= pb.MAX_AUDIT_FAILURE_FIELD
+        assert len(row["userAgent"]) <= pb.MAX_AUDIT_FAILURE_FIELD
+        assert len(row["description"]) <= pb.MAX_AUDIT_FAILURE_FIELD
+    # once the minute is over, one row says how many more there were
+    for window in (srv.app.audit._failures._windows.values()):
+        window[0] -= pb.AUTH_FAILURE_WINDOW
+    srv.app.audit._failures._swept -= 2
+    srv.app.audit.record("later")
+    rows = srv.app.audit.page(None, 0, 2 ** 62, "login_failure", None)["auditLogEvents"]
+    assert len(rows) == pb.AUDIT_FAILURES_PER_MINUTE + 1
+    assert rows[0]["description"].startswith("5 more failures")
+    assert rows[0]["sourceIP"] == "127.0.0.1"
+
+
+def test_audit_retention_has_a_default():
+    assert Config().audit_retention_days == pb.DEFAULT_AUDIT_RETENTION_DAYS == 90
+    assert pb.parse_config([], {})[1].audit_retention_days == 90
+    assert pb.parse_config(["--audit-retention-days", "0"], {})[1].audit_retention_days == 0
+    # the shell's commands prune only with an explicit retention (the server's may differ)
+    assert pb.parse_config(["user", "list"], {})[1].audit_retention_days == 0
+    env = {"PULUMI_BACKEND_AUDIT_RETENTION_DAYS": "30"}
+    assert pb.parse_config(["user", "list"], env)[1].audit_retention_days == 30
+
+
+def test_failed_sign_ins_are_throttled_per_address(start):
+    """Issue 23.13: 429 with Retry-After once an address failed too often, before its token
+    is even checked; other addresses are not affected."""
+    srv = start(auth_tokens=("short1",), auth_failure_limit=3)
+    for _ in range(3):
+        assert srv.request("GET", "/api/user", token="token guess")[0] == 401
+    status, headers, out = srv.request("GET", "/api/user", token="token short1")
+    assert status == 429 and out["code"] == 429, out
+    assert 1 <= int(headers["Retry-After"]) <= pb.AUTH_FAILURE_WINDOW
+    assert out["message"].startswith("Too Many Requests: 3 failed sign-ins")
+    ident = srv.app.identity
+    ident.check_throttle("192.0.2.7")  # another address is not throttled
+    with pytest.raises(pb.TooManyRequests):
+        ident.check_throttle("127.0.0.1")
+    for window in ident._failures._windows.values():  # the minute is over
+        window[0] -= pb.AUTH_FAILURE_WINDOW
+    assert srv.request("GET", "/api/user", token="token short1")[0] == 200
+    # the console's sign-in counts and is throttled alike
+    b = Browser(srv)
+    for _ in range(3):
+        b.sign_in("token nope", expect=401)
+    b.sign_in("token short1", expect=429)
+    assert pb.parse_config(["--auth-failure-limit", "7"], {})[1].auth_failure_limit == 7
+    assert Config().auth_failure_limit == pb.DEFAULT_AUTH_FAILURE_LIMIT
+    # IPv6 addresses count by their /64
+    assert pb._address_key("2001:db8::1") == pb._address_key("2001:db8::ffff") \
+        == "2001:db8::/64"
+    assert pb._address_key("::ffff:192.0.2.1") == "192.0.2.1"
+
+
+def test_tokens_made_with_a_token_do_not_outlive_it(oidc_srv, jwt_keys):
+    """Issue 23.7: an OIDC exchange's 10-minute token minted tokens that never expired."""
+    srv = oidc_srv
+    status, _, out = oidc_login(srv, jwt_keys["RSA"].jwt(claims(sub="bot-7")), "user:bot", 600)
+    assert status == 200, out
+    short = {"token": "token " + out["access_token"]}
+    with srv.store.read() as db:
+        limit = [t for t in srv.store.list_tokens(db, "personal", "bot")][0]["expires"]
+    for asked in (0, pb._now() + 86400):
+        status, _, made = srv.request("POST", "/api/user/tokens",
+                                      {"description": "forever", "expires": asked}, **short)
+        assert status == 200, made
+    shorter = pb._now() + 60
+    assert srv.request("POST", "/api/user/tokens", {"description": "", "expires": shorter},
+                       **short)[0] == 200
+    listed = srv.request("GET", "/api/user/tokens", **short)[2]["tokens"]
+    assert sorted(t["expires"] for t in listed) == [shorter, limit, limit, limit]
+    # the console's tokens page, signed in with that token, follows the same rule
+    b = Browser(srv)
+    b.sign_in(short["token"])
+    status, _, page = b.post("/tokens", {"description": "console", "expires": "0"},
+                             csrf_from="/tokens")
+    assert status == 200, page
+    with srv.store.read() as db:
+        rows = srv.store.list_tokens(db, "personal", "bot")
+    assert len(rows) == 5 and all(0 < t["expires"] <= limit for t in rows)
+    events = srv.app.audit.page(None, 0, 2 ** 62, "token_created", None)["auditLogEvents"]
+    assert any("the creating token's expiry" in e["description"] for e in events)
+    # a token without expiry (the command line's) still makes tokens that never expire
+    forever = {"token": token_for(srv, "personal", "bot")}
+    made = srv.request("POST", "/api/user/tokens", {"description": "", "expires": 0},
+                       **forever)[2]
+    with srv.store.read() as db:
+        assert srv.store.get_token(db, made["id"])["expires"] == 0
+
+
+def test_reserved_logins_cannot_be_users(start, tmp_path, caplog):
+    """Issue 23.12: a member named like --user shared the --auth-token admin's name."""
+    srv = start(auth_tokens=("s3cret-s3cret-s3cret",), user="boss")
+    ident = srv.app.identity
+    for login in ("boss", "local-admin", "anonymous"):
+        with pytest.raises(pb.BadRequest, match="reserved"):
+            ident.add_user(LOCAL, login)
+        status, _, out = srv.request("POST", f"/api/orgs/{ORG}/members/{login}",
+                                     {"role": "member"}, token="token s3cret-s3cret-s3cret")
+        assert status == 400 and "reserved" in out["message"], out
+    proc = run_cli(["user", "add", "admin", "--db", str(tmp_path / "cli.db")], tmp_path)
+    assert_one_line_error(proc, "reserved")
+    # an existing user of that name (from before, or another --user) gets a warning at start
+    ident.add_user(LOCAL, "admin")
+    srv.stop()
+    caplog.clear()
+    start()
+    assert "user admin has a reserved login" in caplog.text
+
+
 # -- OIDC token exchange -------------------------------------------------------
 
 def b64url(data):
@@ -3295,6 +3451,36 @@ def test_capabilities_exact(start):
             "capability": "deployment-schema-version", "version": 1,
             "configuration": {"version": 4}},
     }
+
+
+def test_stack_paths_are_names_never_patterns(team_srv):
+    """Issue 23.2: a stack admin of app/dev? asked for app/dev* and stored it as a pattern
+    (admin on app/devprod and every other app/dev... stack)."""
+    srv, ident = team_srv, team_srv.app.identity
+    ident.add_user(LOCAL, "sa")
+    ident.create_team(LOCAL, "sa-team")
+    ident.add_member(LOCAL, "sa-team", "sa")
+    ident.grant(LOCAL, "sa-team", "app/dev?", pb.PERM_ADMIN)
+    ident.grant(LOCAL, "sa-team", "app/[!p]*", pb.PERM_ADMIN)
+    sa = {"token": token_for(srv, "personal", "sa")}
+    for stack in ("dev*", "dev%3F", "%5B!p%5D*", "d*"):
+        status, _, out = srv.request(
+            "PATCH", f"/api/console/stacks/{ORG}/app/{stack}/teams/devs",
+            {"permissions": 103}, **sa)
+        assert status == 400 and "invalid stack name" in out["message"], (stack, out)
+    status, _, out = srv.request("PATCH", f"/api/console/stacks/{ORG}/a*/devx/teams/devs",
+                                 {"permissions": 103}, **sa)
+    assert status == 400 and "invalid project name" in out["message"]
+    assert {g[1] for g in ident.grants_of(pb.Principal("dev", "user", False,
+                                                       teams=("devs",)))} == {"app/*"}
+    # a real stack name still works, and is stored as that name only
+    assert srv.request("PATCH", f"/api/console/stacks/{ORG}/app/devx/teams/devs",
+                       {"permissions": 103}, **sa)[0] == 200
+    # every stack route refuses patterns in its path: 400, not a grant match
+    assert srv.request("GET", sp("app", "dev*"), **sa)[0] == 400
+    assert srv.request("GET", sp("app", "dev"), **sa)[0] == 200
+    with pytest.raises(pb.BadRequest):
+        ident.grant_stack(LOCAL, "devs", "app", "dev*", pb.PERM_ADMIN)
 
 
 # ==== 10. Handlers: stacks ====================================================
