@@ -49,7 +49,9 @@ check out (but the console's sign-in form, at most 16 KiB, after its Origin);
 a route that takes no body refuses one, and the request line and headers have
 ``--header-timeout`` seconds. The console keeps sessions by the SHA-256 of
 their id, masks every secret, and takes forms only with this server's Origin
-and a CSRF token.
+and a CSRF token. Requests naming another host than the server's (loopback
+names, IP addresses, the --public-url host, ``--allowed-host``) get 421, against
+DNS rebinding (section 9).
 
 Sections:
   1. Constants and limits
