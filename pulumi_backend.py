@@ -8262,7 +8262,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("more than one Host header")
         # An absolute-form target's host wins over Host: both must be ours. A request
         # without a name (HTTP/1.0, no Host) cannot come from a browser page.
-        for value in [target.netloc] + hosts:
+        for value in ([target.netloc] if target.scheme else []) + hosts:
             if not value.strip():
                 continue
             name, _ = _split_host(value)
