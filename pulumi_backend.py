@@ -51,7 +51,9 @@ check out (but the console's sign-in form, at most 16 KiB, after its Origin);
 a route that takes no body refuses one, and the request line and headers have
 ``--header-timeout`` seconds. The console keeps sessions by the SHA-256 of
 their id, masks every secret, and takes forms only with this server's Origin
-and a CSRF token.
+and a CSRF token. Requests naming another host than the server's (loopback
+names, IP addresses, the --public-url host, ``--allowed-host``) get 421, against
+DNS rebinding (section 9).
 
 Sections:
   1. Constants and limits
@@ -125,7 +127,7 @@ __all__ = [
     "Config", "build_parser", "parse_config",
     "HTTPError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "MethodNotAllowed",
     "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "TooManyRequests",
-    "Unimplemented", "Unavailable",
+    "MisdirectedRequest", "Unimplemented", "Unavailable",
     "Store", "SQLiteStore", "PostgresStore", "open_store", "is_postgres_url",
     "Engine", "UpdateLifecycle", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
@@ -367,10 +369,12 @@ class Config:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_address: int = 0  # 0: automatic, see _per_address_cap
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     tls_cert: str = ""
     tls_key: str = ""
     public_url: str = ""
+    allowed_hosts: tuple = ()  # more names the server answers to (see _AllowedHosts)
     backup_dir: str = ""
     backup_interval: float = DEFAULT_BACKUP_INTERVAL
     backup_keep: int = DEFAULT_BACKUP_KEEP
@@ -459,11 +463,17 @@ def build_parser() -> argparse.ArgumentParser:
           f"--socket-timeout (default {DEFAULT_KEEPALIVE_TIMEOUT:g})", type=float)
     _flag(p, "max-connections", f"concurrent connections (default {DEFAULT_MAX_CONNECTIONS})",
           type=int)
+    _flag(p, "max-connections-per-address", "concurrent connections from one client address "
+          "(one IPv6 /64); behind a reverse proxy every connection comes from the proxy "
+          "(default: half of --max-connections, at least 8)", type=int)
     _flag(p, "shutdown-timeout", "seconds a stopping server waits for in-flight requests "
           f"(default {DEFAULT_SHUTDOWN_TIMEOUT:g})", type=float)
     _flag(p, "tls-cert", "PEM certificate: serve https")
     _flag(p, "tls-key", "PEM private key for --tls-cert")
     _flag(p, "public-url", "URL users log in with, if not http(s)://HOST:PORT")
+    _flag(p, "allowed-host", "a host name clients use to reach this server (the Host "
+          "header), besides loopback names, IP addresses and the --public-url host; "
+          "repeat or comma-separate; *.example.com takes its subdomains", action="append")
     _flag(p, "backup-dir", "take scheduled backups into this folder (default: none)")
     _flag(p, "backup-interval", "time between scheduled backups: 30s, 15m, 1h, 1d "
           "(default 1h)")
@@ -545,7 +555,7 @@ def parse_config(argv: list, environ: dict) -> tuple:
             if env is None or (env == "" and action.dest not in ("auth_token",
                                                                  "auth_token_file")):
                 continue
-            flag_value = [env] if action.dest == "auth_token" else env
+            flag_value = [env] if action.dest in ("auth_token", "allowed_host") else env
             if action.type is not None:
                 try:
                     flag_value = action.type(env)
@@ -558,7 +568,8 @@ def parse_config(argv: list, environ: dict) -> tuple:
     new_key_file = values.pop("new_key_file", None)
     import_options = {key: _parse_bool(key.replace("_", "-"), str(values.pop(key, "0")))
                       for key in ("dry_run", "overwrite", "ignore_locks")}
-    kw: dict = {"auth_tokens": tuple(tokens)}
+    kw: dict = {"auth_tokens": tuple(tokens),
+                "allowed_hosts": _parse_allowed_hosts(values.pop("allowed_host", None))}
     if args.command != "serve" and "audit_retention_days" not in values:
         # The default retention is the server's: `user add` or `import-diy` run
         # without the server's flags must not prune what it keeps.
@@ -621,6 +632,32 @@ def _parse_tokens(items: Optional[list], token_file: Optional[str]) -> list:
     return tokens + found
 
 
+_ALLOWED_HOST_RE = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+                              r"(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\Z")
+
+
+def _parse_allowed_hosts(items: Optional[list]) -> tuple:
+    """Return the lower-case names of ``--allowed-host`` values; ValueError for one that
+    is not a host name, ``*.name`` or an IP address (a scheme or port is a mistake)."""
+    names: list = []
+    for item in items or []:
+        for name in (n.strip().lower().rstrip(".") for n in item.split(",")):
+            if not name:
+                continue
+            try:
+                ipaddress.ip_address(name)
+            except ValueError:
+                if not _ALLOWED_HOST_RE.match(name):
+                    raise ValueError(f"--allowed-host expects a host name such as "
+                                     f"pulumi.example.com or *.example.com, without scheme "
+                                     f"or port, not {name[:100]!r}") from None
+            names.append(name)
+    if items is not None and not names:
+        raise ValueError("--allowed-host (PULUMI_BACKEND_ALLOWED_HOST) is empty: give a "
+                         "host name, or leave the option out")
+    return tuple(names)
+
+
 def _short_token_count(cfg: Config) -> int:
     """Return how many accepted tokens are shorter than MIN_TOKEN_LENGTH (for a warning)."""
     return sum(len(t) < MIN_TOKEN_LENGTH for t in cfg.auth_tokens)
@@ -641,6 +678,8 @@ def _validate_config(cfg: Config) -> None:
                  "max_decompressed", "max_connections"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.max_connections_per_address < 0:
+        raise ValueError("--max-connections-per-address must be 0 (automatic) or more")
     for name in ("socket_timeout", "header_timeout", "keepalive_timeout"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be more than 0 seconds")
@@ -741,6 +780,10 @@ class RequestTimeout(HTTPError):
 
 class PayloadTooLarge(HTTPError):
     status, reason = 413, "Payload Too Large"
+
+
+class MisdirectedRequest(HTTPError):
+    status, reason = 421, "Misdirected Request"
 
 
 class TooManyRequests(HTTPError):
@@ -3552,12 +3595,32 @@ def _split_verbatim(body: bytes) -> tuple:
     if "untypedDeployment" not in req:
         raise BadRequest("untypedDeployment is required")
     text = body.decode("utf-8")
-    key = text.index('"untypedDeployment"')
-    start = text.index(":", key) + 1
-    while text[start] in " \t\r\n":
-        start += 1
-    _, end = json.JSONDecoder().raw_decode(text, start)
+    start, end = _member_span(text, "untypedDeployment")
     return _int_field(req, "sequenceNumber"), text[start:end].encode("utf-8")
+
+
+_JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
+
+
+def _member_span(text: str, name: str) -> tuple:
+    """Return ``(start, end)`` of the value of the top-level member ``name`` of the JSON
+    object ``text`` (already checked by _loads_body, so it is there once).
+
+    Keys are decoded as JSON strings, so one spelled with escapes
+    (``"untypedDeploym\\u0065nt"``) is found, and a value that reads like the key is not.
+    """
+    decoder, space = json.JSONDecoder(), _JSON_SPACE_RE
+    i = space.match(text, space.match(text).end() + 1).end()  # past "{"
+    while text[i] == '"':
+        key, i = json.decoder.scanstring(text, i + 1)
+        start = space.match(text, space.match(text, i).end() + 1).end()  # past ":"
+        _, end = decoder.raw_decode(text, start)
+        if key == name:
+            return start, end
+        i = space.match(text, end).end()
+        if text[i] == ",":
+            i = space.match(text, i + 1).end()
+    raise BadRequest(f"{name} is required")
 
 
 class _LiveReplay:
@@ -5189,6 +5252,7 @@ class KeyManager:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
+            _private_file(path)  # left readable by others: tightened, with a warning
             with open(path, "rb") as f:
                 key = f.read()
             if len(key) != _KEY_LEN:
@@ -5680,6 +5744,15 @@ class Identity:
     def reserved_logins(self) -> tuple:
         """Logins no user may have: the names other callers act under."""
         return (self.cfg.user, _LOCAL_ADMIN.login, _ANONYMOUS.login)
+
+    def accepts_any_token(self) -> bool:
+        """Return whether any token is taken as the admin now: no --auth-token, no
+        users or stored tokens, and none ever existed (see authenticate_hash)."""
+        if self._static:
+            return False
+        with self.store.read() as db:
+            return not self.store.identity_in_use(db) and \
+                self.store.get_meta(db, _IDENTITIES_META) is None
 
     def _principal_of(self, db, row: dict) -> Principal:
         ids = {"token_id": row["id"], "token_name": row["name"], "expires": row["expires"]}
@@ -6779,6 +6852,110 @@ def _match_segments(segments: tuple, parts: tuple) -> Optional[dict]:
     return params
 
 
+_HOST_RE = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9_.-]+))(?::([0-9]{1,5}))?\Z")
+#: Bind addresses meaning every interface.
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _split_host(value: str) -> tuple:
+    """Return ``(name, port)`` of a Host header or URL authority, the name in lower
+    case without brackets or a final dot, the port None when absent; raise BadRequest
+    unless it is ``name``, ``name:port``, ``[IPv6]`` or ``[IPv6]:port``."""
+    m = _HOST_RE.match(value.strip())
+    name = ""
+    if m and m[1]:
+        try:
+            name = ipaddress.IPv6Address(m[1]).compressed
+        except ValueError:
+            pass
+    elif m:
+        name = m[2].lower().rstrip(".")
+    if not name or (m[3] and int(m[3]) > 65535):
+        raise BadRequest("invalid host name in the Host header or request target")
+    return name, int(m[3]) if m[3] else None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class _AllowedHosts:
+    """The host names this server answers to: the guard against DNS rebinding.
+
+    A web page on any domain can point its own name at 127.0.0.1 and have its
+    visitors' browsers call this server; they send that domain as Host (and
+    Origin), and with no token configured the server takes any caller as the
+    admin. So every request's Host must be a name of this server, checked before
+    routing and authentication: loopback names, IP addresses (a rebinding page
+    is reached by a name, never an IP), the host of --public-url, the name bound,
+    and --allowed-host names (``*.example.com`` for subdomains). A non-loopback
+    binding without --allowed-host answers to any name while tokens are required
+    (the names of load balancers and clusters vary, and a page without a token
+    gains nothing); while any token is accepted it too checks names.
+    """
+
+    def __init__(self, cfg: Config, accepts_any_token: Callable[[], bool]):
+        self.scheme = "https" if cfg.tls_cert else "http"
+        self.names = {n for n in cfg.allowed_hosts if not n.startswith("*.")}
+        self.suffixes = tuple(n[1:] for n in cfg.allowed_hosts if n.startswith("*."))
+        self.public_origin = ""
+        if cfg.public_url:
+            url = urllib.parse.urlsplit(cfg.public_url)
+            self.public_origin = f"{url.scheme}://{url.netloc}".lower()
+            if url.hostname:
+                self.names.add(url.hostname.rstrip("."))
+        bound = cfg.host.strip("[]").lower().rstrip(".")
+        if bound not in _WILDCARD_HOSTS:
+            self.names.add(bound)
+        self.checks_names = _is_loopback(cfg.host) or bool(cfg.allowed_hosts)
+        self._accepts_any_token = accepts_any_token
+
+    def _own(self, name: str) -> bool:
+        """Whether ``name`` (see _split_host) is a loopback or configured name."""
+        if name == "localhost" or name.endswith(".localhost") or name in self.names:
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return name.endswith(self.suffixes) if self.suffixes else False
+
+    def allows(self, name: str) -> bool:
+        """Whether a request whose Host (or absolute target) names ``name`` is served."""
+        name = name.strip("[]").lower().rstrip(".")
+        if self._own(name) or _is_ip(name):
+            return True
+        return not self.checks_names and not self._accepts_any_token()
+
+    def origin_allowed(self, origin: Optional[str], host: Optional[str]) -> bool:
+        """Whether a form with this Origin comes from this server's own pages.
+
+        The Origin must be the --public-url's, or name this server (one of its own
+        names, or the request's if that is an IP address or any name is served) with
+        the scheme of the server and the port of the request.
+        """
+        if not origin or origin == "null":
+            return False
+        if self.public_origin and origin.lower() == self.public_origin:
+            return True
+        try:
+            url = urllib.parse.urlsplit(origin)
+            name, port = _split_host(url.netloc)
+            host_name, host_port = _split_host(host or "")
+        except (ValueError, BadRequest):
+            return False
+        default = 443 if self.scheme == "https" else 80
+        if url.scheme != self.scheme or url.path or url.query or url.fragment \
+                or (port or default) != (host_port or default):
+            return False
+        if self._own(name):
+            return True
+        return name == host_name and (_is_ip(name) or self.allows(name))
+
+
 # ==== 10. Handlers, by API area =============================================
 
 # The JSON the handlers answer, for the OpenAPI document. Property names are
@@ -6854,6 +7031,7 @@ class App:
         # Other kinds of route authentication by name (the console's "session"),
         # each ``f(req)`` setting req.principal or raising; run before any body is read.
         self.authenticators: dict = {}
+        self.hosts = _AllowedHosts(cfg, self.identity.accepts_any_token)  # checked by _Handler
         self._add_routes()
 
     def _add_routes(self) -> None:
@@ -8072,12 +8250,10 @@ class Console:
 
     def _check_origin(self, req: Request) -> None:
         """Refuse a form sent from anywhere but this server's own pages (CSRF, part one)."""
-        host = req.headers.get("Host") or ""
-        allowed = {f"{'https' if self.cfg.tls_cert else 'http'}://{host}"}
-        if self.cfg.public_url:
-            url = urllib.parse.urlsplit(self.cfg.public_url)
-            allowed.add(f"{url.scheme}://{url.netloc}")
-        if req.headers.get("Origin") not in allowed:
+        # By the server's names, not the request's Host: a DNS rebinding page
+        # sends its own domain as both (see _AllowedHosts).
+        origin, host = req.headers.get("Origin"), req.headers.get("Host")
+        if not self.app.hosts.origin_allowed(origin, host):
             raise Forbidden("this form must be sent from this server's own pages "
                             "(the Origin header does not match)")
 
@@ -8109,8 +8285,11 @@ class Console:
         return hmac.new(req.session.encode(), b"console-csrf", hashlib.sha256).hexdigest()
 
     def _form(self, req: Request) -> dict:
-        fields = urllib.parse.parse_qs(req.body.decode("utf-8", "replace"),
-                                       max_num_fields=20)
+        try:
+            fields = urllib.parse.parse_qs(req.body.decode("utf-8", "replace"),
+                                           max_num_fields=20)
+        except ValueError:  # more fields than that: no form of ours
+            raise BadRequest("the form has more than 20 fields") from None
         return {k: v[-1] for k, v in fields.items()}
 
     def _checked_form(self, req: Request) -> dict:
@@ -8718,6 +8897,25 @@ def _snapshot(db: str, out: str) -> int:
     return stacks
 
 
+def _private_dir(path: str) -> None:
+    """Take group and other access off the folder ``path``, with a warning (backups are
+    copies of the database: as private as it; see _private_file)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    if not mode & 0o077:
+        return
+    try:
+        os.chmod(path, mode & 0o700)
+    except OSError as e:
+        log.warning("%s is readable by other users (mode %04o) and cannot be changed: %s",
+                    path, mode, e.strerror)
+        return
+    log.warning("%s was readable by other users (mode %04o); it is now %04o", path, mode,
+                mode & 0o700)
+
+
 class BackupScheduler:
     """Takes a ``_snapshot`` into ``cfg.backup_dir`` every ``cfg.backup_interval`` seconds.
 
@@ -8743,6 +8941,7 @@ class BackupScheduler:
         except OSError as e:
             raise ValueError(f"cannot create --backup-dir {self.cfg.backup_dir}: "
                              f"{e.strerror}") from None
+        _private_dir(self.cfg.backup_dir)
         self.metrics.inc("pulumi_backend_backup_failures_total", 0)
         newest = self._newest_time()
         if newest is not None:
@@ -9143,6 +9342,66 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._continue_pending = True
         return True
 
+    def parse_request(self) -> bool:
+        """Parse the request line and headers, then refuse a target or Host name this
+        server does not serve, before routing, authentication or any byte of the body."""
+        if not super().parse_request():
+            return False
+        try:
+            self._check_host()
+        except HTTPError as e:
+            self._send_early_error(e)
+            return False
+        return True
+
+    def _check_host(self) -> None:
+        """Raise BadRequest for an unparsable target or Host, MisdirectedRequest for a
+        host name not among the server's (a DNS rebinding page; see _AllowedHosts)."""
+        try:
+            target = urllib.parse.urlsplit(self.path)  # _serve splits it again
+        except ValueError:  # e.g. http://[::1/api: an absolute form with a broken IPv6 host
+            raise BadRequest("invalid request target") from None
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise BadRequest("more than one Host header")
+        # An absolute-form target's host wins over Host: both must be ours. A request
+        # without a name (HTTP/1.0, no Host) cannot come from a browser page.
+        for value in ([target.netloc] if target.scheme else []) + hosts:
+            if not value.strip():
+                continue
+            name, _ = _split_host(value)
+            if not self.server.app.hosts.allows(name):
+                log.warning("refused a request for host %s (not one of this server's names: "
+                            "see --allowed-host)", name)
+                raise MisdirectedRequest(
+                    f"this server does not answer to the host name {name!r}; if clients "
+                    f"reach it by that name, start it with --allowed-host {name} "
+                    "(PULUMI_BACKEND_ALLOWED_HOST)")
+
+    def _send_early_error(self, err: HTTPError) -> None:
+        """Answer ``err`` to a request refused while parsing, and close the connection."""
+        self.close_connection = True
+        if self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"):
+            self._body_left_unread = True  # finish() drains it, so the client reads this
+        body = _dumps(err.body())
+        try:
+            self.send_response(err.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except OSError:
+            pass
+
+    def _unknown_caller_deadline(self, req: Request) -> None:
+        """Give a body sent before its caller is known (the OIDC exchange, the console's
+        sign-in) --header-timeout to arrive, not --socket-timeout: nobody known holds
+        the slot, and a trickled body must not keep it."""
+        if req.principal is None and not req.auth_kind:
+            self.server.watch(self.request, time.monotonic() + self._header_seconds)
+
     def _wait_for_request(self, deadline: float) -> bool:
         """Wait until the client sends a request; False when the server stops or at ``deadline``."""
         while not self.server.stopping.is_set():
@@ -9255,6 +9514,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req.remote = self.client_address[0] if self.client_address else ""
         try:
             handler = self.server.app.resolve(req)  # nothing is read before this passes
+            self._unknown_caller_deadline(req)
             req.body, req.wire = self._read_body(req.route.body_limit)
             self.server.unwatch(self.request)  # the request is in: handling may take long
             with self._ingest_turn(req):
@@ -9362,6 +9622,8 @@ class Server(http.server.ThreadingHTTPServer):
         self._active_lock = threading.Lock()
         self._idle = threading.Condition(self._active_lock)  # notified as connections end
         self._connections: set = set()  # sockets being served, under _active_lock
+        self._per_address: collections.Counter = collections.Counter()  # _client_key -> open
+        self._address_cap = _per_address_cap(cfg)
         self._deadlines: dict = {}
         self._tls_refusals = threading.BoundedSemaphore(16)  # 503s being sent over TLS
         self._closed = threading.Event()
@@ -9436,12 +9698,15 @@ class Server(http.server.ThreadingHTTPServer):
         super().server_close()
 
     def process_request(self, request, client_address) -> None:
+        key = _client_key(client_address)
         with self._active_lock:
             full = len(self._connections) >= self.cfg.max_connections
-            if not full:
+            crowded = self._per_address[key] >= self._address_cap
+            if not (full or crowded):
                 self._connections.add(request)
-        if full:
-            self._refuse(request)
+                self._per_address[key] += 1
+        if full or crowded:
+            self._refuse(request, key if crowded and not full else "")
             return
         super().process_request(request, client_address)
 
@@ -9449,12 +9714,21 @@ class Server(http.server.ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            key = _client_key(client_address)
             with self._active_lock:
                 self._connections.discard(request)
+                self._per_address[key] -= 1
+                if self._per_address[key] <= 0:
+                    del self._per_address[key]
                 self._idle.notify_all()
 
-    def _refuse(self, request) -> None:
-        log.warning("refused a connection: %d already open", self.cfg.max_connections)
+    def _refuse(self, request, address: str = "") -> None:
+        """Answer 503 and close, without a slot; ``address``: refused for its share."""
+        if address:
+            log.warning("refused a connection from %s: %d already open from that address "
+                        "(--max-connections-per-address)", address, self._address_cap)
+        else:
+            log.warning("refused a connection: %d already open", self.cfg.max_connections)
         if not hasattr(request, "do_handshake"):
             self._send_503(request)
         elif self._tls_refusals.acquire(blocking=False):
@@ -9493,6 +9767,29 @@ class Server(http.server.ThreadingHTTPServer):
         self.shutdown()
 
 
+def _per_address_cap(cfg: Config) -> int:
+    """Return how many connections one client address may hold: the flag, or by default
+    half of --max-connections but at least 8 (a CLI opens up to ~6 at once)."""
+    cap = cfg.max_connections_per_address or max(8, cfg.max_connections // 2)
+    return min(cap, cfg.max_connections)
+
+
+def _client_key(client_address: Any) -> str:
+    """The address a connection counts against: its IP, or the /64 of an IPv6 one (a
+    single host commonly has the whole /64)."""
+    text = str(client_address[0]) if isinstance(client_address, tuple) and client_address \
+        else ""
+    try:
+        ip = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return text
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
     """Open the store and keys and return ``(store, app)``; raise ValueError on bad setup."""
     environ = os.environ if environ is None else environ
@@ -9504,6 +9801,7 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
         except OSError as e:
             raise ValueError(f"cannot append to --audit-log {cfg.audit_log}: {e.strerror}") \
                 from None
+        _private_file(cfg.audit_log)  # left readable by others: tightened, with a warning
     store = open_store(cfg.db, cfg.wal_autocheckpoint)
     try:
         crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))

@@ -1805,7 +1805,7 @@ def test_default_stack_permission_for_members(start):
 
 def test_refusal_comes_before_the_body_is_read(team_srv):
     with socket.create_connection((team_srv.host, team_srv.port), timeout=10) as s:
-        s.sendall((f"POST {sp('app', 'dev')}/encrypt HTTP/1.1\r\nHost: x\r\n"
+        s.sendall((f"POST {sp('app', 'dev')}/encrypt HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                    f"Authorization: {team_srv.tok['viewer']}\r\n"
                    "Content-Length: 100000000\r\n\r\n").encode())
         head = s.recv(4096).decode()
@@ -4170,6 +4170,24 @@ def test_verbatim_with_other_field_order(srv):
     assert srv.export_bytes(path) == NEW_DOC
 
 
+@pytest.mark.parametrize("key, decoy", [
+    (rb'"untypedDeploym\u0065nt"', b""), (rb'"\u0075ntypedDeployment"', b""),
+    (rb'"untypedDeploym\u0065nt"', b'"note": "untypedDeployment", "other": {"x": 1}, '),
+], ids=["escaped", "escaped-first", "escaped-after-a-decoy-value"])
+def test_verbatim_key_spelled_with_a_json_escape_is_found(srv, caplog, key, decoy):
+    """Issue 23: the key spelled with an escape was a 500 with a logged traceback; a
+    value "untypedDeployment" before the key must not be taken for it either."""
+    path = srv.create_stack()
+    update = srv.begin(path, journal=False)
+    body = b'{"sequenceNumber": 1, ' + decoy + key + b': ' + PREV_DOC + b', "version": 3}'
+    status, _, out = update.call("PATCH", "/checkpointverbatim", body)
+    assert status == 200, out
+    assert "Traceback" not in caplog.text
+    assert update.delta(DELTA_EDITS, NEW_HASH, 2)[0] == 200  # the stored bytes are PREV_DOC
+    assert update.complete()[0] == 200
+    assert srv.export_bytes(path) == NEW_DOC
+
+
 def test_legacy_line_based_delta(srv):
     path = srv.create_stack()
     prev = ('{\n "version": 3,\n "deployment": {\n  "manifest": {"time": "t1", "magic": "", '
@@ -5356,6 +5374,43 @@ def test_console_refuses_bad_tokens_foreign_origins_and_stale_forms(srv):
     events = [e["event"] for e in srv.app.audit.store.list_audit(
         srv.app.audit.store._writer, 10**9, 0, 2**62, None, None, 100)]
     assert "login_failure" in events and "console_login" in events
+
+
+def test_console_origin_is_one_of_the_servers_names_not_the_requests_host(srv):
+    """Issue 23: the Origin was compared with the request's own Host, which a DNS
+    rebinding page sets to its own domain: Host and Origin evil.example signed in."""
+    csrf = "c" * 43
+    req = pb.Request("POST", "/login", {}, {
+        "Host": f"evil.example:{srv.port}", "Origin": f"http://evil.example:{srv.port}",
+        "Cookie": f"pb_csrf={csrf}", "Content-Type": "application/x-www-form-urlencoded"})
+    req.body = urllib.parse.urlencode({"csrf": csrf, "token": "t", "next": "/"}).encode()
+    resp = srv.app.dispatch(req)
+    assert resp.status == 403 and "pb_session" not in resp.headers.get("Set-Cookie", "")
+    # Over the wire (Host 127.0.0.1:port): every name of this server, on this port.
+    for origin, expect in ((f"http://localhost:{srv.port}", 303),
+                           (f"http://127.0.0.1:{srv.port}", 303),
+                           (f"http://[::1]:{srv.port}", 303),
+                           (f"http://evil.example:{srv.port}", 403),
+                           (f"http://localhost:{srv.port + 1}", 403),  # another local site
+                           (f"https://127.0.0.1:{srv.port}", 403),
+                           (f"http://127.0.0.1:{srv.port}/x", 403), ("null", 403)):
+        b = Browser(srv)
+        form = {"csrf": b.csrf("/login"), "token": "t", "next": "/"}
+        status, _, page = b.send("POST", "/login", form, origin=origin)
+        assert status == expect, (origin, page)
+        assert ("pb_session" in b.cookies) == (expect == 303), origin
+
+
+def test_console_forms_with_too_many_fields_are_a_400(srv, browser, caplog):
+    """Issue 23: a form of more than 20 fields made parse_qs raise: a 500 with a logged
+    traceback, on the sign-in form before anyone signed in."""
+    many = {f"f{i}": "x" for i in range(25)}
+    status, _, page = Browser(srv).send("POST", "/login", many)
+    assert status == 400 and "fields" in page, page
+    status, _, page = browser.post("/tokens", many)
+    assert status == 400 and "fields" in page, page
+    assert "Traceback" not in caplog.text
+    assert browser.get("/")[0] == 200
 
 
 def test_console_headers_on_every_page(srv, browser):
@@ -7643,7 +7698,8 @@ def test_cli_version(tmp_path):
 def _send_partial_request(url, total=1000, sent=10):
     host, port = url.rsplit("//", 1)[1].split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(f"POST /api/stacks/{ORG}/proj HTTP/1.1\r\nHost: x\r\nAuthorization: token t\r\n"
+    sock.sendall(f"POST /api/stacks/{ORG}/proj HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 "Authorization: token t\r\n"
                  f"Content-Length: {total}\r\n\r\n".encode() + b" " * sent)
     time.sleep(0.3)  # the server is now reading the body
     return sock
@@ -8063,6 +8119,177 @@ def test_100_continue_only_after_the_route_and_token_pass(start):
         resp.begin()
         assert resp.status == 200, resp.read()
     assert srv.stack(path)["tags"] == {"a": "b"}
+
+
+# -- Host: only the names this server answers to (DNS rebinding) -------------------
+
+def raw_request(host, target="/api/user", method="GET", extra=(), version="HTTP/1.1"):
+    """A request with ``host`` as its Host header (None: no Host header)."""
+    lines = [f"{method} {target} {version}"] + ([f"Host: {host}"] if host is not None else [])
+    lines += ["Authorization: token t", "Content-Length: 0", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_dns_rebinding_host_names_are_refused_before_routing_and_auth(srv):
+    """Issue 23: a page on evil.example, resolving its name to 127.0.0.1, called the
+    token-less API from a visitor's browser and decrypted secrets."""
+    path = srv.create_stack()
+    status, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"hush")})
+    secret = out["ciphertext"]
+    for host in (f"evil.example:{srv.port}", "evil.example", "localhost.evil.example",
+                 "127.0.0.1.nip.io", f"LOCALHOST.evil.example:{srv.port}"):
+        for method, target, body in (("POST", path + "/decrypt", {"ciphertext": secret}),
+                                     ("GET", "/api/user", None), ("GET", "/nope", None),
+                                     ("GET", "/healthz", None), ("GET", "/login", None)):
+            status, headers, out = srv.request(method, target, body, headers={"Host": host})
+            assert status == 421, (host, target, out)
+            assert out["code"] == 421 and "--allowed-host" in out["message"], out
+            assert headers["Connection"] == "close"
+    ok = ["localhost", f"localhost:{srv.port}", "LocalHost.", "127.0.0.1", f"127.0.0.1:{srv.port}",
+          f"127.9.8.7:{srv.port}", "[::1]", f"[::1]:{srv.port}", "app.localhost:1234"]
+    for host in ok:
+        status, _, out = srv.request("POST", path + "/decrypt", {"ciphertext": secret},
+                                     headers={"Host": host})
+        assert status == 200 and base64.b64decode(out["plaintext"]) == b"hush", host
+
+
+def test_host_header_framing(srv):
+    assert exchange(srv, raw_request(None, version="HTTP/1.0"))[0] == 200  # no rebinding
+    status, _, out = exchange(srv, raw_request("127.0.0.1", extra=["Host: evil.example"]))
+    assert status == 400 and out["code"] == 400, out
+    for host in ("evil example", "127.0.0.1:80:80", "[::1", "[nope]:80", "a/b", "127.0.0.1:x"):
+        status, _, out = exchange(srv, raw_request(host))
+        assert status == 400 and out["code"] == 400, (host, out)
+    # An absolute-form target names the host too (it wins over Host).
+    status, _, out = exchange(srv, raw_request("127.0.0.1", "http://evil.example/api/user"))
+    assert status == 421, out
+    target = f"http://localhost:{srv.port}/api/user"
+    status, _, out = exchange(srv, raw_request("127.0.0.1", target))
+    assert status == 200, out
+
+
+def test_absolute_form_target_with_a_broken_ipv6_host_is_a_400(srv, caplog):
+    """Issue 23: urlsplit raised on it and the connection closed with no answer (and a
+    traceback in the log)."""
+    for target in ("http://[::1/api/capabilities", "http://[nope]/api/capabilities"):
+        result = exchange(srv, raw_request("127.0.0.1", target))
+        assert result is not None, target
+        status, headers, out = result
+        assert status == 400 and out["code"] == 400, (target, out)
+    assert "Traceback" not in caplog.text
+    assert srv.request("GET", "/api/capabilities")[0] == 200
+
+
+def test_allowed_hosts_public_url_and_the_bound_address_are_served(start):
+    srv = start(allowed_hosts=("pulumi.corp.example", "*.dev.example"),
+                public_url="https://backend.example/pulumi")
+    for host, expect in (("pulumi.corp.example", 200), ("PULUMI.corp.example:443", 200),
+                         ("a.dev.example", 200), ("b.a.dev.example:8080", 200),
+                         ("backend.example", 200), ("dev.example", 421),
+                         ("corp.example", 421), ("evil.example", 421), ("127.0.0.1", 200)):
+        assert srv.request("GET", "/api/user", headers={"Host": host})[0] == expect, host
+
+
+def test_allowed_host_rules_by_binding():
+    """Loopback (the token-less default) checks every name; a non-loopback binding
+    without --allowed-host takes any name while tokens are required, none while any
+    token is accepted; --allowed-host makes any binding check names."""
+    token = ("x" * 32,)
+    def allows(names, any_token=False, **cfg):
+        hosts = pb._AllowedHosts(Config(**cfg), lambda: any_token)
+        return [hosts.allows(name) for name in names]
+    names = ["evil.example", "10.1.2.3", "localhost", "[::1]", "pulumi.internal"]
+    assert allows(names) == [False, True, True, True, False]
+    assert allows(names, auth_tokens=token) == [False, True, True, True, False]
+    for host in ("0.0.0.0", "::", "", "10.1.2.3", "backend.lan"):
+        assert allows(names, host=host, auth_tokens=token) == [True] * 5, host
+        assert allows(names, True, host=host, allow_any_token=True) == \
+            [False, True, True, True, False], host
+        assert allows(names, host=host, auth_tokens=token,
+                      allowed_hosts=("pulumi.internal",)) == [False, True, True, True, True]
+    assert allows(["backend.lan", "x.lan"], True, host="backend.lan",
+                  allow_any_token=True) == [True, False]  # the name it binds
+
+
+def test_a_wildcard_binding_with_tokens_answers_any_name(start):
+    token = "t" * 32
+    srv = start(host="0.0.0.0", auth_tokens=(token,))
+    status, _, _ = srv.request("GET", "/api/user", token=f"token {token}",
+                               headers={"Host": "pulumi.svc.cluster.local:8080"})
+    assert status == 200
+
+
+# -- connections: one address cannot take every slot ------------------------------
+
+def test_one_address_cannot_hold_every_connection_slot(start):
+    """Issue 23: five sockets that reconnected as soon as the header deadline freed
+    their slot kept every slot of a 4-connection server (0 of 75 requests served)."""
+    srv = start(max_connections=4, max_connections_per_address=2, header_timeout=0.5,
+                socket_timeout=10.0)
+    stop = threading.Event()
+
+    def attacker():
+        while not stop.is_set():
+            s = socket.socket()
+            try:
+                s.settimeout(5)
+                s.bind(("127.0.0.2", 0))  # another address than the clients below
+                s.connect((srv.host, srv.port))
+                s.sendall(b"GET /api/user HT")
+                s.recv(1024)  # until the server drops it (or refuses it)
+            except OSError:
+                pass
+            finally:
+                s.close()
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=attacker) for _ in range(5)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        served = sum(srv.request("GET", "/api/user")[0] == 200 for _ in range(30))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert served == 30, served
+
+
+def test_per_address_cap_default_leaves_room_for_cli_bursts():
+    cap = pb._per_address_cap
+    assert cap(Config()) == pb.DEFAULT_MAX_CONNECTIONS // 2
+    assert [cap(Config(max_connections=n)) for n in (1, 4, 8, 16, 40)] == [1, 4, 8, 8, 20]
+    assert cap(Config(max_connections=10, max_connections_per_address=3)) == 3
+    assert cap(Config(max_connections=10, max_connections_per_address=30)) == 10
+
+
+# -- bodies before the caller is known: the header deadline ------------------------
+
+@pytest.mark.parametrize("route", ["oauth", "console-login"])
+def test_a_body_sent_before_the_caller_is_known_has_the_header_deadline(start, route):
+    """Issue 23: the two routes that read a body from an unknown caller gave it the
+    socket timeout (120 s by default) to trickle in."""
+    srv = start(socket_timeout=20.0, header_timeout=1.0)
+    target = "/api/oauth/token" if route == "oauth" else "/login"
+    head = head_of("POST", target, 1000, [("Origin", "http://127.0.0.1")], token="")  # = Host
+    with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+        sock.sendall(head + b"a=b")
+        t0 = time.monotonic()
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        waited = time.monotonic() - t0
+    assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:100]
+    assert waited < 4, waited
+    # A known caller keeps the socket timeout for its body.
+    path = srv.create_stack()
+    with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+        sock.sendall(head_of("PATCH", path + "/tags", len(_TAGS_BODY)) + _TAGS_BODY[:3])
+        time.sleep(2)
+        sock.sendall(_TAGS_BODY[3:])
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
 
 
 # -- errors ----------------------------------------------------------------------
@@ -8515,6 +8742,52 @@ def test_restored_database_is_private(start, cfg, tmp_path, umask_022):
         copy = start(db=target.db, master_key_file=target.key_file())
         copy.request("PATCH", path + "/tags", {"a": "1"})
         assert set(_modes(target.db).values()) == {0o600}, name
+
+
+def test_allowed_host_and_per_address_flags(tmp_path):
+    _, cfg, _ = pb.parse_config(["--allowed-host", "a.example", "--allowed-host",
+                                 "B.example., *.c.example", "--max-connections-per-address",
+                                 "3"], {})
+    assert cfg.allowed_hosts == ("a.example", "b.example", "*.c.example")
+    assert cfg.max_connections_per_address == 3
+    _, cfg, _ = pb.parse_config([], {"PULUMI_BACKEND_ALLOWED_HOST": "x.example, 10.0.0.7",
+                                     "PULUMI_BACKEND_MAX_CONNECTIONS_PER_ADDRESS": "5"})
+    assert cfg.allowed_hosts == ("x.example", "10.0.0.7")
+    assert cfg.max_connections_per_address == 5
+    assert pb.parse_config([], {})[1].allowed_hosts == ()
+    for bad in ("http://x.example", "x.example:8080", "x.example/", "*", "a.*.example", " , ",
+                "[::1]:80"):
+        with pytest.raises(ValueError, match="--allowed-host") as e:
+            pb.parse_config(["--allowed-host", bad], {})
+        assert "\n" not in str(e.value)
+    assert pb.parse_config(["--allowed-host", "any"], {})[1].allowed_hosts == ("any",)
+    with pytest.raises(ValueError, match="--max-connections-per-address"):
+        pb.parse_config(["--max-connections-per-address", "-1"], {})
+
+
+def test_key_audit_log_and_backup_dir_left_open_to_others_are_tightened(cfg, tmp_path, caplog):
+    """Issue 23: a 0644 master key file, a 0644 --audit-log and a 0755 --backup-dir were
+    used as they were, without a word (the database files were already tightened)."""
+    key, audit, backups = tmp_path / "m.key", tmp_path / "audit.log", tmp_path / "backups"
+    key.write_bytes(secrets.token_bytes(32))
+    audit.write_text("")
+    backups.mkdir()
+    os.chmod(key, 0o644)
+    os.chmod(audit, 0o644)
+    os.chmod(backups, 0o755)
+    cfg = dataclasses.replace(cfg, master_key_file=str(key), audit_log=str(audit),
+                              backup_dir=str(backups))
+    with caplog.at_level("WARNING", logger="pulumi_backend"):
+        store, app = pb.build_app(cfg, environ={})
+        scheduler = pb.BackupScheduler(cfg, app.engine.metrics)
+        scheduler.start()
+        scheduler.stop()
+        store.close()
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    assert os.stat(audit).st_mode & 0o777 == 0o600
+    assert os.stat(backups).st_mode & 0o777 == 0o700
+    for path in (key, audit, backups):
+        assert f"{path} was readable by other users" in caplog.text, path
 
 
 def _strip_canary(db):
