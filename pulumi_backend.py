@@ -5569,9 +5569,10 @@ def _cef_line(line: dict) -> str:
         "CEF:0", "Pulumi", "pulumi-backend", __version__, line["event"],
         line["description"] or f"{line['event']} {line['target']}".strip(), severity))
     ext = {"rt": line["timestamp"] * 1000, "suser": line["actor"], "src": line["sourceIP"],
-           "outcome": line["outcome"], "requestClientApplication": line["userAgent"],
-           "cs1Label": "target", "cs1": line["target"], "cs2Label": "tokenName",
-           "cs2": line["tokenName"], "cs3Label": "tokenId", "cs3": line["tokenId"]}
+           "outcome": line["outcome"], "requestClientApplication": line["userAgent"]}
+    for i, label in enumerate(("target", "tokenName", "tokenId"), 1):
+        if line[label]:
+            ext[f"cs{i}Label"], ext[f"cs{i}"] = label, line[label]
     return head + "|" + " ".join(f"{k}={_cef_escape(v, False)}" for k, v in ext.items()
                                  if v != "")
 
@@ -5858,11 +5859,12 @@ class Identity:
                           description=f"token {token_id}")
 
     def members_json(self) -> list:
-        """Every member; first the --auth-token admin (cfg.user) unless a stored user has
-        that login: it acts as an org admin without being stored."""
+        """Every member; first the admin that --auth-token tokens (or, with no identity
+        yet, any token) act as, cfg.user, unless a stored user has that login."""
         with self.store.read() as db:
             users = self.store.list_users(db)
-        if not any(u["login"] == self.cfg.user for u in users):
+            configured = bool(self._static) or not self.store.identity_in_use(db)
+        if configured and not any(u["login"] == self.cfg.user for u in users):
             users.insert(0, {"login": self.cfg.user, "name": self.cfg.user, "email": "",
                              "role": "admin", "created": None})
         return [_member_json(u) for u in users]

@@ -2583,6 +2583,16 @@ _ROUTE_NEED_TABLE = {
     ("POST", "/tokens/{tokenId}/revoke"): "signed-in",
     ("GET", "/user/settings/tokens"): "signed-in",
     ("GET", "/account/tokens"): "signed-in",
+    # The newest CLI's team commands (issue 25): audit log v2, roles, usage.
+    ("GET", "/api/orgs/{orgName}/auditlogs/v2"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/auditlogs/v2/export"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/roles"): "signed-in",
+    ("POST", "/api/orgs/{orgName}/roles"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/roles/{roleID}"): "signed-in",
+    ("PATCH", "/api/orgs/{orgName}/roles/{roleID}"): "org-admin",
+    ("DELETE", "/api/orgs/{orgName}/roles/{roleID}"): "org-admin",
+    ("POST", "/api/orgs/{orgName}/teams/{teamName}/roles/{roleID}"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/resources/summary"): "org-admin",
 }
 #: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
 _UPDATE_ROUTE_NEEDS = {
@@ -2603,7 +2613,8 @@ _UPDATE_ROUTE_NEEDS = {
 _SHARED_HANDLERS = {"openapi", "export", "log_decryption", "to_tokens", "create_update",
                     "start_update", "update_status", "list_events", "cancel_update",
                     "renew_lease", "checkpoint", "checkpoint_verbatim", "checkpoint_delta",
-                    "journal_entries", "events_batch", "complete"}
+                    "journal_entries", "events_batch", "complete", "list_audit_logs",
+                    "refuse_custom_roles"}
 
 
 def test_every_route_declares_the_need_of_this_table(srv):
@@ -2989,10 +3000,13 @@ def test_responses_match_declared_shapes(srv):
         seen.add((method, any_kind(template)))
         ok_doc = doc["paths"][template][method.lower()]["responses"]["200"]
         schema = ok_doc.get("content", {}).get("application/json", {}).get("schema")
-        if method == "HEAD":
+        if ok != 200:  # an error's {code, message}: not the 200 answer's shape
+            assert set(out) == {"code", "message"}, out
+        elif method == "HEAD":
             assert schema is None
         elif schema is None:
-            errors.append(f"{method} {template}: answers JSON, declares no response")
+            if headers["Content-Type"].startswith("application/json"):
+                errors.append(f"{method} {template}: answers JSON, declares no response")
         else:
             assert headers["Content-Type"].startswith("application/json")
             errors.extend(f"{method} {template}: {e}" for e in shape_errors(out, schema))
@@ -3089,6 +3103,16 @@ def call_access_routes(srv, call):
         call("GET", base, **auth)
         call("DELETE", f"{base}/{token_id}", **auth)
     call("GET", orgs + "/auditlogs", **auth)
+    call("GET", orgs + "/auditlogs/v2?eventFilter=member_added", **auth)
+    call("GET", orgs + "/auditlogs/v2/export?format=cef", **auth)
+    call("GET", orgs + "/roles", **auth)
+    call("GET", orgs + "/roles/admin", **auth)
+    call("POST", orgs + "/roles", {"name": "dev"}, ok=400, **auth)
+    call("PATCH", orgs + "/roles/admin", {"name": "x", "description": "", "details": {}},
+         ok=400, **auth)
+    call("DELETE", orgs + "/roles/admin", ok=400, **auth)
+    call("POST", orgs + "/teams/devs/roles/stack-read", ok=400, **auth)
+    call("GET", orgs + "/resources/summary?granularity=hourly&lookbackDays=1", **auth)
     call("DELETE", orgs + "/members/alice", **auth)
     call("DELETE", orgs + "/teams/devs", **auth)
     folder = Path(srv.cfg.db).parent
@@ -3152,6 +3176,12 @@ ALLOWED_DIFFERENCES = {
     ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].target"):
         _AUDIT_EXTRAS,
     ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].outcome"):
+        _AUDIT_EXTRAS,
+    ("GET", "/api/orgs/{orgName}/auditlogs/v2", "response", "auditLogEvents.[].userAgent"):
+        _AUDIT_EXTRAS,
+    ("GET", "/api/orgs/{orgName}/auditlogs/v2", "response", "auditLogEvents.[].target"):
+        _AUDIT_EXTRAS,
+    ("GET", "/api/orgs/{orgName}/auditlogs/v2", "response", "auditLogEvents.[].outcome"):
         _AUDIT_EXTRAS,
 }
 
