@@ -5233,6 +5233,7 @@ def test_usage_summary_sums_each_stacks_latest_version_per_bucket(srv, clock):
         assert srv.request("GET", f"{usage}?{query}")[0] == 400, query
 
 
+@both_stores
 def test_update_events_by_version_and_urn(srv, monkeypatch):
     monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 2)
     path = srv.create_stack()
