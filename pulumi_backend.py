@@ -2001,18 +2001,18 @@ class _SQLRecords(Store):
         return dict(row) if row else None
 
     def resource_counts(self, db, org: str, since: int, until: int) -> list:
-        # Two statements: the baseline (each stack's newest row before the window,
-        # ROW_NUMBER in both databases), then the window's rows in time order.
-        finished = ("FROM updates u JOIN stacks s ON s.id = u.stack_id WHERE s.org = ? "
-                    "AND u.dry_run = 0 AND u.ended IS NOT NULL "
-                    "AND u.resource_count IS NOT NULL AND u.version > 0")
+        # Two statements: the baseline (each stack's newest row before the window),
+        # then the window's rows in time order.
+        finished = ("u.dry_run = 0 AND u.ended IS NOT NULL AND u.resource_count IS NOT NULL "
+                    "AND u.version > 0")
         before = db.execute(
-            "SELECT stack_id, ended, resource_count FROM (SELECT u.stack_id, u.ended, "
-            "u.resource_count, ROW_NUMBER() OVER (PARTITION BY u.stack_id ORDER BY u.ended "
-            f"DESC, u.version DESC) AS n {finished} AND u.ended < ?) t WHERE n = 1",
-            (org, since)).fetchall()
+            "SELECT stack_id, ended, resource_count FROM updates WHERE id IN (SELECT (SELECT "
+            f"u.id FROM updates u WHERE u.stack_id = s.id AND {finished} AND u.ended < ? "
+            "ORDER BY u.ended DESC, u.version DESC LIMIT 1) FROM stacks s WHERE s.org = ?)",
+            (since, org)).fetchall()
         during = db.execute(
-            f"SELECT u.stack_id, u.ended, u.resource_count {finished} AND u.ended >= ? "
+            "SELECT u.stack_id, u.ended, u.resource_count FROM updates u JOIN stacks s ON "
+            f"s.id = u.stack_id WHERE s.org = ? AND {finished} AND u.ended >= ? "
             "AND u.ended <= ? ORDER BY u.ended, u.version", (org, since, until)).fetchall()
         return [tuple(r) for r in before] + [tuple(r) for r in during]
 
