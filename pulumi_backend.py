@@ -82,6 +82,7 @@ import bisect
 import collections
 import contextlib
 import copy
+import csv
 import ctypes
 import ctypes.util
 import dataclasses
@@ -310,6 +311,12 @@ AUTH_FAILURE_WINDOW = 60.0
 #: Client addresses whose failures are tracked at once (IPv6 ones by /64); the
 #: oldest window is dropped beyond this, so a flood of addresses costs bounded memory.
 MAX_TRACKED_ADDRESSES = 10000
+#: Newest audit events in one GET .../auditlogs/v2/export (CSV or CEF, no paging).
+AUDIT_EXPORT_MAX_EVENTS = 100000
+#: Most time buckets of one GET /api/orgs/{orgName}/resources/summary.
+USAGE_MAX_BUCKETS = 10000
+#: Stored engine events one filtered (``urn=``) page of GET .../events reads at most.
+EVENT_FILTER_SCAN = 20000
 #: Seconds a web console session lasts after sign-in (section 11).
 CONSOLE_SESSION_SECONDS = 12 * 3600
 #: Largest form the console takes (sign in, tokens), in bytes.
@@ -1438,6 +1445,16 @@ class Store(abc.ABC):
         """Return the update's row, or None."""
 
     @abc.abstractmethod
+    def update_by_version(self, db, stack_id: str, version: int) -> Optional[dict]:
+        """Return the row of the stack's non-preview update that made ``version``, or None."""
+
+    @abc.abstractmethod
+    def resource_counts(self, db, org: str, since: int, until: int) -> list:
+        """Return ``(stack id, end time, resource count)`` of the finished non-preview
+        updates of ``org``'s stacks: each stack's last before ``since``, then every one
+        up to ``until``, by time."""
+
+    @abc.abstractmethod
     def insert_update(self, db, update: dict) -> None:
         """Insert an update row (column -> value); IntegrityError if the id exists."""
 
@@ -2057,6 +2074,28 @@ class _SQLRecords(Store):
     def get_update(self, db, update_id: str) -> Optional[dict]:
         row = db.execute("SELECT * FROM updates WHERE id = ?", (update_id,)).fetchone()
         return dict(row) if row else None
+
+    def update_by_version(self, db, stack_id: str, version: int) -> Optional[dict]:
+        row = db.execute("SELECT * FROM updates WHERE stack_id = ? AND version = ? AND "
+                         "dry_run = 0 AND version > 0 ORDER BY created DESC LIMIT 1",
+                         (stack_id, version)).fetchone()
+        return dict(row) if row else None
+
+    def resource_counts(self, db, org: str, since: int, until: int) -> list:
+        # Two statements: the baseline (each stack's newest row before the window),
+        # then the window's rows in time order.
+        finished = ("u.dry_run = 0 AND u.ended IS NOT NULL AND u.resource_count IS NOT NULL "
+                    "AND u.version > 0")
+        before = db.execute(
+            "SELECT stack_id, ended, resource_count FROM updates WHERE id IN (SELECT (SELECT "
+            f"u.id FROM updates u WHERE u.stack_id = s.id AND {finished} AND u.ended < ? "
+            "ORDER BY u.ended DESC, u.version DESC LIMIT 1) FROM stacks s WHERE s.org = ?)",
+            (since, org)).fetchall()
+        during = db.execute(
+            "SELECT u.stack_id, u.ended, u.resource_count FROM updates u JOIN stacks s ON "
+            f"s.id = u.stack_id WHERE s.org = ? AND {finished} AND u.ended >= ? "
+            "AND u.ended <= ? ORDER BY u.ended, u.version", (org, since, until)).fetchall()
+        return [tuple(r) for r in before] + [tuple(r) for r in during]
 
     def insert_update(self, db, update: dict) -> None:
         cols = ",".join(update)
@@ -4080,6 +4119,35 @@ class Engine:
         with self.store.read() as db:
             return self.store.latest_updates(db, stack_ids)
 
+    def usage_summary(self, org: str, granularity: str, days: int, end: int) -> dict:
+        """Resources under management of ``org`` in the ``days`` before Unix time ``end``,
+        per UTC hour, day or month (Pulumi Cloud's GetResourceCountSummaryResponse).
+
+        A bucket's ``resources`` is the sum over stacks of the resource count of each
+        stack's newest version at or before the bucket's end; ``resourceHours`` is that
+        times the bucket's hours inside the window. BadRequest for too many buckets.
+        """
+        start = end - days * 86400
+        buckets = list(itertools.islice(_usage_buckets(granularity, start, end),
+                                        USAGE_MAX_BUCKETS + 1))
+        if len(buckets) > USAGE_MAX_BUCKETS:
+            raise BadRequest(f"at most {USAGE_MAX_BUCKETS} {granularity} buckets: ask for "
+                             "fewer lookbackDays or a coarser granularity")
+        with self.store.read() as db:
+            changes = self.store.resource_counts(db, org, start, end)
+        counts: dict = {}
+        total, i, out = 0, 0, []
+        for begin, following, fields in buckets:
+            cutoff = min(following - 1, end)
+            while i < len(changes) and changes[i][1] <= cutoff:
+                stack_id, _, count = changes[i]
+                total += count - counts.get(stack_id, 0)
+                counts[stack_id] = count
+                i += 1
+            hours = (min(following, end) - max(begin, start)) / 3600
+            out.append(dict(fields, resources=total, resourceHours=round(total * hours)))
+        return {"summary": out}
+
     def update_with_events(self, org, project, name, update_id) -> tuple:
         """Return ``(update info, engine events)`` of one update (at most CONSOLE_MAX_EVENTS)."""
         with self.store.read() as db:
@@ -4127,6 +4195,39 @@ class Engine:
             for name, value in self.store.pool_stats().items():
                 gauges[f"pulumi_backend_db_pool_{name}"] = value
         return gauges
+
+
+def _usage_buckets(granularity: str, start: int, end: int) -> Iterator:
+    """Yield ``(begin, next begin, fields)`` of the UTC hours, days or months (by
+    ``granularity``) that overlap ``start..end``; fields: year, month, day, hour."""
+    utc = datetime.timezone.utc
+    t = datetime.datetime.fromtimestamp(start, utc)
+    t = {"hourly": t.replace(minute=0, second=0, microsecond=0),
+         "daily": t.replace(hour=0, minute=0, second=0, microsecond=0),
+         "monthly": t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)}[granularity]
+    while t.timestamp() <= end:
+        if granularity == "monthly":
+            following = t.replace(year=t.year + t.month // 12, month=t.month % 12 + 1)
+            fields = {"year": t.year, "month": t.month}
+        else:
+            following = t + datetime.timedelta(hours=1 if granularity == "hourly" else 24)
+            fields = {"year": t.year, "month": t.month, "day": t.day}
+            if granularity == "hourly":
+                fields["hour"] = t.hour
+        yield int(t.timestamp()), int(following.timestamp()), fields
+        t = following
+
+
+def _event_urn(event: dict) -> Optional[str]:
+    """The URN of the resource an engine event is about, or None."""
+    for key, field in (("resourcePreEvent", "metadata"), ("resOutputsEvent", "metadata"),
+                       ("resOpFailedEvent", "metadata"), ("diagnosticEvent", ""),
+                       ("policyEvent", ""), ("policyRemediationEvent", "")):
+        part = event.get(key)
+        part = part.get(field) if field and isinstance(part, dict) else part
+        if isinstance(part, dict):
+            return part.get("urn") or part.get("resourceUrn")
+    return None
 
 
 # The update lifecycle, a class of its own: every method works on one update of
@@ -4280,8 +4381,12 @@ class UpdateLifecycle:
                 "tokenExpiration": fields["lease_expires"],
                 "journalVersion": fields.get("journal", 0)}
 
-    def _update_of(self, db, row: dict, update_id: str) -> dict:
+    def _update_of(self, db, row: dict, update_id: str, by_version: bool = False) -> dict:
+        """The stack's update ``update_id`` (``by_version``: or that made this version)."""
         update = self.store.get_update(db, update_id)
+        if (update is None and by_version and update_id.isascii() and update_id.isdigit()
+                and len(update_id) <= 18):
+            update = self.store.update_by_version(db, row["id"], int(update_id))
         if update is None or update["stack_id"] != row["id"]:
             raise NotFound(f"update '{update_id}' not found")
         return update
@@ -4491,21 +4596,36 @@ class UpdateLifecycle:
             if changes is not None:
                 self.store.update_update(db, update_id, resource_changes=json.dumps(changes))
 
-    def list_events(self, org, project, name, update_id, token: Optional[str]) -> dict:
+    def list_events(self, org, project, name, update_id, token: Optional[str],
+                    urn: Optional[str] = None) -> dict:
+        """One page of the update's engine events, of one resource if ``urn`` is given.
+
+        ``update_id`` may also be the version number the update made (what `pulumi
+        stack history` and the console show). A filtered page reads on until it has
+        a page of matches or has read EVENT_FILTER_SCAN events.
+        """
         after = -1
         if token:
             if not (token.isascii() and token.isdigit()) or len(token) > 18:
                 raise BadRequest("invalid continuationToken")
             after = int(token)
+        events: list = []
         with self.store.read() as db:
             row = self.engine.stack(db, org, project, name)
-            update = self._update_of(db, row, update_id)
-            page = self.store.list_events(db, update_id, after, EVENT_PAGE_SIZE,
-                                          EVENT_PAGE_BYTES)
-            last = page[-1][0] if page else after
+            update = self._update_of(db, row, update_id, by_version=True)
             running = update["status"] in ("not started", "running")
-            more = running or (bool(page) and self.store.events_after(db, update_id, last))
-        events = [event for _, event in page]
+            last, scanned = after, 0
+            while True:
+                page = self.store.list_events(db, update["id"], last, EVENT_PAGE_SIZE,
+                                              EVENT_PAGE_BYTES)
+                last = page[-1][0] if page else last
+                scanned += len(page)
+                events += [e for _, e in page if urn is None or _event_urn(e) == urn]
+                more = running or (bool(page) and self.store.events_after(db, update["id"],
+                                                                           last))
+                if (urn is None or not page or len(events) >= EVENT_PAGE_SIZE
+                        or scanned >= EVENT_FILTER_SCAN or not more):
+                    break
         return {"events": events, "continuationToken": str(last) if more else None}
 
     # -- updates: completion ------------------------------------------------
@@ -5617,6 +5737,34 @@ class AuditLog:
         return {"auditLogEvents": [_audit_api(r) for r in rows],
                 "continuationToken": str(rows[-1]["id"]) if more else None}
 
+    def export(self, fmt: str, start: int, end: int, event: Optional[str],
+               user: Optional[str]) -> tuple:
+        """Return ``(body, content type)``: the newest AUDIT_EXPORT_MAX_EVENTS matching
+        events, newest first, as CSV (the columns of ``_audit_line``) or CEF lines;
+        BadRequest for another format."""
+        if fmt not in ("csv", "cef"):
+            raise BadRequest(f"format must be csv or cef, not {fmt!r}")
+        rows: list = []
+        before = 2 ** 62
+        with self.store.read() as db:  # pages of a thousand: one snapshot, bounded memory
+            while len(rows) < AUDIT_EXPORT_MAX_EVENTS:
+                page = self.store.list_audit(db, before, start, end, event, user,
+                                             min(1000, AUDIT_EXPORT_MAX_EVENTS - len(rows)))
+                rows += page
+                if len(page) < 1000:
+                    break
+                before = page[-1]["id"]
+        lines = [_audit_line(r) for r in rows]
+        if fmt == "cef":
+            body = "".join(_cef_line(line) + "\n" for line in lines)
+            return body.encode(), "text/plain; charset=utf-8"
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(_audit_line(_AUDIT_COLUMNS)),
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: _csv_cell(v) for k, v in line.items()} for line in lines)
+        return out.getvalue().encode(), "text/csv; charset=utf-8"
+
 
 def _audit_line(row: dict) -> dict:
     """The JSON-lines form of an audit row (the `audit` command and --audit-log)."""
@@ -5625,6 +5773,42 @@ def _audit_line(row: dict) -> dict:
             "sourceIP": row["source_ip"], "userAgent": row["user_agent"],
             "event": row["event"], "target": row["target"], "outcome": row["outcome"],
             "description": row["description"]}
+
+
+#: A row with every column of the audit table, for the header of a CSV export.
+_AUDIT_COLUMNS = {"time": 0, "actor": "", "token_id": "", "token_name": "", "source_ip": "",
+                  "user_agent": "", "event": "", "target": "", "outcome": "",
+                  "description": ""}
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV value that a spreadsheet shows as text, never runs as a formula (OWASP's
+    advice for CSV injection: a leading = + - @ tab or CR gets a quote)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def _cef_escape(value: Any, header: bool) -> str:
+    """``value`` escaped for a CEF header field (| and \\) or extension value (= and \\)."""
+    text = str(value).replace("\\", "\\\\")
+    text = text.replace("|", "\\|") if header else text.replace("=", "\\=")
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _cef_line(line: dict) -> str:
+    """One audit event (an ``_audit_line``) as an ArcSight CEF line for a SIEM."""
+    severity = 3 if line["outcome"] == "success" else 7
+    head = "|".join(_cef_escape(v, True) for v in (
+        "CEF:0", "Pulumi", "pulumi-backend", __version__, line["event"],
+        line["description"] or f"{line['event']} {line['target']}".strip(), severity))
+    ext = {"rt": line["timestamp"] * 1000, "suser": line["actor"], "src": line["sourceIP"],
+           "outcome": line["outcome"], "requestClientApplication": line["userAgent"]}
+    for i, label in enumerate(("target", "tokenName", "tokenId"), 1):
+        if line[label]:
+            ext[f"cs{i}Label"], ext[f"cs{i}"] = label, line[label]
+    return head + "|" + " ".join(f"{k}={_cef_escape(v, False)}" for k, v in ext.items()
+                                 if v != "")
 
 
 def _audit_api(row: dict) -> dict:
@@ -5831,6 +6015,9 @@ class Identity:
 
     def _user(self, db, login: str) -> dict:
         user = self.store.get_user(db, login)
+        if user is None and login == self.cfg.user:
+            raise BadRequest(f"'{login}' is the admin of the server's --auth-token tokens, "
+                             "set by its configuration: not a stored user to change")
         if user is None:
             raise NotFound(f"user '{login}' not found")
         return user
@@ -5993,8 +6180,43 @@ class Identity:
                           description=f"token {token_id}")
 
     def members_json(self) -> list:
+        """Every member; first the admin that --auth-token tokens (or, with no identity
+        yet, any token) act as, cfg.user, unless a stored user has that login."""
         with self.store.read() as db:
-            return [_member_json(u) for u in self.store.list_users(db)]
+            users = self.store.list_users(db)
+            configured = bool(self._static) or not self.store.identity_in_use(db)
+        if configured and not any(u["login"] == self.cfg.user for u in users):
+            users.insert(0, {"login": self.cfg.user, "name": self.cfg.user, "email": "",
+                             "role": "admin", "created": None})
+        return [_member_json(u) for u in users]
+
+    def roles_json(self, purpose: Optional[str] = None) -> list:
+        """The built-in roles (Pulumi Cloud's role shape), of one UX purpose if given."""
+        return [_role_json(self.cfg.org, r) for r in _BUILTIN_ROLES
+                if purpose in (None, "", "role")]
+
+    def role_json(self, role_id: str) -> dict:
+        """One built-in role; NotFound for any other id."""
+        for role in _BUILTIN_ROLES:
+            if role[0] == role_id:
+                return _role_json(self.cfg.org, role)
+        raise NotFound(f"role '{role_id}' not found: this server has only the built-in "
+                       f"roles {', '.join(r[0] for r in _BUILTIN_ROLES)}")
+
+    def member_role(self, body: dict) -> str:
+        """The org role an UpdateOrganizationMember body asks for (``role``, or a built-in
+        ``fgaRoleId``); BadRequest for custom roles and stack roles."""
+        role, fga = body.get("role"), body.get("fgaRoleId")
+        if fga is not None:
+            if role is not None:
+                raise BadRequest("give role or fgaRoleId, not both")
+            if fga in ("member", "admin"):
+                return fga
+            if any(fga == r[0] for r in _BUILTIN_ROLES):
+                raise BadRequest(f"'{fga}' is a stack role: it is granted to a team, per "
+                                 "stack, not to a member of the organization")
+            raise BadRequest(_MSG_NO_CUSTOM_ROLES)
+        return role
 
     def teams_json(self) -> list:
         with self.store.read() as db:
@@ -6013,8 +6235,44 @@ def _user_info(user: dict) -> dict:
 
 
 def _member_json(user: dict) -> dict:
-    return {"role": user["role"], "user": _user_info(user), "created": _rfc3339(user["created"]),
-            "knownToPulumi": True, "virtualAdmin": False}
+    """A user as Pulumi Cloud's OrganizationMember; ``created`` None: the --auth-token
+    admin (cfg.user), an admin by configuration ("virtualAdmin"), not stored."""
+    created = _rfc3339(user["created"]) if user["created"] is not None else ""
+    return {"role": user["role"], "user": _user_info(user), "created": created,
+            "knownToPulumi": True, "virtualAdmin": user["created"] is None,
+            "fgaRole": {"id": user["role"], "name": user["role"].title(),
+                        "modifiedAt": created}}
+
+
+#: Built-in roles as ``(id, name, resource type, description)``. Organization roles
+#: are what a member is; stack roles are the stack permissions teams are granted.
+_BUILTIN_ROLES = (
+    ("member", "Member", "organization",
+     "Uses the stacks their teams are granted (and --default-stack-permission)"),
+    ("admin", "Admin", "organization",
+     "Administers the organization: members, teams, tokens, audit log, every stack"),
+    ("stack-read", "Stack read", "stack",
+     "Granted to a team per stack: reads the stack's state, history and outputs"),
+    ("stack-write", "Stack write", "stack",
+     "Granted to a team per stack: read, and runs updates, refreshes and previews"),
+    ("stack-admin", "Stack admin", "stack",
+     "Granted to a team per stack: write, and renames, deletes and sets permissions"),
+)
+
+_MSG_NO_CUSTOM_ROLES = (
+    "custom roles are not supported by this server: a member is an organization member "
+    "or admin (`pulumi org member edit LOGIN --role admin`), and stack access is granted "
+    "to teams, per stack or project/stack pattern (`pulumi_backend.py team grant TEAM "
+    "'project/*' write`, or the team's stack permissions in the API)")
+
+
+def _role_json(org: str, role: tuple) -> dict:
+    """A built-in role as Pulumi Cloud's role (PermissionDescriptorRecord)."""
+    role_id, name, resource_type, description = role
+    return {"id": role_id, "orgId": org, "name": name, "description": description,
+            "resourceType": resource_type, "uxPurpose": "role",
+            "defaultIdentifier": role_id, "version": 1, "isOrgDefault": role_id == "member",
+            "created": "", "modified": ""}
 
 
 def _token_json(row: dict) -> dict:
@@ -6993,7 +7251,13 @@ _ACCESS_TOKEN = _obj(("id", "name", "description", "createdBy", "created", "last
 _TOKEN_LIST = _obj(("tokens",), tokens=_list_of(_ACCESS_TOKEN))
 _NEW_TOKEN = _obj(("id", "tokenValue"), id=_STR, tokenValue=_STR)
 _MEMBER = _obj(("role", "user", "created", "knownToPulumi", "virtualAdmin"), role=_STR,
-               user=_USER_INFO, created=_STR, knownToPulumi=_BOOL, virtualAdmin=_BOOL)
+               user=_USER_INFO, created=_STR, knownToPulumi=_BOOL, virtualAdmin=_BOOL,
+               fgaRole=_obj(("id", "name", "modifiedAt"), id=_STR, name=_STR,
+                            modifiedAt=_STR))
+_ROLE = _obj(("id", "orgId", "version", "isOrgDefault", "created", "modified"), id=_STR,
+             orgId=_STR, name=_STR, description=_STR, resourceType=_STR, uxPurpose=_STR,
+             defaultIdentifier=_STR, version=_INT, isOrgDefault=_BOOL, created=_STR,
+             modified=_STR)
 _TEAM_STACK = _obj(("projectName", "stackName", "permission"), projectName=_STR,
                    stackName=_STR, permission=_INT)
 _TEAM = _obj(("kind", "name", "displayName", "description"), kind=_STR, name=_STR,
@@ -7102,6 +7366,12 @@ class App:
           response=_obj(("info",), info=_UPDATE_INFO, requestedBy=_USER_INFO), need="read")
         for kind in _UPDATE_KINDS:
             self._add_update_routes(r, SP, kind)
+        r("GET", "/api/orgs/{orgName}/resources/summary", self.usage_summary,
+          op="GetUsageSummaryResourceHours", tag="Organizations",
+          query=("granularity", "lookbackDays", "lookbackStart"),
+          response=_obj(("summary",), summary=_list_of(_obj(
+              ("year", "resources", "resourceHours"), year=_INT, month=_INT, day=_INT,
+              hour=_INT, resources=_INT, resourceHours=_INT))))
         self._add_access_routes()
 
     def _add_access_routes(self) -> None:
@@ -7129,14 +7399,31 @@ class App:
           response=_EMPTY)
         r = functools.partial(self.router.add, tag="Organizations")
         r("GET", ORG + "/members", self.list_members, op="ListOrganizationMembers",
+          query=("type", "continuationToken"),
           response=_obj(("members",), members=_list_of(_MEMBER),
                         continuationToken=_NULLABLE_STR), need="signed-in")
         r("POST", ORG + "/members/{userLogin}", self.add_org_member, op="AddOrganizationMember",
           body=_obj(("role",), role=_STR), response=_MEMBER)
         r("PATCH", ORG + "/members/{userLogin}", self.update_org_member,
-          op="UpdateOrganizationMember", body=_obj(role=_STR), response=_EMPTY)
+          op="UpdateOrganizationMember", body=_obj(role=_STR, fgaRoleId=_STR),
+          response=_EMPTY)
         r("DELETE", ORG + "/members/{userLogin}", self.remove_org_member,
           op="DeleteOrganizationMember", response=_EMPTY)
+        r = functools.partial(self.router.add, tag="Roles")
+        r("GET", ORG + "/roles", self.list_roles, op="ListRolesByOrgIDAndUXPurpose",
+          query=("uxPurpose",), response=_obj(("roles",), roles=_list_of(_ROLE)),
+          need="signed-in")
+        r("POST", ORG + "/roles", self.refuse_custom_roles, op="CreateRole", body=_obj(
+            name=_STR, description=_STR, resourceType=_STR, uxPurpose=_STR,
+            details=_ANY_OBJECT), response=_ROLE)
+        r("GET", ORG + "/roles/{roleID}", self.get_role, op="GetRole", response=_ROLE,
+          need="signed-in")
+        r("PATCH", ORG + "/roles/{roleID}", self.refuse_custom_roles, op="UpdateRole",
+          body=_obj(name=_STR, description=_STR, details=_ANY_OBJECT), response=_ROLE)
+        r("DELETE", ORG + "/roles/{roleID}", self.refuse_custom_roles, op="DeleteRole",
+          query=("force",), response=_EMPTY)
+        r("POST", TEAM + "/roles/{roleID}", self.refuse_custom_roles, op="UpdateTeamRoles",
+          response=_EMPTY)
         r = functools.partial(self.router.add, tag="Teams")
         r("GET", ORG + "/teams", self.list_teams, op="ListTeams",
           response=_obj(("teams",), teams=_list_of(_TEAM)), need="signed-in")
@@ -7158,6 +7445,12 @@ class App:
         r("GET", ORG + "/auditlogs", self.list_audit_logs, op="ListAuditLogEventsHandlerV1",
           query=("continuationToken", "startTime", "endTime", "eventFilter", "userFilter"),
           response=_AUDIT_EVENTS)
+        r("GET", ORG + "/auditlogs/v2", self.list_audit_logs, op="ListAuditLogEventsHandlerV2",
+          query=("continuationToken", "startTime", "endTime", "eventFilter", "userFilter"),
+          response=_AUDIT_EVENTS)
+        r("GET", ORG + "/auditlogs/v2/export", self.export_audit_logs,
+          op="ExportAuditLogEventsHandlerV2",
+          query=("format", "startTime", "endTime", "eventFilter", "userFilter"))
 
     def _add_update_routes(self, r: Callable, sp: str, kind: str) -> None:
         """The routes of one kind of update, under ``SP/<kind>`` as Pulumi Cloud has them.
@@ -7177,7 +7470,8 @@ class App:
               ("status", "events"), status=_STR, events=_list_of(_ANY_OBJECT),
               continuationToken=_STR), need="read")
         r("GET", up + "/events", self.list_events, op="GetEngineEvents_" + kind,
-          query=("continuationToken",), response=_EVENTS, need="read")
+          query=("continuationToken", "urn", "type", "include_non_activated"),
+          response=_EVENTS, need="read")
         r("POST", up + "/cancel", self.cancel_update, op="CancelUpdate_" + kind, response=_EMPTY,
           need="write")
         r("POST", up + "/renew_lease", self.renew_lease, auth="update",
@@ -7537,8 +7831,12 @@ class App:
         return self.engine.update_results(*self._up(req))
 
     def list_events(self, req: Request) -> dict:
-        """One page of the update's engine events."""
-        return self.engine.updates.list_events(*self._up(req), req.q("continuationToken"))
+        """One page of the update's engine events (the update by id or version; urn filter)."""
+        if req.q("type"):
+            raise BadRequest("filtering by engine event type code is not supported here; "
+                             "filter by urn, or read every event (--all --output json)")
+        return self.engine.updates.list_events(*self._up(req), req.q("continuationToken"),
+                                               req.q("urn"))
 
     def cancel_update(self, req: Request) -> None:
         """Cancel the update and unlock the stack (writers: their own; stack admins: any)."""
@@ -7605,6 +7903,22 @@ class App:
         if "requestedBy" in out["info"]:  # Pulumi Cloud has it beside info, not in it
             out["requestedBy"] = out["info"].pop("requestedBy")
         return out
+
+    def usage_summary(self, req: Request) -> dict:
+        """Resources under management over time, per hour, day or month (org admins)."""
+        granularity = req.q("granularity") or "daily"
+        if granularity not in ("hourly", "daily", "monthly"):
+            raise BadRequest(f"granularity must be hourly, daily or monthly, not "
+                             f"{granularity!r}")
+        try:
+            days = int(req.q("lookbackDays") or 30)
+            end = int(req.q("lookbackStart") or _now())
+        except ValueError:
+            raise BadRequest("lookbackDays and lookbackStart must be integers") from None
+        if not (1 <= days <= 3660 and days * 86400 < end < 4102444800):  # 2100-01-01
+            raise BadRequest("lookbackDays must be 1 to 3660 and lookbackStart a Unix time "
+                             "before 2100")
+        return self.engine.usage_summary(req.params["orgName"], granularity, days, end)
 
     # -- access: tokens, members, teams, audit log (section 8) ---------------
 
@@ -7685,13 +7999,25 @@ class App:
         return _member_json(user)
 
     def update_org_member(self, req: Request) -> None:
-        """Change a member's role."""
-        self.identity.set_role(req.principal, req.params["userLogin"], req.json().get("role"),
-                               req)
+        """Change a member's role (member or admin, as role or built-in fgaRoleId)."""
+        self.identity.set_role(req.principal, req.params["userLogin"],
+                               self.identity.member_role(req.json()), req)
 
     def remove_org_member(self, req: Request) -> None:
         """Remove a member (and their personal tokens)."""
         self.identity.remove_user(req.principal, req.params["userLogin"], req)
+
+    def list_roles(self, req: Request) -> dict:
+        """The built-in roles: member and admin, and the stack permissions teams get."""
+        return {"roles": self.identity.roles_json(req.q("uxPurpose"))}
+
+    def get_role(self, req: Request) -> dict:
+        """One built-in role."""
+        return self.identity.role_json(req.params["roleID"])
+
+    def refuse_custom_roles(self, req: Request) -> None:
+        """Custom roles are not supported: 400, naming member roles and team grants."""
+        raise BadRequest(_MSG_NO_CUSTOM_ROLES)
 
     def list_teams(self, req: Request) -> dict:
         """The organization's teams: all for org admins, a member's own for the others."""
@@ -7761,14 +8087,24 @@ class App:
             self.audit.login_failure(req, "", f"refused: {check}", "token_exchange")
             raise Unauthorized("the OIDC token exchange was refused") from None
 
-    def list_audit_logs(self, req: Request) -> dict:
-        """One page of audit events, newest first (org admins)."""
+    @staticmethod
+    def _audit_filters(req: Request) -> tuple:
+        """``(start, end, event, user)`` of an audit log query."""
         try:
             start, end = int(req.q("startTime") or 0), int(req.q("endTime") or 2 ** 62)
         except ValueError:
             raise BadRequest("startTime and endTime must be Unix times") from None
-        return self.audit.page(req.q("continuationToken"), start, end, req.q("eventFilter"),
-                               req.q("userFilter"))
+        return start, end, req.q("eventFilter"), req.q("userFilter")
+
+    def list_audit_logs(self, req: Request) -> dict:
+        """One page of audit events, newest first (org admins)."""
+        return self.audit.page(req.q("continuationToken"), *self._audit_filters(req))
+
+    def export_audit_logs(self, req: Request) -> Response:
+        """Every matching audit event (the newest AUDIT_EXPORT_MAX_EVENTS) as CSV or CEF."""
+        body, content_type = self.audit.export(req.q("format") or "csv",
+                                               *self._audit_filters(req))
+        return Response(200, body, content_type=content_type)
 
 
 def _opt_str(body: dict, key: str) -> Optional[str]:
@@ -8684,6 +9020,7 @@ class Console:
                f'<h2>Update #{_h(info["version"])}: {_h(info["kind"])} '
                f'{_result_badge(info["result"])}</h2>', '<div class="card">' + _kv([
                    ("By", _name(_dict(info.get("requestedBy")).get("name", ""))),
+                   ("Update ID", f'<code>{_h(info["updateID"])}</code>'),
                    ("Started", _when(info["startTime"])),
                    ("Duration", _h(_duration(info["startTime"], info["endTime"]))
                     or ('<span class="run">running…</span>' if running else "")),

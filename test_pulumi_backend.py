@@ -33,7 +33,9 @@ Sections:
 import ast
 import base64
 import collections
+import csv
 import dataclasses
+import datetime
 import gc
 import gzip
 import hashlib
@@ -41,6 +43,7 @@ import html
 import http.client
 import http.server
 import inspect
+import io
 import json
 import math
 import os
@@ -56,6 +59,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import types
 import urllib.parse
 import urllib.request
 import zlib
@@ -2739,6 +2743,16 @@ _ROUTE_NEED_TABLE = {
     ("POST", "/tokens/{tokenId}/revoke"): "signed-in",
     ("GET", "/user/settings/tokens"): "signed-in",
     ("GET", "/account/tokens"): "signed-in",
+    # The newest CLI's team commands (issue 25): audit log v2, roles, usage.
+    ("GET", "/api/orgs/{orgName}/auditlogs/v2"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/auditlogs/v2/export"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/roles"): "signed-in",
+    ("POST", "/api/orgs/{orgName}/roles"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/roles/{roleID}"): "signed-in",
+    ("PATCH", "/api/orgs/{orgName}/roles/{roleID}"): "org-admin",
+    ("DELETE", "/api/orgs/{orgName}/roles/{roleID}"): "org-admin",
+    ("POST", "/api/orgs/{orgName}/teams/{teamName}/roles/{roleID}"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/resources/summary"): "org-admin",
 }
 #: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
 _UPDATE_ROUTE_NEEDS = {
@@ -2759,7 +2773,8 @@ _UPDATE_ROUTE_NEEDS = {
 _SHARED_HANDLERS = {"openapi", "export", "log_decryption", "to_tokens", "create_update",
                     "start_update", "update_status", "list_events", "cancel_update",
                     "renew_lease", "checkpoint", "checkpoint_verbatim", "checkpoint_delta",
-                    "journal_entries", "events_batch", "complete"}
+                    "journal_entries", "events_batch", "complete", "list_audit_logs",
+                    "refuse_custom_roles"}
 
 
 def test_every_route_declares_the_need_of_this_table(srv):
@@ -3145,10 +3160,13 @@ def test_responses_match_declared_shapes(srv):
         seen.add((method, any_kind(template)))
         ok_doc = doc["paths"][template][method.lower()]["responses"]["200"]
         schema = ok_doc.get("content", {}).get("application/json", {}).get("schema")
-        if method == "HEAD":
+        if ok != 200:  # an error's {code, message}: not the 200 answer's shape
+            assert set(out) == {"code", "message"}, out
+        elif method == "HEAD":
             assert schema is None
         elif schema is None:
-            errors.append(f"{method} {template}: answers JSON, declares no response")
+            if headers["Content-Type"].startswith("application/json"):
+                errors.append(f"{method} {template}: answers JSON, declares no response")
         else:
             assert headers["Content-Type"].startswith("application/json")
             errors.extend(f"{method} {template}: {e}" for e in shape_errors(out, schema))
@@ -3245,6 +3263,16 @@ def call_access_routes(srv, call):
         call("GET", base, **auth)
         call("DELETE", f"{base}/{token_id}", **auth)
     call("GET", orgs + "/auditlogs", **auth)
+    call("GET", orgs + "/auditlogs/v2?eventFilter=member_added", **auth)
+    call("GET", orgs + "/auditlogs/v2/export?format=cef", **auth)
+    call("GET", orgs + "/roles", **auth)
+    call("GET", orgs + "/roles/admin", **auth)
+    call("POST", orgs + "/roles", {"name": "dev"}, ok=400, **auth)
+    call("PATCH", orgs + "/roles/admin", {"name": "x", "description": "", "details": {}},
+         ok=400, **auth)
+    call("DELETE", orgs + "/roles/admin", ok=400, **auth)
+    call("POST", orgs + "/teams/devs/roles/stack-read", ok=400, **auth)
+    call("GET", orgs + "/resources/summary?granularity=hourly&lookbackDays=1", **auth)
     call("DELETE", orgs + "/members/alice", **auth)
     call("DELETE", orgs + "/teams/devs", **auth)
     folder = Path(srv.cfg.db).parent
@@ -3308,6 +3336,12 @@ ALLOWED_DIFFERENCES = {
     ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].target"):
         _AUDIT_EXTRAS,
     ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].outcome"):
+        _AUDIT_EXTRAS,
+    ("GET", "/api/orgs/{orgName}/auditlogs/v2", "response", "auditLogEvents.[].userAgent"):
+        _AUDIT_EXTRAS,
+    ("GET", "/api/orgs/{orgName}/auditlogs/v2", "response", "auditLogEvents.[].target"):
+        _AUDIT_EXTRAS,
+    ("GET", "/api/orgs/{orgName}/auditlogs/v2", "response", "auditLogEvents.[].outcome"):
         _AUDIT_EXTRAS,
 }
 
@@ -5233,6 +5267,200 @@ def test_failed_commit_is_not_acknowledged_and_retry_works(srv):
         store.close()
 
 
+# ==== 10. Handlers: the newest CLI's team commands (issue 25) ================
+
+def audit_rows(srv, *events):
+    """Record ``(event, actor login, description)`` audit events directly."""
+    for event, login, description in events:
+        srv.app.audit.record(event, pb.Principal(login, "user", False), target="t",
+                             description=description)
+
+
+def test_audit_log_v2_filters_and_pages_like_v1(team_srv, monkeypatch):
+    srv, root = team_srv, {"token": team_srv.tok["root"]}
+    monkeypatch.setattr(pb, "AUDIT_PAGE_SIZE", 2)
+    audit_rows(srv, ("deploy", "bob", "one"), ("deploy", "carol", "two"),
+               ("other", "bob", "three"), ("deploy", "bob", "four"))
+    v2 = f"/api/orgs/{ORG}/auditlogs/v2"
+
+    def pages(query):
+        got, token = [], None
+        while True:
+            q = query + (f"&continuationToken={token}" if token else "")
+            status, _, out = srv.request("GET", f"{v2}?{q}", **root)
+            assert status == 200, out
+            got += [e["description"] for e in out["auditLogEvents"]]
+            token = out.get("continuationToken")
+            if not token:
+                return got
+
+    assert pages("eventFilter=deploy&userFilter=bob") == ["four", "one"]
+    assert pages("eventFilter=deploy") == ["four", "two", "one"]
+    assert pages(f"startTime={pb._now() + 60}") == []
+    assert pages("userFilter=carol&endTime=1") == []
+    v1 = srv.request("GET", f"/api/orgs/{ORG}/auditlogs?userFilter=bob", **root)[2]
+    assert srv.request("GET", f"{v2}?userFilter=bob", **root)[2] == v1
+    assert srv.request("GET", v2, token=team_srv.tok["dev"])[0] == 403  # org admins only
+    assert srv.request("GET", f"{v2}?startTime=yesterday", **root)[0] == 400
+
+
+def test_audit_log_export_csv_and_cef_escaped(team_srv):
+    srv, root = team_srv, {"token": team_srv.tok["root"]}
+    audit_rows(srv, ("deploy", "bob", "=HYPERLINK(\"x\")"), ("deploy", "bob", "a|b=c\\d\nnext"))
+    export = f"/api/orgs/{ORG}/auditlogs/v2/export?eventFilter=deploy"
+    status, headers, body = srv.request("GET", export, raw=True, **root)
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert list(rows[0]) == ["time", "timestamp", "actor", "tokenId", "tokenName", "sourceIP",
+                             "userAgent", "event", "target", "outcome", "description"]
+    assert [(r["actor"], r["event"], r["description"]) for r in rows] == [
+        ("bob", "deploy", "a|b=c\\d\nnext"), ("bob", "deploy", "'=HYPERLINK(\"x\")")]
+    status, headers, body = srv.request("GET", export + "&format=cef", raw=True, **root)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    lines = body.decode().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(
+        f"CEF:0|Pulumi|pulumi-backend|{pb.__version__}|deploy|a\\|b=c\\\\d\\nnext|3|rt=")
+    assert "suser=bob" in lines[0] and "cs1Label=target cs1=t" in lines[0]
+    assert "=HYPERLINK" in lines[1]  # CEF has no formulas: as recorded
+    assert srv.request("GET", export + "&format=xml", **root)[0] == 400
+    assert srv.request("GET", export, token=team_srv.tok["viewer"])[0] == 403
+
+
+def test_roles_are_the_built_in_ones_and_custom_roles_are_refused(team_srv):
+    srv, root, dev = team_srv, {"token": team_srv.tok["root"]}, {"token": team_srv.tok["dev"]}
+    roles = f"/api/orgs/{ORG}/roles"
+    out = srv.request("GET", roles + "?uxPurpose=role", **dev)[2]["roles"]  # members may look
+    assert [(r["id"], r["resourceType"], r["isOrgDefault"]) for r in out] == [
+        ("member", "organization", True), ("admin", "organization", False),
+        ("stack-read", "stack", False), ("stack-write", "stack", False),
+        ("stack-admin", "stack", False)]
+    assert all(r["orgId"] == ORG and r["uxPurpose"] == "role" for r in out)
+    assert srv.request("GET", roles + "?uxPurpose=policy", **dev)[2] == {"roles": []}
+    assert srv.request("GET", roles + "/admin", **dev)[2]["name"] == "Admin"
+    assert srv.request("GET", roles + "/auditor", **dev)[0] == 404
+    for method, path, body in (("POST", roles, {"name": "auditor"}),
+                               ("PATCH", roles + "/admin", {"name": "x", "description": "",
+                                                            "details": {}}),
+                               ("DELETE", roles + "/member?force=true", None),
+                               ("POST", f"/api/orgs/{ORG}/teams/devs/roles/stack-read", None)):
+        status, _, err = srv.request(method, path, body, **root)
+        assert status == 400 and "custom roles are not supported" in err["message"], err
+        assert "team grant" in err["message"] and "--role admin" in err["message"]
+        assert srv.request(method, path, body, **dev)[0] == 403
+
+
+def test_member_role_by_name_or_built_in_fga_role(team_srv):
+    srv, root = team_srv, {"token": team_srv.tok["root"]}
+    member = f"/api/orgs/{ORG}/members/dev"
+
+    def role():
+        members = srv.request("GET", f"/api/orgs/{ORG}/members", **root)[2]["members"]
+        (m,) = [m for m in members if m["user"]["githubLogin"] == "dev"]
+        assert m["fgaRole"]["id"] == m["role"] and m["fgaRole"]["name"] == m["role"].title()
+        return m["role"]
+
+    assert srv.request("PATCH", member, {"fgaRoleId": "admin"}, **root)[0] == 200
+    assert role() == "admin"
+    assert srv.request("PATCH", member, {"role": "member"}, **root)[0] == 200
+    assert role() == "member"
+    for body, words in (({"fgaRoleId": "stack-write"}, "stack role"),
+                        ({"fgaRoleId": "role-123"}, "custom roles are not supported"),
+                        ({"role": "admin", "fgaRoleId": "admin"}, "not both"),
+                        ({"role": "billing-manager"}, "admin or member")):
+        status, _, err = srv.request("PATCH", member, body, **root)
+        assert status == 400 and words in err["message"], (body, err)
+    assert role() == "member"
+
+
+def test_members_list_the_auth_token_admin(start):
+    srv = start(auth_tokens=("a-long-enough-admin-token",))
+    auth = {"token": "token a-long-enough-admin-token"}
+    members = f"/api/orgs/{ORG}/members"
+    (admin,) = srv.request("GET", members, **auth)[2]["members"]
+    assert admin["user"]["githubLogin"] == pb.DEFAULT_USER and admin["role"] == "admin"
+    assert admin["virtualAdmin"] and admin["fgaRole"]["id"] == "admin"
+    assert srv.request("POST", members + "/alice", {"role": "member"}, **auth)[0] == 200
+    listed = srv.request("GET", members, **auth)[2]["members"]
+    assert [m["user"]["githubLogin"] for m in listed] == [pb.DEFAULT_USER, "alice"]
+    for method, body in (("PATCH", {"role": "member"}), ("DELETE", None)):
+        status, _, err = srv.request(method, f"{members}/{pb.DEFAULT_USER}", body, **auth)
+        assert status == 400 and "--auth-token" in err["message"], err
+    srv.app.identity.add_user(LOCAL, pb.DEFAULT_USER, role="admin")  # now stored: once
+    listed = srv.request("GET", members, **auth)[2]["members"]
+    assert sorted(m["user"]["githubLogin"] for m in listed) == sorted([pb.DEFAULT_USER, "alice"])
+    assert not any(m["virtualAdmin"] for m in listed)
+
+
+@both_stores
+def test_usage_summary_sums_each_stacks_latest_version_per_bucket(srv, clock):
+    day = 86400
+    midnight = (pb._now() // day - 10) * day  # ten days ago, 00:00 UTC
+    clock.offset = midnight + 3600 - int(time.time())  # 01:00 that day ("day 0")
+    a, b = srv.create_stack(stack="a"), srv.create_stack(stack="b")
+    srv.create_stack(stack="empty")
+    srv.import_state(a, untyped([res("x", stack="a"), res("y", stack="a")]))  # day 0: a=2
+    clock.advance(day)
+    srv.import_state(b, untyped([res("x", stack="b")]))  # day 1: b=1
+    clock.advance(3600)
+    srv.import_state(a, untyped([res("x", stack="a")]))  # day 1, later: a=1
+    clock.advance(day)
+    update = srv.begin(b, "preview")  # previews make no version: not counted
+    assert update.complete()[0] == 200
+    end = midnight + 4 * day - 1  # the end of day 3
+    usage = f"/api/orgs/{ORG}/resources/summary"
+
+    def summary(query):
+        status, _, out = srv.request("GET", f"{usage}?{query}")
+        assert status == 200, out
+        return out["summary"]
+
+    daily = summary(f"granularity=daily&lookbackDays=4&lookbackStart={end}")
+    when = datetime.datetime.fromtimestamp(midnight, datetime.timezone.utc)
+    assert daily[1] == {"year": when.year, "month": when.month, "day": when.day,
+                        "resources": 2, "resourceHours": 48}
+    # Day -1 (its last second) .. day 3: a=2 from day 0, then b=1 and a=1 from day 1.
+    assert [s["resources"] for s in daily] == [0, 2, 2, 2, 2]
+    assert [s["resourceHours"] for s in daily] == [0, 48, 48, 48, 48]
+    # Day 0 02:10 .. day 1 02:10: a=2 before the window, b=1 at 01:00, a=1 at 02:00.
+    hourly = summary(f"granularity=hourly&lookbackDays=1&lookbackStart="
+                     f"{midnight + day + 7800}")
+    assert len(hourly) == 25 and hourly[0]["hour"] == 2 and hourly[-1]["hour"] == 2
+    assert [s["resources"] for s in hourly[-4:]] == [2, 2, 3, 2]
+    assert hourly[0]["resourceHours"] == round(2 * 50 / 60)  # 02:10 .. 03:00
+    assert all(set(s) == {"year", "month", "day", "hour", "resources", "resourceHours"}
+               for s in hourly)
+    monthly = summary(f"granularity=monthly&lookbackDays=1&lookbackStart={end}")
+    assert set(monthly[-1]) == {"year", "month", "resources", "resourceHours"}
+    assert monthly[-1]["resources"] == 2
+    for query in ("granularity=weekly", "lookbackDays=0", "lookbackStart=x",
+                  "granularity=hourly&lookbackDays=3660"):
+        assert srv.request("GET", f"{usage}?{query}")[0] == 400, query
+
+
+@both_stores
+def test_update_events_by_version_and_urn(srv, monkeypatch):
+    monkeypatch.setattr(pb, "EVENT_PAGE_SIZE", 2)
+    path = srv.create_stack()
+    update, events = noop_update(srv, path, ["p0", "p1", "p2", "p3", "p4"], extra=[
+        {"sequence": 9, "timestamp": 9, "diagnosticEvent": {
+            "urn": urn("r3"), "severity": "info", "message": "hi", "color": "raw"}}])
+    assert all_events(srv, update) == events
+    # The version the update made (what `pulumi stack history` shows) names it too.
+    assert all_events(srv, types.SimpleNamespace(url=f"{path}/update/1")) == events
+    status, _, out = srv.request("GET", f"{update.url}/events?urn={urn('r3')}")
+    # Filtered: reads on past pages without a match, to a page of matches.
+    assert status == 200 and out["events"] == [events[3], events[5]], out
+    assert out["continuationToken"] is None
+    monkeypatch.setattr(pb, "EVENT_FILTER_SCAN", 2)  # and at most this many events
+    out = srv.request("GET", f"{update.url}/events?urn={urn('r0')}")[2]
+    assert out == {"events": [events[0]], "continuationToken": "1"}
+    out = srv.request("GET", f"{update.url}/events?urn={urn('r0')}&continuationToken=1")[2]
+    assert out == {"events": [], "continuationToken": "3"}
+    assert srv.request("GET", f"{update.url}/events?type=1")[0] == 400
+    for missing in ("2", "0", "99999999999999999999", "abc"):
+        assert srv.request("GET", f"{path}/update/{missing}/events")[0] == 404, missing
+
+
 # ==== 11. Web console =========================================================
 
 class Browser:
@@ -5650,6 +5878,7 @@ def test_console_update_page_rebuilds_the_step_log_and_refreshes_while_running(s
     assert status == 200
     assert f'<meta http-equiv="refresh" content="{pb.CONSOLE_REFRESH_SECONDS}">' in page
     assert "in progress" in page
+    assert f"<code>{update.id}</code>" in page  # what `pulumi stack history events` takes
     assert update.events(
         _step_event(14, "resOutputsEvent", "update", a, {"size": 1, "keep": 1},
                     {"size": 2, "keep": 1}, detailedDiff={"size": {"kind": "update"}}),
