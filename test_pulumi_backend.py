@@ -5385,7 +5385,10 @@ def test_members_list_the_auth_token_admin(start):
     for method, body in (("PATCH", {"role": "member"}), ("DELETE", None)):
         status, _, err = srv.request(method, f"{members}/{pb.DEFAULT_USER}", body, **auth)
         assert status == 400 and "--auth-token" in err["message"], err
-    srv.app.identity.add_user(LOCAL, pb.DEFAULT_USER, role="admin")  # now stored: once
+    with srv.app.engine.store.write() as db:  # a user of that login from before it was
+        srv.app.engine.store.insert_user(db, {  # reserved: listed once
+            "login": pb.DEFAULT_USER, "name": "x", "email": "", "role": "admin",
+            "created": pb._now()})
     listed = srv.request("GET", members, **auth)[2]["members"]
     assert sorted(m["user"]["githubLogin"] for m in listed) == sorted([pb.DEFAULT_USER, "alice"])
     assert not any(m["virtualAdmin"] for m in listed)
