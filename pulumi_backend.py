@@ -61,13 +61,13 @@ Sections:
   3. Errors
   4. Small utilities
   5. Storage (Store interface, SQLite and PostgreSQL implementations)
-  6. Engine (stacks, update leases, checkpoints, journal replay, events)
+  6. Engine (stacks, history; UpdateLifecycle: leases, checkpoints, journal replay, events)
   7. Crypto (OpenSSL binding, pure-Python fallback, key management)
-  8. Identity and access (users, teams, tokens, permissions, audit log, OIDC)
+  8. Identity and access (users, teams, tokens, permissions, audit log, OIDC, admin commands)
   9. Request, response and router
  10. Handlers, by API area
- 11. Web console (read-only pages at /, sign-in sessions, tokens page)
- 12. Backups and replication (scheduled backups, Litestream)
+ 11. Web console (read-only pages at /, sign-in sessions, tokens page); build_app()
+ 12. Backups and replication (backup, restore, copy, rotate-master-key, schedule)
  13. Import from DIY backends
  14. Server lifecycle and main()
 """
@@ -143,6 +143,9 @@ __all__ = [
 __version__ = "0.1.0"
 
 # ==== 1. Constants and limits ===============================================
+# Every number the server lives by, named once: defaults of flags, limits of
+# reads and bodies, and the tuning of storage, caches and the console. Nothing
+# here computes; any section may read them.
 
 #: Default SQLite database path.
 DEFAULT_DB = "pulumi-backend.db"
@@ -348,6 +351,10 @@ JOURNAL_VERSION = 2
 
 
 # ==== 2. Configuration ======================================================
+# The command line and its PULUMI_BACKEND_* variables become one frozen Config,
+# validated once (_validate_config) before anything opens a file or a socket.
+# Every other section reads the Config (and environ) it is given; none reads
+# sys.argv or os.environ itself, but section 7 for PULUMI_BACKEND_LIBCRYPTO.
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -734,6 +741,9 @@ def _is_loopback(host: str) -> bool:
 
 
 # ==== 3. Errors =============================================================
+# HTTPError and a subclass per status: the one way any section says "refuse
+# this request". Section 10 turns them into {"code","message"} answers, and
+# _storage_error maps database errors (busy -> 503, integrity -> 409).
 
 class HTTPError(Exception):
     """An error answered to the client as ``{"code": status, "message": ...}``."""
@@ -823,6 +833,9 @@ def _storage_error(exc: sqlite3.Error) -> HTTPError:
 
 
 # ==== 4. Small utilities ====================================================
+# Helpers with no state that several sections share: JSON read and written as
+# the CLI's Go decoder does (strict, bounded nesting), bounded gzip, times and
+# ids, log escaping, and the Prometheus metrics registry. Depends on 1-3 only.
 
 log = logging.getLogger("pulumi_backend")
 
@@ -1312,7 +1325,34 @@ def _histogram_lines(name: str, key: tuple, h: list, bounds: tuple) -> list:
     return lines
 
 
+def _tty(value: Any) -> str:
+    """``value`` as text for an admin's terminal, where what members chose (token names,
+    user agents) must not move the cursor, retitle the window or forge rows.
+
+    Every character str.isprintable() refuses but the space (C0 with newline and tab,
+    DEL, C1 with CSI \\x9b, bidi overrides, line separators, unassigned code points)
+    becomes a \\xNN, \\uNNNN or \\UNNNNNNNN escape; a backslash is doubled, so that an
+    escape in the output was one in the text.
+    """
+    out = []
+    for char in str(value):
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable() or char == " ":
+            out.append(char)
+        else:
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 # ==== 5. Storage ============================================================
+# Persistence behind one declared contract, Store (an ABC: every method the
+# other sections call). _SQLRecords holds the SQL both databases run;
+# SQLiteStore (WAL, one writer behind a lock, readers of their own) and
+# PostgresStore (psycopg, imported only for a postgresql:// URL) add
+# connections and transactions. No SQL leaves this section.
 
 class Store(abc.ABC):
     """What the engine needs from persistent storage: every method that code
@@ -2516,11 +2556,11 @@ class SQLiteStore(_SQLRecords):
                                timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # Free pages can go back to the file system (_give_back_space). Takes
-        # effect only before the first table is made (or by a VACUUM: README).
+        # effect only before the first table is made (or a VACUUM: docs/operations.md).
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         # Only ever PASSIVE checkpoints (never TRUNCATE/RESTART, which would race
-        # Litestream); 0 leaves them all to Litestream (see README, Replication).
+        # Litestream); 0 leaves them all to Litestream (docs/operations.md).
         conn.execute(f"PRAGMA wal_autocheckpoint = {int(self.wal_autocheckpoint)}")
         # FULL: a commit is on disk before we answer, even across a power loss.
         conn.execute("PRAGMA synchronous = FULL")
@@ -2970,9 +3010,10 @@ def _check_columns(fields: dict, allowed: frozenset) -> None:
 
 
 # ==== 6. Engine =============================================================
-# Stacks, update leases, working checkpoints (full, verbatim, delta), journal
-# replay, events and history. Every method that acknowledges a write commits it
-# through the Store before returning, so "200" always means "durable".
+# Stacks and their history (Engine), and one update from create to its stored
+# final state (UpdateLifecycle: leases, working checkpoints full, verbatim and
+# delta, journal replay, events). Every method that acknowledges a write
+# commits it through the Store before returning, so "200" always means "durable".
 
 def apply_delta(prev: bytes, edits: Any) -> bytes:
     """Apply the CLI's text edits (byte spans of ``prev``) and return the new bytes.
@@ -6878,7 +6919,169 @@ def _oidc_exchange(identity: Identity, issuers: list, form: dict, req: Any = Non
             "token_type": "Bearer", "expires_in": seconds, "scope": scope}
 
 
+def _say(*fields: Any) -> None:
+    """Print one line of the administration commands: ``fields`` escaped, tab-separated."""
+    print("\t".join(_tty(f) for f in fields), flush=True)
+
+
+def _want(args: list, n: int, usage: str) -> list:
+    if len(args) != n:
+        raise ValueError(f"usage: pulumi_backend.py {usage}")
+    return args
+
+
+def _admin_user(ident: Identity, action: str, args: list, opts: dict) -> None:
+    if action == "add":
+        login, = _want(args, 1, "user add LOGIN [--name NAME] [--email E] [--role admin|member]")
+        user = ident.add_user(_LOCAL_ADMIN, login, opts["name"] or "", opts["email"] or "",
+                              opts["role"] or "member")
+        _say(f"added user {login} ({user['role']}); give them a token: "
+             f"pulumi_backend.py token create --user {login}")
+    elif action == "remove":
+        login, = _want(args, 1, "user remove LOGIN")
+        ident.remove_user(_LOCAL_ADMIN, login)
+        _say(f"removed user {login} and their personal tokens")
+    elif action == "set-role":
+        login, role = _want(args, 2, "user set-role LOGIN admin|member")
+        ident.set_role(_LOCAL_ADMIN, login, role)
+        _say(f"{login} is now {role}")
+    elif action == "list":
+        _want(args, 0, "user list")
+        with ident.store.read() as db:
+            for u in ident.store.list_users(db):
+                teams = ",".join(ident.store.user_teams(db, u["login"])) or "-"
+                _say(u["login"], u["role"], f"teams={teams}", u["name"])
+    else:
+        raise ValueError("user actions: add, list, remove, set-role")
+
+
+def _admin_team(ident: Identity, action: str, args: list, opts: dict) -> None:
+    if action == "create":
+        team, = _want(args, 1, "team create TEAM [--description TEXT]")
+        ident.create_team(_LOCAL_ADMIN, team, description=opts["description"] or "")
+        _say(f"created team {team}")
+    elif action == "remove":
+        team, = _want(args, 1, "team remove TEAM")
+        ident.delete_team(_LOCAL_ADMIN, team)
+        _say(f"removed team {team} with its grants and tokens")
+    elif action in ("add-member", "remove-member"):
+        team, login = _want(args, 2, f"team {action} TEAM LOGIN")
+        (ident.add_member if action == "add-member" else ident.remove_member)(
+            _LOCAL_ADMIN, team, login)
+        _say(f"{'added' if action == 'add-member' else 'removed'} {login} "
+             f"{'to' if action == 'add-member' else 'from'} team {team}")
+    elif action == "grant":
+        team, pattern, perm = _want(args, 3, "team grant TEAM PATTERN none|read|write|admin")
+        if perm not in _PERM_BY_NAME:
+            raise ValueError(f"permission must be none, read, write or admin, not {perm!r}")
+        pattern = ident.grant(_LOCAL_ADMIN, team, pattern, _PERM_BY_NAME[perm])
+        _say(f"team {team}: {perm} on {pattern}")
+    elif action == "list":
+        _want(args, 0, "team list")
+        for team in ident.teams_json():
+            full = ident.team_json(team["name"])
+            members = ",".join(m["githubLogin"] for m in full["members"]) or "-"
+            grants = ",".join(f"{s['projectName']}/{s['stackName']}="
+                              f"{_PERM_NAMES[s['permission']]}" for s in full["stacks"]) or "-"
+            _say(team["name"], f"members={members}", f"grants={grants}")
+    else:
+        raise ValueError("team actions: create, list, remove, add-member, remove-member, grant")
+
+
+def _admin_token(ident: Identity, action: str, args: list, opts: dict) -> None:
+    if action == "create":
+        _want(args, 0, "token create (--user NAME | --team TEAM | --org-token [--admin]) "
+              "[--name N] [--description D] [--expires 90d]")
+        owners = [(kind, owner) for kind, owner in (
+            ("personal", opts["user"]), ("team", opts["team"]),
+            ("org", ident.cfg.org if opts["org_token"] else None)) if owner]
+        if len(owners) != 1:
+            raise ValueError("token create needs one of --user NAME, --team TEAM, --org-token")
+        seconds = _parse_lifetime(opts["expires"] or "", "--expires")
+        token_id, value = ident.create_token(
+            _LOCAL_ADMIN, *owners[0], opts["name"] or "", opts["description"] or "",
+            _now() + seconds if seconds else 0, bool(opts["admin"]))
+        print(_tty(f"created token {token_id} for {owners[0][0]} {owners[0][1]}; it is "
+                   "shown only now:"), file=sys.stderr)
+        _say(value)
+    elif action == "list":
+        _want(args, 0, "token list")
+        for t in ident.tokens_json()["tokens"]:
+            with ident.store.read() as db:
+                row = ident.store.get_token(db, t["id"])
+            used = _rfc3339(t["lastUsed"]) if t["lastUsed"] else "never"
+            expires = _rfc3339(t["expires"]) if t["expires"] else "never"
+            _say(t["id"], f"{row['kind']}:{row['owner']}", f"name={t['name']}",
+                 f"created={t['created']}", f"last-used={used}", f"expires={expires}")
+    elif action == "revoke":
+        token_id, = _want(args, 1, "token revoke TOKEN_ID")
+        ident.revoke_token(_LOCAL_ADMIN, token_id)
+        _say(f"revoked token {token_id}")
+    else:
+        raise ValueError("token actions: create, list, revoke")
+
+
+def _parse_since(text: Optional[str]) -> int:
+    """Return the Unix time of ``--since``: a date, an ISO time, or a duration ago."""
+    if not text:
+        return 0
+    if re.fullmatch(r"\d+[dhms]", text.strip()):
+        return _now() - _parse_lifetime(text, "--since")
+    try:
+        when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since must be a date, an ISO time or 7d/12h/30m, not {text!r}") \
+            from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return int(when.timestamp())
+
+
+def _admin_audit(store: Store, args: list, opts: dict) -> None:
+    _want(args, 0, "audit [--since 2026-01-31|7d]")
+    after, since = 0, _parse_since(opts["since"])
+    while True:
+        with store.read() as db:
+            rows = store.list_audit(db, after, since, 2 ** 62, None, None, 1000, ascending=True)
+        for row in rows:  # \u-escapes for C0 and all non-ASCII (C1 too); DEL by hand
+            sys.stdout.write(json.dumps(_audit_line(row), ensure_ascii=True)
+                             .replace("\x7f", "\\u007f") + "\n")
+        if len(rows) < 1000:
+            break
+        after = rows[-1]["id"]
+    sys.stdout.flush()
+
+
+def _run_admin(cfg: Config, command: str, words: list, opts: dict) -> int:
+    """Run ``user``, ``team``, ``token`` or ``audit`` on ``cfg.db``; return an exit code.
+
+    These take no <db>.lock, so they work while the server runs: SQLite's own
+    locking orders their writes with the server's, and the server reads
+    tokens and grants afresh at every request. Changes are audited as made
+    by "local-admin".
+    """
+    store = open_store(cfg.db)
+    try:
+        if command == "audit":
+            _admin_audit(store, words, opts)
+            return 0
+        ident = Identity(cfg, store, AuditLog(cfg, store))
+        action, args = (words[0], words[1:]) if words else ("", [])
+        {"user": _admin_user, "team": _admin_team, "token": _admin_token}[command](
+            ident, action, args, opts)
+        return 0
+    except HTTPError as e:
+        raise ValueError(_tty(e.message)) from None
+    finally:
+        store.close()
+
+
 # ==== 9. Request, response and router =======================================
+# HTTP as the handlers see it: Request and Response values, Route (everything
+# about one route: pattern, handler, authentication, the permission it needs,
+# body limit and schema, transport flags, OpenAPI), the Router that matches a
+# request to a Route, the OpenAPI document built from the routes, and the Host
+# names the server answers to. Knows nothing of stacks or storage.
 
 @dataclasses.dataclass
 class Request:
@@ -7215,6 +7418,10 @@ class _AllowedHosts:
 
 
 # ==== 10. Handlers, by API area =============================================
+# App: the API's routes, each declared once in _add_routes and its helpers,
+# and thin handlers that parse the request and call the engine (section 6) or
+# identity (section 8). Dispatch authenticates and authorizes from the matched
+# Route before any body is read, and turns every error into {"code","message"}.
 
 # The JSON the handlers answer, for the OpenAPI document. Property names are
 # those of Pulumi Cloud's schemas (a contract test compares them), and a unit
@@ -9174,7 +9381,44 @@ class Console:
         return Response(303, b"", "text/plain", headers={"Location": "/tokens"})
 
 
+def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
+    """Open the store and keys and return ``(store, app)``; raise ValueError on bad setup."""
+    environ = os.environ if environ is None else environ
+    if cfg.oidc_issuers:
+        _load_issuers(cfg.oidc_issuers)  # a broken file stops the start, not the first login
+    if cfg.audit_log:
+        try:
+            os.close(os.open(cfg.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        except OSError as e:
+            raise ValueError(f"cannot append to --audit-log {cfg.audit_log}: {e.strerror}") \
+                from None
+        _private_file(cfg.audit_log)  # left readable by others: tightened, with a warning
+    store = open_store(cfg.db, cfg.wal_autocheckpoint)
+    try:
+        crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
+        master = cfg.master_key or KeyManager.load_or_create(cfg.key_file())
+        keys = KeyManager(crypto, master)
+        keys.check_canary(store)
+    except (OSError, RuntimeError) as e:
+        store.close()
+        raise ValueError(f"cannot set up secrets: {e}") from None
+    except ValueError:
+        store.close()
+        raise
+    app = App(cfg, Engine(cfg, store, keys))
+    app.identity.check_at_start()
+    if cfg.console:
+        Console(app).install()
+    return store, app
+
+
 # ==== 12. Backups and replication ===========================================
+# Copies of the database and their keys: online backups (SQLite's backup API,
+# then checked with the master key), restore with the server stopped, copy
+# between SQLite and PostgreSQL, master key rotation, and the scheduled
+# BackupScheduler. Commands that must run alone hold <db>.lock. Replication is
+# Litestream's, outside the process (docs/operations.md); section 5 only keeps
+# the WAL the way it needs.
 
 def _open_read_only(path: str) -> sqlite3.Connection:
     """Open an existing database without writing to it; ValueError if there is none."""
@@ -9338,6 +9582,228 @@ class BackupScheduler:
                 os.remove(os.path.join(self.cfg.backup_dir, name))
             except OSError as e:
                 log.warning("cannot remove old backup %s: %s", name, e.strerror)
+
+
+@contextlib.contextmanager
+def _database_lock(path: str):
+    """Hold ``<db>.lock`` exclusively for the block; ValueError if another process holds it.
+
+    Two servers on one database would each trust their own cache of running
+    updates, so serve, restore and rotate-master-key take this lock first. It
+    is a separate file because SQLite's own locks on the database file would be
+    dropped if we opened and closed that file ourselves. The kernel releases
+    the lock when the process dies, however it dies.
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    lock_path = os.path.realpath(path) + ".lock"  # every spelling of the path: one lock
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise ValueError(f"cannot open {lock_path}: {e.strerror}") from None
+    _private_file(lock_path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another pulumi-backend process is using {path}; "
+                             "stop it first") from None
+        except OSError as e:  # e.g. ENOLCK: a file system without locks
+            raise ValueError(f"cannot lock {lock_path}: {e.strerror}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def backup_database(cfg: Config, out: Optional[str]) -> int:
+    """Copy ``cfg.db`` to the new file ``out``: one consistent, self-contained file.
+
+    Works while the server runs; see ``_snapshot``. Returns an exit code.
+    """
+    if not out:
+        raise ValueError("backup needs the file to write: backup --db DB OUT")
+    stacks = _snapshot(cfg.db, out)
+    print(f"backed up {stacks} stacks to {out} ({os.path.getsize(out)} bytes). The master key "
+          f"is not in it: keep a copy of {cfg.key_file()} (or PULUMI_BACKEND_MASTER_KEY).")
+    return 0
+
+
+def _check_backup(conn: sqlite3.Connection, master_key: bytes, crypto: Crypto) -> int:
+    """Check a backup is whole, ours, not too new, and opens with the key; return its stacks."""
+    if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+        raise ValueError("it fails SQLite's integrity check")
+    try:
+        version = conn.execute("SELECT version FROM schema_version").fetchone()[0]
+        canary = conn.execute("SELECT value FROM meta WHERE key = 'canary'").fetchone()
+        stacks = conn.execute("SELECT count(*) FROM stacks").fetchone()[0]
+    except (sqlite3.Error, TypeError):
+        raise ValueError("it is not a pulumi-backend database") from None
+    if version > len(_SCHEMA):
+        raise ValueError(f"it has schema {version}, newer than this server's {len(_SCHEMA)}; "
+                         "upgrade pulumi_backend.py first")
+    keys = KeyManager(crypto, master_key)
+    if not keys.matches(canary[0] if canary else None, _one_data_key(conn)):
+        raise ValueError("it was made under another master key: give that key "
+                         "(--master-key-file or PULUMI_BACKEND_MASTER_KEY)")
+    return stacks
+
+
+def restore_database(cfg: Config, source: Optional[str], environ: dict) -> int:
+    """Replace the contents of ``cfg.db`` with the backup ``source``; return an exit code.
+
+    The caller holds the database lock, so no server runs. The backup is
+    checked first, including that the configured master key opens it. The
+    target is put in rollback-journal mode (which folds its WAL in) and the
+    copy is one transaction: a failure leaves the old database as it was.
+    """
+    if not source:
+        raise ValueError("restore needs the backup to read: restore --db DB BACKUP")
+    if os.path.exists(cfg.db) and os.path.exists(source) and os.path.samefile(cfg.db, source):
+        raise ValueError("the backup is the database itself")
+    if not cfg.master_key and not os.path.exists(cfg.key_file()):
+        raise ValueError(f"no master key at {cfg.key_file()}: put the key the backup was made "
+                         "with there first (or give --master-key-file)")
+    try:
+        master = cfg.master_key or KeyManager.load_or_create(cfg.key_file())
+        crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"cannot set up secrets: {e}") from None
+    src = _open_read_only(source)
+    try:
+        try:
+            stacks = _check_backup(src, master, crypto)
+        except (ValueError, sqlite3.Error) as e:
+            raise ValueError(f"cannot restore from {source}: {e}") from None
+        try:
+            _private_database(cfg.db)  # a restored database is as private as a new one
+        except OSError as e:
+            raise ValueError(f"cannot restore into {cfg.db}: {e.strerror}") from None
+        try:
+            dst = sqlite3.connect(cfg.db, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                dst.execute("PRAGMA journal_mode = DELETE")
+                src.backup(dst)
+            finally:
+                dst.close()
+        except sqlite3.Error as e:
+            raise ValueError(f"cannot restore into {cfg.db} ({e}); it is unchanged. If it is "
+                             "damaged, move it and its -wal and -shm files aside and restore "
+                             "again") from None
+    finally:
+        src.close()
+    try:
+        SQLiteStore(cfg.db).close()  # WAL mode and schema migrations, as the server expects
+    except (sqlite3.Error, RuntimeError, OSError) as e:
+        raise ValueError(f"restored {source} into {cfg.db}, but it does not open: {e}") from None
+    print(f"restored {stacks} stacks from {source} into {cfg.db}")
+    return 0
+
+
+def _copy_lock(db: str):
+    """The lock a copy holds on one side: ``<db>.lock`` for SQLite (no server may run);
+    for PostgreSQL nothing to take, ``copy_database`` checks for connected servers."""
+    return contextlib.nullcontext() if is_postgres_url(db) else _database_lock(db)
+
+
+def _export_hashes(store: "Store", db) -> dict:
+    """Return stack id -> SHA-256 of its latest state as export serves it (uncompressed)."""
+    hashes = {}
+    for stack_id, _ in store.all_data_keys(db):
+        row = store.get_deployment(db, stack_id)
+        data = gzip.decompress(row["data"]) if row else _empty_deployment()
+        hashes[stack_id] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
+def copy_database(source: Optional[str], target: Optional[str]) -> int:
+    """Copy every row of one database (SQLite file or PostgreSQL URL) into another, empty
+    one, in one transaction, then check row counts and every stack's export hash.
+
+    Servers on either side must be stopped. The master key is not needed: stack keys
+    are copied still wrapped, so the same key opens the copy. Returns an exit code.
+    """
+    if not source or not target:
+        raise ValueError("copy needs both databases: copy --from state.db --to postgresql://...")
+    if source == target:
+        raise ValueError("copy: --from and --to are the same database")
+    if not is_postgres_url(source) and not os.path.exists(source):
+        raise ValueError(f"copy: {source} does not exist")
+    names = (_redact_url(source), _redact_url(target))
+    tty = sys.stderr.isatty()
+    with _copy_lock(source), _copy_lock(target):
+        src = open_store(source, app_name="pulumi-backend-copy")
+        try:
+            dst = open_store(target, app_name="pulumi-backend-copy")
+        except ValueError:
+            src.close()
+            raise
+        try:
+            for store, name in ((src, names[0]), (dst, names[1])):
+                if isinstance(store, PostgresStore):
+                    with store.read() as db:
+                        if store.other_servers(db):
+                            raise ValueError(f"copy: a server is connected to {name}; stop "
+                                             "every server on both databases first")
+            with dst.read() as db:
+                busy = [t for t in _TABLE_COLUMNS if t != "meta" and dst.count_rows(db, t)]
+            if busy:
+                raise ValueError(f"copy: {names[1]} is not empty ({', '.join(busy)} have rows); "
+                                 "copy into a new database")
+            counts: dict = {}
+            with src.read() as rdb, dst.write() as wdb:
+                meta = dict(r for _, rows in src.table_batches(rdb, "meta") for r in rows)
+                for key, value in meta.items():  # replaces a canary of a server started on it
+                    dst.set_meta(wdb, key, value)
+                for table in list(_TABLE_COLUMNS)[1:]:
+                    counts[table] = 0
+                    for columns, rows in src.table_batches(rdb, table):
+                        dst.insert_rows(wdb, table, columns, rows)
+                        counts[table] += len(rows)
+                    if tty:
+                        print(f"  {table}: {counts[table]} rows", file=sys.stderr, flush=True)
+                dst.after_copy(wdb)
+                hashes = _export_hashes(src, rdb)
+            _check_copy(dst, meta, counts, hashes, names)
+        finally:
+            src.close()
+            dst.close()
+    print(f"copied {counts['stacks']} stacks, {sum(counts.values()) + len(meta)} rows from "
+          f"{names[0]} to {names[1]}; checked: row counts of {len(counts) + 1} tables, "
+          f"{len(hashes)} export hashes")
+    return 0
+
+
+def _check_copy(dst: "Store", meta: dict, counts: dict, hashes: dict, names: tuple) -> None:
+    """Raise ValueError unless the copy has the source's rows and states."""
+    with dst.read() as db:
+        for table, n in counts.items():
+            got = dst.count_rows(db, table)
+            if got != n:
+                raise ValueError(f"copy check failed: {table} has {got} rows in {names[1]}, "
+                                 f"{n} in {names[0]}")
+        if any(dst.get_meta(db, key) != value for key, value in meta.items()):
+            raise ValueError(f"copy check failed: the meta rows of {names[1]} differ")
+        copied = _export_hashes(dst, db)
+    bad = sorted(k for k in hashes if copied.get(k) != hashes[k])
+    if bad or len(copied) != len(hashes):
+        raise ValueError(f"copy check failed: the state of {len(bad)} stacks differs "
+                         f"(first: {bad[:1]})")
+
+
+def rotate_master_key(cfg: Config, new_key_file: Optional[str], environ: dict) -> int:
+    """Rewrap every data key under the key in ``new_key_file``; return an exit code."""
+    if not new_key_file:
+        print("pulumi_backend.py: error: rotate-master-key needs --new-key-file", file=sys.stderr)
+        return 2
+    store, app = build_app(cfg, environ)
+    try:
+        new_key = KeyManager.load_or_create(new_key_file)
+        count = app.engine.keys.rotate(store, new_key)
+    finally:
+        store.close()
+    print(f"rewrapped {count} stack keys; start the server with --master-key-file {new_key_file}")
+    return 0
 
 
 # ==== 13. Import from DIY backends ==========================================
@@ -9620,7 +10086,75 @@ def _plan_stack(stack: _DIYStack, limit: int, ignore_locks: bool) -> list:
     return versions
 
 
+def import_diy(cfg: Config, source: Optional[str], options: dict, environ: dict) -> int:
+    """Import every stack of a DIY backend, with its history; return an exit code.
+
+    ``options``: ``dry_run``, ``overwrite``, ``ignore_locks`` (booleans). Stacks
+    are skipped (and reported) when locked, existing without ``overwrite``, or
+    unreadable; the exit code is 1 only if some stack could not be read or stored.
+    """
+    if not source:
+        raise ValueError("import-diy needs the DIY backend: import-diy --db DB FOLDER|file://URL")
+    t0 = time.monotonic()
+    stacks = _diy_stacks(_diy_root(source))
+    store, engine = None, None
+    if not options.get("dry_run"):
+        store, app = build_app(cfg, environ)
+        engine = app.engine
+    elif is_postgres_url(cfg.db) or os.path.exists(cfg.db):
+        store = open_store(cfg.db, cfg.wal_autocheckpoint)
+    tty = sys.stderr.isatty()
+    done = versions_total = bytes_total = failed = 0
+    try:
+        for i, stack in enumerate(stacks, 1):
+            if tty:
+                print(f"\r[{i}/{len(stacks)}] {stack.project}/{stack.name}\033[K",
+                      end="", file=sys.stderr, flush=True)
+            try:
+                versions = _plan_stack(stack, cfg.history_limit, options.get("ignore_locks"))
+                if stack.skip:
+                    pass
+                elif engine is not None:
+                    stack.skip = _import_stack(engine, cfg.org, stack, versions,
+                                               _diy_tags(stack), options.get("overwrite"))
+                elif store is not None and not options.get("overwrite"):
+                    with store.read() as db:
+                        if store.get_stack(db, cfg.org, stack.project, stack.name):
+                            stack.skip = "exists here (give --overwrite to replace it)"
+            except (ValueError, sqlite3.Error) as e:
+                stack.skip, failed = f"failed: {e}", failed + 1
+            what = f"{cfg.org}/{stack.project or '?'}/{stack.name}"
+            if tty:
+                print("\r\033[K", end="", file=sys.stderr)
+            if stack.skip:
+                print(f"skipped {what}: {stack.skip}", file=sys.stderr)
+                continue
+            done += 1
+            versions_total += stack.versions
+            bytes_total += stack.bytes
+            if options.get("dry_run"):
+                print(f"would import {what}: {stack.versions} versions, {stack.bytes} bytes")
+    finally:
+        if store is not None:
+            store.close()
+    skipped = [s for s in stacks if s.skip]
+    reasons = collections.Counter(s.skip.split(" (")[0].split(":")[0] for s in skipped)
+    print(f"{'would import' if options.get('dry_run') else 'imported'} {done} stacks, "
+          f"{versions_total} versions, {bytes_total} bytes of state from {source} in "
+          f"{time.monotonic() - t0:.1f} s; skipped {len(skipped)}"
+          + (" (" + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ")"
+             if skipped else ""))
+    if done and not options.get("dry_run"):
+        print("Stacks with a passphrase or cloud KMS secrets provider keep it: run `pulumi stack "
+              "change-secrets-provider default` on each to move it to this server's keys.")
+    return 1 if failed else 0
+
+
 # ==== 14. Server lifecycle and main() =======================================
+# The HTTP server: _Handler (HTTP/1.1, keep-alive, header and body deadlines,
+# bounded reads, the ingest turn) and Server (connection slots, per-address
+# caps, watchdog, graceful drain), serve() that starts and stops it, and
+# main(), which parses arguments and hands each subcommand to its section.
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive; every request goes through ``App.dispatch``."""
@@ -10125,502 +10659,6 @@ def _client_key(client_address: Any) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
-
-
-def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
-    """Open the store and keys and return ``(store, app)``; raise ValueError on bad setup."""
-    environ = os.environ if environ is None else environ
-    if cfg.oidc_issuers:
-        _load_issuers(cfg.oidc_issuers)  # a broken file stops the start, not the first login
-    if cfg.audit_log:
-        try:
-            os.close(os.open(cfg.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
-        except OSError as e:
-            raise ValueError(f"cannot append to --audit-log {cfg.audit_log}: {e.strerror}") \
-                from None
-        _private_file(cfg.audit_log)  # left readable by others: tightened, with a warning
-    store = open_store(cfg.db, cfg.wal_autocheckpoint)
-    try:
-        crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
-        master = cfg.master_key or KeyManager.load_or_create(cfg.key_file())
-        keys = KeyManager(crypto, master)
-        keys.check_canary(store)
-    except (OSError, RuntimeError) as e:
-        store.close()
-        raise ValueError(f"cannot set up secrets: {e}") from None
-    except ValueError:
-        store.close()
-        raise
-    app = App(cfg, Engine(cfg, store, keys))
-    app.identity.check_at_start()
-    if cfg.console:
-        Console(app).install()
-    return store, app
-
-
-@contextlib.contextmanager
-def _database_lock(path: str):
-    """Hold ``<db>.lock`` exclusively for the block; ValueError if another process holds it.
-
-    Two servers on one database would each trust their own cache of running
-    updates, so serve, restore and rotate-master-key take this lock first. It
-    is a separate file because SQLite's own locks on the database file would be
-    dropped if we opened and closed that file ourselves. The kernel releases
-    the lock when the process dies, however it dies.
-    """
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    lock_path = os.path.realpath(path) + ".lock"  # every spelling of the path: one lock
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o600)
-    except OSError as e:
-        raise ValueError(f"cannot open {lock_path}: {e.strerror}") from None
-    _private_file(lock_path)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another pulumi-backend process is using {path}; "
-                             "stop it first") from None
-        except OSError as e:  # e.g. ENOLCK: a file system without locks
-            raise ValueError(f"cannot lock {lock_path}: {e.strerror}") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def backup_database(cfg: Config, out: Optional[str]) -> int:
-    """Copy ``cfg.db`` to the new file ``out``: one consistent, self-contained file.
-
-    Works while the server runs; see ``_snapshot``. Returns an exit code.
-    """
-    if not out:
-        raise ValueError("backup needs the file to write: backup --db DB OUT")
-    stacks = _snapshot(cfg.db, out)
-    print(f"backed up {stacks} stacks to {out} ({os.path.getsize(out)} bytes). The master key "
-          f"is not in it: keep a copy of {cfg.key_file()} (or PULUMI_BACKEND_MASTER_KEY).")
-    return 0
-
-
-def _check_backup(conn: sqlite3.Connection, master_key: bytes, crypto: Crypto) -> int:
-    """Check a backup is whole, ours, not too new, and opens with the key; return its stacks."""
-    if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
-        raise ValueError("it fails SQLite's integrity check")
-    try:
-        version = conn.execute("SELECT version FROM schema_version").fetchone()[0]
-        canary = conn.execute("SELECT value FROM meta WHERE key = 'canary'").fetchone()
-        stacks = conn.execute("SELECT count(*) FROM stacks").fetchone()[0]
-    except (sqlite3.Error, TypeError):
-        raise ValueError("it is not a pulumi-backend database") from None
-    if version > len(_SCHEMA):
-        raise ValueError(f"it has schema {version}, newer than this server's {len(_SCHEMA)}; "
-                         "upgrade pulumi_backend.py first")
-    keys = KeyManager(crypto, master_key)
-    if not keys.matches(canary[0] if canary else None, _one_data_key(conn)):
-        raise ValueError("it was made under another master key: give that key "
-                         "(--master-key-file or PULUMI_BACKEND_MASTER_KEY)")
-    return stacks
-
-
-def restore_database(cfg: Config, source: Optional[str], environ: dict) -> int:
-    """Replace the contents of ``cfg.db`` with the backup ``source``; return an exit code.
-
-    The caller holds the database lock, so no server runs. The backup is
-    checked first, including that the configured master key opens it. The
-    target is put in rollback-journal mode (which folds its WAL in) and the
-    copy is one transaction: a failure leaves the old database as it was.
-    """
-    if not source:
-        raise ValueError("restore needs the backup to read: restore --db DB BACKUP")
-    if os.path.exists(cfg.db) and os.path.exists(source) and os.path.samefile(cfg.db, source):
-        raise ValueError("the backup is the database itself")
-    if not cfg.master_key and not os.path.exists(cfg.key_file()):
-        raise ValueError(f"no master key at {cfg.key_file()}: put the key the backup was made "
-                         "with there first (or give --master-key-file)")
-    try:
-        master = cfg.master_key or KeyManager.load_or_create(cfg.key_file())
-        crypto = Crypto(cfg.crypto, environ.get("PULUMI_BACKEND_LIBCRYPTO", ""))
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"cannot set up secrets: {e}") from None
-    src = _open_read_only(source)
-    try:
-        try:
-            stacks = _check_backup(src, master, crypto)
-        except (ValueError, sqlite3.Error) as e:
-            raise ValueError(f"cannot restore from {source}: {e}") from None
-        try:
-            _private_database(cfg.db)  # a restored database is as private as a new one
-        except OSError as e:
-            raise ValueError(f"cannot restore into {cfg.db}: {e.strerror}") from None
-        try:
-            dst = sqlite3.connect(cfg.db, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-            try:
-                dst.execute("PRAGMA journal_mode = DELETE")
-                src.backup(dst)
-            finally:
-                dst.close()
-        except sqlite3.Error as e:
-            raise ValueError(f"cannot restore into {cfg.db} ({e}); it is unchanged. If it is "
-                             "damaged, move it and its -wal and -shm files aside and restore "
-                             "again") from None
-    finally:
-        src.close()
-    try:
-        SQLiteStore(cfg.db).close()  # WAL mode and schema migrations, as the server expects
-    except (sqlite3.Error, RuntimeError, OSError) as e:
-        raise ValueError(f"restored {source} into {cfg.db}, but it does not open: {e}") from None
-    print(f"restored {stacks} stacks from {source} into {cfg.db}")
-    return 0
-
-
-def _copy_lock(db: str):
-    """The lock a copy holds on one side: ``<db>.lock`` for SQLite (no server may run);
-    for PostgreSQL nothing to take, ``copy_database`` checks for connected servers."""
-    return contextlib.nullcontext() if is_postgres_url(db) else _database_lock(db)
-
-
-def _export_hashes(store: "Store", db) -> dict:
-    """Return stack id -> SHA-256 of its latest state as export serves it (uncompressed)."""
-    hashes = {}
-    for stack_id, _ in store.all_data_keys(db):
-        row = store.get_deployment(db, stack_id)
-        data = gzip.decompress(row["data"]) if row else _empty_deployment()
-        hashes[stack_id] = hashlib.sha256(data).hexdigest()
-    return hashes
-
-
-def copy_database(source: Optional[str], target: Optional[str]) -> int:
-    """Copy every row of one database (SQLite file or PostgreSQL URL) into another, empty
-    one, in one transaction, then check row counts and every stack's export hash.
-
-    Servers on either side must be stopped. The master key is not needed: stack keys
-    are copied still wrapped, so the same key opens the copy. Returns an exit code.
-    """
-    if not source or not target:
-        raise ValueError("copy needs both databases: copy --from state.db --to postgresql://...")
-    if source == target:
-        raise ValueError("copy: --from and --to are the same database")
-    if not is_postgres_url(source) and not os.path.exists(source):
-        raise ValueError(f"copy: {source} does not exist")
-    names = (_redact_url(source), _redact_url(target))
-    tty = sys.stderr.isatty()
-    with _copy_lock(source), _copy_lock(target):
-        src = open_store(source, app_name="pulumi-backend-copy")
-        try:
-            dst = open_store(target, app_name="pulumi-backend-copy")
-        except ValueError:
-            src.close()
-            raise
-        try:
-            for store, name in ((src, names[0]), (dst, names[1])):
-                if isinstance(store, PostgresStore):
-                    with store.read() as db:
-                        if store.other_servers(db):
-                            raise ValueError(f"copy: a server is connected to {name}; stop "
-                                             "every server on both databases first")
-            with dst.read() as db:
-                busy = [t for t in _TABLE_COLUMNS if t != "meta" and dst.count_rows(db, t)]
-            if busy:
-                raise ValueError(f"copy: {names[1]} is not empty ({', '.join(busy)} have rows); "
-                                 "copy into a new database")
-            counts: dict = {}
-            with src.read() as rdb, dst.write() as wdb:
-                meta = dict(r for _, rows in src.table_batches(rdb, "meta") for r in rows)
-                for key, value in meta.items():  # replaces a canary of a server started on it
-                    dst.set_meta(wdb, key, value)
-                for table in list(_TABLE_COLUMNS)[1:]:
-                    counts[table] = 0
-                    for columns, rows in src.table_batches(rdb, table):
-                        dst.insert_rows(wdb, table, columns, rows)
-                        counts[table] += len(rows)
-                    if tty:
-                        print(f"  {table}: {counts[table]} rows", file=sys.stderr, flush=True)
-                dst.after_copy(wdb)
-                hashes = _export_hashes(src, rdb)
-            _check_copy(dst, meta, counts, hashes, names)
-        finally:
-            src.close()
-            dst.close()
-    print(f"copied {counts['stacks']} stacks, {sum(counts.values()) + len(meta)} rows from "
-          f"{names[0]} to {names[1]}; checked: row counts of {len(counts) + 1} tables, "
-          f"{len(hashes)} export hashes")
-    return 0
-
-
-def _check_copy(dst: "Store", meta: dict, counts: dict, hashes: dict, names: tuple) -> None:
-    """Raise ValueError unless the copy has the source's rows and states."""
-    with dst.read() as db:
-        for table, n in counts.items():
-            got = dst.count_rows(db, table)
-            if got != n:
-                raise ValueError(f"copy check failed: {table} has {got} rows in {names[1]}, "
-                                 f"{n} in {names[0]}")
-        if any(dst.get_meta(db, key) != value for key, value in meta.items()):
-            raise ValueError(f"copy check failed: the meta rows of {names[1]} differ")
-        copied = _export_hashes(dst, db)
-    bad = sorted(k for k in hashes if copied.get(k) != hashes[k])
-    if bad or len(copied) != len(hashes):
-        raise ValueError(f"copy check failed: the state of {len(bad)} stacks differs "
-                         f"(first: {bad[:1]})")
-
-
-def rotate_master_key(cfg: Config, new_key_file: Optional[str], environ: dict) -> int:
-    """Rewrap every data key under the key in ``new_key_file``; return an exit code."""
-    if not new_key_file:
-        print("pulumi_backend.py: error: rotate-master-key needs --new-key-file", file=sys.stderr)
-        return 2
-    store, app = build_app(cfg, environ)
-    try:
-        new_key = KeyManager.load_or_create(new_key_file)
-        count = app.engine.keys.rotate(store, new_key)
-    finally:
-        store.close()
-    print(f"rewrapped {count} stack keys; start the server with --master-key-file {new_key_file}")
-    return 0
-
-
-def import_diy(cfg: Config, source: Optional[str], options: dict, environ: dict) -> int:
-    """Import every stack of a DIY backend, with its history; return an exit code.
-
-    ``options``: ``dry_run``, ``overwrite``, ``ignore_locks`` (booleans). Stacks
-    are skipped (and reported) when locked, existing without ``overwrite``, or
-    unreadable; the exit code is 1 only if some stack could not be read or stored.
-    """
-    if not source:
-        raise ValueError("import-diy needs the DIY backend: import-diy --db DB FOLDER|file://URL")
-    t0 = time.monotonic()
-    stacks = _diy_stacks(_diy_root(source))
-    store, engine = None, None
-    if not options.get("dry_run"):
-        store, app = build_app(cfg, environ)
-        engine = app.engine
-    elif is_postgres_url(cfg.db) or os.path.exists(cfg.db):
-        store = open_store(cfg.db, cfg.wal_autocheckpoint)
-    tty = sys.stderr.isatty()
-    done = versions_total = bytes_total = failed = 0
-    try:
-        for i, stack in enumerate(stacks, 1):
-            if tty:
-                print(f"\r[{i}/{len(stacks)}] {stack.project}/{stack.name}\033[K",
-                      end="", file=sys.stderr, flush=True)
-            try:
-                versions = _plan_stack(stack, cfg.history_limit, options.get("ignore_locks"))
-                if stack.skip:
-                    pass
-                elif engine is not None:
-                    stack.skip = _import_stack(engine, cfg.org, stack, versions,
-                                               _diy_tags(stack), options.get("overwrite"))
-                elif store is not None and not options.get("overwrite"):
-                    with store.read() as db:
-                        if store.get_stack(db, cfg.org, stack.project, stack.name):
-                            stack.skip = "exists here (give --overwrite to replace it)"
-            except (ValueError, sqlite3.Error) as e:
-                stack.skip, failed = f"failed: {e}", failed + 1
-            what = f"{cfg.org}/{stack.project or '?'}/{stack.name}"
-            if tty:
-                print("\r\033[K", end="", file=sys.stderr)
-            if stack.skip:
-                print(f"skipped {what}: {stack.skip}", file=sys.stderr)
-                continue
-            done += 1
-            versions_total += stack.versions
-            bytes_total += stack.bytes
-            if options.get("dry_run"):
-                print(f"would import {what}: {stack.versions} versions, {stack.bytes} bytes")
-    finally:
-        if store is not None:
-            store.close()
-    skipped = [s for s in stacks if s.skip]
-    reasons = collections.Counter(s.skip.split(" (")[0].split(":")[0] for s in skipped)
-    print(f"{'would import' if options.get('dry_run') else 'imported'} {done} stacks, "
-          f"{versions_total} versions, {bytes_total} bytes of state from {source} in "
-          f"{time.monotonic() - t0:.1f} s; skipped {len(skipped)}"
-          + (" (" + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ")"
-             if skipped else ""))
-    if done and not options.get("dry_run"):
-        print("Stacks with a passphrase or cloud KMS secrets provider keep it: run `pulumi stack "
-              "change-secrets-provider default` on each to move it to this server's keys.")
-    return 1 if failed else 0
-
-
-def _tty(value: Any) -> str:
-    """``value`` as text for an admin's terminal, where what members chose (token names,
-    user agents) must not move the cursor, retitle the window or forge rows.
-
-    Every character str.isprintable() refuses but the space (C0 with newline and tab,
-    DEL, C1 with CSI \\x9b, bidi overrides, line separators, unassigned code points)
-    becomes a \\xNN, \\uNNNN or \\UNNNNNNNN escape; a backslash is doubled, so that an
-    escape in the output was one in the text.
-    """
-    out = []
-    for char in str(value):
-        code = ord(char)
-        if char == "\\":
-            out.append("\\\\")
-        elif char.isprintable() or char == " ":
-            out.append(char)
-        else:
-            out.append(f"\\x{code:02x}" if code < 0x100 else
-                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return "".join(out)
-
-
-def _say(*fields: Any) -> None:
-    """Print one line of the administration commands: ``fields`` escaped, tab-separated."""
-    print("\t".join(_tty(f) for f in fields), flush=True)
-
-
-def _want(args: list, n: int, usage: str) -> list:
-    if len(args) != n:
-        raise ValueError(f"usage: pulumi_backend.py {usage}")
-    return args
-
-
-def _admin_user(ident: Identity, action: str, args: list, opts: dict) -> None:
-    if action == "add":
-        login, = _want(args, 1, "user add LOGIN [--name NAME] [--email E] [--role admin|member]")
-        user = ident.add_user(_LOCAL_ADMIN, login, opts["name"] or "", opts["email"] or "",
-                              opts["role"] or "member")
-        _say(f"added user {login} ({user['role']}); give them a token: "
-             f"pulumi_backend.py token create --user {login}")
-    elif action == "remove":
-        login, = _want(args, 1, "user remove LOGIN")
-        ident.remove_user(_LOCAL_ADMIN, login)
-        _say(f"removed user {login} and their personal tokens")
-    elif action == "set-role":
-        login, role = _want(args, 2, "user set-role LOGIN admin|member")
-        ident.set_role(_LOCAL_ADMIN, login, role)
-        _say(f"{login} is now {role}")
-    elif action == "list":
-        _want(args, 0, "user list")
-        with ident.store.read() as db:
-            for u in ident.store.list_users(db):
-                teams = ",".join(ident.store.user_teams(db, u["login"])) or "-"
-                _say(u["login"], u["role"], f"teams={teams}", u["name"])
-    else:
-        raise ValueError("user actions: add, list, remove, set-role")
-
-
-def _admin_team(ident: Identity, action: str, args: list, opts: dict) -> None:
-    if action == "create":
-        team, = _want(args, 1, "team create TEAM [--description TEXT]")
-        ident.create_team(_LOCAL_ADMIN, team, description=opts["description"] or "")
-        _say(f"created team {team}")
-    elif action == "remove":
-        team, = _want(args, 1, "team remove TEAM")
-        ident.delete_team(_LOCAL_ADMIN, team)
-        _say(f"removed team {team} with its grants and tokens")
-    elif action in ("add-member", "remove-member"):
-        team, login = _want(args, 2, f"team {action} TEAM LOGIN")
-        (ident.add_member if action == "add-member" else ident.remove_member)(
-            _LOCAL_ADMIN, team, login)
-        _say(f"{'added' if action == 'add-member' else 'removed'} {login} "
-             f"{'to' if action == 'add-member' else 'from'} team {team}")
-    elif action == "grant":
-        team, pattern, perm = _want(args, 3, "team grant TEAM PATTERN none|read|write|admin")
-        if perm not in _PERM_BY_NAME:
-            raise ValueError(f"permission must be none, read, write or admin, not {perm!r}")
-        pattern = ident.grant(_LOCAL_ADMIN, team, pattern, _PERM_BY_NAME[perm])
-        _say(f"team {team}: {perm} on {pattern}")
-    elif action == "list":
-        _want(args, 0, "team list")
-        for team in ident.teams_json():
-            full = ident.team_json(team["name"])
-            members = ",".join(m["githubLogin"] for m in full["members"]) or "-"
-            grants = ",".join(f"{s['projectName']}/{s['stackName']}="
-                              f"{_PERM_NAMES[s['permission']]}" for s in full["stacks"]) or "-"
-            _say(team["name"], f"members={members}", f"grants={grants}")
-    else:
-        raise ValueError("team actions: create, list, remove, add-member, remove-member, grant")
-
-
-def _admin_token(ident: Identity, action: str, args: list, opts: dict) -> None:
-    if action == "create":
-        _want(args, 0, "token create (--user NAME | --team TEAM | --org-token [--admin]) "
-              "[--name N] [--description D] [--expires 90d]")
-        owners = [(kind, owner) for kind, owner in (
-            ("personal", opts["user"]), ("team", opts["team"]),
-            ("org", ident.cfg.org if opts["org_token"] else None)) if owner]
-        if len(owners) != 1:
-            raise ValueError("token create needs one of --user NAME, --team TEAM, --org-token")
-        seconds = _parse_lifetime(opts["expires"] or "", "--expires")
-        token_id, value = ident.create_token(
-            _LOCAL_ADMIN, *owners[0], opts["name"] or "", opts["description"] or "",
-            _now() + seconds if seconds else 0, bool(opts["admin"]))
-        print(_tty(f"created token {token_id} for {owners[0][0]} {owners[0][1]}; it is "
-                   "shown only now:"), file=sys.stderr)
-        _say(value)
-    elif action == "list":
-        _want(args, 0, "token list")
-        for t in ident.tokens_json()["tokens"]:
-            with ident.store.read() as db:
-                row = ident.store.get_token(db, t["id"])
-            used = _rfc3339(t["lastUsed"]) if t["lastUsed"] else "never"
-            expires = _rfc3339(t["expires"]) if t["expires"] else "never"
-            _say(t["id"], f"{row['kind']}:{row['owner']}", f"name={t['name']}",
-                 f"created={t['created']}", f"last-used={used}", f"expires={expires}")
-    elif action == "revoke":
-        token_id, = _want(args, 1, "token revoke TOKEN_ID")
-        ident.revoke_token(_LOCAL_ADMIN, token_id)
-        _say(f"revoked token {token_id}")
-    else:
-        raise ValueError("token actions: create, list, revoke")
-
-
-def _parse_since(text: Optional[str]) -> int:
-    """Return the Unix time of ``--since``: a date, an ISO time, or a duration ago."""
-    if not text:
-        return 0
-    if re.fullmatch(r"\d+[dhms]", text.strip()):
-        return _now() - _parse_lifetime(text, "--since")
-    try:
-        when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"--since must be a date, an ISO time or 7d/12h/30m, not {text!r}") \
-            from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return int(when.timestamp())
-
-
-def _admin_audit(store: Store, args: list, opts: dict) -> None:
-    _want(args, 0, "audit [--since 2026-01-31|7d]")
-    after, since = 0, _parse_since(opts["since"])
-    while True:
-        with store.read() as db:
-            rows = store.list_audit(db, after, since, 2 ** 62, None, None, 1000, ascending=True)
-        for row in rows:  # \u-escapes for C0 and all non-ASCII (C1 too); DEL by hand
-            sys.stdout.write(json.dumps(_audit_line(row), ensure_ascii=True)
-                             .replace("\x7f", "\\u007f") + "\n")
-        if len(rows) < 1000:
-            break
-        after = rows[-1]["id"]
-    sys.stdout.flush()
-
-
-def _run_admin(cfg: Config, command: str, words: list, opts: dict) -> int:
-    """Run ``user``, ``team``, ``token`` or ``audit`` on ``cfg.db``; return an exit code.
-
-    These take no <db>.lock, so they work while the server runs: SQLite's own
-    locking orders their writes with the server's, and the server reads
-    tokens and grants afresh at every request. Changes are audited as made
-    by "local-admin".
-    """
-    store = open_store(cfg.db)
-    try:
-        if command == "audit":
-            _admin_audit(store, words, opts)
-            return 0
-        ident = Identity(cfg, store, AuditLog(cfg, store))
-        action, args = (words[0], words[1:]) if words else ("", [])
-        {"user": _admin_user, "team": _admin_team, "token": _admin_token}[command](
-            ident, action, args, opts)
-        return 0
-    except HTTPError as e:
-        raise ValueError(_tty(e.message)) from None
-    finally:
-        store.close()
 
 
 def _release_free_memory() -> None:

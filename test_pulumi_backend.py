@@ -421,6 +421,71 @@ def test_worked_example_constants():
     assert hashlib.sha256(NEW_DOC).hexdigest() == NEW_HASH
 
 
+def run_cli(args, cwd, env=None, timeout=30):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PULUMI_BACKEND_")}
+    environ.update(env or {})
+    environ["COLUMNS"] = "200"
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=environ,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pulumi_backend.py: error:")
+    for word in words:
+        assert word in lines[0]
+
+
+def scrape(srv):
+    """GET /metrics (no token) and return {(name, frozenset(labels)): value}."""
+    status, headers, body = srv.request("GET", "/metrics", token=None, raw=True)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for line in body.decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r'([a-z_]+)(?:\{(.*)\})? (\S+)', line)
+        assert m, line
+        labels = frozenset(re.findall(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', m[2] or ""))
+        samples[(m[1], labels)] = float(m[3])
+    return samples
+
+
+def sample(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())), 0)
+
+
+def serve_subprocess(tmp_path, *args, db="s.db"):
+    """Start pulumi_backend.py; return (Popen, base URL). stderr goes to tmp_path/err.log."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PULUMI_BACKEND_")}
+    err = open(tmp_path / "err.log", "ab")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--port", "0", "--db",
+                             str(tmp_path / db), *args], cwd=tmp_path, env=environ,
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+    err.close()
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+    if not match:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"server did not start: {line!r} {(tmp_path / 'err.log').read_text()}")
+    return proc, match[1]
+
+
+def stop_subprocess(proc, timeout=15):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
 # ==== 1-2. Constants and configuration =========================================
 
 def test_config_defaults():
@@ -5157,77 +5222,6 @@ def test_postgres_metrics_show_the_pool_and_readyz_the_database(replicas, pg_url
     assert status == 503 and "database" in out["message"]
 
 
-def _fill(server):
-    """Stacks with history, secrets, a user, a token and audit rows; return what to compare."""
-    paths = []
-    for name in ("one", "two"):
-        path = server.create_stack(stack=name)
-        for n in range(2):
-            update = server.begin(path)
-            assert update.journal(entry(1, 1, 1, state=res(f"{name}{n}", stack=name)))[0] == 200
-            assert update.events(*_copied_events(name))[0] == 200
-            assert update.complete()[0] == 200
-        paths.append(path)
-    status, _, sealed = server.request("POST", paths[0] + "/encrypt", {"plaintext": b64(b"pw")})
-    assert status == 200
-    ident = pb.Identity(server.cfg, server.store, pb.AuditLog(server.cfg, server.store))
-    ident.add_user(pb._LOCAL_ADMIN, "alice", role="admin")
-    _, token = ident.create_token(pb._LOCAL_ADMIN, "personal", "alice", name="t")
-    return paths, sealed["ciphertext"], token
-
-
-def _copied_events(name):
-    """Events with a long string (stored once per stack) and a short one."""
-    return [{"sequence": 0, "timestamp": 1, "stdoutEvent": {"message": name * 300}},
-            {"sequence": 1, "timestamp": 2, "stdoutEvent": {"message": name}}]
-
-
-def _same_data(server, paths, ciphertext, token, exports):
-    for path, exported in zip(paths, exports):
-        assert server.export_bytes(path) == exported
-        assert len(server.history(path)) == 2
-        for info in server.history(path):
-            status, _, out = server.request("GET", f"{path}/update/{info['updateID']}/events")
-            assert status == 200 and out["events"] == _copied_events(path.rsplit("/", 1)[1])
-    status, _, back = server.request("POST", paths[0] + "/decrypt", {"ciphertext": ciphertext},
-                                     token=f"token {token}")
-    assert status == 200 and base64.b64decode(back["plaintext"]) == b"pw"
-
-
-def test_copy_sqlite_to_postgres_and_back(tmp_path, pg_url, capsys):
-    key = tmp_path / "key"
-    key.write_bytes(PG_MASTER_KEY)
-    sqlite_cfg = Config(db=str(tmp_path / "a.db"), port=0, master_key_file=str(key),
-                        auth_tokens=("t",))
-    server = Srv(sqlite_cfg)
-    try:
-        paths, ciphertext, token = _fill(server)
-        exports = [server.export_bytes(p) for p in paths]
-    finally:
-        server.stop()
-    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", pg_url]) == 0
-    assert re.search(r"copied 2 stacks, \d+ rows .* 2 export hashes", capsys.readouterr().out)
-    server = Srv(Config(db=pg_url, port=0, master_key=PG_MASTER_KEY, auth_tokens=("t",)))
-    try:
-        _same_data(server, paths, ciphertext, token, exports)
-        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
-        # refused: a server is connected to the database
-        assert pb.main(["copy", "--from", pg_url, "--to", str(tmp_path / "b.db")]) == 1
-        assert "stop every server" in capsys.readouterr().err
-    finally:
-        server.stop()
-    back = str(tmp_path / "b.db")
-    assert pb.main(["copy", "--from", pg_url, "--to", back]) == 0
-    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", back]) == 1  # not empty
-    assert "is not empty" in capsys.readouterr().err
-    server = Srv(dataclasses.replace(sqlite_cfg, db=back))
-    try:
-        _same_data(server, paths, ciphertext, token, exports)
-        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
-    finally:
-        server.stop()
-
-
 class _CommitFailsOnce:
     """Wraps the writer connection: the next COMMIT fails as SQLite's busy COMMIT does
     (the transaction stays open)."""
@@ -6222,6 +6216,275 @@ def test_wal_autocheckpoint_flag_and_no_forced_checkpoints(tmp_path):
     assert "wal_checkpoint" not in SCRIPT.read_text(encoding="utf-8")
 
 
+def _fill(server):
+    """Stacks with history, secrets, a user, a token and audit rows; return what to compare."""
+    paths = []
+    for name in ("one", "two"):
+        path = server.create_stack(stack=name)
+        for n in range(2):
+            update = server.begin(path)
+            assert update.journal(entry(1, 1, 1, state=res(f"{name}{n}", stack=name)))[0] == 200
+            assert update.events(*_copied_events(name))[0] == 200
+            assert update.complete()[0] == 200
+        paths.append(path)
+    status, _, sealed = server.request("POST", paths[0] + "/encrypt", {"plaintext": b64(b"pw")})
+    assert status == 200
+    ident = pb.Identity(server.cfg, server.store, pb.AuditLog(server.cfg, server.store))
+    ident.add_user(pb._LOCAL_ADMIN, "alice", role="admin")
+    _, token = ident.create_token(pb._LOCAL_ADMIN, "personal", "alice", name="t")
+    return paths, sealed["ciphertext"], token
+
+
+def _copied_events(name):
+    """Events with a long string (stored once per stack) and a short one."""
+    return [{"sequence": 0, "timestamp": 1, "stdoutEvent": {"message": name * 300}},
+            {"sequence": 1, "timestamp": 2, "stdoutEvent": {"message": name}}]
+
+
+def _same_data(server, paths, ciphertext, token, exports):
+    for path, exported in zip(paths, exports):
+        assert server.export_bytes(path) == exported
+        assert len(server.history(path)) == 2
+        for info in server.history(path):
+            status, _, out = server.request("GET", f"{path}/update/{info['updateID']}/events")
+            assert status == 200 and out["events"] == _copied_events(path.rsplit("/", 1)[1])
+    status, _, back = server.request("POST", paths[0] + "/decrypt", {"ciphertext": ciphertext},
+                                     token=f"token {token}")
+    assert status == 200 and base64.b64decode(back["plaintext"]) == b"pw"
+
+
+def test_copy_sqlite_to_postgres_and_back(tmp_path, pg_url, capsys):
+    key = tmp_path / "key"
+    key.write_bytes(PG_MASTER_KEY)
+    sqlite_cfg = Config(db=str(tmp_path / "a.db"), port=0, master_key_file=str(key),
+                        auth_tokens=("t",))
+    server = Srv(sqlite_cfg)
+    try:
+        paths, ciphertext, token = _fill(server)
+        exports = [server.export_bytes(p) for p in paths]
+    finally:
+        server.stop()
+    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", pg_url]) == 0
+    assert re.search(r"copied 2 stacks, \d+ rows .* 2 export hashes", capsys.readouterr().out)
+    server = Srv(Config(db=pg_url, port=0, master_key=PG_MASTER_KEY, auth_tokens=("t",)))
+    try:
+        _same_data(server, paths, ciphertext, token, exports)
+        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
+        # refused: a server is connected to the database
+        assert pb.main(["copy", "--from", pg_url, "--to", str(tmp_path / "b.db")]) == 1
+        assert "stop every server" in capsys.readouterr().err
+    finally:
+        server.stop()
+    back = str(tmp_path / "b.db")
+    assert pb.main(["copy", "--from", pg_url, "--to", back]) == 0
+    assert pb.main(["copy", "--from", sqlite_cfg.db, "--to", back]) == 1  # not empty
+    assert "is not empty" in capsys.readouterr().err
+    server = Srv(dataclasses.replace(sqlite_cfg, db=back))
+    try:
+        _same_data(server, paths, ciphertext, token, exports)
+        assert server.request("GET", "/api/user/tokens", token=f"token {token}")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_cli_rotate_master_key(tmp_path, start, cfg):
+    srv = start()
+    path = srv.create_stack()
+    _, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"kept")})
+    srv.stop()
+    new_key = tmp_path / "new.key"
+    proc = run_cli(["rotate-master-key", "--db", cfg.db, "--new-key-file", str(new_key)],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(new_key.read_bytes()) == 32
+    srv2 = start(master_key_file=str(new_key))
+    status, _, back = srv2.request("POST", path + "/decrypt", {"ciphertext": out["ciphertext"]})
+    assert status == 200 and base64.b64decode(back["plaintext"]) == b"kept"
+
+
+def _seed_stacks(srv):
+    """Two stacks with completed versions and one update left running; return their exports."""
+    a, b = srv.create_stack(stack="a"), srv.create_stack(stack="b")
+    srv.import_state(a, untyped([stack_res("a"), res("x", stack="a")]))
+    srv.import_state(b, untyped([stack_res("b")]))
+    update = srv.begin(b)
+    assert update.journal(entry(1, 0, 1, operation={"resource": res("y", stack="b"),
+                                                    "type": "creating"}))[0] == 200
+    return {a: srv.export_bytes(a), b: srv.export_bytes(b)}, update
+
+
+def test_backup_during_an_active_update_restores_every_completed_stack(start, cfg, tmp_path):
+    srv = start()
+    exports, update = _seed_stacks(srv)
+    out = tmp_path / "backup.db"
+    assert pb.backup_database(cfg, str(out)) == 0
+    assert update.journal(entry(2, 1, 1, state=res("y", stack="b")))[0] == 200
+    assert update.complete()[0] == 200  # the live server goes on undisturbed
+    with sqlite3.connect(out) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not os.path.exists(str(out) + "-wal")
+    srv.stop()
+    # Serve a restored copy under the same master key: every completed stack exports as before.
+    restored = dataclasses.replace(cfg, db=str(tmp_path / "restored.db"),
+                                   master_key_file=cfg.key_file())
+    assert pb.restore_database(restored, str(out), {}) == 0
+    copy = start(db=restored.db, master_key_file=cfg.key_file())
+    for path, data in exports.items():
+        assert copy.export_bytes(path) == data
+    # The update that was running at backup time is there, and can be cancelled.
+    assert copy.stack(sp(stack="b"))["activeUpdate"] == update.id
+    assert copy.request("POST", update.url + "/cancel")[0] == 200
+
+
+def test_backups_taken_under_write_load_are_all_consistent(srv, cfg, tmp_path):
+    path = srv.create_stack()
+    stop = threading.Event()
+    versions = []
+
+    def write():
+        while not stop.is_set():
+            srv.import_state(path, untyped([stack_res(), res(f"r{len(versions)}")]))
+            versions.append(1)
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for i in range(5):
+            # Each backup after one more write: on a loaded box (the Python matrix runs
+            # suites side by side) the writer may otherwise barely run.
+            deadline = time.monotonic() + 30
+            while len(versions) <= i + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            out = tmp_path / f"b{i}.db"
+            assert pb.backup_database(cfg, str(out)) == 0
+            with sqlite3.connect(out) as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+                (version,) = conn.execute("SELECT version FROM stacks").fetchone()
+                stored = {v for (v,) in conn.execute("SELECT version FROM deployments")}
+                assert version == 0 or version in stored  # the latest version is whole
+    finally:
+        stop.set()
+        writer.join()
+    assert len(versions) > 5
+
+
+def test_backup_never_overwrites_and_is_private(cfg, srv, tmp_path):
+    path = srv.create_stack()
+    live = dataclasses.replace(cfg, db=str(tmp_path / "old.db"))
+    pb.backup_database(cfg, live.db)  # an older copy, as if from last night
+    before = srv.export_bytes(path)
+    for target in (cfg.db, live.db):  # e.g. the paths swapped: OUT is the live database
+        with pytest.raises(ValueError, match="exists; backups never overwrite"):
+            pb.backup_database(live, target)
+    assert srv.export_bytes(path) == before and srv.request("GET", "/readyz", token=None)[0] == 200
+    assert os.stat(live.db).st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match="no database"):
+        pb.backup_database(dataclasses.replace(cfg, db=str(tmp_path / "none.db")),
+                           str(tmp_path / "o.db"))
+    with pytest.raises(ValueError, match="failed"):
+        pb.backup_database(cfg, str(tmp_path / "missing-dir" / "o.db"))
+    assert not (tmp_path / "none.db").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
+
+
+def test_restore_checks_the_backup_before_touching_the_database(start, cfg, tmp_path):
+    srv = start()
+    path = srv.create_stack()
+    before = srv.stack(path)
+    srv.stop()
+    backup = tmp_path / "b.db"
+    assert pb.backup_database(cfg, str(backup)) == 0
+    target = dataclasses.replace(cfg, db=str(tmp_path / "t.db"))
+    other_key = tmp_path / "other.key"
+    other_key.write_bytes(secrets.token_bytes(32))
+    with pytest.raises(ValueError, match="no master key"):
+        pb.restore_database(target, str(backup), {})
+    with pytest.raises(ValueError, match="the database itself"):
+        pb.restore_database(cfg, cfg.db, {})
+    with pytest.raises(ValueError, match="another master key"):
+        pb.restore_database(dataclasses.replace(target, master_key_file=str(other_key)),
+                            str(backup), {})
+    not_ours = tmp_path / "x.db"
+    sqlite3.connect(not_ours).execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(ValueError, match="not a pulumi-backend database"):
+        pb.restore_database(dataclasses.replace(target, master_key_file=cfg.key_file()),
+                            str(not_ours), {})
+    newer = tmp_path / "newer.db"
+    newer.write_bytes(backup.read_bytes())
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(ValueError, match="newer than this server"):
+        pb.restore_database(dataclasses.replace(target, master_key_file=cfg.key_file()),
+                            str(newer), {})
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError):
+        pb.restore_database(dataclasses.replace(target, master_key_file=cfg.key_file()),
+                            str(garbage), {})
+    assert not os.path.exists(target.db)
+    # The original database restored over a changed one brings the stack back.
+    srv = start()
+    srv.request("DELETE", path)
+    srv.stop()
+    assert pb.restore_database(cfg, str(backup), {}) == 0
+    assert start().stack(path) == before
+
+
+def test_cli_backup_and_restore_commands(tmp_path):
+    proc, url = serve_subprocess(tmp_path)
+    try:
+        req = urllib.request.Request(url + f"/api/stacks/{ORG}/proj", method="POST",
+                                     data=b'{"stackName":"dev"}',
+                                     headers={"Authorization": "token t"})
+        urllib.request.urlopen(req, timeout=10).close()
+        backup = run_cli(["backup", "--db", "s.db", "b.db"], tmp_path)  # online
+        assert backup.returncode == 0, backup.stderr
+        assert "1 stacks" in backup.stdout and "s.db.key" in backup.stdout
+        refused = run_cli(["restore", "--db", "s.db", "b.db"], tmp_path)
+        assert_one_line_error(refused, "another pulumi-backend process is using")
+    finally:
+        assert stop_subprocess(proc) == 0
+    restore = run_cli(["restore", "--db", "s.db", "b.db"], tmp_path)
+    assert restore.returncode == 0, restore.stderr
+    assert "restored 1 stacks" in restore.stdout
+    assert_one_line_error(run_cli(["backup", "--db", "s.db"], tmp_path), "backup needs")
+    assert_one_line_error(run_cli(["serve", "extra.db"], tmp_path), "unexpected argument")
+
+
+def test_restore_over_a_damaged_or_foreign_database(start, cfg, tmp_path):
+    srv = start()
+    path = srv.create_stack()
+    srv.stop()
+    backup = tmp_path / "b.db"
+    pb.backup_database(cfg, str(backup))
+    # A WAL database with another page size: the backup API cannot write into
+    # that in WAL mode, so restore switches it to a rollback journal first.
+    other = dataclasses.replace(cfg, db=str(tmp_path / "other.db"), master_key_file=cfg.key_file())
+    conn = sqlite3.connect(other.db)
+    conn.execute("PRAGMA page_size = 1024")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE junk (x)")
+    conn.close()
+    assert pb.restore_database(other, str(backup), {}) == 0
+    assert start(db=other.db, master_key_file=cfg.key_file()).stack(path)["stackName"] == "dev"
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"\\0garbage" * 1000)
+    with pytest.raises(ValueError, match="move it and its -wal and -shm files aside"):
+        pb.restore_database(dataclasses.replace(other, db=str(damaged)), str(backup), {})
+    assert damaged.read_bytes() == b"\\0garbage" * 1000
+
+
+def test_lock_holds_for_every_spelling_of_the_path(tmp_path):
+    proc, _ = serve_subprocess(tmp_path)
+    try:
+        (tmp_path / "alias.db").symlink_to(tmp_path / "s.db")
+        pb.backup_database(Config(db=str(tmp_path / "s.db")), str(tmp_path / "b.db"))
+        refused = run_cli(["restore", "--db", "alias.db", "b.db"], tmp_path)
+        assert_one_line_error(refused, "another pulumi-backend process is using")
+    finally:
+        assert stop_subprocess(proc) == 0
+
+
 # ==== 13. Import from DIY backends ============================================
 
 T0 = 1_700_000_000  # startTime of the first update of the DIY stacks below
@@ -6544,24 +6807,6 @@ def test_stop_lets_idle_connections_go(start):
     assert time.monotonic() - t0 < 5
 
 
-def run_cli(args, cwd, env=None, timeout=30):
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PULUMI_BACKEND_")}
-    environ.update(env or {})
-    environ["COLUMNS"] = "200"
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=environ,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("pulumi_backend.py: error:")
-    for word in words:
-        assert word in lines[0]
-
-
 @pytest.mark.parametrize("args", [["--bogus"], ["--port", "abc"], ["--journaling", "maybe"],
                                   ["--lease-seconds", "0"], ["frobnicate"]])
 def test_cli_bad_flag_is_a_one_line_error(tmp_path, args):
@@ -6654,21 +6899,6 @@ def test_cli_help_mentions_every_flag(tmp_path):
                 and not action.dest.startswith("adm_"):  # options of user/team/token/audit
             assert "PULUMI_BACKEND_" + action.dest.upper() in proc.stdout
     assert "rotate-master-key" in proc.stdout
-
-
-def test_cli_rotate_master_key(tmp_path, start, cfg):
-    srv = start()
-    path = srv.create_stack()
-    _, _, out = srv.request("POST", path + "/encrypt", {"plaintext": b64(b"kept")})
-    srv.stop()
-    new_key = tmp_path / "new.key"
-    proc = run_cli(["rotate-master-key", "--db", cfg.db, "--new-key-file", str(new_key)],
-                   tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert len(new_key.read_bytes()) == 32
-    srv2 = start(master_key_file=str(new_key))
-    status, _, back = srv2.request("POST", path + "/decrypt", {"ciphertext": out["ciphertext"]})
-    assert status == 200 and base64.b64decode(back["plaintext"]) == b"kept"
 
 
 # ==== 14b. Reliability: hostile input, storage faults, limits, concurrency ====
@@ -7582,25 +7812,6 @@ def test_big_uploads_of_updates_take_turns_small_ones_do_not(srv, monkeypatch):
 
 # ==== 14c. Operations: health, metrics, logs, backups, shutdown ===============
 
-def scrape(srv):
-    """GET /metrics (no token) and return {(name, frozenset(labels)): value}."""
-    status, headers, body = srv.request("GET", "/metrics", token=None, raw=True)
-    assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    samples = {}
-    for line in body.decode().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.fullmatch(r'([a-z_]+)(?:\{(.*)\})? (\S+)', line)
-        assert m, line
-        labels = frozenset(re.findall(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', m[2] or ""))
-        samples[(m[1], labels)] = float(m[3])
-    return samples
-
-
-def sample(samples, name, **labels):
-    return samples.get((name, frozenset(labels.items())), 0)
-
-
 def test_healthz_and_readyz_need_no_token(srv):
     for path, status_text in (("/healthz", "ok"), ("/readyz", "ready")):
         status, _, out = srv.request("GET", path, token=None)
@@ -7711,34 +7922,6 @@ def test_metrics_render_escapes_and_accumulates():
         assert f"# TYPE {name} {kind}\n" in text
 
 
-def serve_subprocess(tmp_path, *args, db="s.db"):
-    """Start pulumi_backend.py; return (Popen, base URL). stderr goes to tmp_path/err.log."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PULUMI_BACKEND_")}
-    err = open(tmp_path / "err.log", "ab")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--port", "0", "--db",
-                             str(tmp_path / db), *args], cwd=tmp_path, env=environ,
-                            stdout=subprocess.PIPE, stderr=err, text=True)
-    err.close()
-    line = proc.stdout.readline()
-    match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-    if not match:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"server did not start: {line!r} {(tmp_path / 'err.log').read_text()}")
-    return proc, match[1]
-
-
-def stop_subprocess(proc, timeout=15):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-
-
 def test_json_access_log_has_the_fields_and_no_secrets(tmp_path):
     token, plaintext = "tok-" + secrets.token_hex(8), "plain-" + secrets.token_hex(8)
     proc, url = serve_subprocess(tmp_path, "--log-format", "json", "--auth-token", token)
@@ -7762,155 +7945,6 @@ def test_json_access_log_has_the_fields_and_no_secrets(tmp_path):
     assert access[0]["status"] == 200 and access[0]["ms"] >= 0 and access[0]["bytes"] > 0
     assert access[0]["remote"] == "127.0.0.1" and access[0]["level"] == "info"
     assert token not in text and plaintext not in text and b64(plaintext.encode()) not in text
-
-
-def _seed_stacks(srv):
-    """Two stacks with completed versions and one update left running; return their exports."""
-    a, b = srv.create_stack(stack="a"), srv.create_stack(stack="b")
-    srv.import_state(a, untyped([stack_res("a"), res("x", stack="a")]))
-    srv.import_state(b, untyped([stack_res("b")]))
-    update = srv.begin(b)
-    assert update.journal(entry(1, 0, 1, operation={"resource": res("y", stack="b"),
-                                                    "type": "creating"}))[0] == 200
-    return {a: srv.export_bytes(a), b: srv.export_bytes(b)}, update
-
-
-def test_backup_during_an_active_update_restores_every_completed_stack(start, cfg, tmp_path):
-    srv = start()
-    exports, update = _seed_stacks(srv)
-    out = tmp_path / "backup.db"
-    assert pb.backup_database(cfg, str(out)) == 0
-    assert update.journal(entry(2, 1, 1, state=res("y", stack="b")))[0] == 200
-    assert update.complete()[0] == 200  # the live server goes on undisturbed
-    with sqlite3.connect(out) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-    assert not os.path.exists(str(out) + "-wal")
-    srv.stop()
-    # Serve a restored copy under the same master key: every completed stack exports as before.
-    restored = dataclasses.replace(cfg, db=str(tmp_path / "restored.db"),
-                                   master_key_file=cfg.key_file())
-    assert pb.restore_database(restored, str(out), {}) == 0
-    copy = start(db=restored.db, master_key_file=cfg.key_file())
-    for path, data in exports.items():
-        assert copy.export_bytes(path) == data
-    # The update that was running at backup time is there, and can be cancelled.
-    assert copy.stack(sp(stack="b"))["activeUpdate"] == update.id
-    assert copy.request("POST", update.url + "/cancel")[0] == 200
-
-
-def test_backups_taken_under_write_load_are_all_consistent(srv, cfg, tmp_path):
-    path = srv.create_stack()
-    stop = threading.Event()
-    versions = []
-
-    def write():
-        while not stop.is_set():
-            srv.import_state(path, untyped([stack_res(), res(f"r{len(versions)}")]))
-            versions.append(1)
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        for i in range(5):
-            # Each backup after one more write: on a loaded box (the Python matrix runs
-            # suites side by side) the writer may otherwise barely run.
-            deadline = time.monotonic() + 30
-            while len(versions) <= i + 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            out = tmp_path / f"b{i}.db"
-            assert pb.backup_database(cfg, str(out)) == 0
-            with sqlite3.connect(out) as conn:
-                assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-                (version,) = conn.execute("SELECT version FROM stacks").fetchone()
-                stored = {v for (v,) in conn.execute("SELECT version FROM deployments")}
-                assert version == 0 or version in stored  # the latest version is whole
-    finally:
-        stop.set()
-        writer.join()
-    assert len(versions) > 5
-
-
-def test_backup_never_overwrites_and_is_private(cfg, srv, tmp_path):
-    path = srv.create_stack()
-    live = dataclasses.replace(cfg, db=str(tmp_path / "old.db"))
-    pb.backup_database(cfg, live.db)  # an older copy, as if from last night
-    before = srv.export_bytes(path)
-    for target in (cfg.db, live.db):  # e.g. the paths swapped: OUT is the live database
-        with pytest.raises(ValueError, match="exists; backups never overwrite"):
-            pb.backup_database(live, target)
-    assert srv.export_bytes(path) == before and srv.request("GET", "/readyz", token=None)[0] == 200
-    assert os.stat(live.db).st_mode & 0o777 == 0o600
-    with pytest.raises(ValueError, match="no database"):
-        pb.backup_database(dataclasses.replace(cfg, db=str(tmp_path / "none.db")),
-                           str(tmp_path / "o.db"))
-    with pytest.raises(ValueError, match="failed"):
-        pb.backup_database(cfg, str(tmp_path / "missing-dir" / "o.db"))
-    assert not (tmp_path / "none.db").exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
-
-
-def test_restore_checks_the_backup_before_touching_the_database(start, cfg, tmp_path):
-    srv = start()
-    path = srv.create_stack()
-    before = srv.stack(path)
-    srv.stop()
-    backup = tmp_path / "b.db"
-    assert pb.backup_database(cfg, str(backup)) == 0
-    target = dataclasses.replace(cfg, db=str(tmp_path / "t.db"))
-    other_key = tmp_path / "other.key"
-    other_key.write_bytes(secrets.token_bytes(32))
-    with pytest.raises(ValueError, match="no master key"):
-        pb.restore_database(target, str(backup), {})
-    with pytest.raises(ValueError, match="the database itself"):
-        pb.restore_database(cfg, cfg.db, {})
-    with pytest.raises(ValueError, match="another master key"):
-        pb.restore_database(dataclasses.replace(target, master_key_file=str(other_key)),
-                            str(backup), {})
-    not_ours = tmp_path / "x.db"
-    sqlite3.connect(not_ours).execute("CREATE TABLE t (x)").connection.close()
-    with pytest.raises(ValueError, match="not a pulumi-backend database"):
-        pb.restore_database(dataclasses.replace(target, master_key_file=cfg.key_file()),
-                            str(not_ours), {})
-    newer = tmp_path / "newer.db"
-    newer.write_bytes(backup.read_bytes())
-    with sqlite3.connect(newer) as conn:
-        conn.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(ValueError, match="newer than this server"):
-        pb.restore_database(dataclasses.replace(target, master_key_file=cfg.key_file()),
-                            str(newer), {})
-    garbage = tmp_path / "garbage.db"
-    garbage.write_bytes(b"not a database" * 100)
-    with pytest.raises(ValueError):
-        pb.restore_database(dataclasses.replace(target, master_key_file=cfg.key_file()),
-                            str(garbage), {})
-    assert not os.path.exists(target.db)
-    # The original database restored over a changed one brings the stack back.
-    srv = start()
-    srv.request("DELETE", path)
-    srv.stop()
-    assert pb.restore_database(cfg, str(backup), {}) == 0
-    assert start().stack(path) == before
-
-
-def test_cli_backup_and_restore_commands(tmp_path):
-    proc, url = serve_subprocess(tmp_path)
-    try:
-        req = urllib.request.Request(url + f"/api/stacks/{ORG}/proj", method="POST",
-                                     data=b'{"stackName":"dev"}',
-                                     headers={"Authorization": "token t"})
-        urllib.request.urlopen(req, timeout=10).close()
-        backup = run_cli(["backup", "--db", "s.db", "b.db"], tmp_path)  # online
-        assert backup.returncode == 0, backup.stderr
-        assert "1 stacks" in backup.stdout and "s.db.key" in backup.stdout
-        refused = run_cli(["restore", "--db", "s.db", "b.db"], tmp_path)
-        assert_one_line_error(refused, "another pulumi-backend process is using")
-    finally:
-        assert stop_subprocess(proc) == 0
-    restore = run_cli(["restore", "--db", "s.db", "b.db"], tmp_path)
-    assert restore.returncode == 0, restore.stderr
-    assert "restored 1 stacks" in restore.stdout
-    assert_one_line_error(run_cli(["backup", "--db", "s.db"], tmp_path), "backup needs")
-    assert_one_line_error(run_cli(["serve", "extra.db"], tmp_path), "unexpected argument")
 
 
 def test_second_server_on_one_database_is_refused(tmp_path):
@@ -7984,40 +8018,6 @@ def test_readyz_probes_reuse_one_write(srv, monkeypatch):
     srv.app.engine._ready_checked -= pb.READY_CHECK_SECONDS  # the interval passes
     assert srv.request("GET", "/readyz", token=None)[0] == 200
     assert writes == ["ready_check"] * 2
-
-
-def test_restore_over_a_damaged_or_foreign_database(start, cfg, tmp_path):
-    srv = start()
-    path = srv.create_stack()
-    srv.stop()
-    backup = tmp_path / "b.db"
-    pb.backup_database(cfg, str(backup))
-    # A WAL database with another page size: the backup API cannot write into
-    # that in WAL mode, so restore switches it to a rollback journal first.
-    other = dataclasses.replace(cfg, db=str(tmp_path / "other.db"), master_key_file=cfg.key_file())
-    conn = sqlite3.connect(other.db)
-    conn.execute("PRAGMA page_size = 1024")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("CREATE TABLE junk (x)")
-    conn.close()
-    assert pb.restore_database(other, str(backup), {}) == 0
-    assert start(db=other.db, master_key_file=cfg.key_file()).stack(path)["stackName"] == "dev"
-    damaged = tmp_path / "damaged.db"
-    damaged.write_bytes(b"\\0garbage" * 1000)
-    with pytest.raises(ValueError, match="move it and its -wal and -shm files aside"):
-        pb.restore_database(dataclasses.replace(other, db=str(damaged)), str(backup), {})
-    assert damaged.read_bytes() == b"\\0garbage" * 1000
-
-
-def test_lock_holds_for_every_spelling_of_the_path(tmp_path):
-    proc, _ = serve_subprocess(tmp_path)
-    try:
-        (tmp_path / "alias.db").symlink_to(tmp_path / "s.db")
-        pb.backup_database(Config(db=str(tmp_path / "s.db")), str(tmp_path / "b.db"))
-        refused = run_cli(["restore", "--db", "alias.db", "b.db"], tmp_path)
-        assert_one_line_error(refused, "another pulumi-backend process is using")
-    finally:
-        assert stop_subprocess(proc) == 0
 
 
 def test_newer_schema_is_a_one_line_error(tmp_path, cfg):
