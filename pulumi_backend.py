@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
           type=int)
     _flag(p, "max-connections-per-address", "concurrent connections from one client address "
           "(one IPv6 /64); behind a reverse proxy every connection comes from the proxy "
-          "(default: half of --max-connections, at least 8)", type=int)
+          "(default: half of --max-connections)", type=int)
     _flag(p, "shutdown-timeout", "seconds a stopping server waits for in-flight requests "
           f"(default {DEFAULT_SHUTDOWN_TIMEOUT:g})", type=float)
     _flag(p, "tls-cert", "PEM certificate: serve https")
@@ -10640,8 +10640,9 @@ class Server(http.server.ThreadingHTTPServer):
 
 def _per_address_cap(cfg: Config) -> int:
     """Return how many connections one client address may hold: the flag, or by default
-    half of --max-connections but at least 8 (a CLI opens up to ~6 at once)."""
-    cap = cfg.max_connections_per_address or max(8, cfg.max_connections // 2)
+    half of --max-connections, so that one address never holds every slot (a CLI opens
+    up to ~6 at once: 128 by default leaves room for many)."""
+    cap = cfg.max_connections_per_address or max(1, cfg.max_connections // 2)
     return min(cap, cfg.max_connections)
 
 

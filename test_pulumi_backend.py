@@ -7526,7 +7526,7 @@ def test_oversized_headers_get_json_4xx(srv, what, data):
 
 
 def test_max_connections_refuses_with_503_then_recovers(start):
-    srv = start(max_connections=2)
+    srv = start(max_connections=2, max_connections_per_address=2)  # all from 127.0.0.1
     c1, c2 = srv.connection(), srv.connection()
     try:
         assert srv.request("GET", "/api/user", conn=c1)[0] == 200
@@ -8491,7 +8491,7 @@ def test_one_address_cannot_hold_every_connection_slot(start):
 def test_per_address_cap_default_leaves_room_for_cli_bursts():
     cap = pb._per_address_cap
     assert cap(Config()) == pb.DEFAULT_MAX_CONNECTIONS // 2
-    assert [cap(Config(max_connections=n)) for n in (1, 4, 8, 16, 40)] == [1, 4, 8, 8, 20]
+    assert [cap(Config(max_connections=n)) for n in (1, 4, 8, 16, 40)] == [1, 2, 4, 8, 20]
     assert cap(Config(max_connections=10, max_connections_per_address=3)) == 3
     assert cap(Config(max_connections=10, max_connections_per_address=30)) == 10
 
