@@ -59,7 +59,7 @@ Sections:
   5. Storage (Store interface, SQLite and PostgreSQL implementations)
   6. Engine (stacks, update leases, checkpoints, journal replay, events)
   7. Crypto (OpenSSL binding, pure-Python fallback, key management)
-  8. Identity and access (users, teams, tokens, permissions, audit log, OIDC)
+  8. Identity and access (users, teams, tokens, permissions, audit log, OIDC, webhooks)
   9. Request, response and router
  10. Handlers, by API area
  11. Web console (read-only pages at /, sign-in sessions, tokens page)
@@ -315,6 +315,8 @@ WEBHOOK_DELIVERIES_KEPT = 100
 WEBHOOK_CONCURRENCY = 4
 #: Webhooks per organization and per stack.
 MAX_WEBHOOKS = 100
+#: Largest body of a webhook's create or edit request (bytes).
+MAX_WEBHOOK_BODY = 64 * 1024
 #: Seconds the delivery worker sleeps when nothing is due (a new event wakes it).
 WEBHOOK_POLL_SECONDS = 1.0
 
@@ -7593,14 +7595,17 @@ class App:
                     "ListStackWebhooks", "CreateStackWebhook", "GetStackWebhook",
                     "UpdateStackWebhook", "DeleteStackWebhook", "GetStackWebhookDeliveries",
                     "RedeliverStackWebhookEvent", "PingStackWebhook"))):
-            r = functools.partial(self.router.add, tag="Webhooks", need=need)
+            r = functools.partial(self.router.add, tag="Webhooks", need=need,
+                                  body_limit=MAX_WEBHOOK_BODY)
             hook = base + "/{hookName}"
-            r("GET", base, self.list_webhooks, op=ops[0], response=_list_of(_WEBHOOK))
+            r("GET", base, self.list_webhooks, op=ops[0], response=_list_of(_WEBHOOK),
+              body_limit=0)
             r("POST", base, self.create_webhook, op=ops[1], body=_WEBHOOK_BODY,
               response=_WEBHOOK)
-            r("GET", hook, self.get_webhook, op=ops[2], response=_WEBHOOK)
+            r("GET", hook, self.get_webhook, op=ops[2], response=_WEBHOOK, body_limit=0)
             r("PATCH", hook, self.update_webhook, op=ops[3], body=_WEBHOOK_BODY,
               response=_WEBHOOK)
+            r = functools.partial(self.router.add, tag="Webhooks", need=need)  # no body
             r("DELETE", hook, self.delete_webhook, op=ops[4], response=_EMPTY)
             r("GET", hook + "/deliveries", self.list_webhook_deliveries, op=ops[5],
               response=_list_of(_WEBHOOK_DELIVERY))
@@ -8290,8 +8295,10 @@ class App:
         """Create a webhook (the server names it); its secret is never answered back."""
         org, names = self._hook_scope(req)
         out = self.webhooks.create(org, names, req.json())
+        # The host only: a URL's path can be a credential (Slack's incoming webhooks).
         self.audit.record("webhook_created", req=req, target="/".join(names or (org,))
-                          + f"/hooks/{out['name']}", description=out["payloadUrl"][:200])
+                          + f"/hooks/{out['name']}", description="to host " + str(
+                              urllib.parse.urlsplit(out["payloadUrl"]).hostname)[:200])
         return _json_response(out, 201)
 
     def get_webhook(self, req: Request) -> dict:
