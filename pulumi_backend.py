@@ -301,6 +301,8 @@ CONSOLE_HISTORY_PAGE = 25
 CONSOLE_MAX_EVENTS = 50000
 #: Seconds between reloads of the page of a running update.
 CONSOLE_REFRESH_SECONDS = 3
+#: Deliveries the console shows per webhook.
+CONSOLE_WEBHOOK_DELIVERIES = 10
 #: Seconds between a webhook delivery's attempts (section 8): a failed first
 #: attempt is retried 10 s later, then 60 s, then 300 s; when these are spent the
 #: delivery is failed (--webhook-retry-delays).
@@ -7004,6 +7006,14 @@ class Webhooks:
             rows = self.store.list_deliveries(db, name, WEBHOOK_DELIVERIES_KEPT)
         return [self._delivery_json(r) for r in rows]
 
+    def overview(self, org: str, names: Optional[tuple], limit: int) -> list:
+        """``(webhook JSON, its newest ``limit`` delivery rows)`` of the scope, for the
+        console (section 11): the rows say status and attempts, which the API cannot."""
+        with self.store.read() as db:
+            stack = self._scope(db, org, names)
+            return [(self._json(h, names), self.store.list_deliveries(db, h["name"], limit))
+                    for h in self.store.list_webhooks(db, org, stack["id"] if stack else None)]
+
     def ping(self, org: str, names: Optional[tuple], name: str) -> dict:
         """Send a ping now, once; return the delivery."""
         with self.store.read() as db:
@@ -8750,6 +8760,7 @@ class Console:
         add("GET", stack + "/updates/{updateID}/events", self._page(self.update_events))
         add("GET", stack + "/export", self._page(self.export_download))
         add("GET", "/tokens", self._page(self.tokens_page))
+        add("GET", "/webhooks", self._page(self.webhooks_page))
         form("POST", "/tokens", self._page(self.create_token))
         form("POST", "/tokens/{tokenId}/revoke", self._page(self.revoke_token))
         # `pulumi login` offers the console's token page at /user/settings/tokens
@@ -9002,6 +9013,8 @@ class Console:
             out.extend(self._stack_row(row, updates.get(row[0]) or {}, now) for row in group)
             out.append("</tbody></table></div>")
         out.append(self._pager(req, page, first + CONSOLE_STACK_PAGE < len(rows)))
+        if req.principal.admin:
+            out.append('<p class="mut"><a href="/webhooks">Organization webhooks</a></p>')
         return self._html(req, "Stacks", "".join(out))
 
     def _stack_row(self, row: tuple, update: dict, now: int) -> str:
@@ -9074,6 +9087,8 @@ class Console:
                        '<p class="mut">No config.</p>')
         else:
             out.append('<p class="mut">No updates yet.</p>')
+        if self.identity.stack_permission(req.principal, project, name) >= PERM_ADMIN:
+            out.append("<h2>Webhooks</h2>" + self._webhooks_html(org, (org, project, name)))
         return self._html(req, f"{project}/{name}", "".join(out))
 
     # -- resources ----------------------------------------------------------
@@ -9331,6 +9346,55 @@ class Console:
     def to_tokens(self, req: Request) -> Response:
         """The CLI's address of the token page: ours is /tokens."""
         return Response(303, b"", "text/plain", headers={"Location": "/tokens"})
+
+    # -- webhooks -------------------------------------------------------------
+
+    def webhooks_page(self, req: Request) -> Response:
+        """The organization's webhooks and their recent deliveries (org admins)."""
+        if not req.principal.admin:
+            raise Forbidden(f"this needs an organization admin; {req.principal.actor} is not "
+                            "one")
+        return self._html(req, "Webhooks", "<h1>Organization webhooks</h1>"
+                          + self._webhooks_html(self.cfg.org, None))
+
+    def _webhooks_html(self, org: str, names: Optional[tuple]) -> str:
+        """Read-only tables of a scope's webhooks and their newest deliveries. A URL
+        shows its host only: its path can be a credential (Slack's)."""
+        hooks = self.app.webhooks.overview(org, names, CONSOLE_WEBHOOK_DELIVERIES)
+        if not hooks:
+            return ('<p class="mut">No webhooks: <code>pulumi '
+                    f'{"stack" if names else "org"} webhook new</code> adds one.</p>')
+        out = []
+        for hook, rows in hooks:
+            parts = urllib.parse.urlsplit(hook["payloadUrl"])
+            events = ", ".join(hook["groups"] + hook["filters"]) or "all"
+            out.append('<div class="card">' + _kv([
+                ("Webhook", f'{_name(hook["displayName"])} <span class="t">'
+                            f'{_h(hook["name"])}</span>'),
+                ("Receiver", f'<code>{_h(parts.scheme)}://{_h(parts.netloc)}/…</code>'),
+                ("Format", _h(hook["format"])), ("Events", _h(events)),
+                ("Active", "yes" if hook["active"] else '<span class="mut">no</span>'),
+                ("Secret", "yes" if hook["hasSecret"] else '<span class="mut">none</span>')])
+                + "</div>")
+            if not rows:
+                out.append('<p class="mut">No deliveries yet.</p>')
+                continue
+            out.append('<div class="scroll"><table><thead><tr><th>When</th><th>Event</th>'
+                       '<th>Status</th><th class="n">Code</th><th class="n">Attempts</th>'
+                       '<th class="n">Duration</th><th class="w">Error</th></tr></thead><tbody>')
+            for d in rows:
+                status = {"succeeded": "succeeded", "failed": "failed"}.get(d["status"])
+                badge = _result_badge(status) if status else \
+                    f'<span class="badge run">{_h(d["status"])}</span>'
+                out.append(
+                    f'<tr><td>{_when(d["sent"] or d["created"] // 1000)}</td>'
+                    f'<td>{_h(d["event"])}</td><td>{badge}</td>'
+                    f'<td class="n">{_h(d["response_code"] or "")}</td>'
+                    f'<td class="n">{_h(d["attempts"])}</td>'
+                    f'<td class="n">{_h(d["duration"])} ms</td>'
+                    f'<td class="w">{_h(d["error"][:200])}</td></tr>')
+            out.append("</tbody></table></div>")
+        return "".join(out)
 
     def tokens_page(self, req: Request, new: Optional[tuple] = None) -> Response:
         """The signed-in user's personal tokens: create and revoke."""

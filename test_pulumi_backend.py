@@ -2937,6 +2937,7 @@ _ROUTE_NEED_TABLE = {
     ("POST", "/tokens/{tokenId}/revoke"): "signed-in",
     ("GET", "/user/settings/tokens"): "signed-in",
     ("GET", "/account/tokens"): "signed-in",
+    ("GET", "/webhooks"): "signed-in",  # the org's webhooks: the page checks for an admin
     # Webhooks (section 8's Webhooks): org admins for the org's, stack admins for a stack's.
     ("GET", "/api/orgs/{orgName}/hooks"): "org-admin",
     ("POST", "/api/orgs/{orgName}/hooks"): "org-admin",
@@ -5889,6 +5890,43 @@ def test_console_tokens_page_explains_non_user_tokens(srv, browser):
     status, _, page = browser.get("/tokens")
     assert status == 200 and "Personal tokens belong to users" in page
     assert browser.post("/tokens", {"description": "x"})[0] == 403
+
+
+def test_console_shows_webhooks_and_their_deliveries(hook_srv, receiver):
+    path = console_stack(hook_srv)
+    secret_path = receiver.url.replace("/hook", "/services/T0/B0/SECRETPATH")
+    stack_hook = new_hook(hook_srv, secret_path, path, displayName="<b>ops</b>", secret="k")
+    org_hook = new_hook(hook_srv, receiver.url, filters=["stack_deleted"])
+    assert hook_srv.begin(path).complete("succeeded")[0] == 200
+    hook_srv.app.webhooks.run_due(inline=True)
+    browser = Browser(hook_srv)
+    browser.sign_in("token t")
+    status, _, page = browser.get("/stacks/proj/dev")
+    assert status == 200 and "<h2>Webhooks</h2>" in page
+    assert "&lt;b&gt;ops&lt;/b&gt;" in page and "<b>ops" not in page
+    assert stack_hook["name"] in page and "update_succeeded" in page
+    assert '<span class="badge ok">succeeded</span>' in page
+    assert "SECRETPATH" not in page
+    assert f"http://127.0.0.1:{receiver.server.server_address[1]}/…" in page
+    assert org_hook["name"] not in page
+    status, _, page = browser.get("/")
+    assert '<a href="/webhooks">' in page
+    status, _, page = browser.get("/webhooks")
+    assert status == 200 and org_hook["name"] in page and "stack_deleted" in page
+    assert "No deliveries yet." in page and stack_hook["name"] not in page
+
+
+def test_console_webhooks_only_for_admins(team_srv):
+    browser = Browser(team_srv)
+    browser.sign_in(team_srv.tok["dev"])
+    status, _, page = browser.get("/stacks/app/dev")
+    assert status == 200 and "<h2>Webhooks</h2>" not in page
+    assert browser.get("/webhooks")[0] == 403
+    assert '<a href="/webhooks">' not in browser.get("/")[2]
+    browser = Browser(team_srv)
+    browser.sign_in(team_srv.tok["root"])
+    assert "No webhooks: <code>pulumi stack webhook new</code>" in browser.get(
+        "/stacks/app/dev")[2]
 
 
 def test_console_session_ends_with_its_token_or_its_time(srv, clock):
