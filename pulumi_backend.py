@@ -51,6 +51,10 @@ a route that takes no body refuses one, and the request line and headers have
 their id, masks every secret, and takes forms only with this server's Origin
 and a CSRF token.
 
+Webhooks (section 8) post to no loopback, link-local or cloud metadata address
+unless ``--webhook-allow`` names its network, follow no redirect, and keep their
+shared secrets sealed by the master key.
+
 Sections:
   1. Constants and limits
   2. Configuration
