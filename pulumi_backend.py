@@ -1190,6 +1190,8 @@ _METRICS = {
         "gauge", "Unix time of the newest scheduled backup (only with --backup-dir)."),
     "pulumi_backend_backup_failures_total": (
         "counter", "Scheduled backups that failed (only with --backup-dir)."),
+    "pulumi_backend_webhook_deliveries_total": (
+        "counter", "Webhook delivery attempts, by result (succeeded, retried, failed)."),
 }
 
 
@@ -6856,10 +6858,13 @@ class Webhooks:
     design above). Stack webhooks are passed ``names`` (org, project, stack);
     organization ones None."""
 
-    def __init__(self, cfg: Config, store: Store, keys: KeyManager):
+    def __init__(self, cfg: Config, store: Store, keys: KeyManager, metrics: Metrics):
         self.cfg = cfg
         self.store = store
         self.keys = keys
+        self.metrics = metrics
+        for result in ("succeeded", "retried", "failed"):  # present from the first scrape
+            metrics.inc("pulumi_backend_webhook_deliveries_total", 0, result=result)
         self.allowed = tuple(ipaddress.ip_network(n) for n in cfg.webhook_allow)
         self.delays = tuple(cfg.webhook_retry_delays)
         self.timeout = WEBHOOK_TIMEOUT
@@ -7159,6 +7164,8 @@ class Webhooks:
         if not ok and retry and result["error"] != "the webhook is inactive" \
                 and attempts <= len(self.delays):
             status, due = "pending", _now_ms() + int(self.delays[attempts - 1] * 1000)
+        self.metrics.inc("pulumi_backend_webhook_deliveries_total",
+                         result="retried" if status == "pending" else status)
         if not ok:
             log.warning("webhook %s delivery %s (%s) attempt %d: %s", row["hook"], row["id"],
                         row["event"], attempts, _escape_log(result["error"][:200]) or
@@ -7516,7 +7523,7 @@ class App:
         self.router = Router()
         self.audit = AuditLog(cfg, engine.store)
         self.identity = Identity(cfg, engine.store, self.audit)
-        self.webhooks = Webhooks(cfg, engine.store, engine.keys)
+        self.webhooks = Webhooks(cfg, engine.store, engine.keys, engine.metrics)
         engine.on_event.append(self.webhooks.enqueue)
         self.oidc_issuers = cfg.oidc_issuers  # re-read at each exchange: keys can rotate
         self.started = time.time()

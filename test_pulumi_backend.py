@@ -525,6 +525,22 @@ def test_config_allows_loopback_or_tokens(argv):
     assert pb.parse_config(argv, {})[1].host == argv[1]
 
 
+def test_webhook_flags_and_variables():
+    _, cfg, _ = pb.parse_config(["--webhook-allow", "127.0.0.1", "--webhook-allow",
+                                 "10.0.0.0/8, ::1", "--webhook-retry-delays", "1s,2m"], {})
+    assert cfg.webhook_allow == ("127.0.0.1/32", "10.0.0.0/8", "::1/128")
+    assert cfg.webhook_retry_delays == (1.0, 120.0)
+    _, cfg, _ = pb.parse_config([], {"PULUMI_BACKEND_WEBHOOK_ALLOW": "192.168.0.0/16",
+                                     "PULUMI_BACKEND_WEBHOOK_RETRY_DELAYS": "5"})
+    assert cfg.webhook_allow == ("192.168.0.0/16",) and cfg.webhook_retry_delays == (5.0,)
+    assert pb.parse_config([], {})[1].webhook_retry_delays == (10.0, 60.0, 300.0)
+    for argv, message in ((["--webhook-allow", "nope"], "networks such as"),
+                          (["--webhook-retry-delays", "1x"], "a duration"),
+                          (["--webhook-retry-delays", "2d"], "at most 1 day")):
+        with pytest.raises(ValueError, match=message):
+            pb.parse_config(argv, {})
+
+
 # ==== 3. Errors ================================================================
 
 def test_http_error_body_has_code_and_prefixed_message():
@@ -2741,6 +2757,9 @@ def test_webhook_delivery_retries_then_fails(hook_srv):
         assert again["payload"] == out[0]["payload"] and again["kind"] == "stack_created"
         assert hook_srv.request("POST", f"/api/orgs/{ORG}/hooks/{hook['name']}/deliveries/"
                                 "nope/redeliver")[0] == 404
+        m = scrape(hook_srv)
+        assert [sample(m, "pulumi_backend_webhook_deliveries_total", result=r)
+                for r in ("retried", "failed", "succeeded")] == [2, 1, 1]
     finally:
         down.close()
 
