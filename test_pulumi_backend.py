@@ -2966,16 +2966,14 @@ _ROUTE_NEED_TABLE = {
     ("GET", "/api/orgs/{orgName}/hooks/{hookName}/deliveries"): "org-admin",
     ("POST", "/api/orgs/{orgName}/hooks/{hookName}/deliveries/{event}/redeliver"): "org-admin",
     ("POST", "/api/orgs/{orgName}/hooks/{hookName}/ping"): "org-admin",
-    ("GET", "/api/stacks/{orgName}/{projectName}/{stackName}/hooks"): "admin",
-    ("POST", "/api/stacks/{orgName}/{projectName}/{stackName}/hooks"): "admin",
-    ("GET", "/api/stacks/{orgName}/{projectName}/{stackName}/hooks/{hookName}"): "admin",
-    ("PATCH", "/api/stacks/{orgName}/{projectName}/{stackName}/hooks/{hookName}"): "admin",
-    ("DELETE", "/api/stacks/{orgName}/{projectName}/{stackName}/hooks/{hookName}"): "admin",
-    ("GET", "/api/stacks/{orgName}/{projectName}/{stackName}/hooks/{hookName}/deliveries"):
-        "admin",
-    ("POST", "/api/stacks/{orgName}/{projectName}/{stackName}/hooks/{hookName}/deliveries/{event}/redeliver"):
-        "admin",
-    ("POST", "/api/stacks/{orgName}/{projectName}/{stackName}/hooks/{hookName}/ping"): "admin",
+    ("GET", _SP + "/hooks"): "admin",
+    ("POST", _SP + "/hooks"): "admin",
+    ("GET", _SP + "/hooks/{hookName}"): "admin",
+    ("PATCH", _SP + "/hooks/{hookName}"): "admin",
+    ("DELETE", _SP + "/hooks/{hookName}"): "admin",
+    ("GET", _SP + "/hooks/{hookName}/deliveries"): "admin",
+    ("POST", _SP + "/hooks/{hookName}/deliveries/{event}/redeliver"): "admin",
+    ("POST", _SP + "/hooks/{hookName}/ping"): "admin",
 }
 #: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
 _UPDATE_ROUTE_NEEDS = {
