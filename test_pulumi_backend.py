@@ -3450,10 +3450,35 @@ def test_responses_match_declared_shapes(srv):
     call("POST", path + "/rename", {"newName": "prod"})
     call("DELETE", sp(stack="prod") + "?force=true")
     call_access_routes(srv, call)
+    call_webhook_routes(srv, call)
 
     assert not errors, "answers that stray from the declared responses:\n" + "\n".join(errors)
     documented = {(m, any_kind(t)) for m, t in operations(doc) if t.startswith("/api/")}
     assert documented - seen == set(), "documented /api/ routes this test never calls"
+
+
+def call_webhook_routes(srv, call):
+    """Every webhook route (section 8's Webhooks), an org's and a stack's, as an org admin."""
+    receiver = Receiver()
+    try:
+        srv.app.webhooks.allowed = (ipaddress.ip_network("127.0.0.1/32"),)
+        _, value = srv.app.identity.create_token(pb._LOCAL_ADMIN, "personal", "root")
+        auth = {"token": f"token {value}"}
+        call("POST", f"/api/stacks/{ORG}/proj", {"stackName": "hooked"}, **auth)
+        for base in (f"/api/orgs/{ORG}/hooks", sp(stack="hooked") + "/hooks"):
+            hook = call("POST", base, {"displayName": "h", "payloadUrl": receiver.url,
+                                       "active": True, "secret": "s",
+                                       "filters": ["update_failed"]}, ok=201, **auth)["name"]
+            call("GET", base, **auth)
+            call("GET", f"{base}/{hook}", **auth)
+            call("PATCH", f"{base}/{hook}", {"displayName": "h2", "payloadUrl": receiver.url,
+                                             "active": True, "groups": ["stacks"]}, **auth)
+            ping = call("POST", f"{base}/{hook}/ping", **auth)
+            call("GET", f"{base}/{hook}/deliveries", **auth)
+            call("POST", f"{base}/{hook}/deliveries/{ping['id']}/redeliver", **auth)
+            call("DELETE", f"{base}/{hook}", **auth)
+    finally:
+        receiver.close()
 
 
 def call_access_routes(srv, call):
