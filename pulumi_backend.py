@@ -55,6 +55,10 @@ and a CSRF token. Requests naming another host than the server's (loopback
 names, IP addresses, the --public-url host, ``--allowed-host``) get 421, against
 DNS rebinding (section 9).
 
+Webhooks (section 8) post to no loopback, link-local or cloud metadata address
+unless ``--webhook-allow`` names its network, follow no redirect, and keep their
+shared secrets sealed by the master key.
+
 Sections:
   1. Constants and limits
   2. Configuration
@@ -63,7 +67,8 @@ Sections:
   5. Storage (Store interface, SQLite and PostgreSQL implementations)
   6. Engine (stacks, history; UpdateLifecycle: leases, checkpoints, journal replay, events)
   7. Crypto (OpenSSL binding, pure-Python fallback, key management)
-  8. Identity and access (users, teams, tokens, permissions, audit log, OIDC, admin commands)
+  8. Identity and access (users, teams, tokens, permissions, audit log, OIDC, webhooks,
+     admin commands)
   9. Request, response and router
  10. Handlers, by API area
  11. Web console (read-only pages at /, sign-in sessions, tokens page); build_app()
@@ -132,7 +137,7 @@ __all__ = [
     "Store", "SQLiteStore", "PostgresStore", "open_store", "is_postgres_url",
     "Engine", "UpdateLifecycle", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
-    "Principal", "Identity", "AuditLog",
+    "Principal", "Identity", "AuditLog", "Webhooks",
     "Request", "Response", "Route", "Router", "App", "Console",
     "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
     "copy_database",
@@ -332,6 +337,26 @@ CONSOLE_HISTORY_PAGE = 25
 CONSOLE_MAX_EVENTS = 50000
 #: Seconds between reloads of the page of a running update.
 CONSOLE_REFRESH_SECONDS = 3
+#: Deliveries the console shows per webhook.
+CONSOLE_WEBHOOK_DELIVERIES = 10
+#: Seconds between a webhook delivery's attempts (section 8): a failed first
+#: attempt is retried 10 s later, then 60 s, then 300 s; when these are spent the
+#: delivery is failed (--webhook-retry-delays).
+WEBHOOK_RETRY_DELAYS = (10.0, 60.0, 300.0)
+#: Seconds one webhook request may take (connecting, sending, each read).
+WEBHOOK_TIMEOUT = 10.0
+#: Bytes of a receiver's answer kept with a delivery.
+WEBHOOK_RESPONSE_EXCERPT = 4096
+#: Deliveries kept per webhook; older ones go as new ones come.
+WEBHOOK_DELIVERIES_KEPT = 100
+#: Webhook deliveries in flight at once (a thread each): a hanging receiver holds one.
+WEBHOOK_CONCURRENCY = 4
+#: Webhooks per organization and per stack.
+MAX_WEBHOOKS = 100
+#: Largest body of a webhook's create or edit request (bytes).
+MAX_WEBHOOK_BODY = 64 * 1024
+#: Seconds the delivery worker sleeps when nothing is due (a new event wakes it).
+WEBHOOK_POLL_SECONDS = 1.0
 
 _NAME_RE = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9_.-]{1,100}\Z")
 _ORG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,38}[A-Za-z0-9]\Z|^[A-Za-z0-9]\Z")
@@ -399,6 +424,8 @@ class Config:
     audit_retention_days: int = DEFAULT_AUDIT_RETENTION_DAYS
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
     console: bool = True
+    webhook_allow: tuple = ()  # networks (CIDR) webhooks may reach though private by policy
+    webhook_retry_delays: tuple = WEBHOOK_RETRY_DELAYS
 
     def key_file(self) -> str:
         """Return the master key path: the flag, or ``<db>.key`` beside the database."""
@@ -510,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "auth-failure-limit", "refused tokens and sign-ins per client address and minute "
           f"before it gets 429 for the rest of the minute; 0: no limit (default "
           f"{DEFAULT_AUTH_FAILURE_LIMIT})", type=int)
+    _flag(p, "webhook-allow", "let webhooks reach this network (CIDR) though it is loopback, "
+          "link-local or a cloud metadata address; repeat or comma-separate", action="append")
+    _flag(p, "webhook-retry-delays", "seconds between a webhook delivery's attempts, "
+          "comma-separated durations (default 10s,60s,300s)")
     # Options of the administration commands (no PULUMI_BACKEND_* variables).
     p.add_argument("--name", dest="adm_name", help="user add: display name; token create: "
                    "the token's name")
@@ -549,6 +580,19 @@ def _parse_duration(name: str, value: str) -> float:
     return float(m[1]) * _DURATION_UNITS.get(m[2] or "s", 1)
 
 
+def _parse_networks(name: str, values: list) -> tuple:
+    """Return the CIDR networks of repeated or comma-separated values; ValueError otherwise."""
+    out = []
+    for item in values:
+        for text in filter(None, (t.strip() for t in item.split(","))):
+            try:
+                out.append(str(ipaddress.ip_network(text, strict=False)))
+            except ValueError:
+                raise ValueError(f"--{name} expects networks such as 127.0.0.1/32 or "
+                                 f"10.0.0.0/8, got {text!r}") from None
+    return tuple(out)
+
+
 def parse_config(argv: list, environ: dict) -> tuple:
     """Return ``(command, Config, extras)`` from flags over environment over defaults.
 
@@ -569,7 +613,8 @@ def parse_config(argv: list, environ: dict) -> tuple:
             if env is None or (env == "" and action.dest not in ("auth_token",
                                                                  "auth_token_file")):
                 continue
-            flag_value = [env] if action.dest in ("auth_token", "allowed_host") else env
+            flag_value = [env] if action.dest in ("auth_token", "allowed_host",
+                                                  "webhook_allow") else env
             if action.type is not None:
                 try:
                     flag_value = action.type(env)
@@ -593,6 +638,11 @@ def parse_config(argv: list, environ: dict) -> tuple:
             value = _parse_bool(key.replace("_", "-"), str(value))
         if key == "backup_interval":
             value = _parse_duration("backup-interval", value)
+        if key == "webhook_allow":
+            value = _parse_networks("webhook-allow", value)
+        if key == "webhook_retry_delays":
+            value = tuple(_parse_duration("webhook-retry-delays", v)
+                          for v in str(value).split(",") if v.strip())
         kw[key] = value
     if environ.get("PULUMI_BACKEND_MASTER_KEY"):
         try:
@@ -708,6 +758,9 @@ def _validate_config(cfg: Config) -> None:
     if cfg.default_stack_permission not in ("none", "read", "write"):
         raise ValueError("--default-stack-permission must be none, read or write, "
                          f"not {cfg.default_stack_permission!r}")
+    if len(cfg.webhook_retry_delays) > 10 or any(
+            not 0 <= d <= 86400 for d in cfg.webhook_retry_delays):
+        raise ValueError("--webhook-retry-delays takes at most 10 delays of at most 1 day")
     if cfg.audit_retention_days < 0:
         raise ValueError("--audit-retention-days must be 0 (keep all) or more")
     if cfg.auth_failure_limit < 0:
@@ -1240,6 +1293,8 @@ _METRICS = {
         "gauge", "Unix time of the newest scheduled backup (only with --backup-dir)."),
     "pulumi_backend_backup_failures_total": (
         "counter", "Scheduled backups that failed (only with --backup-dir)."),
+    "pulumi_backend_webhook_deliveries_total": (
+        "counter", "Webhook delivery attempts, by result (succeeded, retried, failed)."),
 }
 
 
@@ -1704,6 +1759,56 @@ class Store(abc.ABC):
     def latest_updates(self, db, stack_ids: list) -> dict:
         """Return the newest non-preview update of each stack (by id) that has one."""
 
+    # -- webhooks and their deliveries (section 8) ------------------------------
+
+    @abc.abstractmethod
+    def insert_webhook(self, db, hook: dict) -> None:
+        """Store a new webhook (IntegrityError if its name is taken)."""
+
+    @abc.abstractmethod
+    def get_webhook(self, db, name: str) -> Optional[dict]:
+        """Return the webhook's row, or None."""
+
+    @abc.abstractmethod
+    def list_webhooks(self, db, org: str, stack_id: Optional[str]) -> list:
+        """Return the org's webhooks (``stack_id`` None) or the stack's, oldest first."""
+
+    @abc.abstractmethod
+    def update_webhook(self, db, name: str, **fields: Any) -> None:
+        """Set the given columns of the webhook."""
+
+    @abc.abstractmethod
+    def delete_webhook(self, db, name: str) -> bool:
+        """Delete the webhook and its deliveries; return whether it existed."""
+
+    @abc.abstractmethod
+    def webhooks_for_stack(self, db, org: str, stack_id: str) -> list:
+        """Return the active webhooks of the org and of the stack."""
+
+    @abc.abstractmethod
+    def webhook_secrets(self, db) -> list:
+        """Return ``(name, sealed secret)`` of every webhook that has a secret."""
+
+    @abc.abstractmethod
+    def insert_delivery(self, db, delivery: dict) -> None:
+        """Store a delivery, dropping the webhook's oldest beyond WEBHOOK_DELIVERIES_KEPT."""
+
+    @abc.abstractmethod
+    def get_delivery(self, db, delivery_id: str) -> Optional[dict]:
+        """Return the delivery's row, or None."""
+
+    @abc.abstractmethod
+    def list_deliveries(self, db, hook: str, limit: int) -> list:
+        """Return the webhook's deliveries, newest first."""
+
+    @abc.abstractmethod
+    def due_deliveries(self, db, now_ms: int, limit: int) -> list:
+        """Return up to ``limit`` pending deliveries due at ``now_ms``, oldest due first."""
+
+    @abc.abstractmethod
+    def update_delivery(self, db, delivery_id: str, **fields: Any) -> None:
+        """Set the given columns of the delivery."""
+
     # -- whole-database copy (the ``copy`` command, section 14) ---------------
 
     @abc.abstractmethod
@@ -1874,6 +1979,44 @@ _SCHEMA = [
     ALTER TABLE journal ADD COLUMN batch INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE updates ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE deployments ADD COLUMN skeleton BLOB;
+    """,
+    # webhooks (section 8): an org's (stack_id NULL) or a stack's (gone with it); the
+    # secret sealed by the master key. A delivery is one event sent to one webhook,
+    # with its latest attempt; pending ones are due at next_attempt (ms).
+    """
+    CREATE TABLE webhooks (
+        name TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        stack_id TEXT REFERENCES stacks(id) ON DELETE CASCADE,
+        display_name TEXT NOT NULL,
+        url TEXT NOT NULL,
+        active INTEGER NOT NULL DEFAULT 1,
+        format TEXT NOT NULL DEFAULT 'raw',
+        filters TEXT NOT NULL DEFAULT '[]',
+        event_groups TEXT NOT NULL DEFAULT '[]',
+        secret BLOB,
+        created INTEGER NOT NULL);
+    CREATE INDEX webhooks_by_scope ON webhooks (org, stack_id);
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,
+        hook TEXT NOT NULL REFERENCES webhooks(name) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        event TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt INTEGER NOT NULL DEFAULT 0,
+        sent INTEGER NOT NULL DEFAULT 0,
+        duration INTEGER NOT NULL DEFAULT 0,
+        request_url TEXT NOT NULL DEFAULT '',
+        request_headers TEXT NOT NULL DEFAULT '',
+        response_code INTEGER NOT NULL DEFAULT 0,
+        response_headers TEXT NOT NULL DEFAULT '',
+        response_body TEXT NOT NULL DEFAULT '',
+        error TEXT NOT NULL DEFAULT '');
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt);
+    CREATE INDEX webhook_deliveries_by_hook ON webhook_deliveries (hook, created);
     """,
 ]
 
@@ -2492,6 +2635,71 @@ class _SQLRecords(Store):
             "WHERE u.stack_id = s.id AND u.dry_run = 0 ORDER BY u.created DESC LIMIT 1) "
             f"FROM stacks s WHERE s.id IN ({marks}))", stack_ids)}
 
+    # -- webhooks and their deliveries (section 8) ------------------------------
+
+    def insert_webhook(self, db, hook: dict) -> None:
+        db.execute(f"INSERT INTO webhooks ({','.join(hook)}) "
+                   f"VALUES ({','.join('?' * len(hook))})", tuple(hook.values()))
+
+    def get_webhook(self, db, name: str) -> Optional[dict]:
+        row = db.execute("SELECT * FROM webhooks WHERE name = ?", (name,)).fetchone()
+        return dict(row) if row else None
+
+    def list_webhooks(self, db, org: str, stack_id: Optional[str]) -> list:
+        if stack_id is None:
+            cur = db.execute("SELECT * FROM webhooks WHERE org = ? AND stack_id IS NULL "
+                             "ORDER BY created, name", (org,))
+        else:
+            cur = db.execute("SELECT * FROM webhooks WHERE org = ? AND stack_id = ? "
+                             "ORDER BY created, name", (org, stack_id))
+        return [dict(r) for r in cur]
+
+    def update_webhook(self, db, name: str, **fields: Any) -> None:
+        _check_columns(fields, _WEBHOOK_COLUMNS)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE webhooks SET {sets} WHERE name = ?", (*fields.values(), name))
+
+    def delete_webhook(self, db, name: str) -> bool:
+        db.execute("DELETE FROM webhook_deliveries WHERE hook = ?", (name,))
+        return db.execute("DELETE FROM webhooks WHERE name = ?", (name,)).rowcount > 0
+
+    def webhooks_for_stack(self, db, org: str, stack_id: str) -> list:
+        return [dict(r) for r in db.execute(
+            "SELECT * FROM webhooks WHERE org = ? AND active = 1 AND (stack_id IS NULL OR "
+            "stack_id = ?) ORDER BY created, name", (org, stack_id))]
+
+    def webhook_secrets(self, db) -> list:
+        return [tuple(r) for r in db.execute(
+            "SELECT name, secret FROM webhooks WHERE secret IS NOT NULL")]
+
+    def insert_delivery(self, db, delivery: dict) -> None:
+        db.execute(f"INSERT INTO webhook_deliveries ({','.join(delivery)}) "
+                   f"VALUES ({','.join('?' * len(delivery))})", tuple(delivery.values()))
+        db.execute("DELETE FROM webhook_deliveries WHERE hook = ? AND id NOT IN (SELECT id "
+                   "FROM webhook_deliveries WHERE hook = ? ORDER BY created DESC, id DESC "
+                   "LIMIT ?)", (delivery["hook"], delivery["hook"], WEBHOOK_DELIVERIES_KEPT))
+
+    def get_delivery(self, db, delivery_id: str) -> Optional[dict]:
+        row = db.execute("SELECT * FROM webhook_deliveries WHERE id = ?",
+                         (delivery_id,)).fetchone()
+        return dict(row) if row else None
+
+    def list_deliveries(self, db, hook: str, limit: int) -> list:
+        return [dict(r) for r in db.execute(
+            "SELECT * FROM webhook_deliveries WHERE hook = ? ORDER BY created DESC, id DESC "
+            "LIMIT ?", (hook, limit))]
+
+    def due_deliveries(self, db, now_ms: int, limit: int) -> list:
+        return [dict(r) for r in db.execute(
+            "SELECT * FROM webhook_deliveries WHERE status = 'pending' AND next_attempt <= ? "
+            "ORDER BY next_attempt, id LIMIT ?", (now_ms, limit))]
+
+    def update_delivery(self, db, delivery_id: str, **fields: Any) -> None:
+        _check_columns(fields, _DELIVERY_COLUMNS)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE webhook_deliveries SET {sets} WHERE id = ?",
+                   (*fields.values(), delivery_id))
+
     # -- whole-database copy (the ``copy`` command) ---------------------------
 
     def count_rows(self, db, table: str) -> int:
@@ -2971,6 +3179,12 @@ _UPDATE_COLUMNS = frozenset({"status", "started", "ended", "version", "base_vers
                              "lease_token", "lease_expires", "cli_version", "resource_changes",
                              "resource_count", "program", "requested_by", "pending"})
 
+_WEBHOOK_COLUMNS = frozenset({"display_name", "url", "active", "format", "filters",
+                              "event_groups", "secret"})
+_DELIVERY_COLUMNS = frozenset({"status", "attempts", "next_attempt", "sent", "duration",
+                               "request_url", "request_headers", "response_code",
+                               "response_headers", "response_body", "error"})
+
 
 #: Every table with its columns, parents before children (the order ``copy`` fills them).
 _TABLE_COLUMNS = {
@@ -2994,6 +3208,9 @@ _TABLE_COLUMNS = {
     "audit": frozenset({"id", "time", "actor", "token_id", "token_name", "source_ip",
                         "user_agent", "event", "target", "outcome", "description"}),
     "console_sessions": frozenset({"hash", "token_hash", "created", "expires"}),
+    "webhooks": _WEBHOOK_COLUMNS | {"name", "org", "stack_id", "created"},
+    "webhook_deliveries": _DELIVERY_COLUMNS | {"id", "hook", "kind", "event", "payload",
+                                               "created"},
 }
 
 
@@ -3830,7 +4047,17 @@ class Engine:
         self._ready_lock = threading.Lock()
         self._ready_checked = -math.inf  # monotonic time of the last write probe
         self._ready_error: Optional[sqlite3.Error] = None
+        # Called as ``fn(db, event)`` inside the transaction that made a stack or
+        # ended an update (see _emit): section 8's Webhooks queues deliveries there.
+        self.on_event: list = []
         self.updates = UpdateLifecycle(self)
+
+    def _emit(self, db, event: dict) -> None:
+        """Hand ``event`` to every ``on_event`` callback within the write transaction
+        ``db``: they may only add rows (no network, nothing slow), so an event is
+        stored exactly when what it tells of commits."""
+        for fn in self.on_event:
+            fn(db, event)
 
     # -- stacks -------------------------------------------------------------
 
@@ -3850,7 +4077,7 @@ class Engine:
             raise NotFound(f"stack '{org}/{project}/{name}' not found")
         return row
 
-    def create_stack(self, org: str, project: str, body: dict) -> dict:
+    def create_stack(self, org: str, project: str, body: dict, user: str = "") -> dict:
         name = body.get("stackName")
         if not isinstance(name, str):
             raise BadRequest("stackName is required")
@@ -3871,6 +4098,9 @@ class Engine:
                 "created": _now(), "tags": json.dumps(tags), "data_key": data_key})
             self.store.put_deployment(db, stack_id, 0, _gzip_bytes(initial), len(initial),
                                       _count_resources(_loads(initial)))
+            self._emit(db, {"kind": "stack", "action": "created", "org": org,
+                            "project": project, "stack": name, "stack_id": stack_id,
+                            "user": user})
         log.info("created stack %s/%s/%s", org, project, name)
         return {}
 
@@ -3945,7 +4175,8 @@ class Engine:
                     return False
                 after = (org, project, rows[-1]["name"])
 
-    def delete_stack(self, org: str, project: str, name: str, force: bool) -> None:
+    def delete_stack(self, org: str, project: str, name: str, force: bool,
+                     user: str = "") -> None:
         self.updates._await_final_state(org, project, name)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
@@ -3953,6 +4184,9 @@ class Engine:
             if row["resource_count"] > 0 and not force:
                 raise BadRequest(MSG_STACK_HAS_RESOURCES)
             self.store.delete_stack(db, row["id"])
+            self._emit(db, {"kind": "stack", "action": "deleted", "org": org,
+                            "project": project, "stack": name, "stack_id": row["id"],
+                            "user": user})
         log.info("deleted stack %s/%s/%s", org, project, name)
 
     def rename_stack(self, org: str, project: str, name: str, body: dict) -> None:
@@ -4714,6 +4948,13 @@ class UpdateLifecycle:
         failed without a new version, keeping its rows for inspection.
         """
         fields: dict = {"status": status, "ended": _now()}
+        self.engine._emit(db, {
+            "kind": "update", "org": row["org"], "project": row["project"],
+            "stack": row["name"], "stack_id": row["id"], "user": update["requested_by"],
+            "update_kind": update["kind"], "dry_run": bool(update["dry_run"]),
+            "result": "succeeded" if status == "succeeded" else "failed",
+            "update_id": update["id"], "version": update["version"],
+            "resource_changes": json.loads(update["resource_changes"] or "{}")})
         self.store.after_commit(lambda: self.metrics.inc(
             "pulumi_backend_updates_total", kind=update["kind"], status=status))
         if not update["dry_run"] and update["status"] == "running":
@@ -5438,6 +5679,15 @@ class KeyManager:
     def unwrap_data_key(self, stack_id: str, wrapped: bytes) -> bytes:
         return self.crypto.open(self._master, wrapped, b"stack:" + stack_id.encode())
 
+    def seal_secret(self, purpose: bytes, plaintext: bytes) -> bytes:
+        """Seal a small secret of the server's own (a webhook's) under the master key,
+        bound to ``purpose``; ``rotate`` rewraps it."""
+        return self.crypto.seal(self._master, plaintext, purpose)
+
+    def open_secret(self, purpose: bytes, sealed: bytes) -> bytes:
+        """Open ``seal_secret`` output; ValueError if it was altered or is not ours."""
+        return self.crypto.open(self._master, sealed, purpose)
+
     def matches(self, canary: Optional[bytes], stack_key: Optional[tuple]) -> bool:
         """Return whether the master key is the database's: it opens ``stack_key``
         (``(stack id, wrapped data key)`` of any stack), or with no stacks the
@@ -5478,6 +5728,10 @@ class KeyManager:
             for stack_id, wrapped in rows:
                 store.update_stack(db, stack_id, data_key=new.wrap_data_key(
                     stack_id, self.unwrap_data_key(stack_id, wrapped)))
+            for name, sealed in store.webhook_secrets(db):
+                purpose = b"webhook:" + name.encode()
+                store.update_webhook(db, name, secret=new.seal_secret(
+                    purpose, self.open_secret(purpose, bytes(sealed))))
             store.set_meta(db, "canary", self.crypto.seal(new_master, _CANARY))
         return len(rows)
 
@@ -6919,6 +7173,666 @@ def _oidc_exchange(identity: Identity, issuers: list, form: dict, req: Any = Non
             "token_type": "Bearer", "expires_in": seconds, "scope": scope}
 
 
+# -- webhooks ------------------------------------------------------------------
+#
+# Design. An event (a stack created or deleted, an update that ended) becomes one
+# delivery row per webhook that wants it, written by Engine._emit inside the very
+# transaction that made the event: it commits with it or not at all, and the
+# request that caused it does no network I/O. A worker thread (started and stopped
+# by serve(), section 14) claims due rows and sends each from a delivery thread (at
+# most WEBHOOK_CONCURRENCY at once), then records the attempt on the row: success
+# (a 2xx answer), or a retry after the next of --webhook-retry-delays, or failed
+# when those are spent. Claiming moves a row's next_attempt past the time a request
+# can take, so a row claimed by a server that dies (or by another replica) is sent
+# again later: nothing is lost at a restart, and a receiver sees a delivery at
+# least once (Pulumi-Webhook-ID names repeats). Ping and redeliver send once, while
+# the caller waits: it asked for the answer. The receiver's address is checked on
+# every request (_webhook_socket): loopback, link-local and cloud metadata addresses
+# are refused unless --webhook-allow names them, and redirects are not followed.
+# A webhook's shared secret is sealed by the master key and never answered back.
+
+_WEBHOOK_FORMATS = ("raw", "slack", "ms_teams")
+#: The CLI's event groups and their events (cmd/pulumi/org/org_webhook_new.go).
+_WEBHOOK_GROUPS = {
+    "stacks": ("stack_created", "stack_deleted") + tuple(
+        f"{kind}_{result}" for kind in ("update", "preview", "destroy", "refresh", "import")
+        for result in ("succeeded", "failed")),
+    "deployments": ("deployment_queued", "deployment_started", "deployment_succeeded",
+                    "deployment_failed", "drift_detected", "drift_detection_succeeded",
+                    "drift_detection_failed", "drift_remediation_succeeded",
+                    "drift_remediation_failed", "deployment_file_ingestion_failed"),
+    "policies": ("policy_violation_mandatory", "policy_violation_advisory"),
+    "environments": ("environment_created", "environment_deleted",
+                     "environment_revision_created", "environment_revision_retracted",
+                     "environment_revision_tag_created", "environment_revision_tag_deleted",
+                     "environment_revision_tag_updated", "environment_tag_created",
+                     "environment_tag_deleted", "environment_tag_updated",
+                     "imported_environment_changed"),
+    "change_requests": ("change_request_created", "change_request_updated",
+                        "change_request_approved", "change_request_unapproved",
+                        "change_request_closed", "change_request_applied",
+                        "change_request_submitted"),
+}
+#: Groups a stack's webhook may name (the CLI's stackWebhookGroups).
+_STACK_WEBHOOK_GROUPS = ("stacks", "deployments", "policies")
+#: Events only an organization's webhooks get.
+_ORG_ONLY_EVENTS = frozenset({"stack_created", "stack_deleted"})
+#: The events this server produces: the others are refused when asked for.
+_PRODUCED_EVENTS = _ORG_ONLY_EVENTS | frozenset(
+    f"{kind}_{result}" for kind in _UPDATE_KINDS for result in ("succeeded", "failed"))
+#: Pulumi Cloud's "clear the secret" value of a PATCH (the CLI's removeSecretSentinel).
+_REMOVE_SECRET = "__remove-secret"
+_MAX_WEBHOOK_SECRET = 1024
+_MAX_WEBHOOK_URL = 2048
+
+
+class _WebhookRefused(OSError):
+    """The receiver's address is one webhooks may not reach."""
+
+
+def _webhook_address_refused(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                             allowed: tuple) -> str:
+    """Return why webhooks may not reach ``address`` ('' when they may).
+
+    Loopback, link-local, cloud metadata, unspecified and multicast addresses
+    (also written as IPv4-mapped IPv6) are refused unless a network of
+    ``allowed`` (--webhook-allow) holds them; other private ranges are fine: a
+    self-hosted server's receivers are often on its own network.
+    """
+    plain = address.ipv4_mapped if address.version == 6 and address.ipv4_mapped else address
+    if any(a in net for a in {address, plain} for net in allowed
+           if a.version == net.version):
+        return ""
+    if plain.is_loopback:
+        return "a loopback address"
+    if _is_link_local_or_metadata(address):
+        return "a link-local or cloud metadata address"
+    if plain.is_unspecified or plain.is_multicast:
+        return "not a unicast address"
+    return ""
+
+
+def _check_webhook_url(url: Any, allowed: tuple) -> str:
+    """Return ``url`` if webhooks may post to it; BadRequest otherwise.
+
+    Only a literal address (or ``localhost``) is checked here; a name is
+    checked each time it is resolved, when a delivery is sent.
+    """
+    if not isinstance(url, str) or not url.strip() or len(url) > _MAX_WEBHOOK_URL:
+        raise BadRequest(f"payloadUrl must be a URL of at most {_MAX_WEBHOOK_URL} characters")
+    url = url.strip()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise BadRequest(f"payloadUrl {url!r} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest("payloadUrl must be an http:// or https:// URL with a host, "
+                         "e.g. https://example.com/hook")
+    if parts.username is not None or parts.password is not None:
+        raise BadRequest("payloadUrl must not hold a user name or password; use the "
+                         "webhook's secret to authenticate deliveries")
+    host = parts.hostname.lower()
+    address = (ipaddress.ip_address("127.0.0.1") if host == "localhost"
+               or host.endswith(".localhost") else _literal_ip(host))
+    reason = _webhook_address_refused(address, allowed) if address is not None else ""
+    if reason:
+        raise BadRequest(f"payloadUrl host {parts.hostname} is {reason}: webhooks may not "
+                         "reach it unless the server's --webhook-allow names it")
+    return url
+
+
+def _webhook_events(body: dict, key: str, stack: bool) -> list:
+    """Return the ``filters`` or ``groups`` of a webhook body, checked; BadRequest else.
+
+    Names the CLI does not know are invalid; events (or groups of them) this
+    server cannot produce, such as deployments, drift and policy events, are
+    refused with what it can produce.
+    """
+    values = body.get(key)
+    if values is None:
+        return []
+    if not isinstance(values, list) or len(values) > 100 \
+            or not all(isinstance(v, str) for v in values):
+        raise BadRequest(f"{key} must be a list of names")
+    groups = _STACK_WEBHOOK_GROUPS if stack else tuple(_WEBHOOK_GROUPS)
+    known = {e for g in groups for e in _WEBHOOK_GROUPS[g]} - (_ORG_ONLY_EVENTS if stack
+                                                              else frozenset())
+    out: list = []
+    for value in values:
+        if key == "groups":
+            if value not in groups:
+                raise BadRequest(f"invalid group {value!r}; valid groups: {', '.join(groups)}")
+            if value != "stacks":
+                raise BadRequest(f"this server cannot produce the events of group {value!r} "
+                                 "(it runs no deployments, policies, environments or change "
+                                 "requests); only group 'stacks' can be delivered")
+        elif value not in known:
+            raise BadRequest(f"invalid event {value!r}")
+        elif value.startswith("import_"):
+            raise BadRequest(f"this server cannot produce {value!r}: `pulumi import` reaches "
+                             "it as an update, so subscribe to update_succeeded and "
+                             "update_failed")
+        elif value not in _PRODUCED_EVENTS:
+            raise BadRequest(f"this server cannot produce {value!r} events (it runs no "
+                             "deployments, drift detection or policies); it produces: "
+                             + ", ".join(sorted(_PRODUCED_EVENTS - (_ORG_ONLY_EVENTS if stack
+                                                                    else frozenset()))))
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def _webhook_wants(hook: dict, event: str) -> bool:
+    """Whether ``hook`` subscribes to ``event`` (no filters and no groups: to all)."""
+    filters, groups = json.loads(hook["filters"]), json.loads(hook["event_groups"])
+    if not filters and not groups:
+        return True
+    return event in filters or any(event in _WEBHOOK_GROUPS.get(g, ()) for g in groups)
+
+
+def _webhook_signature(secret: bytes, body: bytes) -> str:
+    """The Pulumi-Webhook-Signature of ``body``: hex HMAC-SHA256 keyed by the secret."""
+    return hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def _webhook_user(login: str) -> dict:
+    return {"name": login, "githubLogin": login, "avatarUrl": ""}
+
+
+def _changes_text(changes: dict) -> str:
+    return ", ".join(f"{n} {op}" for op, n in sorted(changes.items()) if op != "same" and n)
+
+
+def _webhook_message(event: dict, base_url: str) -> dict:
+    """The parts of an engine event's payloads, whatever the format: the
+    Pulumi-Webhook-Kind, the event's filter name, the raw payload (Pulumi Cloud's
+    shape), a one-line summary, facts, a link and whether it is good news."""
+    org, project, stack = event["org"], event["project"], event["stack"]
+    user = event.get("user") or ""
+    raw: dict = {"user": _webhook_user(user), "organization": _webhook_user(org),
+                 "projectName": project, "stackName": stack}
+    ref = f"{org}/{project}/{stack}"
+    stack_url = (f"{base_url}/stacks/{urllib.parse.quote(project, safe='')}/"
+                 f"{urllib.parse.quote(stack, safe='')}") if base_url else ""
+    if event["kind"] == "stack":
+        raw["action"] = event["action"]
+        return {"kind": "stack", "event": f"stack_{event['action']}", "raw": raw,
+                "text": f"Stack {ref} was {event['action']}" + (f" by {user}" if user else ""),
+                "facts": [("Stack", ref), ("Action", event["action"])],
+                "link": stack_url if event["action"] == "created" else "", "good": True}
+    kind = "preview" if event["dry_run"] else event["update_kind"]
+    changes = event.get("resource_changes") or {}
+    link = f"{stack_url}/updates/{event['update_id']}" if stack_url else ""
+    raw.update({"kind": kind, "result": event["result"], "resourceChanges": changes,
+                "updateUrl": link})
+    summary = _changes_text(changes)
+    facts = [("Stack", ref), ("Kind", kind), ("Result", event["result"])]
+    if not event["dry_run"]:
+        facts.append(("Version", str(event["version"])))
+    if summary:
+        facts.append(("Changes", summary))
+    return {"kind": "stack_preview" if kind == "preview" else "stack_update",
+            "event": f"{kind}_{event['result']}", "raw": raw,
+            "text": (f"{user}'s " if user else "") + f"{kind} of {ref} {event['result']}"
+                    + (f" ({summary})" if summary else ""),
+            "facts": facts, "link": link, "good": event["result"] == "succeeded"}
+
+
+def _webhook_body(fmt: str, message: dict) -> bytes:
+    """The bytes posted for ``message`` in format raw, slack or ms_teams."""
+    if fmt == "slack":
+        text = message["text"] + (f" <{message['link']}|details>" if message["link"] else "")
+        return _dumps({"text": text, "attachments": [{
+            "color": "good" if message["good"] else "danger", "fallback": message["text"],
+            "fields": [{"title": k, "value": v, "short": True} for k, v in message["facts"]]}]})
+    if fmt == "ms_teams":
+        card: dict = {"@type": "MessageCard", "@context": "https://schema.org/extensions",
+                      "summary": message["text"], "title": message["text"],
+                      "themeColor": "2EB886" if message["good"] else "E01E5A",
+                      "sections": [{"facts": [{"name": k, "value": v}
+                                              for k, v in message["facts"]]}]}
+        if message["link"]:
+            card["potentialAction"] = [{"@type": "OpenUri", "name": "View in pulumi-backend",
+                                        "targets": [{"os": "default", "uri": message["link"]}]}]
+        return _dumps(card)
+    return _dumps(message["raw"])
+
+
+def _webhook_socket(address: tuple, timeout: Any, source_address: Any = None,
+                    allowed: tuple = ()) -> socket.socket:
+    """Connect to ``address`` (host, port) only at addresses webhooks may reach.
+
+    The name is resolved once, every address it gives is checked, and the
+    socket goes to one of those same addresses (a second lookup could answer
+    differently).
+    """
+    host, port = address
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    for *_, sockaddr in found:
+        reason = _webhook_address_refused(ipaddress.ip_address(sockaddr[0].split("%")[0]),
+                                          allowed)
+        if reason:
+            raise _WebhookRefused(f"{host} resolves to {sockaddr[0]}, {reason}, which "
+                                  "webhooks may not reach unless --webhook-allow names it")
+    error: OSError = OSError(f"{host} resolves to no address")
+    for family, kind, proto, _, sockaddr in found:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error
+
+
+def _webhook_post(url: str, body: bytes, headers: dict, allowed: tuple,
+                  timeout: float) -> dict:
+    """POST ``body`` to ``url`` once; return the answer's code (0: none), headers,
+    the first WEBHOOK_RESPONSE_EXCERPT bytes of its body, the duration in ms and
+    an error message ('' when it answered). Never raises for the receiver's sake."""
+    parts = urllib.parse.urlsplit(url)
+    https = parts.scheme == "https"
+    start = time.monotonic()
+    out = {"code": 0, "headers": "", "body": "", "error": ""}
+    conn: Any = None
+    try:
+        cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        conn = cls(parts.hostname, parts.port or (443 if https else 80), timeout=timeout)
+        conn._create_connection = functools.partial(_webhook_socket, allowed=allowed)
+        conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     body=body, headers=headers)
+        resp = conn.getresponse()
+        data = b""  # read1: a trickle of bytes cannot outlast the deadline by much
+        deadline = start + 2 * timeout
+        while len(data) < WEBHOOK_RESPONSE_EXCERPT and time.monotonic() < deadline:
+            chunk = resp.read1(WEBHOOK_RESPONSE_EXCERPT - len(data))
+            if not chunk:
+                break
+            data += chunk
+        out.update(code=resp.status, body=data.decode("utf-8", "replace"),
+                   headers="\n".join(f"{k}: {v}" for k, v in resp.getheaders())
+                   [:WEBHOOK_RESPONSE_EXCERPT])
+        if 300 <= resp.status < 400:
+            out["error"] = (f"answered {resp.status} (redirect to "
+                            f"{str(resp.getheader('Location'))[:200]}): redirects are not "
+                            "followed, payloadUrl must name the final URL")
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        out["error"] = (str(e) or type(e).__name__)[:500]
+    finally:
+        if conn is not None:
+            conn.close()
+    out["duration"] = int((time.monotonic() - start) * 1000)
+    return out
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Webhooks:
+    """Organization and stack webhooks: their configuration (the API's), the
+    deliveries engine events become, and the worker that sends them (see the
+    design above). Stack webhooks are passed ``names`` (org, project, stack);
+    organization ones None."""
+
+    def __init__(self, cfg: Config, store: Store, keys: KeyManager, metrics: Metrics):
+        self.cfg = cfg
+        self.store = store
+        self.keys = keys
+        self.metrics = metrics
+        for result in ("succeeded", "retried", "failed"):  # present from the first scrape
+            metrics.inc("pulumi_backend_webhook_deliveries_total", 0, result=result)
+        self.allowed = tuple(ipaddress.ip_network(n) for n in cfg.webhook_allow)
+        self.delays = tuple(cfg.webhook_retry_delays)
+        self.timeout = WEBHOOK_TIMEOUT
+        self.base_url = cfg.public_url.rstrip("/")  # serve() sets the server's own URL
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._inflight: set = set()  # delivery threads
+        self._inflight_lock = threading.Lock()
+
+    # -- configuration ------------------------------------------------------
+
+    def _scope(self, db, org: str, names: Optional[tuple]) -> Optional[dict]:
+        """The stack row of a stack webhook's path (NotFound), or None for the org."""
+        if names is None:
+            return None
+        row = self.store.get_stack(db, *names)
+        if row is None:
+            raise NotFound(f"stack '{'/'.join(names)}' not found")
+        return row
+
+    def _hook(self, db, org: str, names: Optional[tuple], name: str) -> tuple:
+        """``(webhook row, stack row or None)``; NotFound unless it is of this scope."""
+        stack = self._scope(db, org, names)
+        hook = self.store.get_webhook(db, name)
+        if hook is None or hook["org"] != org \
+                or hook["stack_id"] != (stack["id"] if stack else None):
+            raise NotFound(f"webhook '{name}' not found")
+        return hook, stack
+
+    def _purpose(self, name: str) -> bytes:
+        return b"webhook:" + name.encode()
+
+    def _json(self, hook: dict, names: Optional[tuple]) -> dict:
+        """The webhook as Pulumi Cloud answers it: the secret never, only whether
+        there is one and its sealed form."""
+        out: dict = {"organizationName": hook["org"], "name": hook["name"],
+                     "displayName": hook["display_name"], "payloadUrl": hook["url"],
+                     "active": bool(hook["active"]), "format": hook["format"],
+                     "filters": json.loads(hook["filters"]),
+                     "groups": json.loads(hook["event_groups"]),
+                     "hasSecret": hook["secret"] is not None,
+                     "secretCiphertext": _b64encode(bytes(hook["secret"]))
+                     if hook["secret"] is not None else ""}
+        if names is not None:
+            out["projectName"], out["stackName"] = names[1], names[2]
+        return out
+
+    def _fields(self, body: dict, org: str, names: Optional[tuple],
+                hook: Optional[dict] = None) -> dict:
+        """The columns a create (``hook`` None) or edit body sets; BadRequest if invalid."""
+        if body.get("organizationName") not in (None, "", org):
+            raise BadRequest(f"organizationName {body['organizationName']!r} does not match "
+                             f"the organization of the path, {org!r}")
+        if names is not None:
+            for key, value in (("projectName", names[1]), ("stackName", names[2])):
+                if body.get(key) not in (None, "", value):
+                    raise BadRequest(f"{key} {body[key]!r} does not match the path's {value!r}")
+        fields: dict = {}
+        display = body.get("displayName")
+        if display is not None or hook is None:
+            if not isinstance(display, str) or not 1 <= len(display.strip()) <= 100:
+                raise BadRequest("displayName must be a name of 1 to 100 characters")
+            fields["display_name"] = display.strip()
+        if body.get("payloadUrl") is not None or hook is None:
+            fields["url"] = _check_webhook_url(body.get("payloadUrl"), self.allowed)
+        active = body.get("active")
+        if active is not None or hook is None:
+            if not isinstance(active, bool) and active is not None:
+                raise BadRequest("active must be true or false")
+            fields["active"] = int(True if active is None else active)
+        fmt = body.get("format")
+        if fmt not in (None, "") or hook is None:
+            fmt = fmt or "raw"
+            if fmt == "pulumi_deployments":
+                raise BadRequest("format 'pulumi_deployments' triggers Pulumi Deployments, "
+                                 "which this server does not run; use raw, slack or ms_teams")
+            if fmt not in _WEBHOOK_FORMATS:
+                raise BadRequest(f"format must be one of {', '.join(_WEBHOOK_FORMATS)}")
+            fields["format"] = fmt
+        # The CLI edits by sending the whole webhook back: lists it leaves out are empty.
+        fields["filters"] = json.dumps(_webhook_events(body, "filters", names is not None))
+        fields["event_groups"] = json.dumps(_webhook_events(body, "groups", names is not None))
+        secret = body.get("secret")
+        if secret is not None and not isinstance(secret, str):
+            raise BadRequest("secret must be a string")
+        if secret == _REMOVE_SECRET:
+            fields["secret"] = None
+        elif secret:
+            if len(secret) > _MAX_WEBHOOK_SECRET:
+                raise BadRequest(f"secret must be at most {_MAX_WEBHOOK_SECRET} characters")
+            fields["secret"] = b""  # sealed once the name is known
+            fields["_plain_secret"] = secret
+        elif hook is None:
+            fields["secret"] = None
+        return fields
+
+    def _seal_fields(self, fields: dict, name: str) -> dict:
+        plain = fields.pop("_plain_secret", None)
+        if plain is not None:
+            fields["secret"] = self.keys.seal_secret(self._purpose(name), plain.encode())
+        return fields
+
+    def create(self, org: str, names: Optional[tuple], body: dict) -> dict:
+        """Create a webhook named by the server (8 hex digits); return it."""
+        fields = self._fields(body, org, names)
+        with self.store.write() as db:
+            stack = self._scope(db, org, names)
+            if len(self.store.list_webhooks(db, org, stack["id"] if stack else None)) \
+                    >= MAX_WEBHOOKS:
+                raise BadRequest(f"at most {MAX_WEBHOOKS} webhooks per organization or stack")
+            name = secrets.token_hex(4)
+            while self.store.get_webhook(db, name) is not None:
+                name = secrets.token_hex(4)
+            row = {"name": name, "org": org, "stack_id": stack["id"] if stack else None,
+                   "created": _now(), **self._seal_fields(fields, name)}
+            self.store.insert_webhook(db, row)
+            hook = self.store.get_webhook(db, name)
+        return self._json(hook, names)
+
+    def list_hooks(self, org: str, names: Optional[tuple]) -> list:
+        with self.store.read() as db:
+            stack = self._scope(db, org, names)
+            return [self._json(h, names) for h in
+                    self.store.list_webhooks(db, org, stack["id"] if stack else None)]
+
+    def get(self, org: str, names: Optional[tuple], name: str) -> dict:
+        with self.store.read() as db:
+            return self._json(self._hook(db, org, names, name)[0], names)
+
+    def edit(self, org: str, names: Optional[tuple], name: str, body: dict) -> dict:
+        """Change what the body sets (the secret only when it names one); return it."""
+        with self.store.write() as db:
+            hook = self._hook(db, org, names, name)[0]
+            fields = self._seal_fields(self._fields(body, org, names, hook), name)
+            self.store.update_webhook(db, name, **fields)
+            return self._json(self.store.get_webhook(db, name), names)
+
+    def remove(self, org: str, names: Optional[tuple], name: str) -> None:
+        with self.store.write() as db:
+            self._hook(db, org, names, name)
+            self.store.delete_webhook(db, name)
+
+    def deliveries(self, org: str, names: Optional[tuple], name: str) -> list:
+        """The webhook's recent deliveries, newest first."""
+        with self.store.read() as db:
+            self._hook(db, org, names, name)
+            rows = self.store.list_deliveries(db, name, WEBHOOK_DELIVERIES_KEPT)
+        return [self._delivery_json(r) for r in rows]
+
+    def overview(self, org: str, names: Optional[tuple], limit: int) -> list:
+        """``(webhook JSON, its newest ``limit`` delivery rows)`` of the scope, for the
+        console (section 11): the rows say status and attempts, which the API cannot."""
+        with self.store.read() as db:
+            stack = self._scope(db, org, names)
+            return [(self._json(h, names), self.store.list_deliveries(db, h["name"], limit))
+                    for h in self.store.list_webhooks(db, org, stack["id"] if stack else None)]
+
+    def ping(self, org: str, names: Optional[tuple], name: str) -> dict:
+        """Send a ping now, once; return the delivery."""
+        with self.store.read() as db:
+            hook = self._hook(db, org, names, name)[0]
+        where = "/".join(names) if names else org
+        message = {"kind": "ping", "event": "ping", "good": True, "link": "",
+                   "raw": {"message": "Just a friendly ping from pulumi-backend",
+                           "organization": _webhook_user(org), "webhookName": name},
+                   "text": f"Ping of webhook {hook['display_name']} of {where}",
+                   "facts": [("Webhook", hook["display_name"]), ("Scope", where)]}
+        return self._send_now(hook, "ping", "ping", _webhook_body(hook["format"], message))
+
+    def redeliver(self, org: str, names: Optional[tuple], name: str, event_id: str) -> dict:
+        """Send a delivery's payload again now, once, as a new delivery; return it."""
+        with self.store.read() as db:
+            hook = self._hook(db, org, names, name)[0]
+            old = self.store.get_delivery(db, event_id)
+        if old is None or old["hook"] != name:
+            raise NotFound(f"delivery '{event_id}' of webhook '{name}' not found")
+        return self._send_now(hook, old["kind"], old["event"], old["payload"].encode())
+
+    # -- events -------------------------------------------------------------
+
+    def enqueue(self, db, event: dict) -> None:
+        """Queue ``event`` (see Engine._emit) for every webhook that wants it, within
+        the caller's transaction ``db``; wake the worker once it commits."""
+        hooks = self.store.webhooks_for_stack(db, event["org"], event["stack_id"])
+        message = _webhook_message(event, self.base_url) if hooks else None
+        queued = False
+        for hook in hooks:
+            if hook["stack_id"] is not None and event["kind"] != "update":
+                continue  # stack events go to the organization's webhooks only
+            if not _webhook_wants(hook, message["event"]):
+                continue
+            now = _now_ms()
+            self.store.insert_delivery(db, {
+                "id": _new_id(), "hook": hook["name"], "kind": message["kind"],
+                "event": message["event"],
+                "payload": _webhook_body(hook["format"], message).decode(),
+                "created": now, "status": "pending", "next_attempt": now,
+                "request_url": hook["url"]})
+            queued = True
+        if queued:
+            self.store.after_commit(self._wake.set)
+
+    # -- delivery -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker; it first sends what is due from before a restart."""
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Stop claiming deliveries and wait up to ``timeout`` seconds for those being
+        sent; a delivery cut short is sent again after the next start."""
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        with self._inflight_lock:
+            threads = list(self._inflight)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                self.run_due()
+            except Exception:  # noqa: BLE001 - the worker outlives a bad moment
+                log.exception("webhook delivery worker")
+            self._wake.wait(WEBHOOK_POLL_SECONDS)
+
+    def run_due(self, inline: bool = False) -> int:
+        """Claim the due deliveries there are free delivery slots for and send each
+        (in a thread; ``inline`` in this one, for tests); return how many."""
+        with self._inflight_lock:
+            free = WEBHOOK_CONCURRENCY - len(self._inflight)
+        if free <= 0:
+            return 0
+        now = _now_ms()
+        with self.store.read() as db:  # most polls find nothing: no write for them
+            if not self.store.due_deliveries(db, now, 1):
+                return 0
+        lease = now + int((3 * self.timeout + 30) * 1000)
+        with self.store.write() as db:
+            rows = self.store.due_deliveries(db, now, free)
+            for row in rows:
+                self.store.update_delivery(db, row["id"], next_attempt=lease)
+        for row in rows:
+            if inline:
+                self._deliver(row)
+                continue
+            t = threading.Thread(target=self._deliver, args=(row,), daemon=True,
+                                 name="webhook-delivery")
+            with self._inflight_lock:
+                self._inflight.add(t)
+            t.start()
+        return len(rows)
+
+    def _deliver(self, row: dict, retry: bool = True) -> None:
+        """Send one claimed delivery and record the attempt."""
+        try:
+            with self.store.read() as db:
+                hook = self.store.get_webhook(db, row["hook"])
+            if hook is not None:
+                self._record(row, self._attempt(hook, row), retry)
+        except Exception:  # noqa: BLE001 - the row stays claimed and is retried later
+            log.exception("webhook delivery %s", row["id"])
+        finally:
+            with self._inflight_lock:
+                self._inflight.discard(threading.current_thread())
+            self._wake.set()  # a slot is free
+
+    def _attempt(self, hook: dict, row: dict) -> dict:
+        body = row["payload"].encode()
+        headers = {"Content-Type": "application/json",
+                   "User-Agent": f"pulumi-backend/{__version__}",
+                   "Pulumi-Webhook-ID": row["id"], "Pulumi-Webhook-Kind": row["kind"]}
+        if hook["secret"] is not None:
+            secret = self.keys.open_secret(self._purpose(hook["name"]), bytes(hook["secret"]))
+            headers["Pulumi-Webhook-Signature"] = _webhook_signature(secret, body)
+        if not hook["active"]:
+            result = {"code": 0, "headers": "", "body": "", "duration": 0,
+                      "error": "the webhook is inactive"}
+        else:
+            result = _webhook_post(hook["url"], body, headers, self.allowed, self.timeout)
+        result["request_headers"] = "\n".join(f"{k}: {v}" for k, v in headers.items())
+        result["request_url"] = hook["url"]
+        return result
+
+    def _record(self, row: dict, result: dict, retry: bool = True) -> None:
+        """Store an attempt's outcome: succeeded, pending (a retry is due later) or failed."""
+        attempts = row["attempts"] + 1
+        ok = 200 <= result["code"] < 300
+        status, due = "succeeded" if ok else "failed", 0
+        if not ok and retry and result["error"] != "the webhook is inactive" \
+                and attempts <= len(self.delays):
+            status, due = "pending", _now_ms() + int(self.delays[attempts - 1] * 1000)
+        self.metrics.inc("pulumi_backend_webhook_deliveries_total",
+                         result="retried" if status == "pending" else status)
+        if not ok:
+            log.warning("webhook %s delivery %s (%s) attempt %d: %s", row["hook"], row["id"],
+                        row["event"], attempts, _escape_log(result["error"][:200]) or
+                        f"answered {result['code']}")
+        with self.store.write() as db:
+            self.store.update_delivery(
+                db, row["id"], status=status, attempts=attempts, next_attempt=due,
+                sent=_now(), duration=result["duration"], request_url=result["request_url"],
+                request_headers=result["request_headers"], response_code=result["code"],
+                response_headers=result["headers"], response_body=result["body"],
+                error=result["error"])
+
+    def _send_now(self, hook: dict, kind: str, event: str, body: bytes) -> dict:
+        row = {"id": _new_id(), "hook": hook["name"], "kind": kind, "event": event,
+               "payload": body.decode(), "created": _now_ms(), "status": "sending",
+               "attempts": 0, "next_attempt": 0, "request_url": hook["url"]}
+        with self.store.write() as db:
+            self.store.insert_delivery(db, row)
+        self._record(row, self._attempt(hook, row), retry=False)
+        with self.store.read() as db:
+            return self._delivery_json(self.store.get_delivery(db, row["id"]))
+
+    def _delivery_json(self, row: dict) -> dict:
+        """A delivery as Pulumi Cloud answers it; its state is told in responseBody
+        when the receiver gave no 2xx answer (there is no field for it)."""
+        body = row["response_body"]
+        note = ""
+        if row["status"] == "pending" and row["attempts"]:
+            note = (f"[attempt {row['attempts']} of {len(self.delays) + 1} failed; next "
+                    f"attempt at {_rfc3339(row['next_attempt'] // 1000)}]")
+        elif row["status"] == "pending":
+            note = "[queued]"
+        elif row["status"] == "failed":
+            note = f"[failed after {row['attempts']} attempt(s)]"
+        if note or row["error"]:
+            body = "\n".join(filter(None, (note, row["error"], body)))
+        return {"id": row["id"], "kind": row["event"], "payload": row["payload"],
+                "timestamp": row["sent"] or row["created"] // 1000,
+                "duration": row["duration"], "requestUrl": row["request_url"],
+                "requestHeaders": row["request_headers"], "responseCode": row["response_code"],
+                "responseHeaders": row["response_headers"], "responseBody": body}
+
+
+# -- the user, team, token and audit commands ----------------------------------
+
 def _say(*fields: Any) -> None:
     """Print one line of the administration commands: ``fields`` escaped, tab-separated."""
     print("\t".join(_tty(f) for f in fields), flush=True)
@@ -7483,6 +8397,19 @@ _AUDIT_EVENTS = _obj(("auditLogEvents",), continuationToken=_NULLABLE_STR,
                          user=_USER_INFO, actorName=_STR, tokenID=_STR, tokenName=_STR,
                          authFailure=_BOOL, userAgent=_STR, target=_STR, outcome=_STR)))
 
+_WEBHOOK_PROPS = dict(organizationName=_STR, projectName=_STR, stackName=_STR, name=_STR,
+                      displayName=_STR, payloadUrl=_STR, active=_BOOL, format=_STR,
+                      filters=_list_of(_STR), groups=_list_of(_STR))
+_WEBHOOK_BODY = _obj(("displayName", "payloadUrl"), **_WEBHOOK_PROPS, secret=_STR)
+_WEBHOOK = _obj(("organizationName", "name", "displayName", "payloadUrl", "active",
+                 "hasSecret", "secretCiphertext"), **_WEBHOOK_PROPS, hasSecret=_BOOL,
+                secretCiphertext=_STR)
+_WEBHOOK_DELIVERY = _obj(
+    ("id", "kind", "payload", "timestamp", "duration", "requestUrl", "requestHeaders",
+     "responseCode", "responseHeaders", "responseBody"), id=_STR, kind=_STR, payload=_STR,
+    timestamp=_INT, duration=_INT, requestUrl=_STR, requestHeaders=_STR, responseCode=_INT,
+    responseHeaders=_STR, responseBody=_STR)
+
 _OPENAPI_DOC = _obj(("openapi", "info", "paths"), openapi=_STR, info=_ANY_OBJECT,
                     paths=_ANY_OBJECT, components=_ANY_OBJECT)
 
@@ -7496,6 +8423,8 @@ class App:
         self.router = Router()
         self.audit = AuditLog(cfg, engine.store)
         self.identity = Identity(cfg, engine.store, self.audit)
+        self.webhooks = Webhooks(cfg, engine.store, engine.keys, engine.metrics)
+        engine.on_event.append(self.webhooks.enqueue)
         self.oidc_issuers = cfg.oidc_issuers  # re-read at each exchange: keys can rotate
         self.started = time.time()
         self.draining = False  # set when the server starts to stop: /readyz answers 503
@@ -7580,6 +8509,37 @@ class App:
               ("year", "resources", "resourceHours"), year=_INT, month=_INT, day=_INT,
               hour=_INT, resources=_INT, resourceHours=_INT))))
         self._add_access_routes()
+        self._add_webhook_routes(SP)
+
+    def _add_webhook_routes(self, sp: str) -> None:
+        """Organization webhooks (org admins) and stack webhooks (stack admins)."""
+        for base, need, ops in (
+                ("/api/orgs/{orgName}/hooks", "org-admin", (
+                    "ListOrganizationWebhooks", "CreateOrganizationWebhook",
+                    "GetOrganizationWebhook", "UpdateOrganizationWebhook",
+                    "DeleteOrganizationWebhook", "GetOrganizationWebhookDeliveries",
+                    "RedeliverOrganizationWebhookEvent", "PingOrganizationWebhook")),
+                (sp + "/hooks", "admin", (
+                    "ListStackWebhooks", "CreateStackWebhook", "GetStackWebhook",
+                    "UpdateStackWebhook", "DeleteStackWebhook", "GetStackWebhookDeliveries",
+                    "RedeliverStackWebhookEvent", "PingStackWebhook"))):
+            r = functools.partial(self.router.add, tag="Webhooks", need=need,
+                                  body_limit=MAX_WEBHOOK_BODY)
+            hook = base + "/{hookName}"
+            r("GET", base, self.list_webhooks, op=ops[0], response=_list_of(_WEBHOOK),
+              body_limit=0)
+            r("POST", base, self.create_webhook, op=ops[1], body=_WEBHOOK_BODY,
+              response=_WEBHOOK)
+            r("GET", hook, self.get_webhook, op=ops[2], response=_WEBHOOK, body_limit=0)
+            r("PATCH", hook, self.update_webhook, op=ops[3], body=_WEBHOOK_BODY,
+              response=_WEBHOOK)
+            r = functools.partial(self.router.add, tag="Webhooks", need=need)  # no body
+            r("DELETE", hook, self.delete_webhook, op=ops[4], response=_EMPTY)
+            r("GET", hook + "/deliveries", self.list_webhook_deliveries, op=ops[5],
+              response=_list_of(_WEBHOOK_DELIVERY))
+            r("POST", hook + "/deliveries/{event}/redeliver", self.redeliver_webhook_event,
+              op=ops[6], response=_WEBHOOK_DELIVERY)
+            r("POST", hook + "/ping", self.ping_webhook, op=ops[7], response=_WEBHOOK_DELIVERY)
 
     def _add_access_routes(self) -> None:
         """Tokens, members, teams, stack permissions and the audit log (section 8)."""
@@ -7908,7 +8868,7 @@ class App:
         name = body.get("stackName")
         if isinstance(name, str):
             self._require(req, PERM_WRITE, project, name)
-        out = self.engine.create_stack(org, project, body)
+        out = self.engine.create_stack(org, project, body, user=req.principal.actor)
         self.audit.record("stack_created", req=req, target=f"{org}/{project}/{name}")
         return out
 
@@ -7919,7 +8879,7 @@ class App:
     def delete_stack(self, req: Request) -> None:
         """Delete the stack (with resources only if force=true)."""
         force = (req.q("force") or "false").lower() == "true"
-        self.engine.delete_stack(*self._sp(req), force)
+        self.engine.delete_stack(*self._sp(req), force, user=req.principal.actor)
         self.audit.record("stack_deleted", req=req, target="/".join(self._sp(req)))
 
     def rename_stack(self, req: Request) -> None:
@@ -8312,6 +9272,60 @@ class App:
         body, content_type = self.audit.export(req.q("format") or "csv",
                                                *self._audit_filters(req))
         return Response(200, body, content_type=content_type)
+
+    # -- webhooks (section 8's Webhooks) --------------------------------------
+
+    def _hook_scope(self, req: Request) -> tuple:
+        """``(org, names)``: names (org, project, stack) for a stack webhook, else None."""
+        p = req.params
+        return p["orgName"], ((p["orgName"], p["projectName"], p["stackName"])
+                              if "stackName" in p else None)
+
+    def list_webhooks(self, req: Request) -> list:
+        """The organization's or the stack's webhooks."""
+        return self.webhooks.list_hooks(*self._hook_scope(req))
+
+    def create_webhook(self, req: Request) -> Response:
+        """Create a webhook (the server names it); its secret is never answered back."""
+        org, names = self._hook_scope(req)
+        out = self.webhooks.create(org, names, req.json())
+        # The host only: a URL's path can be a credential (Slack's incoming webhooks).
+        self.audit.record("webhook_created", req=req, target="/".join(names or (org,))
+                          + f"/hooks/{out['name']}", description="to host " + str(
+                              urllib.parse.urlsplit(out["payloadUrl"]).hostname)[:200])
+        return _json_response(out, 201)
+
+    def get_webhook(self, req: Request) -> dict:
+        """One webhook."""
+        return self.webhooks.get(*self._hook_scope(req), req.params["hookName"])
+
+    def update_webhook(self, req: Request) -> dict:
+        """Change a webhook; the secret only when the body names one."""
+        org, names = self._hook_scope(req)
+        out = self.webhooks.edit(org, names, req.params["hookName"], req.json())
+        self.audit.record("webhook_updated", req=req, target="/".join(names or (org,))
+                          + f"/hooks/{out['name']}")
+        return out
+
+    def delete_webhook(self, req: Request) -> None:
+        """Delete a webhook and its deliveries."""
+        org, names = self._hook_scope(req)
+        self.webhooks.remove(org, names, req.params["hookName"])
+        self.audit.record("webhook_deleted", req=req, target="/".join(names or (org,))
+                          + f"/hooks/{req.params['hookName']}")
+
+    def list_webhook_deliveries(self, req: Request) -> list:
+        """A webhook's recent deliveries, newest first."""
+        return self.webhooks.deliveries(*self._hook_scope(req), req.params["hookName"])
+
+    def redeliver_webhook_event(self, req: Request) -> dict:
+        """Send a delivery's payload again, now; answer how the receiver took it."""
+        return self.webhooks.redeliver(*self._hook_scope(req), req.params["hookName"],
+                                       req.params["event"])
+
+    def ping_webhook(self, req: Request) -> dict:
+        """Send a ping, now; answer how the receiver took it."""
+        return self.webhooks.ping(*self._hook_scope(req), req.params["hookName"])
 
 
 def _opt_str(body: dict, key: str) -> Optional[str]:
@@ -8730,6 +9744,7 @@ class Console:
         add("GET", stack + "/updates/{updateID}/events", self._page(self.update_events))
         add("GET", stack + "/export", self._page(self.export_download))
         add("GET", "/tokens", self._page(self.tokens_page))
+        add("GET", "/webhooks", self._page(self.webhooks_page))
         form("POST", "/tokens", self._page(self.create_token))
         form("POST", "/tokens/{tokenId}/revoke", self._page(self.revoke_token))
         # `pulumi login` offers the console's token page at /user/settings/tokens
@@ -8983,6 +9998,8 @@ class Console:
             out.extend(self._stack_row(row, updates.get(row[0]) or {}, now) for row in group)
             out.append("</tbody></table></div>")
         out.append(self._pager(req, page, first + CONSOLE_STACK_PAGE < len(rows)))
+        if req.principal.admin:
+            out.append('<p class="mut"><a href="/webhooks">Organization webhooks</a></p>')
         return self._html(req, "Stacks", "".join(out))
 
     def _stack_row(self, row: tuple, update: dict, now: int) -> str:
@@ -9055,6 +10072,8 @@ class Console:
                        '<p class="mut">No config.</p>')
         else:
             out.append('<p class="mut">No updates yet.</p>')
+        if self.identity.stack_permission(req.principal, project, name) >= PERM_ADMIN:
+            out.append("<h2>Webhooks</h2>" + self._webhooks_html(org, (org, project, name)))
         return self._html(req, f"{project}/{name}", "".join(out))
 
     # -- resources ----------------------------------------------------------
@@ -9313,6 +10332,55 @@ class Console:
     def to_tokens(self, req: Request) -> Response:
         """The CLI's address of the token page: ours is /tokens."""
         return Response(303, b"", "text/plain", headers={"Location": "/tokens"})
+
+    # -- webhooks -------------------------------------------------------------
+
+    def webhooks_page(self, req: Request) -> Response:
+        """The organization's webhooks and their recent deliveries (org admins)."""
+        if not req.principal.admin:
+            raise Forbidden(f"this needs an organization admin; {req.principal.actor} is not "
+                            "one")
+        return self._html(req, "Webhooks", "<h1>Organization webhooks</h1>"
+                          + self._webhooks_html(self.cfg.org, None))
+
+    def _webhooks_html(self, org: str, names: Optional[tuple]) -> str:
+        """Read-only tables of a scope's webhooks and their newest deliveries. A URL
+        shows its host only: its path can be a credential (Slack's)."""
+        hooks = self.app.webhooks.overview(org, names, CONSOLE_WEBHOOK_DELIVERIES)
+        if not hooks:
+            return ('<p class="mut">No webhooks: <code>pulumi '
+                    f'{"stack" if names else "org"} webhook new</code> adds one.</p>')
+        out = []
+        for hook, rows in hooks:
+            parts = urllib.parse.urlsplit(hook["payloadUrl"])
+            events = ", ".join(hook["groups"] + hook["filters"]) or "all"
+            out.append('<div class="card">' + _kv([
+                ("Webhook", f'{_name(hook["displayName"])} <span class="t">'
+                            f'{_h(hook["name"])}</span>'),
+                ("Receiver", f'<code>{_h(parts.scheme)}://{_h(parts.netloc)}/…</code>'),
+                ("Format", _h(hook["format"])), ("Events", _h(events)),
+                ("Active", "yes" if hook["active"] else '<span class="mut">no</span>'),
+                ("Secret", "yes" if hook["hasSecret"] else '<span class="mut">none</span>')])
+                + "</div>")
+            if not rows:
+                out.append('<p class="mut">No deliveries yet.</p>')
+                continue
+            out.append('<div class="scroll"><table><thead><tr><th>When</th><th>Event</th>'
+                       '<th>Status</th><th class="n">Code</th><th class="n">Attempts</th>'
+                       '<th class="n">Duration</th><th class="w">Error</th></tr></thead><tbody>')
+            for d in rows:
+                status = {"succeeded": "succeeded", "failed": "failed"}.get(d["status"])
+                badge = _result_badge(status) if status else \
+                    f'<span class="badge run">{_h(d["status"])}</span>'
+                out.append(
+                    f'<tr><td>{_when(d["sent"] or d["created"] // 1000)}</td>'
+                    f'<td>{_h(d["event"])}</td><td>{badge}</td>'
+                    f'<td class="n">{_h(d["response_code"] or "")}</td>'
+                    f'<td class="n">{_h(d["attempts"])}</td>'
+                    f'<td class="n">{_h(d["duration"])} ms</td>'
+                    f'<td class="w">{_h(d["error"][:200])}</td></tr>')
+            out.append("</tbody></table></div>")
+        return "".join(out)
 
     def tokens_page(self, req: Request, new: Optional[tuple] = None) -> Response:
         """The signed-in user's personal tokens: create and revoke."""
@@ -10716,7 +11784,9 @@ def serve(cfg: Config, environ: dict) -> int:
                     MIN_TOKEN_LENGTH)
     log.info("secrets: AES-256-GCM via %s", app.engine.keys.crypto.name)
     backups = BackupScheduler(cfg, app.engine.metrics) if cfg.backup_dir else None
+    app.webhooks.base_url = app.webhooks.base_url or server.url.rstrip("/")
     try:
+        app.webhooks.start()
         if backups is not None:
             backups.start()
         gc.freeze()  # start-up objects live as long as the server: no collection walks them
@@ -10725,6 +11795,7 @@ def serve(cfg: Config, environ: dict) -> int:
     finally:
         if backups is not None:
             backups.stop()
+        app.webhooks.stop(cfg.shutdown_timeout)  # what is cut short is sent after a restart
         server.server_close()  # waits (bounded) for in-flight requests
         app.engine.updates.drain(cfg.shutdown_timeout)  # final states stored after `complete`
         store.close()

@@ -39,11 +39,13 @@ import datetime
 import gc
 import gzip
 import hashlib
+import hmac
 import html
 import http.client
 import http.server
 import inspect
 import io
+import ipaddress
 import json
 import math
 import os
@@ -590,6 +592,22 @@ def test_config_refuses_public_host_without_tokens(host):
 ])
 def test_config_allows_loopback_or_tokens(argv):
     assert pb.parse_config(argv, {})[1].host == argv[1]
+
+
+def test_webhook_flags_and_variables():
+    _, cfg, _ = pb.parse_config(["--webhook-allow", "127.0.0.1", "--webhook-allow",
+                                 "10.0.0.0/8, ::1", "--webhook-retry-delays", "1s,2m"], {})
+    assert cfg.webhook_allow == ("127.0.0.1/32", "10.0.0.0/8", "::1/128")
+    assert cfg.webhook_retry_delays == (1.0, 120.0)
+    _, cfg, _ = pb.parse_config([], {"PULUMI_BACKEND_WEBHOOK_ALLOW": "192.168.0.0/16",
+                                     "PULUMI_BACKEND_WEBHOOK_RETRY_DELAYS": "5"})
+    assert cfg.webhook_allow == ("192.168.0.0/16",) and cfg.webhook_retry_delays == (5.0,)
+    assert pb.parse_config([], {})[1].webhook_retry_delays == (10.0, 60.0, 300.0)
+    for argv, message in ((["--webhook-allow", "nope"], "networks such as"),
+                          (["--webhook-retry-delays", "1x"], "a duration"),
+                          (["--webhook-retry-delays", "2d"], "at most 1 day")):
+        with pytest.raises(ValueError, match=message):
+            pb.parse_config(argv, {})
 
 
 # ==== 3. Errors ================================================================
@@ -2708,6 +2726,361 @@ def test_oidc_jwks_host_resolving_to_link_local_is_refused(url_srv, tmp_path, jw
     assert oidc_login(srv, jwt_keys["RSA"].jwt(claims()), "team:ci")[0] == 401
     assert "connection to 169.254.169.254 was attempted" in oidc_events(srv)[0]["description"]
 
+# ==== 8. Identity and access: webhooks ========================================
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1:0 recording ``(headers, body)`` of each POST;
+    it answers ``status`` after ``delay`` seconds."""
+
+    def __init__(self, status=200, delay=0.0):
+        self.status, self.delay, self.got = status, delay, []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.got.append((dict(self.headers), body))
+                time.sleep(receiver.delay)
+                try:
+                    self.send_response(receiver.status)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"ok")
+                except OSError:  # the sender gave up waiting (a hanging receiver)
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def hook_srv(start):
+    """A server whose webhooks may reach 127.0.0.1 and retry at once (twice)."""
+    return start(auth_tokens=("t",), webhook_allow=("127.0.0.1/32",),
+                 webhook_retry_delays=(0.0, 0.0))
+
+
+def new_hook(srv, url, path=f"/api/orgs/{ORG}", **body):
+    status, _, out = srv.request("POST", path + "/hooks", {
+        "organizationName": ORG, "displayName": "h", "payloadUrl": url, "active": True,
+        **body})
+    assert status == 201, out
+    return out
+
+
+def test_webhook_signature_is_the_hex_hmac_sha256_of_the_body():
+    body = b'{"kind":"update"}'
+    assert pb._webhook_signature(b"key", body) == hmac.new(
+        b"key", body, hashlib.sha256).hexdigest()
+    assert re.fullmatch(r"[0-9a-f]{64}", pb._webhook_signature(b"", b""))
+
+
+def test_webhook_payload_formats():
+    event = {"kind": "update", "org": ORG, "project": "p", "stack": "s", "stack_id": "x",
+             "user": "alice", "update_kind": "update", "dry_run": False, "result": "failed",
+             "update_id": "u1", "version": 3, "resource_changes": {"create": 2, "same": 1}}
+    msg = pb._webhook_message(event, "https://pb.example")
+    assert (msg["kind"], msg["event"]) == ("stack_update", "update_failed")
+    raw = json.loads(pb._webhook_body("raw", msg))
+    assert raw == {"user": {"name": "alice", "githubLogin": "alice", "avatarUrl": ""},
+                   "organization": {"name": ORG, "githubLogin": ORG, "avatarUrl": ""},
+                   "projectName": "p", "stackName": "s", "kind": "update", "result": "failed",
+                   "resourceChanges": {"create": 2, "same": 1},
+                   "updateUrl": "https://pb.example/stacks/p/s/updates/u1"}
+    slack = json.loads(pb._webhook_body("slack", msg))
+    assert slack["text"].startswith(f"alice's update of {ORG}/p/s failed (2 create)")
+    assert "<https://pb.example/stacks/p/s/updates/u1|details>" in slack["text"]
+    assert slack["attachments"][0]["color"] == "danger"
+    teams = json.loads(pb._webhook_body("ms_teams", msg))
+    assert teams["@type"] == "MessageCard" and teams["themeColor"] == "E01E5A"
+    assert {"name": "Version", "value": "3"} in teams["sections"][0]["facts"]
+    preview = pb._webhook_message({**event, "dry_run": True, "update_kind": "preview",
+                                   "result": "succeeded"}, "")
+    assert (preview["kind"], preview["event"]) == ("stack_preview", "preview_succeeded")
+    assert json.loads(pb._webhook_body("raw", preview))["updateUrl"] == ""
+    created = pb._webhook_message({"kind": "stack", "action": "created", "org": ORG,
+                                   "project": "p", "stack": "s", "stack_id": "x",
+                                   "user": "bob"}, "")
+    assert (created["kind"], created["event"]) == ("stack", "stack_created")
+    assert json.loads(pb._webhook_body("raw", created))["action"] == "created"
+
+
+def test_webhook_address_policy():
+    allowed = (ipaddress.ip_network("127.0.0.1/32"),)
+    refused = pb._webhook_address_refused
+    for text in ("127.0.0.1", "::1", "::ffff:127.0.0.2", "169.254.169.254", "fe80::1",
+                 "fd00:ec2::254", "0.0.0.0", "224.0.0.1"):
+        assert refused(ipaddress.ip_address(text), ()), text
+    for text in ("10.1.2.3", "192.168.1.1", "93.184.216.34", "2001:db8::1"):
+        assert not refused(ipaddress.ip_address(text), ()), text
+    assert not refused(ipaddress.ip_address("127.0.0.1"), allowed)
+    assert not refused(ipaddress.ip_address("::ffff:127.0.0.1"), allowed)
+    assert refused(ipaddress.ip_address("127.0.0.2"), allowed)
+    for url in ("http://127.0.0.1:9/x", "http://localhost/x", "http://[::1]/",
+                "https://169.254.169.254/latest", "http://2130706433/"):
+        with pytest.raises(pb.BadRequest, match="webhook-allow"):
+            pb._check_webhook_url(url, ())
+    for url, why in (("ftp://example.com/", "http:// or https://"), ("https://u:p@x.org/",
+                     "user name or password"), ("", "payloadUrl"), (42, "payloadUrl"),
+                     ("http://example.com:99999/", "not a valid URL")):
+        with pytest.raises(pb.BadRequest, match=why):
+            pb._check_webhook_url(url, ())
+    assert pb._check_webhook_url("http://127.0.0.1:9/x", allowed) == "http://127.0.0.1:9/x"
+    assert pb._check_webhook_url("https://hooks.example.com/a?b=c", ()) \
+        == "https://hooks.example.com/a?b=c"
+
+
+def test_webhook_delivery_checks_the_resolved_address(monkeypatch, hook_srv, receiver):
+    """A name is checked as it resolves, at each delivery: 127.0.0.1 is refused
+    unless --webhook-allow names it."""
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **kw: real(
+        "127.0.0.1" if host == "receiver.test" else host, *a, **kw))
+    url = receiver.url.replace("127.0.0.1", "receiver.test")
+    out = pb._webhook_post(url, b"{}", {}, (), 5)
+    assert out["code"] == 0 and "resolves to 127.0.0.1, a loopback address" in out["error"]
+    assert receiver.got == []
+    out = pb._webhook_post(url, b"{}", {}, (ipaddress.ip_network("127.0.0.0/8"),), 5)
+    assert out["code"] == 200 and out["body"] == "ok" and len(receiver.got) == 1
+
+
+def test_webhook_events_this_server_cannot_produce_are_refused(hook_srv, receiver):
+    path = hook_srv.create_stack()
+    for scope in (f"/api/orgs/{ORG}", path):
+        for body, message in (
+                ({"filters": ["drift_detected"]}, "cannot produce 'drift_detected' events"),
+                ({"filters": ["import_failed"]}, "reaches it as an update"),
+                ({"groups": ["deployments"]}, "cannot produce the events of group"),
+                ({"groups": ["nope"]}, "invalid group 'nope'"),
+                ({"filters": ["nope"]}, "invalid event 'nope'"),
+                ({"format": "pulumi_deployments"}, "does not run"),
+                ({"format": "xml"}, "format must be one of"),
+                ({"organizationName": "other"}, "does not match")):
+            status, _, out = hook_srv.request("POST", scope + "/hooks", {
+                "displayName": "h", "payloadUrl": receiver.url, "active": True, **body})
+            assert status == 400 and message in out["message"], (scope, body, out)
+    status, _, out = hook_srv.request("POST", path + "/hooks", {
+        "displayName": "h", "payloadUrl": receiver.url, "filters": ["stack_created"]})
+    assert status == 400 and "invalid event 'stack_created'" in out["message"]
+    hook = new_hook(hook_srv, receiver.url, path, groups=["stacks"],
+                    filters=["update_failed"], format="ms_teams")
+    assert (hook["groups"], hook["filters"], hook["format"]) == (
+        ["stacks"], ["update_failed"], "ms_teams")
+
+
+def test_webhook_api_keeps_the_secret_and_scopes_names(hook_srv, receiver):
+    path = hook_srv.create_stack()
+    org_hook = new_hook(hook_srv, receiver.url, secret="s3cret")
+    assert re.fullmatch(r"[0-9a-f]{8}", org_hook["name"])
+    assert org_hook["hasSecret"] and "secret" not in org_hook
+    assert "s3cret" not in json.dumps(org_hook)
+    dump = "\n".join(sqlite3.connect(hook_srv.cfg.db).iterdump())
+    assert "s3cret" not in dump  # sealed by the master key
+    stack_hook = new_hook(hook_srv, receiver.url, path)
+    assert not stack_hook["hasSecret"] and stack_hook["projectName"] == "proj"
+    org, stack = f"/api/orgs/{ORG}/hooks", f"{path}/hooks"
+    assert [h["name"] for h in hook_srv.request("GET", org)[2]] == [org_hook["name"]]
+    assert [h["name"] for h in hook_srv.request("GET", stack)[2]] == [stack_hook["name"]]
+    # one scope's webhook is not found through the other's path
+    assert hook_srv.request("GET", f"{org}/{stack_hook['name']}")[0] == 404
+    assert hook_srv.request("GET", f"{stack}/{org_hook['name']}")[0] == 404
+    # the CLI edits by sending the webhook back: no secret keeps it, the sentinel drops it
+    status, _, out = hook_srv.request("PATCH", f"{org}/{org_hook['name']}",
+                                      {**org_hook, "active": False, "displayName": "n"})
+    assert status == 200 and out["hasSecret"] and not out["active"]
+    assert out["displayName"] == "n" and out["secretCiphertext"] == org_hook["secretCiphertext"]
+    status, _, out = hook_srv.request("PATCH", f"{org}/{org_hook['name']}",
+                                      {**out, "secret": "__remove-secret"})
+    assert status == 200 and not out["hasSecret"] and out["secretCiphertext"] == ""
+    assert hook_srv.request("DELETE", f"{org}/{org_hook['name']}")[0] == 200
+    assert hook_srv.request("GET", f"{org}/{org_hook['name']}")[0] == 404
+    # a stack's webhooks go with it
+    assert hook_srv.request("DELETE", path)[0] == 200
+    with hook_srv.store.read() as db:
+        assert hook_srv.store.get_webhook(db, stack_hook["name"]) is None
+
+
+def test_webhooks_need_org_admin_or_stack_admin(team_srv):
+    dev, root = team_srv.tok["dev"], team_srv.tok["root"]
+    body = {"displayName": "h", "payloadUrl": "https://hooks.example.com/x"}
+    assert team_srv.request("POST", f"/api/orgs/{ORG}/hooks", body, token=dev)[0] == 403
+    assert team_srv.request("GET", f"/api/orgs/{ORG}/hooks", token=dev)[0] == 403
+    path = sp("app", "dev")  # dev may write here, not administer
+    assert team_srv.request("POST", path + "/hooks", body, token=dev)[0] == 403
+    assert team_srv.request("POST", path + "/hooks", body, token=root)[0] == 201
+
+
+def test_update_events_are_queued_in_the_update_transaction(hook_srv, receiver):
+    """complete only adds rows: nothing is sent until the worker runs."""
+    path = hook_srv.create_stack()
+    new_hook(hook_srv, receiver.url, path, secret="k")
+    org_hook = new_hook(hook_srv, receiver.url, filters=["update_succeeded"])
+    update = hook_srv.begin(path)
+    assert update.complete("succeeded")[0] == 200
+    preview = hook_srv.begin(path, kind="preview")
+    assert preview.complete("failed")[0] == 200
+    assert receiver.got == []
+    assert hook_srv.app.webhooks.run_due(inline=True) == 3
+    kinds = sorted((h["Pulumi-Webhook-Kind"], json.loads(b)["kind"], json.loads(b)["result"])
+                   for h, b in receiver.got)
+    assert kinds == [("stack_preview", "preview", "failed"),
+                     ("stack_update", "update", "succeeded"),
+                     ("stack_update", "update", "succeeded")]
+    signed = [(h, b) for h, b in receiver.got if "Pulumi-Webhook-Signature" in h]
+    assert len(signed) == 2  # the stack's webhook has a secret, the org's none
+    for h, b in signed:
+        assert h["Pulumi-Webhook-Signature"] == hmac.new(b"k", b, hashlib.sha256).hexdigest()
+    ids = {h["Pulumi-Webhook-ID"] for h, _ in receiver.got}
+    out = hook_srv.request("GET", f"/api/orgs/{ORG}/hooks/{org_hook['name']}/deliveries")[2]
+    assert [(d["kind"], d["responseCode"], d["responseBody"]) for d in out] == [
+        ("update_succeeded", 200, "ok")]
+    assert out[0]["id"] in ids
+
+
+@both_stores
+def test_webhook_delivery_retries_then_fails(hook_srv):
+    down = Receiver(status=500)
+    try:
+        hook = new_hook(hook_srv, down.url)
+        hook_srv.create_stack()
+        hooks = hook_srv.app.webhooks
+        deliveries = f"/api/orgs/{ORG}/hooks/{hook['name']}/deliveries"
+        states = []
+        for _ in range(4):
+            hooks.run_due(inline=True)
+            with hook_srv.store.read() as db:
+                row = hook_srv.store.list_deliveries(db, hook["name"], 10)[0]
+            states.append((row["status"], row["attempts"]))
+        # delays (0, 0): three attempts in all, then failed and never sent again
+        assert states == [("pending", 1), ("pending", 2), ("failed", 3), ("failed", 3)]
+        assert len(down.got) == 3
+        assert len({h["Pulumi-Webhook-ID"] for h, _ in down.got}) == 1
+        out = hook_srv.request("GET", deliveries)[2]
+        assert out[0]["responseCode"] == 500
+        assert out[0]["responseBody"].startswith("[failed after 3 attempt(s)]")
+        # redeliver: a new delivery, sent once, now
+        down.status = 204
+        status, _, again = hook_srv.request(
+            "POST", f"/api/orgs/{ORG}/hooks/{hook['name']}/deliveries/{out[0]['id']}/redeliver")
+        assert status == 200 and again["responseCode"] == 204 and again["id"] != out[0]["id"]
+        assert again["payload"] == out[0]["payload"] and again["kind"] == "stack_created"
+        assert hook_srv.request("POST", f"/api/orgs/{ORG}/hooks/{hook['name']}/deliveries/"
+                                "nope/redeliver")[0] == 404
+        m = scrape(hook_srv)
+        assert [sample(m, "pulumi_backend_webhook_deliveries_total", result=r)
+                for r in ("retried", "failed", "succeeded")] == [2, 1, 1]
+    finally:
+        down.close()
+
+
+def test_webhook_backoff_follows_the_delays(hook_srv, monkeypatch):
+    hooks = hook_srv.app.webhooks
+    hooks.delays = (10.0, 60.0, 300.0)
+    now = [1_000_000]
+    monkeypatch.setattr(pb, "_now_ms", lambda: now[0])
+    hook = new_hook(hook_srv, "http://127.0.0.1:9/closed")
+    hook_srv.create_stack()
+    seen = []
+    for step in range(5):
+        assert hooks.run_due(inline=True) == (1 if step < 4 else 0)
+        with hook_srv.store.read() as db:
+            row = hook_srv.store.list_deliveries(db, hook["name"], 1)[0]
+        seen.append((row["status"], row["next_attempt"] - now[0]))
+        now[0] = max(now[0], row["next_attempt"])
+    assert seen == [("pending", 10_000), ("pending", 60_000), ("pending", 300_000),
+                    ("failed", -now[0]), ("failed", -now[0])]
+
+
+def test_webhook_deliveries_survive_a_restart(start, cfg, receiver):
+    """A delivery due (or claimed) when the server stops is sent after it starts again."""
+    kw = dict(auth_tokens=("t",), webhook_allow=("127.0.0.1/32",), webhook_retry_delays=(0.0,))
+    srv = start(**kw)
+    hook = new_hook(srv, receiver.url)
+    srv.create_stack(stack="one")
+    srv.create_stack(stack="two")
+    with srv.store.write() as db:  # "two" was claimed by a server that then died
+        row = srv.store.list_deliveries(db, hook["name"], 10)[0]
+        srv.store.update_delivery(db, row["id"], next_attempt=pb._now_ms() - 1)
+    srv.stop()
+    srv2 = start(**kw)
+    srv2.app.webhooks.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(receiver.got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        srv2.app.webhooks.stop(5)
+    assert sorted(json.loads(b)["stackName"] for _, b in receiver.got) == ["one", "two"]
+    out = srv2.request("GET", f"/api/orgs/{ORG}/hooks/{hook['name']}/deliveries")[2]
+    assert [d["responseCode"] for d in out] == [200, 200]
+
+
+def test_a_hanging_receiver_holds_only_its_delivery(hook_srv):
+    slow = Receiver(delay=3)
+    fast = Receiver()
+    try:
+        hook_srv.app.webhooks.timeout = 1.0
+        new_hook(hook_srv, slow.url)
+        path = hook_srv.create_stack()
+        t0 = time.monotonic()
+        update = hook_srv.begin(path)
+        assert update.complete("succeeded")[0] == 200
+        assert time.monotonic() - t0 < 2  # nothing is sent on the request's path
+        hook_srv.app.webhooks.run_due(inline=True)
+        with hook_srv.store.read() as db:
+            rows = hook_srv.store.due_deliveries(db, pb._now_ms() + 10 ** 9, 10)
+        assert rows and all("timed out" in r["error"] for r in rows if r["attempts"])
+        new_hook(hook_srv, fast.url, path)
+        hooks = hook_srv.app.webhooks
+        hooks.start()
+        try:
+            assert hook_srv.begin(path).complete("failed")[0] == 200
+            deadline = time.monotonic() + 5
+            while not fast.got and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert fast.got  # while the slow receiver still holds its own delivery
+        finally:
+            hooks.stop(5)
+    finally:
+        slow.close()
+        fast.close()
+
+
+def test_webhook_secret_survives_master_key_rotation(start, cfg, receiver):
+    srv = start(auth_tokens=("t",), webhook_allow=("127.0.0.1/32",))
+    hook = new_hook(srv, receiver.url, secret="k2")
+    srv.stop()
+    new_key = secrets.token_bytes(32)
+    store = pb.SQLiteStore(cfg.db)
+    try:
+        pb.KeyManager(pb.Crypto("auto"), Path(cfg.key_file()).read_bytes()).rotate(store, new_key)
+    finally:
+        store.close()
+    srv2 = start(master_key=new_key, auth_tokens=("t",), webhook_allow=("127.0.0.1/32",))
+    status, _, out = srv2.request("POST", f"/api/orgs/{ORG}/hooks/{hook['name']}/ping")
+    assert status == 200 and out["responseCode"] == 200 and out["kind"] == "ping"
+    headers, body = receiver.got[0]
+    assert headers["Pulumi-Webhook-Kind"] == "ping"
+    assert headers["Pulumi-Webhook-Signature"] == hmac.new(b"k2", body,
+                                                           hashlib.sha256).hexdigest()
+
+
 # ==== 9. HTTP layer: request, response and router =============================
 
 def test_router_literal_segments_win_and_head_falls_back():
@@ -2818,6 +3191,24 @@ _ROUTE_NEED_TABLE = {
     ("DELETE", "/api/orgs/{orgName}/roles/{roleID}"): "org-admin",
     ("POST", "/api/orgs/{orgName}/teams/{teamName}/roles/{roleID}"): "org-admin",
     ("GET", "/api/orgs/{orgName}/resources/summary"): "org-admin",
+    ("GET", "/webhooks"): "signed-in",  # the org's webhooks: the page checks for an admin
+    # Webhooks (section 8's Webhooks): org admins for the org's, stack admins for a stack's.
+    ("GET", "/api/orgs/{orgName}/hooks"): "org-admin",
+    ("POST", "/api/orgs/{orgName}/hooks"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/hooks/{hookName}"): "org-admin",
+    ("PATCH", "/api/orgs/{orgName}/hooks/{hookName}"): "org-admin",
+    ("DELETE", "/api/orgs/{orgName}/hooks/{hookName}"): "org-admin",
+    ("GET", "/api/orgs/{orgName}/hooks/{hookName}/deliveries"): "org-admin",
+    ("POST", "/api/orgs/{orgName}/hooks/{hookName}/deliveries/{event}/redeliver"): "org-admin",
+    ("POST", "/api/orgs/{orgName}/hooks/{hookName}/ping"): "org-admin",
+    ("GET", _SP + "/hooks"): "admin",
+    ("POST", _SP + "/hooks"): "admin",
+    ("GET", _SP + "/hooks/{hookName}"): "admin",
+    ("PATCH", _SP + "/hooks/{hookName}"): "admin",
+    ("DELETE", _SP + "/hooks/{hookName}"): "admin",
+    ("GET", _SP + "/hooks/{hookName}/deliveries"): "admin",
+    ("POST", _SP + "/hooks/{hookName}/deliveries/{event}/redeliver"): "admin",
+    ("POST", _SP + "/hooks/{hookName}/ping"): "admin",
 }
 #: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
 _UPDATE_ROUTE_NEEDS = {
@@ -2839,7 +3230,11 @@ _SHARED_HANDLERS = {"openapi", "export", "log_decryption", "to_tokens", "create_
                     "start_update", "update_status", "list_events", "cancel_update",
                     "renew_lease", "checkpoint", "checkpoint_verbatim", "checkpoint_delta",
                     "journal_entries", "events_batch", "complete", "list_audit_logs",
-                    "refuse_custom_roles"}
+                    "refuse_custom_roles",
+                    # webhooks: one handler for the org's and the stack's routes
+                    "list_webhooks", "create_webhook", "get_webhook", "update_webhook",
+                    "delete_webhook", "list_webhook_deliveries", "redeliver_webhook_event",
+                    "ping_webhook"}
 
 
 def test_every_route_declares_the_need_of_this_table(srv):
@@ -3225,7 +3620,7 @@ def test_responses_match_declared_shapes(srv):
         seen.add((method, any_kind(template)))
         ok_doc = doc["paths"][template][method.lower()]["responses"]["200"]
         schema = ok_doc.get("content", {}).get("application/json", {}).get("schema")
-        if ok != 200:  # an error's {code, message}: not the 200 answer's shape
+        if ok >= 400:  # an error's {code, message}: not the 200 answer's shape
             assert set(out) == {"code", "message"}, out
         elif method == "HEAD":
             assert schema is None
@@ -3294,10 +3689,35 @@ def test_responses_match_declared_shapes(srv):
     call("POST", path + "/rename", {"newName": "prod"})
     call("DELETE", sp(stack="prod") + "?force=true")
     call_access_routes(srv, call)
+    call_webhook_routes(srv, call)
 
     assert not errors, "answers that stray from the declared responses:\n" + "\n".join(errors)
     documented = {(m, any_kind(t)) for m, t in operations(doc) if t.startswith("/api/")}
     assert documented - seen == set(), "documented /api/ routes this test never calls"
+
+
+def call_webhook_routes(srv, call):
+    """Every webhook route (section 8's Webhooks), an org's and a stack's, as an org admin."""
+    receiver = Receiver()
+    try:
+        srv.app.webhooks.allowed = (ipaddress.ip_network("127.0.0.1/32"),)
+        _, value = srv.app.identity.create_token(pb._LOCAL_ADMIN, "personal", "root")
+        auth = {"token": f"token {value}"}
+        call("POST", f"/api/stacks/{ORG}/proj", {"stackName": "hooked"}, **auth)
+        for base in (f"/api/orgs/{ORG}/hooks", sp(stack="hooked") + "/hooks"):
+            hook = call("POST", base, {"displayName": "h", "payloadUrl": receiver.url,
+                                       "active": True, "secret": "s",
+                                       "filters": ["update_failed"]}, ok=201, **auth)["name"]
+            call("GET", base, **auth)
+            call("GET", f"{base}/{hook}", **auth)
+            call("PATCH", f"{base}/{hook}", {"displayName": "h2", "payloadUrl": receiver.url,
+                                             "active": True, "groups": ["stacks"]}, **auth)
+            ping = call("POST", f"{base}/{hook}/ping", **auth)
+            call("GET", f"{base}/{hook}/deliveries", **auth)
+            call("POST", f"{base}/{hook}/deliveries/{ping['id']}/redeliver", **auth)
+            call("DELETE", f"{base}/{hook}", **auth)
+    finally:
+        receiver.close()
 
 
 def call_access_routes(srv, call):
@@ -5979,6 +6399,43 @@ def test_console_tokens_page_explains_non_user_tokens(srv, browser):
     status, _, page = browser.get("/tokens")
     assert status == 200 and "Personal tokens belong to users" in page
     assert browser.post("/tokens", {"description": "x"})[0] == 403
+
+
+def test_console_shows_webhooks_and_their_deliveries(hook_srv, receiver):
+    path = console_stack(hook_srv)
+    secret_path = receiver.url.replace("/hook", "/services/T0/B0/SECRETPATH")
+    stack_hook = new_hook(hook_srv, secret_path, path, displayName="<b>ops</b>", secret="k")
+    org_hook = new_hook(hook_srv, receiver.url, filters=["stack_deleted"])
+    assert hook_srv.begin(path).complete("succeeded")[0] == 200
+    hook_srv.app.webhooks.run_due(inline=True)
+    browser = Browser(hook_srv)
+    browser.sign_in("token t")
+    status, _, page = browser.get("/stacks/proj/dev")
+    assert status == 200 and "<h2>Webhooks</h2>" in page
+    assert "&lt;b&gt;ops&lt;/b&gt;" in page and "<b>ops" not in page
+    assert stack_hook["name"] in page and "update_succeeded" in page
+    assert '<span class="badge ok">succeeded</span>' in page
+    assert "SECRETPATH" not in page
+    assert f"http://127.0.0.1:{receiver.server.server_address[1]}/…" in page
+    assert org_hook["name"] not in page
+    status, _, page = browser.get("/")
+    assert '<a href="/webhooks">' in page
+    status, _, page = browser.get("/webhooks")
+    assert status == 200 and org_hook["name"] in page and "stack_deleted" in page
+    assert "No deliveries yet." in page and stack_hook["name"] not in page
+
+
+def test_console_webhooks_only_for_admins(team_srv):
+    browser = Browser(team_srv)
+    browser.sign_in(team_srv.tok["dev"])
+    status, _, page = browser.get("/stacks/app/dev")
+    assert status == 200 and "<h2>Webhooks</h2>" not in page
+    assert browser.get("/webhooks")[0] == 403
+    assert '<a href="/webhooks">' not in browser.get("/")[2]
+    browser = Browser(team_srv)
+    browser.sign_in(team_srv.tok["root"])
+    assert "No webhooks: <code>pulumi stack webhook new</code>" in browser.get(
+        "/stacks/app/dev")[2]
 
 
 def test_console_session_ends_with_its_token_or_its_time(srv, clock):
