@@ -125,7 +125,7 @@ __all__ = [
     "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "Unimplemented",
     "Unavailable",
     "Store", "SQLiteStore", "PostgresStore", "open_store", "is_postgres_url",
-    "Engine", "UpdateLifecycle", "apply_delta", "replay_journal",
+    "Engine", "UpdateLifecycle", "SearchIndex", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
     "Principal", "Identity", "AuditLog",
     "Request", "Response", "Route", "Router", "App", "Console",

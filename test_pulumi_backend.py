@@ -2583,6 +2583,10 @@ _ROUTE_NEED_TABLE = {
     ("POST", "/tokens/{tokenId}/revoke"): "signed-in",
     ("GET", "/user/settings/tokens"): "signed-in",
     ("GET", "/account/tokens"): "signed-in",
+    # Resource search (issue 25): answers only with stacks the caller may read.
+    ("GET", "/api/orgs/{orgName}/search/resources"): "signed-in",
+    ("GET", "/api/orgs/{orgName}/search/resourcesv2"): "signed-in",
+    ("GET", "/api/orgs/{orgName}/search/resources/parse"): "signed-in",
 }
 #: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
 _UPDATE_ROUTE_NEEDS = {
@@ -3052,6 +3056,10 @@ def test_responses_match_declared_shapes(srv):
     call("GET", path + "/updates?pageSize=2&page=1")
     call("GET", path + "/updates/latest")
     call("GET", "/api/user/stacks")
+    search = f"/api/orgs/{ORG}/search/resources"
+    call("GET", search + "?query=" + urllib.parse.quote("type:RandomPet -name:zz"))
+    call("GET", search + "v2?size=1&sort=name&asc=true")
+    call("GET", search + "/parse?query=name:a")
     call("POST", path + "/rename", {"newName": "prod"})
     call("DELETE", sp(stack="prod") + "?force=true")
     call_access_routes(srv, call)
@@ -3120,6 +3128,10 @@ _AUDIT_EXTRAS = ("issue 13 asks every audit event for the user agent, the target
                  "outcome; Pulumi Cloud's AuditLogEvent has no such fields, so they are extras "
                  "(its own fields are all there)")
 
+_SEARCH_URNS = ("the CLI's apitype.ResourceResult, which `pulumi org search` decodes, names "
+                "them parent.urn and provider.urn (as Pulumi Cloud's query fields are); the "
+                "spec's parent_urn and provider_urn are the v2 answer's names, which we use there")
+
 #: Every way our document may differ from Pulumi Cloud's, with the reason.
 #: Keys: (method, path template, kind, name); kind is "route" (not upstream),
 #: "operationId", "query" (parameter), "request" or "response" (property,
@@ -3153,6 +3165,10 @@ ALLOWED_DIFFERENCES = {
         _AUDIT_EXTRAS,
     ("GET", "/api/orgs/{orgName}/auditlogs", "response", "auditLogEvents.[].outcome"):
         _AUDIT_EXTRAS,
+    ("GET", "/api/orgs/{orgName}/search/resources", "response", "resources.[].parent.urn"):
+        _SEARCH_URNS,
+    ("GET", "/api/orgs/{orgName}/search/resources", "response", "resources.[].provider.urn"):
+        _SEARCH_URNS,
 }
 
 
