@@ -295,6 +295,8 @@ CONSOLE_SESSION_SECONDS = 12 * 3600
 MAX_CONSOLE_FORM = 16 * 1024
 #: Stacks per page of the console's stack list.
 CONSOLE_STACK_PAGE = 100
+#: Resources per page of the console's resource search.
+CONSOLE_SEARCH_PAGE = 50
 #: Updates per page of a stack's Activity tab.
 CONSOLE_HISTORY_PAGE = 25
 #: Engine events read for one update page (a 600-resource update has ~2,000).
@@ -7901,6 +7903,16 @@ class App:
         _SearchQuery(query)
         return {"query": query}
 
+    def resource_search(self, p: Principal, query: str, sort: Iterable = (), asc: bool = False,
+                        offset: int = 0, size: int = SEARCH_PAGE_SIZE) -> tuple:
+        """Return ``(total, index rows)`` of one page of ``query`` over the stacks ``p``
+        may read (the API's and the console's search)."""
+        stack_ids = None
+        if not p.admin:
+            visible = self.identity.visible(p)
+            stack_ids = [s[0] for s in self.engine.console_stacks() if visible(s[1], s[2])]
+        return self.engine.search.search(query, stack_ids, list(sort), asc, offset, size)
+
     def _search(self, req: Request, v2: bool) -> dict:
         if (req.q("properties") or "").lower() == "true":
             raise BadRequest("this server does not index resource properties; search "
@@ -7918,11 +7930,7 @@ class App:
             if offset + size > SEARCH_MAX_WINDOW:
                 raise BadRequest(f"page and size reach past the first {SEARCH_MAX_WINDOW} "
                                  "results; follow pagination.next (a cursor) instead")
-        stack_ids = None
-        if not req.principal.admin:
-            visible = self.identity.visible(req.principal)
-            stack_ids = [s[0] for s in self.engine.console_stacks() if visible(s[1], s[2])]
-        total, rows = self.engine.search.search(query, stack_ids, sort, asc, offset, size)
+        total, rows = self.resource_search(req.principal, query, sort, asc, offset, size)
         parent, provider = ("parent_urn", "provider_urn") if v2 else ("parent.urn",
                                                                       "provider.urn")
         out: dict = {"total": total,
@@ -8408,6 +8416,7 @@ class Console:
         add("GET", stack + "/updates/{updateID}/events", self._page(self.update_events))
         add("GET", stack + "/export", self._page(self.export_download))
         add("GET", "/tokens", self._page(self.tokens_page))
+        add("GET", "/search", self._page(self.search_page))
         form("POST", "/tokens", self._page(self.create_token))
         form("POST", "/tokens/{tokenId}/revoke", self._page(self.revoke_token))
         # `pulumi login` offers the console's token page at /user/settings/tokens
@@ -8440,7 +8449,8 @@ class Console:
         p = req.principal if req.session else None
         nav = ""
         if p is not None:
-            nav = ('<nav><a href="/">Stacks</a><a href="/tokens">Tokens</a></nav>'
+            nav = ('<nav><a href="/">Stacks</a><a href="/search">Resources</a>'
+                   '<a href="/tokens">Tokens</a></nav>'
                    f'<span class="who">{_name(p.actor)}</span>'
                    '<form method="post" action="/logout">'
                    f'<input type="hidden" name="csrf" value="{_h(self._csrf(req))}">'
@@ -8764,6 +8774,48 @@ class Console:
             out.append(f'<p class="mut">{len(resources)} resources</p>')
             out.append(self._tree(resources, link))
         return self._html(req, f"{project}/{name} resources", "".join(out))
+
+    def search_page(self, req: Request) -> Response:
+        """Resources of every stack the caller may read that match a Pulumi query, paged."""
+        text = (req.q("q") or "").strip()[:MAX_SEARCH_QUERY]
+        try:
+            page = max(1, min(int(req.q("page") or 1), 10**6))
+        except ValueError:
+            raise BadRequest("page must be a number") from None
+        out = ['<h1>Resources</h1><form class="search" method="get" action="/search">'
+               f'<input type="search" name="q" value="{_h(text)}" '
+               'placeholder="type:bucket protected:true -stack:dev" '
+               'aria-label="Search resources (Pulumi query syntax)">'
+               '<button type="submit">Search</button></form>'
+               '<p class="mut">Words match names, types, URNs, stacks and projects; '
+               '<code>field:value</code> (name, type, stack, project, package, module, urn, '
+               'id, protected, custom, delete, modified, created), <code>"exact"</code>, '
+               '<code>-negation</code>, <code>OR</code> and parentheses narrow it.</p>']
+        try:
+            total, rows = self.app.resource_search(req.principal, text,
+                                                   offset=(page - 1) * CONSOLE_SEARCH_PAGE,
+                                                   size=CONSOLE_SEARCH_PAGE)
+        except BadRequest as e:
+            out.append(f'<p class="err">{_h(e.message)}</p>')
+            return self._html(req, "Resources", "".join(out), 400)
+        out.append(f'<p class="mut">{total} resources</p>')
+        if rows:
+            out.append('<div class="scroll"><table><thead><tr><th>Name</th><th>Type</th>'
+                       '<th>Stack</th><th class="w">Modified</th><th class="w">Flags</th>'
+                       '</tr></thead><tbody>')
+            for r in rows:
+                link = self._linker(r["project"], r["stack"])({"urn": r["urn"]})
+                stack = (f'<a href="{_h(self._stack_url(r["project"], r["stack"]))}">'
+                         f'{_name(r["project"])}/{_name(r["stack"])}</a>')
+                flags = " ".join(label for label, on in (
+                    ("protected", r["protected"]), ("component", not r["custom"]),
+                    ("delete", r["deleted"]), (r["pending"], r["pending"])) if on)
+                out.append(f'<tr><td>{link}</td><td class="t">{_name(r["type"])}</td>'
+                           f'<td>{stack}</td><td class="w">{_when(r["modified"] // 1000)}</td>'
+                           f'<td class="w">{_h(flags)}</td></tr>')
+            out.append("</tbody></table></div>")
+        out.append(self._pager(req, page, page * CONSOLE_SEARCH_PAGE < total))
+        return self._html(req, "Resources", "".join(out))
 
     def _linker(self, project: str, name: str, present: Optional[set] = None) -> Callable:
         """Return ``f(resource)``: a link to its page (the stack's part computed once), or

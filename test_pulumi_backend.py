@@ -2671,6 +2671,7 @@ _ROUTE_NEED_TABLE = {
     ("GET", "/api/orgs/{orgName}/search/resources"): "signed-in",
     ("GET", "/api/orgs/{orgName}/search/resourcesv2"): "signed-in",
     ("GET", "/api/orgs/{orgName}/search/resources/parse"): "signed-in",
+    ("GET", "/search"): "signed-in",
 }
 #: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
 _UPDATE_ROUTE_NEEDS = {
@@ -5980,6 +5981,28 @@ def test_console_renders_times_out_of_range(srv, cfg, browser, tmp_path, capsys)
         assert "100000000000000000" in page, url  # 10**18 or 10**18 + 5 (its end)
     assert pb._when(10**18) == str(10**18) and pb._when(float("inf")) == "inf"
     assert pb._duration(10**18, 10**18 + 5) == "5s"
+
+
+def test_console_search_page_finds_resources_across_stacks(srv, browser):
+    console_stack(srv, "web", "dev", resources=[
+        res("<b>evil</b>", "aws:s3/bucket:Bucket", "dev", "web", protect=True)])
+    console_stack(srv, "web", "prod", resources=[res("site", "aws:s3/bucket:Bucket", "prod",
+                                                     "web")])
+    status, _, page = browser.get("/")
+    assert '<a href="/search">Resources</a>' in page
+    status, _, page = browser.get("/search?q=" + urllib.parse.quote("type:bucket protected:true"))
+    assert status == 200 and "1 resources" in page
+    assert "&lt;b&gt;evil&lt;/b&gt;" in page and "<b>evil" not in page
+    link = urllib.parse.quote(urn("<b>evil</b>", "aws:s3/bucket:Bucket", "dev", "web"),
+                              safe=":/$")
+    assert f'href="/stacks/web/dev/resource?urn={html.escape(link)}"' in page
+    assert 'href="/stacks/web/dev"' in page and "protected" in page
+    assert browser.get(f"/stacks/web/dev/resource?urn={link}")[0] == 200
+    status, _, page = browser.get("/search?q=" + urllib.parse.quote("-stack:dev"))
+    assert "1 resources" in unbdi(page) and "site" in page and "evil" not in page
+    status, _, page = browser.get("/search?q=" + urllib.parse.quote('name:"<x'))
+    assert status == 400 and "a quote is not closed" in page
+    assert 'value="name:&quot;&lt;x"' in page
 
 
 # ==== 12. Backups and replication: scheduled backups ==========================
