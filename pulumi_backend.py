@@ -2770,6 +2770,12 @@ class PostgresStore(_SQLRecords):
     shared = True  # other processes write the same database: validate caches
     _STACK_ID_IN_JSON = "stack_id IN (SELECT jsonb_array_elements_text(CAST(? AS jsonb)))"
 
+    def search_resources(self, db, where: str, params: list, stack_ids: Optional[list],
+                         order: str, limit: int, offset: int) -> tuple:
+        # SearchIndex's LIKE ignores ASCII case, as SQLite's does; its text has no values.
+        return super().search_resources(db, where.replace(" LIKE ", " ILIKE "), params,
+                                        stack_ids, order, limit, offset)
+
     def __init__(self, url: str, pool_size: int = PG_POOL_SIZE,
                  pool_timeout: float = PG_POOL_TIMEOUT, app_name: str = PG_APP_NAME):
         self._psycopg, pool_mod = _import_psycopg()
@@ -5018,8 +5024,10 @@ _SEARCH_FIELDS = {
     "delete": ("bool", ("deleted",)),
     "modified": ("time", ("modified",)), "created": ("time", ("created",)),
 }
-#: What free text (no field) is matched against.
+#: What free text (no field) is matched against: its words against the URN alone, which
+#: holds the stack, project, (qualified) type and name, so a part of any is a part of it.
 _SEARCH_FREE_COLUMNS = ("name", "urn", "stack", "project", "type")
+_SEARCH_FREE_PART = ("urn",)
 #: Sort fields (Pulumi Cloud's list) -> column; managed and category are the same
 #: for every resource of a stack here.
 _SEARCH_SORTS = {
@@ -5269,7 +5277,8 @@ class _SearchQuery:
         if node[0] == "not":
             return f"NOT {self._sql(node[1], params)}"
         _, field, op, value = node
-        kind, columns = _SEARCH_FIELDS[field] if field else ("text", _SEARCH_FREE_COLUMNS)
+        kind, columns = _SEARCH_FIELDS[field] if field else (
+            "text", _SEARCH_FREE_COLUMNS if op == "=" else _SEARCH_FREE_PART)
         if kind == "time":
             col = columns[0]
             parts = [f"{col} IS NOT NULL"]
@@ -5287,9 +5296,10 @@ class _SearchQuery:
         if op == "=":
             params.extend([value] * len(columns))
             return "(" + " OR ".join(f"{c} = ?" for c in columns) + ")"
+        # LIKE ignores ASCII case in SQLite; PostgresStore makes it ILIKE.
         pattern = _like_pattern(value, contains=kind == "text")
         params.extend([pattern] * len(columns))
-        return "(" + " OR ".join(f"lower({c}) LIKE lower(?) ESCAPE '\\'" for c in columns) + ")"
+        return "(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in columns) + ")"
 
 
 class SearchIndex:
@@ -5302,6 +5312,28 @@ class SearchIndex:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self._catch_up_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Index the stacks stored without the index in a thread (the server's start)."""
+        def run() -> None:
+            try:
+                done = self.catch_up()
+                if done:
+                    log.info("search index: %d stacks indexed", done)
+            except Exception:  # noqa: BLE001 - the next search tries again
+                log.exception("building the search index failed; the next search retries")
+
+        self._stopping.clear()
+        self._thread = threading.Thread(target=run, daemon=True, name="search-index")
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Stop indexing in the background after the stack at hand (up to ``timeout`` s)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def store(self, db, row: dict, version: int, entries: list) -> None:
         """Make ``entries`` (of ``_search_entries``) the index of stack ``row``."""
@@ -5319,6 +5351,8 @@ class SearchIndex:
                 if not ids:
                     return done
                 for stack_id in ids:
+                    if self._stopping.is_set():
+                        return done
                     self._index_one(stack_id)
                     done += 1
 
@@ -5366,6 +5400,10 @@ class SearchIndex:
                                  f"{', '.join(sorted(_SEARCH_SORTS))}")
             if _SEARCH_SORTS[name]:
                 order.append(f"{_SEARCH_SORTS[name]} {direction}")
+        if where != "1 = 1" and order and order[0].startswith("modified "):
+            # Filtered: find the matches, then sort them. Walking the whole modified
+            # index for a rare match would cost a table lookup per resource.
+            order[0] = "+" + order[0]
         order += ["project ASC", "stack ASC", "seq ASC"]  # a stable order for paging
         self.engine.updates.await_stored()
         self.catch_up()
@@ -10495,6 +10533,7 @@ def serve(cfg: Config, environ: dict) -> int:
     try:
         if backups is not None:
             backups.start()
+        app.engine.search.start()  # stacks stored before the search index (section 6)
         gc.freeze()  # start-up objects live as long as the server: no collection walks them
         print(f"pulumi-backend listening on {server.url}", flush=True)
         server.serve_forever(poll_interval=0.25)
@@ -10502,6 +10541,7 @@ def serve(cfg: Config, environ: dict) -> int:
         if backups is not None:
             backups.stop()
         server.server_close()  # waits (bounded) for in-flight requests
+        app.engine.search.stop(cfg.shutdown_timeout)
         app.engine.updates.drain(cfg.shutdown_timeout)  # final states stored after `complete`
         store.close()
         log.info("stopped")

@@ -5419,9 +5419,23 @@ def test_search_indexes_stacks_stored_without_it(srv):
     for n in range(3):
         srv.import_state(srv.create_stack("app", f"s{n}"), untyped([
             res(f"r{n}", stack=f"s{n}", project="app")]))
+    index = srv.app.engine.search
+
+    def indexed():
+        with srv.store.read() as db:
+            return sorted(r["name"] for r in srv.store.search_resources(
+                db, "1 = 1", [], None, "seq", 10, 0)[1])
+
     with srv.store.write() as db:
         db.execute("DELETE FROM search_resources")
         db.execute("DELETE FROM search_stacks")
+    index.start()  # as the server does at start
+    index.stop(10)  # after the stack at hand
+    assert not index._thread.is_alive() and len(indexed()) < 3
+    index.start()
+    index._thread.join(10)
+    assert indexed() == ["r0", "r1", "r2"]
+    with srv.store.write() as db:
         srv.store.put_deployment(db, srv.store.get_stack(db, ORG, "app", "s2")["id"], 2,
                                  gzip.compress(compact(untyped([res("late", stack="s2",
                                                                      project="app")]))), 1, 1)
