@@ -5365,6 +5365,7 @@ def test_search_sorts_and_pages(srv):
         assert message in search(srv, path=v2, ok=400, **params)["message"]
 
 
+@both_stores
 def test_search_shows_a_member_only_the_stacks_they_may_read(team_srv):
     srv = team_srv
     for project, stack in (("app", "dev"), ("ops", "prod")):
