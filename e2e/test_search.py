@@ -66,3 +66,28 @@ def test_org_search_finds_resources_of_stacks_made_by_up(e2e):
     table = e2e.run("insights", "resource", "search", "--query", files, "--sort", "name",
                     "--page-size", "2").stdout
     assert "Showing 2 of 3 resources." in table and "--page 2 --page-size 2" in table
+
+
+def test_org_search_shows_a_member_only_readable_stacks(e2e, make_server):
+    from conftest import TOKEN
+    from test_access import admin, as_user, use_project
+
+    srv = make_server("--auth-token", TOKEN)
+    admin(srv, "user", "add", "boss", "--role", "admin")
+    admin(srv, "user", "add", "member")
+    admin(srv, "team", "create", "devs")
+    admin(srv, "team", "add-member", "devs", "member")
+    admin(srv, "team", "grant", "devs", "app/*", "read")
+    tokens = {u: admin(srv, "token", "create", "--user", u).strip() for u in ("boss", "member")}
+    e2e.use_server(srv, token=tokens["boss"])
+    for project in ("app", "ops"):
+        use_project(e2e, project)
+        e2e.up(e2e.stack("prod"), spec(e2e, {f"{project}-file": {"fname": f"{project}.txt"}}))
+
+    def stacks(token):
+        as_user(e2e, token)
+        out = e2e.run("org", "search", "--output", "json", "-q", "type:pulumi:pulumi:Stack").stdout
+        return sorted({(r["project"], r["stack"]) for r in json.loads(out)})
+
+    assert stacks(tokens["boss"]) == [("app", "prod"), ("ops", "prod")]
+    assert stacks(tokens["member"]) == [("app", "prod")]
