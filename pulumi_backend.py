@@ -3970,6 +3970,7 @@ class Engine:
                           cli_version: str, requested_by: str = "") -> str:
         resources = _check_deployment_bytes(body, "request body")
         data = body.strip()
+        search = _search_entries(data, _now() * 1000)  # parsed before the write lock
         self.updates._await_final_state(org, project, name)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
@@ -3981,14 +3982,18 @@ class Engine:
                 "status": "succeeded", "created": t, "started": t, "ended": t,
                 "version": version, "base_version": row["version"], "cli_version": cli_version,
                 "resource_count": resources, "requested_by": requested_by})
-            self._save_version(db, row, version, data, resources)
+            self._save_version(db, row, version, data, resources, search)
         log.info("imported state into %s/%s/%s as version %d", org, project, name, version)
         return update_id
 
-    def _save_version(self, db, row: dict, version: int, data: bytes, resources: int) -> None:
-        """Store ``data`` as ``version`` of the stack and make it the latest."""
+    def _save_version(self, db, row: dict, version: int, data: bytes, resources: int,
+                      search: Optional[list] = None) -> None:
+        """Store ``data`` as ``version`` of the stack and make it the latest (``search``:
+        its index rows, when read already)."""
+        if search is None:
+            search = _search_entries(data, _now() * 1000)
         self._save_compressed(db, row, version, _gzip_bytes(data), len(data), resources,
-                              search=_search_entries(data, _now() * 1000))
+                              search=search)
 
     def _save_compressed(self, db, row: dict, version: int, data_gz: bytes, size: int,
                          resources: int, skeleton: Optional[bytes] = None,
@@ -5089,41 +5094,92 @@ def _search_entries(state: Any, fallback_ms: int) -> list:
     """Return the index rows of a state (an untyped deployment, a deployment, or JSON
     bytes of either) without their first column (the stack id), project and stack
     names; ``fallback_ms`` is the modified time of resources that record none.
-    A state that cannot be read has no rows (it is logged)."""
+    Bytes are read one resource at a time (a parsed state takes up to ten times its
+    JSON). A state that cannot be read has no rows (it is logged)."""
     try:
-        doc = json.loads(state) if isinstance(state, (bytes, str)) else state
-        dep = doc.get("deployment", doc) if isinstance(doc, dict) else {}
-        resources = (dep.get("resources") if isinstance(dep, dict) else None) or []
-        pending = {op["resource"]["urn"]: str(op.get("type") or "")
-                   for op in (dep.get("pending_operations") or [])
-                   if isinstance(op, dict) and isinstance(op.get("resource"), dict)
-                   and isinstance(op["resource"].get("urn"), str)}
+        if isinstance(state, (bytes, str)):
+            text = state.decode("utf-8") if isinstance(state, bytes) else state
+            try:
+                return _scanned_search_entries(text, fallback_ms)
+            except _Unusual:
+                state = json.loads(text)
+        dep = state.get("deployment", state) if isinstance(state, dict) else {}
+        dep = dep if isinstance(dep, dict) else {}
+        out = [_search_entry(seq, res, fallback_ms)
+               for seq, res in enumerate(dep.get("resources") or [])]
+        return _with_pending([e for e in out if e], dep.get("pending_operations"))
     except (ValueError, RecursionError, AttributeError, TypeError) as e:
         log.warning("a state could not be read for the search index: %s", e)
         return []
-    out = []
-    for seq, res in enumerate(resources):
-        if not isinstance(res, dict) or not isinstance(res.get("urn"), str):
-            continue
-        urn = res["urn"]
-        parts = urn.split("::", 3)
-        type_ = res.get("type") if isinstance(res.get("type"), str) else (
-            parts[2].rsplit("$", 1)[-1] if len(parts) == 4 else "")
-        package, module, short = _type_parts(type_)
-        created = _search_time(res["created"]) if isinstance(res.get("created"), str) else None
-        modified = (_search_time(res["modified"]) if isinstance(res.get("modified"), str)
-                    else None)
 
-        def text(key: str) -> str:
-            value = res.get(key)
-            return value if isinstance(value, str) else "" if value is None else str(value)
 
-        out.append((seq, urn, type_, short, parts[3] if len(parts) == 4 else "", package,
-                    module, int(bool(res.get("custom"))), int(bool(res.get("protect"))),
-                    int(bool(res.get("delete"))), pending.get(urn, ""), text("id"),
-                    text("parent"), text("provider"), created[0] if created else None,
-                    modified[0] if modified else fallback_ms))
-    return out
+def _scanned_search_entries(text: str, fallback_ms: int) -> list:
+    """``_search_entries`` of an untyped deployment's JSON text, holding one resource
+    parsed at a time; raise _Unusual for any other shape."""
+    decode = json.JSONDecoder().raw_decode
+    out: list = []
+
+    def resources_at(pos: int) -> tuple:
+        if text[pos:pos + 1] != "[":
+            raise _Unusual
+        pos, seq = _JSON_WS_RE.match(text, pos + 1).end(), 0
+        while text[pos:pos + 1] != "]":
+            if seq:
+                if text[pos:pos + 1] != ",":
+                    raise _Unusual
+                pos = _JSON_WS_RE.match(text, pos + 1).end()
+            res, pos = decode(text, pos)
+            entry = _search_entry(seq, res, fallback_ms)
+            if entry:
+                out.append(entry)
+            seq += 1
+            pos = _JSON_WS_RE.match(text, pos).end()
+        return [], pos + 1
+
+    def top_at(key: str, pos: int) -> tuple:
+        if key == "deployment" and text[pos:pos + 1] == "{":
+            return _scan_object(text, pos, lambda field, at: (
+                resources_at(at) if field == "resources" else decode(text, at)))
+        return decode(text, pos)
+
+    doc, _ = _scan_object(text, _JSON_WS_RE.match(text).end(), top_at)
+    dep = doc.get("deployment")
+    if not isinstance(dep, dict):
+        raise _Unusual  # a bare deployment: the full parse reads it
+    return _with_pending(out, dep.get("pending_operations"))
+
+
+def _with_pending(entries: list, operations: Any) -> list:
+    """``entries`` with the pending operation of each resource that has one."""
+    pending = {op["resource"]["urn"]: str(op.get("type") or "")
+               for op in operations or [] if isinstance(op, dict)
+               and isinstance(op.get("resource"), dict)
+               and isinstance(op["resource"].get("urn"), str)}
+    if not pending:
+        return entries
+    return [(*e[:10], pending[e[1]], *e[11:]) if e[1] in pending else e for e in entries]
+
+
+def _search_entry(seq: int, res: Any, fallback_ms: int) -> Optional[tuple]:
+    """One resource's index row (see _search_entries), or None if it has no URN."""
+    if not isinstance(res, dict) or not isinstance(res.get("urn"), str):
+        return None
+    urn = res["urn"]
+    parts = urn.split("::", 3)
+    type_ = res.get("type") if isinstance(res.get("type"), str) else (
+        parts[2].rsplit("$", 1)[-1] if len(parts) == 4 else "")
+    package, module, short = _type_parts(type_)
+    created = _search_time(res["created"]) if isinstance(res.get("created"), str) else None
+    modified = _search_time(res["modified"]) if isinstance(res.get("modified"), str) else None
+
+    def text(key: str) -> str:
+        value = res.get(key)
+        return value if isinstance(value, str) else "" if value is None else str(value)
+
+    return (seq, urn, type_, short, parts[3] if len(parts) == 4 else "", package, module,
+            int(bool(res.get("custom"))), int(bool(res.get("protect"))),
+            int(bool(res.get("delete"))), "", text("id"), text("parent"), text("provider"),
+            created[0] if created else None, modified[0] if modified else fallback_ms)
 
 
 def _like_pattern(value: str, contains: bool) -> str:

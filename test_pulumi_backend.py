@@ -1478,6 +1478,24 @@ def test_search_query_sql_binds_every_value_and_escapes_like():
     assert pb._type_parts("odd") == ("odd", "", "odd")
 
 
+def test_search_entries_read_bytes_one_resource_at_a_time_as_a_parsed_state(caplog):
+    doc = untyped([stack_res(), res("a", "aws:s3/bucket:Bucket", protect=True,
+                                    modified="2024-01-01T00:00:00Z", parent=stack_res()["urn"]),
+                   {"no": "urn"}, res("b", delete=True, created="2023-05-05T05:05:05.5Z")],
+                  pending_operations=[{"resource": res("b"), "type": "deleting"}])
+    entries = pb._search_entries(doc, 7)
+    assert pb._search_entries(compact(doc), 7) == entries
+    assert pb._search_entries(json.dumps(doc, indent=2).encode(), 7) == entries
+    assert pb._search_entries(compact(doc["deployment"]), 7) == entries  # bare: full parse
+    assert [(e[0], e[4], e[5], e[6], e[8], e[9], e[10], e[14], e[15]) for e in entries] == [
+        (0, "proj-dev", "pulumi", "pulumi", 0, 0, "", None, 7),
+        (1, "a", "aws", "s3", 1, 0, "", None, 1704067200000),
+        (3, "b", "random", "index", 0, 1, "deleting", 1683263105500, 7)]
+    assert entries[1][12] == stack_res()["urn"] and entries[1][11] == "a-id"
+    assert pb._search_entries(b'{"version":3,"deployment":{"resources":[{"urn":', 7) == []
+    assert "could not be read for the search index" in caplog.text
+
+
 # ==== 7. Crypto ================================================================
 
 _K15 = bytes.fromhex("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
