@@ -135,7 +135,7 @@ __all__ = [
     "Conflict", "RequestTimeout", "LengthRequired", "PayloadTooLarge", "TooManyRequests",
     "MisdirectedRequest", "Unimplemented", "Unavailable",
     "Store", "SQLiteStore", "PostgresStore", "open_store", "is_postgres_url",
-    "Engine", "UpdateLifecycle", "apply_delta", "replay_journal",
+    "Engine", "UpdateLifecycle", "SearchIndex", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
     "Principal", "Identity", "AuditLog", "Webhooks",
     "Request", "Response", "Route", "Router", "App", "Console",
@@ -331,6 +331,8 @@ CONSOLE_SESSION_SECONDS = 12 * 3600
 MAX_CONSOLE_FORM = 16 * 1024
 #: Stacks per page of the console's stack list.
 CONSOLE_STACK_PAGE = 100
+#: Resources per page of the console's resource search.
+CONSOLE_SEARCH_PAGE = 50
 #: Updates per page of a stack's Activity tab.
 CONSOLE_HISTORY_PAGE = 25
 #: Engine events read for one update page (a 600-resource update has ~2,000).
@@ -357,6 +359,17 @@ MAX_WEBHOOKS = 100
 MAX_WEBHOOK_BODY = 64 * 1024
 #: Seconds the delivery worker sleeps when nothing is due (a new event wakes it).
 WEBHOOK_POLL_SECONDS = 1.0
+#: Resources per page of a resource search when the caller names no ``size``.
+SEARCH_PAGE_SIZE = 50
+#: Largest ``size`` of a resource search page.
+SEARCH_MAX_PAGE_SIZE = 1000
+#: Results reachable with ``page``/``size`` (Pulumi Cloud's window); ``cursor`` goes on.
+SEARCH_MAX_WINDOW = 10000
+#: Longest resource search query (characters), and most terms in one.
+MAX_SEARCH_QUERY = 4096
+MAX_SEARCH_TERMS = 64
+#: Deepest nesting of parentheses in a search query.
+MAX_SEARCH_DEPTH = 16
 
 _NAME_RE = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9_.-]{1,100}\Z")
 _ORG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,38}[A-Za-z0-9]\Z|^[A-Za-z0-9]\Z")
@@ -1809,6 +1822,27 @@ class Store(abc.ABC):
     def update_delivery(self, db, delivery_id: str, **fields: Any) -> None:
         """Set the given columns of the delivery."""
 
+    # -- resource search index (SearchIndex, section 6) ------------------------
+
+    @abc.abstractmethod
+    def replace_search_rows(self, db, stack_id: str, version: int, rows: list) -> None:
+        """Make ``rows`` (tuples in _SEARCH_COLUMNS order) the stack's index, of ``version``."""
+
+    @abc.abstractmethod
+    def search_indexed_version(self, db, stack_id: str) -> Optional[int]:
+        """Return the stored version the stack's index rows are of (None: not indexed)."""
+
+    @abc.abstractmethod
+    def stacks_to_index(self, db, limit: int) -> list:
+        """Return ids of stacks whose index is missing or older than their newest state."""
+
+    @abc.abstractmethod
+    def search_resources(self, db, where: str, params: list, stack_ids: Optional[list],
+                         order: str, limit: int, offset: int) -> tuple:
+        """Return ``(total, rows)`` of index rows matching ``where`` (SQL that SearchIndex
+        builds from its own column names, values bound as ``params``), of the stacks
+        ``stack_ids`` (None: all), in ``order``, one page."""
+
     # -- whole-database copy (the ``copy`` command, section 14) ---------------
 
     @abc.abstractmethod
@@ -2017,6 +2051,38 @@ _SCHEMA = [
         error TEXT NOT NULL DEFAULT '');
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt);
     CREATE INDEX webhook_deliveries_by_hook ON webhook_deliveries (hook, created);
+    """,
+    # version 7: the resource search index (SearchIndex, section 6): one row per
+    # resource of each stack's newest stored state, rewritten with it; times in
+    # Unix milliseconds (created is NULL when the state has none). search_stacks
+    # says which stored version the rows are of: a stack without a row there (an
+    # older database, a DIY import) is indexed before the next search answers.
+    """
+    CREATE TABLE search_resources (
+        stack_id TEXT NOT NULL REFERENCES stacks(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        urn TEXT NOT NULL,
+        type TEXT NOT NULL,
+        short_type TEXT NOT NULL,
+        name TEXT NOT NULL,
+        package TEXT NOT NULL,
+        module TEXT NOT NULL,
+        project TEXT NOT NULL,
+        stack TEXT NOT NULL,
+        custom INTEGER NOT NULL,
+        protected INTEGER NOT NULL,
+        deleted INTEGER NOT NULL,
+        pending TEXT NOT NULL,
+        resource_id TEXT NOT NULL,
+        parent_urn TEXT NOT NULL,
+        provider_urn TEXT NOT NULL,
+        created INTEGER,
+        modified INTEGER NOT NULL,
+        PRIMARY KEY (stack_id, seq));
+    CREATE INDEX search_resources_by_modified ON search_resources (modified);
+    CREATE TABLE search_stacks (
+        stack_id TEXT PRIMARY KEY REFERENCES stacks(id) ON DELETE CASCADE,
+        version INTEGER NOT NULL);
     """,
 ]
 
@@ -2700,6 +2766,44 @@ class _SQLRecords(Store):
         db.execute(f"UPDATE webhook_deliveries SET {sets} WHERE id = ?",
                    (*fields.values(), delivery_id))
 
+    # -- resource search index ----------------------------------------------
+
+    #: ``stack_id`` among the ids of a JSON array bound as one parameter.
+    _STACK_ID_IN_JSON = "stack_id IN (SELECT value FROM json_each(?))"
+
+    def replace_search_rows(self, db, stack_id: str, version: int, rows: list) -> None:
+        db.execute("DELETE FROM search_resources WHERE stack_id = ?", (stack_id,))
+        if rows:
+            db.executemany(f"INSERT INTO search_resources ({', '.join(_SEARCH_COLUMNS)}) "
+                           f"VALUES ({', '.join('?' * len(_SEARCH_COLUMNS))})", rows)
+        db.execute("INSERT OR REPLACE INTO search_stacks (stack_id, version) VALUES (?, ?)",
+                   (stack_id, version))
+
+    def search_indexed_version(self, db, stack_id: str) -> Optional[int]:
+        row = db.execute("SELECT version FROM search_stacks WHERE stack_id = ?",
+                         (stack_id,)).fetchone()
+        return row[0] if row else None
+
+    def stacks_to_index(self, db, limit: int) -> list:
+        return [r[0] for r in db.execute(
+            "SELECT s.id FROM stacks s LEFT JOIN search_stacks i ON i.stack_id = s.id "
+            "WHERE i.version IS NULL OR i.version <> "
+            "(SELECT MAX(d.version) FROM deployments d WHERE d.stack_id = s.id) "
+            "ORDER BY s.id LIMIT ?", (limit,))]
+
+    def search_resources(self, db, where: str, params: list, stack_ids: Optional[list],
+                         order: str, limit: int, offset: int) -> tuple:
+        args = list(params)
+        if stack_ids is not None:
+            where = f"({where}) AND {self._STACK_ID_IN_JSON}"
+            args.append(json.dumps(stack_ids))
+        total = db.execute(f"SELECT count(*) FROM search_resources WHERE {where}",
+                           args).fetchone()[0]
+        rows = [dict(r) for r in db.execute(
+            f"SELECT * FROM search_resources WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+            args + [limit, offset])] if total > offset else []
+        return total, rows
+
     # -- whole-database copy (the ``copy`` command) ---------------------------
 
     def count_rows(self, db, table: str) -> int:
@@ -2922,7 +3026,8 @@ _PG_AFTER_SCHEMA = {0: [f"ALTER TABLE {t} ALTER COLUMN data SET STORAGE EXTERNAL
                     3: [f"ALTER TABLE {t} ALTER COLUMN data SET STORAGE EXTERNAL"
                         for t in ("event_batches", "event_values")]}
 _PG_CONFLICT_KEYS = {"meta": "key", "deployments": "stack_id, version",
-                     "checkpoints": "update_id, seq", "grants": "team, pattern"}
+                     "checkpoints": "update_id, seq", "grants": "team, pattern",
+                     "search_stacks": "stack_id"}
 _INSERT_OR_RE = re.compile(r"INSERT OR (REPLACE|IGNORE) INTO (\w+) \(([^)]*)\)(.*)", re.S)
 
 
@@ -3031,6 +3136,13 @@ class PostgresStore(_SQLRecords):
     """
 
     shared = True  # other processes write the same database: validate caches
+    _STACK_ID_IN_JSON = "stack_id IN (SELECT jsonb_array_elements_text(CAST(? AS jsonb)))"
+
+    def search_resources(self, db, where: str, params: list, stack_ids: Optional[list],
+                         order: str, limit: int, offset: int) -> tuple:
+        # SearchIndex's LIKE ignores ASCII case, as SQLite's does; its text has no values.
+        return super().search_resources(db, where.replace(" LIKE ", " ILIKE "), params,
+                                        stack_ids, order, limit, offset)
 
     def __init__(self, url: str, pool_size: int = PG_POOL_SIZE,
                  pool_timeout: float = PG_POOL_TIMEOUT, app_name: str = PG_APP_NAME):
@@ -3186,6 +3298,11 @@ _DELIVERY_COLUMNS = frozenset({"status", "attempts", "next_attempt", "sent", "du
                                "response_headers", "response_body", "error"})
 
 
+#: Columns of a search_resources row (section 5, schema version 7), in row-tuple order.
+_SEARCH_COLUMNS = ("stack_id", "seq", "urn", "type", "short_type", "name", "package", "module",
+                   "project", "stack", "custom", "protected", "deleted", "pending",
+                   "resource_id", "parent_urn", "provider_urn", "created", "modified")
+
 #: Every table with its columns, parents before children (the order ``copy`` fills them).
 _TABLE_COLUMNS = {
     "meta": frozenset({"key", "value"}),
@@ -3211,6 +3328,8 @@ _TABLE_COLUMNS = {
     "webhooks": _WEBHOOK_COLUMNS | {"name", "org", "stack_id", "created"},
     "webhook_deliveries": _DELIVERY_COLUMNS | {"id", "hook", "kind", "event", "payload",
                                                "created"},
+    "search_resources": frozenset(_SEARCH_COLUMNS),
+    "search_stacks": frozenset({"stack_id", "version"}),
 }
 
 
@@ -4051,6 +4170,7 @@ class Engine:
         # ended an update (see _emit): section 8's Webhooks queues deliveries there.
         self.on_event: list = []
         self.updates = UpdateLifecycle(self)
+        self.search = SearchIndex(self)
 
     def _emit(self, db, event: dict) -> None:
         """Hand ``event`` to every ``on_event`` callback within the write transaction
@@ -4218,6 +4338,8 @@ class Engine:
                                "import a repaired export first") from None
             self.store.put_deployment(db, row["id"], dep["version"], _gzip_bytes(data),
                                       len(data), dep["resource_count"])
+            self.search.store(db, dict(row, project=new_project, name=new_name), dep["version"],
+                              _search_entries(doc, (row["last_update"] or row["created"]) * 1000))
         log.info("renamed stack %s/%s/%s to %s/%s", org, project, name, new_project, new_name)
 
     def set_tags(self, org: str, project: str, name: str, tags: Any) -> None:
@@ -4263,6 +4385,7 @@ class Engine:
                           cli_version: str, requested_by: str = "") -> str:
         resources = _check_deployment_bytes(body, "request body")
         data = body.strip()
+        search = _search_entries(data, _now() * 1000)  # parsed before the write lock
         self.updates._await_final_state(org, project, name)
         with self.store.write() as db:
             row = self.stack(db, org, project, name)
@@ -4274,21 +4397,32 @@ class Engine:
                 "status": "succeeded", "created": t, "started": t, "ended": t,
                 "version": version, "base_version": row["version"], "cli_version": cli_version,
                 "resource_count": resources, "requested_by": requested_by})
-            self._save_version(db, row, version, data, resources)
+            self._save_version(db, row, version, data, resources, search)
         log.info("imported state into %s/%s/%s as version %d", org, project, name, version)
         return update_id
 
-    def _save_version(self, db, row: dict, version: int, data: bytes, resources: int) -> None:
-        """Store ``data`` as ``version`` of the stack and make it the latest."""
-        self._save_compressed(db, row, version, _gzip_bytes(data), len(data), resources)
+    def _save_version(self, db, row: dict, version: int, data: bytes, resources: int,
+                      search: Optional[list] = None) -> None:
+        """Store ``data`` as ``version`` of the stack and make it the latest (``search``:
+        its index rows, when read already)."""
+        if search is None:
+            search = _search_entries(data, _now() * 1000)
+        self._save_compressed(db, row, version, _gzip_bytes(data), len(data), resources,
+                              search=search)
 
     def _save_compressed(self, db, row: dict, version: int, data_gz: bytes, size: int,
-                         resources: int, skeleton: Optional[bytes] = None) -> None:
+                         resources: int, skeleton: Optional[bytes] = None,
+                         search: Optional[list] = None) -> None:
+        """Store and make latest; ``search`` is its index rows (``_search_entries``),
+        read from ``data_gz`` when not given."""
         self.store.put_deployment(db, row["id"], version, data_gz, size, resources, skeleton)
         # Older versions with a skeleton keep only that: a no-op's version costs its
         # skeleton, not another copy of every resource's inputs and outputs.
         self.store.drop_full_copies(db, row["id"], version)
         self._make_latest(db, row, version, resources)
+        if search is None:
+            search = _search_entries(_gunzip_stored(data_gz), _now() * 1000)
+        self.search.store(db, row, version, search)
 
     def _make_latest(self, db, row: dict, version: int, resources: int) -> None:
         """Make ``version`` the stack's latest and forget history beyond the limit (the
@@ -4978,14 +5112,19 @@ class UpdateLifecycle:
                 self._store_final(db, row, update, final, count)
         self.store.update_update(db, update["id"], **fields)
 
-    def _store_final(self, db, row: dict, update: dict, final: Any, count: int) -> None:
+    def _store_final(self, db, row: dict, update: dict, final: Any, count: int,
+                     search: Optional[list] = None) -> None:
         """Make ``final`` (a deployment, its bytes, or ``_compress_final`` of them) the
-        update's new version and drop the rows it was built from."""
+        update's new version and drop the rows it was built from; ``search`` is its
+        index rows when ``final`` is compressed already."""
+        if search is None and not isinstance(final, tuple):
+            search = _search_entries(final, _now() * 1000)
         data_gz, size, skeleton, values = (final if isinstance(final, tuple)
                                            else _compress_final(final))
         if skeleton is not None:
             self.store.put_values(db, row["id"], update["id"], values)
-        self.engine._save_compressed(db, row, update["version"], data_gz, size, count, skeleton)
+        self.engine._save_compressed(db, row, update["version"], data_gz, size, count, skeleton,
+                                     search)
         self.store.clear_checkpoints(db, update["id"])
         self.store.clear_journal(db, update["id"])
         self.store.update_update(db, update["id"], pending=0)
@@ -5001,13 +5140,14 @@ class UpdateLifecycle:
 
         def run(final: Any) -> None:
             try:
+                search = _search_entries(final, _now() * 1000)
                 prepared = _compress_final(final)
                 del final  # the parsed state goes before the write
                 with self.store.write() as db:
                     update = self.store.get_update(db, update_id)
                     if update is not None and update["pending"]:  # else a reader stored it
                         row = self.store.get_stack_by_id(db, update["stack_id"])
-                        self._store_final(db, row, update, prepared, count)
+                        self._store_final(db, row, update, prepared, count, search)
             except Exception:  # noqa: BLE001 - the next reader of the stack stores it
                 log.exception("storing the final state of update %s failed; it is stored "
                               "when the stack is next used", update_id)
@@ -5024,6 +5164,15 @@ class UpdateLifecycle:
         done = self._storing.get((org, project, name))
         if done is not None:
             done.wait(LIVE_REPLAY_WAIT)
+
+    def await_stored(self) -> None:
+        """Wait (up to LIVE_REPLAY_WAIT) for the final states being stored at this moment
+        (not for those of updates completing meanwhile)."""
+        with self._storing_lock:
+            pending = list(self._storing.values())
+        deadline = time.monotonic() + LIVE_REPLAY_WAIT
+        for done in pending:
+            done.wait(max(0.0, deadline - time.monotonic()))
 
     def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout`` seconds in all) for final states being stored."""
@@ -5361,6 +5510,465 @@ def _decode_page_token(token: Optional[str]) -> tuple:
     if not (isinstance(key, list) and len(key) == 3 and all(isinstance(k, str) for k in key)):
         raise BadRequest("invalid continuationToken")
     return tuple(key)
+
+
+# -- resource search ----------------------------------------------------------
+# Pulumi Cloud's query language (pulumi.com/docs/pulumi-cloud/insights/search),
+# as far as a state reaches: free text, field:value, "exact", -negation, OR,
+# parentheses (left to right, as documented), and ranges of created/modified.
+# A query becomes one parameterized WHERE over search_resources (section 5).
+
+#: Query fields: name -> (kind, columns). "text" matches a part of the value,
+#: "keyword" the whole value (both ignore ASCII case, ``*`` is any run of
+#: characters); "exact" (a quoted value) is case-sensitive equality for both.
+_SEARCH_FIELDS = {
+    "name": ("text", ("name",)), "project": ("text", ("project",)),
+    "stack": ("text", ("stack",)), "urn": ("text", ("urn",)),
+    "type": ("text", ("type", "short_type")), "id": ("text", ("resource_id",)),
+    "parent.urn": ("text", ("parent_urn",)), "provider.urn": ("text", ("provider_urn",)),
+    "package": ("keyword", ("package",)), "module": ("keyword", ("module",)),
+    "pending": ("keyword", ("pending",)),
+    "custom": ("bool", ("custom",)), "protected": ("bool", ("protected",)),
+    "delete": ("bool", ("deleted",)),
+    "modified": ("time", ("modified",)), "created": ("time", ("created",)),
+}
+#: What free text (no field) is matched against: its words against the URN alone, which
+#: holds the stack, project, (qualified) type and name, so a part of any is a part of it.
+_SEARCH_FREE_COLUMNS = ("name", "urn", "stack", "project", "type")
+_SEARCH_FREE_PART = ("urn",)
+#: Sort fields (Pulumi Cloud's list) -> column; managed and category are the same
+#: for every resource of a stack here.
+_SEARCH_SORTS = {
+    "created": "created", "custom": "custom", "delete": "deleted", "id": "resource_id",
+    "modified": "modified", "module": "module", "name": "name", "package": "package",
+    "parentUrn": "parent_urn", "project": "project", "protected": "protected",
+    "providerUrn": "provider_urn", "stack": "stack", "type": "type", "urn": "urn",
+    "dependencies": None, "managed": None, "category": None,
+}
+_SEARCH_TIME_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?)?"
+    r"([Zz]|[+-]\d{2}:?\d{2})?\Z")
+_SEARCH_FIELD_RE = re.compile(r"([A-Za-z][A-Za-z.]*):")
+_SEARCH_WORD_RE = re.compile(r'[^\s()"]+')
+_SEARCH_RANGE_RE = re.compile(r"\[\s*(\S+)\s+(?:to|TO)\s+(\S+)\s*\]")
+
+
+def _search_time(text: str) -> Optional[tuple]:
+    """Return ``(start, end)`` Unix milliseconds of the period an RFC 3339 date or time
+    names (a day, minute, second or millisecond; UTC unless it has an offset), or None."""
+    m = _SEARCH_TIME_RE.match(text)
+    if not m:
+        return None
+    year, month, day, hour, minute, second, frac, zone = m.groups()
+    tz = datetime.timezone.utc
+    if zone and zone not in "Zz":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        tz = datetime.timezone(sign * datetime.timedelta(hours=int(digits[:2]),
+                                                         minutes=int(digits[2:])))
+    try:
+        start = datetime.datetime(int(year), int(month), int(day), int(hour or 0),
+                                  int(minute or 0), int(second or 0), tzinfo=tz)
+    except ValueError:
+        return None
+    ms = int(start.timestamp()) * 1000 + (int(frac[:3].ljust(3, "0")) if frac else 0)
+    span = (86400000 if hour is None else 60000 if second is None
+            else 1000 if frac is None else 1)
+    return ms, ms + span
+
+
+def _search_ms_text(ms: int) -> str:
+    """Unix milliseconds as RFC 3339 in UTC with milliseconds."""
+    when = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def _type_parts(type_: str) -> tuple:
+    """Return ``(package, module, short type)`` of a type token: ``aws:s3/bucket:Bucket``
+    is package ``aws``, module ``s3`` and short type ``aws:s3:Bucket``."""
+    parts = type_.split(":")
+    if len(parts) < 3:
+        return parts[0], "", type_
+    module = parts[1].split("/", 1)[0]
+    return parts[0], module, f"{parts[0]}:{module}:{parts[-1]}"
+
+
+def _search_entries(state: Any, fallback_ms: int) -> list:
+    """Return the index rows of a state (an untyped deployment, a deployment, or JSON
+    bytes of either) without their first column (the stack id), project and stack
+    names; ``fallback_ms`` is the modified time of resources that record none.
+    Bytes are read one resource at a time (a parsed state takes up to ten times its
+    JSON). A state that cannot be read has no rows (it is logged)."""
+    try:
+        if isinstance(state, (bytes, str)):
+            text = state.decode("utf-8") if isinstance(state, bytes) else state
+            try:
+                return _scanned_search_entries(text, fallback_ms)
+            except _Unusual:
+                state = json.loads(text)
+        dep = state.get("deployment", state) if isinstance(state, dict) else {}
+        dep = dep if isinstance(dep, dict) else {}
+        out = [_search_entry(seq, res, fallback_ms)
+               for seq, res in enumerate(dep.get("resources") or [])]
+        return _with_pending([e for e in out if e], dep.get("pending_operations"))
+    except (ValueError, RecursionError, AttributeError, TypeError) as e:
+        log.warning("a state could not be read for the search index: %s", e)
+        return []
+
+
+def _scanned_search_entries(text: str, fallback_ms: int) -> list:
+    """``_search_entries`` of an untyped deployment's JSON text, holding one resource
+    parsed at a time; raise _Unusual for any other shape."""
+    decode = json.JSONDecoder().raw_decode
+    out: list = []
+
+    def resources_at(pos: int) -> tuple:
+        if text[pos:pos + 1] != "[":
+            raise _Unusual
+        pos, seq = _JSON_WS_RE.match(text, pos + 1).end(), 0
+        while text[pos:pos + 1] != "]":
+            if seq:
+                if text[pos:pos + 1] != ",":
+                    raise _Unusual
+                pos = _JSON_WS_RE.match(text, pos + 1).end()
+            res, pos = decode(text, pos)
+            entry = _search_entry(seq, res, fallback_ms)
+            if entry:
+                out.append(entry)
+            seq += 1
+            pos = _JSON_WS_RE.match(text, pos).end()
+        return [], pos + 1
+
+    def top_at(key: str, pos: int) -> tuple:
+        if key == "deployment" and text[pos:pos + 1] == "{":
+            return _scan_object(text, pos, lambda field, at: (
+                resources_at(at) if field == "resources" else decode(text, at)))
+        return decode(text, pos)
+
+    doc, _ = _scan_object(text, _JSON_WS_RE.match(text).end(), top_at)
+    dep = doc.get("deployment")
+    if not isinstance(dep, dict):
+        raise _Unusual  # a bare deployment: the full parse reads it
+    return _with_pending(out, dep.get("pending_operations"))
+
+
+def _with_pending(entries: list, operations: Any) -> list:
+    """``entries`` with the pending operation of each resource that has one."""
+    pending = {op["resource"]["urn"]: str(op.get("type") or "")
+               for op in operations or [] if isinstance(op, dict)
+               and isinstance(op.get("resource"), dict)
+               and isinstance(op["resource"].get("urn"), str)}
+    if not pending:
+        return entries
+    return [(*e[:10], pending[e[1]], *e[11:]) if e[1] in pending else e for e in entries]
+
+
+def _search_entry(seq: int, res: Any, fallback_ms: int) -> Optional[tuple]:
+    """One resource's index row (see _search_entries), or None if it has no URN."""
+    if not isinstance(res, dict) or not isinstance(res.get("urn"), str):
+        return None
+    urn = res["urn"]
+    parts = urn.split("::", 3)
+    type_ = res.get("type") if isinstance(res.get("type"), str) else (
+        parts[2].rsplit("$", 1)[-1] if len(parts) == 4 else "")
+    package, module, short = _type_parts(type_)
+    created = _search_time(res["created"]) if isinstance(res.get("created"), str) else None
+    modified = _search_time(res["modified"]) if isinstance(res.get("modified"), str) else None
+
+    def text(key: str) -> str:
+        value = res.get(key)
+        return value if isinstance(value, str) else "" if value is None else str(value)
+
+    return (seq, urn, type_, short, parts[3] if len(parts) == 4 else "", package, module,
+            int(bool(res.get("custom"))), int(bool(res.get("protect"))),
+            int(bool(res.get("delete"))), "", text("id"), text("parent"), text("provider"),
+            created[0] if created else None, modified[0] if modified else fallback_ms)
+
+
+def _like_pattern(value: str, contains: bool) -> str:
+    """A LIKE pattern (escape ``\\``) of ``value``, where ``*`` matches any run."""
+    escaped = re.sub(r"([\\%_])", r"\\\1", value).replace("*", "%")
+    return f"%{escaped}%" if contains else escaped
+
+
+class _SearchQuery:
+    """A parsed search query: ``node`` is None (everything) or a tree of
+    ``("and"|"or", a, b)``, ``("not", a)`` and ``("term", field, op, value)``
+    (field None for free text; op "~" part, "=" exact, or a time range
+    ``">=" "<" "in"`` with ``(start, end)`` milliseconds)."""
+
+    def __init__(self, text: str):
+        if len(text) > MAX_SEARCH_QUERY:
+            raise BadRequest(f"the search query is longer than {MAX_SEARCH_QUERY} characters")
+        self.text, self.pos, self.terms = text, 0, 0
+        self.node = self._sequence(0)
+
+    def _fail(self, why: str) -> BadRequest:
+        return BadRequest(f"invalid search query at character {self.pos + 1}: {why}")
+
+    def _skip(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def _sequence(self, depth: int) -> Any:
+        node, joiner = None, None
+        while True:
+            self._skip()
+            if self.pos >= len(self.text) or self.text[self.pos] == ")":
+                if self.pos < len(self.text) and depth == 0:
+                    raise self._fail("')' without a matching '('")
+                if self.pos >= len(self.text) and depth > 0:
+                    raise self._fail("'(' without a matching ')'")
+                if joiner:
+                    raise self._fail(f"{joiner} needs a term after it")
+                return node
+            word = _SEARCH_WORD_RE.match(self.text, self.pos)
+            if word and word[0] in ("OR", "AND") and (
+                    word.end() == len(self.text) or self.text[word.end()] in " \t\r\n()"):
+                if node is None or joiner:
+                    raise self._fail(f"{word[0]} needs a term before it")
+                joiner, self.pos = word[0], word.end()
+                continue
+            term = self._negatable(depth)
+            node = term if node is None else ("or" if joiner == "OR" else "and", node, term)
+            joiner = None
+
+    def _negatable(self, depth: int) -> Any:
+        negate = False
+        if self.text.startswith("NOT", self.pos) and self.text[self.pos + 3:self.pos + 4] in (
+                " ", "\t", "("):
+            self.pos += 3
+            self._skip()
+            negate = True
+        elif self.text.startswith("-", self.pos) and self.text[self.pos + 1:self.pos + 2] \
+                not in ("", " ", "\t", "\r", "\n", ")"):
+            self.pos += 1
+            negate = True
+        term = self._primary(depth)
+        return ("not", term) if negate else term
+
+    def _primary(self, depth: int) -> Any:
+        if self.pos >= len(self.text):
+            raise self._fail("a term is missing at the end")
+        if self.text[self.pos] == "(":
+            if depth >= MAX_SEARCH_DEPTH:
+                raise self._fail(f"parentheses nest deeper than {MAX_SEARCH_DEPTH}")
+            self.pos += 1
+            node = self._sequence(depth + 1)
+            if node is None:
+                raise self._fail("empty parentheses")
+            self.pos += 1  # the ')' _sequence stopped at
+            return node
+        self.terms += 1
+        if self.terms > MAX_SEARCH_TERMS:
+            raise self._fail(f"more than {MAX_SEARCH_TERMS} terms")
+        m = _SEARCH_FIELD_RE.match(self.text, self.pos)
+        if m and m[1].lower() in _SEARCH_FIELDS:
+            self.pos = m.end()
+            return self._field(m[1].lower())
+        if self.text[self.pos] == '"':
+            return ("term", None, "=", self._quoted())
+        word = _SEARCH_WORD_RE.match(self.text, self.pos)
+        if not word:
+            raise self._fail(f"unexpected {self.text[self.pos]!r}")
+        self.pos = word.end()
+        return ("term", None, "~", word[0])
+
+    def _quoted(self) -> str:
+        end = self.text.find('"', self.pos + 1)
+        if end < 0:
+            raise self._fail("a quote is not closed")
+        value, self.pos = self.text[self.pos + 1:end], end + 1
+        return value
+
+    def _field(self, field: str) -> Any:
+        kind = _SEARCH_FIELDS[field][0]
+        negate = self.text.startswith("-", self.pos) and not self.text.startswith(
+            ("- ", "-\t"), self.pos) and len(self.text) > self.pos + 1
+        if negate:
+            self.pos += 1
+        rest = self.text[self.pos:]
+        if not rest or rest[0].isspace() or rest[0] in "()":
+            raise self._fail(f"{field}: needs a value right after the colon")
+        if rest[0] == '"':
+            value, op = self._quoted(), "="
+        elif kind == "time" and rest[0] == "[":
+            m = _SEARCH_RANGE_RE.match(rest)
+            if not m:
+                raise self._fail(f"{field}: a range is written [FROM to TO]")
+            self.pos += m.end()
+            start = (None, None) if m[1] == "*" else self._time(field, m[1])
+            end = (None, None) if m[2] == "*" else self._time(field, m[2])
+            value, op = (start[0], end[1]), "in"
+        else:
+            word = _SEARCH_WORD_RE.match(self.text, self.pos)
+            value, op = word[0], "~"
+            self.pos = word.end()
+        if kind == "bool":
+            if value.lower() not in ("true", "false"):
+                raise self._fail(f"{field}: takes true or false, not {value!r}")
+            value, op = value.lower() == "true", "="
+        elif kind == "time" and op != "in":
+            cmp = re.match(r"(>=|<=|>|<)?", value)[0]
+            start, end = self._time(field, value[len(cmp):])
+            # A date is its whole day (a time its minute, second or millisecond).
+            op, value = {"": ("in", (start, end)), ">=": (">=", start), ">": (">=", end),
+                         "<": ("<", start), "<=": ("<", end)}[cmp]
+        term = ("term", field, op, value)
+        return ("not", term) if negate else term
+
+    def _time(self, field: str, text: str) -> tuple:
+        period = _search_time(text)
+        if period is None:
+            raise self._fail(f"{field}: {text!r} is not a date (YYYY-MM-DD) or an RFC 3339 "
+                             "time")
+        return period
+
+    def sql(self) -> tuple:
+        """Return ``(where, params)`` for search_resources."""
+        params: list = []
+        return ("1 = 1" if self.node is None else self._sql(self.node, params)), params
+
+    def _sql(self, node: tuple, params: list) -> str:
+        if node[0] in ("and", "or"):
+            return (f"({self._sql(node[1], params)} {node[0].upper()} "
+                    f"{self._sql(node[2], params)})")
+        if node[0] == "not":
+            return f"NOT {self._sql(node[1], params)}"
+        _, field, op, value = node
+        kind, columns = _SEARCH_FIELDS[field] if field else (
+            "text", _SEARCH_FREE_COLUMNS if op == "=" else _SEARCH_FREE_PART)
+        if kind == "time":
+            col = columns[0]
+            parts = [f"{col} IS NOT NULL"]
+            low, high = (value, None) if op == ">=" else (None, value) if op == "<" else value
+            if low is not None:
+                parts.append(f"{col} >= ?")
+                params.append(low)
+            if high is not None:
+                parts.append(f"{col} < ?")
+                params.append(high)
+            return f"({' AND '.join(parts)})"
+        if kind == "bool":
+            params.append(int(value))
+            return f"{columns[0]} = ?"
+        if op == "=":
+            params.extend([value] * len(columns))
+            return "(" + " OR ".join(f"{c} = ?" for c in columns) + ")"
+        # LIKE ignores ASCII case in SQLite; PostgresStore makes it ILIKE.
+        pattern = _like_pattern(value, contains=kind == "text")
+        params.extend([pattern] * len(columns))
+        return "(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in columns) + ")"
+
+
+class SearchIndex:
+    """The resource search index: one row per resource of each stack's newest stored
+    state, rewritten in the write transaction that stores a state (updates, imports,
+    rename; a stack's removal takes its rows along), so searches run as SQL over it.
+    Stacks stored without it (an older database, a DIY import) are indexed before
+    the next search answers, one at a time."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self._catch_up_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Index the stacks stored without the index in a thread (the server's start)."""
+        def run() -> None:
+            try:
+                done = self.catch_up()
+                if done:
+                    log.info("search index: %d stacks indexed", done)
+            except Exception:  # noqa: BLE001 - the next search tries again
+                log.exception("building the search index failed; the next search retries")
+
+        self._stopping.clear()
+        self._thread = threading.Thread(target=run, daemon=True, name="search-index")
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Stop indexing in the background after the stack at hand (up to ``timeout`` s)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def store(self, db, row: dict, version: int, entries: list) -> None:
+        """Make ``entries`` (of ``_search_entries``) the index of stack ``row``."""
+        rows = [(row["id"], *e[:4], e[4], e[5], e[6], row["project"], row["name"], *e[7:])
+                for e in entries]
+        self.engine.store.replace_search_rows(db, row["id"], version, rows)
+
+    def catch_up(self) -> int:
+        """Index every stack whose index is missing or stale; return how many."""
+        store, done = self.engine.store, 0
+        with self._catch_up_lock:
+            while True:
+                with store.read() as db:
+                    ids = store.stacks_to_index(db, 100)
+                if not ids:
+                    return done
+                for stack_id in ids:
+                    if self._stopping.is_set():
+                        return done
+                    self._index_one(stack_id)
+                    done += 1
+
+    def _index_one(self, stack_id: str) -> None:
+        store = self.engine.store
+        with store.read() as db:
+            row = store.get_stack_by_id(db, stack_id)
+            dep = store.get_deployment(db, stack_id) if row else None
+            if dep is None:
+                data = b""
+            else:
+                try:
+                    data = (_gunzip_stored(dep["data"]) if dep["data"]
+                            else self.engine._history_state(db, dep))
+                except (HTTPError, OSError, EOFError, zlib.error) as e:
+                    log.warning("stack %s: its state cannot be read for the search index: %s",
+                                stack_id, e)
+                    data = b""
+        if row is None:
+            return
+        version = dep["version"] if dep else -1
+        entries = _search_entries(data, (row["last_update"] or row["created"]) * 1000) \
+            if data else []
+        del data
+        with store.write() as db:
+            now = store.get_stack_by_id(db, stack_id)
+            newest = store.get_deployment(db, stack_id) if now else None
+            if (now is None or (newest["version"] if newest else -1) != version
+                    or store.search_indexed_version(db, stack_id) == version
+                    or (now["project"], now["name"]) != (row["project"], row["name"])):
+                return  # stored or renamed meanwhile (and indexed with it): the next pass sees
+            self.store(db, now, version, entries)
+
+    def search(self, query: str, stack_ids: Optional[list], sort: list, asc: bool,
+               offset: int, size: int) -> tuple:
+        """Return ``(total, rows)``: one page of the index rows ``query`` matches among
+        the stacks ``stack_ids`` (None: all), sorted by ``sort`` (Pulumi Cloud's names;
+        default modified, newest first)."""
+        where, params = _SearchQuery(query).sql()
+        direction = "ASC" if asc else "DESC"
+        order = []
+        for name in sort or ["modified"]:
+            if name not in _SEARCH_SORTS:
+                raise BadRequest(f"cannot sort by {name!r}; sort by one of "
+                                 f"{', '.join(sorted(_SEARCH_SORTS))}")
+            if _SEARCH_SORTS[name]:
+                order.append(f"{_SEARCH_SORTS[name]} {direction}")
+        if where != "1 = 1" and order and order[0].startswith("modified "):
+            # Filtered: find the matches, then sort them. Walking the whole modified
+            # index for a rare match would cost a table lookup per resource.
+            order[0] = "+" + order[0]
+        order += ["project ASC", "stack ASC", "seq ASC"]  # a stable order for paging
+        self.engine.updates.await_stored()
+        self.catch_up()
+        with self.engine.store.read() as db:
+            return self.engine.store.search_resources(db, where, params, stack_ids,
+                                                      ", ".join(order), size, offset)
 
 
 # ==== 7. Crypto =============================================================
@@ -8396,6 +9004,17 @@ _AUDIT_EVENTS = _obj(("auditLogEvents",), continuationToken=_NULLABLE_STR,
                          timestamp=_INT, sourceIP=_STR, event=_STR, description=_STR,
                          user=_USER_INFO, actorName=_STR, tokenID=_STR, tokenName=_STR,
                          authFailure=_BOOL, userAgent=_STR, target=_STR, outcome=_STR)))
+_SEARCH_RESOURCE = dict(created=_STR, custom=_BOOL, delete=_BOOL, id=_STR, modified=_STR,
+                        module=_STR, name=_STR, package=_STR, pending=_STR, project=_STR,
+                        protected=_BOOL, stack=_STR, type=_STR, urn=_STR)
+
+
+def _search_answer(parent: str, provider: str) -> dict:
+    """ResourceSearchResult, its resources naming their parent and provider URNs so."""
+    return _obj(("total", "resources"), total=_INT, resources=_list_of(_obj(
+        ("module", "package"), **_SEARCH_RESOURCE, **{parent: _STR, provider: _STR})),
+        pagination=_obj(previous=_STR, next=_STR, cursor=_STR))
+
 
 _WEBHOOK_PROPS = dict(organizationName=_STR, projectName=_STR, stackName=_STR, name=_STR,
                       displayName=_STR, payloadUrl=_STR, active=_BOOL, format=_STR,
@@ -8510,6 +9129,7 @@ class App:
               hour=_INT, resources=_INT, resourceHours=_INT))))
         self._add_access_routes()
         self._add_webhook_routes(SP)
+        self._add_search_routes()
 
     def _add_webhook_routes(self, sp: str) -> None:
         """Organization webhooks (org admins) and stack webhooks (stack admins)."""
@@ -8540,6 +9160,21 @@ class App:
             r("POST", hook + "/deliveries/{event}/redeliver", self.redeliver_webhook_event,
               op=ops[6], response=_WEBHOOK_DELIVERY)
             r("POST", hook + "/ping", self.ping_webhook, op=ops[7], response=_WEBHOOK_DELIVERY)
+
+    def _add_search_routes(self) -> None:
+        """Resource search across the stacks the caller may read (SearchIndex, section 6)."""
+        r = functools.partial(self.router.add, tag="ResourceSearch", need="signed-in")
+        search = "/api/orgs/{orgName}/search/resources"
+        # The CLI's apitype.ResourceResult names parent and provider URNs "parent.urn"
+        # (`pulumi org search`); the v2 answer "parent_urn" (`pulumi insights`).
+        r("GET", search, self.search_resources, op="GetOrgResourceSearchQuery",
+          query=("query", "sort", "page", "size", "cursor", "properties"),
+          response=_search_answer("parent.urn", "provider.urn"))
+        r("GET", search + "v2", self.search_resources_v2, op="GetOrgResourceSearchV2Query",
+          query=("query", "sort", "asc", "page", "size", "cursor", "properties"),
+          response=_search_answer("parent_urn", "provider_urn"))
+        r("GET", search + "/parse", self.parse_search_query, op="GetNaturalLanguageQuery",
+          query=("query",), response=_obj(("query",), query=_STR))
 
     def _add_access_routes(self) -> None:
         """Tokens, members, teams, stack permissions and the audit log (section 8)."""
@@ -9327,6 +9962,120 @@ class App:
         """Send a ping, now; answer how the receiver took it."""
         return self.webhooks.ping(*self._hook_scope(req), req.params["hookName"])
 
+    # -- resource search ----------------------------------------------------
+
+    def search_resources(self, req: Request) -> dict:
+        """Search the resources of every stack the caller may read (Pulumi query syntax)."""
+        return self._search(req, v2=False)
+
+    def search_resources_v2(self, req: Request) -> dict:
+        """Search resources, with ``sort`` and ``asc`` (the Insights API's form)."""
+        return self._search(req, v2=True)
+
+    def parse_search_query(self, req: Request) -> dict:
+        """Check a query and give it back: no natural-language translation here."""
+        query = (req.q("query") or "").strip()
+        if not query:
+            raise BadRequest("please provide a query")
+        _SearchQuery(query)
+        return {"query": query}
+
+    def resource_search(self, p: Principal, query: str, sort: Iterable = (), asc: bool = False,
+                        offset: int = 0, size: int = SEARCH_PAGE_SIZE) -> tuple:
+        """Return ``(total, index rows)`` of one page of ``query`` over the stacks ``p``
+        may read (the API's and the console's search)."""
+        stack_ids = None
+        if not p.admin:
+            visible = self.identity.visible(p)
+            stack_ids = [s[0] for s in self.engine.console_stacks() if visible(s[1], s[2])]
+        return self.engine.search.search(query, stack_ids, list(sort), asc, offset, size)
+
+    def _search(self, req: Request, v2: bool) -> dict:
+        if (req.q("properties") or "").lower() == "true":
+            raise BadRequest("this server does not index resource properties; search "
+                             "without properties=true and read them with `pulumi stack export`")
+        query = req.q("query") or ""
+        sort = [f for value in req.query.get("sort", []) for f in value.split(",") if f]
+        asc = v2 and (req.q("asc") or "").lower() == "true"
+        size = _search_int(req.q("size"), "size", SEARCH_PAGE_SIZE, SEARCH_MAX_PAGE_SIZE)
+        page = None
+        if req.q("cursor"):
+            offset = _decode_search_cursor(req.q("cursor"))
+        else:
+            page = _search_int(req.q("page"), "page", 1, SEARCH_MAX_WINDOW)
+            offset = (page - 1) * size
+            if offset + size > SEARCH_MAX_WINDOW:
+                raise BadRequest(f"page and size reach past the first {SEARCH_MAX_WINDOW} "
+                                 "results; follow pagination.next (a cursor) instead")
+        total, rows = self.resource_search(req.principal, query, sort, asc, offset, size)
+        parent, provider = ("parent_urn", "provider_urn") if v2 else ("parent.urn",
+                                                                      "provider.urn")
+        out: dict = {"total": total,
+                     "resources": [_search_result(r, parent, provider) for r in rows]}
+        link = {"query": query, "size": size, **({"sort": ",".join(sort)} if sort else {}),
+                **({"asc": "true"} if asc else {})}
+        pagination: dict = {}
+        if offset + size < total:
+            following = ({"page": page + 1} if page is not None
+                         and offset + 2 * size <= SEARCH_MAX_WINDOW
+                         else {"cursor": _encode_search_cursor(offset + size)})
+            pagination["next"] = req.path + "?" + urllib.parse.urlencode({**link, **following})
+        if offset > 0:
+            before = ({"page": page - 1} if page is not None
+                      else {"cursor": _encode_search_cursor(max(0, offset - size))})
+            pagination["previous"] = req.path + "?" + urllib.parse.urlencode({**link, **before})
+        if page is None:
+            pagination["cursor"] = _encode_search_cursor(offset)
+        if pagination:
+            out["pagination"] = pagination
+        return out
+
+
+def _search_int(text: Optional[str], name: str, default: int, most: int) -> int:
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= most:
+        raise BadRequest(f"{name} must be a whole number from 1 to {most}")
+    return value
+
+
+def _encode_search_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(_dumps(["search", offset])).decode("ascii").rstrip("=")
+
+
+def _decode_search_cursor(cursor: str) -> int:
+    try:
+        key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, TypeError, RecursionError):
+        key = None
+    if not (isinstance(key, list) and len(key) == 2 and key[0] == "search"
+            and isinstance(key[1], int) and not isinstance(key[1], bool)
+            and 0 <= key[1] <= 2 ** 40):
+        raise BadRequest("invalid cursor")
+    return key[1]
+
+
+def _search_result(row: dict, parent: str, provider: str) -> dict:
+    """One ResourceResult of a search_resources row."""
+    out = {"custom": bool(row["custom"]), "delete": bool(row["deleted"]),
+           "id": row["resource_id"], "modified": _search_ms_text(row["modified"]),
+           "module": row["module"], "name": row["name"], "package": row["package"],
+           "project": row["project"], "protected": bool(row["protected"]),
+           "stack": row["stack"], "type": row["type"], "urn": row["urn"]}
+    if row["created"] is not None:
+        out["created"] = _search_ms_text(row["created"])
+    if row["pending"]:
+        out["pending"] = row["pending"]
+    if row["parent_urn"]:
+        out[parent] = row["parent_urn"]
+    if row["provider_urn"]:
+        out[provider] = row["provider_urn"]
+    return out
+
 
 def _opt_str(body: dict, key: str) -> Optional[str]:
     value = body.get(key)
@@ -9745,6 +10494,7 @@ class Console:
         add("GET", stack + "/export", self._page(self.export_download))
         add("GET", "/tokens", self._page(self.tokens_page))
         add("GET", "/webhooks", self._page(self.webhooks_page))
+        add("GET", "/search", self._page(self.search_page))
         form("POST", "/tokens", self._page(self.create_token))
         form("POST", "/tokens/{tokenId}/revoke", self._page(self.revoke_token))
         # `pulumi login` offers the console's token page at /user/settings/tokens
@@ -9777,7 +10527,8 @@ class Console:
         p = req.principal if req.session else None
         nav = ""
         if p is not None:
-            nav = ('<nav><a href="/">Stacks</a><a href="/tokens">Tokens</a></nav>'
+            nav = ('<nav><a href="/">Stacks</a><a href="/search">Resources</a>'
+                   '<a href="/tokens">Tokens</a></nav>'
                    f'<span class="who">{_name(p.actor)}</span>'
                    '<form method="post" action="/logout">'
                    f'<input type="hidden" name="csrf" value="{_h(self._csrf(req))}">'
@@ -10106,6 +10857,48 @@ class Console:
             out.append(f'<p class="mut">{len(resources)} resources</p>')
             out.append(self._tree(resources, link))
         return self._html(req, f"{project}/{name} resources", "".join(out))
+
+    def search_page(self, req: Request) -> Response:
+        """Resources of every stack the caller may read that match a Pulumi query, paged."""
+        text = (req.q("q") or "").strip()[:MAX_SEARCH_QUERY]
+        try:
+            page = max(1, min(int(req.q("page") or 1), 10**6))
+        except ValueError:
+            raise BadRequest("page must be a number") from None
+        out = ['<h1>Resources</h1><form class="search" method="get" action="/search">'
+               f'<input type="search" name="q" value="{_h(text)}" '
+               'placeholder="type:bucket protected:true -stack:dev" '
+               'aria-label="Search resources (Pulumi query syntax)">'
+               '<button type="submit">Search</button></form>'
+               '<p class="mut">Words match names, types, URNs, stacks and projects; '
+               '<code>field:value</code> (name, type, stack, project, package, module, urn, '
+               'id, protected, custom, delete, modified, created), <code>"exact"</code>, '
+               '<code>-negation</code>, <code>OR</code> and parentheses narrow it.</p>']
+        try:
+            total, rows = self.app.resource_search(req.principal, text,
+                                                   offset=(page - 1) * CONSOLE_SEARCH_PAGE,
+                                                   size=CONSOLE_SEARCH_PAGE)
+        except BadRequest as e:
+            out.append(f'<p class="err">{_h(e.message)}</p>')
+            return self._html(req, "Resources", "".join(out), 400)
+        out.append(f'<p class="mut">{total} resources</p>')
+        if rows:
+            out.append('<div class="scroll"><table><thead><tr><th>Name</th><th>Type</th>'
+                       '<th>Stack</th><th class="w">Modified</th><th class="w">Flags</th>'
+                       '</tr></thead><tbody>')
+            for r in rows:
+                link = self._linker(r["project"], r["stack"])({"urn": r["urn"]})
+                stack = (f'<a href="{_h(self._stack_url(r["project"], r["stack"]))}">'
+                         f'{_name(r["project"])}/{_name(r["stack"])}</a>')
+                flags = " ".join(label for label, on in (
+                    ("protected", r["protected"]), ("component", not r["custom"]),
+                    ("delete", r["deleted"]), (r["pending"], r["pending"])) if on)
+                out.append(f'<tr><td>{link}</td><td class="t">{_name(r["type"])}</td>'
+                           f'<td>{stack}</td><td class="w">{_when(r["modified"] // 1000)}</td>'
+                           f'<td class="w">{_h(flags)}</td></tr>')
+            out.append("</tbody></table></div>")
+        out.append(self._pager(req, page, page * CONSOLE_SEARCH_PAGE < total))
+        return self._html(req, "Resources", "".join(out))
 
     def _linker(self, project: str, name: str, present: Optional[set] = None) -> Callable:
         """Return ``f(resource)``: a link to its page (the stack's part computed once), or
@@ -11789,6 +12582,7 @@ def serve(cfg: Config, environ: dict) -> int:
         app.webhooks.start()
         if backups is not None:
             backups.start()
+        app.engine.search.start()  # stacks stored before the search index (section 6)
         gc.freeze()  # start-up objects live as long as the server: no collection walks them
         print(f"pulumi-backend listening on {server.url}", flush=True)
         server.serve_forever(poll_interval=0.25)
@@ -11797,6 +12591,7 @@ def serve(cfg: Config, environ: dict) -> int:
             backups.stop()
         app.webhooks.stop(cfg.shutdown_timeout)  # what is cut short is sent after a restart
         server.server_close()  # waits (bounded) for in-flight requests
+        app.engine.search.stop(cfg.shutdown_timeout)
         app.engine.updates.drain(cfg.shutdown_timeout)  # final states stored after `complete`
         store.close()
         log.info("stopped")

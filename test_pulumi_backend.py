@@ -1481,6 +1481,108 @@ def test_replay_byte_string_needs_something_to_write():
     assert out["features"] == ["byteString"] and out["version"] == 4
 
 
+# ==== 6. Engine: resource search query language ==============================
+
+def q_node(text):
+    return pb._SearchQuery(text).node
+
+
+def test_search_query_parses_each_operator():
+    t = lambda field, op, value: ("term", field, op, value)  # noqa: E731
+    assert q_node("") is None and q_node("   ") is None
+    assert q_node("bucket") == t(None, "~", "bucket")
+    assert q_node("aws:s3") == t(None, "~", "aws:s3")  # not a field: free text
+    assert q_node('"my bucket"') == t(None, "=", "my bucket")
+    assert q_node("type:aws:s3/bucket:Bucket") == t("type", "~", "aws:s3/bucket:Bucket")
+    assert q_node('stack:"prod"') == t("stack", "=", "prod")
+    assert q_node("Name:x") == t("name", "~", "x")  # field names ignore case
+    assert q_node("parent.urn:comp") == t("parent.urn", "~", "comp")
+    assert q_node("protected:TRUE") == t("protected", "=", True)
+    assert q_node("custom:false") == t("custom", "=", False)
+    day = (1704067200000, 1704153600000)  # 2024-01-01, whole day
+    assert q_node("modified:2024-01-01") == t("modified", "in", day)
+    assert q_node("modified:>=2024-01-01") == t("modified", ">=", day[0])
+    assert q_node("modified:>2024-01-01") == t("modified", ">=", day[1])
+    assert q_node("modified:<2024-01-01") == t("modified", "<", day[0])
+    assert q_node("modified:<=2024-01-01") == t("modified", "<", day[1])
+    assert q_node("created:[2024-01-01 to 2024-01-02]") == t("created", "in", (
+        day[0], day[1] + 86400000))
+    assert q_node("created:[* TO 2024-01-01]") == t("created", "in", (None, day[1]))
+    assert q_node("modified:>=2024-01-01T10:00:00.5+02:00") == t(
+        "modified", ">=", day[0] + 8 * 3600000 + 500)
+    # negation: -term, field:-value, -"exact", -(group), NOT
+    assert q_node("-name:a") == q_node("name:-a") == ("not", t("name", "~", "a"))
+    assert q_node('name:-"a b"') == ("not", t("name", "=", "a b"))
+    assert q_node('-"a b"') == ("not", t(None, "=", "a b"))
+    assert q_node("-(a OR b)") == q_node("NOT (a OR b)") == (
+        "not", ("or", t(None, "~", "a"), t(None, "~", "b")))
+    assert q_node("-name:-a") == ("not", ("not", t("name", "~", "a")))
+    # AND is implicit; OR and AND fold left to right; parentheses group
+    a, b, c = t(None, "~", "a"), t(None, "~", "b"), t(None, "~", "c")
+    assert q_node("a b OR c") == ("or", ("and", a, b), c)
+    assert q_node("a OR b c") == ("and", ("or", a, b), c)
+    assert q_node("a (b OR c)") == q_node("a AND (b OR c)") == ("and", a, ("or", b, c))
+    assert q_node("a ORb") == ("and", a, t(None, "~", "ORb"))
+    assert q_node("a or b") == ("and", ("and", a, t(None, "~", "or")), b)  # OR is upper case
+
+
+@pytest.mark.parametrize("query, message", [
+    ("name:", "character 6: name: needs a value right after the colon"),
+    ("name: web", "name: needs a value right after the colon"),
+    ("(a", "'(' without a matching ')'"),
+    ("a)", "character 2: ')' without a matching '('"),
+    ("()", "empty parentheses"),
+    ('"open', "a quote is not closed"),
+    ('name:"open', "a quote is not closed"),
+    ("OR a", "OR needs a term before it"),
+    ("a OR", "OR needs a term after it"),
+    ("a OR OR b", "OR needs a term before it"),
+    ("a AND", "AND needs a term after it"),
+    ("protected:yes", "protected: takes true or false, not 'yes'"),
+    ("modified:>=yesterday", "modified: 'yesterday' is not a date (YYYY-MM-DD)"),
+    ("created:2024-02-30", "created: '2024-02-30' is not a date"),
+    ("modified:[2024-01-01 2024-02-01]", "modified: a range is written [FROM to TO]"),
+    ("(" * 17 + "a" + ")" * 17, "parentheses nest deeper than 16"),
+    (" ".join(["a"] * 65), "more than 64 terms"),
+    ("a" * 4097, "longer than 4096 characters"),
+])
+def test_search_query_errors_name_what_is_wrong(query, message):
+    with pytest.raises(pb.BadRequest, match=re.escape(message)):
+        pb._SearchQuery(query)
+
+
+def test_search_query_sql_binds_every_value_and_escapes_like():
+    where, params = pb._SearchQuery('name:50%_off\\ -"it\'s" type:a*b').sql()
+    assert "50" not in where and "it" not in where  # values are bound, never in the text
+    assert params[0] == "%50\\%\\_off\\\\%"
+    assert params[1:6] == ["it's"] * 5
+    assert params[6:] == ["%a%b%", "%a%b%"]  # type and its short form; * is any run
+    assert pb._SearchQuery("").sql() == ("1 = 1", [])
+    assert pb._search_time("2024-01-01T10:11") == (1704103860000, 1704103920000)
+    assert pb._search_time("2024-01-01T10:11:12.123456789Z") == (1704103872123, 1704103872124)
+    assert pb._type_parts("aws:s3/bucket:Bucket") == ("aws", "s3", "aws:s3:Bucket")
+    assert pb._type_parts("pulumi:providers:aws") == ("pulumi", "providers", "pulumi:providers:aws")
+    assert pb._type_parts("odd") == ("odd", "", "odd")
+
+
+def test_search_entries_read_bytes_one_resource_at_a_time_as_a_parsed_state(caplog):
+    doc = untyped([stack_res(), res("a", "aws:s3/bucket:Bucket", protect=True,
+                                    modified="2024-01-01T00:00:00Z", parent=stack_res()["urn"]),
+                   {"no": "urn"}, res("b", delete=True, created="2023-05-05T05:05:05.5Z")],
+                  pending_operations=[{"resource": res("b"), "type": "deleting"}])
+    entries = pb._search_entries(doc, 7)
+    assert pb._search_entries(compact(doc), 7) == entries
+    assert pb._search_entries(json.dumps(doc, indent=2).encode(), 7) == entries
+    assert pb._search_entries(compact(doc["deployment"]), 7) == entries  # bare: full parse
+    assert [(e[0], e[4], e[5], e[6], e[8], e[9], e[10], e[14], e[15]) for e in entries] == [
+        (0, "proj-dev", "pulumi", "pulumi", 0, 0, "", None, 7),
+        (1, "a", "aws", "s3", 1, 0, "", None, 1704067200000),
+        (3, "b", "random", "index", 0, 1, "deleting", 1683263105500, 7)]
+    assert entries[1][12] == stack_res()["urn"] and entries[1][11] == "a-id"
+    assert pb._search_entries(b'{"version":3,"deployment":{"resources":[{"urn":', 7) == []
+    assert "could not be read for the search index" in caplog.text
+
+
 # ==== 7. Crypto ================================================================
 
 _K15 = bytes.fromhex("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
@@ -3209,6 +3311,11 @@ _ROUTE_NEED_TABLE = {
     ("GET", _SP + "/hooks/{hookName}/deliveries"): "admin",
     ("POST", _SP + "/hooks/{hookName}/deliveries/{event}/redeliver"): "admin",
     ("POST", _SP + "/hooks/{hookName}/ping"): "admin",
+    # Resource search (issue 25): answers only with stacks the caller may read.
+    ("GET", "/api/orgs/{orgName}/search/resources"): "signed-in",
+    ("GET", "/api/orgs/{orgName}/search/resourcesv2"): "signed-in",
+    ("GET", "/api/orgs/{orgName}/search/resources/parse"): "signed-in",
+    ("GET", "/search"): "signed-in",
 }
 #: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
 _UPDATE_ROUTE_NEEDS = {
@@ -3686,6 +3793,10 @@ def test_responses_match_declared_shapes(srv):
     call("GET", path + "/updates?pageSize=2&page=1")
     call("GET", path + "/updates/latest")
     call("GET", "/api/user/stacks")
+    search = f"/api/orgs/{ORG}/search/resources"
+    call("GET", search + "?query=" + urllib.parse.quote("type:RandomPet -name:zz"))
+    call("GET", search + "v2?size=1&sort=name&asc=true")
+    call("GET", search + "/parse?query=name:a")
     call("POST", path + "/rename", {"newName": "prod"})
     call("DELETE", sp(stack="prod") + "?force=true")
     call_access_routes(srv, call)
@@ -3789,6 +3900,10 @@ _AUDIT_EXTRAS = ("issue 13 asks every audit event for the user agent, the target
                  "outcome; Pulumi Cloud's AuditLogEvent has no such fields, so they are extras "
                  "(its own fields are all there)")
 
+_SEARCH_URNS = ("the CLI's apitype.ResourceResult, which `pulumi org search` decodes, names "
+                "them parent.urn and provider.urn (as Pulumi Cloud's query fields are); the "
+                "spec's parent_urn and provider_urn are the v2 answer's names, which we use there")
+
 #: Every way our document may differ from Pulumi Cloud's, with the reason.
 #: Keys: (method, path template, kind, name); kind is "route" (not upstream),
 #: "operationId", "query" (parameter), "request" or "response" (property,
@@ -3828,6 +3943,10 @@ ALLOWED_DIFFERENCES = {
         _AUDIT_EXTRAS,
     ("GET", "/api/orgs/{orgName}/auditlogs/v2", "response", "auditLogEvents.[].outcome"):
         _AUDIT_EXTRAS,
+    ("GET", "/api/orgs/{orgName}/search/resources", "response", "resources.[].parent.urn"):
+        _SEARCH_URNS,
+    ("GET", "/api/orgs/{orgName}/search/resources", "response", "resources.[].provider.urn"):
+        _SEARCH_URNS,
 }
 
 
@@ -5878,6 +5997,319 @@ def test_update_events_by_version_and_urn(srv, monkeypatch):
         assert srv.request("GET", f"{path}/update/{missing}/events")[0] == 404, missing
 
 
+# ==== 10. Handlers: resource search ===========================================
+
+SEARCH = f"/api/orgs/{ORG}/search/resources"
+_SEARCH_TYPES = ("aws:s3/bucket:Bucket", "aws:s3/bucketObject:BucketObject",
+                 "aws:ec2/instance:Instance", "gcp:storage/bucket:Bucket",
+                 "random:index/randomPet:RandomPet")
+
+
+def search(srv, query="", path=SEARCH, ok=200, **params):
+    """The answer of one search; ``params`` are more query parameters."""
+    qs = urllib.parse.urlencode({"query": query, **params})
+    status, _, out = srv.request("GET", f"{path}?{qs}", token=params.pop("token", "token t"))
+    assert status == ok, out
+    return out
+
+
+def search_all(srv, query, token="token t"):
+    """Every result of ``query`` as sorted ``(project, stack, urn, delete)``, paging through."""
+    found, page = [], 1
+    while True:
+        qs = urllib.parse.urlencode({"query": query, "size": 1000, "page": page})
+        status, _, out = srv.request("GET", f"{SEARCH}?{qs}", token=token)
+        assert status == 200, (query, out)
+        found += [(r["project"], r["stack"], r["urn"], r["delete"]) for r in out["resources"]]
+        if "next" not in out.get("pagination", {}):
+            assert len(found) == out["total"]
+            return sorted(found)
+        page += 1
+
+
+def search_time(rng):
+    """An RFC 3339 time between 2023 and 2025, with milliseconds."""
+    ms = rng.randrange(1672531200000, 1767225600000)
+    return pb._search_ms_text(ms)
+
+
+def search_state(rng, project, stack):
+    """An untyped deployment with varied types, names, flags, times and references."""
+    provider = res("default_6_0_0", "pulumi:providers:aws", stack, project)
+    comp = {"urn": urn(f"comp-{stack}", "my:component:Web", stack, project),
+            "custom": False, "type": "my:component:Web"}
+    resources, pending = [stack_res(stack, project), provider, comp], []
+    for i in range(rng.randint(2, 9)):
+        type_ = rng.choice(_SEARCH_TYPES)
+        r = res(f"{rng.choice(('web', 'db', 'cache', 'logs'))}-{i}", type_, stack, project,
+                protect=rng.random() < 0.2)
+        if rng.random() < 0.8:
+            r["modified"] = search_time(rng)
+        if rng.random() < 0.5:
+            r["created"] = search_time(rng)
+        if rng.random() < 0.1:
+            r["delete"] = True
+        if type_.startswith("aws:"):
+            r["provider"] = f"{provider['urn']}::{provider['id']}"
+        if rng.random() < 0.3:
+            r["parent"] = comp["urn"]
+        if rng.random() < 0.05:
+            pending.append({"resource": r, "type": "updating"})
+        resources.append(r)
+    extra = {"pending_operations": pending} if pending else {}
+    return untyped(resources, **extra)
+
+
+def make_search_org(srv, stacks, seed=25):
+    """``stacks`` stacks in five projects, made through the engine; return their paths."""
+    rng, engine, paths = random.Random(seed), srv.app.engine, []
+    for n in range(stacks):
+        project = ("alpha", "beta", "gamma", "delta", "web")[n % 5]
+        stack = f"{('dev', 'prod', 'test')[n % 3]}-{n}"
+        engine.create_stack(ORG, project, {"stackName": stack})
+        engine.import_deployment(ORG, project, stack, compact(search_state(rng, project, stack)),
+                                 "3.200.0")
+        paths.append(sp(project, stack))
+    return paths
+
+
+def exported_resources(srv, paths):
+    """Each resource of the stacks' exports as a record the brute force reads."""
+    out = []
+    for path in paths:
+        _, _, _, project, stack = path.rsplit("/", 4)
+        dep = srv.export(path)["deployment"]
+        pending = {op["resource"]["urn"]: op["type"] for op in dep.get("pending_operations", [])}
+        for r in dep.get("resources", []):
+            parts = r["type"].split(":")
+            out.append({
+                "project": project, "stack": stack, "urn": r["urn"], "type": r["type"],
+                "name": r["urn"].split("::", 3)[3], "package": parts[0],
+                "module": parts[1].split("/")[0], "custom": r.get("custom", False),
+                "protected": r.get("protect", False), "delete": r.get("delete", False),
+                "id": r.get("id", ""), "parent": r.get("parent", ""),
+                "provider": r.get("provider", ""), "pending": pending.get(r["urn"], ""),
+                "modified": r.get("modified", "9999"), "created": r.get("created")})
+    return out
+
+
+def _has(value, part):
+    return part.lower() in value.lower()
+
+
+#: Queries of every operator and the brute force's reading of each (Pulumi's documented
+#: semantics: a field's words match a part of it, ignoring case; "quotes" match exactly).
+_SEARCH_CASES = {
+    "": lambda r: True,
+    "bucket": lambda r: any(_has(r[k], "bucket")
+                            for k in ("name", "urn", "stack", "project", "type")),
+    "web prod": lambda r: (any(_has(r[k], "web") for k in ("name", "urn", "stack", "project"))
+                           and any(_has(r[k], "prod")
+                                   for k in ("name", "urn", "stack", "project"))),
+    '"web-3"': lambda r: "web-3" in (r["name"], r["urn"], r["stack"], r["project"], r["type"]),
+    "type:bucket": lambda r: _has(r["type"], "bucket"),
+    # a type's short form (module without its file part) matches too
+    "type:aws:s3:Bucket": lambda r: _has(r["type"], "aws:s3:bucket") or _has(
+        f"{r['package']}:{r['module']}:{r['type'].split(':')[-1]}", "aws:s3:bucket"),
+    'type:"aws:s3/bucket:Bucket"': lambda r: r["type"] == "aws:s3/bucket:Bucket",
+    "name:WEB": lambda r: _has(r["name"], "web"),
+    'name:"web-1"': lambda r: r["name"] == "web-1",
+    "name:web*1": lambda r: re.search("web.*1", r["name"], re.I) is not None,
+    "name:-web": lambda r: not _has(r["name"], "web"),
+    "-name:web -name:db": lambda r: not _has(r["name"], "web") and not _has(r["name"], "db"),
+    "project:alpha": lambda r: _has(r["project"], "alpha"),
+    "stack:prod": lambda r: _has(r["stack"], "prod"),
+    'stack:"prod-1"': lambda r: r["stack"] == "prod-1",
+    "package:AWS": lambda r: r["package"] == "aws",
+    "package:aws-native": lambda r: False,
+    "module:s3": lambda r: r["module"] == "s3",
+    "urn:prod-1::beta": lambda r: _has(r["urn"], "prod-1::beta"),
+    "id:db-2-id": lambda r: _has(r["id"], "db-2-id"),
+    "parent.urn:comp-": lambda r: _has(r["parent"], "comp-"),
+    "provider.urn:default_6": lambda r: _has(r["provider"], "default_6"),
+    "pending:updating": lambda r: r["pending"] == "updating",
+    "protected:true": lambda r: r["protected"],
+    "protected:false": lambda r: not r["protected"],
+    "custom:false": lambda r: not r["custom"],
+    "delete:true": lambda r: r["delete"],
+    "modified:>=2024-01-01": lambda r: r["modified"] >= "2024-01-01",
+    "modified:>2024-06-30": lambda r: r["modified"] >= "2024-07-01",
+    "modified:<2024-01-01": lambda r: r["modified"] < "2024-01-01",
+    "modified:<=2024-06-30": lambda r: r["modified"] < "2024-07-01",
+    "modified:[2024-01-01 to 2024-03-31]": lambda r: "2024-01-01" <= r["modified"] < "2024-04",
+    "created:>=2025-01-01": lambda r: r["created"] is not None and r["created"] >= "2025",
+    "-created:>=2025-01-01": lambda r: not (r["created"] is not None and r["created"] >= "2025"),
+    "type:bucket OR protected:true": lambda r: _has(r["type"], "bucket") or r["protected"],
+    "stack:prod (type:bucket OR type:instance)": lambda r: _has(r["stack"], "prod") and (
+        _has(r["type"], "bucket") or _has(r["type"], "instance")),
+    "-(project:alpha OR project:beta)": lambda r: r["project"] not in ("alpha", "beta"),
+    "project:alpha name:db OR package:gcp": lambda r: (
+        r["project"] == "alpha" and _has(r["name"], "db")) or r["package"] == "gcp",
+}
+
+
+@both_stores
+def test_search_equals_a_brute_force_scan_of_the_exports(srv, db_kind):
+    paths = make_search_org(srv, 200 if db_kind == "sqlite" else 60)
+    records = exported_resources(srv, paths)
+    assert len(records) > (1000 if db_kind == "sqlite" else 300)
+    for query, matches in _SEARCH_CASES.items():
+        expected = sorted((r["project"], r["stack"], r["urn"], r["delete"])
+                          for r in records if matches(r))
+        assert search_all(srv, query) == expected, query
+    # Not vacuous: each case but two finds something and leaves something out.
+    sizes = {q: len(search_all(srv, q)) for q in _SEARCH_CASES}
+    assert [q for q, n in sizes.items() if not 0 < n < len(records)] == [
+        "", "package:aws-native"]
+
+
+def test_search_answers_as_the_cli_reads_it(srv):
+    path = srv.create_stack("app", "dev")
+    srv.import_state(path, untyped([
+        stack_res("dev", "app"),
+        res("logs", "aws:s3/bucket:Bucket", "dev", "app", protect=True,
+            created="2024-01-02T03:04:05.678901234Z", modified="2024-05-06T07:08:09+02:00")]))
+    before = int(time.time() * 1000)
+    out = search(srv, "type:bucket")
+    assert out == {"total": 1, "resources": [{
+        "created": "2024-01-02T03:04:05.678Z", "custom": True, "delete": False,
+        "id": "logs-id", "modified": "2024-05-06T05:08:09.000Z", "module": "s3",
+        "name": "logs", "package": "aws", "project": "app", "protected": True,
+        "stack": "dev", "type": "aws:s3/bucket:Bucket",
+        "urn": "urn:pulumi:dev::app::aws:s3/bucket:Bucket::logs"}]}
+    # A resource that records no modified time has the time of the update that stored it.
+    stack = search(srv, "type:pulumi:pulumi:Stack")["resources"][0]
+    assert stack["module"] == "pulumi" and "created" not in stack
+    modified = datetime_ms(stack["modified"])
+    assert before - 2000 <= modified <= int(time.time() * 1000) + 1000
+    assert search(srv, "-name:logs", SEARCH + "v2")["total"] == 1
+    assert search(srv, "name:logs", SEARCH + "/parse") == {"query": "name:logs"}
+    assert search(srv, "  how many buckets? ", SEARCH + "/parse") == {
+        "query": "how many buckets?"}
+    for path, query in ((SEARCH, "type:("), (SEARCH + "v2", "a OR"),
+                        (SEARCH + "/parse", "(x"), (SEARCH + "/parse", " ")):
+        out = search(srv, query, path, ok=400)
+        assert out["code"] == 400 and out["message"].startswith("Bad Request: ")
+    assert search(srv, "", SEARCH + "/parse", ok=400)["message"] == (
+        "Bad Request: please provide a query")
+    assert srv.request("GET", f"/api/orgs/other/search/resources")[0] == 404
+
+
+def datetime_ms(text):
+    return pb._search_time(text)[0]
+
+
+def test_search_sorts_and_pages(srv):
+    path = srv.create_stack("app", "dev")
+    srv.import_state(path, untyped([
+        res(name, modified=f"2024-01-0{day}T00:00:00Z")
+        for name, day in (("c", 1), ("a", 3), ("d", 2), ("b", 4))]))
+    names = lambda out: [r["name"] for r in out["resources"]]  # noqa: E731
+    assert names(search(srv)) == ["b", "a", "d", "c"]  # modified, newest first
+    v2 = SEARCH + "v2"
+    assert names(search(srv, path=v2, sort="name")) == ["d", "c", "b", "a"]
+    assert names(search(srv, path=v2, sort="name", asc="true")) == ["a", "b", "c", "d"]
+    assert names(search(srv, path=v2, sort="protected,name", asc="true")) == [
+        "a", "b", "c", "d"]
+    first = search(srv, path=v2, sort="name", asc="true", size=3)
+    assert names(first) == ["a", "b", "c"] and first["total"] == 4
+    assert first["pagination"] == {"next": (
+        f"/api/orgs/{ORG}/search/resourcesv2?query=&size=3&sort=name&asc=true&page=2")}
+    second = srv.request("GET", first["pagination"]["next"])[2]
+    assert names(second) == ["d"] and second["pagination"] == {"previous": (
+        f"/api/orgs/{ORG}/search/resourcesv2?query=&size=3&sort=name&asc=true&page=1")}
+    # A cursor goes on from any offset (past the window of pages too).
+    cursor = pb._encode_search_cursor(2)
+    third = search(srv, path=v2, sort="name", asc="true", size=1, cursor=cursor)
+    assert names(third) == ["c"] and third["pagination"]["cursor"] == cursor
+    assert "cursor=" in third["pagination"]["next"]
+    for params, message in (({"sort": "colour"}, "cannot sort by 'colour'"),
+                            ({"size": "0"}, "size must be a whole number from 1 to 1000"),
+                            ({"size": "x"}, "size must be"), ({"page": "-1"}, "page must be"),
+                            ({"page": "101", "size": "100"}, "past the first 10000 results"),
+                            ({"cursor": "nope"}, "invalid cursor"),
+                            ({"properties": "true"}, "does not index resource properties")):
+        assert message in search(srv, path=v2, ok=400, **params)["message"]
+
+
+@both_stores
+def test_search_shows_a_member_only_the_stacks_they_may_read(team_srv):
+    srv = team_srv
+    for project, stack in (("app", "dev"), ("ops", "prod")):
+        srv.app.engine.import_deployment(ORG, project, stack, compact(untyped([
+            res("thing", stack=stack, project=project)])), "")
+    srv.app.identity.add_user(LOCAL, "nogrant")
+    seen = {who: {(r["project"], r["stack"]) for r in search(
+        srv, "thing", token=srv.tok[who] if who in srv.tok else token_for(
+            srv, "personal", who))["resources"]} for who in ("root", "viewer", "dev", "nogrant")}
+    assert seen == {"root": {("app", "dev"), ("ops", "prod")},
+                    "viewer": {("app", "dev"), ("ops", "prod")},
+                    "dev": {("app", "dev")}, "nogrant": set()}
+    out = search(srv, "", token=srv.tok["dev"])
+    assert out["total"] == 1 and out["resources"][0]["stack"] == "dev"
+    team = token_for(srv, "team", "devs")
+    assert search(srv, "", token=team)["total"] == 1
+
+
+@both_stores
+def test_search_index_follows_updates_renames_removals_and_imports(srv):
+    path = srv.create_stack("app", "dev")
+    names = lambda q="": sorted(r["name"] for r in search(srv, q)["resources"])  # noqa: E731
+    assert names() == []
+    up = srv.begin(path)  # a journaled update, stored in the background after complete
+    assert up.journal(entry(1, 1, 1, state=res("a", stack="dev", project="app")),
+                      entry(2, 1, 2, state=res("b", stack="dev", project="app")))[0] == 200
+    assert up.complete()[0] == 200
+    assert names() == ["a", "b"]
+    up = srv.begin(path, journal=False)  # checkpoints
+    assert up.checkpoint(untyped([res("c", stack="dev", project="app", protect=True)]))[0] == 200
+    assert up.complete()[0] == 200
+    assert names() == ["c"] and names("protected:true") == ["c"]
+    assert srv.request("POST", path + "/rename", {"newName": "prod"})[0] == 200
+    (found,) = search(srv, "c")["resources"]
+    assert (found["stack"], found["urn"]) == ("prod", urn("c", stack="prod", project="app"))
+    assert search(srv, "stack:dev")["total"] == 0
+    srv.import_state(sp("app", "prod"), untyped([res("d", stack="prod", project="app")]))
+    assert names() == ["d"]
+    other = srv.create_stack("web", "dev")
+    srv.import_state(other, untyped([res("e", stack="dev", project="web")]))
+    assert srv.request("DELETE", sp("app", "prod") + "?force=true")[0] == 200
+    assert names() == ["e"]
+    with srv.store.read() as db:
+        assert srv.store.search_resources(db, "1 = 1", [], None, "seq", 10, 0)[0] == 1
+
+
+@both_stores
+def test_search_indexes_stacks_stored_without_it(srv):
+    """An older database (or a DIY import) has stacks without index rows: they are
+    indexed before the next search answers, one at a time."""
+    for n in range(3):
+        srv.import_state(srv.create_stack("app", f"s{n}"), untyped([
+            res(f"r{n}", stack=f"s{n}", project="app")]))
+    index = srv.app.engine.search
+
+    def indexed():
+        with srv.store.read() as db:
+            return sorted(r["name"] for r in srv.store.search_resources(
+                db, "1 = 1", [], None, "seq", 10, 0)[1])
+
+    with srv.store.write() as db:
+        db.execute("DELETE FROM search_resources")
+        db.execute("DELETE FROM search_stacks")
+    index.start()  # as the server does at start
+    index.stop(10)  # after the stack at hand
+    assert not index._thread.is_alive() and len(indexed()) < 3
+    index.start()
+    index._thread.join(10)
+    assert indexed() == ["r0", "r1", "r2"]
+    with srv.store.write() as db:
+        srv.store.put_deployment(db, srv.store.get_stack(db, ORG, "app", "s2")["id"], 2,
+                                 gzip.compress(compact(untyped([res("late", stack="s2",
+                                                                     project="app")]))), 1, 1)
+    assert sorted(r["name"] for r in search(srv)["resources"]) == ["late", "r0", "r1"]
+    assert srv.app.engine.search.catch_up() == 0  # nothing left to do
+
+
 # ==== 11. Web console =========================================================
 
 class Browser:
@@ -6505,6 +6937,28 @@ def test_console_renders_times_out_of_range(srv, cfg, browser, tmp_path, capsys)
         assert "100000000000000000" in page, url  # 10**18 or 10**18 + 5 (its end)
     assert pb._when(10**18) == str(10**18) and pb._when(float("inf")) == "inf"
     assert pb._duration(10**18, 10**18 + 5) == "5s"
+
+
+def test_console_search_page_finds_resources_across_stacks(srv, browser):
+    console_stack(srv, "web", "dev", resources=[
+        res("<b>evil</b>", "aws:s3/bucket:Bucket", "dev", "web", protect=True)])
+    console_stack(srv, "web", "prod", resources=[res("site", "aws:s3/bucket:Bucket", "prod",
+                                                     "web")])
+    status, _, page = browser.get("/")
+    assert '<a href="/search">Resources</a>' in page
+    status, _, page = browser.get("/search?q=" + urllib.parse.quote("type:bucket protected:true"))
+    assert status == 200 and "1 resources" in page
+    assert "&lt;b&gt;evil&lt;/b&gt;" in page and "<b>evil" not in page
+    link = urllib.parse.quote(urn("<b>evil</b>", "aws:s3/bucket:Bucket", "dev", "web"),
+                              safe=":/$")
+    assert f'href="/stacks/web/dev/resource?urn={html.escape(link)}"' in page
+    assert 'href="/stacks/web/dev"' in page and "protected" in page
+    assert browser.get(f"/stacks/web/dev/resource?urn={link}")[0] == 200
+    status, _, page = browser.get("/search?q=" + urllib.parse.quote("-stack:dev"))
+    assert "1 resources" in unbdi(page) and "site" in page and "evil" not in page
+    status, _, page = browser.get("/search?q=" + urllib.parse.quote('name:"<x'))
+    assert status == 400 and "a quote is not closed" in page
+    assert 'value="name:&quot;&lt;x"' in page
 
 
 # ==== 12. Backups and replication: scheduled backups ==========================

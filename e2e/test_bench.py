@@ -163,3 +163,19 @@ def test_bench_console_smoke(tmp_path):
                                                            "update page"], rows
     assert all(r["median_s"] > 0 and r["html_bytes"] > 1000 for r in rows), rows
     assert "| stacks page, 7 stacks |" in table and "| 50 ms |" in table
+
+
+def test_bench_search_smoke(tmp_path):
+    out = tmp_path / "search.json"
+    table = run_script("bench_search.py", "--stacks", "6", "--resources", "10", "--rounds", "2",
+                       "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert len(rows) == 13 and {r["as"] for r in rows} == {"root", "member"}, rows
+    assert all(0 < r["p50_s"] <= r["p95_s"] <= max(r["samples"]) and len(r["samples"]) == 2
+               for r in rows), rows
+    everything = {r["as"]: r["results"] for r in rows if r["query"] == ""}
+    assert everything == {"root": 60, "member": 30}, everything  # half the stacks readable
+    assert result["indexed_stacks"] == 6 and result["index_build_s"] > 0, result
+    assert "| query | as | results | p50 | p95 |" in table
+    assert "| index built afresh, 6 stacks | | 60 |" in table
