@@ -10235,7 +10235,7 @@ word-break:break-word}
 color:var(--fg);white-space:pre-wrap;font:13px/1.45 ui-monospace,monospace}
 .diag.error{border-color:var(--bad)}.diag.warning{border-color:var(--warn)}
 .pager{display:flex;gap:1rem;margin:1rem 0;align-items:center}
-form.inline{display:inline;margin:0}
+form.inline{display:inline;margin:0}table.admin td{vertical-align:middle}
 .token{font-size:1rem;padding:.6rem;border:2px solid var(--ok);border-radius:6px;
 word-break:break-all;display:block}
 @media (max-width:640px){main{padding:.8rem}th.w,td.w{display:none}
@@ -11328,7 +11328,7 @@ class Console:
     def _token_rows(self, req: Request, tokens: list, back: str, owner: bool = True) -> str:
         if not tokens:
             return '<p class="mut">No tokens.</p>'
-        out = ['<div class="scroll"><table><thead><tr>'
+        out = ['<div class="scroll"><table class="admin"><thead><tr>'
                + ("<th>Owner</th>" if owner else "") + '<th>Description</th>'
                '<th class="w">Created by</th><th class="w">Created</th><th>Last used</th>'
                '<th class="w">Expires</th><th></th></tr></thead><tbody>']
@@ -11371,7 +11371,7 @@ class Console:
                '<p class="mut">Give a new user a token with <code>pulumi_backend.py token '
                'create --user LOGIN</code>; removing a user revokes their tokens and ends '
                'their sessions at once.</p></div>',
-               '<div class="scroll"><table><thead><tr><th>Login</th><th class="w">Name</th>'
+               '<div class="scroll"><table class="admin"><thead><tr><th>Login</th><th class="w">Name</th>'
                '<th class="w">Email</th><th>Role</th><th>Teams</th><th class="n">Tokens</th>'
                '<th class="w">Created</th></tr></thead><tbody>']
         for m in members:
@@ -11419,7 +11419,7 @@ class Console:
             ("Email", _name(user["email"])), ("Role", role_form),
             ("Created", _when(user["created"]))]) + "</div>", "<h2>Teams</h2>"]
         if user["teams"]:
-            out.append('<table><tbody>')
+            out.append('<table class="admin"><tbody>')
             for team in user["teams"]:
                 out.append(f'<tr><td><a href="/admin/teams/{_h(_q(team))}">{_name(team)}</a>'
                            '</td><td>' + self._button_form(
@@ -11465,7 +11465,7 @@ class Console:
         if not names:
             out.append('<p class="mut">No teams.</p>')
             return self._html(req, "Teams", "".join(out))
-        out.append('<div class="scroll"><table><thead><tr><th>Team</th><th class="w">'
+        out.append('<div class="scroll"><table class="admin"><thead><tr><th>Team</th><th class="w">'
                    'Description</th><th>Members</th><th>Grants</th></tr></thead><tbody>')
         for name in names:
             team = self.identity.team_json(name)
@@ -11508,7 +11508,7 @@ class Console:
                        + '</select><button class="primary" type="submit">Add member</button>'
                        '</form>')
         if members:
-            out.append('<div class="scroll"><table><tbody>')
+            out.append('<div class="scroll"><table class="admin"><tbody>')
             for m in team["members"]:
                 login = m["githubLogin"]
                 out.append(
@@ -11530,7 +11530,7 @@ class Console:
                    f'maxlength="201" required>{self._perm_select()}'
                    '<button class="primary" type="submit">Grant</button></form>')
         if team["stacks"]:
-            out.append('<div class="scroll"><table><thead><tr><th>Pattern</th><th>Permission'
+            out.append('<div class="scroll"><table class="admin"><thead><tr><th>Pattern</th><th>Permission'
                        '</th><th></th></tr></thead><tbody>')
             for s in team["stacks"]:
                 pattern = s["projectName"] + "/" + s["stackName"]
@@ -11649,7 +11649,7 @@ class Console:
         if not rows:
             out.append('<p class="mut">No events match.</p>')
         else:
-            out.append('<div class="scroll"><table><thead><tr><th>When</th><th>User</th>'
+            out.append('<div class="scroll"><table class="admin"><thead><tr><th>When</th><th>User</th>'
                        '<th>Event</th><th>Target</th><th class="w">Details</th>'
                        '<th class="w">Address</th></tr></thead><tbody>')
             for e in rows:
