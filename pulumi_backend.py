@@ -11371,7 +11371,8 @@ class Console:
                '<p class="mut">Give a new user a token with <code>pulumi_backend.py token '
                'create --user LOGIN</code>; removing a user revokes their tokens and ends '
                'their sessions at once.</p></div>',
-               '<div class="scroll"><table class="admin"><thead><tr><th>Login</th><th class="w">Name</th>'
+               '<div class="scroll"><table class="admin"><thead><tr><th>Login</th>'
+               '<th class="w">Name</th>'
                '<th class="w">Email</th><th>Role</th><th>Teams</th><th class="n">Tokens</th>'
                '<th class="w">Created</th></tr></thead><tbody>']
         for m in members:
@@ -11530,7 +11531,8 @@ class Console:
                    f'maxlength="201" required>{self._perm_select()}'
                    '<button class="primary" type="submit">Grant</button></form>')
         if team["stacks"]:
-            out.append('<div class="scroll"><table class="admin"><thead><tr><th>Pattern</th><th>Permission'
+            out.append('<div class="scroll"><table class="admin"><thead><tr><th>Pattern</th>'
+                       '<th>Permission'
                        '</th><th></th></tr></thead><tbody>')
             for s in team["stacks"]:
                 pattern = s["projectName"] + "/" + s["stackName"]
@@ -11649,7 +11651,8 @@ class Console:
         if not rows:
             out.append('<p class="mut">No events match.</p>')
         else:
-            out.append('<div class="scroll"><table class="admin"><thead><tr><th>When</th><th>User</th>'
+            out.append('<div class="scroll"><table class="admin"><thead><tr><th>When</th>'
+                       '<th>User</th>'
                        '<th>Event</th><th>Target</th><th class="w">Details</th>'
                        '<th class="w">Address</th></tr></thead><tbody>')
             for e in rows:

@@ -7017,6 +7017,7 @@ def test_console_admin_pages_escape_hostile_names(team_srv):
     assert status == 200 and 'value="&lt;u&gt;"' in page and "<u>" not in page
 
 
+@both_stores
 def test_console_admin_audit_page_filters_and_pages(team_srv, clock):
     srv, ident = team_srv, team_srv.app.identity
     root = srv.app.identity.authenticate(srv.tok["root"].removeprefix("token "))

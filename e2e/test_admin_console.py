@@ -17,11 +17,11 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from conftest import ORG, TOKEN
 from test_access import admin, as_user, use_project
 from test_console import SCREENSHOTS_TO, Shots, browser  # noqa: F401 - a fixture
-
-import pytest
 
 ADMIN_SHOTS = ("admin", "audit")
 
