@@ -1742,8 +1742,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_audit(self, db, before_id: int, since: int, until: int, event: Optional[str],
-                   actor: Optional[str], limit: int, ascending: bool = False) -> list:
-        """Return up to ``limit`` audit rows with ``since <= time <= until``, by id."""
+                   actor: Optional[str], limit: int, ascending: bool = False,
+                   target: Optional[str] = None) -> list:
+        """Return up to ``limit`` audit rows with ``since <= time <= until``, by id (of
+        ``target`` or below it, ``target/...``, when given)."""
 
     @abc.abstractmethod
     def prune_audit(self, db, before: int) -> int:
@@ -2652,7 +2654,8 @@ class _SQLRecords(Store):
                           tuple(event.values())).lastrowid
 
     def list_audit(self, db, before_id: int, since: int, until: int, event: Optional[str],
-                   actor: Optional[str], limit: int, ascending: bool = False) -> list:
+                   actor: Optional[str], limit: int, ascending: bool = False,
+                   target: Optional[str] = None) -> list:
         """Return audit rows with ``since <= time <= until``, newest first below ``before_id``
         (or, ``ascending``, oldest first above it)."""
         sql = ("SELECT * FROM audit WHERE time >= ? AND time <= ? AND "
@@ -2664,6 +2667,9 @@ class _SQLRecords(Store):
         if actor:
             sql += " AND actor = ?"
             args.append(actor)
+        if target:  # a prefix by substr, not LIKE: "_" in a name is no wildcard
+            sql += " AND (target = ? OR substr(target, 1, ?) = ?)"
+            args += [target, len(target) + 1, target + "/"]
         sql += f" ORDER BY id {'ASC' if ascending else 'DESC'} LIMIT ?"
         args.append(limit)
         return [dict(r) for r in db.execute(sql, args)]
@@ -6627,15 +6633,17 @@ class AuditLog:
             log.error("cannot append to --audit-log %s: %s", self.path, e.strerror)
 
     def page(self, continuation: Optional[str], start: int, end: int, event: Optional[str],
-             user: Optional[str]) -> dict:
-        """One page of events in Pulumi Cloud's shape, newest first."""
+             user: Optional[str], target: Optional[str] = None) -> dict:
+        """One page of events in Pulumi Cloud's shape, newest first (of ``target`` and
+        what is below it, such as a stack's "org/project/stack" and its updates)."""
         before = 2 ** 62
         if continuation:
             if not (continuation.isascii() and continuation.isdigit()) or len(continuation) > 18:
                 raise BadRequest("invalid continuationToken")
             before = int(continuation)
         with self.store.read() as db:
-            rows = self.store.list_audit(db, before, start, end, event, user, AUDIT_PAGE_SIZE)
+            rows = self.store.list_audit(db, before, start, end, event, user, AUDIT_PAGE_SIZE,
+                                         target=target)
         more = len(rows) == AUDIT_PAGE_SIZE
         return {"auditLogEvents": [_audit_api(r) for r in rows],
                 "continuationToken": str(rows[-1]["id"]) if more else None}
@@ -7130,6 +7138,22 @@ class Identity:
         with self.store.read() as db:
             rows = self.store.list_tokens(db, kind, owner)
         return {"tokens": [_token_json(r) for r in rows]}
+
+    def user_detail(self, login: str) -> dict:
+        """A stored user's row with ``teams`` (names) and ``tokens`` (their personal
+        tokens, as tokens_owned gives them); NotFound for anyone else."""
+        with self.store.read() as db:
+            user = dict(self._user(db, login))
+            user["teams"] = self.store.user_teams(db, login)
+        user["tokens"] = self.tokens_owned("personal", login)
+        return user
+
+    def tokens_owned(self, kind: Optional[str] = None, owner: Optional[str] = None) -> list:
+        """Tokens (never values or hashes) as _token_json with their ``kind`` and ``owner``,
+        for the console's administration pages."""
+        with self.store.read() as db:
+            rows = self.store.list_tokens(db, kind, owner)
+        return [dict(_token_json(r), kind=r["kind"], owner=r["owner"]) for r in rows]
 
 
 def _user_info(user: dict) -> dict:
@@ -10211,6 +10235,7 @@ word-break:break-word}
 color:var(--fg);white-space:pre-wrap;font:13px/1.45 ui-monospace,monospace}
 .diag.error{border-color:var(--bad)}.diag.warning{border-color:var(--warn)}
 .pager{display:flex;gap:1rem;margin:1rem 0;align-items:center}
+form.inline{display:inline;margin:0}table.admin td{vertical-align:middle}
 .token{font-size:1rem;padding:.6rem;border:2px solid var(--ok);border-radius:6px;
 word-break:break-all;display:block}
 @media (max-width:640px){main{padding:.8rem}th.w,td.w{display:none}
@@ -10501,6 +10526,25 @@ class Console:
         # of the console host (PULUMI_CONSOLE_DOMAIN); older CLIs said /account/tokens.
         for path in ("/user/settings/tokens", "/account/tokens"):
             add("GET", path, self._page(self.to_tokens))
+        # Administration: org admins only (a member gets 403), as in the API.
+        admin = functools.partial(add, need="org-admin")
+        admin_form = functools.partial(form, need="org-admin")
+        admin("GET", "/admin/users", self._page(self.admin_users_page))
+        admin_form("POST", "/admin/users", self._page(self.admin_add_user))
+        admin("GET", "/admin/users/{login}", self._page(self.admin_user_page))
+        admin_form("POST", "/admin/users/{login}/role", self._page(self.admin_set_role))
+        admin_form("POST", "/admin/users/{login}/remove", self._page(self.admin_remove_user))
+        admin("GET", "/admin/teams", self._page(self.admin_teams_page))
+        admin_form("POST", "/admin/teams", self._page(self.admin_create_team))
+        admin("GET", "/admin/teams/{team}", self._page(self.admin_team_page))
+        admin_form("POST", "/admin/teams/{team}/members", self._page(self.admin_add_member))
+        admin_form("POST", "/admin/teams/{team}/members/{login}/remove",
+                   self._page(self.admin_remove_member))
+        admin_form("POST", "/admin/teams/{team}/grants", self._page(self.admin_grant))
+        admin_form("POST", "/admin/teams/{team}/delete", self._page(self.admin_delete_team))
+        admin("GET", "/admin/tokens", self._page(self.admin_tokens_page))
+        admin_form("POST", "/admin/tokens/{tokenId}/revoke", self._page(self.admin_revoke_token))
+        admin("GET", "/admin/audit", self._page(self.admin_audit_page))
 
     # -- plumbing -----------------------------------------------------------
 
@@ -10528,7 +10572,8 @@ class Console:
         nav = ""
         if p is not None:
             nav = ('<nav><a href="/">Stacks</a><a href="/search">Resources</a>'
-                   '<a href="/tokens">Tokens</a></nav>'
+                   '<a href="/tokens">Tokens</a>'
+                   + ('<a href="/admin/users">Admin</a>' if p.admin else "") + '</nav>'
                    f'<span class="who">{_name(p.actor)}</span>'
                    '<form method="post" action="/logout">'
                    f'<input type="hidden" name="csrf" value="{_h(self._csrf(req))}">'
@@ -11240,6 +11285,399 @@ class Console:
         self.identity.revoke_token(req.principal, req.params["tokenId"], "personal",
                                    req.principal.login, req)
         return Response(303, b"", "text/plain", headers={"Location": "/tokens"})
+
+    # -- administration (org admins) -----------------------------------------
+    # The pages call the same Identity and AuditLog functions as the API
+    # handlers and the user/team/token commands (section 8), which check their
+    # input and audit every change with the signed-in admin as the actor; the
+    # routes need "org-admin" (App._authorize), as the API's do.
+
+    _ADMIN_TABS = (("users", "Users", "/admin/users"), ("teams", "Teams", "/admin/teams"),
+                   ("tokens", "Tokens", "/admin/tokens"), ("audit", "Audit log", "/admin/audit"))
+
+    def _admin_head(self, tab: str, title: str) -> str:
+        tabs = "".join(f'<a href="{path}"{" class=on" if key == tab else ""}>{label}</a>'
+                       for key, label, path in self._ADMIN_TABS)
+        return (f'<div class="crumbs">{_name(self.cfg.org)} / administration</div>'
+                f'<h1>{title}</h1><div class="tabs">{tabs}</div>')
+
+    def _csrf_field(self, req: Request) -> str:
+        return f'<input type="hidden" name="csrf" value="{_h(self._csrf(req))}">'
+
+    def _button_form(self, req: Request, action: str, label: str, fields: Iterable = (),
+                     confirm: str = "", cls: str = "danger") -> str:
+        """A one-button POST form (hidden ``fields`` as ``(name, value)``)."""
+        hidden = "".join(f'<input type="hidden" name="{_h(k)}" value="{_h(v)}">'
+                         for k, v in fields)
+        ask = f' data-confirm="{_h(confirm)}"' if confirm else ""
+        return (f'<form class="inline" method="post" action="{_h(action)}"{ask}>'
+                f'{self._csrf_field(req)}{hidden}<button class="{cls}" type="submit">'
+                f'{_h(label)}</button></form>')
+
+    @staticmethod
+    def _see(location: str) -> Response:
+        return Response(303, b"", "text/plain", headers={"Location": location})
+
+    @staticmethod
+    def _perm_select(selected: int = PERM_WRITE, with_none: bool = False) -> str:
+        perms = (PERM_NONE,) * with_none + (PERM_READ, PERM_WRITE, PERM_ADMIN)
+        return ('<select name="permission" aria-label="Permission">' + "".join(
+            f'<option value="{_PERM_NAMES[p]}"{" selected" if p == selected else ""}>'
+            f'{_PERM_NAMES[p]}</option>' for p in perms) + "</select>")
+
+    def _token_rows(self, req: Request, tokens: list, back: str, owner: bool = True) -> str:
+        if not tokens:
+            return '<p class="mut">No tokens.</p>'
+        out = ['<div class="scroll"><table class="admin"><thead><tr>'
+               + ("<th>Owner</th>" if owner else "") + '<th>Description</th>'
+               '<th class="w">Created by</th><th class="w">Created</th><th>Last used</th>'
+               '<th class="w">Expires</th><th></th></tr></thead><tbody>']
+        for t in tokens:
+            who = (f'<td><span class="badge mut">{_h(t["kind"])}</span> '
+                   f'{self._owner_link(t["kind"], t["owner"])}'
+                   + (' <span class="badge bad">admin</span>' if t["admin"] else "")
+                   + "</td>") if owner else ""
+            out.append(
+                f'<tr class="token-row">{who}<td>{_name(t["description"] or t["name"])} '
+                f'<span class="t">{_h(t["id"])}</span></td>'
+                f'<td class="w">{_name(t["createdBy"])}</td><td class="w">{_h(t["created"])}</td>'
+                f'<td>{_when(t["lastUsed"])}</td><td class="w">{_when(t["expires"])}</td>'
+                '<td>' + self._button_form(req, f"/admin/tokens/{_q(t['id'])}/revoke", "Revoke",
+                                           (("back", back),), "Revoke this token?")
+                + "</td></tr>")
+        out.append("</tbody></table></div>")
+        return "".join(out)
+
+    @staticmethod
+    def _owner_link(kind: str, owner: str) -> str:
+        if kind == "personal":
+            return f'<a href="/admin/users/{_h(_q(owner))}">{_name(owner)}</a>'
+        if kind == "team":
+            return f'<a href="/admin/teams/{_h(_q(owner))}">{_name(owner)}</a>'
+        return _name(owner)
+
+    def admin_users_page(self, req: Request) -> Response:
+        """Every user with their role and teams; adds users (org admins)."""
+        members = self.identity.members_json()
+        out = [self._admin_head("users", f'Users <span class="mut">({len(members)})</span>'),
+               '<div class="card"><form class="search" method="post" action="/admin/users">'
+               f'{self._csrf_field(req)}<input type="text" name="login" placeholder="Login" '
+               'aria-label="Login" maxlength="100" required pattern="[A-Za-z0-9][A-Za-z0-9_.\\-]*">'
+               '<input type="text" name="name" placeholder="Name" aria-label="Name" '
+               'maxlength="200"><input type="text" name="email" placeholder="Email" '
+               'aria-label="Email" maxlength="200"><select name="role" aria-label="Role">'
+               '<option value="member">member</option><option value="admin">admin</option>'
+               '</select><button class="primary" type="submit">Add user</button></form>'
+               '<p class="mut">Give a new user a token with <code>pulumi_backend.py token '
+               'create --user LOGIN</code>; removing a user revokes their tokens and ends '
+               'their sessions at once.</p></div>',
+               '<div class="scroll"><table class="admin"><thead><tr><th>Login</th>'
+               '<th class="w">Name</th>'
+               '<th class="w">Email</th><th>Role</th><th>Teams</th><th class="n">Tokens</th>'
+               '<th class="w">Created</th></tr></thead><tbody>']
+        for m in members:
+            login = m["user"]["githubLogin"]
+            if m["virtualAdmin"]:
+                out.append(f'<tr><td>{_name(login)}</td><td class="w" colspan="2">'
+                           '<span class="mut">the admin of --auth-token tokens (configuration, '
+                           'not a stored user)</span></td><td>admin</td><td></td><td></td>'
+                           '<td class="w"></td></tr>')
+                continue
+            user = self.identity.user_detail(login)
+            teams = " ".join(f'<a class="tag" href="/admin/teams/{_h(_q(t))}">{_name(t)}</a>'
+                             for t in user["teams"])
+            role = ('<span class="badge bad">admin</span>' if user["role"] == "admin"
+                    else '<span class="mut">member</span>')
+            out.append(f'<tr class="user-row"><td><a href="/admin/users/{_h(_q(login))}">'
+                       f'{_name(login)}</a></td><td class="w">{_name(user["name"])}</td>'
+                       f'<td class="w">{_name(user["email"])}</td><td>{role}</td>'
+                       f'<td>{teams}</td><td class="n">{len(user["tokens"])}</td>'
+                       f'<td class="w">{_when(user["created"])}</td></tr>')
+        out.append("</tbody></table></div>")
+        return self._html(req, "Users", "".join(out))
+
+    def admin_add_user(self, req: Request) -> Response:
+        """Add a user (Identity.add_user, as `user add` and the API do)."""
+        form = self._checked_form(req)
+        login = form.get("login", "").strip()
+        self.identity.add_user(req.principal, login, form.get("name", "").strip()[:200],
+                               form.get("email", "").strip()[:200],
+                               form.get("role", "member"), req)
+        return self._see(f"/admin/users/{_q(login)}")
+
+    def admin_user_page(self, req: Request) -> Response:
+        """One user: role, teams and personal tokens, with the forms that change them."""
+        login = req.params["login"]
+        user = self.identity.user_detail(login)
+        here = f"/admin/users/{_q(login)}"
+        role_form = (f'<form class="inline" method="post" action="{_h(here)}/role">'
+                     f'{self._csrf_field(req)}<select name="role" aria-label="Role">' + "".join(
+                         f'<option value="{r}"{" selected" if r == user["role"] else ""}>{r}'
+                         '</option>' for r in ("member", "admin"))
+                     + '</select><button type="submit">Set role</button></form>')
+        out = [self._admin_head("users", f"User {_name(login)}"), '<div class="card">' + _kv([
+            ("Login", _name(login)), ("Name", _name(user["name"])),
+            ("Email", _name(user["email"])), ("Role", role_form),
+            ("Created", _when(user["created"]))]) + "</div>", "<h2>Teams</h2>"]
+        if user["teams"]:
+            out.append('<table class="admin"><tbody>')
+            for team in user["teams"]:
+                out.append(f'<tr><td><a href="/admin/teams/{_h(_q(team))}">{_name(team)}</a>'
+                           '</td><td>' + self._button_form(
+                               req, f"/admin/teams/{_q(team)}/members/{_q(login)}/remove",
+                               "Remove from team", (("back", here),)) + "</td></tr>")
+            out.append("</tbody></table>")
+        else:
+            out.append('<p class="mut">In no team.</p>')
+        out.append("<h2>Personal tokens</h2>")
+        out.append(self._token_rows(req, user["tokens"], here, owner=False))
+        out.append('<h2>Remove</h2><p class="mut">Removing the user deletes their personal '
+                   'tokens and memberships; their sessions end at once. (There is no '
+                   '"disabled" state: add them again to let them back in.)</p>'
+                   + self._button_form(req, here + "/remove", f"Remove user {login}",
+                                       confirm=f"Remove user {login} and their tokens?"))
+        return self._html(req, f"User {login}", "".join(out))
+
+    def admin_set_role(self, req: Request) -> Response:
+        """Set a user's org role (Identity.set_role)."""
+        form = self._checked_form(req)
+        login = req.params["login"]
+        self.identity.set_role(req.principal, login, form.get("role", ""), req)
+        return self._see(f"/admin/users/{_q(login)}")
+
+    def admin_remove_user(self, req: Request) -> Response:
+        """Remove a user and their personal tokens (Identity.remove_user)."""
+        self._checked_form(req)
+        self.identity.remove_user(req.principal, req.params["login"], req)
+        return self._see("/admin/users")
+
+    def admin_teams_page(self, req: Request) -> Response:
+        """Every team with its members and grants; creates teams."""
+        names = [t["name"] for t in self.identity.teams_json()]
+        out = [self._admin_head("teams", f'Teams <span class="mut">({len(names)})</span>'),
+               '<div class="card"><form class="search" method="post" action="/admin/teams">'
+               f'{self._csrf_field(req)}<input type="text" name="name" placeholder="Team name" '
+               'aria-label="Team name" maxlength="100" required>'
+               '<input type="text" name="display_name" placeholder="Display name" '
+               'aria-label="Display name" maxlength="200"><input type="text" '
+               'name="description" placeholder="Description" aria-label="Description" '
+               'maxlength="1000"><button class="primary" type="submit">Create team</button>'
+               '</form></div>']
+        if not names:
+            out.append('<p class="mut">No teams.</p>')
+            return self._html(req, "Teams", "".join(out))
+        out.append('<div class="scroll"><table class="admin"><thead><tr><th>Team</th><th class="w">'
+                   'Description</th><th>Members</th><th>Grants</th></tr></thead><tbody>')
+        for name in names:
+            team = self.identity.team_json(name)
+            grants = " ".join(
+                f'<span class="tag">{_name(s["projectName"] + "/" + s["stackName"])}: '
+                f'{_h(_PERM_NAMES.get(s["permission"], s["permission"]))}</span>'
+                for s in team["stacks"])
+            out.append(f'<tr class="team-row"><td><a href="/admin/teams/{_h(_q(name))}">'
+                       f'{_name(team["displayName"])}</a> <span class="t">{_name(name)}</span>'
+                       f'</td><td class="w">{_name(team["description"])}</td>'
+                       f'<td class="n">{len(team["members"])}</td><td>{grants}</td></tr>')
+        out.append("</tbody></table></div>")
+        return self._html(req, "Teams", "".join(out))
+
+    def admin_create_team(self, req: Request) -> Response:
+        """Create a team (Identity.create_team)."""
+        form = self._checked_form(req)
+        name = form.get("name", "").strip()
+        self.identity.create_team(req.principal, name, form.get("display_name", "").strip()[:200],
+                                  form.get("description", "").strip()[:1000], req)
+        return self._see(f"/admin/teams/{_q(name)}")
+
+    def admin_team_page(self, req: Request) -> Response:
+        """One team: members and stack grants, with the forms that change them."""
+        name = req.params["team"]
+        team = self.identity.team_json(name)
+        here = f"/admin/teams/{_q(name)}"
+        members = [m["githubLogin"] for m in team["members"]]
+        others = [m["user"]["githubLogin"] for m in self.identity.members_json()
+                  if not m["virtualAdmin"] and m["user"]["githubLogin"] not in members]
+        out = [self._admin_head("teams", f"Team {_name(team['displayName'])}"),
+               '<div class="card">' + _kv([
+                   ("Name", _name(name)), ("Display name", _name(team["displayName"])),
+                   ("Description", _name(team["description"]))]) + "</div>",
+               f'<h2>Members <span class="mut">({len(members)})</span></h2>']
+        if others:
+            out.append(f'<form class="search" method="post" action="{_h(here)}/members">'
+                       f'{self._csrf_field(req)}<select name="login" aria-label="User">'
+                       + "".join(f'<option value="{_h(u)}">{_h(u)}</option>' for u in others)
+                       + '</select><button class="primary" type="submit">Add member</button>'
+                       '</form>')
+        if members:
+            out.append('<div class="scroll"><table class="admin"><tbody>')
+            for m in team["members"]:
+                login = m["githubLogin"]
+                out.append(
+                    f'<tr class="member-row"><td><a href="/admin/users/{_h(_q(login))}">'
+                    f'{_name(login)}</a></td><td class="w">{_name(m["name"])}</td><td>'
+                    + self._button_form(req, f"{here}/members/{_q(login)}/remove", "Remove",
+                                        (("back", here),)) + "</td></tr>")
+            out.append("</tbody></table></div>")
+        else:
+            out.append('<p class="mut">No members.</p>')
+        out.append('<h2>Stack permissions</h2><p class="mut">A pattern is '
+                   '<code>project/stack</code> with <code>*</code> and <code>?</code> wildcards '
+                   '(<code>app/*</code>, <code>*/prod</code>; <code>app</code> means '
+                   '<code>app/*</code>). Members get the highest permission of any matching '
+                   'grant.</p>'
+                   f'<form class="search" method="post" action="{_h(here)}/grants">'
+                   f'{self._csrf_field(req)}<input type="text" name="pattern" '
+                   'placeholder="project/stack pattern" aria-label="Stack pattern" '
+                   f'maxlength="201" required>{self._perm_select()}'
+                   '<button class="primary" type="submit">Grant</button></form>')
+        if team["stacks"]:
+            out.append('<div class="scroll"><table class="admin"><thead><tr><th>Pattern</th>'
+                       '<th>Permission'
+                       '</th><th></th></tr></thead><tbody>')
+            for s in team["stacks"]:
+                pattern = s["projectName"] + "/" + s["stackName"]
+                out.append(
+                    f'<tr class="grant-row"><td><code>{_name(pattern)}</code></td><td>'
+                    f'{_h(_PERM_NAMES.get(s["permission"], s["permission"]))}</td><td>'
+                    + self._button_form(req, f"{here}/grants", "Remove",
+                                        (("pattern", pattern), ("permission", "none")))
+                    + "</td></tr>")
+            out.append("</tbody></table></div>")
+        else:
+            out.append('<p class="mut">No grants: members see only what '
+                       '--default-stack-permission allows.</p>')
+        out.append("<h2>Team tokens</h2>")
+        out.append(self._token_rows(req, self.identity.tokens_owned("team", name), here,
+                                    owner=False))
+        out.append("<h2>Delete</h2>" + self._button_form(
+            req, here + "/delete", f"Delete team {name}",
+            confirm=f"Delete team {name} with its grants and tokens?"))
+        return self._html(req, f"Team {name}", "".join(out))
+
+    def admin_add_member(self, req: Request) -> Response:
+        """Add a user to the team (Identity.add_member)."""
+        form = self._checked_form(req)
+        team = req.params["team"]
+        self.identity.add_member(req.principal, team, form.get("login", "").strip(), req)
+        return self._see(f"/admin/teams/{_q(team)}")
+
+    def admin_remove_member(self, req: Request) -> Response:
+        """Remove a user from the team (Identity.remove_member)."""
+        form = self._checked_form(req)
+        team = req.params["team"]
+        self.identity.remove_member(req.principal, team, req.params["login"], req)
+        return self._see(self._next(form.get("back") or f"/admin/teams/{_q(team)}"))
+
+    def admin_grant(self, req: Request) -> Response:
+        """Grant the team a permission on a stack pattern, or remove it with "none"
+        (Identity.grant: what `team grant` does; globs allowed)."""
+        form = self._checked_form(req)
+        team, perm = req.params["team"], form.get("permission", "")
+        if perm not in _PERM_BY_NAME:
+            raise BadRequest("permission must be none, read, write or admin")
+        self.identity.grant(req.principal, team, form.get("pattern", "").strip(),
+                            _PERM_BY_NAME[perm], req)
+        return self._see(f"/admin/teams/{_q(team)}")
+
+    def admin_delete_team(self, req: Request) -> Response:
+        """Delete the team with its grants and tokens (Identity.delete_team)."""
+        self._checked_form(req)
+        self.identity.delete_team(req.principal, req.params["team"], req)
+        return self._see("/admin/teams")
+
+    def admin_tokens_page(self, req: Request) -> Response:
+        """Every token of the organization (personal, team, org), to revoke."""
+        kind = req.q("kind") or ""
+        if kind not in ("", "personal", "team", "org"):
+            raise BadRequest("kind must be personal, team or org")
+        tokens = self.identity.tokens_owned(kind or None)
+        kinds = "".join(f'<a href="/admin/tokens{"?kind=" + k if k else ""}"'
+                        f'{" class=on" if k == kind else ""}>{label}</a>'
+                        for k, label in (("", "All"), ("personal", "Personal"),
+                                         ("team", "Team"), ("org", "Organization")))
+        out = [self._admin_head("tokens", f'Tokens <span class="mut">({len(tokens)})</span>'),
+               f'<div class="tabs">{kinds}</div>',
+               self._token_rows(req, tokens, "/admin/tokens" + (f"?kind={kind}" if kind else ""))]
+        return self._html(req, "Tokens", "".join(out))
+
+    def admin_revoke_token(self, req: Request) -> Response:
+        """Revoke any token (Identity.revoke_token)."""
+        form = self._checked_form(req)
+        self.identity.revoke_token(req.principal, req.params["tokenId"], req=req)
+        return self._see(self._next(form.get("back") or "/admin/tokens"))
+
+    @staticmethod
+    def _audit_time(text: str, end: bool) -> Optional[int]:
+        """A date (YYYY-MM-DD, whole day) or date and time (UTC) as a Unix time."""
+        if not text:
+            return None
+        try:
+            when = datetime.datetime.fromisoformat(text[:40])
+        except ValueError:
+            raise BadRequest(f"invalid time {text[:40]!r}: use YYYY-MM-DD or "
+                             "YYYY-MM-DDTHH:MM (UTC)") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        extra = 86399 if end and len(text) <= 10 else 59 if end and len(text) <= 16 else 0
+        return int(when.timestamp()) + extra
+
+    def admin_audit_page(self, req: Request) -> Response:
+        """The audit log, newest first: filter by user, event, stack and time; paged."""
+        user = (req.q("user") or "").strip()[:200]
+        event = (req.q("event") or "").strip()[:200]
+        stack = (req.q("stack") or "").strip()[:201]
+        since, until = (req.q("from") or "").strip(), (req.q("to") or "").strip()
+        start = self._audit_time(since, False) or 0
+        end = self._audit_time(until, True) or 2 ** 62
+        target = None
+        if stack:
+            project, _, name = stack.partition("/")
+            if name:
+                _check_stack_names(project, name)
+            elif not _NAME_RE.match(project):
+                raise BadRequest(f"invalid project name {project!r}")
+            target = f"{self.cfg.org}/{stack}"
+        page = self.audit.page(req.q("after"), start, end, event or None, user or None, target)
+        filters = {"user": user, "event": event, "stack": stack, "from": since, "to": until}
+        out = [self._admin_head("audit", "Audit log"),
+               '<form class="search" method="get" action="/admin/audit">' + "".join(
+                   f'<input type="text" name="{k}" value="{_h(filters[k])}" '
+                   f'placeholder="{label}" aria-label="{label}">' for k, label in (
+                       ("user", "User"), ("event", "Event, e.g. team_created"),
+                       ("stack", "project or project/stack"),
+                       ("from", "From (YYYY-MM-DD, UTC)"), ("to", "To (YYYY-MM-DD, UTC)")))
+               + '<button type="submit">Filter</button></form>']
+        rows = page["auditLogEvents"]
+        if not rows:
+            out.append('<p class="mut">No events match.</p>')
+        else:
+            out.append('<div class="scroll"><table class="admin"><thead><tr><th>When</th>'
+                       '<th>User</th>'
+                       '<th>Event</th><th>Target</th><th class="w">Details</th>'
+                       '<th class="w">Address</th></tr></thead><tbody>')
+            for e in rows:
+                outcome = "" if e["outcome"] == "success" else \
+                    f' <span class="badge bad">{_h(e["outcome"])}</span>'
+                token = f' <span class="t">via {_name(e["tokenName"])}</span>' \
+                    if e["tokenName"] else ""
+                out.append(f'<tr class="audit-row"><td>{_when(e["timestamp"])}</td>'
+                           f'<td>{_name(e["actorName"])}{token}</td>'
+                           f'<td><code>{_h(e["event"])}</code>{outcome}</td>'
+                           f'<td>{_name(e["target"])}</td>'
+                           f'<td class="w">{_name(e["description"])}</td>'
+                           f'<td class="w">{_h(e["sourceIP"])}</td></tr>')
+            out.append("</tbody></table></div>")
+        query = {k: v for k, v in filters.items() if v}
+        links = []
+        if req.q("after"):
+            links.append(f'<a href="/admin/audit?{_h(urllib.parse.urlencode(query))}">'
+                         '← Newest</a>')
+        if page["continuationToken"]:
+            more = urllib.parse.urlencode(dict(query, after=page["continuationToken"]))
+            links.append(f'<a href="/admin/audit?{_h(more)}">Older →</a>')
+        if links:
+            out.append(f'<div class="pager">{"".join(links)}</div>')
+        return self._html(req, "Audit log", "".join(out))
 
 
 def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:

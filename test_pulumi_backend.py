@@ -3316,6 +3316,22 @@ _ROUTE_NEED_TABLE = {
     ("GET", "/api/orgs/{orgName}/search/resourcesv2"): "signed-in",
     ("GET", "/api/orgs/{orgName}/search/resources/parse"): "signed-in",
     ("GET", "/search"): "signed-in",
+    # Administration pages of the console (issue 24): org admins, as the API's routes.
+    ("GET", "/admin/users"): "org-admin",
+    ("POST", "/admin/users"): "org-admin",
+    ("GET", "/admin/users/{login}"): "org-admin",
+    ("POST", "/admin/users/{login}/role"): "org-admin",
+    ("POST", "/admin/users/{login}/remove"): "org-admin",
+    ("GET", "/admin/teams"): "org-admin",
+    ("POST", "/admin/teams"): "org-admin",
+    ("GET", "/admin/teams/{team}"): "org-admin",
+    ("POST", "/admin/teams/{team}/members"): "org-admin",
+    ("POST", "/admin/teams/{team}/members/{login}/remove"): "org-admin",
+    ("POST", "/admin/teams/{team}/grants"): "org-admin",
+    ("POST", "/admin/teams/{team}/delete"): "org-admin",
+    ("GET", "/admin/tokens"): "org-admin",
+    ("POST", "/admin/tokens/{tokenId}/revoke"): "org-admin",
+    ("GET", "/admin/audit"): "org-admin",
 }
 #: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
 _UPDATE_ROUTE_NEEDS = {
@@ -6868,6 +6884,169 @@ def test_console_webhooks_only_for_admins(team_srv):
     browser.sign_in(team_srv.tok["root"])
     assert "No webhooks: <code>pulumi stack webhook new</code>" in browser.get(
         "/stacks/app/dev")[2]
+
+
+_ADMIN_PAGES = ("/admin/users", "/admin/users/dev", "/admin/teams", "/admin/teams/devs",
+                "/admin/tokens", "/admin/audit")
+
+
+def test_console_admin_pages_render_for_admins_only(team_srv):
+    admin = Browser(team_srv)
+    admin.sign_in(team_srv.tok["root"])
+    assert '<a href="/admin/users">Admin</a>' in admin.get("/")[2]
+    for path in _ADMIN_PAGES:
+        status, headers, page = admin.get(path)
+        assert status == 200, (path, page[-500:])
+        assert "Content-Security-Policy" in headers and "<style" not in page
+    member = Browser(team_srv)
+    member.sign_in(team_srv.tok["dev"])
+    assert '<a href="/admin/users">' not in member.get("/")[2]
+    for path in _ADMIN_PAGES:
+        assert member.get(path)[0] == 403, path
+    csrf = member.csrf("/tokens")
+    assert member.send("POST", "/admin/teams", {"csrf": csrf, "name": "x"})[0] == 403
+    assert member.send("POST", "/admin/users/viewer/remove", {"csrf": csrf})[0] == 403
+    assert team_srv.request("GET", "/api/orgs/organization/teams/x",
+                            token=team_srv.tok["root"])[0] == 404
+    assert "viewer" in [m["user"]["githubLogin"]
+                        for m in team_srv.app.identity.members_json()]
+    assert Browser(team_srv).get("/admin/users")[0] == 303  # not signed in: to /login
+
+
+def _team_api(srv, team):
+    status, _, body = srv.request("GET", f"/api/orgs/{ORG}/teams/{team}", token=srv.tok["root"])
+    return status, body
+
+
+def test_console_admin_forms_change_what_the_api_shows(team_srv):
+    srv, b = team_srv, Browser(team_srv)
+    b.sign_in(srv.tok["root"])
+    status, headers, _ = b.post("/admin/users", {"login": "erin", "name": "Erin",
+                                                 "role": "member"}, csrf_from="/admin/users")
+    assert status == 303 and headers["Location"] == "/admin/users/erin"
+    status, headers, _ = b.post("/admin/teams", {"name": "apps", "description": "App team"},
+                                csrf_from="/admin/teams")
+    assert status == 303 and headers["Location"] == "/admin/teams/apps"
+    assert b.post("/admin/teams/apps/members", {"login": "erin"},
+                  csrf_from="/admin/teams/apps")[0] == 303
+    assert b.post("/admin/teams/apps/grants", {"pattern": "app/*", "permission": "write"},
+                  csrf_from="/admin/teams/apps")[0] == 303
+    status, team = _team_api(srv, "apps")
+    assert status == 200 and team["description"] == "App team"
+    assert [m["githubLogin"] for m in team["members"]] == ["erin"]
+    assert team["stacks"] == [{"projectName": "app", "stackName": "*", "permission": 102}]
+    erin = token_for(srv, "personal", "erin")
+    assert srv.request("GET", f"/api/stacks/{ORG}/app/dev", token=erin)[0] == 200
+    assert srv.request("GET", f"/api/stacks/{ORG}/ops/prod", token=erin)[0] == 403
+    _, _, page = b.get("/admin/teams/apps")
+    assert "app/*" in unbdi(page) and 'href="/admin/users/erin"' in page
+    # The grant's permission "none" removes it; the member's "Remove" removes them.
+    assert b.post("/admin/teams/apps/grants", {"pattern": "app/*", "permission": "none"},
+                  csrf_from="/admin/teams/apps")[0] == 303
+    assert _team_api(srv, "apps")[1]["stacks"] == []
+    status, headers, _ = b.post("/admin/teams/apps/members/erin/remove",
+                                {"back": "/admin/users/erin"}, csrf_from="/admin/teams/apps")
+    assert status == 303 and headers["Location"] == "/admin/users/erin"
+    assert _team_api(srv, "apps")[1]["members"] == []
+    # Role, then tokens: the admin sees and revokes anyone's.
+    assert b.post("/admin/users/erin/role", {"role": "admin"},
+                  csrf_from="/admin/users/erin")[0] == 303
+    assert srv.request("GET", f"/api/orgs/{ORG}/members", token=erin)[0] == 200
+    _, _, page = b.get("/admin/tokens")
+    (token_id,) = [t["id"] for t in srv.app.identity.tokens_owned("personal", "erin")]
+    assert token_id in page and 'href="/admin/users/erin"' in page
+    status, headers, _ = b.post(f"/admin/tokens/{token_id}/revoke",
+                                {"back": "/admin/tokens"}, csrf_from="/admin/tokens")
+    assert status == 303 and headers["Location"] == "/admin/tokens"
+    assert srv.request("GET", "/api/user", token=erin)[0] == 401
+    # Removing a user; deleting a team.
+    assert b.post("/admin/users/erin/remove", csrf_from="/admin/users/erin")[0] == 303
+    assert "erin" not in [m["user"]["githubLogin"] for m in srv.app.identity.members_json()]
+    assert b.post("/admin/teams/apps/delete", csrf_from="/admin/teams/apps")[0] == 303
+    assert _team_api(srv, "apps")[0] == 404
+    # Errors of the engine's checks come back as pages, and change nothing.
+    status, _, page = b.post("/admin/teams/devs/grants", {"pattern": "a/b/c",
+                                                          "permission": "read"})
+    assert status == 400 and "invalid stack pattern" in page
+    assert b.post("/admin/teams/devs/grants", {"pattern": "x", "permission": "root"})[0] == 400
+    assert b.post("/admin/users", {"login": "dev"})[0] == 409
+    assert b.get("/admin/teams/nope")[0] == 404
+    # Every change is in the audit log, with the admin as the actor.
+    events = [e["event"] for e in srv.app.audit.page(None, 0, 2 ** 62, None, "root")[
+        "auditLogEvents"]]
+    for event in ("member_added", "team_created", "team_member_added",
+                  "stack_permission_changed", "team_member_removed", "member_role_changed",
+                  "token_revoked", "member_removed", "team_deleted"):
+        assert event in events, event
+
+
+def test_console_admin_forms_need_csrf_and_origin(team_srv):
+    b = Browser(team_srv)
+    b.sign_in(team_srv.tok["root"])
+    assert b.post("/admin/teams", {"name": "t1", "csrf": "forged"})[0] == 403
+    assert b.post("/admin/teams", {"name": "t2"}, origin="https://evil.example")[0] == 403
+    assert b.post("/admin/teams", {"name": "t3"}, origin=None)[0] == 403
+    csrf = b.csrf("/admin/teams")
+    assert b.send("POST", "/admin/users/viewer/remove", {"csrf": csrf},
+                  origin="https://evil.example")[0] == 403
+    assert [t["name"] for t in team_srv.app.identity.teams_json()] == ["devs", "viewers"]
+    assert "viewer" in [m["user"]["githubLogin"]
+                        for m in team_srv.app.identity.members_json()]
+
+
+def test_console_admin_pages_escape_hostile_names(team_srv):
+    srv, ident = team_srv, team_srv.app.identity
+    ident.add_user(LOCAL, "eve", name="<script>x</script>", email='"><img src=x>')
+    ident.create_team(LOCAL, "evil", display_name="<b>\u202eevil</b>",
+                      description="<i>d</i>")
+    ident.add_member(LOCAL, "evil", "eve")
+    ident.create_token(LOCAL, "personal", "eve", description="<svg onload=x>")
+    b = Browser(srv)
+    b.sign_in(srv.tok["root"])
+    for path in ("/admin/users", "/admin/users/eve", "/admin/teams", "/admin/teams/evil",
+                 "/admin/tokens", "/admin/audit"):
+        status, _, page = b.get(path)
+        assert status == 200, path
+        for raw in ("<script>x", "<img src=x", "<b>", "<i>d", "<svg", "\u202e"):
+            assert raw not in page, (path, raw)
+    page = b.get("/admin/users")[2]
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "&quot;&gt;&lt;img src=x&gt;" in page
+    assert '<span class="bad">U+202E</span>' in b.get("/admin/teams/evil")[2]
+    assert "&lt;svg onload=x&gt;" in b.get("/admin/tokens")[2]
+    status, _, page = b.get("/admin/audit?user=" + urllib.parse.quote("<u>"))
+    assert status == 200 and 'value="&lt;u&gt;"' in page and "<u>" not in page
+
+
+@both_stores
+def test_console_admin_audit_page_filters_and_pages(team_srv, clock):
+    srv, ident = team_srv, team_srv.app.identity
+    root = srv.app.identity.authenticate(srv.tok["root"].removeprefix("token "))
+    for i in range(pb.AUDIT_PAGE_SIZE + 5):
+        ident.create_team(root, f"t{i}")
+    clock.advance(86400 * 3)
+    assert srv.request("POST", f"/api/stacks/{ORG}/app", {"stackName": "qa_1"},
+                       token=srv.tok["dev"])[0] == 200
+    b = Browser(srv)
+    b.sign_in(srv.tok["root"])
+    status, _, page = b.get("/admin/audit?event=team_created&user=root")
+    assert status == 200 and page.count('class="audit-row"') == pb.AUDIT_PAGE_SIZE
+    older = html.unescape(re.search(r'href="(/admin/audit\?[^"]+)">Older', page)[1])
+    assert "event=team_created" in older and "user=root" in older
+    status, _, page = b.get(older)
+    assert page.count('class="audit-row"') == 5 and "Older" not in page and "Newest" in page
+    page = b.get("/admin/audit?event=team_created&user=dev")[2]
+    assert "No events match." in page
+    page = b.get("/admin/audit?stack=app/qa_1")[2]
+    assert page.count('class="audit-row"') == 1 and "stack_created" in page
+    assert b.get("/admin/audit?stack=app/qa")[2].count('class="audit-row"') == 0
+    assert b.get("/admin/audit?stack=app")[2].count("<code>stack_created</code>") == 2
+    day = datetime.datetime.fromtimestamp(pb._now(), datetime.timezone.utc).date()
+    page = b.get(f"/admin/audit?event=team_created&to={day - datetime.timedelta(days=1)}")[2]
+    assert page.count('class="audit-row"') == pb.AUDIT_PAGE_SIZE
+    page = b.get(f"/admin/audit?event=team_created&from={day}")[2]
+    assert "No events match." in page
+    assert b.get("/admin/audit?from=yesterday")[0] == 400
+    assert b.get("/admin/audit?stack=a/b/c")[0] == 400
 
 
 def test_console_session_ends_with_its_token_or_its_time(srv, clock):
