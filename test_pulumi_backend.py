@@ -3316,6 +3316,9 @@ _ROUTE_NEED_TABLE = {
     ("GET", "/api/orgs/{orgName}/search/resourcesv2"): "signed-in",
     ("GET", "/api/orgs/{orgName}/search/resources/parse"): "signed-in",
     ("GET", "/search"): "signed-in",
+    # Single sign-on (section 11, Console.sso_start/sso_callback): before anyone is known.
+    ("GET", "/sso/start"): "none",
+    ("GET", "/sso/callback"): "none",
 }
 #: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
 _UPDATE_ROUTE_NEEDS = {
