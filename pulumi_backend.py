@@ -137,7 +137,7 @@ __all__ = [
     "Store", "SQLiteStore", "PostgresStore", "open_store", "is_postgres_url",
     "Engine", "UpdateLifecycle", "SearchIndex", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
-    "Principal", "Identity", "AuditLog", "Webhooks",
+    "Principal", "Identity", "AuditLog", "SingleSignOn", "Webhooks",
     "Request", "Response", "Route", "Router", "App", "Console",
     "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
     "copy_database",
