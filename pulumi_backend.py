@@ -8023,9 +8023,12 @@ class SingleSignOn:
         domains = self.conf["domains"]
         if domains:
             domain = email.rpartition("@")[2].lower()
-            if not email or claims.get("email_verified") is False or domain not in domains:
-                raise _OIDCRefused(f"email domain {domain[:100]!r} is not allowed"
-                                   if email else "no email claim (allowedEmailDomains is set)")
+            if not email:
+                raise _OIDCRefused("no email claim (allowedEmailDomains is set)")
+            if claims.get("email_verified") is False:
+                raise _OIDCRefused("the email is not verified (email_verified is false)")
+            if domain not in domains:
+                raise _OIDCRefused(f"email domain {domain[:100]!r} is not allowed")
         value = claims.get(self.conf["username_claim"])
         if not isinstance(value, str) or not value:
             raise _OIDCRefused(f"no {self.conf['username_claim']} claim")
