@@ -11143,7 +11143,13 @@ class Console:
         """End the session."""
         self._checked_form(req)
         with self.store.write() as db:
+            session = self.store.get_session(db, _token_hash(req.session))
             self.store.delete_session(db, _token_hash(req.session))
+            # A single sign-on's session token (sso_callback) ends with its session.
+            row = self.store.token_by_hash(db, session["token_hash"]) if session else None
+            if row is not None and row["created_by"].startswith("sso:") \
+                    and row["name"] == "console session":
+                self.store.delete_token(db, row["id"])
         self.audit.record("console_logout", req.principal, req, "console")
         return Response(303, b"", "text/plain", headers={
             "Location": "/login", "Set-Cookie": self._set_cookie(_SESSION_COOKIE, "", 0)})

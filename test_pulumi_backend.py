@@ -7135,6 +7135,16 @@ def test_sso_first_sign_in_creates_the_user_and_syncs_teams(sso):
                        "ops/alice": "in no group mapped to this team"}
     assert [r["description"] for r in audit_rows(sso, "member_role_changed")] == [
         "role admin: group admins"]
+    # Signing out ends the session's token too.
+    status, _, page = sso.request("GET", "/", token=None, headers={"Cookie": session})
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.decode())[1]
+    status, _, _ = sso.request("POST", "/logout", f"csrf={csrf}", token=None, headers={
+        "Cookie": session, "Origin": f"http://{sso.host}:{sso.port}",
+        "Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 303
+    with sso.store.read() as db:
+        assert [t["name"] for t in sso.store.list_tokens(db, "personal", "alice")] == [
+            "console session"]  # the second sign-in's
     # The exchange used the verifier, the exact redirect URI and client_secret_basic.
     headers, form = sso.idp.token_requests[-1]
     assert form["redirect_uri"] == f"http://{sso.host}:{sso.port}/sso/callback"
