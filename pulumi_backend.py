@@ -7924,7 +7924,7 @@ def _load_sso(path: str) -> dict:
     name = doc.get("displayName", "single sign-on")
     if not isinstance(name, str) or not name or len(name) > 100:
         raise bad("displayName", "must be a name of 1 to 100 characters")
-    return {"issuer": issuer.rstrip("/"), "client_id": doc["clientId"], "secret": secret,
+    return {"issuer": issuer, "client_id": doc["clientId"], "secret": secret,
             "scopes": scopes, "username_claim": username, "groups_claim": groups,
             "domains": [d.lower().lstrip("@") for d in domains],
             "create_users": doc.get("createUsers", True), "lifetime": lifetime or 12 * 3600,
@@ -7952,9 +7952,11 @@ class SingleSignOn:
                     age < JWKS_REFETCH_SECONDS or (not again and age < JWKS_CACHE_SECONDS)):
                 return self._discovery
         issuer = self.conf["issuer"]
-        doc = _oidc_fetch(issuer + "/.well-known/openid-configuration", "discovery document",
-                          self.conf["allow_link_local"])
-        if not isinstance(doc, dict) or doc.get("issuer", "").rstrip("/") != issuer:
+        doc = _oidc_fetch(issuer.rstrip("/") + "/.well-known/openid-configuration",
+                          "discovery document", self.conf["allow_link_local"])
+        # Exactly the configured issuer (OpenID Connect Discovery 4.3), as the ID
+        # token's iss must be: a trailing "/" is part of it.
+        if not isinstance(doc, dict) or doc.get("issuer") != issuer:
             raise _OIDCRefused(f"the discovery document of {issuer} names another issuer")
         for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             url = doc.get(key)

@@ -7072,7 +7072,7 @@ def sso_sign_in(srv, claims, next_path=""):
     return sso_callback(srv, cookie, {"code": code, "state": query["state"]})
 
 
-def audit_rows(srv, event=None):
+def sso_audit(srv, event=None):
     with srv.store.read() as db:
         rows = srv.store.list_audit(db, 2**62, 0, 2**40, event, None, 1000)
     return rows
@@ -7116,7 +7116,7 @@ def test_sso_first_sign_in_creates_the_user_and_syncs_teams(sso):
                               "WHERE token_hash NOT LIKE 'sso:%'").fetchall()
     assert user["role"] == "member" and user["email"] == "alice@example.com"
     assert [tuple(s) for s in sessions] == [(3600,)]
-    descriptions = {(r["event"], r["target"], r["description"]) for r in audit_rows(sso)}
+    descriptions = {(r["event"], r["target"], r["description"]) for r in sso_audit(sso)}
     assert ("team_created", "ops", "for group ops/eu/db") in descriptions
     assert ("team_member_added", "eng/alice", "group eng/web") in descriptions
     assert ("team_member_added", "ops/alice", "group ops/eu/db") in descriptions
@@ -7130,10 +7130,10 @@ def test_sso_first_sign_in_creates_the_user_and_syncs_teams(sso):
     with sso.store.read() as db:
         assert sorted(sso.store.user_teams(db, "alice")) == ["other"]
         assert sso.store.get_user(db, "alice")["role"] == "admin"
-    removed = {r["target"]: r["description"] for r in audit_rows(sso, "team_member_removed")}
+    removed = {r["target"]: r["description"] for r in sso_audit(sso, "team_member_removed")}
     assert removed == {"eng/alice": "in no group mapped to this team",
                        "ops/alice": "in no group mapped to this team"}
-    assert [r["description"] for r in audit_rows(sso, "member_role_changed")] == [
+    assert [r["description"] for r in sso_audit(sso, "member_role_changed")] == [
         "role admin: group admins"]
     # Signing out ends the session's token too.
     status, _, page = sso.request("GET", "/", token=None, headers={"Cookie": session})
@@ -7158,7 +7158,7 @@ def test_sso_refusals_are_audited_without_codes_or_tokens(sso, monkeypatch):
     def refused(status, page, check):
         assert status in (401, 403), (status, page)
         assert check in html.unescape(page.decode())
-        row = audit_rows(sso, "login_failure")[0]
+        row = sso_audit(sso, "login_failure")[0]
         assert row["target"] == "console-sso" and check in row["description"]
         return row
 
@@ -7206,7 +7206,7 @@ def test_sso_refusals_are_audited_without_codes_or_tokens(sso, monkeypatch):
             "the provider answered access_denied")
     with sso.store.read() as db:
         assert sso.store.get_user(db, "bob") is not None  # the one good sign-in
-    text = json.dumps(audit_rows(sso))
+    text = json.dumps(sso_audit(sso))
     assert code not in text and query["state"] not in text and "s3cret-client" not in text
 
 
@@ -7262,6 +7262,20 @@ def test_sso_can_turn_the_token_form_off_and_jit_creation_off(start, tmp_path, j
         assert status == 403 and b"createUsers is false" in page
         srv.app.identity.add_user(LOCAL, "dave")
         assert sso_sign_in(srv, {"sub": "x", "preferred_username": "dave"})[0] == 200
+    finally:
+        idp.close()
+
+
+def test_sso_discovery_must_name_exactly_the_configured_issuer(start, tmp_path, jwt_keys):
+    idp = FakeIdP(jwt_keys["RSA"])
+    try:
+        (tmp_path / "secret").write_text("x")
+        (tmp_path / "sso.json").write_text(json.dumps({
+            "issuer": idp.url + "/", "clientId": "console", "clientSecretFile": "secret"}))
+        srv = start(sso_config=str(tmp_path / "sso.json"))
+        status, headers, page = srv.request("GET", "/sso/start", token=None)
+        assert status == 503 and b"names another issuer" in page
+        assert "Location" not in headers
     finally:
         idp.close()
 
