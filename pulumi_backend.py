@@ -137,7 +137,7 @@ __all__ = [
     "Store", "SQLiteStore", "PostgresStore", "open_store", "is_postgres_url",
     "Engine", "UpdateLifecycle", "SearchIndex", "apply_delta", "replay_journal",
     "Crypto", "KeyManager", "Metrics",
-    "Principal", "Identity", "AuditLog", "Webhooks",
+    "Principal", "Identity", "AuditLog", "SingleSignOn", "Webhooks",
     "Request", "Response", "Route", "Router", "App", "Console",
     "Server", "build_app", "serve", "backup_database", "restore_database", "rotate_master_key",
     "copy_database",
@@ -433,6 +433,7 @@ class Config:
     wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT
     default_stack_permission: str = "none"
     oidc_issuers: str = ""
+    sso_config: str = ""  # the console's single sign-on provider (see SingleSignOn)
     audit_log: str = ""
     audit_retention_days: int = DEFAULT_AUDIT_RETENTION_DAYS
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
@@ -543,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "default-stack-permission", "what org members may do on every stack without a "
           "team grant: none, read or write (default none)")
     _flag(p, "oidc-issuers", "JSON file of trusted OIDC issuers for `pulumi login --oidc-token`")
+    _flag(p, "sso-config", "JSON file of the OIDC provider people sign in to the console "
+          "with (single sign-on, IdP groups as teams)")
     _flag(p, "audit-log", "also append every audit event to this file as a JSON line")
     _flag(p, "console", "serve the read-only web console at /: on or off (default on)")
     _flag(p, "audit-retention-days", "drop audit events older than this many days; 0 keeps "
@@ -7540,45 +7543,80 @@ class _JWKSHTTPSHandler(urllib.request.HTTPSHandler):
             _JWKSConnection, allow_link_local=self._allow_link_local), req, context=self._context)
 
 
-def _download_jwks(url: str, allow_link_local: bool) -> list:
-    """Fetch the key list at ``url`` within JWKS_FETCH_SECONDS; raise _OIDCRefused.
+def _oidc_fetch(url: str, what: str, allow_link_local: bool, data: Optional[bytes] = None,
+                headers: Optional[dict] = None) -> Any:
+    """Fetch the JSON document at ``url`` (POST ``data`` when given) within
+    JWKS_FETCH_SECONDS; raise _OIDCRefused naming ``what`` and the URL.
 
-    https only (system trust store, or SSL_CERT_FILE), the proxy of the
-    environment if any, no redirect followed (a redirect could go to plain
-    http or elsewhere: jwksUrl names the final URL), at most MAX_JWKS_BYTES.
+    https only (system trust store, or SSL_CERT_FILE), plain http to a loopback
+    address only (an issuer on the same machine, such as a development one), the
+    proxy of the environment if any, no redirect followed (a redirect could go to
+    plain http or elsewhere: the URL names the final one), at most MAX_JWKS_BYTES.
     """
     deadline = time.monotonic() + JWKS_FETCH_SECONDS
     opener = urllib.request.OpenerDirector()  # no redirect, file: or http: handler
-    for handler in (urllib.request.ProxyHandler(), _JWKSHTTPSHandler(allow_link_local),
-                    urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPErrorProcessor()):
+    handlers: list = [urllib.request.ProxyHandler(), _JWKSHTTPSHandler(allow_link_local),
+                      urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                      urllib.request.HTTPErrorProcessor()]
+    if _is_loopback_url(url):
+        handlers[0] = urllib.request.ProxyHandler({})  # never through a proxy
+        handlers.append(urllib.request.HTTPHandler())
+    for handler in handlers:
         opener.add_handler(handler)
+    request = urllib.request.Request(url, data=data, headers={
+        "Accept": "application/json", **(headers or {})})
+    status = 200
     try:
-        with opener.open(url, timeout=JWKS_FETCH_SECONDS) as resp:
-            data = b""  # read1: a trickle of bytes cannot outlast the deadline by much
-            while len(data) <= MAX_JWKS_BYTES and time.monotonic() < deadline:
-                chunk = resp.read1(MAX_JWKS_BYTES + 1 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            else:
-                raise _OIDCRefused(f"the JWKS at {url} is over {MAX_JWKS_BYTES} bytes"
-                                   if len(data) > MAX_JWKS_BYTES else
-                                   f"the JWKS at {url} took more than {JWKS_FETCH_SECONDS} s")
+        with opener.open(request, timeout=JWKS_FETCH_SECONDS) as resp:
+            body = _read_bounded(resp, deadline, f"the {what} at {url}")
     except urllib.request.HTTPError as e:
-        e.close()
-        if 300 <= e.code < 400:
-            raise _OIDCRefused(
-                f"the JWKS at {url} answered {e.code} (redirect to "
-                f"{str(e.headers.get('Location'))[:200]}): redirects are not followed, "
-                "jwksUrl must name the final URL") from None
-        raise _OIDCRefused(f"cannot fetch the JWKS at {url}: {e}") from None
+        try:
+            if 300 <= e.code < 400:
+                raise _OIDCRefused(
+                    f"the {what} at {url} answered {e.code} (redirect to "
+                    f"{str(e.headers.get('Location'))[:200]}): redirects are not followed, "
+                    "the URL must name the final one") from None
+            if data is None or e.code != 400:
+                raise _OIDCRefused(f"cannot fetch the {what} at {url}: {e}") from None
+            status, body = e.code, _read_bounded(e, deadline, f"the {what} at {url}")
+        finally:
+            e.close()
     except (OSError, http.client.HTTPException) as e:
-        raise _OIDCRefused(f"cannot fetch the JWKS at {url}: {e}") from None
+        raise _OIDCRefused(f"cannot fetch the {what} at {url}: {e}") from None
     try:
-        doc = _loads(data, "JWKS")
+        doc = _loads(body, what)
     except BadRequest as e:
-        raise _OIDCRefused(f"the JWKS at {url}: {e.message}") from None
+        raise _OIDCRefused(f"the {what} at {url}: {e.message}") from None
+    if status != 200:  # a token endpoint's refusal (RFC 6749 5.2): its error code only
+        error = doc.get("error") if isinstance(doc, dict) else None
+        raise _OIDCRefused(f"the {what} at {url} refused: {str(error)[:100]}")
+    return doc
+
+
+def _read_bounded(resp: Any, deadline: float, what: str) -> bytes:
+    """Read an HTTP answer of at most MAX_JWKS_BYTES by ``deadline``; raise _OIDCRefused."""
+    data = b""  # read1: a trickle of bytes cannot outlast the deadline by much
+    while len(data) <= MAX_JWKS_BYTES and time.monotonic() < deadline:
+        chunk = resp.read1(MAX_JWKS_BYTES + 1 - len(data))
+        if not chunk:
+            return data
+        data += chunk
+    raise _OIDCRefused(f"{what} is over {MAX_JWKS_BYTES} bytes" if len(data) > MAX_JWKS_BYTES
+                       else f"{what} took more than {JWKS_FETCH_SECONDS} s")
+
+
+def _is_loopback_url(url: str) -> bool:
+    """True for an http:// URL whose host is a loopback address or ``localhost``."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    address = _literal_ip(host)
+    return parts.scheme == "http" and (host == "localhost" or (
+        address is not None and address.is_loopback))
+
+
+def _download_jwks(url: str, allow_link_local: bool) -> list:
+    """Fetch the key list at ``url`` (see _oidc_fetch); raise _OIDCRefused."""
+    doc = _oidc_fetch(url, "JWKS", allow_link_local)
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
         raise _OIDCRefused(f"the JWKS at {url} has no key list")
@@ -7803,6 +7841,289 @@ def _oidc_exchange(identity: Identity, issuers: list, form: dict, req: Any = Non
         raise _OIDCRefused(f"the rule's {kind} does not exist: {e.message}") from None
     return {"access_token": value, "issued_token_type": _ACCESS_TOKEN_TYPES[kind],
             "token_type": "Bearer", "expires_in": seconds, "scope": scope}
+
+
+# -- single sign-on (the console's OIDC authorization code flow) -----------------
+#
+# Design. --sso-config names one OIDC provider the console's people sign in at
+# (authorization code flow with PKCE, RFC 7636 S256). The provider's discovery
+# document, its JWKS and its token endpoint are all fetched by _oidc_fetch: https
+# (plain http only to a loopback address), no redirect, bounded, within
+# JWKS_FETCH_SECONDS. The discovery document is reused JWKS_CACHE_SECONDS and read
+# again when an ID token names a key the JWKS does not have (keys rotated), and the
+# ID token is checked by _verified_claims like an exchanged one, plus its nonce.
+# What a sign-in in flight must remember stays on the server (see section 11:
+# Console.sso_start); this class only knows the provider and what a verified
+# sign-in does to users and teams: create the user (createUsers), then make their
+# memberships of the mapped teams match the groups claim (teams the mapping never
+# names are left alone) and their org role match adminGroups, all audited with
+# the group that caused each change.
+
+_SSO_USERNAME_CLAIMS = ("preferred_username", "email", "sub")
+_SSO_KEYS = frozenset({"issuer", "clientId", "clientSecretFile", "scopes", "usernameClaim",
+                       "groupsClaim", "allowedEmailDomains", "createUsers", "sessionLifetime",
+                       "teams", "adminGroups", "displayName", "tokenSignIn",
+                       "allowLinkLocalAddress"})
+
+
+def _load_sso(path: str) -> dict:
+    """Read and check the --sso-config file; raise ValueError naming the file and key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read --sso-config {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ValueError(f"--sso-config {path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"--sso-config {path}: expected a JSON object")
+
+    def bad(key: str, what: str) -> ValueError:
+        return ValueError(f"--sso-config {path}: \"{key}\" {what}")
+
+    unknown = sorted(set(doc) - _SSO_KEYS)
+    if unknown:
+        raise bad(unknown[0], "is not a key of this file (known: "
+                  + ", ".join(sorted(_SSO_KEYS)) + ")")
+    issuer = doc.get("issuer")
+    if not isinstance(issuer, str) or not (issuer.startswith("https://")
+                                           or _is_loopback_url(issuer)):
+        raise bad("issuer", "must be an https:// URL (http:// only on a loopback address)")
+    allow_link_local = doc.get("allowLinkLocalAddress", False)
+    if not isinstance(allow_link_local, bool):
+        raise bad("allowLinkLocalAddress", "must be true or false")
+    address = _literal_ip(urllib.parse.urlsplit(issuer).hostname or "")
+    if not allow_link_local and address is not None and _is_link_local_or_metadata(address):
+        raise bad("issuer", "names a link-local or cloud metadata address")
+    for key in ("clientId", "clientSecretFile"):
+        if not isinstance(doc.get(key), str) or not doc[key]:
+            raise bad(key, "must be a non-empty string")
+    secret_path = os.path.join(os.path.dirname(os.path.abspath(path)), doc["clientSecretFile"])
+    try:
+        with open(secret_path, encoding="utf-8") as f:
+            secret = f.read(4096).strip()
+    except OSError as e:
+        raise bad("clientSecretFile", f"cannot be read ({secret_path}: {e.strerror})") \
+            from None
+    if not secret:
+        raise bad("clientSecretFile", f"names an empty file ({secret_path})")
+    scopes = doc.get("scopes", "openid profile email")
+    if isinstance(scopes, list) and all(isinstance(s, str) for s in scopes):
+        scopes = " ".join(scopes)
+    if not isinstance(scopes, str) or "openid" not in scopes.split():
+        raise bad("scopes", "must be a string (or list) of scopes that has \"openid\"")
+    username = doc.get("usernameClaim", "preferred_username")
+    if username not in _SSO_USERNAME_CLAIMS:
+        raise bad("usernameClaim", "must be one of " + ", ".join(_SSO_USERNAME_CLAIMS))
+    groups = doc.get("groupsClaim", "groups")
+    if not isinstance(groups, str) or not groups:
+        raise bad("groupsClaim", "must be a claim name")
+    domains = doc.get("allowedEmailDomains", [])
+    if not isinstance(domains, list) or not all(isinstance(d, str) and d for d in domains):
+        raise bad("allowedEmailDomains", "must be a list of domain names")
+    for key, default in (("createUsers", True), ("tokenSignIn", True)):
+        if not isinstance(doc.get(key, default), bool):
+            raise bad(key, "must be true or false")
+    try:
+        lifetime = _parse_lifetime(str(doc.get("sessionLifetime", "12h")), "sessionLifetime")
+    except ValueError as e:
+        raise bad("sessionLifetime", f"is not a lifetime such as 8h: {e}") from None
+    teams = doc.get("teams", [])
+    if not isinstance(teams, list) or not all(
+            isinstance(t, dict) and set(t) == {"group", "team"}
+            and isinstance(t["group"], str) and isinstance(t["team"], str) for t in teams):
+        raise bad("teams", "must be a list of {\"group\": GLOB, \"team\": NAME}")
+    admin_groups = doc.get("adminGroups", [])
+    if not isinstance(admin_groups, list) or not all(isinstance(g, str) for g in admin_groups):
+        raise bad("adminGroups", "must be a list of group globs")
+    for key, glob in [("teams", t["group"]) for t in teams] + [("adminGroups", g)
+                                                               for g in admin_groups]:
+        try:
+            _glob_regex(glob)
+        except re.error as e:
+            raise bad(key, f"has a glob {glob!r} that is not valid: {e}") from None
+    for t in teams:
+        if not _LOGIN_RE.match(t["team"]):
+            raise bad("teams", f"names a team {t['team']!r} that is not a valid team name")
+    name = doc.get("displayName", "single sign-on")
+    if not isinstance(name, str) or not name or len(name) > 100:
+        raise bad("displayName", "must be a name of 1 to 100 characters")
+    return {"issuer": issuer, "client_id": doc["clientId"], "secret": secret,
+            "scopes": scopes, "username_claim": username, "groups_claim": groups,
+            "domains": [d.lower().lstrip("@") for d in domains],
+            "create_users": doc.get("createUsers", True), "lifetime": lifetime or 12 * 3600,
+            "teams": teams, "admin_groups": admin_groups, "display_name": name,
+            "token_sign_in": doc.get("tokenSignIn", True),
+            "allow_link_local": allow_link_local}
+
+
+class SingleSignOn:
+    """One OIDC provider of --sso-config: its endpoints, ID tokens, and what a
+    verified sign-in changes (users, team memberships, org role)."""
+
+    def __init__(self, conf: dict, identity: Identity):
+        self.conf, self.identity, self.store = conf, identity, identity.store
+        self._lock = threading.Lock()
+        self._discovery: Optional[dict] = None
+        self._discovered = -math.inf
+
+    def discovery(self, again: bool = False) -> dict:
+        """The provider's discovery document (reused JWKS_CACHE_SECONDS; ``again``:
+        read it now, at most every JWKS_REFETCH_SECONDS); raise _OIDCRefused."""
+        with self._lock:
+            age = time.monotonic() - self._discovered
+            if self._discovery is not None and (
+                    age < JWKS_REFETCH_SECONDS or (not again and age < JWKS_CACHE_SECONDS)):
+                return self._discovery
+        issuer = self.conf["issuer"]
+        doc = _oidc_fetch(issuer.rstrip("/") + "/.well-known/openid-configuration",
+                          "discovery document", self.conf["allow_link_local"])
+        # Exactly the configured issuer (OpenID Connect Discovery 4.3), as the ID
+        # token's iss must be: a trailing "/" is part of it.
+        if not isinstance(doc, dict) or doc.get("issuer") != issuer:
+            raise _OIDCRefused(f"the discovery document of {issuer} names another issuer")
+        for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+            url = doc.get(key)
+            if not isinstance(url, str) or not (url.startswith("https://")
+                                                or _is_loopback_url(url)):
+                raise _OIDCRefused(f"the discovery document of {issuer} has no https {key}")
+        with self._lock:
+            self._discovery, self._discovered = doc, time.monotonic()
+        return doc
+
+    def authorization_url(self, redirect_uri: str, state: str, nonce: str,
+                          verifier: str) -> str:
+        """Where to send the browser: the provider's authorization endpoint."""
+        challenge = base64.urlsafe_b64encode(
+            hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        query = urllib.parse.urlencode({
+            "response_type": "code", "client_id": self.conf["client_id"],
+            "redirect_uri": redirect_uri, "scope": self.conf["scopes"], "state": state,
+            "nonce": nonce, "code_challenge": challenge, "code_challenge_method": "S256"})
+        endpoint = self.discovery()["authorization_endpoint"]
+        return endpoint + ("&" if "?" in endpoint else "?") + query
+
+    def exchange(self, code: str, redirect_uri: str, verifier: str) -> str:
+        """Trade the authorization code for the ID token; raise _OIDCRefused."""
+        doc = self.discovery()
+        form = {"grant_type": "authorization_code", "code": code,
+                "redirect_uri": redirect_uri, "code_verifier": verifier}
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        methods = doc.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        if "client_secret_basic" in methods or "client_secret_post" not in methods:
+            pair = f"{_q_form(self.conf['client_id'])}:{_q_form(self.conf['secret'])}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        else:
+            form.update(client_id=self.conf["client_id"], client_secret=self.conf["secret"])
+        answer = _oidc_fetch(doc["token_endpoint"], "token endpoint",
+                             self.conf["allow_link_local"],
+                             urllib.parse.urlencode(form).encode(), headers)
+        token = answer.get("id_token") if isinstance(answer, dict) else None
+        if not isinstance(token, str):
+            raise _OIDCRefused("the token endpoint answered no id_token")
+        return token
+
+    def verified_claims(self, id_token: str, nonce: str) -> dict:
+        """The claims of a valid ID token for us with this ``nonce``; raise _OIDCRefused."""
+        for again in (False, True):
+            issuer = {"issuer": self.conf["issuer"], "audience": self.conf["client_id"],
+                      "keys": [], "allow_link_local": self.conf["allow_link_local"],
+                      "jwks_url": self.discovery(again)["jwks_uri"]}
+            try:
+                claims = _verified_claims(id_token, [issuer], _now())[1]
+                break
+            except _OIDCRefused as e:
+                if again or not e.check.startswith("unknown key id"):
+                    raise  # an unknown key: the provider may have moved its JWKS
+        aud = claims.get("aud")
+        if isinstance(aud, list) and len(aud) > 1 and claims.get("azp") != self.conf["client_id"]:
+            raise _OIDCRefused("azp is not our client id")
+        if not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
+            raise _OIDCRefused("wrong nonce")
+        return claims
+
+    def login_of(self, claims: dict) -> tuple:
+        """``(login, email)`` the claims name, checked against allowedEmailDomains;
+        raise _OIDCRefused."""
+        email = claims.get("email") if isinstance(claims.get("email"), str) else ""
+        domains = self.conf["domains"]
+        if domains:
+            domain = email.rpartition("@")[2].lower()
+            if not email:
+                raise _OIDCRefused("no email claim (allowedEmailDomains is set)")
+            if claims.get("email_verified") is False:
+                raise _OIDCRefused("the email is not verified (email_verified is false)")
+            if domain not in domains:
+                raise _OIDCRefused(f"email domain {domain[:100]!r} is not allowed")
+        value = claims.get(self.conf["username_claim"])
+        if not isinstance(value, str) or not value:
+            raise _OIDCRefused(f"no {self.conf['username_claim']} claim")
+        login = re.sub(r"[^A-Za-z0-9._-]", "-", value)[:100]
+        if not _LOGIN_RE.match(login) or login in self.identity.reserved_logins():
+            raise _OIDCRefused(f"{self.conf['username_claim']} {value[:100]!r} is no login here")
+        return login, email
+
+    def sign_in(self, claims: dict, req: Any = None) -> str:
+        """Create (when allowed) and update the user the claims name; return the login.
+
+        Memberships of the mapped teams follow the groups claim, the org role
+        follows adminGroups; each change is audited with the group behind it.
+        """
+        login, email = self.login_of(claims)
+        groups = claims.get(self.conf["groups_claim"], [])
+        groups = [groups] if isinstance(groups, str) else groups
+        groups = [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else []
+        wanted: dict = {}  # team -> the first group that maps to it
+        for rule in self.conf["teams"]:
+            group = next((g for g in groups if _claim_matches(g, rule["group"])), None)
+            if group is not None:
+                wanted.setdefault(rule["team"], group)
+        mapped = {rule["team"] for rule in self.conf["teams"]}
+        admin_group = next((g for g in groups for glob in self.conf["admin_groups"]
+                            if _claim_matches(g, glob)), None)
+        actor = Principal(f"sso:{self.conf['issuer']}"[:200], "admin", True,
+                          token_name="single sign-on")
+        events, now = [], _now()
+        with self.store.write() as db:
+            user = self.store.get_user(db, login)
+            if user is None:
+                if not self.conf["create_users"]:
+                    raise _OIDCRefused(f"user {login!r} does not exist (createUsers is false)")
+                role = "admin" if admin_group else "member"
+                name = claims.get("name") if isinstance(claims.get("name"), str) else ""
+                self.store.insert_user(db, {"login": login, "name": name[:200] or login,
+                                            "email": email[:200], "role": role,
+                                            "created": now})
+                self.store.set_meta(db, _IDENTITIES_META, b"1")
+                events.append(("member_added", login, f"role {role}, created at first "
+                               f"single sign-on ({self.conf['username_claim']})"))
+            elif self.conf["admin_groups"] and (user["role"] == "admin") != bool(admin_group):
+                role = "admin" if admin_group else "member"
+                self.store.set_user_role(db, login, role)
+                events.append(("member_role_changed", login, f"role {role}: " + (
+                    f"group {admin_group}" if admin_group else "in no adminGroups group")))
+            have = set(self.store.user_teams(db, login))
+            for team, group in sorted(wanted.items()):
+                if team in have:
+                    continue
+                if self.store.get_team(db, team) is None:
+                    self.store.insert_team(db, {"name": team, "display_name": team,
+                                                "description": "", "created": now})
+                    events.append(("team_created", team, f"for group {group}"))
+                self.store.add_member(db, team, login)
+                events.append(("team_member_added", f"{team}/{login}", f"group {group}"))
+            for team in sorted((have & mapped) - set(wanted)):
+                self.store.remove_member(db, team, login)
+                events.append(("team_member_removed", f"{team}/{login}",
+                               "in no group mapped to this team"))
+        for event, target, why in events:
+            self.identity.audit.record(event, actor, req, target, description=why)
+        return login
+
+
+def _q_form(text: str) -> str:
+    """``text`` form-encoded, as RFC 6749 2.3.1 wants client credentials in Basic."""
+    return urllib.parse.quote_plus(text)
 
 
 # -- webhooks ------------------------------------------------------------------
@@ -10145,6 +10466,9 @@ def _batch(body: dict, key: str) -> list:
 
 _SECRET_SIG, _SECRET_VALUE = "4dabf18193072939515e22adb298388d", "1b47061264138c4ac30d75fd1eb44270"
 _SESSION_COOKIE, _CSRF_COOKIE = "pb_session", "pb_csrf"
+#: The pre-session cookie of a single sign-on in flight (SameSite=Lax: the provider's
+#: redirect back is a cross-site top-level GET), and the seconds it lasts.
+_SSO_COOKIE, SSO_PENDING_SECONDS = "pb_sso", 600
 _CONSOLE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; script-src 'self'; "
                                "img-src 'self' data:; form-action 'self'; "
@@ -10215,6 +10539,8 @@ color:#fff;border-color:var(--acc)}button.danger{color:var(--bad)}
 .card{background:var(--card);border:1px solid var(--line);border-radius:8px;
 padding:1rem;margin:0 0 1rem}
 .login{max-width:26rem;margin:8vh auto}.login form{display:grid;gap:.7rem}
+a.button{display:block;text-align:center;padding:.5rem .8rem;border-radius:6px;
+border:1px solid var(--acc)}a.button.primary{background:var(--acc);color:#fff}
 .err{color:var(--bad);font-weight:600}
 pre,code{font:13px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 pre{background:var(--code);border:1px solid var(--line);border-radius:6px;
@@ -10497,6 +10823,8 @@ class Console:
         self.secure = bool(self.cfg.tls_cert) or self.cfg.public_url.startswith("https:")
         self.css = _CONSOLE_CSS.encode()
         self.js = _CONSOLE_JS.encode()
+        self.sso = SingleSignOn(_load_sso(self.cfg.sso_config), app.identity) \
+            if self.cfg.sso_config else None
 
     def install(self) -> None:
         """Add the console's routes and its "session" and "origin" authentication."""
@@ -10508,6 +10836,8 @@ class Console:
         add("GET", "/console.js", self.script, auth="none", need="none")
         add("GET", "/login", self._page(self.login_page), auth="none", need="none")
         form("POST", "/login", self._page(self.sign_in), auth="origin", need="none")
+        add("GET", "/sso/start", self._page(self.sso_start), auth="none", need="none")
+        add("GET", "/sso/callback", self._page(self.sso_callback), auth="none", need="none")
         form("POST", "/logout", self._page(self.sign_out))
         add("GET", "/", self._page(self.stacks_page))
         add("GET", stack, self._page(self.overview_page))
@@ -10597,10 +10927,11 @@ class Console:
                 return value.strip()
         return ""
 
-    def _set_cookie(self, name: str, value: str, max_age: int, path: str = "/") -> str:
+    def _set_cookie(self, name: str, value: str, max_age: int, path: str = "/",
+                    same_site: str = "Strict") -> str:
         secure = "; Secure" if self.secure else ""
         return (f"{name}={value}; Path={path}; Max-Age={max_age}; HttpOnly; "
-                f"SameSite=Strict{secure}")
+                f"SameSite={same_site}{secure}")
 
     def _check_origin(self, req: Request) -> None:
         """Refuse a form sent from anywhere but this server's own pages (CSRF, part one)."""
@@ -10694,15 +11025,23 @@ class Console:
             token = secrets.token_urlsafe(32)
         target = self._next(req.q("next") or "/")
         err = f'<p class="err" role="alert">{_h(error)}</p>' if error else ""
-        body = ('<div class="login card"><h1>Sign in</h1>'
-                '<p class="mut">Paste an access token (<code>pulumi_backend.py token create '
-                '--user NAME</code>, or one from the Tokens page).</p>'
-                f'{err}<form method="post" action="/login">'
-                f'<input type="hidden" name="csrf" value="{_h(token)}">'
-                f'<input type="hidden" name="next" value="{_h(target)}">'
-                '<label for="token">Access token</label>'
-                '<input type="password" id="token" name="token" autocomplete="off" required '
-                'autofocus><button class="primary" type="submit">Sign in</button></form></div>')
+        sso = ""
+        if self.sso is not None:
+            start = "/sso/start" + ("?next=" + _q(target) if target != "/" else "")
+            sso = (f'<p><a class="button primary" id="sso" href="{_h(start)}">Sign in with '
+                   f'{_name(self.sso.conf["display_name"])}</a></p>')
+        form = ""
+        if self.sso is None or self.sso.conf["token_sign_in"]:
+            form = ('<p class="mut">' + ("Or paste" if sso else "Paste") + ' an access token '
+                    '(<code>pulumi_backend.py token create --user NAME</code>, or one from the '
+                    'Tokens page).</p><form method="post" action="/login">'
+                    f'<input type="hidden" name="csrf" value="{_h(token)}">'
+                    f'<input type="hidden" name="next" value="{_h(target)}">'
+                    '<label for="token">Access token</label>'
+                    '<input type="password" id="token" name="token" autocomplete="off" '
+                    'required autofocus><button class="primary" type="submit">Sign in</button>'
+                    '</form>')
+        body = f'<div class="login card"><h1>Sign in</h1>{err}{sso}{form}</div>'
         resp = self._html(req, "Sign in", body, status)
         resp.headers["Set-Cookie"] = self._set_cookie(_CSRF_COOKIE, token, 3600, "/login")
         return resp
@@ -10722,6 +11061,8 @@ class Console:
         if not cookie or not hmac.compare_digest(cookie.encode(),
                                                  form.get("csrf", "").encode()):
             raise Forbidden("the sign-in form is stale or came from another page; reload it")
+        if self.sso is not None and not self.sso.conf["token_sign_in"]:
+            raise Forbidden("sign-in with a token is turned off here: use single sign-on")
         token = form.get("token", "").strip()
         try:
             if not token:
@@ -10740,11 +11081,122 @@ class Console:
             "Location": self._next(form.get("next", "/")),
             "Set-Cookie": self._set_cookie(_SESSION_COOKIE, sid, CONSOLE_SESSION_SECONDS)})
 
+    # Single sign-on (SingleSignOn, section 8). /sso/start keeps what the callback
+    # must check on the server, keyed by the SHA-256 of a random pre-session id that
+    # only the browser's pb_sso cookie holds: a console_sessions row that can never
+    # authenticate (its "token hash" is "sso:..." and no token hashes to that),
+    # with the SHA-256 of the state and the local path to return to, for
+    # SSO_PENDING_SECONDS, deleted when the callback reads it (one use). The PKCE
+    # verifier and the nonce are HMACs of the pre-session id: never stored, and
+    # bound to that browser. A verified sign-in gets a personal token that lasts the
+    # session lifetime, so the session is an ordinary one (one path for permissions).
+
+    def _sso_secrets(self, pre: str) -> tuple:
+        """``(verifier, nonce)`` of the pre-session id ``pre``."""
+        derive = lambda label: base64.urlsafe_b64encode(hmac.new(  # noqa: E731
+            pre.encode(), label, hashlib.sha256).digest()).rstrip(b"=").decode()
+        return derive(b"sso-pkce-verifier"), derive(b"sso-nonce")
+
+    def _sso_redirect_uri(self, req: Request) -> str:
+        base = self.cfg.public_url.rstrip("/") or (
+            f"{'https' if self.cfg.tls_cert else 'http'}://{req.headers.get('Host', '')}")
+        return base + "/sso/callback"
+
+    def _sso_refused(self, req: Request, check: str, status: int = 403) -> Response:
+        self.audit.login_failure(req, "console-sso", check)
+        # The pb_sso cookie stays (one Set-Cookie per answer, the sign-in form's):
+        # its sign-in is gone from the server, and it ends in SSO_PENDING_SECONDS.
+        return self.login_page(req, f"Single sign-on failed: {check}.", status)
+
+    def sso_start(self, req: Request) -> Response:
+        """Start a single sign-on: remember it, and send the browser to the provider."""
+        if self.sso is None:
+            raise NotFound("single sign-on is not configured here (--sso-config)")
+        self.identity.check_throttle(req.remote)
+        pre, state, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), _now()
+        verifier, nonce = self._sso_secrets(pre)
+        try:
+            location = self.sso.authorization_url(self._sso_redirect_uri(req), state, nonce,
+                                                  verifier)
+        except _OIDCRefused as e:
+            log.warning("single sign-on cannot start: %s", _escape_log(e.check))
+            return self._sso_refused(req, e.check, 503)
+        pending = f"sso:{_token_hash(state)}:{self._next(req.q('next') or '/')}"
+        with self.store.write() as db:
+            self.store.insert_session(db, _token_hash("sso:" + pre), pending, now,
+                                      now + SSO_PENDING_SECONDS)
+        return Response(303, b"", "text/plain", headers={
+            "Location": location, "Set-Cookie": self._set_cookie(
+                _SSO_COOKIE, pre, SSO_PENDING_SECONDS, "/sso", "Lax")})
+
+    def sso_callback(self, req: Request) -> Response:
+        """The provider's redirect back: check everything, then start a session."""
+        if self.sso is None:
+            raise NotFound("single sign-on is not configured here (--sso-config)")
+        self.identity.check_throttle(req.remote)
+        pre, state = self._cookie(req, _SSO_COOKIE), req.q("state") or ""
+        row = None
+        if pre:
+            with self.store.write() as db:  # read and delete at once: one use
+                row = self.store.get_session(db, _token_hash("sso:" + pre))
+                if row is not None:
+                    self.store.delete_session(db, _token_hash("sso:" + pre))
+        if row is None or row["expires"] <= _now() or not row["token_hash"].startswith("sso:"):
+            self.identity.note_failure(req.remote)
+            return self._sso_refused(req, "no sign-in in flight in this browser (state "
+                                     "unknown, used or expired)")
+        _, state_hash, target = row["token_hash"].split(":", 2)
+        if not hmac.compare_digest(state_hash.encode(), _token_hash(state).encode()):
+            self.identity.note_failure(req.remote)
+            return self._sso_refused(req, "state does not match")
+        if req.q("error"):
+            return self._sso_refused(req, "the provider answered "
+                                     f"{re.sub(r'[^A-Za-z0-9_.-]', '?', req.q('error'))[:100]}")
+        code = req.q("code") or ""
+        verifier, nonce = self._sso_secrets(pre)
+        try:
+            if not code or len(code) > 4096:
+                raise _OIDCRefused("no code")
+            id_token = self.sso.exchange(code, self._sso_redirect_uri(req), verifier)
+            claims = self.sso.verified_claims(id_token, nonce)
+            login = self.sso.sign_in(claims, req)
+        except _OIDCRefused as e:
+            self.identity.note_failure(req.remote)
+            return self._sso_refused(req, e.check)
+        lifetime, now = self.sso.conf["lifetime"], _now()
+        actor = Principal(f"sso:{self.sso.conf['issuer']}"[:200], "admin", True,
+                          token_name="single sign-on")
+        with self.store.write() as db:  # tokens of sessions that ended are of no use
+            self.store.delete_expired_tokens(db, now, "sso:")
+        _, token = self.identity.create_token(
+            actor, "personal", login, "console session",
+            f"console session (single sign-on at {self.sso.conf['issuer']})"[:1000],
+            now + lifetime, req=req)
+        sid = secrets.token_urlsafe(32)
+        with self.store.write() as db:
+            self.store.insert_session(db, _token_hash(sid), _token_hash(token), now,
+                                      now + lifetime)
+        self.audit.record("console_login", Principal(login, "user", False), req, "console",
+                          description=f"single sign-on at {self.sso.conf['issuer']}")
+        # A page, not a 303: the browser came here from the provider (a cross-site
+        # navigation), and a redirect would not send the SameSite=Strict session cookie.
+        body = (f'<h1>Signed in</h1><p><a id="continue" href="{_h(target)}">Continue</a></p>')
+        resp = self._html(req, "Signed in", body)
+        resp.headers["Refresh"] = f"0; url={target}"
+        resp.headers["Set-Cookie"] = self._set_cookie(_SESSION_COOKIE, sid, lifetime)
+        return resp
+
     def sign_out(self, req: Request) -> Response:
         """End the session."""
         self._checked_form(req)
         with self.store.write() as db:
+            session = self.store.get_session(db, _token_hash(req.session))
             self.store.delete_session(db, _token_hash(req.session))
+            # A single sign-on's session token (sso_callback) ends with its session.
+            row = self.store.token_by_hash(db, session["token_hash"]) if session else None
+            if row is not None and row["created_by"].startswith("sso:") \
+                    and row["name"] == "console session":
+                self.store.delete_token(db, row["id"])
         self.audit.record("console_logout", req.principal, req, "console")
         return Response(303, b"", "text/plain", headers={
             "Location": "/login", "Set-Cookie": self._set_cookie(_SESSION_COOKIE, "", 0)})
@@ -11685,6 +12137,11 @@ def build_app(cfg: Config, environ: Optional[dict] = None) -> tuple:
     environ = os.environ if environ is None else environ
     if cfg.oidc_issuers:
         _load_issuers(cfg.oidc_issuers)  # a broken file stops the start, not the first login
+    if cfg.sso_config:
+        if not cfg.console:
+            raise ValueError("--sso-config signs people in to the console: it needs "
+                             "--console on")
+        _load_sso(cfg.sso_config)  # a broken file stops the start, not the first sign-in
     if cfg.audit_log:
         try:
             os.close(os.open(cfg.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))

@@ -3332,6 +3332,9 @@ _ROUTE_NEED_TABLE = {
     ("GET", "/admin/tokens"): "org-admin",
     ("POST", "/admin/tokens/{tokenId}/revoke"): "org-admin",
     ("GET", "/admin/audit"): "org-admin",
+    # Single sign-on (section 11, Console.sso_start/sso_callback): before anyone is known.
+    ("GET", "/sso/start"): "none",
+    ("GET", "/sso/callback"): "none",
 }
 #: The routes of each kind of update, under SP/<kind>; "lease": the update's lease token.
 _UPDATE_ROUTE_NEEDS = {
@@ -7138,6 +7141,327 @@ def test_console_search_page_finds_resources_across_stacks(srv, browser):
     status, _, page = browser.get("/search?q=" + urllib.parse.quote('name:"<x'))
     assert status == 400 and "a quote is not closed" in page
     assert 'value="name:&quot;&lt;x"' in page
+
+
+# -- single sign-on (Console.sso_start/sso_callback, SingleSignOn of section 8) --
+
+
+class FakeIdP:
+    """An OIDC provider on 127.0.0.1 (discovery, JWKS, token endpoint) whose ID tokens
+    the test shapes: ``claims`` (a dict, or a function of the authorization request's
+    query), and which records the token requests it got."""
+
+    def __init__(self, key):
+        self.key, self.claims, self.token_requests, self.used_codes = key, {}, [], set()
+        idp = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, doc):
+                body = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path == "/.well-known/openid-configuration":
+                    self.reply(200, {
+                        "issuer": idp.url, "authorization_endpoint": idp.url + "/authorize",
+                        "token_endpoint": idp.url + "/token", "jwks_uri": idp.url + "/jwks"})
+                elif self.path == "/jwks":
+                    self.reply(200, {"keys": [idp.key.jwk]})
+                else:
+                    self.reply(404, {})
+
+            def do_POST(self):
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(
+                    int(self.headers["Content-Length"])).decode()))
+                idp.token_requests.append((dict(self.headers), form))
+                request = idp.codes.get(form.get("code"))
+                if request is None or form["code"] in idp.used_codes:
+                    return self.reply(400, {"error": "invalid_grant"})
+                idp.used_codes.add(form["code"])
+                challenge = base64.urlsafe_b64encode(hashlib.sha256(
+                    form.get("code_verifier", "").encode()).digest()).rstrip(b"=").decode()
+                if challenge != request["code_challenge"]:
+                    return self.reply(400, {"error": "invalid_grant"})
+                claims = idp.claims(request) if callable(idp.claims) else idp.claims
+                now = int(time.time())
+                full = {"iss": idp.url, "aud": "console", "iat": now, "exp": now + 300,
+                        "nonce": request["nonce"], **claims}
+                self.reply(200, {"access_token": "at", "token_type": "Bearer",
+                                 "id_token": idp.key.jwt({k: v for k, v in full.items()
+                                                          if v is not None})})
+
+        self.codes = {}
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def authorize(self, location):
+        """What the provider's login does: a code for that authorization request."""
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
+        code = secrets.token_urlsafe(16)
+        self.codes[code] = query
+        return code, query
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sso(start, tmp_path, jwt_keys):
+    idp = FakeIdP(jwt_keys["RSA"])
+    (tmp_path / "secret").write_text("s3cret-client\n")
+    conf = {"issuer": idp.url, "clientId": "console", "clientSecretFile": "secret",
+            "allowedEmailDomains": ["example.com"],
+            "teams": [{"group": "eng/*", "team": "eng"}, {"group": "ops/**", "team": "ops"}],
+            "adminGroups": ["admins"], "sessionLifetime": "1h", "displayName": "Acme <SSO>"}
+    (tmp_path / "sso.json").write_text(json.dumps(conf))
+    srv = start(sso_config=str(tmp_path / "sso.json"))
+    srv.idp = idp
+    yield srv
+    idp.close()
+
+
+def sso_start(srv, next_path=""):
+    """GET /sso/start; return ``(pre-session cookie, provider URL)``."""
+    path = "/sso/start" + ("?next=" + urllib.parse.quote(next_path) if next_path else "")
+    status, headers, _ = srv.request("GET", path, token=None)
+    assert status == 303, status
+    cookie = headers["Set-Cookie"]
+    assert cookie.startswith("pb_sso=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    return cookie.split(";")[0], headers["Location"]
+
+
+def sso_callback(srv, cookie, query):
+    return srv.request("GET", "/sso/callback?" + urllib.parse.urlencode(query), token=None,
+                       headers={"Cookie": cookie} if cookie else {})
+
+
+def sso_sign_in(srv, claims, next_path=""):
+    srv.idp.claims = claims
+    cookie, location = sso_start(srv, next_path)
+    code, query = srv.idp.authorize(location)
+    return sso_callback(srv, cookie, {"code": code, "state": query["state"]})
+
+
+def sso_audit(srv, event=None):
+    with srv.store.read() as db:
+        rows = srv.store.list_audit(db, 2**62, 0, 2**40, event, None, 1000)
+    return rows
+
+
+def test_sso_start_sends_state_nonce_and_an_s256_challenge(sso):
+    cookie, location = sso_start(sso)
+    assert location.startswith(sso.idp.url + "/authorize?")
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
+    assert query["response_type"] == "code" and query["client_id"] == "console"
+    assert query["redirect_uri"] == f"http://{sso.host}:{sso.port}/sso/callback"
+    assert query["code_challenge_method"] == "S256" and query["scope"] == "openid profile email"
+    assert len(query["state"]) >= 40 and len(query["nonce"]) >= 40
+    # Nothing of it is kept in clear: the row holds the SHA-256 of the state only.
+    with sso.store.read() as db:
+        rows = [tuple(r) for r in db.execute("SELECT hash, token_hash FROM console_sessions")]
+    assert len(rows) == 1 and query["state"] not in rows[0][1]
+    assert pb._token_hash(query["state"]) in rows[0][1]
+    assert cookie.split("=", 1)[1] not in repr(rows)
+    status, _, page = sso.request("GET", "/login", token=None)
+    assert 'id="sso" href="/sso/start">Sign in with <bdi>Acme &lt;SSO&gt;</bdi>' in page.decode()
+
+
+def test_sso_first_sign_in_creates_the_user_and_syncs_teams(sso):
+    identity = sso.app.identity
+    identity.create_team(LOCAL, "eng")
+    identity.create_team(LOCAL, "other")
+    person = {"sub": "u1", "preferred_username": "alice", "email": "alice@example.com",
+              "name": "Alice", "groups": ["eng/web", "ops/eu/db", "admins-not"]}
+    status, headers, page = sso_sign_in(sso, person, "/stacks/a/b")
+    assert status == 200, page
+    assert headers["Refresh"] == "0; url=/stacks/a/b"
+    session = headers["Set-Cookie"].split(";")[0]
+    assert session.startswith("pb_session=") and "Max-Age=3600" in headers["Set-Cookie"]
+    status, _, page = sso.request("GET", "/", token=None, headers={"Cookie": session})
+    assert status == 200 and "alice" in page.decode()
+    with sso.store.read() as db:
+        user = sso.store.get_user(db, "alice")
+        assert sorted(sso.store.user_teams(db, "alice")) == ["eng", "ops"]
+        sessions = db.execute("SELECT expires - created FROM console_sessions "
+                              "WHERE token_hash NOT LIKE 'sso:%'").fetchall()
+    assert user["role"] == "member" and user["email"] == "alice@example.com"
+    assert [tuple(s) for s in sessions] == [(3600,)]
+    descriptions = {(r["event"], r["target"], r["description"]) for r in sso_audit(sso)}
+    assert ("team_created", "ops", "for group ops/eu/db") in descriptions
+    assert ("team_member_added", "eng/alice", "group eng/web") in descriptions
+    assert ("team_member_added", "ops/alice", "group ops/eu/db") in descriptions
+    assert any(e == "member_added" and "first single sign-on" in d
+               for e, _, d in descriptions)
+    # The next sign-in: groups changed at the provider. A team the mapping never
+    # names stays; "eng/*" does not match "eng/a/b"; adminGroups makes an org admin.
+    identity.add_member(LOCAL, "other", "alice")
+    person["groups"] = ["eng/a/b", "admins"]
+    assert sso_sign_in(sso, person)[0] == 200
+    with sso.store.read() as db:
+        assert sorted(sso.store.user_teams(db, "alice")) == ["other"]
+        assert sso.store.get_user(db, "alice")["role"] == "admin"
+    removed = {r["target"]: r["description"] for r in sso_audit(sso, "team_member_removed")}
+    assert removed == {"eng/alice": "in no group mapped to this team",
+                       "ops/alice": "in no group mapped to this team"}
+    assert [r["description"] for r in sso_audit(sso, "member_role_changed")] == [
+        "role admin: group admins"]
+    # Signing out ends the session's token too.
+    status, _, page = sso.request("GET", "/", token=None, headers={"Cookie": session})
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.decode())[1]
+    status, _, _ = sso.request("POST", "/logout", f"csrf={csrf}", token=None, headers={
+        "Cookie": session, "Origin": f"http://{sso.host}:{sso.port}",
+        "Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 303
+    with sso.store.read() as db:
+        assert [t["name"] for t in sso.store.list_tokens(db, "personal", "alice")] == [
+            "console session"]  # the second sign-in's
+    # The exchange used the verifier, the exact redirect URI and client_secret_basic.
+    headers, form = sso.idp.token_requests[-1]
+    assert form["redirect_uri"] == f"http://{sso.host}:{sso.port}/sso/callback"
+    assert headers["Authorization"] == "Basic " + base64.b64encode(
+        b"console:s3cret-client").decode()
+    assert "client_secret" not in form
+
+
+def test_sso_refusals_are_audited_without_codes_or_tokens(sso, monkeypatch):
+    monkeypatch.setattr(pb, "AUDIT_FAILURES_PER_MINUTE", 100)  # each refusal a row of its own
+    def refused(status, page, check):
+        assert status in (401, 403), (status, page)
+        assert check in html.unescape(page.decode())
+        row = sso_audit(sso, "login_failure")[0]
+        assert row["target"] == "console-sso" and check in row["description"]
+        return row
+
+    person = {"sub": "u2", "preferred_username": "bob", "email": "bob@example.com"}
+    # A tampered state, then no state in flight at all.
+    sso.idp.claims = person
+    cookie, location = sso_start(sso)
+    code, query = sso.idp.authorize(location)
+    refused(*sso_callback(sso, cookie, {"code": code, "state": query["state"] + "x"})[::2],
+            "state does not match")
+    refused(*sso_callback(sso, cookie, {"code": code, "state": query["state"]})[::2],
+            "no sign-in in flight")  # one use, even after a failure
+    refused(*sso_callback(sso, "", {"code": code, "state": query["state"]})[::2],
+            "no sign-in in flight")
+    # A replayed callback, and a replayed code with a fresh state.
+    cookie, location = sso_start(sso)
+    code, query = sso.idp.authorize(location)
+    assert sso_callback(sso, cookie, {"code": code, "state": query["state"]})[0] == 200
+    refused(*sso_callback(sso, cookie, {"code": code, "state": query["state"]})[::2],
+            "no sign-in in flight")
+    cookie, location = sso_start(sso)
+    _, fresh = sso.idp.authorize(location)
+    refused(*sso_callback(sso, cookie, {"code": code, "state": fresh["state"]})[::2],
+            "refused: invalid_grant")
+    # A PKCE verifier that does not match the challenge (another browser's code).
+    cookie, location = sso_start(sso)
+    other_cookie, other_location = sso_start(sso)
+    code, _ = sso.idp.authorize(other_location)  # issued for the other sign-in
+    _, query = sso.idp.authorize(location)
+    refused(*sso_callback(sso, cookie, {"code": code, "state": query["state"]})[::2],
+            "refused: invalid_grant")
+    # A wrong nonce, an email outside the allowed domains, a wrong audience.
+    for claims, check in ((dict(person, nonce="not-ours"), "wrong nonce"),
+                          (dict(person, email="bob@evil.test"),
+                           "email domain 'evil.test' is not allowed"),
+                          (dict(person, email_verified=False), "email is not verified"),
+                          (dict(person, aud="someone-else"), "wrong audience"),
+                          (dict(person, exp=int(time.time()) - 3600), "expired (exp)")):
+        refused(*sso_sign_in(sso, claims)[::2], check)
+    # The provider said no.
+    cookie, location = sso_start(sso)
+    _, query = sso.idp.authorize(location)
+    refused(*sso_callback(sso, cookie, {"error": "access_denied",
+                                        "state": query["state"]})[::2],
+            "the provider answered access_denied")
+    with sso.store.read() as db:
+        assert sso.store.get_user(db, "bob") is not None  # the one good sign-in
+    text = json.dumps(sso_audit(sso))
+    assert code not in text and query["state"] not in text and "s3cret-client" not in text
+
+
+@pytest.mark.parametrize("target", ["https://evil.test/", "//evil.test/x", "/\\evil.test",
+                                    "javascript:alert(1)", "/ok\r\nX: y"])
+def test_sso_next_is_a_local_path_only(sso, target):
+    person = {"sub": "u3", "preferred_username": "carol", "email": "carol@example.com"}
+    status, headers, _ = sso_sign_in(sso, person, target)
+    assert status == 200 and headers["Refresh"] == "0; url=/"
+
+
+def test_sso_config_is_checked_at_start(tmp_path):
+    (tmp_path / "secret").write_text("x")
+    good = {"issuer": "https://idp.example.test", "clientId": "c", "clientSecretFile": "secret"}
+    path = tmp_path / "sso.json"
+    for change, message in (
+            ({"issuer": "http://idp.example.test"}, '"issuer" must be an https:// URL'),
+            ({"clientId": ""}, '"clientId" must be a non-empty string'),
+            ({"clientSecretFile": "missing"}, '"clientSecretFile" cannot be read'),
+            ({"usernameClaim": "upn"}, '"usernameClaim" must be one of'),
+            ({"teams": [{"group": "g"}]}, '"teams" must be a list of'),
+            ({"teams": [{"group": "g", "team": "bad name"}]}, "not a valid team name"),
+            ({"sessionLifetime": "soon"}, '"sessionLifetime" is not a lifetime'),
+            ({"scopes": "profile"}, '"scopes" must be'),
+            ({"tokenSignIn": "no"}, '"tokenSignIn" must be true or false'),
+            ({"colour": "red"}, '"colour" is not a key of this file')):
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError) as e:
+            pb._load_sso(str(path))
+        assert str(e.value).startswith(f"--sso-config {path}: ") and message in str(e.value)
+    path.write_text(json.dumps(good))
+    conf = pb._load_sso(str(path))
+    assert conf["scopes"] == "openid profile email" and conf["groups_claim"] == "groups"
+    assert conf["create_users"] and conf["token_sign_in"] and conf["lifetime"] == 12 * 3600
+
+
+def test_sso_can_turn_the_token_form_off_and_jit_creation_off(start, tmp_path, jwt_keys):
+    idp = FakeIdP(jwt_keys["RSA"])
+    try:
+        (tmp_path / "secret").write_text("x")
+        (tmp_path / "sso.json").write_text(json.dumps({
+            "issuer": idp.url, "clientId": "console", "clientSecretFile": "secret",
+            "tokenSignIn": False, "createUsers": False}))
+        srv = start(sso_config=str(tmp_path / "sso.json"))
+        srv.idp = idp
+        status, _, page = srv.request("GET", "/login", token=None)
+        assert 'id="sso"' in page.decode() and 'id="token"' not in page.decode()
+        status, _, page = srv.request("POST", "/login", "csrf=a&token=t", token=None, headers={
+            "Cookie": "pb_csrf=a", "Origin": f"http://{srv.host}:{srv.port}",
+            "Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 403 and b"sign-in with a token is turned off" in page
+        status, _, page = sso_sign_in(srv, {"sub": "x", "preferred_username": "dave"})
+        assert status == 403 and b"createUsers is false" in page
+        srv.app.identity.add_user(LOCAL, "dave")
+        assert sso_sign_in(srv, {"sub": "x", "preferred_username": "dave"})[0] == 200
+    finally:
+        idp.close()
+
+
+def test_sso_discovery_must_name_exactly_the_configured_issuer(start, tmp_path, jwt_keys):
+    idp = FakeIdP(jwt_keys["RSA"])
+    try:
+        (tmp_path / "secret").write_text("x")
+        (tmp_path / "sso.json").write_text(json.dumps({
+            "issuer": idp.url + "/", "clientId": "console", "clientSecretFile": "secret"}))
+        srv = start(sso_config=str(tmp_path / "sso.json"))
+        status, headers, page = srv.request("GET", "/sso/start", token=None)
+        assert status == 503 and b"names another issuer" in page
+        assert "Location" not in headers
+    finally:
+        idp.close()
+
+
+def test_sso_routes_answer_404_without_a_configuration(srv):
+    assert srv.request("GET", "/sso/start", token=None)[0] == 404
+    assert srv.request("GET", "/sso/callback?code=x&state=y", token=None)[0] == 404
 
 
 # ==== 12. Backups and replication: scheduled backups ==========================

