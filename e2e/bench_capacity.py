@@ -97,6 +97,8 @@ TIMED = (("journal", ("/journalentries", "/checkpoint", "/checkpointverbatim",
          ("events", ("/events/batch",)),
          ("complete", ("/complete",)))
 MAX_CONNECTIONS = 1024
+#: Headers a recording leaves out (recording_server.py's): each connection sets its own.
+SKIPPED_HEADERS = frozenset({"host", "content-length", "connection", "transfer-encoding"})
 #: Small plain bodies get the replayer's stack name (stack init's, an update's config).
 MAX_REWRITTEN_BODY = 64 * 1024
 
@@ -145,12 +147,103 @@ def category(path: str) -> str:
 
 # -- recording ------------------------------------------------------------------
 
-def recording_path(args, kind: str, count: int) -> Path:
-    return Path(args.cache) / f"{args.cli_version}-{kind}-{count}-{args.pad_kb:g}kb.json.gz"
+def recording_path(args, kind: str, count: int, peer: bool = False) -> Path:
+    return Path(args.cache) / (f"{args.cli_version}-{kind}-{count}-{args.pad_kb:g}kb"
+                               f"{'-peer' if peer else ''}.json.gz")
 
 
-def record(args, kind: str, count: int) -> dict:
-    """Run the real CLI once through recording_server.py; return the recording."""
+class RecordingProxy:
+    """An HTTP proxy in front of another server (the peer) that writes down each request
+    as recording_server.py does; one upstream connection per client connection."""
+
+    def __init__(self, upstream: str, log: Path):
+        import http.server
+
+        host, port = urllib.parse.urlsplit(upstream).netloc.split(":")
+        out = open(log, "a", encoding="utf-8")
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            upstream_conn = None
+
+            def setup(self):
+                super().setup()  # headers and body go in two writes: no Nagle delay
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def _relay(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in SKIPPED_HEADERS}
+                started, t = time.time(), time.perf_counter()
+                if self.upstream_conn is None:
+                    self.upstream_conn = http.client.HTTPConnection(host, int(port),
+                                                                    timeout=600)
+                self.upstream_conn.request(self.command, self.path, body or None, headers)
+                resp = self.upstream_conn.getresponse()
+                data = resp.read()
+                seconds = time.perf_counter() - t
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in SKIPPED_HEADERS:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                plain = data
+                if resp.getheader("Content-Encoding") == "gzip":
+                    plain = gzip.decompress(data)
+                line = json.dumps({
+                    "t": started, "seconds": seconds, "method": self.command,
+                    "path": self.path, "headers": headers,
+                    "body": base64.b64encode(body).decode(), "status": resp.status,
+                    "answer": plain.decode(errors="replace") if len(plain) <= 4096 else None},
+                    separators=(",", ":")) + "\n"
+                with lock:
+                    out.write(line)
+                    out.flush()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _relay
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.out = out
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.out.close()
+
+
+def export_resources(url: str, stack: str) -> int:
+    """Resources in the stack's exported state (-1 when the export fails)."""
+    host, port = urllib.parse.urlsplit(url).netloc.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.request("GET", f"/api/stacks/{ORG}/{PROJECT}/{stack}/export",
+                     headers={"Authorization": f"token {TOKEN}",
+                              "Accept": "application/vnd.pulumi+8"})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            return -1
+        if resp.getheader("Content-Encoding") == "gzip":
+            data = gzip.decompress(data)
+        return len(json.loads(data)["deployment"].get("resources") or [])
+    finally:
+        conn.close()
+
+
+def record(args, kind: str, count: int, peer: bool = False) -> dict:
+    """Run the real CLI once through recording_server.py (or, for the peer, through a
+    RecordingProxy in front of it: the CLI talks to each as it would); return the
+    recording."""
     ensure_sdk()
     from pulumi import automation as auto
 
@@ -167,9 +260,13 @@ def record(args, kind: str, count: int) -> dict:
     (tmp / "cli" / "bin" / "pulumi").symlink_to(cli)
     (work / "Pulumi.yaml").write_text(f"name: {PROJECT}\nruntime: python\n")
     log = tmp / "requests.jsonl"
-    server = ServerProcess(tmp, ["--max-connections-per-address", "0"], token=TOKEN)
-    server.script = RECORDER
-    os.environ["CAPACITY_RECORD"] = str(log)
+    if peer:
+        server = Target("peer", args, tmp)
+    else:
+        server = ServerProcess(tmp, ["--max-connections-per-address", "0"], token=TOKEN)
+        server.script = RECORDER
+        os.environ["CAPACITY_RECORD"] = str(log)
+    proxy = None
     env = {
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), str(cli.parent),
                                  str(E2E_DIR / "bin"), "/usr/local/bin", "/usr/bin", "/bin"]),
@@ -186,7 +283,11 @@ def record(args, kind: str, count: int) -> dict:
 
     try:
         server.start()
-        env["PULUMI_BACKEND_URL"] = server.url
+        url = server.url
+        if peer:
+            proxy = RecordingProxy(server.url, log)
+            url = proxy.url
+        env["PULUMI_BACKEND_URL"] = url
         opts = auto.LocalWorkspaceOptions(
             work_dir=str(work), pulumi_home=env["PULUMI_HOME"], env_vars=env,
             pulumi_command=auto.PulumiCommand(root=str(tmp / "cli")))
@@ -203,9 +304,10 @@ def record(args, kind: str, count: int) -> dict:
                 stack.up(program=build_program(kind, more, args.pad_kb, str(files)))
             seconds[op] = time.perf_counter() - t
             marks.append((first, lines_so_far()))  # before our own export, not replayed
-            state = server.get(f"/api/stacks/{ORG}/{PROJECT}/{REC_STACK}/export")
-            resources[op] = len(state["deployment"].get("resources") or [])
+            resources[op] = export_resources(server.url, REC_STACK)
     finally:
+        if proxy:
+            proxy.stop()
         server.stop()
         os.environ.pop("CAPACITY_RECORD", None)
     lines = log.read_text().splitlines()
@@ -216,21 +318,22 @@ def record(args, kind: str, count: int) -> dict:
                    "cli_seconds": seconds.get(op)}
     shutil.rmtree(tmp, ignore_errors=True)
     return {"cli_version": args.cli_version, "program": kind, "resources": count,
+            "server": "peer" if peer else "ours",
             "pad_kb": args.pad_kb, "stack": REC_STACK, "project": PROJECT,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ops": ops}
 
 
-def load_recording(args, kind: str, count: int) -> dict:
-    path = recording_path(args, kind, count)
+def load_recording(args, kind: str, count: int, peer: bool = False) -> dict:
+    path = recording_path(args, kind, count, peer)
     if path.exists() and not args.rerecord:
         return json.loads(gzip.decompress(path.read_bytes()))
     t = time.perf_counter()
-    rec = record(args, kind, count)
+    rec = record(args, kind, count, peer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(gzip.compress(json.dumps(rec).encode(), 6))
     tmp.replace(path)
-    print(f"recorded {kind} {count} in {time.perf_counter() - t:.0f} s: {path}",
+    print(f"recorded {kind} {count}{' (peer)' if peer else ''} in {time.perf_counter() - t:.0f} s: {path}",
           file=sys.stderr, flush=True)
     return rec
 
@@ -484,21 +587,7 @@ class Target:
         return sum(p.stat().st_size for p in self.peer_dir.rglob("*") if p.is_file())
 
     def export_resources(self, stack: str) -> int:
-        host, port = urllib.parse.urlsplit(self.url).netloc.split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=120)
-        try:
-            conn.request("GET", f"/api/stacks/{ORG}/{PROJECT}/{stack}/export",
-                         headers={"Authorization": f"token {TOKEN}",
-                                  "Accept": "application/vnd.pulumi+8"})
-            resp = conn.getresponse()
-            data = resp.read()
-            if resp.status != 200:
-                return -1
-            if resp.getheader("Content-Encoding") == "gzip":
-                data = gzip.decompress(data)
-            return len(json.loads(data)["deployment"].get("resources") or [])
-        finally:
-            conn.close()
+        return export_resources(self.url, stack)
 
     def stop(self) -> None:
         if self.proxy:
@@ -671,17 +760,23 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
             for kind in [p for p in args.programs.split(",") if p]:
                 for count in [int(s) for s in args.sizes.split(",") if s]:
-                    rec = load_recording(args, kind, count)
-                    steps = prepare(rec)
-                    result["recordings"].append({
-                        "program": kind, "resources": count, "date": rec["date"],
-                        "cli_version": rec["cli_version"],
-                        "ops": {op: {"requests": len(d["requests"]),
-                                     "body_bytes": sum(len(s.body or b"") for s in steps[op]),
-                                     "resources": d["resources"],
-                                     "cli_seconds": d["cli_seconds"]}
-                                for op, d in rec["ops"].items()}})
+                    recordings = {}
+                    for peer in sorted({s == "peer" for s in stores}):
+                        rec = load_recording(args, kind, count, peer)
+                        steps = prepare(rec)
+                        recordings[peer] = rec, steps
+                        result["recordings"].append({
+                            "program": kind, "resources": count, "date": rec["date"],
+                            "cli_version": rec["cli_version"],
+                            "server": "peer" if peer else "ours",
+                            "ops": {op: {"requests": len(d["requests"]),
+                                         "body_bytes": sum(len(s.body or b"")
+                                                           for s in steps[op]),
+                                         "resources": d["resources"],
+                                         "cli_seconds": d["cli_seconds"]}
+                                    for op, d in rec["ops"].items()}})
                     for store in stores:
+                        rec, steps = recordings[store == "peer"]
                         result["rows"] += run_store(store, kind, count, steps, rec, args,
                                                     Path(tmp))
                         result["total_seconds"] = round(time.time() - started, 1)
