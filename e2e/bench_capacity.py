@@ -49,8 +49,12 @@ Stores (``--stores``): ``sqlite`` (default flags), ``pg1`` and ``pg3``
 round-robin; a throwaway server from e2e/postgres.py with fsync on, or
 ``--db-url`` to a server where the bench may create databases), and ``peer``
 when ``--peer-bin`` names the Go peer's binary, started with ``--peer-args``
-(``{port}``, ``{dir}`` and ``{token}`` are filled in) and reached when its
-port answers. All replayers come from 127.0.0.1, so each of our servers runs
+(``{port}``, ``{dir}`` and ``{token}`` are filled in; set them as its README
+says) and reached when its port answers. The CLI talks to the peer otherwise
+than to us (e.g. checkpoints instead of the journal, as its capabilities say),
+so the peer gets its own recording, made through an HTTP proxy in front of it
+(``RecordingProxy``) and cached beside ours with ``-peer`` in its name. All
+replayers come from 127.0.0.1, so each of our servers runs
 with ``--max-connections-per-address`` equal to ``--max-connections`` (1024)
 (the default caps one address at half). ``--out`` (default
 ``bench-capacity.json``) keeps every row and the recordings' summaries.

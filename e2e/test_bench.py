@@ -241,3 +241,23 @@ def test_bench_webhooks_smoke(tmp_path):
         "| receiver | hooks × events | delivered | deliveries/s | latency p50 (s) |")
     assert "| fast (0 ms) | 3 × 4 | 12/12 |" in table and "| slow (100 ms) | 3 × 4 | 12/12 |" \
         in table
+
+
+def test_bench_capacity_peer_smoke(cli, tmp_path):
+    """--peer-bin: the peer (here pulumi_backend.py itself standing in for the Go peer) is
+    recorded through the recording proxy and replayed like the stores."""
+    out, cache = tmp_path / "capacity.json", tmp_path / "cache"
+    server = E2E_DIR.parent / "pulumi_backend.py"
+    table = run_script("bench_capacity.py", "--programs", "bulk", "--sizes", "1",
+                       "--concurrency", "1", "--stores", "peer", "--peer-bin", sys.executable,
+                       "--peer-args", f"{server} --host 127.0.0.1 --port {{port}} "
+                                      "--db {dir}/peer.db",
+                       "--ops", "create,noop", "--cli-version", cli.version,
+                       "--cache", str(cache), "--out", str(out))
+    assert [p.name for p in cache.iterdir()] == [f"{cli.version}-bulk-1-16kb-peer.json.gz"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["store"], r["operation"]) for r in rows] == [("peer", "create"),
+                                                             ("peer", "noop")], rows
+    assert all(r["errors"] == 0 and r["exported_resources"] == [2] for r in rows), rows
+    assert all(r["server_cpu_per_update_s"] > 0 and r["complete_samples"] == 1 for r in rows)
+    assert "| peer | bulk | 1 | 1 | no-op |" in table
