@@ -15,8 +15,9 @@ so K × M deliveries are due. The receiver notes when each delivery arrives
 create request was answered (the event is committed with it).
 Rows: deliveries per second from the first event to the last delivery, p50,
 p95 and max of event-to-delivery latency, the seconds the events took to make,
-the server's CPU seconds, deliveries received, and repeats (a delivery ID seen
-twice: delivery is at least once). ``--out`` (default ``bench-webhooks.json``)
+the server's CPU seconds, deliveries received (the wait ends when all came, or
+none came for ``--idle`` seconds), and repeats (a delivery ID seen twice:
+delivery is at least once). ``--out`` (default ``bench-webhooks.json``)
 keeps the rows. Benchmarks assert nothing.
 """
 
@@ -118,12 +119,16 @@ def run(receiver_kind: str, delay: float, args, root: Path) -> dict:
             made[name] = time.time()
         events_s = time.time() - first
         due = args.hooks * args.events
-        deadline = time.time() + args.timeout
-        while time.time() < deadline:
+        # Until all are in, or none came for --idle seconds (a delivery the server lost
+        # would otherwise hold the run until --timeout), or --timeout.
+        deadline, last, seen = time.time() + args.timeout, time.time(), 0
+        while time.time() < deadline and time.time() - last < args.idle:
             with receiver.lock:
                 ids = {g[1] for g in receiver.got}
             if len(ids) >= due:
                 break
+            if len(ids) > seen:
+                seen, last = len(ids), time.time()
             time.sleep(0.05)
         with receiver.lock:
             got = list(receiver.got)
@@ -171,6 +176,8 @@ def main() -> int:
     parser.add_argument("--receivers", default="fast,slow", help="fast and/or slow")
     parser.add_argument("--timeout", type=float, default=600,
                         help="seconds to wait for the last delivery (default 600)")
+    parser.add_argument("--idle", type=float, default=15,
+                        help="stop waiting when no delivery came for this long (default 15)")
     parser.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
                         help="extra pulumi_backend.py flag (repeatable)")
     parser.add_argument("--out", default="bench-webhooks.json", help="JSON results file")
