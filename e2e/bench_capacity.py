@@ -73,7 +73,6 @@ import platform
 import shlex
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -337,8 +336,8 @@ def load_recording(args, kind: str, count: int, peer: bool = False) -> dict:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(gzip.compress(json.dumps(rec).encode(), 6))
     tmp.replace(path)
-    print(f"recorded {kind} {count}{' (peer)' if peer else ''} in {time.perf_counter() - t:.0f} s: {path}",
-          file=sys.stderr, flush=True)
+    print(f"recorded {kind} {count}{' (peer)' if peer else ''} in "
+          f"{time.perf_counter() - t:.0f} s: {path}", file=sys.stderr, flush=True)
     return rec
 
 
