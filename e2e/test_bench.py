@@ -179,3 +179,85 @@ def test_bench_search_smoke(tmp_path):
     assert result["indexed_stacks"] == 6 and result["index_build_s"] > 0, result
     assert "| query | as | results | p50 | p95 |" in table
     assert "| index built afresh, 6 stacks | | 60 |" in table
+
+
+def test_bench_capacity_smoke(cli, tmp_path):
+    """Record the CLI on a 2-resource program, replay it with 1 and 2 stacks at once on
+    SQLite (and PostgreSQL, 1 replica, when the machine has it): every replayed update
+    succeeds and every stack exports the recording's resource count after each operation."""
+    import postgres
+
+    stores, extra = ["sqlite"], []
+    try:
+        import psycopg  # noqa: F401
+        if postgres.find_bindir():
+            stores.append("pg1")
+            extra = ["--db-url", postgres.server().url()]
+    except ImportError:
+        pass
+    out, cache = tmp_path / "capacity.json", tmp_path / "cache"
+    table = run_script("bench_capacity.py", "--programs", "bulk", "--sizes", "2",
+                       "--concurrency", "1,2", "--stores", ",".join(stores),
+                       "--cli-version", cli.version, "--cache", str(cache),
+                       "--out", str(out), *extra)
+    assert [p.name for p in cache.iterdir()] == [f"{cli.version}-bulk-2-16kb.json.gz"]
+    result = json.loads(out.read_text())
+    [rec] = result["recordings"]
+    assert rec["ops"]["create"]["requests"] > 5 and rec["ops"]["init"]["requests"] > 0, rec
+    rows = result["rows"]
+    ops = ("create", "noop", "add2", "destroy")
+    assert [(r["store"], r["n"], r["operation"]) for r in rows] == [
+        (s, n, op) for s in stores for n in (1, 2) for op in ops], rows
+    expected = {"create": 3, "noop": 3, "add2": 5, "destroy": 0}  # the stack and 2 + 2
+    for r in rows:
+        assert r["errors"] == 0 and r["resources_ok"], r
+        assert r["exported_resources"] == [expected[r["operation"]]] * r["n"], r
+        assert r["updates_per_min"] > 0 and r["server_cpu_per_update_s"] > 0, r
+        assert r["peak_rss_mb"] > 0 and r["replayer_cpu_per_update_s"] >= 0, r
+        assert r["journal_samples"] >= r["n"] and r["complete_samples"] == r["n"], r
+        assert 0 < r["journal_p50_ms"] <= r["journal_p95_ms"] <= r["journal_p99_ms"], r
+    assert all(r["db_growth_per_update_mb"] > 0 for r in rows if r["operation"] == "create")
+    header = table.splitlines()[0]
+    assert header == (
+        "| store | program | resources | N | operation | updates/min "
+        "| journal p50/p95/p99 (ms) | events p50/p95/p99 (ms) | complete p50/p95/p99 (ms) "
+        "| server CPU/update (s) | peak RSS (MB) | DB growth/update (MB) "
+        "| replayer CPU/update (s) | errors | resources ok |"), header
+    assert table.count("| yes |") == len(rows) and "| sqlite | bulk | 2 | 2 | no-op |" in table
+
+
+def test_bench_webhooks_smoke(tmp_path):
+    """3 webhooks × 4 stack events with a fast and a 100 ms receiver: all 12 delivered."""
+    out = tmp_path / "webhooks.json"
+    table = run_script("bench_webhooks.py", "--hooks", "3", "--events", "4", "--slow-ms", "100",
+                       "--timeout", "60", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["receiver"], r["delay_ms"]) for r in rows] == [("fast", 0), ("slow", 100)], rows
+    for r in rows:
+        assert r["due"] == 12 and r["delivered"] == 12, r
+        assert r["deliveries_per_s"] > 0 and r["server_cpu_s"] > 0, r
+        assert 0 < r["latency_p50_s"] <= r["latency_p95_s"] <= r["latency_max_s"], r
+    assert table.splitlines()[0].startswith(
+        "| receiver | hooks × events | delivered | deliveries/s | latency p50 (s) |")
+    assert "| fast (0 ms) | 3 × 4 | 12/12 |" in table and "| slow (100 ms) | 3 × 4 | 12/12 |" \
+        in table
+
+
+def test_bench_capacity_peer_smoke(cli, tmp_path):
+    """--peer-bin: the peer (here pulumi_backend.py itself standing in for the Go peer) is
+    recorded through the recording proxy and replayed like the stores."""
+    out, cache = tmp_path / "capacity.json", tmp_path / "cache"
+    server = E2E_DIR.parent / "pulumi_backend.py"
+    table = run_script("bench_capacity.py", "--programs", "bulk", "--sizes", "1",
+                       "--concurrency", "1", "--stores", "peer", "--peer-bin", sys.executable,
+                       "--peer-args", f"{server} --host 127.0.0.1 --port {{port}} "
+                                      "--db {dir}/peer.db",
+                       "--ops", "create,noop", "--cli-version", cli.version,
+                       "--cache", str(cache), "--out", str(out))
+    assert [p.name for p in cache.iterdir()] == [f"{cli.version}-bulk-1-16kb-peer.json.gz"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["store"], r["operation"]) for r in rows] == [("peer", "create"),
+                                                             ("peer", "noop")], rows
+    assert all(r["errors"] == 0 and r["exported_resources"] == [2] for r in rows), rows
+    assert all(r["server_cpu_per_update_s"] > 0 and r["complete_samples"] == 1 for r in rows)
+    assert "| peer | bulk | 1 | 1 | no-op |" in table
