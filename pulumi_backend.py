@@ -1809,7 +1809,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def insert_delivery(self, db, delivery: dict) -> None:
-        """Store a delivery, dropping the webhook's oldest beyond WEBHOOK_DELIVERIES_KEPT."""
+        """Store a delivery, dropping the webhook's oldest finished ones beyond
+        WEBHOOK_DELIVERIES_KEPT (pending ones are all kept)."""
 
     @abc.abstractmethod
     def get_delivery(self, db, delivery_id: str) -> Optional[dict]:
@@ -2750,9 +2751,11 @@ class _SQLRecords(Store):
     def insert_delivery(self, db, delivery: dict) -> None:
         db.execute(f"INSERT INTO webhook_deliveries ({','.join(delivery)}) "
                    f"VALUES ({','.join('?' * len(delivery))})", tuple(delivery.values()))
-        db.execute("DELETE FROM webhook_deliveries WHERE hook = ? AND id NOT IN (SELECT id "
-                   "FROM webhook_deliveries WHERE hook = ? ORDER BY created DESC, id DESC "
-                   "LIMIT ?)", (delivery["hook"], delivery["hook"], WEBHOOK_DELIVERIES_KEPT))
+        # Only finished deliveries make room: one still to be sent is never dropped.
+        db.execute("DELETE FROM webhook_deliveries WHERE hook = ? AND status <> 'pending' "
+                   "AND id NOT IN (SELECT id FROM webhook_deliveries WHERE hook = ? AND "
+                   "status <> 'pending' ORDER BY created DESC, id DESC LIMIT ?)",
+                   (delivery["hook"], delivery["hook"], WEBHOOK_DELIVERIES_KEPT))
 
     def get_delivery(self, db, delivery_id: str) -> Optional[dict]:
         row = db.execute("SELECT * FROM webhook_deliveries WHERE id = ?",

@@ -3091,6 +3091,28 @@ def test_webhook_delivery_retries_then_fails(hook_srv):
         down.close()
 
 
+def test_pending_deliveries_are_never_pruned(hook_srv, monkeypatch):
+    """bench_webhooks.py found events lost: past WEBHOOK_DELIVERIES_KEPT queued
+    deliveries of one webhook, the oldest were deleted before they were sent."""
+    monkeypatch.setattr(pb, "WEBHOOK_DELIVERIES_KEPT", 3)
+    up = Receiver(status=204)
+    try:
+        hook = new_hook(hook_srv, up.url)
+        for i in range(6):
+            hook_srv.create_stack(stack=f"s{i}")
+        with hook_srv.store.read() as db:
+            queued = hook_srv.store.list_deliveries(db, hook["name"], 100)
+        assert [d["status"] for d in queued] == ["pending"] * 6
+        hook_srv.app.webhooks.run_due(inline=True)
+        assert len(up.got) == 6
+        hook_srv.create_stack(stack="s6")  # the next insert prunes finished ones only
+        with hook_srv.store.read() as db:
+            kept = hook_srv.store.list_deliveries(db, hook["name"], 100)
+        assert sorted(d["status"] for d in kept) == ["pending"] + ["succeeded"] * 3
+    finally:
+        up.close()
+
+
 def test_webhook_backoff_follows_the_delays(hook_srv, monkeypatch):
     hooks = hook_srv.app.webhooks
     hooks.delays = (10.0, 60.0, 300.0)
