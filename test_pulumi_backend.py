@@ -6673,6 +6673,11 @@ def test_console_host_serves_the_console_there_and_the_api_on_the_other_names(st
                                 origin=f"http://{app}:{srv.port}", headers=app_headers)
     assert status == 303 and "pb_session" in b.cookies
     assert b.get("/", headers=app_headers)[0] == 200
+    # Without --console-host every name has both, as before.
+    plain = start()
+    for host in ("localhost", "127.0.0.1"):
+        assert host_request(plain, "GET", "/api/user", host)[0] == 200
+        assert host_request(plain, "GET", "/login", host, raw=True)[0] == 200
 
 
 def test_console_host_behind_a_tls_proxy_takes_its_https_origin(start):
@@ -6689,12 +6694,6 @@ def test_console_host_behind_a_tls_proxy_takes_its_https_origin(start):
     plain = pb._AllowedHosts(pb.Config(public_url="https://api.example.test"), lambda: False)
     assert plain.site("api.example.test") == "" and \
         not plain.origin_allowed("https://app.example.test", "app.example.test")
-
-
-def test_without_console_host_every_name_serves_console_and_api(srv):
-    for host in ("localhost", "127.0.0.1"):
-        assert host_request(srv, "GET", "/api/user", host)[0] == 200
-        assert host_request(srv, "GET", "/login", host, raw=True)[0] == 200
 
 
 def test_console_forms_with_too_many_fields_are_a_400(srv, browser, caplog):
