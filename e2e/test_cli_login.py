@@ -227,6 +227,7 @@ def test_cli_login_in_a_browser_finds_the_app_host_of_the_api_host(e2e, make_ser
                            "MAP api.example.test 127.0.0.1")
         out = browser_login(e2e, browser, console, api, person_token, env)
         assert "api.example.test" in out
+        assert proxy.connections[0] > 0  # the CLI reached api.example.test through it
         works_as_the_person(e2e, srv, env, console)
         # The API's name sends a browser to the console's; the console's has no API.
         page = browser.new_page()
