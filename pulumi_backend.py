@@ -59,6 +59,11 @@ Webhooks (section 8) post to no loopback, link-local or cloud metadata address
 unless ``--webhook-allow`` names its network, follow no redirect, and keep their
 shared secrets sealed by the master key.
 
+``pulumi login`` in a browser goes through the console's /cli-login (section 11),
+which after a confirmation hands a new personal token to the CLI on ``localhost``
+only. With ``--console-host`` that name serves the console and every other name of
+the server the API (sections 9 and 10).
+
 Sections:
   1. Constants and limits
   2. Configuration
