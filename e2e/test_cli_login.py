@@ -13,11 +13,16 @@ Two ways for the CLI to find the console:
 - ``PULUMI_CONSOLE_DOMAIN`` (one server name for everything);
 - the ``api.``/``app.`` host names of one server (``--console-host``): the CLI
   derives ``app.example.test`` from ``api.example.test`` itself. Nothing on the
-  machine is changed to reach those names: the CLI goes through HTTP_PROXY (a local
-  proxy that pipes every connection to the server, Host kept, the absolute-form
-  target the server reads), the browser through --host-resolver-rules.
+  machine is changed to reach those names: the CLI goes through HTTP_PROXY (HostProxy,
+  a small forward proxy that sends each name to its server, Host kept), the browser
+  through --host-resolver-rules.
+
+The api./app. names also give `pulumi stack migrate` two servers it can tell apart
+(it compares the console addresses the CLI derives, empty for an IP address).
 """
 
+import http.client
+import http.server
 import json
 import os
 import pty
@@ -25,17 +30,84 @@ import re
 import subprocess
 import sys
 import threading
-import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
 from conftest import TOKEN, unavailable, wait_for
-from tcp_proxy import RoundRobinProxy
 from test_access import admin, audit_events, use_project
 from test_console import CHROMIUM, CHROMIUM_ARGS
 
 PERSON = "alice"
+_HOP_BY_HOP = {"connection", "proxy-connection", "keep-alive", "transfer-encoding", "te",
+               "trailer", "upgrade", "proxy-authorization"}
+
+
+class HostProxy:
+    """A forward proxy for plain-http URLs (what HTTP_PROXY sees for http://NAME:PORT):
+    each request goes to the 127.0.0.1 port of its host name in ``ports``, with its
+    Host header kept; ``seen`` counts the requests per name."""
+
+    def __init__(self, ports):
+        proxy = self
+        self.ports, self.seen = ports, {name: 0 for name in ports}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                target = urllib.parse.urlsplit(self.path)
+                port = proxy.ports.get(target.hostname or "")
+                if port is None:
+                    self.send_error(502, f"no server for {target.hostname}")
+                    return
+                proxy.seen[target.hostname] += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in _HOP_BY_HOP}
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                try:
+                    path = target.path + ("?" + target.query if target.query else "")
+                    conn.request(self.command, path or "/", body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status, resp.reason)
+                for key, value in resp.getheaders():
+                    if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = forward
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a client that went away: nothing to tell
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def proxied(env, proxy):
+    """``env`` sending the CLI's (and its plugins') non-loopback http through ``proxy``."""
+    loopback = "localhost,127.0.0.1,::1"
+    return {**env, "HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": loopback,
+            "no_proxy": loopback}
 
 
 class Terminal:
@@ -211,23 +283,18 @@ def test_cli_login_in_a_browser_finds_the_app_host_of_the_api_host(e2e, make_ser
                       "--allowed-host", "api.example.test")
     use_project(e2e, "clilogin")
     person_token = person_on(srv, "clilogin")
-    # Every connection to the proxy goes to the server: a forward proxy for http URLs,
-    # since the server takes absolute-form targets (Host kept).
-    proxy = RoundRobinProxy([("127.0.0.1", srv.port)])
-    proxy.start()
+    proxy = HostProxy({"api.example.test": srv.port})
     try:
         api = f"http://api.example.test:{srv.port}"
         console = f"http://app.example.test:{srv.port}"
-        env = {**e2e.env, "HTTP_PROXY": proxy.url, "http_proxy": proxy.url,
-               "NO_PROXY": "localhost,127.0.0.1,::1", "no_proxy": "localhost,127.0.0.1,::1",
-               "PULUMI_BACKEND_URL": api}
+        env = {**proxied(e2e.env, proxy), "PULUMI_BACKEND_URL": api}
         env.pop("PULUMI_ACCESS_TOKEN")
         env.pop("PULUMI_CONSOLE_DOMAIN", None)
         browser = chromium("--host-resolver-rules=MAP app.example.test 127.0.0.1, "
                            "MAP api.example.test 127.0.0.1")
         out = browser_login(e2e, browser, console, api, person_token, env)
         assert "api.example.test" in out
-        assert proxy.connections[0] > 0  # the CLI reached api.example.test through it
+        assert proxy.seen["api.example.test"] > 0  # the CLI reached the API through it
         works_as_the_person(e2e, srv, env, console)
         # The API's name sends a browser to the console's; the console's has no API.
         page = browser.new_page()
@@ -237,3 +304,31 @@ def test_cli_login_in_a_browser_finds_the_app_host_of_the_api_host(e2e, make_ser
         assert page.goto(api + "/api/capabilities").status == 200
     finally:
         proxy.stop()
+
+
+@pytest.mark.timeout_seconds(420)
+def test_stack_migrate_tells_two_servers_apart_by_their_api_host_names(e2e, make_server):
+    one = make_server("--auth-token", TOKEN, "--console-host", "app.one.test",
+                      "--allowed-host", "api.one.test")
+    two = make_server("--auth-token", TOKEN, "--console-host", "app.two.test",
+                      "--allowed-host", "api.two.test")
+    use_project(e2e, "migrated")
+    # By their IP addresses, the CLI finds no console for either and takes them for one.
+    e2e.env["PULUMI_BACKEND_URL"] = two.url
+    e2e.fails("stack", "migrate", one.url, "dev",
+              match=r"source and target backends are the same")
+    proxy = HostProxy({"api.one.test": one.port, "api.two.test": two.port})
+    try:
+        api_one = f"http://api.one.test:{one.port}"
+        e2e.env = {**proxied(e2e.env, proxy), "PULUMI_BACKEND_URL": api_one}
+        e2e.up(e2e.stack("dev"), {"outputs": {"k": "v"}})
+        e2e.env["PULUMI_BACKEND_URL"] = f"http://api.two.test:{two.port}"
+        out = e2e.run("stack", "migrate", api_one, "dev", "--yes").stdout
+        assert f"from {api_one} to http://api.two.test:{two.port}" in out, out
+        assert e2e.run("stack", "output", "k", "--stack", "dev").stdout.strip() == "v"
+        assert proxy.seen["api.one.test"] > 0 and proxy.seen["api.two.test"] > 0
+    finally:
+        proxy.stop()
+    migrated = two.get("/api/stacks/organization/migrated/dev/export")["deployment"]
+    assert any(r["type"] == "pulumi:pulumi:Stack" for r in migrated["resources"])
+    assert one.get("/api/stacks/organization/migrated/dev/export")["deployment"]["resources"]
