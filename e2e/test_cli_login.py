@@ -29,8 +29,8 @@ import os
 import pty
 import re
 import subprocess
-import sys
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -213,12 +213,16 @@ def browser_login(e2e, browser, console, api_url, person_token, env, signed_in=T
     env.pop("PULUMI_ACCESS_TOKEN", None)
     term = Terminal([str(e2e.cli.binary), "login", api_url, "--color", "never"], env, e2e.work)
     try:
-        wait_for(lambda: "log in with your browser" in term.output or term.proc.poll() is not None,
-                 "the CLI's login prompt", timeout=60)
-        assert term.proc.poll() is None, term.output
-        term.type(b"\r")  # Enter: log in with the browser
-        wait_for(lambda: opened.exists() or term.proc.poll() is not None,
-                 "the CLI to open the browser", timeout=60)
+        # The prompt is a bubbletea widget: it reads keys once it has drawn itself, and
+        # may drop what came before (on a loaded machine, seconds later): Enter again
+        # until the CLI opens the browser.
+        wait_for(lambda: "paste an access token" in term.output or term.proc.poll() is not None,
+                 "the CLI's login prompt", timeout=90)
+        deadline = time.monotonic() + 90
+        while not opened.exists() and term.proc.poll() is None and time.monotonic() < deadline:
+            if "Waiting for login" not in term.output:
+                term.type(b"\r")  # Enter: log in with the browser
+            time.sleep(2)
         assert opened.exists(), term.output
         url = opened.read_text()
         assert url.startswith(console + "/cli-login?"), url
