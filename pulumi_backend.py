@@ -59,6 +59,11 @@ Webhooks (section 8) post to no loopback, link-local or cloud metadata address
 unless ``--webhook-allow`` names its network, follow no redirect, and keep their
 shared secrets sealed by the master key.
 
+``pulumi login`` in a browser goes through the console's /cli-login (section 11),
+which after a confirmation hands a new personal token to the CLI on ``localhost``
+only. With ``--console-host`` that name serves the console and every other name of
+the server the API (sections 9 and 10).
+
 Sections:
   1. Constants and limits
   2. Configuration
@@ -341,6 +346,9 @@ CONSOLE_MAX_EVENTS = 50000
 CONSOLE_REFRESH_SECONDS = 3
 #: Deliveries the console shows per webhook.
 CONSOLE_WEBHOOK_DELIVERIES = 10
+#: Longest token description and nonce `pulumi login` may send to /cli-login (the
+#: CLI's are ~60 and 64 characters); bounded so the sign-in's ``next`` keeps them.
+MAX_CLI_LOGIN_DESCRIPTION, MAX_CLI_LOGIN_NONCE = 300, 256
 #: Seconds between a webhook delivery's attempts (section 8): a failed first
 #: attempt is retried 10 s later, then 60 s, then 300 s; when these are spent the
 #: delivery is failed (--webhook-retry-delays).
@@ -438,6 +446,7 @@ class Config:
     audit_retention_days: int = DEFAULT_AUDIT_RETENTION_DAYS
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
     console: bool = True
+    console_host: str = ""  # the console's own host name; the API answers on the others
     webhook_allow: tuple = ()  # networks (CIDR) webhooks may reach though private by policy
     webhook_retry_delays: tuple = WEBHOOK_RETRY_DELAYS
 
@@ -548,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
           "with (single sign-on, IdP groups as teams)")
     _flag(p, "audit-log", "also append every audit event to this file as a JSON line")
     _flag(p, "console", "serve the read-only web console at /: on or off (default on)")
+    _flag(p, "console-host", "serve the console only on this host name (the Host header) "
+          "and the API on the others, e.g. app.example.com beside api.example.com: "
+          "`pulumi login https://api.example.com` then finds the console (default: both "
+          "on every name)")
     _flag(p, "audit-retention-days", "drop audit events older than this many days; 0 keeps "
           f"them all (default {DEFAULT_AUDIT_RETENTION_DAYS})", type=int)
     _flag(p, "auth-failure-limit", "refused tokens and sign-ins per client address and minute "
@@ -656,6 +669,8 @@ def parse_config(argv: list, environ: dict) -> tuple:
             value = _parse_duration("backup-interval", value)
         if key == "webhook_allow":
             value = _parse_networks("webhook-allow", value)
+        if key == "console_host":
+            value = str(value).strip().lower().rstrip(".")
         if key == "webhook_retry_delays":
             value = tuple(_parse_duration("webhook-retry-delays", v)
                           for v in str(value).split(",") if v.strip())
@@ -781,6 +796,12 @@ def _validate_config(cfg: Config) -> None:
         raise ValueError("--audit-retention-days must be 0 (keep all) or more")
     if cfg.auth_failure_limit < 0:
         raise ValueError("--auth-failure-limit must be 0 (no limit) or more")
+    if cfg.console_host and (cfg.console_host.startswith("*.") or _is_ip(cfg.console_host)
+                             or not _ALLOWED_HOST_RE.match(cfg.console_host)):
+        raise ValueError("--console-host expects a host name such as app.example.com, "
+                         f"without scheme or port, not {cfg.console_host[:100]!r}")
+    if cfg.console_host and not cfg.console:
+        raise ValueError("--console-host names the console's host: it needs --console on")
     if is_postgres_url(cfg.db):
         _validate_postgres_config(cfg)
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -9068,6 +9089,9 @@ class Route:
     op: str = ""  # operationId (Pulumi Cloud's, so `pulumi api <op>` works); default name
     tag: str = "Miscellaneous"  # groups the OpenAPI listing
     doc: bool = True  # False leaves it out of the OpenAPI document (web pages)
+    # The host names it answers on once --console-host is given: "console" (that host),
+    # "api" (every other name) or "any" (health and metrics); without it, every name.
+    site: str = "api"
     # Big bodies (INGEST_GATE_BYTES) take the server's ingest turn (section 14).
     gated: bool = False
     # It holds a whole state in memory: afterwards the server gives back what it freed.
@@ -9082,6 +9106,8 @@ class Route:
                 or self.auth == "token" and self.need == "none"):
             raise ValueError(f"{self.method} {self.pattern}: need {self.need!r} does not go "
                              f"with auth {self.auth!r}")
+        if self.site not in ("api", "console", "any"):
+            raise ValueError(f"{self.method} {self.pattern}: unknown site {self.site!r}")
         if self.body_limit is None and self.body is None:
             object.__setattr__(self, "body_limit", 0)
         if not self.name:
@@ -9227,6 +9253,10 @@ class _AllowedHosts:
     binding without --allowed-host answers to any name while tokens are required
     (the names of load balancers and clusters vary, and a page without a token
     gains nothing); while any token is accepted it too checks names.
+
+    With --console-host, that name is one of the server's too, and the Host
+    header decides which routes a request reaches (Route.site): the console's
+    on that name, the API on the others.
     """
 
     def __init__(self, cfg: Config, accepts_any_token: Callable[[], bool]):
@@ -9242,6 +9272,13 @@ class _AllowedHosts:
         bound = cfg.host.strip("[]").lower().rstrip(".")
         if bound not in _WILDCARD_HOSTS:
             self.names.add(bound)
+        self.console_host, self.console_schemes = cfg.console_host, {self.scheme}
+        if cfg.console_host:
+            self.names.add(cfg.console_host)
+            # Behind a TLS proxy the console's forms come from https://CONSOLE-HOST
+            # though this server speaks http: the scheme of --public-url counts too.
+            self.console_schemes = {self.scheme, urllib.parse.urlsplit(cfg.public_url).scheme
+                                    or self.scheme}
         self.checks_names = _is_loopback(cfg.host) or bool(cfg.allowed_hosts)
         self._accepts_any_token = accepts_any_token
 
@@ -9279,12 +9316,44 @@ class _AllowedHosts:
         except (ValueError, BadRequest):
             return False
         default = 443 if self.scheme == "https" else 80
+        if url.scheme != self.scheme and self.console_host and name == self.console_host \
+                and url.scheme in self.console_schemes and not port and not host_port:
+            return not (url.path or url.query or url.fragment)  # through a TLS proxy
         if url.scheme != self.scheme or url.path or url.query or url.fragment \
                 or (port or default) != (host_port or default):
             return False
         if self._own(name):
             return True
         return name == host_name and (_is_ip(name) or self.allows(name))
+
+    def site(self, host: Optional[str]) -> str:
+        """The Route.site a request with this Host header reaches: "console" on the
+        --console-host, "api" on any other name, "" without --console-host."""
+        if not self.console_host:
+            return ""
+        try:
+            name, _ = _split_host(host or "")
+        except BadRequest:
+            return "api"
+        return "console" if name == self.console_host else "api"
+
+    def console_url(self, host: Optional[str], target: str) -> str:
+        """The console host's URL of ``target`` (a local path and query), on the port
+        of the request's Host and the scheme of --public-url (else the server's)."""
+        try:
+            _, port = _split_host(host or "")
+        except BadRequest:
+            port = None
+        scheme = self.public_origin.partition(":")[0] or self.scheme
+        authority = self.console_host + (f":{port}" if port else "")
+        return f"{scheme}://{authority}{target}"
+
+
+class _ToConsoleHost(HTTPError):
+    """A console page asked of the API's host name (--console-host): 302 to the
+    console's."""
+
+    status, reason = 302, "Found"
 
 
 # ==== 10. Handlers, by API area =============================================
@@ -9405,7 +9474,8 @@ class App:
         # Path parameters carry Pulumi Cloud's names, and operationIds are
         # its ones, so the document lines up with the published spec.
         SP = "/api/stacks/{orgName}/{projectName}/{stackName}"
-        r = functools.partial(self.router.add, tag="Operations", auth="none", need="none")
+        r = functools.partial(self.router.add, tag="Operations", auth="none", need="none",
+                              site="any")
         r("GET", "/healthz", self.healthz, op="Healthz", response=_obj(("status",), status=_STR))
         r("GET", "/readyz", self.readyz, op="Readyz", response=_obj(("status",), status=_STR))
         r("GET", "/metrics", self.metrics, op="Metrics")
@@ -9668,6 +9738,7 @@ class App:
         routes and callers before it reads (and decompresses) any body.
         """
         req.route, req.params = self.router.match(req.method, req.path)
+        self._check_site(req)
         self._authenticate(req, req.route.auth)
         self._authorize(req)
         return req.route.handler
@@ -9692,6 +9763,29 @@ class App:
         except Exception:  # noqa: BLE001 - the one place that catches everything
             log.exception("unexpected error on %s %s", req.method, _escape_log(req.path))
             return Response(500, _dumps(HTTPError().body()))  # no detail of the exception
+
+    def _check_site(self, req: Request) -> None:
+        """With --console-host, refuse a route of the console on another host name
+        (a GET goes to the console's host) and one of the API on the console's host.
+
+        Pages and API keep their own origins: the console's cookies and forms
+        never go to the API's name, and the API's answers never come from the
+        console's. Health and metrics (site "any") answer on both.
+        """
+        site = self.hosts.site(req.headers.get("Host"))
+        if not site or req.route.site in ("any", site):
+            return
+        if site == "console":
+            raise NotFound(f"the API is not served on the console's host name "
+                           f"{self.cfg.console_host} (--console-host)")
+        if req.method in ("GET", "HEAD") and req.path.startswith("/") \
+                and not req.path.startswith("//"):
+            target = urllib.parse.quote(req.path, safe="/%:@!$&'()*+,;=-._~") + (
+                "?" + urllib.parse.urlencode(req.query, doseq=True) if req.query else "")
+            url = self.hosts.console_url(req.headers.get("Host"), target)
+            raise _ToConsoleHost(f"the console is at {url}", {"Location": url})
+        raise NotFound(f"no route for {req.path} on this host name: the console's pages "
+                       f"are on {self.cfg.console_host} (--console-host)")
 
     def _authenticate(self, req: Request, auth: str) -> None:
         """Check the Authorization header against what the route needs.
@@ -10832,7 +10926,8 @@ class Console:
     def install(self) -> None:
         """Add the console's routes and its "session" and "origin" authentication."""
         self.app.authenticators.update(session=self._session, origin=self._check_origin)
-        add = functools.partial(self.app.router.add, doc=False, auth="session", need="signed-in")
+        add = functools.partial(self.app.router.add, doc=False, auth="session", need="signed-in",
+                                site="console")
         form = functools.partial(add, body_limit=MAX_CONSOLE_FORM)
         stack = "/stacks/{projectName}/{stackName}"
         add("GET", "/console.css", self.stylesheet, auth="none", need="none")
@@ -10855,6 +10950,11 @@ class Console:
         add("GET", "/search", self._page(self.search_page))
         form("POST", "/tokens", self._page(self.create_token))
         form("POST", "/tokens/{tokenId}/revoke", self._page(self.revoke_token))
+        # `pulumi login` in a browser: a confirmed form makes a personal token and hands
+        # it to the CLI's loopback port, which then shows /welcome/cli.
+        add("GET", "/cli-login", self._page(self.cli_login_page))
+        form("POST", "/cli-login", self._page(self.cli_login))
+        add("GET", "/welcome/cli", self._page(self.cli_welcome), auth="none", need="none")
         # `pulumi login` offers the console's token page at /user/settings/tokens
         # of the console host (PULUMI_CONSOLE_DOMAIN); older CLIs said /account/tokens.
         for path in ("/user/settings/tokens", "/account/tokens"):
@@ -11625,6 +11725,84 @@ class Console:
     def to_tokens(self, req: Request) -> Response:
         """The CLI's address of the token page: ours is /tokens."""
         return Response(303, b"", "text/plain", headers={"Location": "/tokens"})
+
+    # -- `pulumi login` in a browser ------------------------------------------
+    #
+    # The CLI (pkg/backend/httpstate: loginWithBrowser) listens on 127.0.0.1 at a
+    # random port and opens CONSOLE/cli-login?cliSessionPort=P&cliSessionNonce=N&
+    # cliSessionDescription=D. A signed-in person confirms; the POST makes a personal
+    # token described by D and answers 303 to http://localhost:P/?accessToken=T&nonce=N,
+    # where the CLI checks N, keeps T and sends the browser on to /welcome/cli. The
+    # host is always localhost and P only a port number, so the token goes nowhere
+    # else; the confirmation (a CSRF-checked POST) keeps a link from handing a token
+    # out unasked. The access log has paths only: neither T nor N is logged.
+
+    @staticmethod
+    def _cli_session(fields: Callable[[str], Optional[str]]) -> tuple:
+        """``(port, nonce, description)`` of a CLI login request; BadRequest unless
+        the port is a port number and the nonce and description are bounded text."""
+        port, nonce = fields("cliSessionPort") or "", fields("cliSessionNonce") or ""
+        description = fields("cliSessionDescription") or "Generated by pulumi login"
+        if not re.fullmatch(r"[1-9][0-9]{0,4}", port) or int(port) > 65535:
+            raise BadRequest("cliSessionPort must be the port number the CLI listens on")
+        if not 0 < len(nonce) <= MAX_CLI_LOGIN_NONCE or not nonce.isprintable():
+            raise BadRequest(f"cliSessionNonce must be 1 to {MAX_CLI_LOGIN_NONCE} printable "
+                             "characters")
+        if len(description) > MAX_CLI_LOGIN_DESCRIPTION or not description.isprintable():
+            raise BadRequest(f"cliSessionDescription must be at most "
+                             f"{MAX_CLI_LOGIN_DESCRIPTION} printable characters")
+        return int(port), nonce, description
+
+    @staticmethod
+    def _personal_only(p: Principal) -> None:
+        if p.kind != "user":
+            raise Forbidden("`pulumi login` gets a personal token, and those belong to "
+                            f"users; you signed in with {'an' if p.kind[0] in 'aeiou' else 'a'}"
+                            f" {p.kind} token. Sign in with a token of your own user.")
+
+    def cli_login_page(self, req: Request) -> Response:
+        """Ask the signed-in person to confirm a `pulumi login` from this computer."""
+        port, nonce, description = self._cli_session(req.q)
+        self._personal_only(req.principal)
+        hidden = "".join(f'<input type="hidden" name="{k}" value="{_h(v)}">' for k, v in (
+            ("csrf", self._csrf(req)), ("cliSessionPort", port), ("cliSessionNonce", nonce),
+            ("cliSessionDescription", description)))
+        body = ('<div class="login card"><h1>Log in the pulumi CLI</h1>'
+                f'<p>Log in the <code>pulumi</code> CLI on this computer as '
+                f'<strong>{_name(req.principal.login)}</strong>?</p>'
+                f'<p class="mut">A new personal access token, described as '
+                f'“{_name(description)}”, goes to the CLI waiting at '
+                f'<code>http://localhost:{port}</code>. Revoke it on the Tokens page.</p>'
+                f'<form method="post" action="/cli-login">{hidden}'
+                '<button class="primary" type="submit" id="cli-login">Log in the CLI</button>'
+                '</form><p><a href="/">Cancel</a></p></div>')
+        resp = self._html(req, "Log in the pulumi CLI", body)
+        # The form's answer redirects to the CLI's port: CSP's form-action covers that.
+        resp.headers["Content-Security-Policy"] = _CONSOLE_HEADERS[
+            "Content-Security-Policy"].replace("form-action 'self'",
+                                               "form-action 'self' http://localhost:*")
+        return resp
+
+    def cli_login(self, req: Request) -> Response:
+        """Make a personal token for the CLI and send it to the CLI's loopback port."""
+        form = self._checked_form(req)
+        port, nonce, description = self._cli_session(form.get)
+        self._personal_only(req.principal)
+        # No expiry asked: a session of a token that expires makes one expiring with it.
+        _, value = self.identity.create_token(
+            req.principal, "personal", req.principal.login, "", description, 0, req=req,
+            event="cli_login")
+        query = urllib.parse.urlencode({"accessToken": value, "nonce": nonce},
+                                       quote_via=urllib.parse.quote)
+        return Response(303, b"", "text/plain", headers={
+            "Location": f"http://localhost:{port}/?{query}"})
+
+    def cli_welcome(self, req: Request) -> Response:
+        """Where the CLI sends the browser once it has its token."""
+        return self._html(req, "pulumi CLI logged in", (
+            '<div class="login card"><h1>The pulumi CLI is logged in</h1>'
+            '<p>You can close this tab and go back to your terminal.</p>'
+            '<p class="mut">Its token is on the <a href="/tokens">Tokens</a> page.</p></div>'))
 
     # -- webhooks -------------------------------------------------------------
 
