@@ -3103,7 +3103,8 @@ def test_pending_deliveries_are_never_pruned(hook_srv, monkeypatch):
         with hook_srv.store.read() as db:
             queued = hook_srv.store.list_deliveries(db, hook["name"], 100)
         assert [d["status"] for d in queued] == ["pending"] * 6
-        hook_srv.app.webhooks.run_due(inline=True)
+        while hook_srv.app.webhooks.run_due(inline=True):  # a few at a time
+            pass
         assert len(up.got) == 6
         hook_srv.create_stack(stack="s6")  # the next insert prunes finished ones only
         with hook_srv.store.read() as db:
