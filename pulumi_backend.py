@@ -22,8 +22,10 @@ Run::
     python pulumi_backend.py audit --since 7d --db state.db             # JSON lines
 
 Besides the Pulumi Cloud API it serves ``/healthz``, ``/readyz`` and
-``/metrics`` (Prometheus) without a token, and a read-only web console at ``/``
-(sign in with a token; ``--console off`` turns it off; section 11). SIGTERM or
+``/metrics`` (Prometheus) without a token, and a web console at ``/`` (sign in
+with a token or the company's OIDC provider, ``--sso-config``; org admins
+administer users, teams and tokens there; ``--console off`` turns it off;
+section 11). SIGTERM or
 SIGINT drains in-flight requests for up to ``--shutdown-timeout`` seconds, then
 stops.
 
@@ -70,13 +72,15 @@ Sections:
   3. Errors
   4. Small utilities
   5. Storage (Store interface, SQLite and PostgreSQL implementations)
-  6. Engine (stacks, history; UpdateLifecycle: leases, checkpoints, journal replay, events)
+  6. Engine (stacks, history; UpdateLifecycle: leases, checkpoints, journal replay,
+     events; SearchIndex)
   7. Crypto (OpenSSL binding, pure-Python fallback, key management)
-  8. Identity and access (users, teams, tokens, permissions, audit log, OIDC, webhooks,
-     admin commands)
+  8. Identity and access (users, teams, tokens, permissions, audit log, OIDC, single
+     sign-on, webhooks, admin commands)
   9. Request, response and router
  10. Handlers, by API area
- 11. Web console (read-only pages at /, sign-in sessions, tokens page); build_app()
+ 11. Web console (pages at /, sign-in and SSO sessions, CLI login, administration);
+     build_app()
  12. Backups and replication (backup, restore, copy, rotate-master-key, schedule)
  13. Import from DIY backends
  14. Server lifecycle and main()
