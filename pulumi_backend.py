@@ -6652,7 +6652,7 @@ class AuditLog:
                 self._append_file(row)
 
     def _append_file(self, row: dict) -> None:
-        line = _dumps(_audit_line(row)) + b"\n"
+        line = _audit_json_line(row).encode("ascii")
         try:
             with self._file_lock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -6706,6 +6706,13 @@ class AuditLog:
         writer.writeheader()
         writer.writerows({k: _csv_cell(v) for k, v in line.items()} for line in lines)
         return out.getvalue().encode(), "text/csv; charset=utf-8"
+
+
+def _audit_json_line(row: dict) -> str:
+    """One audit event as a pure-ASCII JSON line (the --audit-log file, the `audit`
+    command): \\u-escapes for C0, DEL and all non-ASCII, C1 controls included, so a
+    name a member chose cannot drive a terminal or a log viewer."""
+    return json.dumps(_audit_line(row), ensure_ascii=True).replace("\x7f", "\\u007f") + "\n"
 
 
 def _audit_line(row: dict) -> dict:
@@ -8938,9 +8945,8 @@ def _admin_audit(store: Store, args: list, opts: dict) -> None:
     while True:
         with store.read() as db:
             rows = store.list_audit(db, after, since, 2 ** 62, None, None, 1000, ascending=True)
-        for row in rows:  # \u-escapes for C0 and all non-ASCII (C1 too); DEL by hand
-            sys.stdout.write(json.dumps(_audit_line(row), ensure_ascii=True)
-                             .replace("\x7f", "\\u007f") + "\n")
+        for row in rows:
+            sys.stdout.write(_audit_json_line(row))
         if len(rows) < 1000:
             break
         after = rows[-1]["id"]

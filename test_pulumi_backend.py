@@ -2157,6 +2157,12 @@ def test_audit_log_records_actions_without_secrets(start, tmp_path):
     everything = json.dumps(events) + log_file.read_text() + cli.stdout
     for forbidden in (value, value[4:], admin[6:], lease, secret.decode(), b64(secret)):
         assert forbidden not in everything
+    # A name a member chose, with C1 and DEL controls, is escaped in the file as on stdout.
+    srv.app.audit.record("member_added", LOCAL, None, "x\x9b2J\x7f\u202e")
+    raw = log_file.read_bytes()
+    assert raw.isascii() and b"\\u009b" in raw and b"\\u007f" in raw, raw[-300:]
+    cli = run_cli(["audit", "--since", "1h", "--db", srv.cfg.db], tmp_path)
+    assert cli.stdout == log_file.read_text()
 
 
 def test_audit_log_file_must_be_writable(cfg, tmp_path):
