@@ -6406,6 +6406,9 @@ _MSG_BAD_TOKEN = "No credentials provided or are invalid."
 #: Meta row set when the first user or stored token is created (and at start
 #: for a database that has some): from then on "any token" never comes back.
 _IDENTITIES_META = "identities_existed"
+#: Meta key prefix of the provider account (issuer and ``sub``) a login is linked to
+#: by single sign-on: the login a claim names is only ever that account's.
+_SSO_SUBJECT_META = "sso_subject:"
 _MSG_NO_IDENTITY = ("no user or token is left and this server no longer accepts any token: "
                     "add an admin with `pulumi_backend.py user add NAME --role admin` and "
                     "give them a token with `pulumi_backend.py token create --user NAME`")
@@ -7007,6 +7010,7 @@ class Identity:
         with self.store.write() as db:
             self._user(db, login)
             self.store.delete_user(db, login)  # and their personal tokens
+            self.store.set_meta(db, _SSO_SUBJECT_META + login, b"")  # unlinked: a new person
         self.audit.record("member_removed", actor, req, login)
 
     def create_team(self, actor: Principal, name: str, display_name: str = "",
@@ -8098,6 +8102,33 @@ class SingleSignOn:
             raise _OIDCRefused(f"{self.conf['username_claim']} {value[:100]!r} is no login here")
         return login, email
 
+    def _check_link(self, db, login: str, user: Optional[dict], account: bytes, email: str,
+                    claims: dict, events: list) -> None:
+        """Refuse (_OIDCRefused) unless ``login`` is, or may become, the provider
+        account ``account`` (issuer and sub); link it when it may.
+
+        A username claim is no identity (preferred_username is not unique, and
+        rewriting it to a login can merge two): the first sign-in links the login
+        to the account, and any other account is refused from then on. A user made
+        here before (``user add``) is linked only when their stored email is the
+        token's verified email; otherwise an admin sets that email first.
+        """
+        key = _SSO_SUBJECT_META + login
+        linked = self.store.get_meta(db, key) or b""
+        if linked:
+            if not hmac.compare_digest(linked, account):
+                raise _OIDCRefused(f"user {login!r} is linked to another account of the "
+                                   "provider (its sub differs)")
+            return
+        if user is not None:
+            same = bool(email) and email.casefold() == (user["email"] or "").casefold()
+            if not same or claims.get("email_verified") is False:
+                raise _OIDCRefused(f"user {login!r} exists here and is not linked to single "
+                                   "sign-on: an admin sets their email to the provider's "
+                                   "(verified) one, then they sign in")
+            events.append(("member_linked", login, "linked to single sign-on by its email"))
+        self.store.set_meta(db, key, account)
+
     def sign_in(self, claims: dict, req: Any = None) -> str:
         """Create (when allowed) and update the user the claims name; return the login.
 
@@ -8118,9 +8149,14 @@ class SingleSignOn:
                             if _claim_matches(g, glob)), None)
         actor = Principal(f"sso:{self.conf['issuer']}"[:200], "admin", True,
                           token_name="single sign-on")
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise _OIDCRefused("no sub claim")
+        account = f"{self.conf['issuer']}\n{subject}".encode("utf-8", "replace")
         events, now = [], _now()
         with self.store.write() as db:
             user = self.store.get_user(db, login)
+            self._check_link(db, login, user, account, email, claims, events)
             if user is None:
                 if not self.conf["create_users"]:
                     raise _OIDCRefused(f"user {login!r} does not exist (createUsers is false)")

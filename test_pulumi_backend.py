@@ -7522,6 +7522,36 @@ def test_sso_start_sends_state_nonce_and_an_s256_challenge(sso):
     assert 'id="sso" href="/sso/start">Sign in with <bdi>Acme &lt;SSO&gt;</bdi>' in page.decode()
 
 
+def test_sso_names_are_linked_to_one_provider_account(sso):
+    """Review: preferred_username "root" took over the local admin root, and two
+    emails rewritten to one login (o'brien@, o-brien@) became one user."""
+    identity = sso.app.identity
+    identity.add_user(LOCAL, "root", "Root", "root@example.com", "admin")
+    mallory = {"sub": "attacker", "preferred_username": "root",
+               "email": "mallory@example.com"}
+    status, headers, _ = sso_sign_in(sso, mallory)
+    assert status != 200 and "pb_session=" not in headers.get("Set-Cookie", "")
+    refusals = [r["description"] for r in sso_audit(sso, "login_failure")]
+    assert any("root" in d and "not linked" in d for d in refusals), refusals
+    # Its owner links it: the stored email is the token's (verified) one.
+    owner = {"sub": "root-at-idp", "preferred_username": "root",
+             "email": "root@example.com"}
+    assert sso_sign_in(sso, owner)[0] == 200
+    assert [r["target"] for r in sso_audit(sso, "member_linked")] == ["root"]
+    # From then on the login is that account's only, whatever the other claims say.
+    mallory["email"] = "root@example.com"
+    assert sso_sign_in(sso, mallory)[0] != 200
+    assert sso_sign_in(sso, owner)[0] == 200
+    # Two people whose claims rewrite to one login: the second is refused, not merged.
+    assert sso_sign_in(sso, {"sub": "s1", "preferred_username": "o'brien",
+                             "email": "ob1@example.com"})[0] == 200
+    second = {"sub": "s2", "preferred_username": "o-brien", "email": "ob2@example.com"}
+    assert sso_sign_in(sso, second)[0] != 200
+    # A removed user's name is free for a new person (a new first sign-in).
+    identity.remove_user(LOCAL, "o-brien")
+    assert sso_sign_in(sso, second)[0] == 200
+
+
 def test_sso_first_sign_in_creates_the_user_and_syncs_teams(sso):
     identity = sso.app.identity
     identity.create_team(LOCAL, "eng")
@@ -7686,8 +7716,9 @@ def test_sso_can_turn_the_token_form_off_and_jit_creation_off(start, tmp_path, j
         assert status == 403 and b"sign-in with a token is turned off" in page
         status, _, page = sso_sign_in(srv, {"sub": "x", "preferred_username": "dave"})
         assert status == 403 and b"createUsers is false" in page
-        srv.app.identity.add_user(LOCAL, "dave")
-        assert sso_sign_in(srv, {"sub": "x", "preferred_username": "dave"})[0] == 200
+        srv.app.identity.add_user(LOCAL, "dave", email="dave@example.com")
+        assert sso_sign_in(srv, {"sub": "x", "preferred_username": "dave",
+                                 "email": "dave@example.com"})[0] == 200
     finally:
         idp.close()
 
