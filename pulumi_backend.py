@@ -363,6 +363,9 @@ WEBHOOK_TIMEOUT = 10.0
 WEBHOOK_RESPONSE_EXCERPT = 4096
 #: Deliveries kept per webhook; older ones go as new ones come.
 WEBHOOK_DELIVERIES_KEPT = 100
+#: Deliveries of one webhook that may wait to be sent; a new event beyond them is
+#: stored as failed ("not sent"), so a dead receiver cannot grow the queue for ever.
+WEBHOOK_PENDING_MAX = 1000
 #: Webhook deliveries in flight at once (a thread each): a hanging receiver holds one.
 WEBHOOK_CONCURRENCY = 4
 #: Webhooks per organization and per stack.
@@ -1835,7 +1838,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def insert_delivery(self, db, delivery: dict) -> None:
         """Store a delivery, dropping the webhook's oldest finished ones beyond
-        WEBHOOK_DELIVERIES_KEPT (pending ones are all kept)."""
+        WEBHOOK_DELIVERIES_KEPT (pending ones are all kept); past WEBHOOK_PENDING_MAX
+        pending ones, a new one is stored as failed."""
 
     @abc.abstractmethod
     def get_delivery(self, db, delivery_id: str) -> Optional[dict]:
@@ -2774,6 +2778,12 @@ class _SQLRecords(Store):
             "SELECT name, secret FROM webhooks WHERE secret IS NOT NULL")]
 
     def insert_delivery(self, db, delivery: dict) -> None:
+        if delivery.get("status") == "pending" and db.execute(
+                "SELECT COUNT(*) FROM webhook_deliveries WHERE hook = ? AND status = "
+                "'pending'", (delivery["hook"],)).fetchone()[0] >= WEBHOOK_PENDING_MAX:
+            delivery = dict(delivery, status="failed", error=(
+                f"not sent: {WEBHOOK_PENDING_MAX} deliveries of this webhook were already "
+                "waiting (its receiver is down or slow)"))
         db.execute(f"INSERT INTO webhook_deliveries ({','.join(delivery)}) "
                    f"VALUES ({','.join('?' * len(delivery))})", tuple(delivery.values()))
         # Only finished deliveries make room: one still to be sent is never dropped.
@@ -8259,9 +8269,9 @@ def _webhook_address_refused(address: ipaddress.IPv4Address | ipaddress.IPv6Addr
     """Return why webhooks may not reach ``address`` ('' when they may).
 
     Loopback, link-local, cloud metadata, unspecified and multicast addresses
-    (also written as IPv4-mapped IPv6) are refused unless a network of
-    ``allowed`` (--webhook-allow) holds them; other private ranges are fine: a
-    self-hosted server's receivers are often on its own network.
+    (also written as IPv4-mapped IPv6) and this host's own addresses are refused
+    unless a network of ``allowed`` (--webhook-allow) holds them; other private
+    ranges are fine: a self-hosted server's receivers are often on its own network.
     """
     plain = address.ipv4_mapped if address.version == 6 and address.ipv4_mapped else address
     if any(a in net for a in {address, plain} for net in allowed
@@ -8273,7 +8283,20 @@ def _webhook_address_refused(address: ipaddress.IPv4Address | ipaddress.IPv6Addr
         return "a link-local or cloud metadata address"
     if plain.is_unspecified or plain.is_multicast:
         return "not a unicast address"
+    if _is_own_address(plain):
+        return "an address of this server (its services listen there too)"
     return ""
+
+
+def _is_own_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether this host has ``address`` (a socket can be bound to it)."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(address), 0))
+        return True
+    except OSError:
+        return False
 
 
 def _check_webhook_url(url: Any, allowed: tuple) -> str:
@@ -8464,6 +8487,11 @@ def _webhook_post(url: str, body: bytes, headers: dict, allowed: tuple,
     start = time.monotonic()
     out = {"code": 0, "headers": "", "body": "", "error": ""}
     conn: Any = None
+    # One deadline for the whole exchange: a receiver trickling its status line or
+    # headers a byte at a time would otherwise hold a delivery thread for ever.
+    watchdog = threading.Timer(2 * timeout, lambda: _abort_connection(conn))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
         conn = cls(parts.hostname, parts.port or (443 if https else 80), timeout=timeout)
@@ -8487,11 +8515,24 @@ def _webhook_post(url: str, body: bytes, headers: dict, allowed: tuple,
                             "followed, payloadUrl must name the final URL")
     except (OSError, http.client.HTTPException, ValueError) as e:
         out["error"] = (str(e) or type(e).__name__)[:500]
+        if time.monotonic() - start >= 2 * timeout:
+            out["error"] = f"no complete answer within {2 * timeout:g} s"
     finally:
+        watchdog.cancel()
         if conn is not None:
             conn.close()
     out["duration"] = int((time.monotonic() - start) * 1000)
     return out
+
+
+def _abort_connection(conn: Any) -> None:
+    """Wake whatever waits on ``conn``'s socket (the webhook deadline passed)."""
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _now_ms() -> int:
@@ -10483,7 +10524,11 @@ class App:
             raise BadRequest("this server does not index resource properties; search "
                              "without properties=true and read them with `pulumi stack export`")
         query = req.q("query") or ""
-        sort = [f for value in req.query.get("sort", []) for f in value.split(",") if f]
+        sort = list(dict.fromkeys(f for value in req.query.get("sort", [])
+                                  for f in value.split(",") if f))  # each field once
+        if len(sort) > len(_SEARCH_SORTS):
+            raise BadRequest(f"sort names {len(sort)} fields; there are "
+                             f"{len(_SEARCH_SORTS)} to sort by")
         asc = v2 and (req.q("asc") or "").lower() == "true"
         size = _search_int(req.q("size"), "size", SEARCH_PAGE_SIZE, SEARCH_MAX_PAGE_SIZE)
         page = None

@@ -2968,6 +2968,67 @@ def test_webhook_delivery_checks_the_resolved_address(monkeypatch, hook_srv, rec
     assert out["code"] == 200 and out["body"] == "ok" and len(receiver.got) == 1
 
 
+def test_webhook_receiver_trickling_its_headers_meets_one_deadline():
+    """Review: a receiver sending its status line a byte every 0.3 s held a delivery
+    thread far past the timeout (each read had its own)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = server.accept()
+        with conn:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+                if stop.wait(0.3):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        t0 = time.monotonic()
+        out = pb._webhook_post(f"http://127.0.0.1:{server.getsockname()[1]}/", b"{}", {},
+                               (ipaddress.ip_network("127.0.0.0/8"),), 0.5)
+        assert time.monotonic() - t0 < 3, out
+        assert out["code"] == 0 and "no complete answer within 1 s" in out["error"], out
+    finally:
+        stop.set()
+        server.close()
+        thread.join(5)
+
+
+def test_webhooks_refuse_this_hosts_own_addresses():
+    """Review: a stack admin's webhook reached services of the server's own host
+    through its network address, and read their answers back."""
+    own = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        own.connect(("192.0.2.1", 9))  # no packet is sent: picks the outgoing address
+        address = ipaddress.ip_address(own.getsockname()[0])
+    finally:
+        own.close()
+    if address.is_loopback:
+        pytest.skip("this host has no address but loopback")  # refused as loopback anyway
+    assert "an address of this server" in pb._webhook_address_refused(address, ())
+    assert pb._webhook_address_refused(address, (ipaddress.ip_network(address),)) == ""
+    assert pb._webhook_address_refused(ipaddress.ip_address("192.0.2.77"), ()) == ""
+
+
+def test_a_webhooks_waiting_deliveries_are_bounded(hook_srv, monkeypatch):
+    """Review: with the receiver down, every event queued one more pending row."""
+    monkeypatch.setattr(pb, "WEBHOOK_PENDING_MAX", 3)
+    hook = new_hook(hook_srv, "http://127.0.0.1:9/closed")
+    for i in range(5):
+        hook_srv.create_stack(stack=f"s{i}")
+    with hook_srv.store.read() as db:
+        rows = hook_srv.store.list_deliveries(db, hook["name"], 100)
+    assert sorted(r["status"] for r in rows) == ["failed", "failed", "pending", "pending",
+                                                 "pending"]
+    assert all("3 deliveries of this webhook were already waiting" in r["error"]
+               for r in rows if r["status"] == "failed")
+
+
 def test_webhook_events_this_server_cannot_produce_are_refused(hook_srv, receiver):
     path = hook_srv.create_stack()
     for scope in (f"/api/orgs/{ORG}", path):
@@ -6260,6 +6321,15 @@ def test_search_answers_as_the_cli_reads_it(srv):
 
 def datetime_ms(text):
     return pb._search_time(text)[0]
+
+
+def test_search_sort_fields_are_bounded(srv):
+    """Review: 2,100 sort fields made SQLite refuse the ORDER BY (a 500)."""
+    assert search(srv, "x", sort=",".join(["name"] * 2100))["total"] == 0
+    every = ",".join(sorted(pb._SEARCH_SORTS) + ["name"] * 3)
+    assert search(srv, "x", sort=every)["total"] == 0
+    out = search(srv, "x", ok=400, sort=",".join(sorted(pb._SEARCH_SORTS) + ["nope"]))
+    assert "fields; there are" in out["message"]
 
 
 def test_search_sorts_and_pages(srv):
