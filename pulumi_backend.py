@@ -6511,7 +6511,9 @@ class _FailureWindows:
                 w = None
             if w is None:
                 if len(self._windows) >= MAX_TRACKED_ADDRESSES:
-                    self._end(next(iter(self._windows)))
+                    # The fewest failures go first: rotating through many addresses
+                    # must not wipe the count of one that is guessing.
+                    self._end(min(self._windows, key=lambda k: self._windows[k][1]))
                 w = self._windows[key] = [now, 0]
             w[1] += 1
             return w[1]
@@ -11013,6 +11015,7 @@ class Console:
         self.js = _CONSOLE_JS.encode()
         self.sso = SingleSignOn(_load_sso(self.cfg.sso_config), app.identity) \
             if self.cfg.sso_config else None
+        self._sso_starts = _FailureWindows()  # per address: each start stores a row
 
     def install(self) -> None:
         """Add the console's routes and its "session" and "origin" authentication."""
@@ -11307,6 +11310,11 @@ class Console:
         if self.sso is None:
             raise NotFound("single sign-on is not configured here (--sso-config)")
         self.identity.check_throttle(req.remote)
+        limit = self.cfg.auth_failure_limit  # a start stores a row for an unknown caller
+        if limit and req.remote and self._sso_starts.add(req.remote) > limit:
+            left = self._sso_starts.current(req.remote)[1]
+            raise TooManyRequests(f"more than {limit} sign-ins started from your address "
+                                  f"within {AUTH_FAILURE_WINDOW:g}s: retry in {left}s", left)
         pre, state, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), _now()
         verifier, nonce = self._sso_secrets(pre)
         try:

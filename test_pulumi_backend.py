@@ -7622,6 +7622,30 @@ def test_sso_names_are_linked_to_one_provider_account(sso):
     assert sso_sign_in(sso, second)[0] == 200
 
 
+def test_sso_starts_per_address_are_bounded(sso):
+    """Review: every unauthenticated GET /sso/start stored a row, without limit."""
+    limit = sso.cfg.auth_failure_limit
+    for _ in range(limit):
+        sso_start(sso)
+    status, headers, out = sso.request("GET", "/sso/start", token=None)
+    assert status == 429 and int(headers["Retry-After"]) >= 1, out
+    with sso.store.read() as db:
+        pending = db.execute("SELECT COUNT(*) FROM console_sessions "
+                             "WHERE token_hash LIKE 'sso:%'").fetchone()[0]
+    assert pending == limit
+
+
+def test_failure_windows_drop_the_fewest_failures_when_full(monkeypatch):
+    """Review: 10,000 other addresses pushed out the window of one that was guessing."""
+    monkeypatch.setattr(pb, "MAX_TRACKED_ADDRESSES", 50)
+    windows = pb._FailureWindows()
+    for _ in range(25):
+        windows.add("2001:db8:0:1::1")
+    for i in range(200):
+        windows.add(f"2001:db8:1:{i:x}::1")
+    assert windows.current("2001:db8:0:1::1")[0] == 25
+
+
 def test_sso_first_sign_in_creates_the_user_and_syncs_teams(sso):
     identity = sso.app.identity
     identity.create_team(LOCAL, "eng")
