@@ -8271,11 +8271,11 @@ def _webhook_address_refused(address: ipaddress.IPv4Address | ipaddress.IPv6Addr
     """Return why webhooks may not reach ``address`` ('' when they may).
 
     Loopback, link-local, cloud metadata, unspecified and multicast addresses
-    (also written as IPv4-mapped IPv6) and this host's own addresses are refused
+    (also written as IPv6 that embeds them) and this host's own addresses are refused
     unless a network of ``allowed`` (--webhook-allow) holds them; other private
     ranges are fine: a self-hosted server's receivers are often on its own network.
     """
-    plain = address.ipv4_mapped if address.version == 6 and address.ipv4_mapped else address
+    plain = _embedded_ipv4(address)
     if any(a in net for a in {address, plain} for net in allowed
            if a.version == net.version):
         return ""
@@ -8288,6 +8288,22 @@ def _webhook_address_refused(address: ipaddress.IPv4Address | ipaddress.IPv6Addr
     if _is_own_address(plain):
         return "an address of this server (its services listen there too)"
     return ""
+
+
+def _embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Any:
+    """The IPv4 address an IPv6 one stands for (IPv4-mapped, IPv4-translated, NAT64,
+    6to4, and the old IPv4-compatible ``::a.b.c.d``), else ``address`` itself."""
+    if address.version == 4:
+        return address
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    low = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in _NAT64_PREFIX or int(address) >> 32 == 0xFFFF0000 \
+            or (int(address) >> 32 == 0 and int(low) > 1):
+        return low
+    return address
 
 
 def _is_own_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -2940,6 +2940,10 @@ def test_webhook_address_policy():
     assert not refused(ipaddress.ip_address("127.0.0.1"), allowed)
     assert not refused(ipaddress.ip_address("::ffff:127.0.0.1"), allowed)
     assert refused(ipaddress.ip_address("127.0.0.2"), allowed)
+    # Review: IPv6 forms that embed 127.0.0.1 (IPv4-compatible, NAT64, 6to4, translated).
+    for text in ("::127.0.0.1", "64:ff9b::7f00:1", "2002:7f00:1::", "::ffff:0:7f00:1"):
+        assert refused(ipaddress.ip_address(text), ()) == "a loopback address", text
+    assert not refused(ipaddress.ip_address("64:ff9b::7f00:1"), allowed)
     for url in ("http://127.0.0.1:9/x", "http://localhost/x", "http://[::1]/",
                 "https://169.254.169.254/latest", "http://2130706433/"):
         with pytest.raises(pb.BadRequest, match="webhook-allow"):
