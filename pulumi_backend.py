@@ -106,6 +106,7 @@ import functools
 import gc
 import gzip
 import hashlib
+import heapq
 import hmac
 import html
 import http.client
@@ -4089,12 +4090,15 @@ def _member_span(text: str, name: str) -> tuple:
 class _LiveReplay:
     """The journal replay of one running update, kept current as its batches commit.
 
-    A thread of its own parses the base state and applies each committed batch
-    in commit order, so that ``complete`` finds the replay done instead of
-    parsing the base and every entry while the CLI waits. It only accelerates:
-    when it cannot vouch for giving what replaying the stored rows gives
-    (entries out of sequence order, a batch it never saw, an error, too many
-    bytes), ``complete`` replays the stored rows as before.
+    A thread of its own parses the base state and applies the entries of each
+    committed batch in sequenceID order, so that ``complete`` finds the replay
+    done instead of parsing the base and every entry while the CLI waits. The
+    CLI numbers entries 1, 2, 3... but sends some a batch late (dozens of times
+    in a 600-resource update), so an entry waits until those before it have
+    come; ``replayer_for`` applies what still waits, in order. It only
+    accelerates: when it cannot vouch for giving what replaying the stored rows
+    gives (a batch it never saw, an error, too many bytes), ``complete`` replays
+    the stored rows as before.
     """
 
     def __init__(self, load_base: Callable[[], dict], max_bytes: int):
@@ -4102,8 +4106,9 @@ class _LiveReplay:
         self._inbox: list = []
         self._max_bytes = max_bytes
         self._bytes = 0
-        self._seen: set = set()  # sequenceIDs applied
-        self._last_seq = 0
+        self._seen: set = set()  # sequenceIDs applied or waiting
+        self._next_seq = 1  # the entry applied next; later ones wait in _waiting
+        self._waiting: list = []  # heap of (sequenceID, entry); sequenceIDs are unique
         self.fed = 0  # batches handed over, one per committed journal row
         self.applied = 0
         self.replayer: Optional[_JournalReplayer] = None
@@ -4138,10 +4143,16 @@ class _LiveReplay:
             self._cond.wait_for(lambda: self.unusable or self.applied == self.fed, timeout)
 
     def replayer_for(self, rows: int) -> Optional[_JournalReplayer]:
-        """Return the replayer if it has applied exactly the ``rows`` stored batches."""
+        """Return the replayer if it has taken exactly the ``rows`` stored batches,
+        with every entry still waiting applied."""
         with self._cond:
             if self.unusable or not self.applied == self.fed == rows:
                 return None
+            try:
+                while self._waiting:
+                    self.replayer.add(heapq.heappop(self._waiting)[1])
+            except Exception as e:  # noqa: BLE001 - the stored rows will tell
+                self._give_up(f"{type(e).__name__}: {e}")
             return self.replayer
 
     def _run(self, load_base: Callable[[], dict]) -> None:
@@ -4170,17 +4181,17 @@ class _LiveReplay:
                 self._cond.notify_all()
 
     def _apply(self, replayer: _JournalReplayer, entries: list) -> None:
-        """Apply a batch as the stored replay would: in sequenceID order, the first copy
-        of each; an entry older than one already applied means another order."""
+        """Take a batch as the stored replay would: in sequenceID order, the first copy
+        of each (sequenceIDs start at 1, so an entry waits only for ones to come)."""
         for entry in entries:
             seq = entry["sequenceID"]
             if seq in self._seen:
                 continue  # a retried batch: the first copy stays
-            if seq < self._last_seq:
-                raise ValueError(f"entry {seq} arrived after {self._last_seq}")
             self._seen.add(seq)
-            self._last_seq = seq
-            replayer.add(entry)
+            heapq.heappush(self._waiting, (seq, entry))
+        while self._waiting and self._waiting[0][0] == self._next_seq:
+            replayer.add(heapq.heappop(self._waiting)[1])
+            self._next_seq += 1
 
 
 def _stored_journal(rows: list, max_bytes: int) -> list:
@@ -9232,6 +9243,11 @@ class Router:
     def __init__(self):
         self._routes: list = []  # (specificity, segments, route), most specific first
         self.routes: list = []  # every Route, as declared
+        # The routes a path can match, by its length and first two segments (each
+        # kept only if some route has it as a literal there, so the keys are ours,
+        # not the network's): a request tries a handful, not all two hundred.
+        self._literals: tuple = (set(), set())
+        self._candidates: dict = {}
 
     def add(self, method: str, pattern: str, handler: Callable, **fields: Any) -> Route:
         """Route ``method pattern`` to ``handler``; ``fields`` are the rest of the Route."""
@@ -9240,8 +9256,25 @@ class Router:
         specificity = tuple(0 if s.startswith("{") else 1 for s in segments)
         self._routes.append((specificity, segments, route))
         self._routes.sort(key=lambda r: r[0], reverse=True)
+        for literals, segment in zip(self._literals, segments[:2]):
+            if not segment.startswith("{"):
+                literals.add(segment)
+        self._candidates.clear()
         self.routes.append(route)
         return route
+
+    def _routes_for(self, parts: tuple) -> list:
+        """The routes that could match ``parts``, most specific first."""
+        key = (len(parts), *(p if p in literals else None
+                             for literals, p in zip(self._literals, parts[:2])))
+        found = self._candidates.get(key)
+        if found is None and not any(len(r[1]) == len(parts) for r in self._routes):
+            return []  # no route this long: nothing to remember
+        if found is None:
+            found = self._candidates[key] = [
+                r for r in self._routes if len(r[1]) == len(parts) and all(
+                    seg.startswith("{") or seg == p for seg, p in zip(r[1][:2], key[1:]))]
+        return found
 
     def openapi(self, title: str, version: str) -> dict:
         """Return an OpenAPI 3.0 document describing every route."""
@@ -9265,7 +9298,7 @@ class Router:
         """Return ``(route, params)``; raise NotFound or MethodNotAllowed."""
         parts = tuple(urllib.parse.unquote(p) for p in path.strip("/").split("/"))
         allowed: set = set()
-        for _, segments, route in self._routes:
+        for _, segments, route in self._routes_for(parts):
             params = _match_segments(segments, parts)
             if params is None:
                 continue

@@ -3305,6 +3305,30 @@ def test_router_literal_segments_win_and_head_falls_back():
         router.match("GET", "/a//z")
 
 
+def test_router_tries_only_routes_that_fit_and_remembers_only_its_own_segments():
+    """Candidates are looked up by length and first two segments; a path's unknown
+    segments or length add nothing to what the router keeps."""
+    def h(req):
+        return None
+
+    router = pb.Router()
+    deep = router.add("GET", "/{a}/b/{c}", h)
+    literal = router.add("GET", "/x/b/{c}", h)
+    other = router.add("GET", "/x/y/{c}", h)
+    assert router.match("GET", "/x/b/1") == (literal, {"c": "1"})
+    assert router.match("GET", "/q/b/1") == (deep, {"a": "q", "c": "1"})
+    assert router.match("GET", "/x/y/2") == (other, {"c": "2"})
+    with pytest.raises(pb.NotFound):
+        router.match("GET", "/x/z/2")
+    kept = len(router._candidates)
+    for i in range(50):
+        assert router.match("GET", f"/n{i}/b/1")[0] is deep
+        for path in (f"/q/b{i}/1", "/x" * (i + 4)):
+            with pytest.raises(pb.NotFound):
+                router.match("GET", path)
+    assert len(router._candidates) == kept + 1  # (3, None, None) only: not one per path
+
+
 _SP = "/api/stacks/{orgName}/{projectName}/{stackName}"
 
 #: What each route needs (Route.need), written out so that a change of permission
@@ -5190,20 +5214,30 @@ def test_complete_uses_the_live_replay(srv, monkeypatch):
     assert srv.history(path)[0]["resourceCount"] == 4
 
 
-@pytest.mark.parametrize("second", [[entry(1, 1, 1, state=C)], "unseen"],
-                         ids=["out-of-order", "row-it-never-saw"])
-def test_complete_replays_the_stored_rows_when_the_live_replay_cannot_vouch(srv, second):
-    """Entries arriving out of sequence order, or a row stored beside the live replay:
-    complete replays the stored rows (sorted by sequenceID), with the same result."""
+@both_stores
+def test_the_live_replay_applies_entries_sent_out_of_order_in_sequence_order(srv, monkeypatch):
+    """The CLI sends some entries a batch after later ones: they still replay live, in
+    sequenceID order (the CLI's own order), and a retried copy of one is ignored."""
+    path = srv.create_stack()
+    srv.import_state(path, untyped([S]))
+    update = srv.begin(path)
+    assert update.journal(entry(3, 1, 3, state=B), entry(1, 0, 1, operation={
+        "resource": C, "type": "creating"}))[0] == 200
+    assert update.journal(entry(4, 1, 4, state=A))[0] == 200
+    assert update.journal(entry(2, 1, 1, state=C), entry(3, 1, 3, state=A))[0] == 200
+    _without_stored_replay(monkeypatch)
+    assert update.complete()[0] == 200
+    assert urns(srv.export(path)) == [C["urn"], B["urn"], A["urn"], S["urn"]]
+
+
+def test_complete_replays_the_stored_rows_when_the_live_replay_cannot_vouch(srv):
+    """A row stored beside the live replay: complete replays the stored rows (sorted
+    by sequenceID), with the same result."""
     path = srv.create_stack()
     update = srv.begin(path)
     assert update.journal(entry(2, 1, 2, state=A))[0] == 200
-    if second == "unseen":
-        with srv.store.write() as db:
-            srv.store.append_journal(db, update.id, compact({"entries": [entry(1, 1, 1,
-                                                                                 state=C)]}))
-    else:
-        assert update.journal(*second)[0] == 200
+    with srv.store.write() as db:
+        srv.store.append_journal(db, update.id, compact({"entries": [entry(1, 1, 1, state=C)]}))
     assert update.complete()[0] == 200
     assert urns(srv.export(path)) == [C["urn"], A["urn"]]
 

@@ -29,7 +29,9 @@ earlier request of every stream was answered; batches wait for the main
 request before them (the update's start). Bodies are the recorded bytes,
 shared by all replayers (URNs inside them keep the recording's stack name,
 which the server does not check; small plain bodies, such as ``stack init``'s,
-get the replayer's stack name). A replayer rewrites the stack name in paths,
+get the replayer's stack name; a ``batch-decrypt`` gets as many ciphertexts of
+the replayer's own stack, of the same sizes, encrypted before the phase and
+untimed, since the recorded ones are of another stack's key). A replayer rewrites the stack name in paths,
 and the update id and lease token it got from the server's answers in paths and
 ``Authorization``. An answer whose status class differs from the recorded one
 is an error.
@@ -104,6 +106,8 @@ MAX_CONNECTIONS = 1024
 SKIPPED_HEADERS = frozenset({"host", "content-length", "connection", "transfer-encoding"})
 #: Small plain bodies get the replayer's stack name (stack init's, an update's config).
 MAX_REWRITTEN_BODY = 64 * 1024
+#: Bytes a ciphertext of ours adds to its plaintext: version, nonce and tag.
+CIPHERTEXT_OVERHEAD = 1 + 12 + 16
 
 
 def ensure_sdk() -> None:
@@ -345,7 +349,7 @@ class Step:
     """One recorded request, ready to send: body bytes decoded once, shared by replayers."""
 
     __slots__ = ("index", "offset", "method", "path", "headers", "body", "rewrite_body",
-                 "stream", "category", "status", "answer_keys", "answer")
+                 "stream", "category", "status", "answer_keys", "answer", "secret_sizes")
 
     def __init__(self, index: int, offset: float, raw: dict, stack: str):
         self.index, self.offset = index, offset
@@ -357,6 +361,13 @@ class Step:
                                  and stack.encode() in self.body)
         self.stream, self.category = stream_of(self.path), category(self.path)
         self.status = raw["status"]
+        # A batch-decrypt sends ciphertexts of the recorded stack's key: each replayer
+        # sends its own, of the same plaintext sizes (see Replayer.rekey).
+        self.secret_sizes = ()
+        if self.path.endswith("/batch-decrypt") and self.body:
+            plain = gzip.decompress(self.body) if gz else self.body
+            self.secret_sizes = tuple(max(1, len(base64.b64decode(c)) - CIPHERTEXT_OVERHEAD)
+                                      for c in json.loads(plain)["ciphertexts"])
         self.answer, self.answer_keys = {}, ()
         if raw.get("answer") and raw["answer"].startswith("{"):
             try:
@@ -387,6 +398,7 @@ class Replayer:
         self.rec_path = f"/{PROJECT}/{rec_stack}"
         self.rec_stack = rec_stack.encode()
         self.ids: dict = {}  # recorded update id or lease token -> the live one
+        self.bodies: dict = {}  # Step -> the body this stack sends instead (rekey)
         self.times: list = []  # (category, seconds)
         self.errors: list = []
 
@@ -409,6 +421,27 @@ class Replayer:
             t.start()
         for t in threads:
             t.join()
+
+    def rekey(self, steps: list) -> None:
+        """Before a phase, untimed: encrypt with this stack's key as many secrets, of
+        the same sizes, as each batch-decrypt of ``steps`` sends, to send instead."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
+        try:
+            for step in steps:
+                if not step.secret_sizes:
+                    continue
+                plain = [base64.b64encode(b"s" * n).decode() for n in step.secret_sizes]
+                conn.request("POST", f"/api/stacks/{ORG}/{PROJECT}/{self.name}/batch-encrypt",
+                             json.dumps({"plaintexts": plain}),
+                             {"Authorization": f"token {TOKEN}", "Accept-Encoding": "identity",
+                              "Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"batch-encrypt for {self.name}: {resp.status} {data[:300]!r}")
+                self.bodies[step] = json.dumps({"ciphertexts": json.loads(data)["ciphertexts"]})
+        finally:
+            conn.close()
 
     def _stream(self, stream: str, plan: list, start: float) -> None:
         conn = None
@@ -447,6 +480,9 @@ class Replayer:
         body = step.body
         if step.rewrite_body:
             body = body.replace(self.rec_stack, self.name.encode())
+        if step in self.bodies:
+            body = self.bodies[step].encode()
+            headers.pop("Content-Encoding", None)
         for attempt in (1, 2):
             if conn is None:
                 conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
@@ -630,6 +666,9 @@ def run_store(store: str, kind: str, count: int, steps: dict, rec: dict, args,
             for op in ("init", *args.ops):
                 for r in replayers:
                     r.times, r.errors = [], []
+                if op != "init":
+                    for r in replayers:
+                        r.rekey(steps[op])
                 target.reset_peak()
                 cpu, mine, size = target.cpu_seconds(), own_cpu(), target.db_bytes()
                 start = time.perf_counter() + 0.05
