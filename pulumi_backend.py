@@ -1650,12 +1650,16 @@ class Store(abc.ABC):
     # -- events -------------------------------------------------------------
 
     @abc.abstractmethod
-    def append_events(self, db, stack_id: str, update_id: str, events: Iterable) -> None:
-        """Store ``(sequence, event)`` pairs; a sequence already stored keeps its first copy."""
+    def append_events(self, db, stack_id: str, update_id: str, batch: "_EventBatch") -> None:
+        """Store a batch of events; a sequence already stored keeps its first copy."""
 
     @abc.abstractmethod
-    def put_values(self, db, stack_id: str, update_id: str, values: dict) -> None:
+    def put_values(self, db, stack_id: str, update_id: str, values: "_Values") -> None:
         """Store long strings (SHA-256 -> string) once per stack, used by ``update_id``."""
+
+    @abc.abstractmethod
+    def known_values(self, db, stack_id: str, hashes: Iterable) -> set:
+        """Return which of ``hashes`` the stack's stored values hold."""
 
     @abc.abstractmethod
     def stack_values(self, db, stack_id: str, hashes: Iterable) -> dict:
@@ -2170,22 +2174,58 @@ def _private_database(path: str) -> None:
 _EVENT_REF_RE = re.compile(rb'([\[,:])"\\u0000([0-9a-f]{64})"(?!:)')
 
 
-def _event_skeleton(value: Any, values: dict) -> Any:
+class _Values(dict):
+    """The long strings skeletons refer to (SHA-256 hex -> string), collected by
+    _event_skeleton. ``refs`` remembers each string's reference: a value that
+    repeats (an event's old and new inputs and outputs) is hashed once.
+    ``packed`` holds the zlib of those the stack lacked when looked up before
+    the write lock (UpdateLifecycle._pack_missing); put_values does the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: dict = {}
+        self.packed: dict = {}
+
+
+def _pack_value(value: str) -> bytes:
+    """A stored value: the zlib of its JSON string."""
+    return zlib.compress(_dumps(value), EVENT_ZLIB_LEVEL)
+
+
+def _event_skeleton(value: Any, values: _Values) -> Any:
     """Return ``value`` with its long strings replaced by references, collected in
     ``values`` (hash -> string). A string that starts with NUL is always one, so
     that no string of the event reads as a reference."""
     if isinstance(value, str):
         if len(value) < EVENT_VALUE_MIN_CHARS and not value.startswith("\0"):
             return value
-        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-        values[digest] = value
-        return "\0" + digest
+        ref = values.refs.get(value)
+        if ref is None:
+            digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+            values[digest] = value
+            ref = values.refs[value] = "\0" + digest
+        return ref
     # One frame per level (comprehensions would add one): MAX_JSON_DEPTH must fit.
     if isinstance(value, dict):
         return dict(zip(value, map(_event_skeleton, value.values(), itertools.repeat(values))))
     if isinstance(value, list):
         return list(map(_event_skeleton, value, itertools.repeat(values)))
     return value
+
+
+class _EventBatch:
+    """A batch of engine events as stored, made before the write lock is taken: the
+    first copy of each sequence as a skeleton, in order, the zlib of them, and the
+    long strings they refer to."""
+
+    def __init__(self, events: Iterable):
+        first: dict = {}
+        for seq, event in events:
+            first.setdefault(seq, event)
+        self.values = _Values()
+        self.events = {seq: _event_skeleton(event, self.values)
+                       for seq, event in sorted(first.items(), key=lambda item: item[0])}
+        self.data = zlib.compress(_dumps(list(self.events.values())), EVENT_ZLIB_LEVEL)
 
 
 def _stored_event(data: bytes) -> Any:
@@ -2457,51 +2497,54 @@ class _SQLRecords(Store):
 
     # -- events -------------------------------------------------------------
 
-    def append_events(self, db, stack_id: str, update_id: str, events: Iterable) -> None:
-        """Store ``(sequence, event)`` pairs as one compressed batch (schema version 4).
+    def append_events(self, db, stack_id: str, update_id: str, batch: _EventBatch) -> None:
+        """Store a batch of events as one compressed row (schema version 4).
 
         A sequence already stored keeps its first copy. A batch overlapping
         stored ones (not the CLI's: it numbers its batches apart) is merged
         with them into one row, so that rows never interleave and a page reads
         them in the order of their last sequence.
         """
-        batch: dict = {}
-        for seq, event in events:
-            batch.setdefault(seq, event)
-        if not batch:
+        if not batch.events:
             return
-        values: dict = {}
-        batch = {seq: _event_skeleton(event, values) for seq, event in batch.items()}
-        first, last = min(batch), max(batch)
+        first, last = min(batch.events), max(batch.events)
         stored = db.execute("SELECT seq, first_seq, data FROM event_batches WHERE update_id = ? "
                             "AND seq >= ? AND first_seq <= ?", (update_id, first, last)).fetchall()
         if any(r[0] == last and r[1] == first for r in stored):
             return  # the same batch again (a retry): the first copy stays
-        for r in stored:
-            batch.update((e["sequence"], e) for e in json.loads(zlib.decompress(r[2])))
-            db.execute("DELETE FROM event_batches WHERE update_id = ? AND seq = ?",
-                       (update_id, r[0]))
-        self.put_values(db, stack_id, update_id, values)
-        ordered = sorted(batch.items(), key=lambda item: item[0])
+        events, data = batch.events, batch.data
+        if stored:
+            events = dict(events)
+            for r in stored:
+                events.update((e["sequence"], e) for e in json.loads(zlib.decompress(r[2])))
+                db.execute("DELETE FROM event_batches WHERE update_id = ? AND seq = ?",
+                           (update_id, r[0]))
+            events = dict(sorted(events.items(), key=lambda item: item[0]))
+            data = zlib.compress(_dumps(list(events.values())), EVENT_ZLIB_LEVEL)
+        self.put_values(db, stack_id, update_id, batch.values)
         db.execute("INSERT INTO event_batches (update_id, seq, first_seq, data) "
-                   "VALUES (?, ?, ?, ?)",
-                   (update_id, ordered[-1][0], ordered[0][0],
-                    zlib.compress(_dumps([e for _, e in ordered]), EVENT_ZLIB_LEVEL)))
+                   "VALUES (?, ?, ?, ?)", (update_id, max(events), min(events), data))
 
-    def put_values(self, db, stack_id: str, update_id: str, values: dict) -> None:
+    def put_values(self, db, stack_id: str, update_id: str, values: _Values) -> None:
         """Store long strings (SHA-256 -> string) once per stack, and that ``update_id``
-        uses them (its events or its state: pruning it lets them go)."""
-        known: set = set()
-        for chunk in _chunks(list(values)):
-            known.update(r[0] for r in db.execute(
-                "SELECT hash FROM event_values WHERE stack_id = ? "
-                f"AND hash IN ({','.join('?' * len(chunk))})", (stack_id, *chunk)))
+        uses them (its events or its state: pruning it lets them go). Values packed
+        before the lock are checked again here: a prune may have taken them since."""
+        known = self.known_values(db, stack_id, values)
         db.executemany("INSERT OR IGNORE INTO event_values (stack_id, hash, data) "
                        "VALUES (?, ?, ?)",
-                       [(stack_id, h, zlib.compress(_dumps(v), EVENT_ZLIB_LEVEL))
+                       [(stack_id, h, values.packed.get(h) or _pack_value(v))
                         for h, v in values.items() if h not in known])
         db.executemany("INSERT OR IGNORE INTO event_refs (update_id, hash) VALUES (?, ?)",
                        [(update_id, h) for h in values])
+
+    def known_values(self, db, stack_id: str, hashes: Iterable) -> set:
+        """Return which of ``hashes`` the stack's stored values hold."""
+        known: set = set()
+        for chunk in _chunks(list(hashes)):
+            known.update(r[0] for r in db.execute(
+                "SELECT hash FROM event_values WHERE stack_id = ? "
+                f"AND hash IN ({','.join('?' * len(chunk))})", (stack_id, *chunk)))
+        return known
 
     def stack_values(self, db, stack_id: str, hashes: Iterable) -> dict:
         """Return the stored JSON of the stack's values ``hashes`` (bytes hash -> bytes)."""
@@ -5057,11 +5100,23 @@ class UpdateLifecycle:
                 if summary.get("resourceChanges") is not None:
                     changes = _check_resource_changes(summary["resourceChanges"])
             rows.append((seq, event))
+        # Everything but the write happens here, outside the write lock.
+        batch = _EventBatch(rows)
+        with self.store.read() as db:
+            stack_id = self.engine.stack(db, org, project, name)["id"]
+        self._pack_missing(stack_id, batch.values)
         with self.store.write() as db:
             row, _ = self._leased_update(db, org, project, name, update_id, token)
-            self.store.append_events(db, row["id"], update_id, rows)
+            self.store.append_events(db, row["id"], update_id, batch)
             if changes is not None:
                 self.store.update_update(db, update_id, resource_changes=json.dumps(changes))
+
+    def _pack_missing(self, stack_id: str, values: _Values) -> None:
+        """Compress, before the write lock, the values the stack does not have yet."""
+        if values:
+            with self.store.read() as db:
+                known = self.store.known_values(db, stack_id, values)
+            values.packed = {h: _pack_value(v) for h, v in values.items() if h not in known}
 
     def list_events(self, org, project, name, update_id, token: Optional[str],
                     urn: Optional[str] = None) -> dict:
@@ -5201,6 +5256,10 @@ class UpdateLifecycle:
                 search = _search_entries(final, _now() * 1000)
                 prepared = _compress_final(final)
                 del final  # the parsed state goes before the write
+                with self.store.read() as db:
+                    update = self.store.get_update(db, update_id)
+                if update is not None:
+                    self._pack_missing(update["stack_id"], prepared[3])
                 with self.store.write() as db:
                     update = self.store.get_update(db, update_id)
                     if update is not None and update["pending"]:  # else a reader stored it
@@ -5354,8 +5413,8 @@ def _compress_final(final: Any) -> tuple:
     """Return ``(gzip bytes, size, skeleton or None, values)`` of an update's final
     state: a deployment (which gets a skeleton, section 5) or its bytes."""
     if isinstance(final, bytes):
-        return (*_gzip_chunks([final]), None, {})
-    values: dict = {}
+        return (*_gzip_chunks([final]), None, _Values())
+    values = _Values()
     skeleton = zlib.compress(_dumps(_event_skeleton(final, values)), EVENT_ZLIB_LEVEL)
     return (*_gzip_chunks(_dumps_chunks(final)), skeleton, values)
 

@@ -836,8 +836,8 @@ def test_store_records_round_trip(cfg):
                                      "dry_run": 0, "status": "running", "created": 1})
             store.append_journal(db, "u1", b'{"entries":[]}')
             store.append_journal(db, "u1", b"\x1f\x8b gzip")  # batches in arrival order
-            store.append_events(db, "id-a", "u1", [(0, {"sequence": 0}),
-                                                   (0, {"sequence": 0, "dup": 1})])
+            store.append_events(db, "id-a", "u1", pb._EventBatch([
+                (0, {"sequence": 0}), (0, {"sequence": 0, "dup": 1})]))
             store.put_checkpoint(db, "u1", 1, "full", b"{}", "h1")
             store.put_checkpoint(db, "u1", 2, "delta", b"[]", "h2")
             ids = [store.append_audit(db, {"time": t, "event": "e", "outcome": "ok"})
@@ -5324,7 +5324,8 @@ def test_history_version_with_missing_values_is_409_not_a_wrong_state(srv):
     path = srv.create_stack()
     for replace in ({}, {"removeOld": 0}):
         update = srv.begin(path)
-        assert update.journal(entry(1, 1, 1, state=res("a", outputs={"pad": "p" * 600}),
+        pad = "p" * 600 if version < 3 else "q" * 600
+        assert update.journal(entry(1, 1, 1, state=res("a", outputs={"pad": pad}),
                                     **replace))[0] == 200
         assert update.complete()[0] == 200
     srv.export(path)  # both stored
@@ -5333,6 +5334,34 @@ def test_history_version_with_missing_values_is_409_not_a_wrong_state(srv):
     status, _, out = srv.request("GET", f"{path}/export/1")
     assert status == 409 and "cannot be rebuilt" in out["message"]
     assert urns(srv.export(path)) == [urn("a")]  # the latest keeps its whole copy
+
+
+def test_values_a_prune_takes_after_the_look_up_are_stored_under_the_write_lock(srv,
+                                                                              monkeypatch):
+    """Values are looked up and compressed before the write lock; one that goes
+    meanwhile (a prune) is stored again under it, so a kept version still rebuilds."""
+    path = srv.create_stack()
+    lifecycle = srv.app.engine.updates
+    look_up = lifecycle._pack_missing
+
+    def look_up_then_prune(stack_id, values):
+        look_up(stack_id, values)
+        assert values and not values.packed  # all known at the look-up
+        with srv.store.write() as db:
+            db.execute("DELETE FROM event_values")
+
+    for version in (1, 2, 3):
+        update = srv.begin(path)
+        if version == 2:
+            monkeypatch.setattr(lifecycle, "_pack_missing", look_up_then_prune)
+        pad = "p" * 600 if version < 3 else "q" * 600
+        assert update.journal(entry(1, 1, 1, state=res("a", outputs={"pad": pad}),
+                                    **({"removeOld": 0} if version > 1 else {})))[0] == 200
+        assert update.complete()[0] == 200
+        srv.export(path)  # stored
+        monkeypatch.undo()
+    assert _deployment_rows(srv, path)[2]["full"] == 0  # version 2 is its skeleton now
+    assert urns(srv.export(path, 2)) == [urn("a")]
 
 
 # ==== 10. Handlers: updates — failure, cancel, abandonment ====================
