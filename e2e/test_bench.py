@@ -6,6 +6,7 @@ assert nothing about speed (the benchmarks are run by hand: see
 docs/performance.md).
 """
 
+import gzip
 import json
 import os
 import re
@@ -241,6 +242,22 @@ def test_bench_webhooks_smoke(tmp_path):
         "| receiver | hooks × events | delivered | deliveries/s | latency p50 (s) |")
     assert "| fast (0 ms) | 3 × 4 | 12/12 |" in table and "| slow (100 ms) | 3 × 4 | 12/12 |" \
         in table
+
+
+def test_bench_capacity_replays_secrets_with_each_stacks_own_key(cli, tmp_path):
+    """A dynamic provider's no-op decrypts what the create encrypted: each replayed stack
+    sends ciphertexts of its own key, made before the phase, and the decrypts succeed."""
+    out, cache = tmp_path / "capacity.json", tmp_path / "cache"
+    run_script("bench_capacity.py", "--programs", "dynamic", "--sizes", "2",
+               "--concurrency", "2", "--stores", "sqlite", "--ops", "create,noop",
+               "--cli-version", cli.version, "--cache", str(cache), "--out", str(out))
+    [recording] = cache.iterdir()
+    with gzip.open(recording) as f:
+        noop = json.load(f)["ops"]["noop"]["requests"]
+    assert any(r["path"].endswith("/batch-decrypt") for r in noop)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["operation"] for r in rows] == ["create", "noop"], rows
+    assert all(r["errors"] == 0 and r["resources_ok"] for r in rows), rows
 
 
 def test_bench_capacity_peer_smoke(cli, tmp_path):
