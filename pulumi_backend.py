@@ -197,8 +197,11 @@ DELTA_ATTEMPTS = 3
 #: most journal bytes one update's replay keeps in memory while it runs.
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: Journaled updates replayed in memory as their batches arrive, at most at once
-#: (more are replayed from the stored rows when they complete).
+#: (more are replayed from the stored rows when they complete); together they keep
+#: at most this share of --cache-bytes of journal (their parsed entries take a few
+#: times that), else the one that would pass it gives up.
 LIVE_REPLAYS = 8
+LIVE_REPLAY_SHARE = 0.25
 #: Seconds `complete` waits for an in-memory replay to catch up before it
 #: replays the stored rows instead; and that a reader of the state waits for a
 #: final state being stored in the background.
@@ -4144,15 +4147,15 @@ class _LiveReplay:
     the stored rows as before.
     """
 
-    def __init__(self, load_base: Callable[[], dict], max_bytes: int):
+    def __init__(self, load_base: Callable[[], dict], budget: "_ByteBudget"):
         # One lock, two conditions: the replay's thread waits for work (_work), and
         # complete's catch_up for batches applied (_cond): neither wakes the other.
         lock = threading.Lock()
         self._cond = threading.Condition(lock)
         self._work = threading.Condition(lock)
         self._inbox: list = []
-        self._max_bytes = max_bytes
-        self._bytes = 0
+        self._budget = budget
+        self._bytes = 0  # of the budget, taken by this replay
         self._seen: set = set()  # sequenceIDs applied or waiting
         self._next_seq = 1  # the entry applied next; later ones wait in _waiting
         self._waiting: list = []  # heap of (sequenceID, entry); sequenceIDs are unique
@@ -4169,12 +4172,13 @@ class _LiveReplay:
         few entries (a create sends hundreds) costs more than applying them."""
         with self._cond:
             self.fed += 1
-            self._bytes += size
-            if self._bytes > self._max_bytes:
-                self._give_up(f"more than {self._max_bytes} bytes of journal")
-            elif self.unusable:
+            if self.unusable:
                 return
-            elif self.replayer is not None and self.applied == self.fed - 1:
+            if not self._budget.take(size):
+                self._give_up(f"the live replays hold {self._budget.limit} bytes of journal")
+                return
+            self._bytes += size
+            if self.replayer is not None and self.applied == self.fed - 1:
                 try:
                     self._apply(self.replayer, entries)
                 except Exception as e:  # noqa: BLE001 - the stored rows will tell
@@ -4193,6 +4197,8 @@ class _LiveReplay:
     def _give_up(self, why: str) -> None:  # called holding _cond
         if not self.unusable:
             self.unusable = why
+        self._budget.give(self._bytes)
+        self._bytes = 0
         self._inbox, self.replayer = [], None  # the memory goes now
         self._cond.notify_all()
         self._work.notify_all()
@@ -4252,6 +4258,25 @@ class _LiveReplay:
         while self._waiting and self._waiting[0][0] == self._next_seq:
             replayer.add(heapq.heappop(self._waiting)[1])
             self._next_seq += 1
+
+
+class _ByteBudget:
+    """A number of bytes that several holders share (the live replays' journal)."""
+
+    def __init__(self, limit: int):
+        self.limit, self._used, self._lock = limit, 0, threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Take ``size`` bytes if that keeps within the limit; return whether it did."""
+        with self._lock:
+            if self._used + size > self.limit:
+                return False
+            self._used += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self._used -= size
 
 
 def _stored_journal(rows: list, max_bytes: int) -> list:
@@ -4776,6 +4801,10 @@ class UpdateLifecycle:
         self.working = _WorkingCache(engine.cfg.cache_bytes)
         self._live: dict = {}  # update id -> _LiveReplay of a running journaled update
         self._live_lock = threading.Lock()
+        self._live_bytes = _ByteBudget(int(engine.cfg.cache_bytes * LIVE_REPLAY_SHARE))
+        # Final states built before the write lock, one at a time: at once they would
+        # share one core (the GIL) and all finish late, each holding a parsed state.
+        self._building = threading.Lock()
         # (org, project, stack) -> Event set once the final state a `complete` left to
         # the background is stored; readers of that stack's state wait for it.
         self._storing: dict = {}
@@ -5200,7 +5229,7 @@ class UpdateLifecycle:
         count)``. None when there is nothing to build, or building failed: then
         _finish builds it under the lock as before, and that reports the error."""
         try:
-            with self.store.read() as db:
+            with self._building, self.store.read() as db:
                 update = self._update_of(db, self.engine.stack(db, org, project, name),
                                          update_id)
                 if (not update["journal"] or update["dry_run"]
@@ -5364,7 +5393,7 @@ class UpdateLifecycle:
 
         with self._live_lock:
             if len(self._live) < LIVE_REPLAYS:
-                self._live[update_id] = _LiveReplay(load_base, self.cfg.cache_bytes)
+                self._live[update_id] = _LiveReplay(load_base, self._live_bytes)
 
     def _drop_live_replay(self, update_id: str) -> None:
         with self._live_lock:

@@ -5283,6 +5283,39 @@ def test_a_batch_stored_after_the_final_state_was_built_is_in_it(srv, monkeypatc
     assert urns(srv.export(path)) == [C["urn"], A["urn"]]
 
 
+def test_live_replays_share_a_budget_of_journal_bytes(srv, monkeypatch):
+    """Past the live replays' shared budget the one that would pass it gives up (its
+    bytes go back) and completes from the stored rows; the other stays live."""
+    monkeypatch.setattr(srv.app.engine.updates, "_live_bytes", pb._ByteBudget(3000))
+    big = res("a", outputs={"pad": "p" * 2000})
+    paths = [srv.create_stack(f"s{i}") for i in (1, 2)]
+    first, second = (srv.begin(p) for p in paths)
+    assert first.journal(entry(1, 1, 1, state=big))[0] == 200
+    assert second.journal(entry(1, 1, 1, state=big))[0] == 200  # over 3000 with the first
+    lives = srv.app.engine.updates._live
+    lives[first.id].catch_up(5)
+    assert not lives[first.id].unusable and "bytes of journal" in lives[second.id].unusable
+    assert first.complete()[0] == 200 and second.complete()[0] == 200
+    assert srv.app.engine.updates._live_bytes.take(3000)  # all given back
+    assert [urns(srv.export(p)) for p in paths] == [[urn("a")], [urn("a")]]
+
+
+def test_final_states_are_built_before_the_lock_one_at_a_time(srv, monkeypatch):
+    lifecycle = srv.app.engine.updates
+    replayed, held = lifecycle._replayed_state, []
+
+    def replay(*args):
+        held.append(lifecycle._building.locked())
+        return replayed(*args)
+
+    monkeypatch.setattr(lifecycle, "_replayed_state", replay)
+    path = srv.create_stack()
+    update = srv.begin(path)
+    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
+    assert update.complete()[0] == 200
+    assert held == [True]
+
+
 def _store_nothing_after_complete(srv, monkeypatch):
     """As if the process were killed right after `complete` answered."""
     monkeypatch.setattr(srv.app.engine.updates, "_store_in_background", lambda *args: None)
