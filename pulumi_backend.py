@@ -193,13 +193,12 @@ DELTA_CHAIN_LIMIT = 64
 #: A checkpoint delta is applied outside the write lock; if the working state
 #: changed meanwhile it is applied again, up to this many times in all (then 409).
 DELTA_ATTEMPTS = 3
-#: Bytes of working checkpoints kept in memory for delta application; also the
-#: most journal bytes one update's replay keeps in memory while it runs.
+#: Bytes of working checkpoints kept in memory for delta application.
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 #: Journaled updates replayed in memory as their batches arrive, at most at once
-#: (more are replayed from the stored rows when they complete); together they keep
-#: at most this share of --cache-bytes of journal (their parsed entries take a few
-#: times that), else the one that would pass it gives up.
+#: (more are replayed from the stored rows when they complete), and the share of
+#: the cache's bytes that the journal they keep may take together (64 MB; their
+#: parsed entries take a few times that): the replay that would pass it gives up.
 LIVE_REPLAYS = 8
 LIVE_REPLAY_SHARE = 0.25
 #: Seconds `complete` waits for an in-memory replay to catch up before it
@@ -4133,6 +4132,25 @@ def _member_span(text: str, name: str) -> tuple:
     raise BadRequest(f"{name} is required")
 
 
+class _ByteBudget:
+    """A number of bytes that several holders share (the live replays' journal)."""
+
+    def __init__(self, limit: int):
+        self.limit, self._used, self._lock = limit, 0, threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Take ``size`` bytes if that keeps within the limit; return whether it did."""
+        with self._lock:
+            if self._used + size > self.limit:
+                return False
+            self._used += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self._used -= size
+
+
 class _LiveReplay:
     """The journal replay of one running update, kept current as its batches commit.
 
@@ -4147,7 +4165,7 @@ class _LiveReplay:
     the stored rows as before.
     """
 
-    def __init__(self, load_base: Callable[[], dict], budget: "_ByteBudget"):
+    def __init__(self, load_base: Callable[[], dict], budget: _ByteBudget):
         # One lock, two conditions: the replay's thread waits for work (_work), and
         # complete's catch_up for batches applied (_cond): neither wakes the other.
         lock = threading.Lock()
@@ -4258,25 +4276,6 @@ class _LiveReplay:
         while self._waiting and self._waiting[0][0] == self._next_seq:
             replayer.add(heapq.heappop(self._waiting)[1])
             self._next_seq += 1
-
-
-class _ByteBudget:
-    """A number of bytes that several holders share (the live replays' journal)."""
-
-    def __init__(self, limit: int):
-        self.limit, self._used, self._lock = limit, 0, threading.Lock()
-
-    def take(self, size: int) -> bool:
-        """Take ``size`` bytes if that keeps within the limit; return whether it did."""
-        with self._lock:
-            if self._used + size > self.limit:
-                return False
-            self._used += size
-            return True
-
-    def give(self, size: int) -> None:
-        with self._lock:
-            self._used -= size
 
 
 def _stored_journal(rows: list, max_bytes: int) -> list:
