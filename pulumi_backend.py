@@ -4801,9 +4801,6 @@ class UpdateLifecycle:
         self._live: dict = {}  # update id -> _LiveReplay of a running journaled update
         self._live_lock = threading.Lock()
         self._live_bytes = _ByteBudget(int(engine.cfg.cache_bytes * LIVE_REPLAY_SHARE))
-        # Final states built before the write lock, one at a time: at once they would
-        # share one core (the GIL) and all finish late, each holding a parsed state.
-        self._building = threading.Lock()
         # (org, project, stack) -> Event set once the final state a `complete` left to
         # the background is stored; readers of that stack's state wait for it.
         self._storing: dict = {}
@@ -5208,7 +5205,6 @@ class UpdateLifecycle:
         live = self._live.get(update_id)
         if live is not None:  # not under the write lock: batches still apply meanwhile
             live.catch_up(LIVE_REPLAY_WAIT)
-        built = self._built_before_lock(org, project, name, update_id, live)
         with self.store.write() as db:
             row = self.engine.stack(db, org, project, name)
             update = self._update_of(db, row, update_id)
@@ -5218,28 +5214,7 @@ class UpdateLifecycle:
                     return  # a retried complete
                 raise Conflict("The Update has already completed")
             row, update = self._leased_update(db, org, project, name, update_id, token)
-            self._finish(db, row, update, status, live, later=(org, project, name),
-                         built=built)
-
-    def _built_before_lock(self, org, project, name, update_id,
-                           live: Optional[_LiveReplay]) -> Optional[tuple]:
-        """Build a journaled update's final state before taking the write lock, which
-        every upload of every update waits for: ``(journal rows, final, resource
-        count)``. None when there is nothing to build, or building failed: then
-        _finish builds it under the lock as before, and that reports the error."""
-        try:
-            with self._building, self.store.read() as db:
-                update = self._update_of(db, self.engine.stack(db, org, project, name),
-                                         update_id)
-                if (not update["journal"] or update["dry_run"]
-                        or update["status"] != "running"):
-                    return None
-                rows = self.store.count_journal(db, update_id)
-                if not rows:
-                    return None
-                return (rows, *self._replayed_state(db, update, live))
-        except Exception:  # noqa: BLE001 - see above
-            return None
+            self._finish(db, row, update, status, live, later=(org, project, name))
 
     def cancel(self, org, project, name, update_id) -> None:
         with self.store.write() as db:
@@ -5252,11 +5227,10 @@ class UpdateLifecycle:
         log.info("cancelled update %s of %s/%s/%s", update_id, org, project, name)
 
     def _finish(self, db, row: dict, update: dict, status: str,
-                live: Optional[_LiveReplay] = None, later: Optional[tuple] = None,
-                built: Optional[tuple] = None) -> None:
-        """End ``update`` with ``status``; for a real update, build its final state (or
-        take ``built``, _built_before_lock's) and store it now, or with ``later``
-        (the stack's names) once this transaction has committed, in the background.
+                live: Optional[_LiveReplay] = None, later: Optional[tuple] = None) -> None:
+        """End ``update`` with ``status``; for a real update, build its final state and
+        store it now, or with ``later`` (the stack's names) once this transaction
+        has committed, in the background.
 
         If that state cannot be built, a completing update gets Conflict (and
         stays open, its journal intact); a cancelled or abandoned one ends as
@@ -5274,7 +5248,7 @@ class UpdateLifecycle:
             "pulumi_backend_updates_total", kind=update["kind"], status=status))
         if not update["dry_run"] and update["status"] == "running":
             try:
-                final, count = self._final_state(db, update, live, built)
+                final, count = self._final_state(db, update, live)
             except Conflict as e:
                 if status == "succeeded":
                     raise
@@ -5400,22 +5374,15 @@ class UpdateLifecycle:
         if live is not None:
             live.close()
 
-    def _final_state(self, db, update: dict, live: Optional[_LiveReplay] = None,
-                     built: Optional[tuple] = None) -> tuple:
+    def _final_state(self, db, update: dict, live: Optional[_LiveReplay] = None) -> tuple:
         """Return ``(deployment or its bytes, resource count)`` of the state an update
-        produced (its base if it saved none), or raise Conflict. ``built`` is that
-        state built before the lock: taken if no journal row came since, else the
-        stored rows are replayed (the live replay has generated once already).
+        produced (its base if it saved none), or raise Conflict.
 
         Nothing stored may raise anything else here (rows stored before input was
         strict, a delta chain ending in a bad document, a broken row): finishing an
         abandoned update runs inside export, new updates, imports and stack removal.
         """
         try:
-            if update["journal"] and built is not None:
-                if built[0] == self.store.count_journal(db, update["id"]):
-                    return built[1], built[2]
-                live = None
             if update["journal"]:
                 return self._replayed_state(db, update, live)
             return self._checkpointed_state(db, update)

@@ -5242,47 +5242,6 @@ def test_complete_replays_the_stored_rows_when_the_live_replay_cannot_vouch(srv)
     assert urns(srv.export(path)) == [C["urn"], A["urn"]]
 
 
-def test_complete_builds_the_final_state_before_taking_the_write_lock(srv, monkeypatch):
-    """Replaying the stored rows (here: the live replay never saw one) happens while
-    the other updates' uploads can still write."""
-    path = srv.create_stack()
-    update = srv.begin(path)
-    assert update.journal(entry(2, 1, 2, state=A))[0] == 200
-    with srv.store.write() as db:
-        srv.store.append_journal(db, update.id, compact({"entries": [entry(1, 1, 1, state=C)]}))
-    stored_journal, writable = pb._stored_journal, []
-
-    def replay(rows, max_bytes):
-        writable.append(not srv.store._lock._is_owned())  # complete's thread
-        return stored_journal(rows, max_bytes)
-
-    monkeypatch.setattr(pb, "_stored_journal", replay)
-    assert update.complete()[0] == 200
-    assert writable == [True]
-    assert urns(srv.export(path)) == [C["urn"], A["urn"]]
-
-
-def test_a_batch_stored_after_the_final_state_was_built_is_in_it(srv, monkeypatch):
-    """Built before the lock, the state is taken only if no journal row came since."""
-    path = srv.create_stack()
-    update = srv.begin(path)
-    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
-    lifecycle = srv.app.engine.updates
-    build = lifecycle._built_before_lock
-
-    def build_then_a_batch_lands(*args):
-        built = build(*args)
-        assert built is not None and built[0] == 1
-        with srv.store.write() as db:
-            srv.store.append_journal(db, update.id, compact({"entries": [
-                entry(2, 1, 2, state=A)]}))
-        return built
-
-    monkeypatch.setattr(lifecycle, "_built_before_lock", build_then_a_batch_lands)
-    assert update.complete()[0] == 200
-    assert urns(srv.export(path)) == [C["urn"], A["urn"]]
-
-
 def test_live_replays_share_a_budget_of_journal_bytes(srv, monkeypatch):
     """Past the live replays' shared budget the one that would pass it gives up (its
     bytes go back) and completes from the stored rows; the other stays live."""
@@ -5298,22 +5257,6 @@ def test_live_replays_share_a_budget_of_journal_bytes(srv, monkeypatch):
     assert first.complete()[0] == 200 and second.complete()[0] == 200
     assert srv.app.engine.updates._live_bytes.take(3000)  # all given back
     assert [urns(srv.export(p)) for p in paths] == [[urn("a")], [urn("a")]]
-
-
-def test_final_states_are_built_before_the_lock_one_at_a_time(srv, monkeypatch):
-    lifecycle = srv.app.engine.updates
-    replayed, held = lifecycle._replayed_state, []
-
-    def replay(*args):
-        held.append(lifecycle._building.locked())
-        return replayed(*args)
-
-    monkeypatch.setattr(lifecycle, "_replayed_state", replay)
-    path = srv.create_stack()
-    update = srv.begin(path)
-    assert update.journal(entry(1, 1, 1, state=C))[0] == 200
-    assert update.complete()[0] == 200
-    assert held == [True]
 
 
 def _store_nothing_after_complete(srv, monkeypatch):
