@@ -2181,12 +2181,16 @@ class _Values(dict):
     _event_skeleton. ``refs`` remembers each string's reference: a value that
     repeats (an event's old and new inputs and outputs) is hashed once.
     ``packed`` holds the zlib of those the stack lacked when looked up before
-    the write lock (UpdateLifecycle._pack_missing); put_values does the rest."""
+    the write lock (pack_missing); put_values does the rest."""
 
     def __init__(self):
         super().__init__()
         self.refs: dict = {}
         self.packed: dict = {}
+
+    def pack_missing(self, known: set) -> None:
+        """Compress the values not in ``known`` (before the write lock)."""
+        self.packed = {h: _pack_value(v) for h, v in self.items() if h not in known}
 
 
 def _pack_value(value: str) -> bytes:
@@ -5144,21 +5148,16 @@ class UpdateLifecycle:
             rows.append((seq, event))
         # Everything but the write happens here, outside the write lock.
         batch = _EventBatch(rows)
-        with self.store.read() as db:
-            stack_id = self.engine.stack(db, org, project, name)["id"]
-        self._pack_missing(stack_id, batch.values)
+        if batch.values:
+            with self.store.read() as db:
+                known = self.store.known_values(
+                    db, self.engine.stack(db, org, project, name)["id"], batch.values)
+            batch.values.pack_missing(known)
         with self.store.write() as db:
             row, _ = self._leased_update(db, org, project, name, update_id, token)
             self.store.append_events(db, row["id"], update_id, batch)
             if changes is not None:
                 self.store.update_update(db, update_id, resource_changes=json.dumps(changes))
-
-    def _pack_missing(self, stack_id: str, values: _Values) -> None:
-        """Compress, before the write lock, the values the stack does not have yet."""
-        if values:
-            with self.store.read() as db:
-                known = self.store.known_values(db, stack_id, values)
-            values.packed = {h: _pack_value(v) for h, v in values.items() if h not in known}
 
     def list_events(self, org, project, name, update_id, token: Optional[str],
                     urn: Optional[str] = None) -> dict:
@@ -5298,10 +5297,12 @@ class UpdateLifecycle:
                 search = _search_entries(final, _now() * 1000)
                 prepared = _compress_final(final)
                 del final  # the parsed state goes before the write
+                values = prepared[3]
                 with self.store.read() as db:
                     update = self.store.get_update(db, update_id)
-                if update is not None:
-                    self._pack_missing(update["stack_id"], prepared[3])
+                    known = (self.store.known_values(db, update["stack_id"], values)
+                             if update is not None else set())
+                values.pack_missing(known)
                 with self.store.write() as db:
                     update = self.store.get_update(db, update_id)
                     if update is not None and update["pending"]:  # else a reader stored it

@@ -5357,11 +5357,10 @@ def test_values_a_prune_takes_after_the_look_up_are_stored_under_the_write_lock(
     """Values are looked up and compressed before the write lock; one that goes
     meanwhile (a prune) is stored again under it, so a kept version still rebuilds."""
     path = srv.create_stack()
-    lifecycle = srv.app.engine.updates
-    look_up = lifecycle._pack_missing
+    pack = pb._Values.pack_missing
 
-    def look_up_then_prune(stack_id, values):
-        look_up(stack_id, values)
+    def pack_then_prune(values, known):
+        pack(values, known)
         assert values and not values.packed  # all known at the look-up
         with srv.store.write() as db:
             db.execute("DELETE FROM event_values")
@@ -5369,7 +5368,7 @@ def test_values_a_prune_takes_after_the_look_up_are_stored_under_the_write_lock(
     for version in (1, 2, 3):
         update = srv.begin(path)
         if version == 2:
-            monkeypatch.setattr(lifecycle, "_pack_missing", look_up_then_prune)
+            monkeypatch.setattr(pb._Values, "pack_missing", pack_then_prune)
         pad = "p" * 600 if version < 3 else "q" * 600
         assert update.journal(entry(1, 1, 1, state=res("a", outputs={"pad": pad}),
                                     **({"removeOld": 0} if version > 1 else {})))[0] == 200
