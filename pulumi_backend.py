@@ -125,6 +125,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import struct
 import sys
 import threading
 import time
@@ -241,6 +242,17 @@ EVENT_VALUE_MIN_CHARS = 512
 #: zlib level of stored engine event batches and values (1: cheapest CPU on the
 #: CLI's critical path; the big repeats are taken out by hash, not by zlib).
 EVENT_ZLIB_LEVEL = 1
+#: A stored state is gzip of independently compressed segments (section 4,
+#: ``_gzip_segments``), so that an update copies the segments its base has
+#: unchanged instead of compressing them again. A resource of this size or more
+#: is a segment of its own: the engine reorders unchanged resources, and alone it
+#: loses little of zlib's 32 KB window. Smaller resources are grouped, about
+#: STATE_SEGMENT_BYTES a group: a group ends after a resource of n bytes when its
+#: CRC-32 says so, with chance n / STATE_SEGMENT_BYTES, so a changed resource
+#: moves no cut but its own; at STATE_SEGMENT_MAX_BYTES it ends anyway.
+STATE_SEGMENT_ALONE_BYTES = 8 * 1024
+STATE_SEGMENT_BYTES = 64 * 1024
+STATE_SEGMENT_MAX_BYTES = 1024 * 1024
 #: Most free pages one write transaction gives back to the file system
 #: (SQLite's incremental vacuum after history is pruned): 2 MB of 4 KB pages.
 #: Moving a page costs ~50 us, so no completing update pays more than ~25 ms for
@@ -1002,6 +1014,11 @@ def _dumps_chunks(value: Any, depth: int = 3) -> Iterator:
             yield (b"," if i else b"") + _dumps(key) + b":"
             yield from _dumps_chunks(item, depth - 1)
         yield b"}"
+    elif depth == 1 and isinstance(value, list):  # a resource, with its comma: one piece
+        yield b"["
+        for i, item in enumerate(value):
+            yield (b"," if i else b"") + _dumps(item)
+        yield b"]"
     elif depth and isinstance(value, list):
         yield b"["
         for i, item in enumerate(value):
@@ -1023,6 +1040,86 @@ def _gzip_chunks(chunks: Iterable, level: int = 1) -> tuple:
         out.append(compressor.compress(chunk))
     out.append(compressor.flush())
     return b"".join(out), size
+
+
+#: The gzip extra subfield that lists a stored state's segments (``_gzip_segments``),
+#: and the size of one entry: 16 bytes of the segment's SHA-256, 4 of its length.
+_SEGMENT_INDEX_ID = b"PB"
+_SEGMENT_ENTRY = struct.Struct("<16sI")
+_GZIP_EXTRA_MAX = 0xFFFF - 4 - 1  # the extra field less our subfield's head and version byte
+
+
+def _gzip_segments(chunks: Iterable, reusable: Optional[dict] = None,
+                   level: int = 1) -> tuple:
+    """Return ``(gzip bytes, uncompressed size)`` of the concatenated ``chunks`` (a
+    state from ``_dumps_chunks``), compressed as independent segments.
+
+    Each segment has its own compressor and ends with a sync flush, so its bytes
+    decompress the same wherever they stand; the gzip header's extra field lists
+    each segment's digest and length (any gzip reader skips it). A segment whose
+    digest is in ``reusable`` (``_gzip_segment_index`` of the base state) is
+    copied, not compressed again.
+    """
+    reusable = reusable or {}
+    pieces, index, group = [], [], []
+    crc = size = group_size = 0
+
+    def add_segment(raw: bytes) -> None:
+        digest = hashlib.sha256(raw).digest()[:16]
+        piece = reusable.get(digest)
+        if piece is None:
+            compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+            piece = compressor.compress(raw) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        pieces.append(piece)
+        index.append(_SEGMENT_ENTRY.pack(digest, len(piece)))
+
+    for chunk in chunks:
+        crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        if len(chunk) >= STATE_SEGMENT_ALONE_BYTES:
+            if group:
+                add_segment(b"".join(group))
+                group, group_size = [], 0
+            add_segment(chunk)
+            continue
+        group.append(chunk)
+        group_size += len(chunk)
+        if (zlib.crc32(chunk) & 0xFFFFF) * STATE_SEGMENT_BYTES < len(chunk) << 20 \
+                or group_size >= STATE_SEGMENT_MAX_BYTES:
+            add_segment(b"".join(group))
+            group, group_size = [], 0
+    if group:
+        add_segment(b"".join(group))
+    # Past what the extra field holds, segments are still whole but not listed.
+    listed = b"\x01" + b"".join(index[:_GZIP_EXTRA_MAX // _SEGMENT_ENTRY.size])
+    extra = _SEGMENT_INDEX_ID + struct.pack("<H", len(listed)) + listed
+    header = (b"\x1f\x8b\x08\x04" + bytes(4) + b"\x00\xff"  # FEXTRA, no time, OS unknown
+              + struct.pack("<H", len(extra)) + extra)
+    trailer = b"\x03\x00" + struct.pack("<II", crc, size & 0xFFFFFFFF)  # a last, empty block
+    return b"".join([header, *pieces, trailer]), size
+
+
+def _gzip_segment_index(data: bytes) -> dict:
+    """Return ``{digest: compressed bytes}`` of the segments a stored state lists
+    (``_gzip_segments``): views of ``data``, nothing copied. Empty for a state
+    compressed otherwise; an entry that does not fit ``data`` ends the list."""
+    if data[:4] != b"\x1f\x8b\x08\x04" or len(data) < 12:
+        return {}
+    end = 12 + int.from_bytes(data[10:12], "little")
+    extra, pos, listed = data[12:end], 0, b""
+    while pos + 4 <= len(extra):
+        length = int.from_bytes(extra[pos + 2:pos + 4], "little")
+        if extra[pos:pos + 2] == _SEGMENT_INDEX_ID and extra[pos + 4:pos + 5] == b"\x01":
+            listed = extra[pos + 5:pos + 4 + length]
+            break
+        pos += 4 + length
+    view, found, offset = memoryview(data), {}, end
+    for start in range(0, len(listed) - _SEGMENT_ENTRY.size + 1, _SEGMENT_ENTRY.size):
+        digest, length = _SEGMENT_ENTRY.unpack_from(listed, start)
+        if offset + length > len(data) - 10:  # the last block and the trailer follow
+            break
+        found[digest] = view[offset:offset + length]
+        offset += length
+    return found
 
 
 #: Field names the server reads from the objects the CLI sends and reads back.
@@ -5273,8 +5370,9 @@ class UpdateLifecycle:
         index rows when ``final`` is compressed already."""
         if search is None and not isinstance(final, tuple):
             search = _search_entries(final, _now() * 1000)
-        data_gz, size, skeleton, values = (final if isinstance(final, tuple)
-                                           else _compress_final(final))
+        data_gz, size, skeleton, values = (
+            final if isinstance(final, tuple)
+            else _compress_final(final, self._base_segments(db, update)))
         if skeleton is not None:
             self.store.put_values(db, row["id"], update["id"], values)
         self.engine._save_compressed(db, row, update["version"], data_gz, size, count, skeleton,
@@ -5283,6 +5381,12 @@ class UpdateLifecycle:
         self.store.clear_journal(db, update["id"])
         self.store.update_update(db, update["id"], pending=0)
         self.working.discard(update["id"])
+
+    def _base_segments(self, db, update: dict) -> dict:
+        """The compressed segments of the update's base state, to reuse where the final
+        state has them unchanged (``_gzip_segments``)."""
+        base = self.store.get_deployment(db, update["stack_id"], update["base_version"])
+        return _gzip_segment_index(base["data"]) if base and base["data"] else {}
 
     def _store_in_background(self, names: tuple, update_id: str, final: Any,
                              count: int) -> None:
@@ -5295,11 +5399,13 @@ class UpdateLifecycle:
         def run(final: Any) -> None:
             try:
                 search = _search_entries(final, _now() * 1000)
-                prepared = _compress_final(final)
-                del final  # the parsed state goes before the write
-                values = prepared[3]
                 with self.store.read() as db:
                     update = self.store.get_update(db, update_id)
+                    reusable = self._base_segments(db, update) if update is not None else {}
+                prepared = _compress_final(final, reusable)
+                del final, reusable  # the parsed state and the base go before the write
+                values = prepared[3]
+                with self.store.read() as db:
                     known = (self.store.known_values(db, update["stack_id"], values)
                              if update is not None else set())
                 values.pack_missing(known)
@@ -5452,14 +5558,15 @@ def _next_checkpoint(base: Optional[tuple], seq: int, expected: str,
     return data, digest
 
 
-def _compress_final(final: Any) -> tuple:
+def _compress_final(final: Any, reusable: Optional[dict] = None) -> tuple:
     """Return ``(gzip bytes, size, skeleton or None, values)`` of an update's final
-    state: a deployment (which gets a skeleton, section 5) or its bytes."""
+    state: a deployment (which gets a skeleton, section 5) or its bytes.
+    ``reusable``: the base state's segments (``_gzip_segments``)."""
     if isinstance(final, bytes):
         return (*_gzip_chunks([final]), None, _Values())
     values = _Values()
     skeleton = zlib.compress(_dumps(_event_skeleton(final, values)), EVENT_ZLIB_LEVEL)
-    return (*_gzip_chunks(_dumps_chunks(final)), skeleton, values)
+    return (*_gzip_segments(_dumps_chunks(final), reusable), skeleton, values)
 
 
 def _check_resource(value: Any, what: str) -> None:

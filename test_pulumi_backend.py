@@ -46,6 +46,7 @@ import http.server
 import inspect
 import io
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -673,6 +674,75 @@ def test_gunzip_stored_keeps_one_copy_and_reads_every_member():
     assert out == data
     assert peak < len(data) * 1.25 + (2 << 20), peak  # gzip.decompress: ~3 times
     assert pb._gunzip_stored(gzip.compress(b"ab") + gzip.compress(b"ab")) == b"abab"
+
+
+def _state_resources(count, pad, seed=0):
+    rnd = random.Random(seed)
+    return [{"urn": f"urn:r{seed}-{pad}-{i}", "pad": rnd.randbytes(pad // 2).hex()}
+            for i in range(count)]
+
+
+def _state_chunks(resources):
+    """The pieces ``_dumps_chunks`` makes of a state with these resources."""
+    return list(pb._dumps_chunks({"resources": resources}, 2))
+
+
+def _raw_segments(data):
+    """{digest: uncompressed bytes} of each segment a state lists."""
+    return {d: zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(piece))
+            for d, piece in pb._gzip_segment_index(data).items()}
+
+
+def test_gzip_segments_decompress_to_the_chunks_and_list_every_segment():
+    big, small = _state_resources(20, 16 * 1024), _state_resources(400, 400, seed=1)
+    chunks = _state_chunks(big[:10] + small + big[10:])
+    raw = b"".join(chunks)
+    data, size = pb._gzip_segments(chunks)
+    assert size == len(raw)
+    assert gzip.decompress(data) == raw and pb._gunzip_stored(data) == raw
+    segments = _raw_segments(data)
+    assert b"".join(segments.values()) == raw  # in order, each on its own
+    for digest, part in segments.items():
+        assert hashlib.sha256(part).digest()[:16] == digest
+    alone = [part for part in segments.values() if len(part) >= pb.STATE_SEGMENT_ALONE_BYTES
+             and part.count(b'"urn"') == 1]
+    assert len(alone) == 20  # a big resource is a segment of its own
+    groups = len(segments) - 20 - 2  # less the state's opening and closing pieces
+    assert 1 <= groups <= 12  # 160 KB of small ones, in groups of about 64 KB
+
+
+def test_gzip_segments_copy_the_base_segments_and_cut_anew_only_near_a_change():
+    big, small = _state_resources(20, 16 * 1024), _state_resources(400, 400, seed=1)
+    base, _ = pb._gzip_segments(_state_chunks(big + small))
+    # Each base segment as another valid encoding: what lands is the copy.
+    copies = {}
+    for digest, part in _raw_segments(base).items():
+        compressor = zlib.compressobj(0, zlib.DEFLATED, -zlib.MAX_WBITS)  # stored blocks
+        copies[digest] = compressor.compress(part) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        assert bytes(pb._gzip_segment_index(base)[digest]) != copies[digest]
+    # The engine reorders unchanged resources; one small one changes.
+    changed = small[:200] + [{"urn": small[200]["urn"], "pad": "changed"}] + small[201:]
+    resources = big[::-1] + changed
+    chunks = _state_chunks(resources)
+    data, _ = pb._gzip_segments(chunks, copies)
+    assert json.loads(gzip.decompress(data)) == {"resources": resources}
+    landed = pb._gzip_segment_index(data)
+    copied = [d for d, piece in landed.items() if bytes(piece) == copies.get(d)]
+    # Made anew: the big ones now first and last (their commas moved), the group
+    # with the change, and the closing piece (after another resource).
+    assert len(landed) - len(copied) <= 4, (len(landed), len(copied))
+
+
+def test_gzip_segment_index_of_another_or_a_damaged_gzip_is_short_never_an_error():
+    assert pb._gzip_segment_index(pb._gzip_bytes(b"{}")) == {}
+    assert pb._gzip_segment_index(b"") == {} and pb._gzip_segment_index(b"\x1f\x8b\x08\x04") == {}
+    data, _ = pb._gzip_segments(_state_chunks(_state_resources(40, 16 * 1024)))
+    whole = pb._gzip_segment_index(data)
+    half = pb._gzip_segment_index(data[:len(data) // 2])
+    assert 0 < len(half) < len(whole) and all(bytes(half[d]) == bytes(whole[d]) for d in half)
+    # An extra field naming sizes past its end
+    bad = data[:10] + b"\x08\x00PB\xff\xff\x01" + b"\x00" * 3
+    assert pb._gzip_segment_index(bad) == {}
 
 
 def _shape_reference(value):
@@ -5083,6 +5153,32 @@ def test_journal_replay_with_deletes_over_http(srv):
     doc = srv.export(path)
     assert urns(doc) == [S["urn"], A["urn"]]
     assert doc["deployment"]["pending_operations"] == [{"resource": A, "type": "deleting"}]
+
+
+@both_stores
+def test_an_update_stores_the_segments_of_its_base_it_left_unchanged(srv, monkeypatch):
+    path = srv.create_stack()
+    rnd = random.Random(5)
+    made = [res(f"r{i}", outputs={"pad": rnd.randbytes(8192).hex()}) for i in range(40)]
+    update = srv.begin(path)
+    assert update.journal(*[entry(i + 1, 1, i + 1, state=r) for i, r in enumerate(made)])[0] == 200
+    assert update.complete()[0] == 200
+    first = srv.request("GET", path + "/export", accept_gzip=True, raw=True)[2]
+    reused = []
+    real = pb._gzip_segments
+    monkeypatch.setattr(pb, "_gzip_segments", lambda chunks, reusable=None, level=1: (
+        reused.append(set(reusable or {})), real(chunks, reusable, level))[1])
+    changed = res("r7", outputs={"pad": "changed"})
+    update = srv.begin(path)
+    assert update.journal(entry(1, 0, 1, operation={"resource": changed, "type": "updating"}),
+                          entry(2, 1, 1, state=changed, removeOld=7))[0] == 200
+    assert update.complete()[0] == 200
+    second = srv.request("GET", path + "/export", accept_gzip=True, raw=True)[2]
+    assert json.loads(gzip.decompress(second))["deployment"]["resources"] == \
+        [changed] + made[:7] + made[8:]
+    base, now = pb._gzip_segment_index(first), pb._gzip_segment_index(second)
+    assert reused == [set(base)]  # the base's segments were offered
+    assert len(set(base) & set(now)) >= len(base) - 3  # and most were kept
 
 
 def test_export_serves_base_while_update_runs(srv):

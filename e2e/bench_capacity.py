@@ -304,11 +304,18 @@ def record(args, kind: str, count: int, peer: bool = False) -> dict:
         for op in OPERATIONS:
             first = lines_so_far()
             t = time.perf_counter()
-            if op == "destroy":
-                stack.destroy()
-            else:
-                more = count + 2 if op == "add2" else count
-                stack.up(program=build_program(kind, more, args.pad_kb, str(files)))
+            try:
+                if op == "destroy":
+                    stack.destroy()
+                else:
+                    more = count + 2 if op == "add2" else count
+                    stack.up(program=build_program(kind, more, args.pad_kb, str(files)))
+            except AssertionError:
+                # The Automation API reads the update's summary with `stack history
+                # --show-secrets`, which the peer fails (no log-batch-decryption); the
+                # update itself is done, and the export below counts its resources.
+                if not peer:
+                    raise
             seconds[op] = time.perf_counter() - t
             marks.append((first, lines_so_far()))  # before our own export, not replayed
             resources[op] = export_resources(server.url, REC_STACK)
@@ -771,7 +778,8 @@ def main() -> int:
     parser.add_argument("--db-url", help="a postgresql:// URL where the bench may create "
                         "databases (default: a throwaway server, e2e/postgres.py)")
     parser.add_argument("--peer-bin", help="the Go peer's binary: adds the store 'peer'")
-    parser.add_argument("--peer-args", default="--addr 127.0.0.1:{port} --data-dir {dir}",
+    parser.add_argument("--peer-args", default="-addr 127.0.0.1:{port} -db {dir}/peer.db "
+                        "-single-tenant-token {token}",
                         help="the peer's arguments; {port}, {dir} and {token} are filled in")
     parser.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
                         help="extra pulumi_backend.py flag (repeatable)")
