@@ -2287,11 +2287,11 @@ class _Values(dict):
 
     def pack_missing(self, known: set) -> None:
         """Compress the values not in ``known`` (before the write lock)."""
-        self.packed = {h: _pack_value(v) for h, v in self.items() if h not in known}
+        self.packed = {h: _packed_json(v) for h, v in self.items() if h not in known}
 
 
-def _pack_value(value: str) -> bytes:
-    """A stored value: the zlib of its JSON string."""
+def _packed_json(value: Any) -> bytes:
+    """The zlib of ``value``'s JSON: how event batches, values and skeletons are stored."""
     return zlib.compress(_dumps(value), EVENT_ZLIB_LEVEL)
 
 
@@ -2328,7 +2328,7 @@ class _EventBatch:
         self.values = _Values()
         self.events = {seq: _event_skeleton(event, self.values)
                        for seq, event in sorted(first.items(), key=lambda item: item[0])}
-        self.data = zlib.compress(_dumps(list(self.events.values())), EVENT_ZLIB_LEVEL)
+        self.data = _packed_json(list(self.events.values()))
 
 
 def _stored_event(data: bytes) -> Any:
@@ -2623,7 +2623,7 @@ class _SQLRecords(Store):
                 db.execute("DELETE FROM event_batches WHERE update_id = ? AND seq = ?",
                            (update_id, r[0]))
             events = dict(sorted(events.items(), key=lambda item: item[0]))
-            data = zlib.compress(_dumps(list(events.values())), EVENT_ZLIB_LEVEL)
+            data = _packed_json(list(events.values()))
         self.put_values(db, stack_id, update_id, batch.values)
         db.execute("INSERT INTO event_batches (update_id, seq, first_seq, data) "
                    "VALUES (?, ?, ?, ?)", (update_id, max(events), min(events), data))
@@ -2635,7 +2635,7 @@ class _SQLRecords(Store):
         known = self.known_values(db, stack_id, values)
         db.executemany("INSERT OR IGNORE INTO event_values (stack_id, hash, data) "
                        "VALUES (?, ?, ?)",
-                       [(stack_id, h, values.packed.get(h) or _pack_value(v))
+                       [(stack_id, h, values.packed.get(h) or _packed_json(v))
                         for h, v in values.items() if h not in known])
         db.executemany("INSERT OR IGNORE INTO event_refs (update_id, hash) VALUES (?, ?)",
                        [(update_id, h) for h in values])
@@ -5565,7 +5565,7 @@ def _compress_final(final: Any, reusable: Optional[dict] = None) -> tuple:
     if isinstance(final, bytes):
         return (*_gzip_chunks([final]), None, _Values())
     values = _Values()
-    skeleton = zlib.compress(_dumps(_event_skeleton(final, values)), EVENT_ZLIB_LEVEL)
+    skeleton = _packed_json(_event_skeleton(final, values))
     return (*_gzip_segments(_dumps_chunks(final), reusable), skeleton, values)
 
 

@@ -31,10 +31,10 @@ shared by all replayers (URNs inside them keep the recording's stack name,
 which the server does not check; small plain bodies, such as ``stack init``'s,
 get the replayer's stack name; a ``batch-decrypt`` gets as many ciphertexts of
 the replayer's own stack, of the same sizes, encrypted before the phase and
-untimed, since the recorded ones are of another stack's key). A replayer rewrites the stack name in paths,
-and the update id and lease token it got from the server's answers in paths and
-``Authorization``. An answer whose status class differs from the recorded one
-is an error.
+untimed, since the recorded ones are of another stack's key). A replayer
+rewrites the stack name in paths, and the update id and lease token it got from
+the server's answers in paths and ``Authorization``. An answer whose status
+class differs from the recorded one is an error.
 
 Per store, N and operation the table gives: updates per minute (N / the
 phase's wall time), p50/p95/p99 of the answer time of journal batches, event
