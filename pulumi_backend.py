@@ -1340,6 +1340,18 @@ def _gzip_bytes(data: bytes, level: int = 1) -> bytes:
     return gzip.compress(data, compresslevel=level, mtime=0)
 
 
+def _release_free_memory() -> None:
+    """Return the C heap's free pages to the system (glibc; a no-op elsewhere).
+
+    A state's buffers are freed in another order than they were made, and the
+    holes they leave keep the resident size tens of MB above what is live.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _gunzip_stored(data: bytes) -> bytes:
     """Decompress gzip bytes this server stored (a state) into one buffer.
 
@@ -5422,6 +5434,7 @@ class UpdateLifecycle:
                     if self._storing.get(names) is done:
                         del self._storing[names]
                 done.set()
+                _release_free_memory()  # the state's buffers, freed in another order
 
         threading.Thread(target=run, args=(final,), daemon=True, name="store-final").start()
 
@@ -13954,18 +13967,6 @@ def _client_key(client_address: Any) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
-
-
-def _release_free_memory() -> None:
-    """Return the C heap's free pages to the system (glibc; a no-op elsewhere).
-
-    A state's buffers are freed in another order than they were made, and the
-    holes they leave keep the resident size tens of MB above what is live.
-    """
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _one_malloc_arena() -> None:
